@@ -1,0 +1,60 @@
+"""Contracts shared by every stage: vocabularies, the dataset row schema, prompts, checkpoint metadata.
+
+This package imports only the standard library at import time; `pyarrow` and `datasets` are imported
+inside the functions that build their schema objects.
+"""
+
+from dynamicid.schemas.checkpoint import CHECKPOINT_FORMAT_VERSION, CheckpointMetadata
+from dynamicid.schemas.dataset import (
+    DATASET_COLUMNS,
+    IDENTITY_COLUMNS,
+    REJECT_COLUMNS,
+    Column,
+    dataset_arrow_schema,
+    dataset_features,
+    identities_arrow_schema,
+    rejects_arrow_schema,
+)
+from dynamicid.schemas.labels import (
+    EXPRESSIONS,
+    FER2013_TO_EXPRESSION,
+    POSE_BINS,
+    YAW_FRONT_LIMIT,
+    YAW_SLIGHT_LIMIT,
+    PoseBin,
+    pose_bin_for_yaw,
+)
+from dynamicid.schemas.prompts import (
+    ANCHOR_CAPTION_TEMPLATE,
+    FACE_PROMPT_TEMPLATE,
+    RECONFIGURE_UNET_PROMPT,
+    anchor_caption,
+    face_prompt,
+)
+from dynamicid.schemas.rejects import RejectReason
+
+__all__ = [
+    "ANCHOR_CAPTION_TEMPLATE",
+    "CHECKPOINT_FORMAT_VERSION",
+    "DATASET_COLUMNS",
+    "EXPRESSIONS",
+    "FACE_PROMPT_TEMPLATE",
+    "FER2013_TO_EXPRESSION",
+    "IDENTITY_COLUMNS",
+    "POSE_BINS",
+    "RECONFIGURE_UNET_PROMPT",
+    "REJECT_COLUMNS",
+    "YAW_FRONT_LIMIT",
+    "YAW_SLIGHT_LIMIT",
+    "CheckpointMetadata",
+    "Column",
+    "PoseBin",
+    "RejectReason",
+    "anchor_caption",
+    "dataset_arrow_schema",
+    "dataset_features",
+    "face_prompt",
+    "identities_arrow_schema",
+    "pose_bin_for_yaw",
+    "rejects_arrow_schema",
+]

@@ -1,0 +1,52 @@
+"""Metadata stored in the header of the project's safetensors weights (all values strings on disk)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+# Tensor-name prefixes of each part inside a weights file.
+PART_PREFIXES: dict[str, str] = {
+    "face_encoder": "face_encoder.",
+    "saa": "saa.",
+    "imr": "imr.",
+    "keypoint_encoder": "keypoint_encoder.",
+}
+
+
+@dataclass
+class CheckpointMetadata:
+    """What a weights file was made for; a loader compares these against the model it fills."""
+
+    format_version: int = CHECKPOINT_FORMAT_VERSION
+    parts: list[str] = field(default_factory=list)  # subset of PART_PREFIXES
+    base_family: str = "sd15"
+    cross_attention_dim: int = 768
+    lora_rank: int = 128
+    num_tokens: int = 4
+    id_embed_model: str = "arcface-buffalo_l"
+    id_embed_dim: int = 512
+    clip_embed_dim: int = 1280
+    imr_depth: int = 1
+    imr_dim: int = 1024
+    keypoint_dim: int = 768
+    source: str = ""  # what the weights started from (a file hash, "release", "ip-adapter-faceid", "random")
+
+    def to_header(self) -> dict[str, str]:
+        """The safetensors `metadata` dict (str -> str)."""
+        return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_header(cls, header: dict[str, str]) -> CheckpointMetadata:
+        known = {f.name for f in fields(cls)}
+        values = {k: json.loads(v) for k, v in header.items() if k in known}
+        if "format_version" not in values:
+            raise ValueError("not a DynamicID weights file: its safetensors metadata has no 'format_version'")
+        if values["format_version"] > CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(
+                f"weights format_version {values['format_version']} is newer than this toolkit's "
+                f"{CHECKPOINT_FORMAT_VERSION}; upgrade dynamicid"
+            )
+        return cls(**values)

@@ -1,0 +1,20 @@
+"""Reason codes for photos that do not reach the dataset (the `reason` column of rejects.parquet)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RejectReason(str, Enum):
+    UNDECODABLE = "undecodable"  # not an image, truncated, 0 bytes, decompression bomb
+    UNREADABLE = "unreadable"  # permission error, symlink loop, I/O error
+    TOO_SMALL = "too_small"  # the face is below the minimum size
+    NO_FACE = "no_face"
+    OTHER_PERSON = "other_person"  # faces found, none is the folder's person
+    DUPLICATE_OF = "duplicate_of"  # written as "duplicate_of:<kept source_path>"
+    LOW_QUALITY = "low_quality"  # blur or exposure below the thresholds
+    OVER_QUOTA = "over_quota"  # the identity already has --per-identity images
+    TOO_FEW_IMAGES = "too_few_images"  # the identity has fewer than --min-per-identity images
+
+    def __str__(self) -> str:
+        return self.value
