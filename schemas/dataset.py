@@ -49,6 +49,7 @@ DATASET_COLUMNS: tuple[Column, ...] = (
     Column("embedding", "float32[]", "identity embedding of the face (L2-normalised)"),
     Column("embedding_model", "string", "which model made `embedding` (e.g. dlib-resnet-128, arcface-buffalo_l)"),
     Column("landmarks", "float32[][2]", "dense face landmarks in crop pixels (x, y)"),
+    Column("kps5", "float32[][2]", "5 keypoints in crop pixels: eyes, nose, mouth corners, image left to right"),
     Column("yaw", "float32", "head yaw in degrees (sign convention: dynamicid.schemas.labels)"),
     Column("pitch", "float32", "head pitch in degrees"),
     Column("roll", "float32", "head roll in degrees"),
