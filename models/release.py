@@ -1,0 +1,119 @@
+"""The authors' release: its constructor arguments and checkpoint layouts, mapped onto this project's modules.
+
+The release's modules use the same parameter names as ours, so only prefixes and constructor arguments differ:
+- face encoder: `proj_module.` (DynamicID SAA file), `image_proj.` (IP-Adapter FaceID checkpoints),
+  `image_proj_model.` (IP-Adapter training state);
+- SAA processors: `SAA_module.<i>.`, `adapter_modules.<i>.`, `ip_adapter.<i>.` with i the index in
+  `unet.attn_processors` order;
+- IMR: `IMR.`/`imr.` or unprefixed; keypoint encoder: `key_point_encoder.`/`keypoint_encoder.` or unprefixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynamicid.models.face_encoder import FaceEncoder
+from dynamicid.models.imr import IMR
+from dynamicid.models.keypoint_encoder import KeypointEncoder
+
+RELEASE_KINDS = ("face_encoder", "imr", "keypoint_encoder")
+
+# Key prefixes each part is found under in the release's and IP-Adapter's files (first match wins).
+RELEASE_PREFIXES: dict[str, tuple[str, ...]] = {
+    "face_encoder": ("proj_module.", "image_proj.", "image_proj_model."),
+    "saa": ("SAA_module.", "adapter_modules.", "ip_adapter."),
+    "imr": ("IMR.", "imr."),
+    "keypoint_encoder": ("key_point_encoder.", "keypoint_encoder."),
+}
+
+
+def _count_layers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def _imr_kwargs(release_kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(release_kwargs)
+    erase, drive = kwargs.pop("erase_layer_num", None), kwargs.pop("drive_layer_num", None)
+    depths = {d for d in (erase, drive, kwargs.get("depth")) if d is not None}
+    if len(depths) > 1:
+        raise ValueError(
+            f"IMR depths differ (erase_layer_num={erase}, drive_layer_num={drive}, depth={kwargs.get('depth')}); "
+            "this project's IMR uses one depth for both halves"
+        )
+    if depths:
+        kwargs["depth"] = depths.pop()
+    return kwargs
+
+
+def release_kwargs_from_state_dict(kind: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor arguments read off a module-relative state dict's shapes (the release's files carry none).
+
+    The IMR's head split is not visible in its shapes: 64-wide heads are assumed, as in the release.
+    """
+    if kind == "face_encoder":
+        proj0, proj2 = state_dict["proj.0.weight"], state_dict["proj.2.weight"]
+        cross_attention_dim = state_dict["norm.weight"].shape[0]
+        return {
+            "cross_attention_dim": cross_attention_dim,
+            "id_embeddings_dim": proj0.shape[1],
+            "clip_embeddings_dim": state_dict["perceiver_resampler.proj_in.weight"].shape[1],
+            "num_tokens": proj2.shape[0] // cross_attention_dim,
+        }
+    if kind == "imr":
+        dim, embedding_dim = state_dict["proj_in.weight"].shape
+        inner_dim = state_dict["disentangleNet.0.0.to_q.weight"].shape[0]
+        return {
+            "dim": dim,
+            "dim_head": 64,
+            "heads": inner_dim // 64,
+            "num_queries": state_dict["feature_fusion.4.weight"].shape[0] // dim,
+            "embedding_dim": embedding_dim,
+            "txt_dim": state_dict["feature_fusion.1.weight"].shape[1] - embedding_dim,
+            "ff_mult": state_dict["disentangleNet.0.2.1.weight"].shape[0] // dim,
+            "depth": _count_layers(state_dict, "disentangleNet."),
+        }
+    if kind == "keypoint_encoder":
+        return {"embedding_dim": state_dict["blocks.6.1.conv_block.0.weight"].shape[0]}
+    raise ValueError(f"unknown release module kind {kind!r}; expected one of {RELEASE_KINDS}")
+
+
+def from_release(kind: str, state_dict: Mapping[str, torch.Tensor], **release_kwargs: Any) -> nn.Module:
+    """Build our module from the release's constructor arguments and load its state dict strictly (eval mode).
+
+    `kind` is one of `face_encoder` (release class ProjPlusModel), `imr` (IMR; `erase_layer_num` and
+    `drive_layer_num` become our `depth`) or `keypoint_encoder` (KeyPointEncoder). `state_dict` holds
+    module-relative keys. Arguments not given are read off the tensor shapes.
+    """
+    if kind not in RELEASE_KINDS:
+        raise ValueError(f"unknown release module kind {kind!r}; expected one of {RELEASE_KINDS}")
+    kwargs = release_kwargs_from_state_dict(kind, state_dict)
+    if kind == "imr":
+        release_kwargs = _imr_kwargs(release_kwargs)
+    kwargs.update(release_kwargs)
+    module: nn.Module = {"face_encoder": FaceEncoder, "imr": IMR, "keypoint_encoder": KeypointEncoder}[kind](**kwargs)
+    load_strict(module, state_dict, what=f"release {kind}")
+    return module.eval()
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """load_state_dict(strict=True) with a message that lists the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        lines = [f"{what} does not match {type(module).__name__}:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(dict(state_dict), strict=True)

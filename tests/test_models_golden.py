@@ -1,0 +1,78 @@
+"""Golden parity with the authors' release: same weights and inputs give the release's numbers.
+
+Vectors and call settings: ../shared/golden/official/ (README.md, cases.json). Tolerance atol 1e-5 + rtol 1e-4.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynamicid.models import from_release
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official"
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict:
+    if not (GOLDEN / "cases.json").is_file():
+        pytest.fail(f"golden vectors not found at {GOLDEN}; they are required (../shared/golden/official)")
+    return json.loads((GOLDEN / "cases.json").read_text())
+
+
+def golden(name: str) -> tuple[dict, dict, dict]:
+    """(weights, inputs, outputs) of one golden file, prefixes stripped."""
+    tensors = load_file(GOLDEN / f"{name}.safetensors")
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    outputs = {"": tensors["output"]} if "output" in tensors else part("output.")
+    return part("weights."), part("input."), outputs
+
+
+@torch.no_grad()
+def test_face_encoder_matches_release(cases):
+    weights, inputs, outputs = golden("face_encoder")
+    encoder = from_release("face_encoder", weights, **cases["face_encoder"]["kwargs"])
+    torch.testing.assert_close(encoder(inputs["id_embeds"], inputs["clip_embeds"]), outputs["plain"], **TOLERANCE)
+    shortcut = encoder(inputs["id_embeds"], inputs["clip_embeds"], shortcut=True, scale=0.5)
+    torch.testing.assert_close(shortcut, outputs["shortcut_scale_0.5"], **TOLERANCE)
+
+
+@torch.no_grad()
+def test_imr_matches_release(cases):
+    weights, inputs, outputs = golden("imr")
+    imr = from_release("imr", weights, **cases["imr"]["kwargs"])
+    assert imr.depth == cases["imr"]["kwargs"]["erase_layer_num"]
+    tokens = imr(
+        inputs["face_tokens"], inputs["src_landmark"], inputs["tgt_landmark"], inputs["src_text"], inputs["tgt_text"]
+    )
+    torch.testing.assert_close(tokens, outputs[""], **TOLERANCE)
+
+
+@torch.no_grad()
+def test_keypoint_encoder_matches_release(cases):
+    weights, inputs, outputs = golden("keypoint_encoder")
+    assert weights["blocks.0.0.conv_block.0.weight"].dtype == torch.float16  # stored half, computed in float32
+    encoder = from_release("keypoint_encoder", weights, **cases["keypoint_encoder"]["kwargs"])
+    assert not encoder.training  # BatchNorm uses the stored running statistics
+    torch.testing.assert_close(encoder(inputs["landmark"]), outputs[""], **TOLERANCE)
+
+
+def test_from_release_reads_constructor_arguments_off_the_shapes(cases):
+    weights, _, _ = golden("imr")
+    imr = from_release("imr", weights, dim_head=16, heads=4)
+    assert (imr.dim, imr.embedding_dim, imr.txt_dim, imr.num_queries, imr.depth) == (64, 32, 32, 4, 2)
+
+
+def test_from_release_names_the_mismatched_keys(cases):
+    weights, _, _ = golden("face_encoder")
+    del weights["norm.bias"]
+    with pytest.raises(ValueError, match=r"missing \(1\): norm\.bias"):
+        from_release("face_encoder", weights, **cases["face_encoder"]["kwargs"])
+    with pytest.raises(ValueError, match="erase_layer_num=1, drive_layer_num=2"):
+        from_release("imr", golden("imr")[0], erase_layer_num=1, drive_layer_num=2)
