@@ -8,14 +8,37 @@ from dynamicid.models.blocks import FeedForward, MultAttention, PerceiverAttenti
 from dynamicid.models.face_encoder import FaceEncoder
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
-from dynamicid.models.release import from_release
+from dynamicid.models.lora import LoRALinear
+from dynamicid.models.release import from_release, load_release_saa
+from dynamicid.models.saa import (
+    SAAProcessor,
+    SAASettings,
+    configure_saa,
+    install_saa,
+    load_saa_state_dict,
+    saa_activation_maps,
+    saa_id_attention_probs,
+    saa_processors,
+    saa_state_dict,
+)
 
 __all__ = [
     "IMR",
     "FaceEncoder",
     "FeedForward",
     "KeypointEncoder",
+    "LoRALinear",
     "MultAttention",
     "PerceiverAttention",
+    "SAAProcessor",
+    "SAASettings",
+    "configure_saa",
     "from_release",
+    "install_saa",
+    "load_release_saa",
+    "load_saa_state_dict",
+    "saa_activation_maps",
+    "saa_id_attention_probs",
+    "saa_processors",
+    "saa_state_dict",
 ]

@@ -19,6 +19,8 @@ from torch import nn
 from dynamicid.models.face_encoder import FaceEncoder
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
+from dynamicid.models.saa import saa_processors
+from dynamicid.models.state_dicts import load_strict
 
 RELEASE_KINDS = ("face_encoder", "imr", "keypoint_encoder")
 
@@ -100,20 +102,33 @@ def from_release(kind: str, state_dict: Mapping[str, torch.Tensor], **release_kw
     return module.eval()
 
 
-def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """load_state_dict(strict=True) with a message that lists the missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mis_shaped = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mis_shaped:
-        lines = [f"{what} does not match {type(module).__name__}:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-            if keys:
-                lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(dict(state_dict), strict=True)
+def load_release_saa(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load the release's index-keyed `SAA_module` (i = position in `unet.attn_processors`) strictly.
+
+    Keys may carry one of the release prefixes (`SAA_module.`, `adapter_modules.`, `ip_adapter.`) or none.
+    SAA must be installed with the file's rank and token count.
+    """
+    processors = list(saa_processors(unet).items())
+    state_dict = strip_prefix(state_dict, RELEASE_PREFIXES["saa"])
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        index, _, param = key.partition(".")
+        if not index.isdigit():
+            raise ValueError(f"release SAA key {key!r} does not start with a processor index")
+        by_index.setdefault(int(index), {})[param] = tensor
+    if sorted(by_index) != list(range(len(processors))):
+        raise ValueError(
+            f"the release SAA weights hold {len(by_index)} processors (indices {min(by_index, default=None)}.."
+            f"{max(by_index, default=None)}) but this UNet has {len(processors)} attention layers: "
+            "was it made for another base model?"
+        )
+    for index, (name, processor) in enumerate(processors):
+        load_strict(processor, by_index[index], what=f"release SAA_module.{index} ({name})")
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Drop the first of `prefixes` that every key carries (keys without any are returned as they are)."""
+    for prefix in prefixes:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return dict(state_dict)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dynamicid.models import from_release
+from dynamicid.models import configure_saa, from_release, install_saa, load_release_saa
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official"
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
@@ -76,3 +76,49 @@ def test_from_release_names_the_mismatched_keys(cases):
         from_release("face_encoder", weights, **cases["face_encoder"]["kwargs"])
     with pytest.raises(ValueError, match="erase_layer_num=1, drive_layer_num=2"):
         from_release("imr", golden("imr")[0], erase_layer_num=1, drive_layer_num=2)
+
+
+@pytest.fixture(scope="module")
+def release_unet(cases):
+    """The golden tiny UNet with this project's SAA processors holding the release's SAA_module weights."""
+    from diffusers import UNet2DConditionModel
+
+    setup = cases["unet_saa"]
+    tensors = load_file(GOLDEN / "unet_saa.safetensors")
+    unet = UNet2DConditionModel(**setup["unet_config"]).eval()
+    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
+    assert list(unet.attn_processors) == setup["processor_order"]
+    install_saa(unet, rank=setup["lora_rank"], num_tokens=setup["num_tokens_per_id"])
+    load_release_saa(unet, {k: v for k, v in tensors.items() if k.startswith("SAA_module.")})
+    return unet, tensors
+
+
+def configure_case(unet, case: dict) -> None:
+    configure_saa(
+        unet,
+        num_ids=case["id_num"],
+        id_scale=case["id_scale"],
+        gating=case["activate_query"],
+        boxes=case.get("bbox_ymin_xmin_ymax_xmax"),
+        boost=case.get("infer_scale", 0.0),
+        boost_steps=case.get("infer_end", 0),
+    )
+
+
+@pytest.mark.parametrize("case_name", ["two_ids", "one_id_gated", "one_id_ungated", "one_id_scale0"])
+@torch.no_grad()
+def test_saa_unet_matches_release(release_unet, cases, case_name):
+    unet, tensors = release_unet
+    case = cases["unet_saa"]["cases"][case_name]
+    id_tokens = tensors["input.id_tokens_two" if case["id_num"] == 2 else "input.id_tokens_one"]
+    states = torch.cat([tensors["input.text_embeds"], id_tokens], dim=1)
+    configure_case(unet, case)
+    calls = [
+        unet(tensors["input.latents"], tensors["input.timestep"], encoder_hidden_states=states).sample for _ in range(2)
+    ]
+    if case_name == "two_ids":  # boosted on the first call only (infer_end 1), then plain gating
+        torch.testing.assert_close(calls[0], tensors["output.two_ids.call0"], **TOLERANCE)
+        torch.testing.assert_close(calls[1], tensors["output.two_ids.call1"], **TOLERANCE)
+    else:  # no boost: every call gives the same numbers
+        for sample in calls:
+            torch.testing.assert_close(sample, tensors[f"output.{case_name}"], **TOLERANCE)

@@ -1,0 +1,402 @@
+"""SAA: the LoRA + ID-branch attention processors with query-level activation gating (METHOD.md "SAA").
+
+`install_saa(unet)` puts one `SAAProcessor` on every attention layer; all of them share one `SAASettings`
+object, changed only through `configure_saa(unet, ...)`. Cross-attention layers receive the encoder states
+`[text tokens ; ID tokens]`, the last `num_tokens * num_ids` positions being the ID tokens, persons in order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from dynamicid.models.lora import LoRALinear
+from dynamicid.models.state_dicts import load_strict
+
+GATE_THRESHOLD = 0.3  # normalised activations below this are set to 0 (the release's value)
+
+Box = tuple[float, float, float, float]  # (y0, x0, y1, x1) in [0, 1]
+
+
+@dataclass
+class SAASettings:
+    """Run settings shared by every processor of one UNet; see `configure_saa` for their meaning.
+
+    The defaults after `install_saa` are those of single-person training: one person, no gating.
+    """
+
+    num_ids: int = 1
+    id_scale: float = 1.0
+    gating: bool = False
+    boxes: tuple[Box, ...] | None = None
+    boost: float = 0.0
+    boost_steps: int = 0
+    mix_scale: float | None = None
+    image_size: tuple[int, int] | None = None  # (height, width) in pixels, for non-square grids
+    return_activation_maps: bool = False
+
+
+def query_grid(num_queries: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(H, W) of the query grid: square unless the image's (height, width) says otherwise."""
+    if image_size is None:
+        side = math.isqrt(num_queries)
+        if side * side != num_queries:
+            raise ValueError(
+                f"{num_queries} attention queries do not form a square grid: configure_saa(image_size=(h, w))"
+            )
+        return side, side
+    height, width = image_size
+    r = int(math.sqrt(width * height // num_queries))
+    grid = (height // r, width // r)
+    if grid[0] * grid[1] != num_queries:
+        raise ValueError(f"image_size {image_size} gives a {grid} grid, but the layer has {num_queries} queries")
+    return grid
+
+
+def box_cells(box: Box, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H*W,) bool: the grid cells of a box, rows int(y0*H)..int(y1*H), columns int(x0*W)..int(x1*W), end-exclusive."""
+    (y0, x0, y1, x1), (h, w) = box, grid
+    cells = torch.zeros(h, w, dtype=torch.bool, device=device)
+    cells[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = True
+    return cells.flatten()
+
+
+def default_boxes(num_ids: int) -> tuple[Box, ...]:
+    """Equal vertical strips: person i gets x in [i/n, (i+1)/n], the full height."""
+    return tuple((0.0, i / num_ids, 1.0, (i + 1) / num_ids) for i in range(num_ids))
+
+
+class SAAProcessor(nn.Module):
+    """LoRA-adapted attention; on cross-attention layers also the gated ID branch (diffusers processor API).
+
+    Args:
+        hidden_size: the layer's query width (its to_q in/out features).
+        cross_attention_dim: the encoder states' width on cross-attention layers, None on self-attention.
+        rank: LoRA rank. num_tokens: ID tokens per person.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int | None = None, rank: int = 128, num_tokens: int = 4):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim
+        self.rank = rank
+        self.num_tokens = num_tokens
+        context_dim = cross_attention_dim or hidden_size
+        self.to_q_lora = LoRALinear(hidden_size, hidden_size, rank)
+        self.to_k_lora = LoRALinear(context_dim, hidden_size, rank)
+        self.to_v_lora = LoRALinear(context_dim, hidden_size, rank)
+        self.to_out_lora = LoRALinear(hidden_size, hidden_size, rank)
+        if cross_attention_dim is not None:
+            self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+            self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.settings = SAASettings()  # replaced by the UNet-wide object in install_saa
+        self.calls = 0  # calls since configure_saa: the boost lasts `boost_steps` calls
+        self.activation_map: torch.Tensor | None = None
+        self.id_attention_probs: torch.Tensor | None = None
+
+    @property
+    def is_cross_attention(self) -> bool:
+        return self.cross_attention_dim is not None
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.activation_map = None
+        self.id_attention_probs = None
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            height, width = hidden_states.shape[2:]
+            hidden_states = rearrange(hidden_states, "b c h w -> b (h w) c")
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+
+        id_states = None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        else:
+            if self.is_cross_attention:
+                encoder_hidden_states, id_states = self._split_id_tokens(encoder_hidden_states)
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        query = attn.to_q(hidden_states) + self.to_q_lora(hidden_states)
+        key = attn.to_k(encoder_hidden_states) + self.to_k_lora(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states) + self.to_v_lora(encoder_hidden_states)
+        query, key, value = (rearrange(t, "b n (h d) -> b h n d", h=attn.heads) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # Text branch: one fused attention call.
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        if id_states is not None and (self.settings.id_scale != 0 or self.settings.return_activation_maps):
+            hidden_states = hidden_states + self.settings.id_scale * self._id_branch(attn, query, id_states)
+        if self.is_cross_attention:
+            self.calls += 1
+        hidden_states = rearrange(hidden_states, "b h n d -> b n (h d)").to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states) + self.to_out_lora(hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = rearrange(hidden_states, "b (h w) c -> b c h w", h=height, w=width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _split_id_tokens(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_id_tokens = self.num_tokens * self.settings.num_ids
+        if num_id_tokens == 0:
+            return encoder_hidden_states, None
+        if encoder_hidden_states.shape[1] <= num_id_tokens:
+            raise ValueError(
+                f"SAA expects [text tokens ; {num_id_tokens} ID tokens] ({self.settings.num_ids} person(s) x "
+                f"{self.num_tokens}) but got {encoder_hidden_states.shape[1]} encoder tokens; "
+                "check configure_saa(num_ids=...)"
+            )
+        return encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
+
+    def _id_branch(self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor) -> torch.Tensor:
+        """O_id (b, heads, Q, d): attention of the LoRA-adapted queries over the ID tokens only, gated per query."""
+        settings = self.settings
+        key = rearrange(self.to_k_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
+        value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
+        logits = torch.einsum("b h q d, b h n d -> b h q n", query, key) * attn.scale
+
+        gate = None
+        if settings.gating or settings.return_activation_maps:
+            grid = query_grid(query.shape[2], settings.image_size)
+            gate = self._activation(logits)
+            if settings.gating:
+                logits, gate = self._route(logits, gate, grid)
+            if settings.return_activation_maps:
+                self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
+        probs = logits.float().softmax(dim=-1)
+        if settings.return_activation_maps:
+            self.id_attention_probs = probs.detach()
+        out = torch.einsum("b h q n, b h n d -> b h q d", probs.to(value.dtype), value)
+        if settings.gating:
+            out = out * gate[:, None, :, None].to(out.dtype)
+        return out
+
+    @staticmethod
+    def _activation(logits: torch.Tensor) -> torch.Tensor:
+        """a(q): logits summed over heads and ID tokens, min-max normalised over the queries, < 0.3 -> 0."""
+        activation = logits.float().sum(dim=(1, 3))
+        low = activation.amin(dim=-1, keepdim=True)
+        span = activation.amax(dim=-1, keepdim=True) - low
+        # A constant row would divide by zero in the release; here it gates to 0.
+        activation = torch.where(span > 0, (activation - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
+        return activation.masked_fill(activation < GATE_THRESHOLD, 0.0)
+
+    def _route(
+        self, logits: torch.Tensor, gate: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boost the gate inside each person's box and hide the other persons' tokens there."""
+        settings = self.settings
+        boxes = settings.boxes if settings.boxes is not None else default_boxes(settings.num_ids)
+        boost = settings.boost if self.calls < settings.boost_steps else 0.0
+        num_id_tokens = logits.shape[-1]
+        gate = gate / (boost + 1)
+        owner = torch.full((logits.shape[2],), -1, dtype=torch.long, device=logits.device)
+        for person, box in enumerate(boxes):
+            inside = box_cells(box, grid, logits.device)
+            gate = torch.where(inside, gate * (boost + 1) + boost, gate)
+            owner[inside] = person  # where boxes overlap, the later person owns the cell
+        if settings.mix_scale is not None:
+            # Persons blended into one box: nothing hidden; the first person's logits weighted by mix_scale.
+            weights = torch.full((num_id_tokens,), 1 - settings.mix_scale, dtype=logits.dtype, device=logits.device)
+            weights[: self.num_tokens] = settings.mix_scale
+            return logits * weights, gate
+        token_person = torch.arange(num_id_tokens, device=logits.device) // self.num_tokens
+        hidden = (owner[:, None] >= 0) & (owner[:, None] != token_person[None, :])  # (Q, N_id)
+        return logits.masked_fill(hidden, float("-inf")), gate
+
+
+def saa_processors(unet: nn.Module) -> dict[str, SAAProcessor]:
+    """The UNet's SAA processors by name, in `unet.attn_processors` order; fails if SAA is not installed."""
+    processors = unet.attn_processors
+    saa = {name: p for name, p in processors.items() if isinstance(p, SAAProcessor)}
+    if not saa:
+        raise ValueError("this UNet has no SAA processors: call dynamicid.models.install_saa(unet) first")
+    if len(saa) != len(processors):
+        others = sorted({type(p).__name__ for p in processors.values() if not isinstance(p, SAAProcessor)})
+        raise ValueError(f"only some attention layers have SAA processors (others: {others}); reinstall SAA")
+    return saa
+
+
+def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
+    """Put an SAA processor on every attention layer (LoRA on all; ID branch on cross-attention layers).
+
+    `to_k_ip`/`to_v_ip` start as copies of the layer's to_k/to_v, LoRA `up` weights at zero, so a freshly
+    installed UNet with `id_scale=0` computes what it computed before. Calling it again with the same rank
+    and token count does nothing; with others it fails.
+    """
+    current = unet.attn_processors
+    installed = [p for p in current.values() if isinstance(p, SAAProcessor)]
+    if installed:
+        found = {(p.rank, p.num_tokens) for p in installed}
+        if len(installed) == len(current) and found == {(rank, num_tokens)}:
+            return
+        raise ValueError(
+            f"SAA is already installed on this UNet with (rank, num_tokens) {sorted(found)}; "
+            f"cannot install rank={rank}, num_tokens={num_tokens} over it"
+        )
+    settings = SAASettings()
+    processors = {}
+    for name in current:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        weight = attn.to_q.weight
+        cross_dim = attn.to_k.in_features if attn.is_cross_attention else None
+        with torch.device(weight.device):
+            processor = SAAProcessor(attn.to_q.in_features, cross_dim, rank=rank, num_tokens=num_tokens)
+        processor.to(dtype=weight.dtype)
+        if cross_dim is not None:
+            with torch.no_grad():
+                processor.to_k_ip.weight.copy_(attn.to_k.weight)
+                processor.to_v_ip.weight.copy_(attn.to_v.weight)
+        processor.settings = settings
+        processors[name] = processor
+    unet.set_attn_processor(processors)
+
+
+def _check_boxes(boxes: Sequence[Sequence[float]], expected: int) -> tuple[Box, ...]:
+    if len(boxes) != expected:
+        raise ValueError(f"got {len(boxes)} boxes for {expected} person(s); give one (y0, x0, y1, x1) box per person")
+    checked = []
+    for i, box in enumerate(boxes):
+        if len(box) != 4:
+            raise ValueError(f"box {i} {list(box)} must have 4 numbers (y0, x0, y1, x1)")
+        y0, x0, y1, x1 = (float(v) for v in box)
+        if not all(0.0 <= v <= 1.0 for v in (y0, x0, y1, x1)):
+            raise ValueError(f"box {i} {list(box)}: coordinates must be fractions of the image in [0, 1]")
+        if not (y0 < y1 and x0 < x1):
+            raise ValueError(f"box {i} {list(box)} is empty: need y0 < y1 and x0 < x1 (order is y0, x0, y1, x1)")
+        checked.append((y0, x0, y1, x1))
+    return tuple(checked)
+
+
+def configure_saa(
+    unet: nn.Module,
+    *,
+    num_ids: int,
+    id_scale: float = 1.0,
+    gating: bool = True,
+    boxes: Sequence[Sequence[float]] | None = None,
+    boost: float = 0.0,
+    boost_steps: int = 0,
+    mix_scale: float | None = None,
+    image_size: tuple[int, int] | None = None,
+    return_activation_maps: bool = False,
+) -> None:
+    """Set the run settings of every SAA processor and reset their call counters and recorded maps.
+
+    Args:
+        num_ids: persons whose tokens end the encoder states (4 tokens each); 0 = text only (LoRA attention).
+        id_scale: weight of the ID branch (0 = the LoRA-only model).
+        gating: query-level activation gating and box routing; off = plain LoRA + IP attention.
+        boxes: one (y0, x0, y1, x1) box in [0, 1] per person; None = equal vertical strips. With `mix_scale`,
+            a single box for several persons blended into one.
+        boost, boost_steps: the release's infer_scale / infer_end: the gate is boosted inside the boxes during
+            the first `boost_steps` UNet calls after this call.
+        mix_scale: weight of the first person's logits when persons are blended into one box.
+        image_size: (height, width) in pixels, needed when the image is not square.
+        return_activation_maps: keep each layer's gate map and ID attention probabilities of the last call
+            (`saa_activation_maps`, `saa_id_attention_probs`).
+    """
+    processors = saa_processors(unet)
+    if num_ids < 0:
+        raise ValueError(f"num_ids must be >= 0, got {num_ids}")
+    if mix_scale is not None:
+        if not 0.0 <= mix_scale <= 1.0:
+            raise ValueError(f"mix_scale must be in [0, 1], got {mix_scale}")
+        if num_ids < 2 or boxes is None or len(boxes) != 1:
+            raise ValueError("mix_scale blends several persons into one box: needs num_ids >= 2 and exactly one box")
+    if boxes is not None:
+        if num_ids == 0:
+            raise ValueError("boxes were given but num_ids is 0")
+        boxes = _check_boxes(boxes, 1 if mix_scale is not None else num_ids)
+    if boost < 0 or boost_steps < 0:
+        raise ValueError(f"boost ({boost}) and boost_steps ({boost_steps}) must be >= 0")
+    if image_size is not None:
+        if len(image_size) != 2 or min(image_size) <= 0:
+            raise ValueError(f"image_size must be (height, width) in pixels, got {image_size}")
+        image_size = (int(image_size[0]), int(image_size[1]))
+    new = SAASettings(
+        num_ids=int(num_ids),
+        id_scale=float(id_scale),
+        gating=bool(gating),
+        boxes=boxes,
+        boost=float(boost),
+        boost_steps=int(boost_steps),
+        mix_scale=mix_scale,
+        image_size=image_size,
+        return_activation_maps=bool(return_activation_maps),
+    )
+    shared = next(iter(processors.values())).settings
+    for f in fields(SAASettings):
+        setattr(shared, f.name, getattr(new, f.name))
+    for processor in processors.values():
+        processor.settings = shared
+        processor.reset()
+
+
+def saa_activation_maps(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Gate maps (B, H, W) of the last call of each cross-attention layer (needs return_activation_maps=True)."""
+    return {n: p.activation_map for n, p in saa_processors(unet).items() if p.activation_map is not None}
+
+
+def saa_id_attention_probs(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """ID-branch attention probabilities (B, heads, Q, N_id) of the last call (needs return_activation_maps=True)."""
+    return {n: p.id_attention_probs for n, p in saa_processors(unet).items() if p.id_attention_probs is not None}
+
+
+def saa_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """All SAA weights keyed `<processor name>.<parameter>` (e.g. `mid_block....attn2.processor.to_k_ip.weight`)."""
+    return {
+        f"{name}.{key}": tensor
+        for name, processor in saa_processors(unet).items()
+        for key, tensor in processor.state_dict().items()
+    }
+
+
+def load_saa_state_dict(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load name-keyed SAA weights (as `saa_state_dict` writes them) strictly into installed processors."""
+    processors = saa_processors(unet)
+    by_processor: dict[str, dict[str, torch.Tensor]] = {name: {} for name in processors}
+    unknown = []
+    for key, tensor in state_dict.items():
+        name, _, param = key.partition(".processor.")
+        if f"{name}.processor" in by_processor:
+            by_processor[f"{name}.processor"][param] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} SAA weights name no attention layer of this UNet (e.g. {unknown[0]}); "
+            "were they saved from another base model?"
+        )
+    for name, processor in processors.items():
+        load_strict(processor, by_processor[name], what=f"SAA weights for {name}")
