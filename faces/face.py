@@ -1,0 +1,49 @@
+"""The face record every backend returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dynamicid.schemas.labels import pose_bin_for_yaw
+
+
+@dataclass
+class Face:
+    """One face in one image, in that image's pixel coordinates.
+
+    `kps5` rows: left eye, right eye, nose tip, left mouth corner, right mouth corner, where "left" means
+    the image's left. Pose angles follow the sign convention of `dynamicid.schemas.labels`. `models` maps
+    each filled field to the model that produced it; `backend` names the backend.
+    """
+
+    bbox: tuple[float, float, float, float]  # x0, y0, x1, y1
+    score: float
+    kps5: np.ndarray  # float32 (5, 2)
+    landmarks: np.ndarray | None = None  # float32 (N, 2)
+    yaw: float | None = None
+    pitch: float | None = None
+    roll: float | None = None
+    expression: str | None = None
+    expression_scores: dict[str, float] | None = None
+    embedding: np.ndarray | None = None  # float32 (D,), L2-normalised
+    backend: str = ""
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def width(self) -> float:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> float:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    @property
+    def pose_bin(self) -> str | None:
+        """The pose-bin name of `yaw` (None before the face is described)."""
+        return None if self.yaw is None else pose_bin_for_yaw(self.yaw)

@@ -1,0 +1,182 @@
+"""MediaPipe 0.10.21 legacy solutions: face detection (short + full range) and the 478-point face mesh.
+
+Detection strategy (measured on ../shared/data/faces, see tests/test_faces_embedded.py):
+- The full-range model on the image, and on a 2x upscale of images whose long side is under
+  `upscale_below`, merged by non-maximum suppression: finds the small faces of group photos with no
+  false positives on the no-face photos.
+- Only when that finds nothing (tight crops where the face fills the frame, tiny 92x112 faces): the
+  full-range model on the image padded by half its size, and the short-range model on the image and
+  on a 25 % padding. These passes also fire on flowers and toys, so each of their candidates must be
+  confirmed by the face mesh (its own detector at `confirm_score`) on the expanded crop.
+The mesh runs on a square crop of `mesh_expand` x the box, resized to `mesh_size`, and is mapped back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Mesh indices (refine_landmarks=True adds the irises 468..477).
+MESH_IRIS_IMAGE_LEFT = 468  # the subject's right iris centre: image left in an unmirrored photo
+MESH_IRIS_IMAGE_RIGHT = 473
+MESH_NOSE_TIP = 1
+MESH_CHIN = 152
+MESH_EYE_OUTER = (33, 263)  # image-left, image-right outer eye corners
+MESH_MOUTH_CORNERS = (61, 291)  # image-left, image-right
+MESH_POSE_POINTS = (MESH_NOSE_TIP, MESH_CHIN, *MESH_EYE_OUTER, *MESH_MOUTH_CORNERS)  # pose.FACE_MODEL_3D order
+
+
+@dataclass
+class MediaPipeConfig:
+    min_score: float = 0.5  # detector confidence
+    confirm_score: float = 0.7  # the mesh detector's confidence that confirms a fallback candidate
+    nms_iou: float = 0.3
+    upscale_below: int = 1000  # long side (pixels) under which the full-range model also sees a 2x upscale
+    mesh_expand: float = 2.0
+    mesh_size: int = 256
+
+
+@dataclass
+class Detection:
+    box: np.ndarray  # x0, y0, x1, y1
+    score: float
+    keypoints: np.ndarray  # (6, 2): subject's right eye, left eye, nose tip, mouth centre, right ear, left ear
+    source: str  # which pass found it
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def nms(detections: list[Detection], iou: float) -> list[Detection]:
+    kept: list[Detection] = []
+    for det in sorted(detections, key=lambda d: -d.score):
+        if all(box_iou(det.box, k.box) < iou for k in kept):
+            kept.append(det)
+    return kept
+
+
+def square_crop_matrix(box: np.ndarray, expand: float, size: int) -> np.ndarray:
+    """2x3 matrix mapping image pixels to a size x size crop of the square `expand` x the box around its centre."""
+    cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    side = max(box[2] - box[0], box[3] - box[1]) * expand
+    scale = size / side
+    return np.array([[scale, 0, size / 2.0 - scale * cx], [0, scale, size / 2.0 - scale * cy]], dtype=np.float64)
+
+
+class MediaPipeFace:
+    """The detectors and the mesh, created once (each holds a MediaPipe graph)."""
+
+    def __init__(self, config: MediaPipeConfig | None = None):
+        import mediapipe as mp  # heavy; imported only when the embedded backend is built
+
+        self.config = config or MediaPipeConfig()
+        solutions = mp.solutions
+        self._short = solutions.face_detection.FaceDetection(
+            model_selection=0, min_detection_confidence=self.config.min_score
+        )
+        self._full = solutions.face_detection.FaceDetection(
+            model_selection=1, min_detection_confidence=self.config.min_score
+        )
+        self._mesh = solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5
+        )
+        self._confirm_mesh = solutions.face_mesh.FaceMesh(
+            static_image_mode=True,
+            max_num_faces=1,
+            refine_landmarks=False,
+            min_detection_confidence=self.config.confirm_score,
+        )
+
+    # detection
+
+    def _run_detector(self, detector, rgb: np.ndarray, pad: float, scale: float, source: str) -> list[Detection]:
+        border = round(max(rgb.shape[:2]) * pad)
+        image = rgb
+        if border:
+            image = cv2.copyMakeBorder(rgb, border, border, border, border, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        if scale != 1.0:
+            image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        height, width = image.shape[:2]
+        found = []
+        for det in detector.process(np.ascontiguousarray(image)).detections or []:
+            rel = det.location_data.relative_bounding_box
+            box = np.array([rel.xmin, rel.ymin, rel.xmin + rel.width, rel.ymin + rel.height]) * [
+                width,
+                height,
+                width,
+                height,
+            ]
+            points = np.array([[k.x * width, k.y * height] for k in det.location_data.relative_keypoints])
+            found.append(Detection(box / scale - border, float(det.score[0]), points / scale - border, source))
+        return found
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Faces in an RGB uint8 image, highest score first."""
+        cfg = self.config
+        candidates = self._run_detector(self._full, rgb, 0.0, 1.0, "full-range")
+        if max(rgb.shape[:2]) < cfg.upscale_below:
+            candidates += self._run_detector(self._full, rgb, 0.0, 2.0, "full-range-2x")
+        found = nms(candidates, cfg.nms_iou)
+        if found:
+            return found
+        candidates = (
+            self._run_detector(self._full, rgb, 0.5, 1.0, "full-range-padded")
+            + self._run_detector(self._short, rgb, 0.0, 1.0, "short-range")
+            + self._run_detector(self._short, rgb, 0.25, 1.0, "short-range-padded")
+        )
+        return [d for d in nms(candidates, cfg.nms_iou) if self._confirmed(rgb, d.box)]
+
+    def _confirmed(self, rgb: np.ndarray, box: np.ndarray) -> bool:
+        crop, _ = self.crop(rgb, box)
+        return self._confirm_mesh.process(crop).multi_face_landmarks is not None
+
+    # mesh
+
+    def crop(self, rgb: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The square mesh crop around `box` (black outside the image) and its image -> crop matrix."""
+        matrix = square_crop_matrix(box, self.config.mesh_expand, self.config.mesh_size)
+        size = self.config.mesh_size
+        crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        return crop, matrix
+
+    def mesh(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+        """(478, 3) mesh points: x, y in image pixels, z in the same pixel scale (relative depth); None if not found."""
+        crop, matrix = self.crop(rgb, box)
+        result = self._mesh.process(crop)
+        if not result.multi_face_landmarks:
+            return None
+        size = self.config.mesh_size
+        points = np.array([[p.x * size, p.y * size, p.z * size] for p in result.multi_face_landmarks[0].landmark])
+        inverse = cv2.invertAffineTransform(matrix)
+        xy = points[:, :2] @ inverse[:, :2].T + inverse[:, 2]
+        z = points[:, 2] * inverse[0, 0]
+        return np.column_stack([xy, z]).astype(np.float32)
+
+    def close(self) -> None:
+        for graph in (self._short, self._full, self._mesh, self._confirm_mesh):
+            graph.close()
+
+
+def kps5_from_detection(det: Detection) -> np.ndarray:
+    """Approximate 5 keypoints from the detector's six: mouth corners beside the mouth centre.
+
+    The mouth is about 0.83 x the eye distance wide (the ArcFace template), along the eye line.
+    """
+    right_eye, left_eye, nose, mouth = det.keypoints[:4]
+    eye_vector = left_eye - right_eye  # subject's right eye (image left) -> subject's left eye
+    return np.array(
+        [right_eye, left_eye, nose, mouth - 0.415 * eye_vector, mouth + 0.415 * eye_vector], dtype=np.float32
+    )
+
+
+def kps5_from_mesh(mesh: np.ndarray) -> np.ndarray:
+    """5 keypoints (iris centres, nose tip, mouth corners) from the 478-point mesh."""
+    indices = (MESH_IRIS_IMAGE_LEFT, MESH_IRIS_IMAGE_RIGHT, MESH_NOSE_TIP, *MESH_MOUTH_CORNERS)
+    return mesh[list(indices), :2].astype(np.float32)

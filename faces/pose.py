@@ -1,0 +1,49 @@
+"""Head pose (yaw, pitch, roll in degrees) from six 2-D landmarks and a generic 3-D face.
+
+Sign convention (dynamicid.schemas.labels): yaw > 0 when the nose points towards the image's right, pitch > 0
+looking up, roll > 0 when the eye line turns clockwise in the image. The angles are read off the solved
+rotation directly (facing direction and eye line in camera space), not from an Euler decomposition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+# Generic face (arbitrary units) in a camera-aligned frame: x to the image's right, y down, z away from the
+# camera. Rows: nose tip, chin, image-left and image-right outer eye corners, image-left and image-right
+# mouth corners. Left/right symmetric, so a mirrored photo gives exactly mirrored angles.
+FACE_MODEL_3D = np.array(
+    [
+        [0.0, 0.0, 0.0],
+        [0.0, 330.0, 65.0],
+        [-225.0, -170.0, 135.0],
+        [225.0, -170.0, 135.0],
+        [-150.0, 150.0, 125.0],
+        [150.0, 150.0, 125.0],
+    ],
+    dtype=np.float64,
+)
+
+
+def solve_pose(points6: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) in degrees from the six FACE_MODEL_3D points seen at `points6` (pixels).
+
+    The camera is a pinhole with focal length max(width, height) and its centre in the middle of the image.
+    """
+    width, height = image_size
+    focal = float(max(width, height))
+    camera = np.array([[focal, 0, width / 2.0], [0, focal, height / 2.0], [0, 0, 1]], dtype=np.float64)
+    image_points = np.asarray(points6, dtype=np.float64).reshape(6, 1, 2)
+    ok, rvec, _ = cv2.solvePnP(FACE_MODEL_3D, image_points, camera, None, flags=cv2.SOLVEPNP_SQPNP)
+    if not ok:
+        raise ValueError("head pose: solvePnP found no solution for these landmarks")
+    rotation, _ = cv2.Rodrigues(rvec)
+    facing = rotation @ np.array([0.0, 0.0, -1.0])  # towards the camera for a frontal face
+    eye_line = rotation @ np.array([1.0, 0.0, 0.0])
+    yaw = math.degrees(math.atan2(facing[0], -facing[2]))
+    pitch = math.degrees(math.atan2(-facing[1], math.hypot(facing[0], facing[2])))
+    roll = math.degrees(math.atan2(eye_line[1], eye_line[0]))
+    return yaw, pitch, roll
