@@ -5,6 +5,16 @@ FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) is imp
 """
 
 from dynamicid.models.blocks import FeedForward, MultAttention, PerceiverAttention
+from dynamicid.models.checkpoints import (
+    SD15_UNET_CONFIG,
+    DynamicIDWeights,
+    ReleaseCheckpoint,
+    convert_release,
+    load_dynamicid,
+    load_ip_adapter_faceid,
+    load_release_checkpoint,
+    save_dynamicid,
+)
 from dynamicid.models.face_encoder import FaceEncoder
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
@@ -24,21 +34,29 @@ from dynamicid.models.saa import (
 
 __all__ = [
     "IMR",
+    "SD15_UNET_CONFIG",
+    "DynamicIDWeights",
     "FaceEncoder",
     "FeedForward",
     "KeypointEncoder",
     "LoRALinear",
     "MultAttention",
     "PerceiverAttention",
+    "ReleaseCheckpoint",
     "SAAProcessor",
     "SAASettings",
     "configure_saa",
+    "convert_release",
     "from_release",
     "install_saa",
+    "load_dynamicid",
+    "load_ip_adapter_faceid",
+    "load_release_checkpoint",
     "load_release_saa",
     "load_saa_state_dict",
     "saa_activation_maps",
     "saa_id_attention_probs",
     "saa_processors",
     "saa_state_dict",
+    "save_dynamicid",
 ]

@@ -55,6 +55,9 @@ class IMR(nn.Module):
     ):
         super().__init__()
         self.dim = dim
+        self.dim_head = dim_head
+        self.heads = heads
+        self.ff_mult = ff_mult
         self.num_queries = num_queries
         self.embedding_dim = embedding_dim
         self.txt_dim = txt_dim
@@ -75,6 +78,12 @@ class IMR(nn.Module):
         self.entangleNet = _stage(**layout)
         self.norm_out = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, embedding_dim)
+
+    @property
+    def config(self) -> dict[str, int]:
+        """The constructor arguments (what a checkpoint needs to rebuild this module)."""
+        names = ("dim", "dim_head", "heads", "num_queries", "embedding_dim", "txt_dim", "ff_mult", "depth")
+        return {name: getattr(self, name) for name in names}
 
     def motion_latents(self, landmark: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(N, emb) landmark vectors + (N, txt) text vectors -> (N, num_queries, dim)."""

@@ -96,6 +96,11 @@ def from_release(kind: str, state_dict: Mapping[str, torch.Tensor], **release_kw
     kwargs = release_kwargs_from_state_dict(kind, state_dict)
     if kind == "imr":
         release_kwargs = _imr_kwargs(release_kwargs)
+        inner_dim = kwargs["heads"] * kwargs["dim_head"]  # keep the width the file has when one of them is given
+        if "dim_head" in release_kwargs and "heads" not in release_kwargs:
+            kwargs["heads"] = inner_dim // release_kwargs["dim_head"]
+        if "heads" in release_kwargs and "dim_head" not in release_kwargs:
+            kwargs["dim_head"] = inner_dim // release_kwargs["heads"]
     kwargs.update(release_kwargs)
     module: nn.Module = {"face_encoder": FaceEncoder, "imr": IMR, "keypoint_encoder": KeypointEncoder}[kind](**kwargs)
     load_strict(module, state_dict, what=f"release {kind}")

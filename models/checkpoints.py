@@ -1,0 +1,453 @@
+"""Weights files: this project's safetensors format, the authors' release `.bin` files, IP-Adapter FaceID-Plus.
+
+Our format: one safetensors file (or one per training stage) with every tensor under its part's prefix
+(`dynamicid.schemas.checkpoint.PART_PREFIXES`), SAA keyed by processor name, and a `CheckpointMetadata`
+header saying what the weights were made for. Pickled `.bin` files are only read with
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dynamicid.models.face_encoder import FaceEncoder
+from dynamicid.models.imr import IMR
+from dynamicid.models.keypoint_encoder import KeypointEncoder
+from dynamicid.models.release import (
+    RELEASE_PREFIXES,
+    from_release,
+    load_release_saa,
+    release_kwargs_from_state_dict,
+    strip_prefix,
+)
+from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
+from dynamicid.models.state_dicts import load_strict
+from dynamicid.schemas.checkpoint import PART_PREFIXES, CheckpointMetadata
+
+PARTS = tuple(PART_PREFIXES)
+IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
+# Metadata fields that describe a file's history, not what its tensors fit.
+_PROVENANCE_FIELDS = ("format_version", "parts", "source")
+
+# SD 1.5's UNet (diffusers `UNet2DConditionModel` arguments; the rest are the class defaults).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+
+def _mismatch(field_name: str, file_value: Any, target_value: Any, path: str | Path | None) -> ValueError:
+    where = f" in {path}" if path else ""
+    return ValueError(
+        f"weights{where} were made for {field_name}={file_value!r}, but the target has {field_name}={target_value!r}"
+    )
+
+
+def _part_dims(part: str, module: nn.Module) -> dict[str, Any]:
+    """The metadata fields a module determines (for `saa`, the module is the UNet)."""
+    if part == "face_encoder":
+        return {
+            "cross_attention_dim": module.cross_attention_dim,
+            "id_embed_dim": module.id_embeddings_dim,
+            "clip_embed_dim": module.clip_embeddings_dim,
+            "num_tokens": module.num_tokens,
+        }
+    if part == "saa":
+        processor = next(iter(saa_processors(module).values()))
+        return {
+            "lora_rank": processor.rank,
+            "num_tokens": processor.num_tokens,
+            "cross_attention_dim": int(module.config.cross_attention_dim),
+        }
+    if part == "imr":
+        return {"imr_depth": module.depth, "imr_dim": module.dim, "cross_attention_dim": module.embedding_dim}
+    return {"keypoint_dim": module.embedding_dim}
+
+
+def _write(path: str | Path, metadata: CheckpointMetadata, parts: dict[str, dict[str, torch.Tensor]], **extra: str):
+    tensors = {
+        PART_PREFIXES[part] + key: tensor.detach().to("cpu").contiguous()
+        for part, state_dict in parts.items()
+        for key, tensor in state_dict.items()
+    }
+    metadata = dataclasses.replace(metadata, parts=[p for p in PARTS if p in parts])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={**metadata.to_header(), **extra})
+    return path
+
+
+def save_dynamicid(
+    path: str | Path,
+    *,
+    metadata: CheckpointMetadata,
+    face_encoder: FaceEncoder | None = None,
+    unet: nn.Module | None = None,
+    imr: IMR | None = None,
+    keypoint_encoder: KeypointEncoder | None = None,
+) -> Path:
+    """Write the given parts to one safetensors file (SAA is taken from `unet`'s processors).
+
+    The metadata must agree with the modules (rank, token count, dims); a disagreement names the field.
+    `metadata.parts` is filled in from the parts given.
+    """
+    modules = {"face_encoder": face_encoder, "saa": unet, "imr": imr, "keypoint_encoder": keypoint_encoder}
+    modules = {part: m for part, m in modules.items() if m is not None}
+    if not modules:
+        raise ValueError(f"save_dynamicid({path}): no part given (face_encoder, unet, imr, keypoint_encoder)")
+    parts = {}
+    for part, module in modules.items():
+        for name, value in _part_dims(part, module).items():
+            if getattr(metadata, name) != value:
+                raise ValueError(
+                    f"save_dynamicid({path}): metadata says {name}={getattr(metadata, name)!r} "
+                    f"but the {part} has {name}={value!r}"
+                )
+        parts[part] = saa_state_dict(module) if part == "saa" else module.state_dict()
+    extra = {IMR_CONFIG_KEY: json.dumps(imr.config)} if imr is not None else {}
+    return _write(path, metadata, parts, **extra)
+
+
+@dataclass
+class DynamicIDWeights:
+    """The parts of one or more of our weights files, with the metadata they were made for."""
+
+    metadata: CheckpointMetadata
+    state_dicts: dict[str, dict[str, torch.Tensor]]
+    imr_config: dict[str, int] | None = None
+    paths: list[Path] = field(default_factory=list)
+
+    def _part(self, part: str) -> dict[str, torch.Tensor]:
+        if part not in self.state_dicts:
+            raise ValueError(
+                f"{', '.join(map(str, self.paths)) or 'these weights'} hold no {part} "
+                f"(parts: {sorted(self.state_dicts)}); load the file of the stage that trains it"
+            )
+        return self.state_dicts[part]
+
+    def check(self, **expected: Any) -> None:
+        """Compare metadata fields with the target's values; a difference raises naming the field."""
+        for name, value in expected.items():
+            if not hasattr(self.metadata, name):
+                raise ValueError(f"unknown checkpoint metadata field {name!r}")
+            if getattr(self.metadata, name) != value:
+                raise _mismatch(name, getattr(self.metadata, name), value, ", ".join(map(str, self.paths)))
+
+    def build_face_encoder(self) -> FaceEncoder:
+        md = self.metadata
+        encoder = FaceEncoder(md.cross_attention_dim, md.id_embed_dim, md.clip_embed_dim, md.num_tokens)
+        load_strict(encoder, self._part("face_encoder"), what="face_encoder weights")
+        return encoder
+
+    def build_imr(self) -> IMR:
+        state_dict = self._part("imr")
+        config = self.imr_config or release_kwargs_from_state_dict("imr", state_dict)
+        imr = IMR(**config)
+        load_strict(imr, state_dict, what="imr weights")
+        return imr
+
+    def build_keypoint_encoder(self) -> KeypointEncoder:
+        encoder = KeypointEncoder(self.metadata.keypoint_dim)
+        load_strict(encoder, self._part("keypoint_encoder"), what="keypoint_encoder weights")
+        return encoder
+
+    def load_saa_into(self, unet: nn.Module) -> None:
+        """Install SAA on `unet` if needed (with the file's rank and token count) and load the weights."""
+        state_dict = self._part("saa")
+        _check_unet(unet, self.metadata, ", ".join(map(str, self.paths)))
+        install_saa(unet, rank=self.metadata.lora_rank, num_tokens=self.metadata.num_tokens)
+        load_saa_state_dict(unet, state_dict)
+
+
+def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
+    if int(unet.config.cross_attention_dim) != metadata.cross_attention_dim:
+        raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, unet.config.cross_attention_dim, where)
+    installed = [p for p in unet.attn_processors.values() if isinstance(p, SAAProcessor)]
+    if installed:
+        if installed[0].rank != metadata.lora_rank:
+            raise _mismatch("lora_rank", metadata.lora_rank, installed[0].rank, where)
+        if installed[0].num_tokens != metadata.num_tokens:
+            raise _mismatch("num_tokens", metadata.num_tokens, installed[0].num_tokens, where)
+
+
+def load_dynamicid(path: str | Path | Sequence[str | Path], **expected: Any) -> DynamicIDWeights:
+    """Read our weights file (or the files of several stages, merged) and check `expected` metadata fields.
+
+    e.g. `load_dynamicid("anchor.safetensors", lora_rank=128, cross_attention_dim=768)`.
+    """
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    weights: DynamicIDWeights | None = None
+    for file in paths:
+        if not file.is_file():
+            raise FileNotFoundError(f"weights file not found: {file}")
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+        try:
+            metadata = CheckpointMetadata.from_header(header)
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from None
+        tensors = load_file(str(file))
+        state_dicts = {
+            part: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            for part, prefix in PART_PREFIXES.items()
+            if part in metadata.parts
+        }
+        imr_config = json.loads(header[IMR_CONFIG_KEY]) if IMR_CONFIG_KEY in header else None
+        if weights is None:
+            weights = DynamicIDWeights(metadata, state_dicts, imr_config, [file])
+            continue
+        for f in dataclasses.fields(CheckpointMetadata):
+            if f.name not in _PROVENANCE_FIELDS and getattr(metadata, f.name) != getattr(weights.metadata, f.name):
+                raise ValueError(
+                    f"{file} was made for {f.name}={getattr(metadata, f.name)!r} but {weights.paths[0]} "
+                    f"for {f.name}={getattr(weights.metadata, f.name)!r}; they do not belong together"
+                )
+        overlap = sorted(set(state_dicts) & set(weights.state_dicts))
+        if overlap:
+            raise ValueError(f"{file} and {weights.paths} both hold {overlap}: give each part once")
+        weights.state_dicts.update(state_dicts)
+        weights.metadata.parts = [p for p in PARTS if p in weights.state_dicts]
+        weights.imr_config = weights.imr_config or imr_config
+        weights.paths.append(file)
+    if weights is None:
+        raise ValueError("load_dynamicid: no path given")
+    weights.check(**expected)
+    return weights
+
+
+# ---- the release's and IP-Adapter's pickled files ----
+
+
+def read_weights_only(path: str | Path) -> dict[str, Any]:
+    """torch.load(weights_only=True): tensors and plain containers only; a pickle that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects other than tensors, which could run code when loaded; it was refused. "
+            f"Only plain state dicts are accepted (torch.load weights_only). Details: {str(error).splitlines()[0]}"
+        ) from None
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({error})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# How an unprefixed state dict shows which module it belongs to.
+_SIGNATURE_KEYS = {
+    "imr": "feature_fusion.0.weight",
+    "keypoint_encoder": "blocks.0.0.conv_block.0.weight",
+    "face_encoder": "perceiver_resampler.proj_in.weight",
+}
+
+
+@dataclass
+class ReleaseCheckpoint:
+    """Parts found in release / IP-Adapter files: module-relative state dicts (SAA index-keyed)."""
+
+    state_dicts: dict[str, dict[str, torch.Tensor]]
+    sources: dict[str, Path]
+    unrecognised: list[str] = field(default_factory=list)
+    num_tokens: int = 4
+
+    @property
+    def present(self) -> list[str]:
+        return [p for p in PARTS if p in self.state_dicts]
+
+    @property
+    def missing(self) -> list[str]:
+        return [p for p in PARTS if p not in self.state_dicts]
+
+    def report(self) -> str:
+        """One line per part: where it was found, or that it is missing (and under which release name)."""
+        release_names = {"face_encoder": "proj_module / image_proj", "saa": "SAA_module / ip_adapter"}
+        release_names |= {"imr": "IMR", "keypoint_encoder": "key_point_encoder"}
+        lines = []
+        for part in PARTS:
+            if part in self.state_dicts:
+                lines.append(f"{part}: present ({len(self.state_dicts[part])} tensors, from {self.sources[part]})")
+            else:
+                lines.append(f"{part}: missing (no {release_names[part]} tensors in the files given)")
+        if self.unrecognised:
+            lines.append(f"unrecognised: {len(self.unrecognised)} tensors, e.g. {self.unrecognised[0]}")
+        return "\n".join(lines)
+
+    def _part(self, part: str) -> dict[str, torch.Tensor]:
+        if part not in self.state_dicts:
+            raise ValueError(f"no {part} in the release files given:\n{self.report()}")
+        return self.state_dicts[part]
+
+    @property
+    def lora_rank(self) -> int:
+        saa = self._part("saa")
+        return next(v.shape[0] for k, v in saa.items() if k.endswith("to_q_lora.down.weight"))
+
+    def build_face_encoder(self) -> FaceEncoder:
+        return from_release("face_encoder", self._part("face_encoder"), num_tokens=self.num_tokens)
+
+    def build_imr(self, **release_kwargs: Any) -> IMR:
+        return from_release("imr", self._part("imr"), **release_kwargs)
+
+    def build_keypoint_encoder(self) -> KeypointEncoder:
+        return from_release("keypoint_encoder", self._part("keypoint_encoder"))
+
+    def load_saa_into(self, unet: nn.Module) -> None:
+        """Install SAA if needed (rank read off the file) and load the index-keyed processors strictly."""
+        install_saa(unet, rank=self.lora_rank, num_tokens=self.num_tokens)
+        load_release_saa(unet, self._part("saa"))
+
+
+def _split_parts(tensors: dict[str, torch.Tensor], source: Path, found: ReleaseCheckpoint) -> None:
+    unclaimed = dict(tensors)
+    for part, prefixes in RELEASE_PREFIXES.items():
+        for prefix in prefixes:
+            keys = [k for k in unclaimed if k.startswith(prefix)]
+            if keys:
+                found.state_dicts[part] = {k[len(prefix) :]: unclaimed.pop(k) for k in keys}
+                found.sources[part] = source
+                break
+    for part, signature in _SIGNATURE_KEYS.items():
+        if part not in found.state_dicts and signature in unclaimed and all(k[0].isalpha() for k in unclaimed):
+            found.state_dicts[part] = unclaimed
+            found.sources[part] = source
+            return
+    if "saa" not in found.state_dicts and unclaimed and all(k.split(".")[0].isdigit() for k in unclaimed):
+        found.state_dicts["saa"], found.sources["saa"] = unclaimed, source  # an unprefixed index-keyed ModuleList
+        return
+    found.unrecognised += [f"{source}: {k}" for k in unclaimed]
+
+
+def load_release_checkpoint(
+    saa_bin: str | Path | None = None,
+    imr_bin: str | Path | None = None,
+    keypoint_encoder_bin: str | Path | None = None,
+    *,
+    num_tokens: int = 4,
+) -> ReleaseCheckpoint:
+    """Read the release's `.bin` files (weights only) and sort their tensors into parts.
+
+    Each file may hold nested dicts (`{"SAA_module": {...}, "proj_module": {...}}`) or flat prefixed keys;
+    a file of one unprefixed module is recognised by its keys. `report()` says what is present or missing
+    (a released SAA file, for one, has no `proj_module`).
+    """
+    files = [Path(p) for p in (saa_bin, imr_bin, keypoint_encoder_bin) if p is not None]
+    if not files:
+        raise ValueError("load_release_checkpoint: give at least one of saa_bin, imr_bin, keypoint_encoder_bin")
+    found = ReleaseCheckpoint({}, {}, num_tokens=num_tokens)
+    for file in files:
+        _split_parts(_flatten(read_weights_only(file)), file, found)
+    return found
+
+
+def load_ip_adapter_faceid(path: str | Path, *, num_tokens: int = 4) -> ReleaseCheckpoint:
+    """IP-Adapter FaceID-Plus / PlusV2 weights (`image_proj` + `ip_adapter`, .bin or .safetensors).
+
+    Their projection model and LoRA + IP processors have this project's names, so `build_face_encoder()`
+    and `load_saa_into(unet)` give a working single-person model (PlusV2 is meant to run the face encoder
+    with `shortcut=True`).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        tensors = load_file(str(path))
+    else:
+        tensors = _flatten(read_weights_only(path))
+    found = ReleaseCheckpoint({}, {}, num_tokens=num_tokens)
+    for part, prefix in (("face_encoder", "image_proj."), ("saa", "ip_adapter.")):
+        part_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not part_tensors:
+            raise ValueError(f"{path} has no '{prefix[:-1]}' tensors: not an IP-Adapter FaceID checkpoint")
+        found.state_dicts[part], found.sources[part] = part_tensors, path
+    found.unrecognised = [k for k in tensors if not k.startswith(("image_proj.", "ip_adapter."))]
+    return found
+
+
+def convert_release(
+    saa_bin: str | Path,
+    imr_bin: str | Path | None = None,
+    keypoint_encoder_bin: str | Path | None = None,
+    *,
+    out: str | Path,
+    num_tokens: int = 4,
+    unet_config: Mapping[str, Any] | None = None,
+    imr_kwargs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Rewrite the release's `.bin` files as one of our safetensors files (SAA keyed by processor name).
+
+    The processor names come from a UNet built on the meta device from `unet_config` (SD 1.5's by default);
+    every part is checked strictly against the module it will load into. Returns `out`.
+    """
+    from diffusers import UNet2DConditionModel
+
+    release = load_release_checkpoint(saa_bin, imr_bin, keypoint_encoder_bin, num_tokens=num_tokens)
+    if "saa" not in release.state_dicts:
+        raise ValueError(f"{saa_bin} holds no SAA_module:\n{release.report()}")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(unet_config or SD15_UNET_CONFIG))
+    install_saa(unet, rank=release.lora_rank, num_tokens=num_tokens)
+    index_keyed = strip_prefix(release.state_dicts["saa"], RELEASE_PREFIXES["saa"])
+    names = list(saa_processors(unet))
+    try:
+        saa = {f"{names[int(k.split('.', 1)[0])]}.{k.split('.', 1)[1]}": v for k, v in index_keyed.items()}
+    except (IndexError, ValueError):
+        raise ValueError(f"{saa_bin}: its SAA_module indices do not fit a UNet with {len(names)} layers") from None
+    expected = {k: tuple(v.shape) for k, v in saa_state_dict(unet).items()}
+    if {k: tuple(v.shape) for k, v in saa.items()} != expected:
+        missing = sorted(set(expected) - set(saa))
+        raise ValueError(f"{saa_bin}: SAA_module does not fit this UNet (e.g. missing {missing[:2]}, or shapes)")
+
+    parts: dict[str, dict[str, torch.Tensor]] = {"saa": saa}
+    metadata = CheckpointMetadata(
+        cross_attention_dim=int(unet.config.cross_attention_dim),
+        lora_rank=release.lora_rank,
+        num_tokens=num_tokens,
+        source="release",
+    )
+    extra = {}
+    if "face_encoder" in release.state_dicts:
+        encoder = release.build_face_encoder()
+        parts["face_encoder"] = encoder.state_dict()
+        metadata.id_embed_dim, metadata.clip_embed_dim = encoder.id_embeddings_dim, encoder.clip_embeddings_dim
+    if "imr" in release.state_dicts:
+        imr = release.build_imr(**(imr_kwargs or {}))
+        parts["imr"] = imr.state_dict()
+        metadata.imr_depth, metadata.imr_dim = imr.depth, imr.dim
+        extra[IMR_CONFIG_KEY] = json.dumps(imr.config)
+    if "keypoint_encoder" in release.state_dicts:
+        keypoint_encoder = release.build_keypoint_encoder()
+        parts["keypoint_encoder"] = keypoint_encoder.state_dict()
+        metadata.keypoint_dim = keypoint_encoder.embedding_dim
+    return _write(out, metadata, parts, **extra)
