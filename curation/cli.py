@@ -1,11 +1,265 @@
-"""Command line: dynamicid-curate."""
+"""Command line: dynamicid-curate (build, one stage at a time, merge, report, inspect, demo)."""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
 import click
 
+# MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+BUILD_EPILOG = """\b
+Examples:
+  dynamicid-curate build photos/ dataset/
+  dynamicid-curate build photos/ dataset/ --per-identity 20 --workers 4 --json
+  dynamicid-curate build flat_photos/ dataset/ --cluster
+  dynamicid-curate build photos/ part0/ --shard 0/2    (and part1/ --shard 1/2 elsewhere)
+  dynamicid-curate merge part0/ part1/ dataset/
+
+\b
+PHOTOS_DIR/<identity>/... : one folder per person (nested folders allowed).
+Every file ends in the dataset or in rejects.parquet with a reason; a killed run
+resumes from the work folder (default OUT_DIR/.work); a second run does no work.
+"""
+
+MAIN_EPILOG = """\b
+Examples:
+  dynamicid-curate demo demo_dataset        curate the sample photos that ship with the install
+  dynamicid-curate build photos/ dataset/   photos/<identity>/*.jpg -> dataset/ (Parquet + card + report)
+  dynamicid-curate inspect dataset/         counts per identity, label histograms
+  python -c "import datasets; print(datasets.load_dataset('dataset'))"
+"""
+
+
+class InputError(click.ClickException):
+    """Bad PHOTOS_DIR / OUT_DIR / settings: one line, exit code 2."""
+
+    exit_code = 2
+
+
+def _errors_as_exit_2(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from dynamicid.curation.pipeline import CurationError
+
+        try:
+            return func(*args, **kwargs)
+        except CurationError as error:
+            raise InputError(str(error)) from error
+
+    return wrapper
+
+
+def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int]:
+    if value is None:
+        return (0, 1)
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected I/N such as 0/4, got {value!r}") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"need 0 <= I < N, got {value!r}")
+    return (index, count)
+
+
+def run_options(func):
+    """The options shared by `build` and the single-stage commands."""
+    options = [
+        click.argument("photos_dir", type=click.Path(path_type=Path)),
+        click.argument("out_dir", type=click.Path(path_type=Path)),
+        click.option("--per-identity", default=35, show_default=True, help="At most this many images per identity."),
+        click.option(
+            "--min-per-identity", default=1, show_default=True, help="Identities with fewer usable images are rejected."
+        ),
+        click.option(
+            "--face-backend",
+            type=click.Choice(["auto", "embedded", "insightface"]),
+            default="auto",
+            show_default=True,
+            help="Face models: embedded (in the wheels), insightface (local pack via $DYNAMICID_INSIGHTFACE_ROOT), auto.",
+        ),
+        click.option("--workers", default=1, show_default=True, help="Processes running the face models."),
+        click.option(
+            "--shard", callback=_parse_shard, metavar="I/N", help="Handle only shard I of N (whole identities)."
+        ),
+        click.option(
+            "--work-dir", type=click.Path(path_type=Path), help="Work folder for stage tables [default: OUT_DIR/.work]."
+        ),
+        click.option(
+            "--resume/--no-resume", default=True, show_default=True, help="Reuse finished work in the work folder."
+        ),
+        click.option(
+            "--cluster",
+            is_flag=True,
+            help="PHOTOS_DIR is a flat folder: group faces into identities (connected components of the "
+            "largest faces, linked below the backend's same-person distance threshold).",
+        ),
+        click.option(
+            "--min-face-size", default=40.0, show_default=True, help="Smallest face box side kept, in pixels."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _config(kwargs: dict):
+    from dynamicid.curation.config import CurationConfig
+
+    index, count = kwargs["shard"]
+    return CurationConfig(
+        per_identity=kwargs["per_identity"],
+        min_per_identity=kwargs["min_per_identity"],
+        face_backend=kwargs["face_backend"],
+        workers=kwargs["workers"],
+        cluster=kwargs["cluster"],
+        shard_index=index,
+        shard_count=count,
+        min_face_size=kwargs["min_face_size"],
+    )
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"{summary['kept']} images of {summary['identities']} identities kept, {summary['rejected']} rejected, "
+        f"of {summary['scanned']} files scanned -> {summary['out_dir']}"
+    )
+    for reason, count in summary["rejected_by_reason"].items():
+        click.echo(f"  rejected {reason}: {count}")
+    click.echo(f"see {Path(summary['out_dir']) / 'report.html'} and rejects.parquet")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EPILOG)
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-curate")
 def main() -> None:
     """Curate raw photo folders into a DynamicID face dataset."""
+
+
+@main.command(epilog=BUILD_EPILOG)
+@run_options
+@_errors_as_exit_2
+def build(**kwargs) -> None:
+    """Run every stage: PHOTOS_DIR/<identity>/... -> OUT_DIR (dataset, card, report, summary)."""
+    from dynamicid.curation.pipeline import STAGES, open_run, run_stage
+
+    run = open_run(
+        kwargs["photos_dir"],
+        kwargs["out_dir"],
+        _config(kwargs),
+        work_dir=kwargs["work_dir"],
+        resume=kwargs["resume"],
+        progress=kwargs["progress"],
+    )
+    for stage in STAGES:
+        run_stage(run, stage)
+    _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    @run_options
+    @_errors_as_exit_2
+    def command(**kwargs) -> None:
+        from dynamicid.curation.pipeline import open_run, run_stage
+
+        run = open_run(
+            kwargs["photos_dir"],
+            kwargs["out_dir"],
+            _config(kwargs),
+            work_dir=kwargs["work_dir"],
+            resume=True,
+            progress=kwargs["progress"],
+        )
+        try:
+            table = run_stage(run, stage)
+        except FileNotFoundError as error:
+            raise InputError(str(error)) from error
+        result = {"stage": stage, "rows": table.num_rows, "work_dir": str(run.work.root)}
+        result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}
+        click.echo(
+            json.dumps(result, indent=2)
+            if kwargs["as_json"]
+            else f"{stage}: {table.num_rows} rows in {run.work.table_path(stage)}"
+        )
+
+    command.__doc__ = help_text
+    main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/")(command)
+
+
+for _stage, _help in (
+    ("scan", "Stage 1: list and hash every file (work table scan.parquet)."),
+    ("detect", "Stage 2: decode photos and find faces (needs scan)."),
+    ("identify", "Stage 3: describe faces, keep the folder's person (needs detect)."),
+    ("dedupe", "Stage 4: drop identical and near-duplicate pictures (needs identify)."),
+    ("align", "Stage 5: FFHQ-style 512 crops and quality checks (needs dedupe)."),
+    ("label", "Stage 6: landmarks, pose, expression, prompts in crop coordinates (needs align)."),
+    ("select", "Stage 7: at most --per-identity images per identity (needs label)."),
+    ("write", "Stage 8: write the dataset folder (needs select)."),
+):
+    _stage_command(_stage, _help)
+
+
+@main.command(epilog="\b\nExample:\n  dynamicid-curate merge part0/ part1/ dataset/")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@_errors_as_exit_2
+def merge(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Merge shard outputs SHARD_OUT... into OUT_DIR (the last path)."""
+    from dynamicid.curation.merge import merge_datasets
+
+    if len(paths) < 2:
+        raise InputError("give the shard output folders, then OUT_DIR")
+    _print_summary(merge_datasets(list(paths[:-1]), paths[-1]), as_json)
+
+
+@main.command(epilog="\b\nExample:\n  dynamicid-curate report dataset/")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(out_dir: Path) -> None:
+    """(Re)build OUT_DIR/report.html from a dataset folder."""
+    from dynamicid.curation.report import build_report
+
+    try:
+        click.echo(build_report(out_dir))
+    except FileNotFoundError as error:
+        raise InputError(f"{out_dir} is not a dynamicid-curate output folder ({error})") from error
+
+
+@main.command(name="inspect", epilog="\b\nExample:\n  dynamicid-curate inspect dataset/ --json")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_command(out_dir: Path, as_json: bool) -> None:
+    """Counts per identity and label histograms of a dataset folder."""
+    from dynamicid.curation.inspect_dataset import format_inspection, inspect_dataset
+
+    try:
+        result = inspect_dataset(out_dir)
+    except FileNotFoundError as error:
+        raise InputError(f"{out_dir} is not a dynamicid-curate output folder ({error})") from error
+    click.echo(json.dumps(result, indent=2) if as_json else format_inspection(result))
+
+
+@main.command(epilog="\b\nExample:\n  dynamicid-curate demo demo_dataset && xdg-open demo_dataset/report.html")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--workers", default=1, show_default=True, help="Processes running the face models.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@_errors_as_exit_2
+def demo(out_dir: Path, workers: int, as_json: bool, progress: bool) -> None:
+    """Curate the sample photos shipped inside the installed packages into OUT_DIR (no download)."""
+    from dynamicid.curation.demo import run_demo
+
+    _print_summary(run_demo(out_dir, workers=workers, progress=progress), as_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Stage `align`: the FFHQ-style crop with context of the chosen face, its transform, and crop quality."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from dynamicid.curation.analysis import align_job, run_jobs
+from dynamicid.curation.dedupe import DEDUPE_SCHEMA
+from dynamicid.curation.run import Run, candidates
+from dynamicid.schemas import RejectReason
+
+CACHE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("png", pa.binary()),
+        ("matrix", pa.list_(pa.float32(), 6)),
+        ("sharpness", pa.float32()),
+        ("brightness", pa.float32()),
+    ]
+)
+ALIGN_SCHEMA = pa.schema(
+    [
+        *DEDUPE_SCHEMA,
+        pa.field("png", pa.binary()),
+        pa.field("matrix", pa.list_(pa.float32(), 6)),
+        pa.field("crop_sharpness", pa.float32()),
+        pa.field("crop_brightness", pa.float32()),
+    ]
+)
+
+
+def quality_problem(run: Run, sharp: float, bright: float) -> str | None:
+    c = run.config
+    if sharp < c.min_sharpness:
+        return f"blurred: crop sharpness {sharp:.1f} < {c.min_sharpness}"
+    if not c.min_brightness <= bright <= c.max_brightness:
+        return f"exposure: crop brightness {bright:.2f} outside [{c.min_brightness}, {c.max_brightness}]"
+    return None
+
+
+def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
+    photos = candidates(dedupe_table)
+    size = run.config.crop_size
+    cache = run.work.cache(f"align-{size}", CACHE_SCHEMA, "key")
+    done = cache.load()
+    key_of = {p["source_path"]: f"{p['sha256']}:{p['face_index']}" for p in photos}
+    jobs, queued = [], set()
+    for p in photos:
+        key = key_of[p["source_path"]]
+        if key not in done and key not in queued:
+            queued.add(key)
+            jobs.append((key, run.source(p["source_path"]), p["face_index"], p["face"]["kps5"], size))
+    with run.stage_timer("align") as stats:
+        for row in run_jobs(
+            align_job,
+            jobs,
+            backend=run.config.face_backend,
+            workers=run.config.workers,
+            desc="align",
+            progress=run.progress,
+        ):
+            done[row["key"]] = row
+            cache.add(row)
+        cache.compact()
+        stats.computed += len(jobs)
+        stats.reused += len(set(key_of.values())) - len(jobs)
+    rows = []
+    for p in photos:
+        crop = done[key_of[p["source_path"]]]
+        row = {
+            **p,
+            "png": crop["png"],
+            "matrix": crop["matrix"],
+            "crop_sharpness": crop["sharpness"],
+            "crop_brightness": crop["brightness"],
+        }
+        problem = quality_problem(run, crop["sharpness"], crop["brightness"])
+        if p["face"]["yaw"] is None or not p["face"]["landmarks"]:
+            problem = "no landmarks or head pose: the face mesh found no face inside the detector's box"
+        if problem is not None:
+            row["reason"], row["detail"] = RejectReason.LOW_QUALITY.value, problem
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=ALIGN_SCHEMA)

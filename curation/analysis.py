@@ -1,0 +1,171 @@
+"""The expensive per-photo work (decode + face models), run in this process or in a pool of worker processes.
+
+Jobs are plain tuples and results plain dicts, so they cross process boundaries under `spawn` and
+`forkserver`. Each worker process builds its own `FaceAnalyzer` once (`_analyzer`), never shares one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dynamicid.curation.imagehash import brightness, grey, phash_pair, sharpness
+from dynamicid.schemas import EXPRESSIONS, RejectReason
+
+_ANALYZERS: dict[str, Any] = {}
+
+
+def analyzer(backend: str) -> Any:
+    """This process's FaceAnalyzer for `backend` (built on first use)."""
+    if backend not in _ANALYZERS:
+        from dynamicid.faces import FaceAnalyzer
+
+        _ANALYZERS[backend] = FaceAnalyzer(backend=backend)
+    return _ANALYZERS[backend]
+
+
+def _load(path: str):
+    from dynamicid.faces import load_image
+
+    return load_image(path)
+
+
+def _load_error(error: Exception) -> tuple[str, str]:
+    code = getattr(error, "code", RejectReason.UNDECODABLE)
+    return str(code), getattr(error, "reason", str(error))
+
+
+def detect_job(backend: str, job: tuple[str, str]) -> dict:
+    """(sha256, path) -> image size and the faces found (boxes, 5 keypoints, scores), largest first."""
+    from dynamicid.faces import ImageLoadError
+
+    sha, path = job
+    row: dict[str, Any] = {"sha256": sha, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
+    try:
+        image = _load(path)
+    except ImageLoadError as error:
+        row["reason"], row["detail"] = _load_error(error)
+        return row
+    row["width"], row["height"] = image.size
+    faces = analyzer(backend).detect(image)
+    row["faces"] = [
+        {
+            "bbox": [float(v) for v in f.bbox],
+            "kps5": np.asarray(f.kps5, np.float32).ravel().tolist(),
+            "score": float(f.score),
+        }
+        for f in faces
+    ]
+    return row
+
+
+def _maybe_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def describe_job(backend: str, job: tuple[str, str, list[dict]]) -> dict:
+    """(sha256, path, detected faces) -> per face: embedding, landmarks, pose, expression, crop hash, sharpness.
+
+    A face the models fail on is left out (and named in `detail`); the others still count.
+    """
+    from dynamicid.faces import Face
+    from dynamicid.faces.align import arcface_align
+
+    sha, path, detected = job
+    image = _load(path)
+    face_analyzer = analyzer(backend)
+    faces, failures = [], []
+    for index, found in enumerate(detected):
+        kps5 = np.asarray(found["kps5"], np.float32).reshape(5, 2)
+        try:
+            face = face_analyzer.describe(image, Face(bbox=tuple(found["bbox"]), score=found["score"], kps5=kps5))
+        except Exception as error:  # one odd face must not cost the photo's other faces
+            failures.append(f"face {index}: {type(error).__name__}: {error}")
+            continue
+        if face.embedding is None:
+            failures.append(f"face {index}: no embedding")
+            continue
+        small = grey(arcface_align(image, np.asarray(face.kps5, np.float32), 112))
+        hash_plain, hash_mirror = phash_pair(small)
+        scores = face.expression_scores or {}
+        faces.append(
+            {
+                "face_index": index,
+                "embedding": np.asarray(face.embedding, np.float32).tolist(),
+                "embedding_model": str(face_analyzer.embedding_model),
+                "landmarks": None if face.landmarks is None else np.asarray(face.landmarks, np.float32).tolist(),
+                "kps5": np.asarray(face.kps5, np.float32).ravel().tolist(),
+                "yaw": _maybe_float(face.yaw),
+                "pitch": _maybe_float(face.pitch),
+                "roll": _maybe_float(face.roll),
+                "expression": face.expression,
+                "expression_scores": [float(scores.get(e, 0.0)) for e in EXPRESSIONS],
+                "phash": hash_plain,
+                "phash_mirror": hash_mirror,
+                "sharpness": sharpness(small),
+                "backend": face.backend,
+                "models": json.dumps(face.models, sort_keys=True),
+            }
+        )
+    return {"sha256": sha, "faces": faces, "detail": "; ".join(failures) or None}
+
+
+def align_job(backend: str, job: tuple[str, str, int, list[float], int]) -> dict:
+    """(key, path, face index, kps5, crop size) -> the FFHQ-style crop as PNG bytes, its matrix, quality figures."""
+    from dynamicid.faces.align import ffhq_align
+
+    key, path, _, kps5, size = job
+    image = _load(path)
+    crop, matrix = ffhq_align(image, np.asarray(kps5, np.float32).reshape(5, 2), size=size)
+    g = grey(crop)
+    buffer = io.BytesIO()
+    crop.save(buffer, format="PNG", compress_level=3)
+    return {
+        "key": key,
+        "png": buffer.getvalue(),
+        "matrix": np.asarray(matrix, np.float32).ravel().tolist(),
+        "sharpness": sharpness(g),
+        "brightness": brightness(g),
+    }
+
+
+def _init_worker(backend: str) -> None:
+    analyzer(backend)  # load the models once per worker, before the first job
+
+
+def _call(args: tuple[Callable, str, Any]) -> Any:
+    func, backend, job = args
+    return func(backend, job)
+
+
+def run_jobs(
+    func: Callable[[str, Any], Any],
+    jobs: list,
+    *,
+    backend: str,
+    workers: int,
+    desc: str,
+    progress: bool,
+) -> Iterator[Any]:
+    """Results of `func(backend, job)` for every job, in completion order (callers key them by content hash)."""
+    bar = tqdm(total=len(jobs), desc=desc, unit="photo", disable=not progress or not jobs, leave=False)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield func(backend, job)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(backend,)) as pool:
+            tasks: Iterable = ((func, backend, job) for job in jobs)
+            for result in pool.imap_unordered(_call, tasks, chunksize=1):
+                yield result
+                bar.update()
+    finally:
+        bar.close()

@@ -1,0 +1,84 @@
+"""The dataset card (OUT_DIR/README.md): YAML `configs` + `dataset_info` made by `datasets`' own helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynamicid.schemas import DATASET_COLUMNS, EXPRESSIONS, FACE_PROMPT_TEMPLATE, POSE_BINS, dataset_features
+
+
+def card_metadata(num_examples: int, num_bytes: int) -> dict:
+    import datasets
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    info = datasets.DatasetInfo(
+        features=dataset_features(),
+        splits=datasets.SplitDict(
+            {"train": datasets.SplitInfo("train", num_bytes=num_bytes, num_examples=num_examples)}
+        ),
+    )
+    card_data = DatasetCardData()
+    MetadataConfigs({"default": {"data_files": [{"split": "train", "path": "data/train-*"}]}}).to_dataset_card_data(
+        card_data
+    )
+    return {**card_data.to_dict(), "dataset_info": info._to_yaml_dict(), "tags": ["faces", "dynamicid"]}
+
+
+def write_card(out_dir: Path, summary: dict, num_bytes: int) -> None:
+    import yaml
+
+    meta = yaml.safe_dump(card_metadata(summary["kept"], num_bytes), sort_keys=False, allow_unicode=True)
+    columns = "\n".join(f"| `{c.name}` | {c.type} | {c.doc} |" for c in DATASET_COLUMNS)
+    reasons = (
+        "\n".join(f"| `{k}` | {v} |" for k, v in sorted(summary["rejected_by_reason"].items())) or "| (none) | 0 |"
+    )
+    text = f"""---
+{meta}---
+
+# Face dataset curated with dynamicid-curate
+
+{summary["kept"]} aligned {summary["config"]["crop_size"]}x{summary["config"]["crop_size"]} face crops of
+{summary["identities"]} identities, from {summary["scanned"]} files scanned in `{summary["photos_dir"]}`
+({summary["rejected"]} rejected; `rejects.parquet` says why for each). Face backend `{summary["backend"]}`,
+identity embeddings from `{summary["embedding_model"]}`.
+
+```python
+from datasets import load_dataset
+
+ds = load_dataset("path/to/this/folder", split="train")
+row = ds[0]  # row["image"] is a PIL image; expression and pose_bin are ClassLabels
+print(row["identity"], ds.features["expression"].int2str(row["expression"]), row["face_prompt"])
+```
+
+## Columns
+
+| column | type | meaning |
+|---|---|---|
+{columns}
+
+Expressions: {", ".join(EXPRESSIONS)}. Pose bins (yaw, degrees): {"; ".join(f"{p.name} [{p.yaw_min}, {p.yaw_max})" for p in POSE_BINS)}.
+Face prompt: `{FACE_PROMPT_TEMPLATE}`.
+
+## Files
+
+- `data/train-XXXXX-of-YYYYY.parquet`: the rows, sorted by identity then source path.
+- `identities.parquet`: one row per identity (counts, expression x pose grid coverage, mean embedding).
+- `rejects.parquet`: every scanned file that is not in the dataset: `source_path`, `stage`, `reason`, `detail`.
+- `summary.json`: counts, settings and per-stage timings of the run; `report.html`: contact sheets.
+
+## Rejected files by reason
+
+| reason | files |
+|---|---|
+{reasons}
+
+## How it was made
+
+`dynamicid-curate build` (DynamicID toolkit): scan, detect, identify (the folder's dominant embedding
+cluster), dedupe (identical bytes, perceptual hash of the aligned face, embedding near-duplicates incl.
+mirrors; the largest and sharpest copy kept), align (FFHQ-style crop with context), label, select (at most
+{summary["config"]["per_identity"]} per identity: the 7 expressions x 5 poses grid first, then the most
+different faces), write. The photos' own licences apply to the crops.
+"""
+    (out_dir / "README.md").write_text(text, encoding="utf-8")

@@ -1,0 +1,58 @@
+"""Settings of a curation run (one dataclass; the CLI and `build_dataset` fill it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class CurationConfig:
+    """Knobs of `build_dataset`; thresholds that depend on the face model come from the analyzer itself."""
+
+    per_identity: int = 35  # at most this many images per identity
+    min_per_identity: int = 1  # identities with fewer kept images are rejected (too_few_images)
+    face_backend: str = "auto"  # dynamicid.faces.FaceAnalyzer backend
+    workers: int = 1  # processes running the face models
+    cluster: bool = False  # PHOTOS_DIR is a flat folder: group faces into identities by embedding
+    shard_index: int = 0  # this run handles the identities whose shard is shard_index ...
+    shard_count: int = 1  # ... out of shard_count (see scan.shard_of)
+    crop_size: int = 512  # FFHQ-style aligned crop, pixels
+    min_face_size: float = 40.0  # faces whose box short side is below this (source pixels) are too_small
+    max_faces_per_photo: int = 12  # only the largest faces of a crowd photo are described
+    # Variance of the Laplacian of the 512 grey crop; below -> low_quality. Upscaled small photos (LFW's
+    # 350 px crops) score 3..5 and are still usable; only crops that are truly smeared fall under 1.
+    min_sharpness: float = 1.0
+    min_brightness: float = 0.06  # mean grey of the crop, 0..1; outside [min, max] -> low_quality
+    max_brightness: float = 0.96
+    # Near-duplicates, calibrated on ../shared/data/faces (dlib embeddings): the same shot resized, re-encoded
+    # or mirrored is at hash distance 0..2 and embedding distance 0.03..0.12; different photos of one person
+    # are at hash distance >= 6 and embedding distance >= 0.13 (most >= 0.17).
+    phash_max_distance: int = 4  # Hamming distance (of 64 bits) at or below which crops are near-duplicates
+    dup_embedding_fraction: float = 0.2  # embedding near-duplicate: distance < fraction x same_person_threshold
+    rows_per_file: int = 1000  # rows per train-XXXXX-of-YYYYY.parquet
+    rows_per_row_group: int = 64  # small row groups keep streaming readers' memory low (512 px PNGs)
+    thumbnail_size: int = 96  # report.html thumbnails
+
+    def fingerprint(self, *fields: str) -> str:
+        """A short hash of the named settings: a stage's cached results are valid while it is unchanged."""
+        values = asdict(self)
+        chosen = {f: values[f] for f in fields}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check(self) -> None:
+        if self.per_identity < 1:
+            raise ValueError(f"per_identity must be >= 1, got {self.per_identity}")
+        if self.min_per_identity < 1:
+            raise ValueError(f"min_per_identity must be >= 1, got {self.min_per_identity}")
+        if self.min_per_identity > self.per_identity:
+            raise ValueError(
+                f"min_per_identity ({self.min_per_identity}) is larger than per_identity ({self.per_identity})"
+            )
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard must be I/N with 0 <= I < N, got {self.shard_index}/{self.shard_count}")
+        if self.cluster and self.shard_count > 1:
+            raise ValueError("--cluster groups faces across the whole folder, so it cannot run in shards")

@@ -1,0 +1,77 @@
+"""Stage `detect`: decode each distinct photo once and find its faces (boxes, 5 keypoints, scores)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from dynamicid.curation.analysis import detect_job, run_jobs
+from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.schemas import RejectReason
+
+FACE_BOX = pa.struct(
+    [("bbox", pa.list_(pa.float32(), 4)), ("kps5", pa.list_(pa.float32(), 10)), ("score", pa.float32())]
+)
+CACHE_SCHEMA = pa.schema(
+    [
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("faces", pa.list_(FACE_BOX)),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+DETECT_SCHEMA = photo_schema(("width", pa.int32()), ("height", pa.int32()), ("faces", pa.list_(FACE_BOX)))
+
+
+def face_size(face: dict) -> float:
+    """Short side of the face box (source pixels)."""
+    x0, y0, x1, y1 = face["bbox"]
+    return min(x1 - x0, y1 - y0)
+
+
+def detect(run: Run, scan_table: pa.Table) -> pa.Table:
+    """Per photo: its size and faces at least `min_face_size` big, or undecodable / no_face / too_small."""
+    photos = candidates(scan_table)
+    cache = run.work.cache(f"detect-{run.config.face_backend}", CACHE_SCHEMA, "sha256")
+    done = cache.load()
+    first_path: dict[str, str] = {}
+    for photo in photos:
+        first_path.setdefault(photo["sha256"], run.source(photo["source_path"]))
+    jobs = [(sha, path) for sha, path in first_path.items() if sha not in done]
+    with run.stage_timer("detect") as stats:
+        for row in run_jobs(
+            detect_job,
+            jobs,
+            backend=run.config.face_backend,
+            workers=run.config.workers,
+            desc="detect",
+            progress=run.progress,
+        ):
+            done[row["sha256"]] = row
+            cache.add(row)
+        cache.compact()
+        stats.computed += len(jobs)
+        stats.reused += len(first_path) - len(jobs)
+
+    rows = []
+    for photo in photos:
+        found = done[photo["sha256"]]
+        row = {**photo, "width": found["width"], "height": found["height"], "faces": []}
+        if found["reason"] is not None:
+            row["reason"], row["detail"] = found["reason"], found["detail"]
+        elif not found["faces"]:
+            row["reason"], row["detail"] = RejectReason.NO_FACE.value, "the face detector found no face"
+        else:
+            big = [f for f in found["faces"] if face_size(f) >= run.config.min_face_size]
+            if not big:
+                largest = max(face_size(f) for f in found["faces"])
+                row["reason"] = RejectReason.TOO_SMALL.value
+                row["detail"] = (
+                    f"largest face is {largest:.0f} px, below the {run.config.min_face_size:.0f} px minimum "
+                    "(--min-face-size)"
+                )
+            row["faces"] = big[: run.config.max_faces_per_photo]
+        rows.append(row)
+    rows.sort(key=lambda r: r["source_path"])
+    return pa.Table.from_pylist([{k: r.get(k) for k in DETECT_SCHEMA.names} for r in rows], schema=DETECT_SCHEMA)

@@ -1,0 +1,178 @@
+"""Stage `identify`: describe every face, then keep, in each photo, the face of the folder's person.
+
+The folder's person is its dominant embedding cluster: the face that matches faces in the most other photos
+of the folder (distance below the analyzer's own `same_person_threshold`) is the anchor, the faces linked to
+it define the person, and in each photo the face closest to their mean is kept when it is within the threshold.
+Two faces of one photo are never linked (they are two people). Photos where no face matches are
+`other_person`. With `--cluster` the whole folder is grouped instead (see `cluster_identities`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from dynamicid.curation.analysis import describe_job, run_jobs
+from dynamicid.curation.detect import FACE_BOX
+from dynamicid.curation.neighbors import similar_components
+from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.schemas import RejectReason
+
+FACE_DESCRIPTION = pa.struct(
+    [
+        ("face_index", pa.int32()),
+        ("embedding", pa.list_(pa.float32())),
+        ("embedding_model", pa.string()),
+        ("landmarks", pa.list_(pa.list_(pa.float32(), 2))),  # source pixels; null when the face mesh failed
+        ("kps5", pa.list_(pa.float32(), 10)),  # refined by the describer (mesh) where it could
+        ("yaw", pa.float32()),
+        ("pitch", pa.float32()),
+        ("roll", pa.float32()),
+        ("expression", pa.string()),
+        ("expression_scores", pa.list_(pa.float32(), 7)),
+        ("phash", pa.int64()),
+        ("phash_mirror", pa.int64()),
+        ("sharpness", pa.float32()),
+        ("backend", pa.string()),
+        ("models", pa.string()),
+    ]
+)
+CACHE_SCHEMA = pa.schema([("sha256", pa.string()), ("faces", pa.list_(FACE_DESCRIPTION)), ("detail", pa.string())])
+IDENTIFY_SCHEMA = photo_schema(
+    ("face_index", pa.int32()), ("faces", pa.list_(FACE_DESCRIPTION)), ("detections", pa.list_(FACE_BOX))
+)
+
+CLUSTER_PREFIX = "person_"
+
+
+def describe_faces(run: Run, detect_table: pa.Table) -> dict[str, dict]:
+    """sha256 -> described faces, computing only photos missing from the work folder's cache."""
+    photos = candidates(detect_table)
+    cache = run.work.cache(f"describe-{run.config.face_backend}", CACHE_SCHEMA, "sha256")
+    done = cache.load()
+    jobs, seen = [], set()
+    for photo in photos:
+        sha = photo["sha256"]
+        if sha in seen or sha in done:
+            seen.add(sha)
+            continue
+        seen.add(sha)
+        jobs.append((sha, run.source(photo["source_path"]), photo["faces"]))
+    with run.stage_timer("identify") as stats:
+        for row in run_jobs(
+            describe_job,
+            jobs,
+            backend=run.config.face_backend,
+            workers=run.config.workers,
+            desc="identify",
+            progress=run.progress,
+        ):
+            done[row["sha256"]] = row
+            cache.add(row)
+        cache.compact()
+        stats.computed += len(jobs)
+        stats.reused += len(seen) - len(jobs)
+    return done
+
+
+def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[int | None], list[float]]:
+    """For each photo (a list of face embeddings), the index of the folder person's face (or None) and its similarity.
+
+    Cost is quadratic in the faces of ONE folder (one identity), computed in blocks.
+    """
+    photo_of = np.concatenate([np.full(len(e), p) for p, e in enumerate(embeddings)]).astype(np.int64)
+    faces = np.concatenate([e for e in embeddings if len(e)]).astype(np.float32)
+    n, photos = len(faces), len(embeddings)
+    if photos == 1:
+        return [0], [1.0]
+    # support[i]: how many OTHER photos hold a face matching face i.
+    support = np.zeros(n, np.int64)
+    for start in range(0, n, 1024):
+        sims = faces[start : start + 1024] @ faces.T
+        linked = sims >= same_cos
+        hits = np.zeros((len(sims), photos), bool)
+        rows, cols = np.nonzero(linked)
+        hits[rows, photo_of[cols]] = True
+        hits[np.arange(len(sims)), photo_of[start : start + 1024]] = False
+        support[start : start + 1024] = hits.sum(axis=1)
+    first_in_photo = np.r_[True, photo_of[1:] != photo_of[:-1]]  # the largest face of each photo
+    anchor = int(np.lexsort((np.arange(n), ~first_in_photo, -support))[0])
+    if support[anchor] == 0:
+        # No two photos agree on anybody: the folder's person cannot be told apart; keep each largest face.
+        return [0] * photos, [float("nan")] * photos
+    members = faces[(faces @ faces[anchor] >= same_cos) & (photo_of != photo_of[anchor]) | (np.arange(n) == anchor)]
+    centre = members.mean(axis=0)
+    centre /= np.linalg.norm(centre)
+    offsets = np.r_[0, np.cumsum([len(e) for e in embeddings])]
+    chosen: list[int | None] = []
+    similarity: list[float] = []
+    for p, e in enumerate(embeddings):
+        sims = e @ centre
+        if p == photo_of[anchor]:
+            best, keep = anchor - int(offsets[p]), True
+        else:
+            best = int(np.argmax(sims))
+            keep = bool(sims[best] >= same_cos)
+        chosen.append(best if keep else None)
+        similarity.append(float(sims[best]))
+    return chosen, similarity
+
+
+def cluster_identities(run: Run, photos: list[dict], described: dict[str, dict]) -> dict[str, str]:
+    """--cluster: source_path -> 'person_NNNN', from connected components of the largest faces' embeddings.
+
+    Two faces are linked when their distance is below the analyzer's `same_person_threshold`; an identity is
+    a connected component (single linkage). Identities are numbered by size, then by first source path.
+    """
+    usable = [p for p in photos if described[p["sha256"]]["faces"]]
+    if not usable:
+        return {}
+    emb = np.stack([np.asarray(described[p["sha256"]]["faces"][0]["embedding"], np.float32) for p in usable])
+    labels = similar_components(emb, run.same_person_cos)
+    sizes = np.bincount(labels)
+    order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))  # labels already follow first source path
+    width = max(4, len(str(len(order))))
+    name = {c: f"{CLUSTER_PREFIX}{rank + 1:0{width}d}" for rank, c in enumerate(order)}
+    return {p["source_path"]: name[int(label)] for p, label in zip(usable, labels, strict=True)}
+
+
+def identify(run: Run, detect_table: pa.Table) -> pa.Table:
+    photos = candidates(detect_table)
+    described = describe_faces(run, detect_table)
+    rows = []
+    for photo in photos:
+        desc = described[photo["sha256"]]
+        by_index = {f["face_index"]: f for f in desc["faces"]}
+        rows.append(
+            {
+                **{k: photo[k] for k in ("source_path", "identity", "sha256")},
+                "faces": [by_index[i] for i in sorted(by_index)],
+                "detections": photo["faces"],
+                "face_index": None,
+                "reason": None if by_index else RejectReason.NO_FACE.value,
+                "detail": None if by_index else f"faces were found but none could be described ({desc['detail']})",
+            }
+        )
+    live = [r for r in rows if r["reason"] is None]
+    if run.config.cluster:
+        names = cluster_identities(run, live, {r["sha256"]: {"faces": r["faces"]} for r in live})
+        for row in live:
+            row["identity"], row["face_index"] = names[row["source_path"]], row["faces"][0]["face_index"]
+    else:
+        by_folder: dict[str, list[dict]] = {}
+        for row in live:
+            by_folder.setdefault(row["identity"], []).append(row)
+        for folder_rows in by_folder.values():
+            embeddings = [np.stack([np.asarray(f["embedding"], np.float32) for f in r["faces"]]) for r in folder_rows]
+            chosen, similarity = folder_person(embeddings, run.same_person_cos)
+            for row, pick, sim in zip(folder_rows, chosen, similarity, strict=True):
+                if pick is None:
+                    closest = run.distance_at_cos(sim)
+                    row["reason"] = RejectReason.OTHER_PERSON.value
+                    row["detail"] = (
+                        f"none of its {len(row['faces'])} face(s) is the folder's person (closest distance "
+                        f"{closest:.2f} >= threshold {run.analyzer.same_person_threshold:.2f})"
+                    )
+                else:
+                    row["face_index"] = row["faces"][pick]["face_index"]
+    return pa.Table.from_pylist([{k: r.get(k) for k in IDENTIFY_SCHEMA.names} for r in rows], schema=IDENTIFY_SCHEMA)

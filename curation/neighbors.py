@@ -1,0 +1,132 @@
+"""Near-neighbour pairs and connected components without comparing everything with everything.
+
+Embeddings are L2-normalised, so every distance the face backends use (Euclidean for dlib, cosine for
+ArcFace) is a monotone function of the dot product; all thresholds here are cosine similarities (see
+`cosine_threshold`). Small sets are compared exactly in blocks (memory O(n x block)); large sets go through
+an inverted-file index: k-means cells, each vector filed under its `nprobe` nearest cells, exact comparison
+only inside a cell. Cost ~ n x (cells + nprobe x n / cells) instead of n^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from dynamicid.curation.imagehash import hamming
+
+EXACT_LIMIT = 4096  # above this many vectors, `similar_components` uses the inverted-file index
+BLOCK = 1024
+
+
+def cosine_threshold(distance: Callable[[np.ndarray, np.ndarray], float], threshold: float, dim: int) -> float:
+    """The cosine similarity at which `distance` between unit vectors equals `threshold` (bisection)."""
+    a = np.zeros(dim, np.float32)
+    a[0] = 1.0
+
+    def dist_at(cos: float) -> float:
+        b = np.zeros(dim, np.float32)
+        b[0], b[1] = cos, np.sqrt(max(0.0, 1.0 - cos * cos))
+        return float(distance(a, b))
+
+    lo, hi = -1.0, 1.0  # distance decreases as cos grows
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if dist_at(mid) > threshold:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected-component label per node (labels numbered by the smallest node index in each component)."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[labels]
+
+
+def similar_pairs(embeddings: np.ndarray, min_cos: float) -> np.ndarray:
+    """All pairs (i < j) with dot product >= min_cos, exact, in row blocks."""
+    x = np.asarray(embeddings, np.float32)
+    found = []
+    for start in range(0, len(x), BLOCK):
+        sims = x[start : start + BLOCK] @ x[start:].T
+        i, j = np.nonzero(sims >= min_cos)
+        i = i + start
+        j = j + start
+        keep = i < j
+        found.append(np.stack([i[keep], j[keep]], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+
+
+def hash_pairs(hashes: np.ndarray, mirror_hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Pairs (i < j) whose hashes differ in <= max_distance bits, directly or with one of them mirrored."""
+    h = np.asarray(hashes, np.int64)
+    m = np.asarray(mirror_hashes, np.int64)
+    found = []
+    for start in range(0, len(h), BLOCK):
+        block = h[start : start + BLOCK, None]
+        close = (hamming(block, h[None, start:]) <= max_distance) | (hamming(block, m[None, start:]) <= max_distance)
+        i, j = np.nonzero(close)
+        i = i + start
+        j = j + start
+        keep = i < j
+        found.append(np.stack([i[keep], j[keep]], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+
+
+def kmeans(x: np.ndarray, cells: int, *, iterations: int = 8, sample: int = 65536, seed: int = 0) -> np.ndarray:
+    """Spherical k-means centroids trained on a seeded sample (deterministic)."""
+    rng = np.random.default_rng(seed)
+    train = x[rng.choice(len(x), size=min(sample, len(x)), replace=False)] if len(x) > sample else x
+    centroids = train[rng.choice(len(train), size=cells, replace=False)].copy()
+    for _ in range(iterations):
+        assign = np.argmax(train @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, train)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        empty = norms[:, 0] == 0
+        centroids = np.where(empty[:, None], centroids, sums / np.maximum(norms, 1e-12))
+    return centroids
+
+
+def similar_components(embeddings: np.ndarray, min_cos: float, *, nprobe: int = 2, seed: int = 0) -> np.ndarray:
+    """Connected components of the graph 'dot product >= min_cos' (exact when small, inverted-file index when large)."""
+    x = np.asarray(embeddings, np.float32)
+    n = len(x)
+    if n <= EXACT_LIMIT:
+        return components(n, similar_pairs(x, min_cos))
+    cells = max(16, int(np.sqrt(n)))
+    centroids = kmeans(x, cells, seed=seed)
+    # File every vector under its nprobe nearest cells.
+    cell_of = np.empty((n, nprobe), np.int64)
+    for start in range(0, n, 16384):
+        sims = x[start : start + 16384] @ centroids.T
+        cell_of[start : start + 16384] = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
+    members = np.repeat(np.arange(n), nprobe)
+    cells_flat = cell_of.ravel()
+    order = np.argsort(cells_flat, kind="stable")
+    members, cells_flat = members[order], cells_flat[order]
+    bounds = np.searchsorted(cells_flat, np.arange(cells + 1))
+    edges = []
+    for c in range(cells):
+        idx = members[bounds[c] : bounds[c + 1]]
+        if len(idx) < 2:
+            continue
+        local = components(len(idx), similar_pairs(x[idx], min_cos))
+        # Link each member to the first member of its local component (a star per component: O(n) edges).
+        first = np.full(local.max() + 1, n, np.int64)
+        np.minimum.at(first, local, idx)
+        edges.append(np.stack([idx, first[local]], axis=1))
+    return components(n, np.concatenate(edges) if edges else np.zeros((0, 2), np.int64))

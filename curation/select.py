@@ -1,0 +1,93 @@
+"""Stage `select`: at most `per_identity` images per identity, grid first, then the most different faces.
+
+1. Grid: each (expression, pose bin) cell present among the identity's faces gets its best face (largest,
+   then sharpest, then first path); rarer cells first, so when there are more cells than room the rare
+   ones are still covered.
+2. Diversity: the rest of the quota goes by farthest-point sampling on the embeddings: repeatedly the face
+   whose nearest already-selected face is farthest (ties: first path).
+Identities with fewer than `min_per_identity` images are rejected whole (too_few_images). Deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
+
+SELECT_SCHEMA = photo_schema(("selection", pa.string()))  # selection: "grid" or "diversity" for the kept
+CELL_ORDER = {(e, p.name): i for i, (e, p) in enumerate((e, p) for e in EXPRESSIONS for p in POSE_BINS)}
+
+
+def quality_order(row: dict) -> tuple:
+    q = row["quality"]
+    return (-q["face_size"], -q["sharpness"], row["source_path"])
+
+
+def choose(rows: list[dict], quota: int) -> dict[str, str]:
+    """source_path -> 'grid' | 'diversity' for the chosen rows of one identity."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["expression"], row["pose_bin"]), []).append(row)
+    chosen: dict[str, str] = {}
+    for cell in sorted(cells, key=lambda c: (len(cells[c]), CELL_ORDER[c])):
+        if len(chosen) == quota:
+            return chosen
+        chosen[min(cells[cell], key=quality_order)["source_path"]] = "grid"
+    rest = sorted((r for r in rows if r["source_path"] not in chosen), key=lambda r: r["source_path"])
+    if not rest or len(chosen) == quota:
+        return chosen
+    picked = np.stack([np.asarray(r["embedding"], np.float32) for r in rows if r["source_path"] in chosen])
+    pool = np.stack([np.asarray(r["embedding"], np.float32) for r in rest])
+    nearest = (1.0 - pool @ picked.T).min(axis=1)
+    taken = np.zeros(len(rest), bool)
+    while len(chosen) < quota and not taken.all():
+        best = int(np.argmax(np.where(taken, -np.inf, nearest)))  # argmax takes the first of equal values
+        taken[best] = True
+        chosen[rest[best]["source_path"]] = "diversity"
+        nearest = np.minimum(nearest, 1.0 - pool @ pool[best])
+    return chosen
+
+
+def grid_cells(rows: list[dict]) -> int:
+    return len(Counter((r["expression"], r["pose_bin"]) for r in rows))
+
+
+def select(run: Run, label_table: pa.Table) -> pa.Table:
+    config = run.config
+    by_identity: dict[str, list[dict]] = {}
+    for row in candidates(label_table):
+        by_identity.setdefault(row["identity"], []).append(row)
+    out = []
+    with run.stage_timer("select") as stats:
+        for identity in sorted(by_identity):
+            rows = by_identity[identity]
+            if len(rows) < config.min_per_identity:
+                for row in rows:
+                    out.append(
+                        {
+                            **{k: row[k] for k in ("source_path", "identity", "sha256")},
+                            "reason": RejectReason.TOO_FEW_IMAGES.value,
+                            "detail": f"identity '{identity}' has {len(rows)} usable image(s), fewer than --min-per-identity {config.min_per_identity}",
+                            "selection": None,
+                        }
+                    )
+                continue
+            chosen = choose(rows, config.per_identity)
+            for row in rows:
+                how = chosen.get(row["source_path"])
+                out.append(
+                    {
+                        **{k: row[k] for k in ("source_path", "identity", "sha256")},
+                        "reason": None if how else RejectReason.OVER_QUOTA.value,
+                        "detail": None
+                        if how
+                        else f"identity '{identity}' already has {config.per_identity} images (grid cells first, then the most different faces)",
+                        "selection": how,
+                    }
+                )
+            stats.computed += len(rows)
+    return pa.Table.from_pylist(sorted(out, key=lambda r: r["source_path"]), schema=SELECT_SCHEMA)
