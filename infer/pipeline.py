@@ -1,0 +1,555 @@
+"""`DynamicIDPipeline`: Stable Diffusion 1.5 text-to-image with several identities, each in its own box,
+each with an optional target expression / pose (METHOD.md: SAA, IMR, reference settings)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import BaseOutput, replace_example_docstring
+
+from dynamicid.faces import FaceAnalyzer, render_landmark_map
+from dynamicid.infer.people import Box, Person, check_person_labels, describe_source, resolve_boxes
+from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
+from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
+from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs
+from dynamicid.models.base import CLIP_MEAN, CLIP_STD, TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values
+from dynamicid.schemas import face_prompt
+
+# Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
+# boosted (infer_scale 2) during the first 12 UNet calls, one person none.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 5.0
+MULTI_PERSON_BOOST = (2.0, 12)
+SINGLE_PERSON_BOOST = (0.0, 0)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from dynamicid.infer import DynamicIDPipeline, Person
+
+        >>> pipe = DynamicIDPipeline.from_pretrained("models/stable-diffusion-v1-5")
+        >>> pipe.load_dynamicid("dynamicid.safetensors", image_encoder="models/image_encoder")
+        >>> out = pipe(
+        ...     "two friends laughing in a cafe",
+        ...     people=[
+        ...         Person("ref1.jpg", expression="happy", box=(0.1, 0.1, 0.5, 0.4)),
+        ...         Person("ref2.jpg", expression="surprised", box=(0.1, 0.6, 0.5, 0.9)),
+        ...     ],
+        ...     height=768,
+        ...     width=768,
+        ...     generator=torch.Generator().manual_seed(2025),
+        ... )
+        >>> out.images[0].save("friends.png")
+        ```
+"""
+
+
+@dataclass
+class DynamicIDPipelineOutput(BaseOutput):
+    """Output of `DynamicIDPipeline`.
+
+    Args:
+        images: the generated images (PIL list, or an array for output_type "np").
+        people: per person: the labels found on the reference, the target labels, the box, whether the IMR ran.
+        activation_maps: with return_activation_maps=True, float32 (num_images, num_people, height, width) in
+            [0, 1]: where each identity's tokens were injected (SAA gate x that person's ID attention, averaged
+            over layers and steps, upsampled to the image).
+        timings: seconds spent per stage (analysis, tokens, denoise, decode).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray
+    people: list[dict[str, Any]] = field(default_factory=list)
+    activation_maps: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    nsfw_content_detected: list[bool] | None = None
+
+
+class DynamicIDPipeline(StableDiffusionPipeline):
+    r"""Multi-person personalised text-to-image generation with DynamicID on Stable Diffusion 1.5.
+
+    Components are those of [`StableDiffusionPipeline`]; `image_encoder` is the CLIP vision tower (ViT-H/14)
+    whose penultimate states feed the face encoder. DynamicID's own modules (face encoder, IMR, keypoint
+    encoder) and the SAA attention processors come from `load_dynamicid`, the face analysis from
+    `dynamicid.faces.FaceAnalyzer`. The scheduler defaults to DDIM, the release's sampler.
+    """
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.dynamicid: DynamicIDModules | None = None
+        self.reference_analyzer: ReferenceAnalyzer | None = None
+
+    # ---- construction ----
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> DynamicIDPipeline:
+        """Load SD 1.5 from a local diffusers folder (nothing is downloaded); DDIM unless a scheduler is given."""
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"base model folder {folder} does not exist (expected Stable Diffusion 1.5 in diffusers layout)"
+            )
+        if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
+            kwargs["scheduler"] = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_base(cls, base: BaseModel) -> DynamicIDPipeline:
+        """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also "tiny-random")."""
+        return cls(
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            unet=base.unet,
+            scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
+            image_encoder=base.image_encoder,
+        )
+
+    def load_dynamicid(
+        self,
+        weights: WeightsSource,
+        image_encoder: str | Path | torch.nn.Module | None = None,
+        face_backend: str = "auto",
+        face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None = None,
+        **face_options: Any,
+    ) -> None:
+        """Load DynamicID's weights, the CLIP image encoder and the face analysis.
+
+        Args:
+            weights: our safetensors file(s) (`dynamicid.models.save_dynamicid`), or the release's `.bin` files
+                as `ReleaseFiles(saa=..., imr=..., keypoint_encoder=...)` or a dict with those keys.
+            image_encoder: a CLIP vision folder (e.g. IP-Adapter's models/image_encoder) or module; None keeps
+                the pipeline's own.
+            face_backend: "auto", "embedded" or "insightface" (`dynamicid.faces.FaceAnalyzer`); face_options
+                go to it (e.g. insightface_root=...). `face_analyzer` reuses an existing analyzer instead.
+        """
+        if image_encoder is not None:
+            self.register_modules(image_encoder=_load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
+        if self.image_encoder is None:
+            raise ValueError("no CLIP image encoder: pass image_encoder=DIR (a CLIP vision model folder, ViT-H/14)")
+        modules = load_modules(weights, self.unet)
+        clip_dim = int(self.image_encoder.config.hidden_size)
+        if modules.face_encoder.clip_embeddings_dim != clip_dim:
+            raise ValueError(
+                f"the face encoder takes {modules.face_encoder.clip_embeddings_dim}-d CLIP states but the image "
+                f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
+            )
+        _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
+        if isinstance(face_analyzer, ReferenceAnalyzer):
+            references = face_analyzer
+        else:
+            references = ReferenceAnalyzer(face_analyzer or FaceAnalyzer(face_backend, **face_options))
+        if modules.face_encoder.id_embeddings_dim != references.embedding_dim:
+            raise ValueError(
+                f"the weights take {modules.face_encoder.id_embeddings_dim}-d ID embeddings "
+                f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
+                f"({references.embedding_model}); choose the face backend the weights were trained with"
+            )
+        modules.to(self.device, self.unet.dtype)
+        self.dynamicid, self.reference_analyzer = modules, references
+
+    # CLIP normalisation used by `dynamicid.models.base.clip_pixel_values` (duck-typed with BaseModel).
+    clip_mean = CLIP_MEAN
+    clip_std = CLIP_STD
+
+    # ---- checks ----
+
+    def check_inputs(
+        self,
+        prompt: str,
+        people: list[Person],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: str | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> list[Box]:
+        """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
+        if self.dynamicid is None or self.reference_analyzer is None:
+            raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
+        if not isinstance(prompt, str):
+            raise ValueError(f"`prompt` must be one string, got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"`negative_prompt` must be a string or None, got {type(negative_prompt).__name__}")
+        if height % 8 != 0 or width % 8 != 0:
+            raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
+        if not people or not all(isinstance(p, Person) for p in people):
+            raise ValueError("`people` must be a non-empty list of dynamicid.infer.Person")
+        for i, person in enumerate(people):
+            check_person_labels(person, i)
+            if person.wants_edit and not self.dynamicid.can_edit:
+                absent = [n for n in ("imr", "keypoint_encoder") if getattr(self.dynamicid, n) is None]
+                raise ValueError(
+                    f"person {i + 1} asks for an expression/pose edit but the loaded weights have no "
+                    f"{' and no '.join(absent)}; load the reconfiguration stage's weights (for the release: "
+                    "the IMR and keypoint-encoder files)"
+                )
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` {unknown} not in {self._callback_tensor_inputs}")
+        return resolve_boxes(people)
+
+    # ---- identity tokens ----
+
+    @torch.no_grad()
+    def encode_face_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Pooled CLIP text vectors (N, txt_dim) of face prompts: the IMR's text input."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+
+    @torch.no_grad()
+    def encode_landmarks(self, landmarks_512: list[np.ndarray]) -> torch.Tensor:
+        """Keypoint-encoder vectors (N, emb) of landmark sets given in 512x512 face-crop pixels."""
+        maps = np.stack([render_landmark_map(points, image_size=LANDMARK_FRAME) for points in landmarks_512])
+        encoder = self.dynamicid.keypoint_encoder
+        weight = next(encoder.parameters())
+        maps_t = torch.from_numpy(maps)[:, None].to(device=weight.device, dtype=weight.dtype)
+        return encoder(maps_t).flatten(1)
+
+    @torch.no_grad()
+    def encode_faces(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional (n, tokens, C) and unconditional (n, tokens, C) face tokens of the references.
+
+        Unconditional = the face encoder on a zero ID embedding and the CLIP states of an all-zero image.
+        """
+        encoder = self.dynamicid.face_encoder
+        weight = next(encoder.parameters())
+        pixels = clip_pixel_values(self, [ref.clip_face for ref in references])
+        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
+        clip_states = clip_hidden_states(self, pixels).to(device=weight.device, dtype=weight.dtype)
+        id_embeds = torch.from_numpy(np.stack([ref.face.embedding for ref in references]).astype(np.float32))
+        id_embeds = torch.cat([id_embeds, torch.zeros_like(id_embeds[:1])]).to(device=weight.device, dtype=weight.dtype)
+        tokens = encoder(id_embeds, clip_states)
+        return tokens[:-1], tokens[-1:].expand(len(references), -1, -1)
+
+    @torch.no_grad()
+    def reconfigure(self, tokens: torch.Tensor, reference: Reference, person: Person, index: int) -> dict[str, Any]:
+        """Rewrite one person's tokens (1, tokens, C) in place of the reference's expression/pose (IMR)."""
+        if reference.expression is None or reference.pose is None or reference.landmarks_512 is None:
+            raise ValueError(
+                f"the face backend gave no expression, pose or landmarks for {reference.source}; "
+                "an expression/pose edit needs all three"
+            )
+        target_landmarks, target_ref = reference.landmarks_512, None
+        if person.landmark_image is not None:
+            target_ref = self.reference_analyzer.analyze(
+                person.landmark_image, role=f"landmark image of person {index + 1}"
+            )
+            if target_ref.landmarks_512 is None:
+                raise ValueError(f"the face backend gave no landmarks for {target_ref.source}")
+            target_landmarks = target_ref.landmarks_512
+        default = target_ref if target_ref is not None and target_ref.expression is not None else reference
+        target_expression = person.expression or default.expression
+        target_pose = person.pose or default.pose
+        prompts = [face_prompt(reference.expression, reference.pose), face_prompt(target_expression, target_pose)]
+        text = self.encode_face_prompts(prompts)
+        landmarks = self.encode_landmarks([reference.landmarks_512, target_landmarks])
+        imr = self.dynamicid.imr
+        weight = next(imr.parameters())
+        text, landmarks = text.to(weight.device, weight.dtype), landmarks.to(weight.device, weight.dtype)
+        tokens.copy_(imr(tokens, landmarks[:1], landmarks[1:], text[:1], text[1:]))
+        return {
+            "target_expression": target_expression,
+            "target_pose": target_pose,
+            "source_face_prompt": prompts[0],
+            "target_face_prompt": prompts[1],
+            "landmark_image": describe_source(person.landmark_image) if target_ref is not None else None,
+        }
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str,
+        people: list[Person],
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        id_scale: float = 1.0,
+        gating: bool = True,
+        boost: float | None = None,
+        boost_steps: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_activation_maps: bool = False,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> DynamicIDPipelineOutput | tuple:
+        r"""Generate images of `people` as described by `prompt`.
+
+        Args:
+            prompt: the scene, e.g. "two friends laughing in a cafe".
+            people: one `Person` per identity, in order (reference photo, optional target expression / pose /
+                landmark image, optional box (y0, x0, y1, x1) in [0, 1]; no boxes = equal vertical strips).
+            negative_prompt: what to steer away from (classifier-free guidance); None = "".
+            height, width: image size in pixels, multiples of 8 (default: the UNet's sample size x 8).
+            num_inference_steps: denoising steps (reference: 50 DDIM steps).
+            guidance_scale: classifier-free guidance weight (reference: 5.0); <= 1 turns guidance off.
+            num_images_per_prompt: images generated in one batch.
+            eta: DDIM eta. generator: torch generator(s) for reproducible noise. latents: preset noise.
+            id_scale: weight of the identity branch (0 = the LoRA-adapted base model alone).
+            gating: SAA's query-level activation gating and box routing.
+            boost, boost_steps: gate boost inside the boxes and for how many UNet calls; None = the reference
+                settings (2.0 for 12 calls with several people, none for one).
+            output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images, nsfw flags).
+            return_activation_maps: also return per-person SAA activation maps (see the output class).
+            callback_on_step_end: called as fn(pipe, step, timestep, tensors) after each step; it may return
+                replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+
+        Examples:
+
+        Returns:
+            `DynamicIDPipelineOutput` (or a tuple when return_dict is False).
+        """
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 0. Default height and width to the UNet's
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        # 1. Check inputs before any model runs
+        boxes = self.check_inputs(
+            prompt, people, height, width, num_inference_steps, guidance_scale, negative_prompt, tensor_inputs
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = 0.0
+        self._clip_skip = None
+        self._cross_attention_kwargs = None
+        self._interrupt = False
+        device = self._execution_device
+        num_people = len(people)
+        if boost is None or boost_steps is None:
+            default_boost = MULTI_PERSON_BOOST if num_people > 1 else SINGLE_PERSON_BOOST
+            boost = default_boost[0] if boost is None else boost
+            boost_steps = default_boost[1] if boost_steps is None else boost_steps
+
+        # 2. Analyse the references: the largest face of each
+        references = [
+            self.reference_analyzer.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)
+        ]
+        timings["analysis"] = _lap(clock)
+
+        # 3. Encode the input prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+        )
+
+        # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
+        tokens, uncond_tokens = self.encode_faces(references)
+        reports = []
+        for i, (person, reference) in enumerate(zip(people, references, strict=True)):
+            report = {"reference": reference.labels(), "box": list(boxes[i]), "edited": person.wants_edit}
+            if person.wants_edit:
+                report |= self.reconfigure(tokens[i : i + 1], reference, person, i)
+            reports.append(report)
+
+        # 5. Text tokens followed by every person's tokens, in person order
+        prompt_embeds = _append_tokens(prompt_embeds, tokens)
+        if self.do_classifier_free_guidance:
+            negative_prompt_embeds = _append_tokens(negative_prompt_embeds, uncond_tokens)
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        timings["tokens"] = _lap(clock) - timings["analysis"]
+
+        # 6. Configure SAA for this layout
+        configure_saa(
+            self.unet,
+            num_ids=num_people,
+            id_scale=id_scale,
+            gating=gating,
+            boxes=boxes,
+            boost=boost,
+            boost_steps=boost_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
+        )
+
+        # 7. Timesteps and initial noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(
+            num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        maps = (
+            _MapAccumulator(num_people, self.dynamicid.num_tokens, num_images_per_prompt)
+            if return_activation_maps
+            else None
+        )
+
+        # 8. Denoising loop
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if maps is not None:
+                    maps.add(saa_activation_maps(self.unet), saa_id_attention_probs(self.unet))
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    callback_outputs = (
+                        callback_on_step_end(self, i, t, {k: callback_kwargs[k] for k in tensor_inputs}) or {}
+                    )
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        timings["denoise"] = _lap(clock) - timings["analysis"] - timings["tokens"]
+
+        # 9. Decode
+        has_nsfw_concept = None
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        activation_maps = maps.result((height, width)) if maps is not None else None
+        timings["decode"] = _lap(clock) - sum(timings.values())
+        timings["total"] = _lap(clock)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image, has_nsfw_concept)
+        return DynamicIDPipelineOutput(
+            images=image,
+            people=reports,
+            activation_maps=activation_maps,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            nsfw_content_detected=has_nsfw_concept,
+        )
+
+
+def _lap(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def _append_tokens(text_embeds: torch.Tensor, id_tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L, C) text states + (n, tokens, C) per-person tokens -> (N, L + n*tokens, C)."""
+    flat = id_tokens.reshape(1, -1, id_tokens.shape[-1]).to(text_embeds.dtype)
+    return torch.cat([text_embeds, flat.expand(text_embeds.shape[0], -1, -1)], dim=1)
+
+
+class _MapAccumulator:
+    """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only)."""
+
+    def __init__(self, num_people: int, num_tokens: int, num_images: int):
+        self.num_people, self.num_tokens, self.num_images = num_people, num_tokens, num_images
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, gates: dict[str, torch.Tensor], probs: dict[str, torch.Tensor]) -> None:
+        for name, layer_probs in probs.items():
+            cond = layer_probs[-self.num_images :].float().mean(dim=1)  # (N, Q, n*tokens)
+            per_person = cond.unflatten(-1, (self.num_people, self.num_tokens)).sum(-1)  # (N, Q, n)
+            gate = gates.get(name)
+            if gate is not None:
+                grid = gate.shape[-2:]
+                per_person = per_person * gate[-self.num_images :].float().flatten(1)[..., None]
+            else:
+                side = round(per_person.shape[1] ** 0.5)
+                grid = (side, per_person.shape[1] // side)
+            layer_map = per_person.transpose(1, 2).unflatten(-1, tuple(grid))  # (N, n, h, w)
+            self.sums[name] = self.sums.get(name, 0) + layer_map
+
+    def result(self, size: tuple[int, int]) -> np.ndarray:
+        """float32 (N, n, height, width), each person's map scaled to a maximum of 1."""
+        if not self.sums:
+            return np.zeros((self.num_images, self.num_people, *size), dtype=np.float32)
+        upsampled = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in self.sums.values()]
+        mean = torch.stack(upsampled).mean(0)
+        peak = mean.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        return (mean / peak).cpu().numpy().astype(np.float32)
+
+
+def _load_image_encoder(image_encoder: str | Path | torch.nn.Module) -> torch.nn.Module:
+    if isinstance(image_encoder, torch.nn.Module):
+        return image_encoder.eval()
+    if str(image_encoder) == TINY_RANDOM:
+        raise ValueError("a tiny-random image encoder comes with the tiny-random base: leave image_encoder unset")
+    from transformers import CLIPVisionModelWithProjection
+
+    folder = Path(image_encoder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"image encoder folder {folder} has no config.json (expected a CLIP vision model folder, "
+            "e.g. IP-Adapter's models/image_encoder with CLIP ViT-H/14)"
+        )
+    return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
+
+
+def _check_edit_modules(modules: DynamicIDModules, cross_attention_dim: int) -> None:
+    """The IMR and keypoint encoder must work on this base's token width."""
+    for name in ("imr", "keypoint_encoder"):
+        module = getattr(modules, name)
+        if module is not None and module.embedding_dim != cross_attention_dim:
+            raise ValueError(
+                f"the {name} works on {module.embedding_dim}-d tokens but the base model's cross_attention_dim "
+                f"is {cross_attention_dim}; the weights were made for another base"
+            )
