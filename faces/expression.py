@@ -23,9 +23,14 @@ _INPUT_SIZE = 64
 
 @dataclass
 class ExpressionCrop:
-    """The face crop fed to the classifier: the ArcFace 5-point alignment, zoomed out by `zoom`."""
+    """The face crop fed to the classifier: the ArcFace 5-point alignment, zoomed out by `zoom`.
 
-    zoom: float = 1.0  # < 1 shows more context around the ArcFace crop, > 1 less
+    Measured on expressions/ (happy, neutral, surprised; 60 photos): ArcFace crop zoom 1.0 -> 73 % accuracy,
+    0.95 and 0.9 -> 80 % (happy recall 10/10), 0.8 -> 75 %, 0.7 -> 60 %; square detector-box crops 57-75 %;
+    histogram equalisation lowers every variant (63-67 %).
+    """
+
+    zoom: float = 0.9  # < 1 shows more context around the ArcFace crop, > 1 less
 
 
 class ExpressionClassifier:

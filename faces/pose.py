@@ -15,7 +15,7 @@ import numpy as np
 # Generic face (arbitrary units) in a camera-aligned frame: x to the image's right, y down, z away from the
 # camera. Rows: nose tip, chin, image-left and image-right outer eye corners, image-left and image-right
 # mouth corners. Left/right symmetric, so a mirrored photo gives exactly mirrored angles.
-FACE_MODEL_3D = np.array(
+_GENERIC_FACE = np.array(
     [
         [0.0, 0.0, 0.0],
         [0.0, 330.0, 65.0],
@@ -26,17 +26,25 @@ FACE_MODEL_3D = np.array(
     ],
     dtype=np.float64,
 )
+# The generic face leans back relative to MediaPipe's mesh: untilted, the portraits of
+# ../shared/data/faces/identities read a median pitch of -7.6 degrees; tilted by 8 degrees, 0.3.
+_TILT = np.radians(8.0)
+FACE_MODEL_3D = (
+    _GENERIC_FACE @ np.array([[1, 0, 0], [0, np.cos(_TILT), -np.sin(_TILT)], [0, np.sin(_TILT), np.cos(_TILT)]]).T
+)
 
 
 def solve_pose(points6: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float, float]:
     """(yaw, pitch, roll) in degrees from the six FACE_MODEL_3D points seen at `points6` (pixels).
 
-    The camera is a pinhole with focal length max(width, height) and its centre in the middle of the image.
+    The camera is a pinhole with focal length max(width, height) whose optical axis passes through the
+    face (principal point at the points' centre), so the angles are relative to the line of sight: a face
+    looking into the lens has yaw = pitch = 0 wherever it sits in the frame.
     """
-    width, height = image_size
-    focal = float(max(width, height))
-    camera = np.array([[focal, 0, width / 2.0], [0, focal, height / 2.0], [0, 0, 1]], dtype=np.float64)
+    focal = float(max(image_size))
     image_points = np.asarray(points6, dtype=np.float64).reshape(6, 1, 2)
+    cx, cy = image_points.reshape(6, 2).mean(0)
+    camera = np.array([[focal, 0, cx], [0, focal, cy], [0, 0, 1]], dtype=np.float64)
     ok, rvec, _ = cv2.solvePnP(FACE_MODEL_3D, image_points, camera, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:
         raise ValueError("head pose: solvePnP found no solution for these landmarks")
