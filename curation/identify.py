@@ -112,7 +112,8 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
             best, keep = anchor - int(offsets[p]), True
         else:
             best = int(np.argmax(sims))
-            keep = bool(sims[best] >= same_cos)
+            # Near the person's mean AND linked to one of the person's faces: a mean alone is too lenient.
+            keep = bool(sims[best] >= same_cos and (members @ e[best]).max() >= same_cos)
         chosen.append(best if keep else None)
         similarity.append(float(sims[best]))
     return chosen, similarity

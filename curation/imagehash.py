@@ -30,7 +30,10 @@ def phash_pair(grey_crop: np.ndarray) -> tuple[int, int]:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bit differences between int64 hashes (broadcasting)."""
     x = np.bitwise_xor(np.asarray(a, np.int64), np.asarray(b, np.int64))
-    return _POPCOUNT[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int32)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x).astype(np.int32)
+    x = np.ascontiguousarray(np.atleast_1d(x))
+    return _POPCOUNT[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int32).reshape(np.shape(a ^ b))
 
 
 def sharpness(grey_crop: np.ndarray) -> float:

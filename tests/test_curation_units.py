@@ -1,0 +1,281 @@
+"""Curation building blocks that need no face model: neighbours, hashes, selection, scan, tables, CLI errors."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from dynamicid.curation.cli import main
+from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.imagehash import grey, hamming, phash_pair
+from dynamicid.curation.neighbors import (
+    EXACT_LIMIT,
+    components,
+    cosine_threshold,
+    hash_pairs,
+    similar_components,
+    similar_pairs,
+)
+from dynamicid.curation.scan import NO_IDENTITY, scan
+from dynamicid.curation.select import CELL_ORDER, choose
+from dynamicid.curation.tables import ResultCache, WorkDir
+from dynamicid.schemas import EXPRESSIONS, POSE_BINS
+
+
+def unit_rows(n, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_similar_pairs_match_brute_force():
+    x = unit_rows(300, dim=4)
+    sims = x @ x.T
+    brute = {(i, j) for i in range(300) for j in range(i + 1, 300) if sims[i, j] >= 0.9}
+    assert {tuple(p) for p in similar_pairs(x, 0.9).tolist()} == brute
+
+
+def test_hash_pairs_match_brute_force_including_mirrors():
+    rng = np.random.default_rng(1)
+    h = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
+    m = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
+    h[7] = h[3] ^ 0b101  # 2 bits from 3
+    m[9] = h[4]  # 9's mirror equals 4
+    found = {tuple(p) for p in hash_pairs(h, m, 4).tolist()}
+    assert (3, 7) in found and (4, 9) in found
+    brute = {
+        (i, j) for i in range(200) for j in range(i + 1, 200) if min(hamming(h[i], h[j]), hamming(h[i], m[j])) <= 4
+    }
+    assert found == brute
+
+
+def test_components_are_numbered_by_first_member():
+    labels = components(6, np.array([[4, 5], [1, 3]]))
+    assert labels.tolist() == [0, 1, 2, 1, 3, 3]
+
+
+def test_inverted_file_components_recover_synthetic_identities():
+    """Above EXACT_LIMIT the index path runs; it must find the same identities as the generator made."""
+    rng = np.random.default_rng(0)
+    ids, per = EXACT_LIMIT // 10 + 50, 10
+    centres = unit_rows(ids, dim=64, seed=2)
+    x = np.repeat(centres, per, axis=0) + rng.normal(scale=0.03, size=(ids * per, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = similar_components(x, 0.8)
+    truth = np.repeat(np.arange(ids), per)
+    assert len(x) > EXACT_LIMIT
+    assert len(np.unique(labels)) == ids
+    for identity in (0, ids // 2, ids - 1):
+        assert len(np.unique(labels[truth == identity])) == 1
+
+
+def test_cosine_threshold_inverts_the_backend_distance():
+    def euclidean(a, b):
+        return float(np.linalg.norm(a - b))
+
+    cos = cosine_threshold(euclidean, 0.6, 128)
+    assert cos == pytest.approx(1 - 0.6**2 / 2, abs=1e-6)
+
+
+def test_phash_survives_resize_and_mirror_but_not_another_photo(shared_faces):
+    image = Image.open(shared_faces / "identities" / "obama" / "obama.jpg").convert("RGB")
+    other = Image.open(shared_faces / "identities" / "biden" / "biden.jpg").convert("RGB")
+    plain, mirror = phash_pair(grey(image))
+    small = phash_pair(grey(image.resize((image.width // 3, image.height // 3))))[0]
+    flipped = phash_pair(grey(ImageOps.mirror(image)))[0]
+    assert hamming(plain, small) <= 4
+    assert hamming(mirror, flipped) <= 4
+    assert hamming(plain, phash_pair(grey(other))[0]) > 10
+
+
+def label_rows(cells, seed=0):
+    x = unit_rows(len(cells), seed=seed)
+    return [
+        {
+            "source_path": f"p/{i:03d}.jpg",
+            "expression": e,
+            "pose_bin": p,
+            "embedding": x[i].tolist(),
+            "quality": {"face_size": 100.0 + i % 7, "sharpness": 50.0},
+        }
+        for i, (e, p) in enumerate(cells)
+    ]
+
+
+def test_select_covers_every_cell_first_then_diversity_and_is_deterministic():
+    poses = [b.name for b in POSE_BINS]
+    rng = np.random.default_rng(3)
+    cells = [(EXPRESSIONS[0], poses[4])] * 30 + [
+        (EXPRESSIONS[int(rng.integers(7))], poses[int(rng.integers(5))]) for _ in range(20)
+    ]
+    rows = label_rows(cells)
+    chosen = choose(rows, 35)
+    assert len(chosen) == 35
+    distinct = {(r["expression"], r["pose_bin"]) for r in rows}
+    kept_cells = {(r["expression"], r["pose_bin"]) for r in rows if r["source_path"] in chosen}
+    assert kept_cells == distinct
+    assert sum(v == "grid" for v in chosen.values()) == len(distinct)
+    assert choose(list(reversed(rows)), 35) == chosen
+
+
+def test_select_with_more_cells_than_room_prefers_rare_cells():
+    poses = [b.name for b in POSE_BINS]
+    cells = [(e, p) for e in EXPRESSIONS for p in poses]
+    rows = label_rows([*cells, *cells[:5]])  # the first 5 cells are common (2 faces each)
+    chosen = choose(rows, 30)
+    kept_cells = {(r["expression"], r["pose_bin"]) for r in rows if r["source_path"] in chosen}
+    assert len(kept_cells) == 30
+    assert kept_cells.isdisjoint(cells[:5])
+    assert len(CELL_ORDER) == 35
+
+
+def test_farthest_point_picks_the_most_different_face():
+    poses = [b.name for b in POSE_BINS]
+    rows = label_rows([(EXPRESSIONS[4], poses[4])] * 4)
+    base = np.eye(16, dtype=np.float32)
+    for row, vector in zip(rows, [base[0], base[0] * 0.99 + base[1] * 0.14, base[2], base[0]], strict=True):
+        row["embedding"] = (vector / np.linalg.norm(vector)).tolist()
+        row["quality"]["face_size"] = 100.0  # equal quality: the grid pick is the first path
+    chosen = choose(rows, 2)
+    assert chosen == {"p/000.jpg": "grid", "p/002.jpg": "diversity"}
+
+
+def test_scan_accounts_for_every_odd_file(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "alice" / "nested").mkdir(parents=True)
+    (photos / "empty_person").mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "alice" / "a.png")
+    shutil.copyfile(photos / "alice" / "a.png", photos / "alice" / "nested" / "copy.png")
+    (photos / "alice" / "zero.jpg").write_bytes(b"")
+    (photos / "top_level.jpg").write_bytes(b"x")
+    os.symlink("loop_b", photos / "alice" / "loop_a")
+    os.symlink("loop_a", photos / "alice" / "loop_b")
+    os.symlink(photos / "alice", photos / "alice" / "nested" / "back_up")  # a folder link back up: walked once
+    table, hashed = scan(
+        photos,
+        cluster=False,
+        shard_index=0,
+        shard_count=1,
+        hash_cache=WorkDir(tmp_path / "w").cache(
+            "h", pa.schema([("stat_key", pa.string()), ("sha256", pa.string())]), "stat_key"
+        ),
+    )
+    rows = {r["source_path"]: r for r in table.to_pylist()}
+    assert set(rows) == {
+        "alice/a.png",
+        "alice/nested/copy.png",
+        "alice/zero.jpg",
+        "alice/loop_a",
+        "alice/loop_b",
+        "top_level.jpg",
+    }
+    assert rows["alice/a.png"]["sha256"] == rows["alice/nested/copy.png"]["sha256"]
+    assert rows["alice/nested/copy.png"]["identity"] == "alice"
+    assert rows["alice/zero.jpg"]["reason"] == "undecodable"
+    assert rows["alice/loop_a"]["reason"] == "unreadable" and "loop" in rows["alice/loop_a"]["detail"]
+    assert rows["top_level.jpg"]["reason"] == NO_IDENTITY
+    assert hashed == 4  # zero.jpg is hashed too; loops are not
+
+
+def test_shards_split_identities_without_overlap(tmp_path):
+    photos = tmp_path / "photos"
+    for name in ("ann", "bob", "cat", "dan", "eve"):
+        (photos / name).mkdir(parents=True)
+        (photos / name / "x.jpg").write_bytes(name.encode())
+    schema = pa.schema([("stat_key", pa.string()), ("sha256", pa.string())])
+    seen = []
+    for index in range(2):
+        cache = ResultCache(tmp_path / f"h{index}", schema, "stat_key")
+        table, _ = scan(photos, cluster=False, shard_index=index, shard_count=2, hash_cache=cache)
+        seen.append(set(table.column("identity").to_pylist()))
+    assert seen[0] | seen[1] == {"ann", "bob", "cat", "dan", "eve"}
+    assert not seen[0] & seen[1]
+
+
+def test_result_cache_survives_partial_writes_and_compacts(tmp_path):
+    schema = pa.schema([("key", pa.string()), ("value", pa.int64())])
+    cache = ResultCache(tmp_path / "c", schema, "key", flush_rows=2)
+    for i in range(5):
+        cache.add({"key": f"k{i}", "value": i})
+    assert len(ResultCache(tmp_path / "c", schema, "key").load()) == 4  # the 5th is still pending
+    (tmp_path / "c" / ".part-00009.parquet.123.tmp").write_bytes(b"half a file")  # a write cut by a kill
+    cache.compact()
+    assert sorted(p.name for p in (tmp_path / "c").glob("part-*.parquet")) == ["part-00003.parquet"]
+    assert ResultCache(tmp_path / "c", schema, "key").load()["k4"]["value"] == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"per_identity": 0}, "per_identity"),
+        ({"min_per_identity": 5, "per_identity": 3}, "min_per_identity"),
+        ({"cluster": True, "shard_count": 2, "shard_index": 1}, "--cluster"),
+    ],
+)
+def test_config_check_names_the_bad_setting(change, message):
+    with pytest.raises(ValueError, match=message):
+        CurationConfig(**change).check()
+
+
+def test_cli_help_has_examples_for_every_command():
+    runner = CliRunner()
+    assert "Examples:" in runner.invoke(main, ["--help"]).output
+    for command in (
+        "build",
+        "scan",
+        "detect",
+        "identify",
+        "dedupe",
+        "align",
+        "label",
+        "select",
+        "write",
+        "merge",
+        "report",
+        "inspect",
+        "demo",
+    ):
+        result = runner.invoke(main, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "dynamicid-curate" in result.output, command
+
+
+def test_cli_refuses_missing_photos_and_foreign_out_dir_with_exit_2(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["build", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "PHOTOS_DIR" in result.output and "nope" in result.output
+    (tmp_path / "photos").mkdir()
+    foreign = tmp_path / "important"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("do not touch")
+    result = runner.invoke(main, ["build", str(tmp_path / "photos"), str(foreign)])
+    assert result.exit_code == 2
+    assert "did not write" in result.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+    result = runner.invoke(main, ["build", str(tmp_path / "photos"), str(tmp_path / "o"), "--shard", "3/2"])
+    assert result.exit_code == 2
+
+
+def test_cli_stage_without_its_input_table_says_what_to_run(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = CliRunner().invoke(main, ["dedupe", str(tmp_path / "photos"), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "identify.parquet" in result.output
+
+
+def test_reports_of_a_path_that_is_no_dataset_exit_2(tmp_path):
+    for command in ("report", "inspect"):
+        result = CliRunner().invoke(main, [command, str(tmp_path)])
+        assert result.exit_code == 2, result.output
+
+
+def test_merge_refuses_incomplete_shard_sets(tmp_path):
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "a"), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert Path(tmp_path / "out").exists() is False
