@@ -1,0 +1,275 @@
+"""DynamicIDPipeline on the tiny-random FAKE base with random FAKE DynamicID weights and real reference photos.
+
+The weights are random (`dynamicid.infer.fakes`), so the images are noise: these tests check sizes,
+determinism, the layout and token plumbing, the release-format path, and that bad input is refused before
+any denoising. The face analysis is the real embedded backend on the real photos in ../shared/data/faces.
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dynamicid.faces import FaceAnalyzer, ImageLoadError
+from dynamicid.infer import DynamicIDPipeline, Person, ReleaseFiles
+from dynamicid.infer.fakes import random_parts, save_random_weights, save_release_layout
+from dynamicid.infer.people import DynamicIDWarning
+from dynamicid.infer.references import NoFaceError, ReferenceAnalyzer
+from dynamicid.models import saa_processors
+from dynamicid.models.base import load_base_model
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return ReferenceAnalyzer(FaceAnalyzer("embedded"))
+
+
+@pytest.fixture(scope="module")
+def photos(shared_faces):
+    identities = shared_faces / "identities"
+    return {
+        "obama": identities / "obama" / "obama.jpg",
+        "biden": identities / "biden" / "biden.jpg",
+        "two_people": shared_faces / "group_photos" / "two_people.jpg",
+        "dog": shared_faces / "no_face" / "dog.jpg",
+        "zero_bytes": shared_faces / "broken" / "zero_bytes.jpg",
+    }
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, analyzer):
+    """Random weights for the tiny-random base, in our format and in the release's .bin layout."""
+    base = load_base_model("tiny-random")
+    parts = random_parts(
+        base.unet,
+        text_dim=base.text_dim,
+        clip_dim=base.clip_dim,
+        id_embed_dim=analyzer.embedding_dim,
+        id_embed_model=analyzer.embedding_model,
+    )
+    folder = tmp_path_factory.mktemp("weights")
+    ours = save_random_weights(parts, folder / "dynamicid.safetensors")
+    release = save_release_layout(parts, folder / "release")
+    return {"ours": ours, "release": ReleaseFiles(**release)}
+
+
+def make_pipeline(weights, analyzer) -> DynamicIDPipeline:
+    pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
+    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(weights, analyzer):
+    return make_pipeline(weights["ours"], analyzer)
+
+
+def generate(pipe, people, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", STEPS)
+    return pipe("two friends in a cafe", people, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "people_spec"),
+    [
+        ((64, 64), [("obama", None)]),
+        ((96, 64), [("obama", "surprised")]),
+        ((64, 64), [("obama", None), ("biden", None)]),
+        ((96, 64), [("obama", "happy"), ("biden", "sad")]),
+    ],
+    ids=["one-square", "one-wide-edit", "two-square", "two-wide-edits"],
+)
+def test_images_have_the_requested_size(pipe, photos, size, people_spec):
+    width, height = size
+    people = [Person(photos[name], expression=expression) for name, expression in people_spec]
+    out = generate(pipe, people, width=width, height=height)
+    assert [image.size for image in out.images] == [(width, height)]
+    assert len(out.people) == len(people)
+    for person, report in zip(people, out.people, strict=True):
+        assert report["edited"] == (person.expression is not None)
+        assert report["reference"]["expression"] is not None
+        if person.expression is not None:
+            assert report["target_expression"] == person.expression
+            assert (
+                report["target_face_prompt"]
+                == f"the expression is {person.expression}, the face is {report['target_pose']}"
+            )
+            assert report["source_face_prompt"].startswith(f"the expression is {report['reference']['expression']}")
+
+
+def test_same_seed_same_pixels_and_other_seed_other_pixels(pipe, photos):
+    people = [Person(photos["obama"], expression="happy"), Person(photos["biden"])]
+    first = generate(pipe, people, seed=7, output_type="np", height=64, width=96).images
+    again = generate(pipe, people, seed=7, output_type="np", height=64, width=96).images
+    other = generate(pipe, people, seed=8, output_type="np", height=64, width=96).images
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_identity_tokens_and_edits_change_the_image(pipe, photos):
+    obama = generate(pipe, [Person(photos["obama"])], output_type="np").images
+    biden = generate(pipe, [Person(photos["biden"])], output_type="np").images
+    surprised = generate(pipe, [Person(photos["obama"], expression="surprised")], output_type="np").images
+    assert not np.array_equal(obama, biden)
+    assert not np.array_equal(obama, surprised)
+
+
+def test_id_scale_zero_with_zero_lora_equals_plain_stable_diffusion(weights, analyzer, photos):
+    pipe = make_pipeline(weights["ours"], analyzer)
+    for processor in saa_processors(pipe.unet).values():
+        for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
+            torch.nn.init.zeros_(lora.up.weight)
+    people = [Person(photos["obama"], expression="happy"), Person(photos["biden"])]
+    ours = generate(pipe, people, id_scale=0.0, output_type="np", height=64, width=96, seed=3).images
+
+    base = load_base_model("tiny-random")
+    plain = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    plain.set_progress_bar_config(disable=True)
+    expected = plain(
+        "two friends in a cafe",
+        height=64,
+        width=96,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+    with_id = generate(pipe, people, output_type="np", height=64, width=96, seed=3).images
+    assert np.abs(with_id - expected).max() > 1e-3
+
+
+def test_release_files_generate_the_same_pixels_as_our_format(weights, analyzer, photos, pipe):
+    release_pipe = make_pipeline(weights["release"], analyzer)
+    assert release_pipe.dynamicid.format == "release"
+    assert release_pipe.dynamicid.can_edit
+    people = [Person(photos["obama"], expression="surprised"), Person(photos["biden"], expression="happy")]
+    from_release = generate(release_pipe, people, output_type="np", height=64, width=96).images
+    from_ours = generate(pipe, people, output_type="np", height=64, width=96).images
+    assert from_release.shape == (1, 64, 96, 3)
+    np.testing.assert_allclose(from_release, from_ours, atol=1e-6, rtol=0)
+
+
+def test_release_without_imr_generates_but_refuses_edits(weights, analyzer, photos):
+    files = weights["release"]
+    pipe = make_pipeline(ReleaseFiles(saa=files.saa), analyzer)
+    assert generate(pipe, [Person(photos["obama"])]).images[0].size == (64, 64)
+    with pytest.raises(ValueError, match="no imr and no keypoint_encoder"):
+        generate(pipe, [Person(photos["obama"], expression="happy")])
+
+
+def test_activation_maps_follow_the_boxes(pipe, photos):
+    left, right = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
+    people = [Person(photos["obama"], box=left), Person(photos["biden"], box=right)]
+    out = generate(pipe, people, height=64, width=96, return_activation_maps=True, num_images_per_prompt=2)
+    maps = out.activation_maps
+    assert maps.shape == (2, 2, 64, 96)
+    assert maps.min() >= 0 and maps.max() <= 1
+    # Inside a person's box the other person's tokens are masked out (beyond the upsampling seam).
+    assert maps[:, 1, :, :40].max() == 0
+    assert maps[:, 0, :, 56:].max() == 0
+    assert maps[:, 0, :, :40].max() > 0 and maps[:, 1, :, 56:].max() > 0
+    assert generate(pipe, people).activation_maps is None
+
+
+def test_callback_sees_every_step_and_can_replace_latents(pipe, photos):
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = generate(
+        pipe, [Person(photos["obama"])], num_inference_steps=3, callback_on_step_end=callback, output_type="latent"
+    )
+    assert [s for s, _ in seen] == [0, 1, 2]
+    assert seen[0][1] == (1, 4, 8, 8)
+    assert torch.count_nonzero(out.images) == 0
+
+
+def test_several_faces_warn_and_the_largest_is_used(pipe, photos):
+    with pytest.warns(DynamicIDWarning, match="2 faces in reference of person 1"):
+        out = generate(pipe, [Person(photos["two_people"])])
+    assert out.people[0]["reference"]["faces_found"] == 2
+
+
+def test_overlapping_boxes_warn(pipe, photos):
+    people = [Person(photos["obama"], box=(0, 0, 1, 0.6)), Person(photos["biden"], box=(0, 0.4, 1, 1))]
+    with pytest.warns(DynamicIDWarning, match="overlap"):
+        generate(pipe, people)
+
+
+def _refuses_before_denoising(pipe, people, error, match, **kwargs):
+    steps = []
+    with pytest.raises(error, match=match):
+        generate(pipe, people, callback_on_step_end=lambda *a: steps.append(a[1]) or {}, **kwargs)
+    assert steps == []
+
+
+@pytest.mark.parametrize(
+    ("people_spec", "kwargs", "error", "match"),
+    [
+        ([("obama", (0.1, 0.1, 1.2, 0.5))], {}, ValueError, r"outside \[0, 1\]"),
+        ([("obama", (0.1, 0.1, 0.9, 0.5)), ("biden", None)], {}, ValueError, "1 box.* for 2 people"),
+        ([("obama", None)], {"height": 60}, ValueError, "divisible by 8"),
+        ([("dog", None)], {}, NoFaceError, "no face found in reference of person 1 .*dog.jpg"),
+        ([("zero_bytes", None)], {}, ImageLoadError, "zero_bytes.jpg"),
+    ],
+    ids=["box-outside", "fewer-boxes", "size", "no-face", "unreadable"],
+)
+def test_bad_inputs_are_refused_before_denoising(pipe, photos, people_spec, kwargs, error, match):
+    people = [Person(photos[name], box=box) for name, box in people_spec]
+    _refuses_before_denoising(pipe, people, error, match, **kwargs)
+
+
+def test_unknown_expression_lists_the_valid_ones(pipe, photos):
+    match = "person 1: unknown expression 'smug'; valid: afraid, angry, disgusted, happy, neutral, sad, surprised"
+    _refuses_before_denoising(pipe, [Person(photos["obama"], expression="smug")], ValueError, match)
+    _refuses_before_denoising(pipe, [Person(photos["obama"], pose="upside down")], ValueError, "valid: fully turned")
+
+
+def test_weights_for_another_base_are_refused(tmp_path, analyzer):
+    from dynamicid.models import FaceEncoder
+    from dynamicid.models.checkpoints import save_dynamicid
+    from dynamicid.schemas import CheckpointMetadata
+
+    encoder = FaceEncoder(768, analyzer.embedding_dim, 48, 4)
+    metadata = CheckpointMetadata(cross_attention_dim=768, id_embed_dim=analyzer.embedding_dim, clip_embed_dim=48)
+    path = save_dynamicid(tmp_path / "sd15.safetensors", metadata=metadata, face_encoder=encoder)
+    pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
+    with pytest.raises(ValueError, match="cross_attention_dim=768, but the target has cross_attention_dim=32"):
+        pipe.load_dynamicid(path, face_analyzer=analyzer)
+
+
+def test_from_pretrained_reads_a_diffusers_folder_with_ddim(tmp_path, weights, analyzer, photos):
+    base = load_base_model("tiny-random")
+    StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=base.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=base.image_encoder,
+        requires_safety_checker=False,
+    ).save_pretrained(tmp_path / "sd")
+    pipe = DynamicIDPipeline.from_pretrained(tmp_path / "sd")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    pipe.load_dynamicid(weights["ours"], face_analyzer=analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    assert generate(pipe, [Person(photos["obama"])]).images[0].size == (64, 64)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DynamicIDPipeline.from_pretrained(tmp_path / "missing")
