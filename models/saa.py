@@ -141,9 +141,9 @@ class SAAProcessor(nn.Module):
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
-        query = attn.to_q(hidden_states) + self.to_q_lora(hidden_states)
-        key = attn.to_k(encoder_hidden_states) + self.to_k_lora(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states) + self.to_v_lora(encoder_hidden_states)
+        query = self.to_q_lora.adapt(attn.to_q, hidden_states)
+        key = self.to_k_lora.adapt(attn.to_k, encoder_hidden_states)
+        value = self.to_v_lora.adapt(attn.to_v, encoder_hidden_states)
         query, key, value = (rearrange(t, "b n (h d) -> b h n d", h=attn.heads) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -153,12 +153,12 @@ class SAAProcessor(nn.Module):
         # Text branch: one fused attention call.
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         if id_states is not None and (self.settings.id_scale != 0 or self.settings.return_activation_maps):
-            hidden_states = hidden_states + self.settings.id_scale * self._id_branch(attn, query, id_states)
+            hidden_states = hidden_states + self._id_branch(attn, query, id_states)
         if self.is_cross_attention:
             self.calls += 1
         hidden_states = rearrange(hidden_states, "b h n d -> b n (h d)").to(query.dtype)
 
-        hidden_states = attn.to_out[0](hidden_states) + self.to_out_lora(hidden_states)
+        hidden_states = self.to_out_lora.adapt(attn.to_out[0], hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = rearrange(hidden_states, "b (h w) c -> b c h w", h=height, w=width)
@@ -179,11 +179,15 @@ class SAAProcessor(nn.Module):
         return encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
 
     def _id_branch(self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor) -> torch.Tensor:
-        """O_id (b, heads, Q, d): attention of the LoRA-adapted queries over the ID tokens only, gated per query."""
+        """id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
+
+        Logits are kept as (b, heads, N_id, Q): a softmax over a short leading axis is far faster on CPU
+        than over a last axis of 4 or 8 entries.
+        """
         settings = self.settings
         key = rearrange(self.to_k_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
         value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
-        logits = torch.einsum("b h q d, b h n d -> b h q n", query, key) * attn.scale
+        logits = torch.einsum("b h n d, b h q d -> b h n q", key, query) * attn.scale
 
         gate = None
         if settings.gating or settings.return_activation_maps:
@@ -193,18 +197,17 @@ class SAAProcessor(nn.Module):
                 logits, gate = self._route(logits, gate, grid)
             if settings.return_activation_maps:
                 self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
-        probs = logits.float().softmax(dim=-1)
+        probs = logits.float().softmax(dim=2)
         if settings.return_activation_maps:
-            self.id_attention_probs = probs.detach()
-        out = torch.einsum("b h q n, b h n d -> b h q d", probs.to(value.dtype), value)
-        if settings.gating:
-            out = out * gate[:, None, :, None].to(out.dtype)
-        return out
+            self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
+        # Scaling the (N_id, Q) probabilities is cheaper than scaling the (Q, head_dim) output; same product.
+        weight = settings.id_scale * gate[:, None, None, :] if settings.gating else settings.id_scale
+        return torch.einsum("b h n q, b h n d -> b h q d", (probs * weight).to(value.dtype), value)
 
     @staticmethod
     def _activation(logits: torch.Tensor) -> torch.Tensor:
-        """a(q): logits summed over heads and ID tokens, min-max normalised over the queries, < 0.3 -> 0."""
-        activation = logits.float().sum(dim=(1, 3))
+        """a(q) (b, Q): logits summed over heads and ID tokens, min-max normalised over the queries, < 0.3 -> 0."""
+        activation = logits.float().sum(dim=(1, 2))
         low = activation.amin(dim=-1, keepdim=True)
         span = activation.amax(dim=-1, keepdim=True) - low
         # A constant row would divide by zero in the release; here it gates to 0.
@@ -218,20 +221,20 @@ class SAAProcessor(nn.Module):
         settings = self.settings
         boxes = settings.boxes if settings.boxes is not None else default_boxes(settings.num_ids)
         boost = settings.boost if self.calls < settings.boost_steps else 0.0
-        num_id_tokens = logits.shape[-1]
+        num_id_tokens = logits.shape[2]
         gate = gate / (boost + 1)
-        owner = torch.full((logits.shape[2],), -1, dtype=torch.long, device=logits.device)
+        owner = torch.full((logits.shape[3],), -1, dtype=torch.long, device=logits.device)
         for person, box in enumerate(boxes):
             inside = box_cells(box, grid, logits.device)
             gate = torch.where(inside, gate * (boost + 1) + boost, gate)
             owner[inside] = person  # where boxes overlap, the later person owns the cell
         if settings.mix_scale is not None:
             # Persons blended into one box: nothing hidden; the first person's logits weighted by mix_scale.
-            weights = torch.full((num_id_tokens,), 1 - settings.mix_scale, dtype=logits.dtype, device=logits.device)
+            weights = torch.full((num_id_tokens, 1), 1 - settings.mix_scale, dtype=logits.dtype, device=logits.device)
             weights[: self.num_tokens] = settings.mix_scale
             return logits * weights, gate
         token_person = torch.arange(num_id_tokens, device=logits.device) // self.num_tokens
-        hidden = (owner[:, None] >= 0) & (owner[:, None] != token_person[None, :])  # (Q, N_id)
+        hidden = (owner[None, :] >= 0) & (owner[None, :] != token_person[:, None])  # (N_id, Q)
         return logits.masked_fill(hidden, float("-inf")), gate
 
 
