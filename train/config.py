@@ -1,0 +1,148 @@
+"""Run configurations of the two training stages: one dataclass each, defaults from METHOD.md ("Training").
+
+A run's values come from, in order of precedence: command-line flags, a YAML file (`--config run.yaml`, keys
+are the field names), then these defaults. The resolved configuration is written to `RUN/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with its help text (the CLI builds one flag per field from it)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Settings both stages share (the diffusers training-example knobs)."""
+
+    base_model: str = knob(
+        "", "Stable Diffusion 1.5 folder (diffusers layout), or 'tiny-random' (a CPU smoke-run FAKE)"
+    )
+    image_encoder: str | None = knob(None, "CLIP vision model folder (ViT-H/14); default <base-model>/image_encoder")
+    dataset: str = knob("", "curated dataset folder (dynamicid-curate output), read with datasets.load_dataset")
+    output_dir: str = knob("", "run folder: config.yaml, checkpoints/, weights.safetensors, logs/")
+    seed: int = knob(0, "seed of the model initialisation, data order, noise and timesteps")
+    resolution: int = knob(512, "training resolution in pixels (the 512 crops are resized to it)")
+    train_batch_size: int = knob(8, "samples per device per step")
+    max_steps: int = knob(20000, "optimizer steps to train for")
+    learning_rate: float = knob(1e-4, "AdamW learning rate")
+    adam_beta1: float = knob(0.9, "AdamW beta1")
+    adam_beta2: float = knob(0.999, "AdamW beta2")
+    adam_weight_decay: float = knob(1e-2, "AdamW weight decay")
+    adam_epsilon: float = knob(1e-8, "AdamW epsilon")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 = off)")
+    lr_scheduler: str = knob("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = knob(0, "warm-up steps of the schedule")
+    gradient_accumulation_steps: int = knob(1, "batches accumulated per optimizer step")
+    gradient_checkpointing: bool = knob(False, "recompute UNet activations in the backward pass (less memory)")
+    mixed_precision: str = knob("no", f"{', '.join(MIXED_PRECISION)}; frozen parts run in it, trained ones stay fp32")
+    checkpointing_steps: int = knob(500, "save a resumable checkpoint (and its weights) every N steps")
+    checkpoints_total_limit: int | None = knob(3, "keep only the last K checkpoints (None keeps all)")
+    resume: str | None = knob(None, "resume from 'latest' (in output_dir/checkpoints) or a checkpoint folder")
+    report_to: str = knob("tensorboard", "accelerate tracker ('tensorboard', 'none'); metrics.jsonl is always written")
+    eval_samples: int = knob(8, "size of the fixed evaluation set (fixed rows, noise and timesteps)")
+    eval_steps: int = knob(0, "evaluate the fixed set every N steps (0 = at the start and the end only)")
+    validation_steps: int = knob(0, "write sample images every N steps (0 = off)")
+    num_validation_images: int = knob(2, "references (first rows of the dataset) used for sample images")
+    validation_inference_steps: int = knob(25, "DDIM steps of the sample images")
+    validation_guidance_scale: float = knob(5.0, "classifier-free guidance of the sample images")
+    dataloader_num_workers: int = knob(0, "data-loading worker processes per device")
+    record_samples: bool = knob(False, "write the dataset rows each process sees to logs/samples-rank<i>.txt")
+
+
+@dataclass
+class AnchorConfig(TrainConfig):
+    """Anchoring: SAA + face encoder on single-person images, epsilon MSE; all else frozen."""
+
+    lora_rank: int = knob(128, "LoRA rank of the SAA processors")
+    num_tokens: int = knob(4, "face tokens per person")
+    drop_text: float = knob(0.05, "fraction of samples trained without text")
+    drop_id: float = knob(0.05, "fraction of samples trained without the ID (zero embedding, zero CLIP image)")
+    drop_both: float = knob(0.05, "fraction of samples trained without either")
+    init_from: str | None = knob(
+        None, "start from weights: ours (.safetensors), the release's SAA .bin, or IP-Adapter FaceID-PlusV2"
+    )
+
+
+@dataclass
+class ReconfigureConfig(TrainConfig):
+    """Reconfiguration: IMR + keypoint encoder, loss DFM + LDC; UNet, SAA and face encoder frozen."""
+
+    train_batch_size: int = knob(1, "identities per device per step (each: one source and K targets)")
+    anchor: str = knob("", "the anchoring run's weights.safetensors (SAA + face encoder)")
+    tokens: str = knob("", "face-token cache folder written by `dynamicid-train cache-tokens`")
+    targets_per_identity: int = knob(32, "K: target images per identity and step (drawn with replacement if fewer)")
+    dfm_weight: float = knob(1.0, "weight of the token loss (DFM)")
+    ldc_weight: float = knob(1.0, "weight of the latent consistency loss (LDC)")
+    imr_dim: int = knob(1024, "IMR inner width")
+    imr_depth: int = knob(1, "IMR layers per half")
+    imr_heads: int = knob(16, "IMR attention heads")
+    imr_dim_head: int = knob(64, "IMR attention head width")
+
+
+ConfigT = TypeVar("ConfigT", bound=TrainConfig)
+
+
+def resolve_config(cls: type[ConfigT], yaml_path: str | Path | None, overrides: dict[str, Any]) -> ConfigT:
+    """Defaults <- YAML file <- overrides (entries that are None are not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = cls(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse impossible settings before anything loads; each message names the field."""
+    required = ["base_model", "dataset", "output_dir"]
+    if isinstance(config, ReconfigureConfig):
+        required += ["anchor", "tokens"]
+    missing = [name for name in required if not getattr(config, name)]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision={config.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler={config.lr_scheduler!r}; valid: {', '.join(LR_SCHEDULERS)}")
+    if config.resolution % 8 or config.resolution <= 0:
+        raise ValueError(f"resolution={config.resolution} must be a positive multiple of 8")
+    for name in ("train_batch_size", "max_steps", "gradient_accumulation_steps", "checkpointing_steps", "eval_samples"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
+    if isinstance(config, AnchorConfig):
+        drops = (config.drop_text, config.drop_id, config.drop_both)
+        if min(drops) < 0 or sum(drops) > 1:
+            raise ValueError(f"drop_text, drop_id, drop_both = {drops}: each >= 0 and together <= 1")
+    if isinstance(config, ReconfigureConfig) and config.targets_per_identity < 1:
+        raise ValueError(f"targets_per_identity={config.targets_per_identity} must be >= 1")
+
+
+def write_config(config: TrainConfig, path: str | Path) -> Path:
+    """The resolved configuration as YAML (loadable again with --config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    return path

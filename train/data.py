@@ -1,0 +1,188 @@
+"""The curated dataset as training inputs: checked at start-up, then decoded, cropped and normalised per sample.
+
+Every label comes from the dataset's columns (never recomputed here): the identity embedding (`embedding`),
+the 5 keypoints (`kps5`), the dense landmarks, the caption and the face prompt.
+
+The CLIP image encoder sees `arcface_align(crop, kps5, size=224)`: the 512 crop's face aligned by its 5 keypoints
+onto the ArcFace template at 224x224, then CLIP's mean/std normalisation with no further resize or crop. Inference
+does the same from the reference photo and its detected keypoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from dynamicid.faces.align import arcface_align, render_landmark_map
+from dynamicid.models.base import CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD
+
+ANCHOR_COLUMNS = ("image", "kps5", "embedding", "embedding_model", "caption")
+TOKEN_CACHE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "embedding_model")
+RECONFIGURE_COLUMNS = ("identity", "source_sha256", "image", "landmarks", "face_prompt")
+
+
+def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
+    """`datasets.load_dataset(path)` (offline, train split) restricted to `columns`; errors name what is wrong."""
+    import datasets
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} does not exist (make it with `dynamicid-curate build`)")
+    if not any(folder.glob("data/*.parquet")) and not any(folder.glob("*.parquet")):
+        raise ValueError(f"dataset {folder} is empty: it has no Parquet shards under data/")
+    dataset = datasets.load_dataset(str(folder), split="train")
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset {folder} has no column(s) {', '.join(missing)} needed for training; "
+            f"its columns are: {', '.join(dataset.column_names)}"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {folder} is empty: it has 0 rows (did curation keep any photo?)")
+    return dataset.select_columns(list(columns))
+
+
+def embedding_info(dataset: Any, folder: str | Path) -> tuple[str, int]:
+    """(embedding model, width) of the dataset; all rows must agree."""
+    models = set(dataset["embedding_model"])
+    if len(models) != 1:
+        raise ValueError(f"dataset {folder} mixes identity-embedding models {sorted(models)}; curate it with one")
+    width = len(dataset[0]["embedding"])
+    return models.pop(), width
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """Identifies the rows and their order (identity + source hash of each row)."""
+    digest = hashlib.sha256()
+    for identity, sha in zip(dataset["identity"], dataset["source_sha256"], strict=True):
+        digest.update(f"{identity}\0{sha}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """(3, R, R) float32 in [-1, 1] from the square crop."""
+    array = np.asarray(image.convert("RGB"))
+    if array.shape[0] != resolution:
+        interpolation = cv2.INTER_AREA if array.shape[0] > resolution else cv2.INTER_CUBIC
+        array = cv2.resize(array, (resolution, resolution), interpolation=interpolation)
+    # numpy does this small elementwise work several times faster than torch per sample
+    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) * (1 / 127.5) - 1.0)
+
+
+_CLIP_SCALE = (1 / (255.0 * np.asarray(CLIP_STD, dtype=np.float32))).reshape(3, 1, 1)
+_CLIP_SHIFT = (np.asarray(CLIP_MEAN, dtype=np.float32) / np.asarray(CLIP_STD, dtype=np.float32)).reshape(3, 1, 1)
+
+
+def clip_tensor(image: Image.Image, kps5: Any) -> torch.Tensor:
+    """(3, 224, 224) CLIP input: the face aligned by its keypoints (see the module docstring)."""
+    face = np.asarray(arcface_align(image, np.asarray(kps5, dtype=np.float32), size=CLIP_IMAGE_SIZE))
+    return torch.from_numpy(face.transpose(2, 0, 1).astype(np.float32) * _CLIP_SCALE - _CLIP_SHIFT)
+
+
+def landmark_map(landmarks: Any, crop_size: int) -> torch.Tensor:
+    """(1, 96, 96) map in [-1, 1] from the dataset's landmarks (crop pixels)."""
+    points = np.asarray(landmarks, dtype=np.float32).reshape(-1, 2)
+    return torch.from_numpy(render_landmark_map(points, image_size=crop_size, map_size=96))[None]
+
+
+class Tokenize:
+    """Caption -> padded token ids, memoised (a dataset has few distinct captions)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, text: str) -> torch.Tensor:
+        if text not in self.cache:
+            ids = self.tokenizer(
+                text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
+            ).input_ids
+            self.cache[text] = torch.tensor(ids, dtype=torch.long)
+        return self.cache[text]
+
+
+class AnchorSamples(torch.utils.data.Dataset):
+    """One curated row -> the anchoring stage's tensors."""
+
+    def __init__(self, dataset: Any, tokenizer: Any, resolution: int):
+        self.dataset = dataset
+        self.tokenize = Tokenize(tokenizer)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.dataset[int(index)]
+        image = row["image"].convert("RGB")
+        return {
+            "index": torch.tensor(index),
+            "pixel_values": image_tensor(image, self.resolution),
+            "clip_pixel_values": clip_tensor(image, row["kps5"]),
+            "id_embeds": torch.tensor(row["embedding"], dtype=torch.float32),
+            "input_ids": self.tokenize(row["caption"]),
+        }
+
+
+def rows_by_identity(dataset: Any) -> list[list[int]]:
+    """Row indices of each identity, identities in first-seen order."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, identity in enumerate(dataset["identity"]):
+        groups[identity].append(index)
+    return list(groups.values())
+
+
+class IdentitySamples(torch.utils.data.Dataset):
+    """One identity -> a source row and K target rows (reconfiguration), with their images and landmark maps.
+
+    The draw depends only on (seed, epoch, identity), so resumed and distributed runs see the same samples.
+    """
+
+    def __init__(self, dataset: Any, tokens: torch.Tensor, resolution: int, targets: int, seed: int):
+        self.dataset = dataset
+        self.tokens = tokens
+        self.groups = rows_by_identity(dataset)
+        self.resolution = resolution
+        self.targets = targets
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def draw(self, index: int) -> tuple[int, list[int]]:
+        rows = self.groups[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        source = int(rng.choice(rows))
+        return source, [int(r) for r in rng.choice(rows, size=self.targets, replace=True)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, targets = self.draw(int(index))
+        maps, prompts, pixels = [], [], []
+        for i, row_index in enumerate([source, *targets]):
+            row = self.dataset[row_index]
+            image = row["image"]
+            maps.append(landmark_map(row["landmarks"], image.width))
+            prompts.append(row["face_prompt"])
+            if i > 0:
+                pixels.append(image_tensor(image, self.resolution))
+        rows = torch.tensor([source, *targets])
+        return {
+            "rows": rows,
+            "tokens": self.tokens[rows],  # (1 + K, num_tokens, C): source first
+            "landmark_maps": torch.stack(maps),  # (1 + K, 1, 96, 96)
+            "face_prompts": prompts,
+            "pixel_values": torch.stack(pixels),  # (K, 3, R, R): the targets
+        }
+
+
+def collate_identities(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Identities keep their own tensors (IMR rewrites one source at a time)."""
+    return items

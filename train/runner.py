@@ -1,0 +1,237 @@
+"""What both stages share: the Accelerator, the run state, data order, checkpoints, metrics.
+
+A run folder holds `config.yaml` (resolved settings), `checkpoints/checkpoint-<step>/` (accelerate state:
+optimizer, scheduler, run state; plus `weights.safetensors` in the project's format), `weights.safetensors`
+(the final weights), `logs/metrics.jsonl` (every logged value) and TensorBoard events under `logs/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynamicid.train.config import TrainConfig, write_config
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS = "weights.safetensors"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(config.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def weight_dtype(accelerator: Any) -> torch.dtype:
+    """The dtype of the frozen parts: the mixed-precision type; trained parameters stay float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+class RunState:
+    """Step, data position and the training randomness (noise, timesteps, drops), saved in every checkpoint.
+
+    Each process has its own generator (seed + process index); a checkpoint holds all of them.
+    """
+
+    def __init__(self, accelerator: Any, seed: int):
+        self.accelerator = accelerator
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.generator = torch.Generator().manual_seed(seed * 1000 + accelerator.process_index)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every process by save_state (only the main one writes): gather all generators.
+        from accelerate.utils import gather
+
+        state = self.generator.get_state().to(self.accelerator.device)
+        generators = gather(state[None]).cpu()
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "generators": generators}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        generators = state["generators"]
+        if len(generators) != self.accelerator.num_processes:
+            raise ValueError(
+                f"the checkpoint was written by {len(generators)} process(es), this run has "
+                f"{self.accelerator.num_processes}; resume with the same number of processes"
+            )
+        self.generator.set_state(generators[self.accelerator.process_index].clone())
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation of the rows that depends only on (seed, epoch): resumes and every process agree on it."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.size).tolist())
+
+
+def make_loader(samples: torch.utils.data.Dataset, config: TrainConfig, num_processes: int, collate_fn=None):
+    """A shuffled loader; after `accelerator.prepare` each process gets a disjoint share of the batches."""
+    batches = len(samples) // config.train_batch_size // num_processes
+    if batches == 0:
+        raise ValueError(
+            f"the dataset gives {len(samples)} training samples, fewer than train_batch_size "
+            f"({config.train_batch_size}) x processes ({num_processes}); lower --train-batch-size"
+        )
+    return torch.utils.data.DataLoader(
+        samples,
+        batch_size=config.train_batch_size,
+        sampler=EpochShuffle(len(samples), config.seed),
+        drop_last=True,
+        num_workers=config.dataloader_num_workers,
+        collate_fn=collate_fn,
+    )
+
+
+def epochs(accelerator: Any, loader: Any, state: RunState) -> Iterator[Any]:
+    """Batches from the run state's data position on, across epochs, forever (the loop stops on max_steps)."""
+    while True:
+        loader.set_epoch(state.epoch)  # reaches the EpochShuffle sampler, sharded or not
+        dataset = loader.dataset
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = state.epoch
+        skipped = state.batch_in_epoch
+        batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def make_optimizer(config: TrainConfig, parameters: list[nn.Parameter], num_processes: int):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * num_processes,
+        num_training_steps=config.max_steps * num_processes,
+    )
+    return optimizer, scheduler
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    folder = Path(output_dir) / CHECKPOINTS
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := _CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resume_dir(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: None (fresh run), the latest one, or the folder given."""
+    if config.resume is None:
+        return None
+    if config.resume == "latest":
+        found = checkpoint_dirs(config.output_dir)
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (it has no {WEIGHTS})")
+    return path
+
+
+def save_checkpoint(accelerator: Any, config: TrainConfig, step: int) -> Path:
+    """accelerate state + weights into checkpoints/checkpoint-<step>, keeping the last `checkpoints_total_limit`."""
+    if accelerator.is_main_process and config.checkpoints_total_limit is not None:
+        existing = checkpoint_dirs(config.output_dir)
+        for old in existing[: max(0, len(existing) - config.checkpoints_total_limit + 1)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    path = Path(config.output_dir) / CHECKPOINTS / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    return path
+
+
+class Metrics:
+    """Logged values: accelerate trackers (TensorBoard) and logs/metrics.jsonl, from the main process."""
+
+    def __init__(self, accelerator: Any, config: TrainConfig, stage: str):
+        self.accelerator = accelerator
+        self.path = Path(config.output_dir) / "logs" / "metrics.jsonl"
+        self.samples_path = Path(config.output_dir) / "logs" / f"samples-rank{accelerator.process_index}.txt"
+        self.record_samples = config.record_samples
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            hparams = {k: ("" if v is None else v) for k, v in dataclasses.asdict(config).items()}
+            accelerator.init_trackers(stage, config=hparams)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.accelerator.log(values, step=step)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+
+    def record(self, step: int, rows: torch.Tensor) -> None:
+        """The dataset rows this process trained on at `step` (with --record-samples)."""
+        if self.record_samples:
+            self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.samples_path.open("a") as handle:
+                handle.write(f"{step} {' '.join(str(int(r)) for r in rows.flatten().tolist())}\n")
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
+    """The rows of a run's logs/metrics.jsonl."""
+    path = Path(output_dir) / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_run(accelerator: Any, config: TrainConfig) -> None:
+    """Create the run folder and write the resolved configuration (main process)."""
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        write_config(config, Path(config.output_dir) / "config.yaml")
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def clip_and_step(accelerator: Any, config: TrainConfig, parameters, optimizer, scheduler) -> None:
+    if accelerator.sync_gradients and config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mean_over_processes(accelerator: Any, value: torch.Tensor) -> float:
+    return float(accelerator.gather(value.detach().float()[None]).mean())
