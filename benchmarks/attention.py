@@ -118,14 +118,16 @@ def bench_layer(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 def bench_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, side: int) -> None:
     """The whole SD 1.5-sized UNet (random weights), batch 1, with SAA (2 persons, gating) vs without."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device, dtype).eval()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    if dtype != torch.float32:
+        unet.to(dtype)
     unet.set_attn_processor(AttnProcessor2_0())
     latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
     text = torch.randn(1, TEXT_TOKENS, 768, device=device, dtype=dtype)
     states = torch.cat([text, torch.randn(1, 2 * TOKENS_PER_ID, 768, device=device, dtype=dtype)], dim=1)
     saa_unet = copy.deepcopy(unet)
     install_saa(saa_unet, rank=128, num_tokens=TOKENS_PER_ID)
-    saa_unet.to(dtype)
     configure_saa(saa_unet, num_ids=2, boxes=TWO_BOXES, boost=2.0, boost_steps=10**9)
     base, ms = paired_ms(
         lambda: unet(latents, 500, encoder_hidden_states=text),

@@ -164,7 +164,9 @@ class SAAProcessor(nn.Module):
             hidden_states = rearrange(hidden_states, "b (h w) c -> b c h w", h=height, w=width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
 
     def _split_id_tokens(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_id_tokens = self.num_tokens * self.settings.num_ids
