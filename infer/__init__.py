@@ -1,10 +1,24 @@
 """Inference: `DynamicIDPipeline` (diffusers) for several people with a layout and per-person expressions.
 
 from dynamicid.infer import DynamicIDPipeline, Person
+
+The names are imported on first use, so the `dynamicid-infer` command can quiet the libraries before they load.
 """
 
-from dynamicid.infer.people import Person
-from dynamicid.infer.pipeline import DynamicIDPipeline, DynamicIDPipelineOutput
-from dynamicid.infer.weights import ReleaseFiles
+from importlib import import_module
+from typing import Any
 
-__all__ = ["DynamicIDPipeline", "DynamicIDPipelineOutput", "Person", "ReleaseFiles"]
+_EXPORTS = {
+    "DynamicIDPipeline": "dynamicid.infer.pipeline",
+    "DynamicIDPipelineOutput": "dynamicid.infer.pipeline",
+    "Person": "dynamicid.infer.people",
+    "ReleaseFiles": "dynamicid.infer.weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dynamicid.infer' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import secrets
 import sys
@@ -90,6 +91,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON on stdout instead of a summary.")
 def generate(**options: Any) -> None:
     """Generate images of the given people in one scene, each with an optional target expression."""
+    _quiet_libraries()
     try:
         from dynamicid.infer.people import DynamicIDWarning
 
@@ -106,6 +108,18 @@ def generate(**options: Any) -> None:
         click.echo(f"wrote {sidecar['outputs']['sidecar']}")
         for path in sidecar["outputs"]["activation_maps"]:
             click.echo(f"wrote {path}")
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to this tool's own lines: library info logs off (MediaPipe's C++ logs included)."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
 
 
 def _fail(error: BaseException) -> NoReturn:

@@ -370,6 +370,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         self._cross_attention_kwargs = None
         self._interrupt = False
         device = self._execution_device
+        self.dynamicid.to(device, self.unet.dtype)  # follows pipe.to(...) calls made after load_dynamicid
         num_people = len(people)
         if boost is None or boost_steps is None:
             default_boost = MULTI_PERSON_BOOST if num_people > 1 else SINGLE_PERSON_BOOST
