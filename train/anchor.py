@@ -215,8 +215,11 @@ class FixedEvaluation:
         return float(diffusion_loss(model, self.inputs))
 
 
-def train_anchor(config: AnchorConfig) -> Path:
-    """Run (or resume) the anchoring stage; returns RUN/weights.safetensors."""
+def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
+    """Run (or resume) the anchoring stage; returns RUN/weights.safetensors.
+
+    `base`: an already loaded base model to train on (its UNet gets SAA); default: load `config.base_model`.
+    """
     from accelerate.utils import set_seed
 
     # 1. Inputs, checked before any model loads.
@@ -229,9 +232,10 @@ def train_anchor(config: AnchorConfig) -> Path:
     # 2. Accelerator and models (frozen base; SAA and face encoder trained).
     accelerator = make_accelerator(config)
     start_run(accelerator, config)
+    accelerator.print(accelerator.state)
     set_seed(config.seed)
     dtype = weight_dtype(accelerator)
-    base = load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
     unet = base.unet
     if init is not None and "saa" in init.parts:
         init.loader.load_saa_into(unet)

@@ -1,11 +1,140 @@
-"""Command line: dynamicid-train."""
+"""Command line: dynamicid-train (also `python -m dynamicid.train`, e.g. under `accelerate launch`).
+
+Every field of a stage's config dataclass is a flag (`--learning-rate`, `--gradient-checkpointing/--no-...`);
+flags override `--config run.yaml`, which overrides the defaults.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from pathlib import Path
+
 import click
 
+from dynamicid.train.config import AnchorConfig, ReconfigureConfig, TrainConfig, resolve_config
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+ANCHOR_EPILOG = """\b
+Examples:
+  dynamicid-train anchor --base-model sd15/ --image-encoder ip-adapter/models/image_encoder \\
+      --dataset curated/ --output-dir runs/anchor
+  dynamicid-train anchor --config run.yaml --resume latest
+  accelerate launch --num_processes 8 -m dynamicid.train anchor --config run.yaml --mixed-precision bf16
+  dynamicid-train anchor --base-model tiny-random --dataset curated/ --output-dir /tmp/smoke \\
+      --resolution 64 --max-steps 20      # CPU smoke run on a tiny random FAKE model
+"""
+
+RECONFIGURE_EPILOG = """\b
+Examples:
+  dynamicid-train cache-tokens --base-model sd15/ --image-encoder enc/ --anchor runs/anchor/weights.safetensors \\
+      --dataset curated/ --output runs/tokens
+  dynamicid-train reconfigure --base-model sd15/ --image-encoder enc/ --anchor runs/anchor/weights.safetensors \\
+      --tokens runs/tokens --dataset curated/ --output-dir runs/reconfigure
+"""
+
+
+def _click_type(annotation: typing.Any) -> type:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def config_options(cls: type[TrainConfig]):
+    """One option per config field (default None = 'not given', so YAML values survive), plus --config."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(cls)):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _click_type(hints[f.name])
+            help_text = f"{f.metadata['help']} " + ("[required]" if f.default == "" else f"[default: {f.default}]")
+            if kind is bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+            else:
+                option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+            command = option(command)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="YAML file of settings (keys: the option names with underscores); flags override it",
+        )(command)
+
+    return decorate
+
+
+def _resolve(cls: type[TrainConfig], config_file: str | None, values: dict) -> TrainConfig:
+    try:
+        return resolve_config(cls, config_file, values)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.UsageError(str(error)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-train")
 def main() -> None:
     """Train the DynamicID anchoring and reconfiguration stages."""
+
+
+@main.command(epilog=ANCHOR_EPILOG)
+@config_options(AnchorConfig)
+def anchor(config_file: str | None, **values) -> None:
+    """Anchoring: train SAA + the face encoder on the curated dataset."""
+    from dynamicid.train.anchor import train_anchor
+
+    config = _resolve(AnchorConfig, config_file, values)
+    try:
+        out = train_anchor(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"weights: {out}")
+
+
+@main.command("cache-tokens", epilog=RECONFIGURE_EPILOG)
+@click.option("--anchor", "anchor_weights", required=True, type=click.Path(dir_okay=False), help="anchoring weights")
+@click.option("--dataset", required=True, type=click.Path(), help="curated dataset folder")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="token cache folder to write")
+@click.option("--base-model", required=True, help="SD 1.5 folder or 'tiny-random' (the CLIP encoder's companion)")
+@click.option("--image-encoder", default=None, help="CLIP vision model folder; default <base-model>/image_encoder")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="rows per forward pass")
+def cache_tokens_command(anchor_weights, dataset, output, base_model, image_encoder, batch_size) -> None:
+    """Face tokens of every dataset row from the frozen anchoring face encoder (reconfiguration input)."""
+    from dynamicid.train.cache_tokens import cache_tokens
+
+    try:
+        out = cache_tokens(
+            anchor_weights, dataset, output, base_model=base_model, image_encoder=image_encoder, batch_size=batch_size
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"tokens: {out}")
+
+
+@main.command(epilog=RECONFIGURE_EPILOG)
+@config_options(ReconfigureConfig)
+def reconfigure(config_file: str | None, **values) -> None:
+    """Reconfiguration: train IMR + the keypoint encoder from an anchoring run and its token cache."""
+    from dynamicid.train.reconfigure import train_reconfigure
+
+    config = _resolve(ReconfigureConfig, config_file, values)
+    try:
+        out = train_reconfigure(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"weights: {out}")
+
+
+@main.command("convert-release")
+@click.option("--saa", "saa_bin", required=True, type=click.Path(dir_okay=False), help="the release's SAA .bin")
+@click.option("--imr", "imr_bin", type=click.Path(dir_okay=False), help="the release's IMR .bin")
+@click.option("--keypoint-encoder", "keypoint_bin", type=click.Path(dir_okay=False), help="key_point_encoder .bin")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="safetensors file to write")
+@click.option("--num-tokens", default=4, show_default=True, type=int, help="face tokens per person")
+def convert_release_command(saa_bin, imr_bin, keypoint_bin, out, num_tokens) -> None:
+    """Rewrite the authors' released .bin files as one of this project's safetensors weights files."""
+    from dynamicid.models import convert_release
+
+    try:
+        path = convert_release(saa_bin, imr_bin, keypoint_bin, out=Path(out), num_tokens=num_tokens)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"weights: {path}")

@@ -138,8 +138,11 @@ class FixedEvaluation:
         return {"eval_loss": float(total), "eval_dfm": float(dfm), "eval_ldc": float(ldc)}
 
 
-def train_reconfigure(config: ReconfigureConfig) -> Path:
-    """Run (or resume) the reconfiguration stage; returns RUN/weights.safetensors (IMR + keypoint encoder)."""
+def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) -> Path:
+    """Run (or resume) the reconfiguration stage; returns RUN/weights.safetensors (IMR + keypoint encoder).
+
+    `base`: an already loaded base model (without SAA); default: load `config.base_model`.
+    """
     from accelerate.utils import set_seed
 
     # 1. Inputs, checked before any model loads.
@@ -153,9 +156,10 @@ def train_reconfigure(config: ReconfigureConfig) -> Path:
     # 2. Accelerator and models.
     accelerator = make_accelerator(config)
     start_run(accelerator, config)
+    accelerator.print(accelerator.state)
     set_seed(config.seed)
     dtype = weight_dtype(accelerator)
-    base = load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
     anchor.load_saa_into(base.unet)
     base.unet.requires_grad_(False)
     configure_saa(base.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])

@@ -1,0 +1,232 @@
+"""The two training stages on a dataset curated here from the real photos, with the tiny-random FAKE base.
+
+One anchoring run and one reconfiguration run are shared by the tests of this module (module fixtures).
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynamicid.curation.pipeline import build_dataset
+from dynamicid.models import configure_saa, load_dynamicid, saa_processors
+from dynamicid.models.base import load_base_model
+from dynamicid.train.anchor import FULL_IMAGE_BOX, AnchorModel, FixedEvaluation, train_anchor
+from dynamicid.train.cache_tokens import cache_tokens
+from dynamicid.train.config import AnchorConfig, ReconfigureConfig
+from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
+from dynamicid.train.reconfigure import train_reconfigure
+from dynamicid.train.runner import checkpoint_dirs, read_metrics
+
+IDENTITIES = ("obama", "biden", "Matt_Damon", "kit_harington")
+TINY = {"base_model": "tiny-random", "resolution": 64, "report_to": "none"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two busy cores: torch's elementwise kernels run much faster on one thread than fighting over two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, shared_faces) -> Path:
+    """A dataset curated from 5 photos of each of 4 real identities (copied to tmp first)."""
+    photos = tmp_path_factory.mktemp("photos")
+    for identity in IDENTITIES:
+        files = sorted((shared_faces / "identities" / identity).iterdir())[:5]
+        (photos / identity).mkdir()
+        for file in files:
+            shutil.copy(file, photos / identity / file.name)
+    out = tmp_path_factory.mktemp("curated")
+    summary = build_dataset(photos, out, per_identity=5, progress=False)
+    assert summary["identities"] == len(IDENTITIES) and summary["kept"] >= 8
+    return out
+
+
+def frozen_checksums(base, skip_saa: bool) -> dict[str, str]:
+    """sha256 of every tensor of the frozen modules (the SAA processors' own weights left out when asked)."""
+    sums = {}
+    for part in ("unet", "vae", "text_encoder", "image_encoder"):
+        for name, tensor in getattr(base, part).state_dict().items():
+            if skip_saa and ".processor." in name:
+                continue
+            sums[f"{part}.{name}"] = hashlib.sha256(tensor.detach().cpu().numpy().tobytes()).hexdigest()
+    return sums
+
+
+@pytest.fixture(scope="module")
+def anchor_run(curated, tmp_path_factory):
+    base = load_base_model("tiny-random")
+    before = frozen_checksums(base, skip_saa=True)
+    config = AnchorConfig(
+        **{**TINY, "report_to": "tensorboard"},
+        dataset=str(curated),
+        output_dir=str(tmp_path_factory.mktemp("anchor")),
+        train_batch_size=4,
+        max_steps=30,
+        learning_rate=5e-3,
+        lora_rank=4,
+        checkpointing_steps=10,
+        checkpoints_total_limit=2,
+        eval_samples=8,
+        validation_steps=30,
+        validation_inference_steps=2,
+    )
+    weights = train_anchor(config, base=base)
+    return {"config": config, "base": base, "before": before, "weights": weights}
+
+
+def test_anchoring_lowers_the_fixed_set_loss(anchor_run):
+    metrics = read_metrics(anchor_run["config"].output_dir)
+    evals = [row["eval_loss"] for row in metrics if "eval_loss" in row]
+    assert evals[-1] <= 0.8 * evals[0], evals
+    assert sum("loss" in row for row in metrics) == 30
+
+
+def test_anchoring_trains_only_saa_and_face_encoder(anchor_run):
+    base = anchor_run["base"]
+    assert frozen_checksums(base, skip_saa=True) == anchor_run["before"]
+    assert all(not p.requires_grad for n, p in base.unet.named_parameters() if ".processor." not in n)
+    run = Path(anchor_run["config"].output_dir)
+    first = load_file(str(checkpoint_dirs(run)[0] / "weights.safetensors"))
+    final = load_file(str(anchor_run["weights"]))
+    assert {k.split(".")[0] for k in final} == {"saa", "face_encoder"}
+    assert all(not torch.equal(first[k], final[k]) for k in final), "every trained tensor moves"
+
+
+def test_anchor_run_folder(anchor_run):
+    run = Path(anchor_run["config"].output_dir)
+    assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint-20", "checkpoint-30"]  # last 2 kept
+    assert (run / "config.yaml").read_text().count("learning_rate: 0.005") == 1
+    assert list((run / "samples" / "step-000030").glob("*.png"))
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    assert load_dynamicid(run / "weights.safetensors").metadata.source == "random"
+
+
+def test_saved_anchor_weights_reload_with_the_same_outputs(anchor_run, curated):
+    weights = load_dynamicid(anchor_run["weights"], lora_rank=4, num_tokens=4)
+    assert weights.metadata.id_embed_model == "dlib-resnet-128" and weights.metadata.id_embed_dim == 128
+    fresh = load_base_model("tiny-random")
+    weights.load_saa_into(fresh.unet)
+    configure_saa(fresh.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # as trained
+    model = AnchorModel(fresh.unet, weights.build_face_encoder())
+    samples = AnchorSamples(load_curated(curated, ANCHOR_COLUMNS), fresh.tokenizer, 64)
+    evaluation = FixedEvaluation(fresh, samples, 8, 0, torch.device("cpu"), torch.float32)
+    logged = [row["eval_loss"] for row in read_metrics(anchor_run["config"].output_dir) if "eval_loss" in row][-1]
+    assert evaluation.loss(model) == pytest.approx(logged, rel=1e-5)
+
+
+def test_resume_matches_a_straight_run_bit_for_bit(curated, tmp_path):
+    settings = {**TINY, "dataset": str(curated), "train_batch_size": 2, "lora_rank": 4, "eval_samples": 2}
+    settings |= {"learning_rate": 1e-3, "checkpointing_steps": 3}
+    straight = train_anchor(AnchorConfig(**settings, output_dir=str(tmp_path / "a"), max_steps=6))
+    train_anchor(AnchorConfig(**settings, output_dir=str(tmp_path / "b"), max_steps=3))
+    resumed = train_anchor(AnchorConfig(**settings, output_dir=str(tmp_path / "b"), max_steps=6, resume="latest"))
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [row["step"] for row in read_metrics(tmp_path / "b") if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def tokens(anchor_run, curated, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokens")
+    cache_tokens(anchor_run["weights"], curated, folder, base_model="tiny-random")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reconfigure_run(anchor_run, curated, tokens, tmp_path_factory):
+    base = load_base_model("tiny-random")
+    config = ReconfigureConfig(
+        **TINY,
+        dataset=str(curated),
+        output_dir=str(tmp_path_factory.mktemp("reconfigure")),
+        anchor=str(anchor_run["weights"]),
+        tokens=str(tokens),
+        train_batch_size=2,
+        targets_per_identity=2,
+        imr_dim=32,
+        imr_heads=2,
+        imr_dim_head=16,
+        max_steps=8,
+        learning_rate=1e-3,
+        checkpointing_steps=8,
+        eval_samples=4,
+    )
+    before = frozen_checksums(base, skip_saa=True)
+    weights = train_reconfigure(config, base=base)
+    return {"config": config, "base": base, "before": before, "weights": weights}
+
+
+def test_reconfiguration_logs_dfm_and_ldc_and_lowers_the_fixed_set_loss(reconfigure_run):
+    metrics = read_metrics(reconfigure_run["config"].output_dir)
+    steps = [row for row in metrics if "loss" in row]
+    assert len(steps) == 8 and all(row["dfm"] > 0 and row["ldc"] > 0 for row in steps)
+    assert all(row["loss"] == pytest.approx(row["dfm"] + row["ldc"], rel=1e-5) for row in steps)
+    evals = [row for row in metrics if "eval_loss" in row]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[-1]["eval_dfm"] < evals[0]["eval_dfm"]
+
+
+def test_reconfiguration_trains_only_imr_and_keypoint_encoder(reconfigure_run):
+    base = reconfigure_run["base"]
+    anchor = load_dynamicid(reconfigure_run["config"].anchor)
+    saa = {k: v for k, v in base.unet.state_dict().items() if ".processor." in k}
+    assert all(torch.equal(anchor.state_dicts["saa"][k], v) for k, v in saa.items())  # SAA as anchored
+    assert frozen_checksums(base, skip_saa=True) == reconfigure_run["before"]
+    weights = load_dynamicid(reconfigure_run["weights"])
+    assert weights.metadata.parts == ["imr", "keypoint_encoder"]
+    assert weights.metadata.source.startswith("anchor:")
+    imr, keypoints = weights.build_imr(), weights.build_keypoint_encoder()
+    assert imr.config["dim"] == 32 and keypoints.embedding_dim == anchor.metadata.cross_attention_dim
+    assert len(saa_processors(base.unet)) > 0
+
+
+def _launch(stage: str, arguments: list[str]) -> subprocess.CompletedProcess:
+    """Two CPU processes through accelerate (gloo); see README "Training" for the command."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "dynamicid.train", stage, *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _rows_seen(run: Path, rank: int) -> list[int]:
+    lines = (run / "logs" / f"samples-rank{rank}.txt").read_text().splitlines()
+    return [int(v) for line in lines for v in line.split()[1:]]
+
+
+def test_two_processes_train_both_stages_on_disjoint_shares(curated, tokens, anchor_run, tmp_path):
+    common = ["--base-model", "tiny-random", "--dataset", str(curated), "--resolution", "64", "--report-to", "none"]
+    common += ["--record-samples", "--eval-samples", "2", "--max-steps", "2", "--checkpointing-steps", "2"]
+    anchor = _launch(
+        "anchor", [*common, "--output-dir", str(tmp_path / "a"), "--lora-rank", "4", "--train-batch-size", "2"]
+    )
+    assert anchor.returncode == 0, anchor.stderr[-3000:]
+    assert "MULTI_CPU" in anchor.stdout and "gloo" in anchor.stdout
+    imr = ["--targets-per-identity", "1", "--imr-dim", "32", "--imr-heads", "2", "--imr-dim-head", "16"]
+    inputs = ["--anchor", str(anchor_run["weights"]), "--tokens", str(tokens)]
+    reconfigure = _launch("reconfigure", [*common, *imr, *inputs, "--output-dir", str(tmp_path / "r")])
+    assert reconfigure.returncode == 0, reconfigure.stderr[-3000:]
+    for run, parts in ((tmp_path / "a", ["face_encoder", "saa"]), (tmp_path / "r", ["imr", "keypoint_encoder"])):
+        assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint-2"]
+        assert sorted(p.name for p in checkpoint_dirs(run)[0].glob("random_states_*.pkl")) == [
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        ]
+        assert load_dynamicid(checkpoint_dirs(run)[0] / "weights.safetensors").metadata.parts == parts
+        assert load_dynamicid(run / "weights.safetensors").metadata.parts == parts
+    rank0, rank1 = _rows_seen(tmp_path / "a", 0), _rows_seen(tmp_path / "a", 1)
+    assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
+    identities0, identities1 = _rows_seen(tmp_path / "r", 0), _rows_seen(tmp_path / "r", 1)
+    assert identities0 and identities1 and not set(identities0) & set(identities1)  # rows of other identities
