@@ -34,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="batch of the single-layer test (CFG halves)")
     parser.add_argument("--unet-latents", type=int, nargs="*", default=[32], help="latent sides of the UNet test")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    parser.add_argument("--unet-repeats", type=int, default=5, help="timed runs per UNet measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     return parser.parse_args()
 
@@ -50,15 +51,17 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 def paired_ms(
     baseline: Callable[[], object], candidate: Callable[[], object], device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """Median ms of each, runs interleaved so that load from other processes hits both alike."""
+) -> tuple[float, float, float]:
+    """Median ms of each and the median of the per-pair ratios; runs interleaved so that load from other
+    processes hits both alike."""
     for _ in range(2):  # warm-up
         baseline(), candidate()
     base, cand = [], []
     for _ in range(repeats):
         base.append(timed_ms(baseline, device))
         cand.append(timed_ms(candidate, device))
-    return statistics.median(base), statistics.median(cand)
+    ratio = statistics.median(c / b for b, c in zip(base, cand, strict=True))
+    return statistics.median(base), statistics.median(cand), ratio
 
 
 def shared_saa_settings(processor: SAAProcessor, **values) -> None:
@@ -110,8 +113,10 @@ def bench_layer(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         defaults = {"boxes": None, "boost": 0.0, "boost_steps": 0, "return_activation_maps": False}
         shared_saa_settings(saa, **(defaults | values))
         inputs = text if values["num_ids"] == 0 else states
-        base, ms = paired_ms(lambda: run(baseline, text), lambda inputs=inputs: run(saa, inputs), device, args.repeats)
-        print(f"  SAA {label}: {ms:.2f} ms vs {base:.2f} ms = {ms / base:.2f}x")
+        base, ms, ratio = paired_ms(
+            lambda: run(baseline, text), lambda inputs=inputs: run(saa, inputs), device, args.repeats
+        )
+        print(f"  SAA {label}: {ms:.2f} ms vs {base:.2f} ms, ratio {ratio:.2f}x")
 
 
 @torch.no_grad()
@@ -129,14 +134,14 @@ def bench_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     saa_unet = copy.deepcopy(unet)
     install_saa(saa_unet, rank=128, num_tokens=TOKENS_PER_ID)
     configure_saa(saa_unet, num_ids=2, boxes=TWO_BOXES, boost=2.0, boost_steps=10**9)
-    base, ms = paired_ms(
+    base, ms, ratio = paired_ms(
         lambda: unet(latents, 500, encoder_hidden_states=text),
         lambda: saa_unet(latents, 500, encoder_hidden_states=states),
         device,
-        max(3, args.repeats // 3),
+        args.unet_repeats,
     )
     print(
-        f"unet {side}x{side} batch 1: AttnProcessor2_0 {base:.1f} ms, SAA (2 persons, gating) {ms:.1f} ms = {ms / base:.2f}x"
+        f"unet {side}x{side} batch 1: AttnProcessor2_0 {base:.1f} ms, SAA (2 persons, gating) {ms:.1f} ms, ratio {ratio:.2f}x"
     )
 
 
