@@ -273,3 +273,20 @@ def test_from_pretrained_reads_a_diffusers_folder_with_ddim(tmp_path, weights, a
     assert generate(pipe, [Person(photos["obama"])]).images[0].size == (64, 64)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DynamicIDPipeline.from_pretrained(tmp_path / "missing")
+
+
+def test_landmark_image_and_pose_targets(pipe, photos):
+    pose = "fully turned to the left"
+    people = [Person(photos["obama"], landmark_image=photos["biden"]), Person(photos["biden"], pose=pose)]
+    out = generate(pipe, people, output_type="np")
+    first, second = out.people
+    assert first["edited"] and first["landmark_image"] == str(photos["biden"])
+    # Without text targets, the landmark image's own labels are the target.
+    landmark_labels = generate(pipe, [Person(photos["biden"])]).people[0]["reference"]
+    assert (first["target_expression"], first["target_pose"]) == (
+        landmark_labels["expression"],
+        landmark_labels["pose"],
+    )
+    assert second["target_pose"] == pose and second["target_expression"] == second["reference"]["expression"]
+    plain = generate(pipe, [Person(photos["obama"]), Person(photos["biden"])], output_type="np")
+    assert not np.array_equal(out.images, plain.images)
