@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dynamicid.curation.pipeline import build_dataset
-from dynamicid.models import configure_saa, load_dynamicid, saa_processors
+from dynamicid.models import FaceEncoder, configure_saa, load_dynamicid, saa_processors, save_dynamicid
 from dynamicid.models.base import load_base_model
+from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.anchor import FULL_IMAGE_BOX, AnchorModel, FixedEvaluation, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
+from dynamicid.train.cli import main
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
 from dynamicid.train.reconfigure import train_reconfigure
@@ -230,3 +233,49 @@ def test_two_processes_train_both_stages_on_disjoint_shares(curated, tokens, anc
     assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
     identities0, identities1 = _rows_seen(tmp_path / "r", 0), _rows_seen(tmp_path / "r", 1)
     assert identities0 and identities1 and not set(identities0) & set(identities1)  # rows of other identities
+
+
+# ---- bad inputs stop at start-up with a message naming the problem ----
+
+
+def _rewrite(curated: Path, out: Path, change) -> Path:
+    """A copy of the curated dataset with `change(dataset)` applied, written as the curation writer does."""
+    import datasets
+
+    dataset = change(datasets.load_dataset(str(curated), split="train"))
+    dataset.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
+    return out
+
+
+def test_dataset_missing_a_column_is_refused_with_the_valid_names(curated, tmp_path):
+    broken = _rewrite(curated, tmp_path / "ds", lambda d: d.remove_columns(["kps5"]))
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(broken), "--output-dir", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1
+    assert "no column(s) kps5" in result.output and "embedding_model" in result.output
+    assert not (tmp_path / "r").exists()  # refused before the run folder was made
+
+
+def test_empty_dataset_is_refused(curated, tmp_path):
+    empty = _rewrite(curated, tmp_path / "ds", lambda d: d.select([]))
+    with pytest.raises(ValueError, match="is empty"):
+        train_anchor(AnchorConfig(**TINY, dataset=str(empty), output_dir=str(tmp_path / "r")))
+
+
+def test_embedding_width_that_does_not_fit_the_weights_is_refused(curated, tmp_path):
+    metadata = CheckpointMetadata(cross_attention_dim=32, num_tokens=4, id_embed_dim=512, clip_embed_dim=48)
+    weights = save_dynamicid(tmp_path / "arcface.safetensors", metadata=metadata, face_encoder=FaceEncoder(32, 512, 48))
+    config = AnchorConfig(**TINY, dataset=str(curated), output_dir=str(tmp_path / "r"), init_from=str(weights))
+    with pytest.raises(ValueError, match=r"id_embed_dim=512 .*width 128"):
+        train_anchor(config)
+    with pytest.raises(ValueError, match=r"width 512 .*has width 128"):
+        cache_tokens(weights, curated, tmp_path / "tokens", base_model="tiny-random")
+
+
+def test_base_model_folder_without_unet_is_refused(curated, tmp_path):
+    base = tmp_path / "sd15"
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        (base / part).mkdir(parents=True)
+    config = AnchorConfig(**{**TINY, "base_model": str(base)}, dataset=str(curated), output_dir=str(tmp_path / "r"))
+    with pytest.raises(FileNotFoundError, match=r"has no unet subfolder"):
+        train_anchor(config)

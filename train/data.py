@@ -31,12 +31,14 @@ RECONFIGURE_COLUMNS = ("identity", "source_sha256", "image", "landmarks", "face_
 def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
     """`datasets.load_dataset(path)` (offline, train split) restricted to `columns`; errors name what is wrong."""
     import datasets
+    import pyarrow.parquet as pq
 
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist (make it with `dynamicid-curate build`)")
-    if not any(folder.glob("data/*.parquet")) and not any(folder.glob("*.parquet")):
-        raise ValueError(f"dataset {folder} is empty: it has no Parquet shards under data/")
+    shards = sorted(folder.glob("data/*.parquet"))
+    if sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards) == 0:
+        raise ValueError(f"dataset {folder} is empty: no rows in data/*.parquet (did curation keep any photo?)")
     dataset = datasets.load_dataset(str(folder), split="train")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
@@ -44,8 +46,6 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
             f"dataset {folder} has no column(s) {', '.join(missing)} needed for training; "
             f"its columns are: {', '.join(dataset.column_names)}"
         )
-    if len(dataset) == 0:
-        raise ValueError(f"dataset {folder} is empty: it has 0 rows (did curation keep any photo?)")
     return dataset.select_columns(list(columns))
 
 
