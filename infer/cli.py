@@ -318,6 +318,7 @@ def _sidecar(
             "activation_maps": options["activation_maps"],
             "device": str(pipe.device),
             "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "saa": result.saa,
         },
         "models": {
             "base_model": options["base_model"],

@@ -64,12 +64,14 @@ class DynamicIDPipelineOutput(BaseOutput):
             [0, 1]: where each identity's tokens were injected (SAA gate x that person's ID attention, averaged
             over layers and steps, upsampled to the image).
         timings: seconds spent per stage (analysis, tokens, denoise, decode).
+        saa: the layout settings the SAA processors ran with (num_ids, id_scale, gating, boxes, boost, boost_steps).
     """
 
     images: list[PIL.Image.Image] | np.ndarray
     people: list[dict[str, Any]] = field(default_factory=list)
     activation_maps: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    saa: dict[str, Any] = field(default_factory=dict)
     nsfw_content_detected: list[bool] | None = None
 
 
@@ -405,16 +407,16 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
         # 6. Configure SAA for this layout
+        saa_settings = {
+            "num_ids": num_people,
+            "id_scale": id_scale,
+            "gating": gating,
+            "boxes": [list(box) for box in boxes],
+            "boost": boost,
+            "boost_steps": boost_steps,
+        }
         configure_saa(
-            self.unet,
-            num_ids=num_people,
-            id_scale=id_scale,
-            gating=gating,
-            boxes=boxes,
-            boost=boost,
-            boost_steps=boost_steps,
-            image_size=(height, width),
-            return_activation_maps=return_activation_maps,
+            self.unet, **saa_settings, image_size=(height, width), return_activation_maps=return_activation_maps
         )
 
         # 7. Timesteps and initial noise
@@ -484,6 +486,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             people=reports,
             activation_maps=activation_maps,
             timings={k: round(v, 4) for k, v in timings.items()},
+            saa=saa_settings,
             nsfw_content_detected=has_nsfw_concept,
         )
 

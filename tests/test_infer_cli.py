@@ -111,6 +111,14 @@ def test_two_people_non_square_with_maps_and_sidecar(tmp_path, weights, refs):
     assert settings["seed"] == 2025 and settings["steps"] == 2 and settings["guidance_scale"] == 5.0
     assert (settings["width"], settings["height"], settings["num_images"]) == (96, 64, 2)
     assert settings["prompt"] == "two friends laughing in a cafe" and settings["scheduler"] == "DDIMScheduler"
+    assert settings["saa"] == {
+        "num_ids": 2,
+        "id_scale": 1.0,
+        "gating": True,
+        "boxes": [[0.1, 0.05, 0.9, 0.45], [0.1, 0.55, 0.9, 0.95]],
+        "boost": 2.0,
+        "boost_steps": 12,
+    }
     files = sidecar["models"]["files"]
     assert files["weights"]["path"] == str(weights["ours"]) and len(files["weights"]["sha256"]) == 64
     assert sidecar["models"]["embedding_model"] == "dlib-resnet-128"
