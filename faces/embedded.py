@@ -25,7 +25,7 @@ from dynamicid.faces.pose import solve_pose
 
 DETECTOR_MODEL = "mediapipe-0.10.21-face-detection-full+short-range"
 MESH_MODEL = "mediapipe-0.10.21-face-mesh-478"
-POSE_MODEL = "solvepnp-6-point(mediapipe-face-mesh-478)"
+POSE_MODEL = "solvepnp-6-point(mediapipe-face-mesh-478, crop + mirror averaged)"
 
 
 @dataclass
@@ -70,8 +70,7 @@ class EmbeddedBackend:
         kps5, landmarks, pose = face.kps5, None, (None, None, None)
         if mesh is not None:
             kps5, landmarks = kps5_from_mesh(mesh), mesh[:, :2].copy()
-            height, width = rgb.shape[:2]
-            pose = solve_pose(mesh[list(MESH_POSE_POINTS), :2], (width, height))
+            pose = self._pose(rgb, box, mesh)
             models.update(kps5=MESH_MODEL, landmarks=MESH_MODEL, pose=POSE_MODEL)
         scores = self._expression.scores(rgb, kps5)
         models.update(expression=FER_EXPRESSION_MODEL, embedding=DLIB_EMBEDDING_MODEL)
@@ -88,6 +87,20 @@ class EmbeddedBackend:
             backend=self.name,
             models=models,
         )
+
+    def _pose(self, rgb: np.ndarray, box: np.ndarray, mesh: np.ndarray) -> tuple[float, float, float]:
+        """Pose from the mesh, averaged with the pose of the mirrored crop's mesh (mirror-equivariant).
+
+        A single mesh's small left-right errors move a frontal face's yaw by up to ~8 degrees between a photo
+        and its mirror (identities/obama/obama.jpg); averaging the crop and its mirror cancels them.
+        """
+        height, width = rgb.shape[:2]
+        yaw, pitch, roll = solve_pose(mesh[list(MESH_POSE_POINTS), :2], (width, height))
+        mirrored = self._mediapipe.mesh(rgb, box, mirrored=True)
+        if mirrored is None:
+            return yaw, pitch, roll
+        yaw_m, pitch_m, roll_m = solve_pose(mirrored[list(MESH_POSE_POINTS), :2], (width, height))
+        return (yaw - yaw_m) / 2.0, (pitch + pitch_m) / 2.0, (roll - roll_m) / 2.0
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> float:
         """Euclidean distance between two embeddings (dlib's metric)."""

@@ -146,16 +146,26 @@ class MediaPipeFace:
         crop = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         return crop, matrix
 
-    def mesh(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
-        """(478, 3) mesh points: x, y in image pixels, z in the same pixel scale (relative depth); None if not found."""
+    def mesh(self, rgb: np.ndarray, box: np.ndarray, *, mirrored: bool = False) -> np.ndarray | None:
+        """(478, 3) mesh points: x, y in image pixels, z in the same pixel scale (relative depth); None if not found.
+
+        `mirrored=True` runs the mesh on the left-right mirror of the crop and returns its points in the
+        mirrored image's pixels (x -> width - x), so index 33 is still the image-left eye corner there.
+        """
         crop, matrix = self.crop(rgb, box)
+        if mirrored:
+            crop = np.ascontiguousarray(crop[:, ::-1])
         result = self._mesh.process(crop)
         if not result.multi_face_landmarks:
             return None
         size = self.config.mesh_size
         points = np.array([[p.x * size, p.y * size, p.z * size] for p in result.multi_face_landmarks[0].landmark])
+        if mirrored:
+            points[:, 0] = size - points[:, 0]
         inverse = cv2.invertAffineTransform(matrix)
         xy = points[:, :2] @ inverse[:, :2].T + inverse[:, 2]
+        if mirrored:
+            xy[:, 0] = rgb.shape[1] - xy[:, 0]
         z = points[:, 2] * inverse[0, 0]
         return np.column_stack([xy, z]).astype(np.float32)
 

@@ -1,0 +1,261 @@
+"""The embedded backend (MediaPipe, dlib, FER-2013) on the real photos of ../shared/data/faces.
+
+The analyzer is built once per module and each photo is analysed once (module fixtures), so the whole file
+runs the real models about 330 times.
+"""
+
+import csv
+import itertools
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import ImageOps
+
+from dynamicid.faces import Face, FaceAnalyzer, load_image
+from dynamicid.faces.mediapipe_face import box_iou
+from dynamicid.schemas.labels import EXPRESSIONS, POSE_NAMES
+
+# Label words of expressions/labels.csv (Yale's and LFW legend's) -> our vocabulary; other words
+# (contempt, sleepy, wink) have no class of ours and stay as they are.
+DATASET_EXPRESSION_WORDS = {
+    "happiness": "happy",
+    "surprise": "surprised",
+    "sadness": "sad",
+    "anger": "angry",
+    "disgust": "disgusted",
+    "fear": "afraid",
+}
+SCORED_EXPRESSIONS = ("happy", "neutral", "surprised")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> FaceAnalyzer:
+    return FaceAnalyzer("embedded")
+
+
+@pytest.fixture(scope="module")
+def identities(shared_faces, analyzer) -> list[tuple[str, str, list[Face]]]:
+    """(file, identity, faces) for every identities/ photo, analysed once."""
+    folder = shared_faces / "identities"
+    return [
+        (row["file"], row["identity"], analyzer.analyze(load_image(folder / row["file"])))
+        for row in _rows(folder / "labels.csv")
+    ]
+
+
+@pytest.fixture(scope="module")
+def expressions(shared_faces, analyzer) -> list[tuple[str, str, list[Face]]]:
+    folder = shared_faces / "expressions"
+    return [
+        (
+            row["file"],
+            DATASET_EXPRESSION_WORDS.get(row["expression"], row["expression"]),
+            analyzer.analyze(load_image(folder / row["file"])),
+        )
+        for row in _rows(folder / "labels.csv")
+    ]
+
+
+def test_faces_are_fully_described_and_record_their_models(identities, analyzer):
+    assert analyzer.backend == "embedded"
+    assert analyzer.embedding_model == "dlib-resnet-128" and analyzer.embedding_dim == 128
+    faces = [faces[0] for _, _, faces in identities if faces]
+    for face in faces:
+        x0, y0, x1, y1 = face.bbox
+        assert x1 > x0 and y1 > y0 and 0 < face.score <= 1
+        assert face.kps5.shape == (5, 2) and face.kps5.dtype == np.float32
+        assert face.embedding.shape == (128,) and face.embedding.dtype == np.float32
+        assert np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
+        assert set(face.expression_scores) == set(EXPRESSIONS)
+        assert sum(face.expression_scores.values()) == pytest.approx(1.0, abs=1e-4)
+        assert face.expression == max(face.expression_scores, key=face.expression_scores.get)
+        assert face.backend == "embedded"
+        assert {"bbox", "kps5", "expression", "embedding"} <= set(face.models)
+    meshed = [f for f in faces if f.landmarks is not None]
+    assert len(meshed) >= 0.97 * len(faces)  # the mesh may miss a face the detector found; then no landmarks
+    for face in meshed:
+        assert face.landmarks.shape == (478, 2)
+        assert face.pose_bin in POSE_NAMES and abs(face.pitch) < 90 and abs(face.roll) < 90
+        assert face.models["landmarks"].startswith("mediapipe")
+        left_eye, right_eye, nose, left_mouth, right_mouth = face.kps5
+        assert left_eye[0] < right_eye[0] and left_mouth[0] < right_mouth[0]  # image left to right
+        assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
+        x0, y0, x1, y1 = face.bbox
+        inside = (face.kps5[:, 0] > x0) & (face.kps5[:, 0] < x1) & (face.kps5[:, 1] > y0) & (face.kps5[:, 1] < y1)
+        assert inside.all()
+
+
+def test_detect_then_describe_equals_analyze(shared_faces, analyzer, identities):
+    path = shared_faces / "identities" / identities[0][0]
+    image = load_image(path)
+    detected = analyzer.detect(image)
+    assert detected and detected[0].embedding is None and detected[0].landmarks is None
+    described = analyzer.describe(image, detected[0])
+    analysed = identities[0][2][0]
+    assert described.bbox == analysed.bbox
+    assert np.allclose(described.embedding, analysed.embedding, atol=1e-5)
+    assert described.expression == analysed.expression
+    assert analyzer.describe(np.asarray(image), detected[0]).yaw == pytest.approx(described.yaw, abs=1e-4)
+
+
+def test_detection_finds_the_persons_face_in_identities(identities):
+    found = [file for file, _, faces in identities if faces]
+    missed = [file for file, _, faces in identities if not faces]
+    rate = len(found) / len(identities)
+    print(f"detection on identities/: {len(found)}/{len(identities)} = {rate:.1%}; missed: {missed}")
+    assert rate >= 0.98
+
+
+def test_largest_face_is_the_folders_person(identities, analyzer):
+    """The face kept per photo matches another photo of the same folder (identities with 2+ photos)."""
+    by_identity: dict[str, list[np.ndarray]] = {}
+    for _, identity, faces in identities:
+        if faces:
+            by_identity.setdefault(identity, []).append(faces[0].embedding)
+    checked = matched = 0
+    for embeddings in by_identity.values():
+        for i, embedding in enumerate(embeddings):
+            others = embeddings[:i] + embeddings[i + 1 :]
+            if others:
+                checked += 1
+                matched += min(analyzer.distance(embedding, other) for other in others) < analyzer.same_person_threshold
+    print(f"largest face matches its folder in {matched}/{checked} photos")
+    assert matched >= 0.98 * checked
+
+
+def test_no_face_photos_give_no_face(shared_faces, analyzer):
+    folder = shared_faces / "no_face"
+    rows = _rows(folder / "labels.csv")
+    assert len(rows) == 7
+    found = {row["file"]: len(analyzer.detect(load_image(folder / row["file"]))) for row in rows}
+    assert found == dict.fromkeys(found, 0)
+
+
+def _dlib_boxes(xml_path: Path) -> dict[str, list[tuple[int, int, int, int]]]:
+    boxes = {}
+    for image in ET.parse(xml_path).getroot().iter("image"):
+        boxes[image.get("file")] = [
+            (
+                int(box.get("left")),
+                int(box.get("top")),
+                int(box.get("left")) + int(box.get("width")),
+                int(box.get("top")) + int(box.get("height")),
+            )
+            for box in image.iter("box")
+            if box.get("ignore") != "1"
+        ]
+    return boxes
+
+
+def test_group_photos_recall_and_precision_against_dlib_boxes(shared_faces, analyzer):
+    folder = shared_faces / "group_photos"
+    truth = _dlib_boxes(folder / "dlib_training.xml")
+    assert len(truth) == 4
+    true_positive = false_positive = annotated = 0
+    for file, boxes in truth.items():
+        annotated += len(boxes)
+        matched: set[int] = set()
+        for face in analyzer.detect(load_image(folder / file)):
+            ious = [box_iou(np.array(face.bbox), np.array(box)) for box in boxes]
+            best = int(np.argmax(ious))
+            if ious[best] >= 0.4 and best not in matched:
+                matched.add(best)
+                true_positive += 1
+            else:
+                false_positive += 1
+    recall, precision = true_positive / annotated, true_positive / max(true_positive + false_positive, 1)
+    print(f"group photos: recall {recall:.1%} precision {precision:.1%} ({annotated} annotated faces)")
+    assert recall >= 0.85 and precision >= 0.90
+
+
+def test_group_photos_with_counted_faces(shared_faces, analyzer):
+    """Never more faces than people; both people of the two-person photos.
+
+    The selfie's 8 counted faces include 2 cut off at the edges and several large, overlapping, tilted
+    ones: the detector finds 4 of them (a known limit, printed here, not hidden).
+    """
+    folder = shared_faces / "group_photos"
+    exact = {row["file"]: int(row["faces"]) for row in _rows(folder / "labels.csv") if row["faces"].isdigit()}
+    exact = {file: count for file, count in exact.items() if not file[:4].isdigit()}  # XML ones tested above
+    assert len(exact) == 3
+    for file, count in exact.items():
+        found = len(analyzer.detect(load_image(folder / file)))
+        print(f"{file}: {found} faces found, {count} counted")
+        assert 1 <= found <= count, file
+        if count == 2:
+            assert found == 2, file
+
+
+def test_identity_verification_balanced_accuracy(identities, analyzer):
+    embeddings = [(identity, faces[0].embedding) for _, identity, faces in identities if faces]
+    same, different = [], []
+    for (id_a, emb_a), (id_b, emb_b) in itertools.combinations(embeddings, 2):
+        accepted = analyzer.same_person(emb_a, emb_b)
+        (same if id_a == id_b else different).append(accepted)
+    same_accuracy, different_accuracy = np.mean(same), 1 - np.mean(different)
+    balanced = (same_accuracy + different_accuracy) / 2
+    print(
+        f"verification at {analyzer.same_person_threshold}: same {same_accuracy:.1%} ({len(same)} pairs), "
+        f"different {different_accuracy:.1%} ({len(different)} pairs), balanced {balanced:.1%}"
+    )
+    assert balanced >= 0.97
+    assert analyzer.distance(embeddings[0][1], embeddings[0][1]) == 0.0
+
+
+def test_expression_accuracy_and_confusion_matrix(expressions):
+    labels = sorted({label for _, label, _ in expressions})
+    predicted = {file: (faces[0].expression if faces else "no face") for file, _, faces in expressions}
+    confusion = Counter((label, predicted[file]) for file, label, _ in expressions)
+    columns = [*EXPRESSIONS, "no face"]
+    lines = ["label \\ predicted".ljust(12) + "".join(c[:9].rjust(10) for c in columns)]
+    lines += [label.ljust(12) + "".join(str(confusion[(label, c)]).rjust(10) for c in columns) for label in labels]
+    print("\nexpression confusion matrix (expressions/):\n" + "\n".join(lines))
+    scored = [(label, predicted[file]) for file, label, _ in expressions if label in SCORED_EXPRESSIONS]
+    accuracy = np.mean([label == guess for label, guess in scored])
+    happy = [guess == "happy" for label, guess in scored if label == "happy"]
+    print(f"happy/neutral/surprised accuracy {accuracy:.1%} over {len(scored)}; happy recall {np.mean(happy):.1%}")
+    assert len(scored) >= 50
+    assert accuracy >= 0.70 and np.mean(happy) >= 0.90
+
+
+def test_exif_orientations_give_the_same_face_box(shared_faces, analyzer):
+    folder = shared_faces / "odd_formats"
+    reference = analyzer.detect(load_image(folder / "formats" / "hopper.jpg"))
+    assert len(reference) == 1
+    files = sorted((folder / "exif_orientation").iterdir())
+    assert len(files) == 8  # orientations 2..8 as JPEG and 6 as WebP
+    for path in files:
+        faces = analyzer.detect(load_image(path))
+        assert len(faces) == 1, path.name
+        iou = box_iou(np.array(faces[0].bbox), np.array(reference[0].bbox))
+        assert iou >= 0.9, f"{path.name}: IoU {iou:.2f}"
+
+
+MIRROR_PHOTOS = ("kit_harington/john2.jpeg", "obama/obama2.jpg", "Hugo_Chavez/Hugo_Chavez_0003.jpg", "obama/obama.jpg")
+
+
+@pytest.mark.parametrize("file", MIRROR_PHOTOS)
+def test_mirrored_photo_mirrors_the_pose(shared_faces, analyzer, file):
+    image = load_image(shared_faces / "identities" / file)
+    face = analyzer.analyze(image)[0]
+    mirrored = analyzer.analyze(ImageOps.mirror(image))[0]
+    print(f"{file}: yaw {face.yaw:.1f} / mirrored {mirrored.yaw:.1f}, pitch {face.pitch:.1f} / {mirrored.pitch:.1f}")
+    assert abs(face.yaw + mirrored.yaw) < 5.0
+    assert abs(face.pitch - mirrored.pitch) < 5.0
+    assert abs(face.roll + mirrored.roll) < 5.0
+    if abs(face.yaw) > 20:
+        assert np.sign(face.yaw) == -np.sign(mirrored.yaw)
+        mirror_bin = face.pose_bin.replace("left", "LEFT").replace("right", "left").replace("LEFT", "right")
+        assert mirrored.pose_bin == mirror_bin
+        # Sign convention (schemas.labels): yaw > 0 when the nose points to the image's right. Check it
+        # against the nose tip's offset from the eyes' midpoint, a measure independent of the pose solver.
+        eyes_mid_x = (face.kps5[0, 0] + face.kps5[1, 0]) / 2
+        assert np.sign(face.kps5[2, 0] - eyes_mid_x) == np.sign(face.yaw)
