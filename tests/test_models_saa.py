@@ -301,3 +301,15 @@ def test_lora_and_id_weights_train():
     processor = next(p for p in saa_processors(unet).values() if p.is_cross_attention)
     assert processor.to_q_lora.up.weight.grad.abs().sum() > 0
     assert processor.to_k_ip.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_two_persons_blended_into_one_box_hide_nothing_and_weight_the_first(two_person_unet):
+    unet, states = two_person_unet
+    latents = torch.randn(2, 4, 16, 16)
+    configure_saa(unet, num_ids=2, boxes=[(0.2, 0.2, 0.8, 0.8)], mix_scale=1.0, return_activation_maps=True)
+    unet(latents, 500, encoder_hidden_states=states)
+    for probs in saa_id_attention_probs(unet).values():
+        assert torch.all(probs > 0)  # nothing hidden: both persons' tokens are one blended face
+        second = probs[..., NUM_TOKENS:]  # mix_scale 1: the second person's logits are scaled to 0
+        torch.testing.assert_close(second, second[..., :1].expand_as(second))
