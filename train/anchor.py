@@ -30,6 +30,7 @@ from dynamicid.models import (
 from dynamicid.models.base import TINY_RANDOM, BaseModel, load_base_model
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.conditioning import (
+    clip_normalised,
     clip_states,
     noised,
     text_states,
@@ -172,9 +173,10 @@ def anchor_inputs(
     empty_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Noisy latents, noise, timesteps and the (partly dropped) conditions of one batch."""
-    latents = vae_latents(base, batch["pixel_values"].to(dtype), generator)
+    latents = vae_latents(base, batch["pixel_values"], generator)
     noisy, noise, timesteps = noised(base, latents, generator)
-    input_ids, id_embeds, clip_pixels = batch["input_ids"], batch["id_embeds"], batch["clip_pixel_values"]
+    input_ids, id_embeds = batch["input_ids"], batch["id_embeds"]
+    clip_pixels = clip_normalised(base, batch["clip_pixel_values"])
     drop_text_p, drop_id_p, drop_both_p = drops
     if sum(drops) > 0:
         draw = torch.rand(latents.shape[0], generator=generator)
@@ -191,7 +193,7 @@ def anchor_inputs(
         "timesteps": timesteps,
         "text": text_states(base, input_ids).to(dtype),
         "id_embeds": id_embeds,
-        "clip_embeds": clip_states(base, clip_pixels.to(dtype)),
+        "clip_embeds": clip_states(base, clip_pixels),
     }
 
 
@@ -328,7 +330,7 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
     device = accelerator.device
     text = text_states(base, torch.stack([r["input_ids"] for r in rows])).to(dtype)
     uncond_text = text_states(base, token_ids(base, [""])).to(dtype)
-    clip = clip_states(base, torch.stack([r["clip_pixel_values"] for r in rows]).to(device, dtype))
+    clip = clip_states(base, clip_normalised(base, torch.stack([r["clip_pixel_values"] for r in rows])))
     id_tokens = model.face_encoder(torch.stack([r["id_embeds"] for r in rows]).to(device), clip)
     uncond_id, uncond_clip = unconditional_face_inputs(base, id_dim)
     uncond_tokens = model.face_encoder(uncond_id, uncond_clip)

@@ -15,8 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from dynamicid.models import load_dynamicid
 from dynamicid.models.base import load_base_model
-from dynamicid.train.conditioning import clip_states
-from dynamicid.train.data import TOKEN_CACHE_COLUMNS, clip_tensor, dataset_fingerprint, embedding_info, load_curated
+from dynamicid.train.conditioning import clip_normalised, clip_states
+from dynamicid.train.data import (
+    TOKEN_CACHE_COLUMNS,
+    clip_tensor,
+    dataset_fingerprint,
+    decode_image,
+    embedding_info,
+    load_curated,
+)
 
 TOKENS_FILE = "tokens.safetensors"
 
@@ -68,9 +75,9 @@ def cache_tokens(
     tokens = []
     for start in range(0, len(rows), batch_size):
         batch = rows.select(range(start, min(start + batch_size, len(rows))))
-        clip = torch.stack([clip_tensor(r["image"].convert("RGB"), r["kps5"]) for r in batch]).to(device)
+        clip = torch.stack([clip_tensor(decode_image(r["image"]), r["kps5"]) for r in batch])
         embeds = torch.tensor(list(batch["embedding"]), dtype=torch.float32, device=device)
-        tokens.append(face_encoder(embeds, clip_states(base, clip)).float().cpu())
+        tokens.append(face_encoder(embeds, clip_states(base, clip_normalised(base, clip))).float().cpu())
     out = Path(output) / TOKENS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     header = {

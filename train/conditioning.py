@@ -15,9 +15,10 @@ from dynamicid.models.base import BaseModel, clip_hidden_states
 
 @torch.no_grad()
 def vae_latents(base: BaseModel, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Scaled latents sampled from the VAE posterior of images in [-1, 1]."""
+    """Scaled latents sampled from the VAE posterior of uint8 images (scaled to [-1, 1] on the device)."""
     vae = base.vae
-    dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    pixels = pixel_values.to(device=vae.device, dtype=vae.dtype) / 127.5 - 1.0
+    dist = vae.encode(pixels).latent_dist
     draw = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device, dist.mean.dtype)
     return (dist.mean + dist.std * draw) * vae.config.scaling_factor
 
@@ -54,9 +55,18 @@ def pooled_text(base: BaseModel, prompts: list[str]) -> torch.Tensor:
     return encoder(token_ids(base, prompts).to(encoder.device)).pooler_output
 
 
+def clip_normalised(base: BaseModel, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+    """uint8 aligned faces (N, 3, 224, 224) -> CLIP's mean/std-normalised input, on the encoder's device."""
+    encoder: Any = base.image_encoder
+    mean = torch.tensor(base.clip_mean, device=encoder.device).view(1, 3, 1, 1)
+    std = torch.tensor(base.clip_std, device=encoder.device).view(1, 3, 1, 1)
+    pixels = clip_pixel_values.to(encoder.device, torch.float32) / 255.0
+    return ((pixels - mean) / std).to(encoder.dtype)
+
+
 @torch.no_grad()
 def clip_states(base: BaseModel, clip_pixel_values: torch.Tensor) -> torch.Tensor:
-    """CLIP penultimate hidden states of the aligned 224 faces (see dynamicid.train.data)."""
+    """CLIP penultimate hidden states of normalised aligned 224 faces (see dynamicid.train.data)."""
     return clip_hidden_states(base, clip_pixel_values)
 
 

@@ -1,7 +1,8 @@
 """The curated dataset as training inputs: checked at start-up, then decoded, cropped and normalised per sample.
 
 Every label comes from the dataset's columns (never recomputed here): the identity embedding (`embedding`),
-the 5 keypoints (`kps5`), the dense landmarks, the caption and the face prompt.
+the 5 keypoints (`kps5`), the dense landmarks, the caption and the face prompt. Images leave the loader as
+uint8 (4x less to copy); they are scaled and normalised on the device (`dynamicid.train.conditioning`).
 
 The CLIP image encoder sees `arcface_align(crop, kps5, size=224)`: the 512 crop's face aligned by its 5 keypoints
 onto the ArcFace template at 224x224, then CLIP's mean/std normalisation with no further resize or crop. Inference
@@ -18,10 +19,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from dynamicid.faces.align import arcface_align, render_landmark_map
-from dynamicid.models.base import CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD
+from dynamicid.models.base import CLIP_IMAGE_SIZE
 
 ANCHOR_COLUMNS = ("image", "kps5", "embedding", "embedding_model", "caption")
 TOKEN_CACHE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "embedding_model")
@@ -46,7 +46,10 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
             f"dataset {folder} has no column(s) {', '.join(missing)} needed for training; "
             f"its columns are: {', '.join(dataset.column_names)}"
         )
-    return dataset.select_columns(list(columns))
+    dataset = dataset.select_columns(list(columns))
+    if "image" in columns:  # decoded here with OpenCV, faster than PIL for the PNG crops
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset
 
 
 def embedding_info(dataset: Any, folder: str | Path) -> tuple[str, int]:
@@ -66,24 +69,29 @@ def dataset_fingerprint(dataset: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """(3, R, R) float32 in [-1, 1] from the square crop."""
-    array = np.asarray(image.convert("RGB"))
-    if array.shape[0] != resolution:
-        interpolation = cv2.INTER_AREA if array.shape[0] > resolution else cv2.INTER_CUBIC
-        array = cv2.resize(array, (resolution, resolution), interpolation=interpolation)
-    # numpy does this small elementwise work several times faster than torch per sample
-    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) * (1 / 127.5) - 1.0)
+def decode_image(value: dict[str, Any]) -> np.ndarray:
+    """RGB uint8 (H, W, 3) from the dataset's undecoded image value (PNG bytes, or a path)."""
+    data = value.get("bytes")
+    if data is None:
+        data = Path(value["path"]).read_bytes()
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"a dataset image could not be decoded ({value.get('path') or 'embedded bytes'})")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-_CLIP_SCALE = (1 / (255.0 * np.asarray(CLIP_STD, dtype=np.float32))).reshape(3, 1, 1)
-_CLIP_SHIFT = (np.asarray(CLIP_MEAN, dtype=np.float32) / np.asarray(CLIP_STD, dtype=np.float32)).reshape(3, 1, 1)
+def image_tensor(image: np.ndarray, resolution: int) -> torch.Tensor:
+    """(3, R, R) uint8 from the square RGB crop (area-resized when smaller)."""
+    if image.shape[0] != resolution:
+        interpolation = cv2.INTER_AREA if image.shape[0] > resolution else cv2.INTER_CUBIC
+        image = cv2.resize(image, (resolution, resolution), interpolation=interpolation)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def clip_tensor(image: Image.Image, kps5: Any) -> torch.Tensor:
-    """(3, 224, 224) CLIP input: the face aligned by its keypoints (see the module docstring)."""
+def clip_tensor(image: np.ndarray, kps5: Any) -> torch.Tensor:
+    """(3, 224, 224) uint8 CLIP input: the face aligned by its keypoints (see the module docstring)."""
     face = np.asarray(arcface_align(image, np.asarray(kps5, dtype=np.float32), size=CLIP_IMAGE_SIZE))
-    return torch.from_numpy(face.transpose(2, 0, 1).astype(np.float32) * _CLIP_SCALE - _CLIP_SHIFT)
+    return torch.from_numpy(np.ascontiguousarray(face.transpose(2, 0, 1)))
 
 
 def landmark_map(landmarks: Any, crop_size: int) -> torch.Tensor:
@@ -121,7 +129,7 @@ class AnchorSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.dataset[int(index)]
-        image = row["image"].convert("RGB")
+        image = decode_image(row["image"])
         return {
             "index": torch.tensor(index),
             "pixel_values": image_tensor(image, self.resolution),
@@ -168,8 +176,8 @@ class IdentitySamples(torch.utils.data.Dataset):
         maps, prompts, pixels = [], [], []
         for i, row_index in enumerate([source, *targets]):
             row = self.dataset[row_index]
-            image = row["image"]
-            maps.append(landmark_map(row["landmarks"], image.width))
+            image = decode_image(row["image"])
+            maps.append(landmark_map(row["landmarks"], image.shape[1]))
             prompts.append(row["face_prompt"])
             if i > 0:
                 pixels.append(image_tensor(image, self.resolution))

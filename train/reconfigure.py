@@ -111,7 +111,7 @@ def reconfigure_loss(
     targets = torch.cat([item["tokens"][1:] for item in items]).to(device)
     dfm = F.mse_loss(predicted.float(), targets.float())
 
-    pixels = torch.cat([item["pixel_values"] for item in items]).to(device, dtype)
+    pixels = torch.cat([item["pixel_values"] for item in items])
     noisy, _, timesteps = noised(base, vae_latents(base, pixels, generator), generator)
     text = unet_text.expand(len(targets), -1, -1)
     with torch.no_grad():
