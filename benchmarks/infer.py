@@ -6,7 +6,8 @@ Bases (random weights, FAKE, nothing downloaded):
   and the tiny VAE / image encoder (only the UNet matters for the per-step time).
 Both at 32x32 latents (256x256 pixels), classifier-free guidance on (batch 2 per UNet call), DDIM.
 A step is timed between consecutive `callback_on_step_end` calls, so reference analysis, token encoding and
-decoding are excluded; the median over the steps after the first is reported.
+decoding are excluded; the median over the steps after the first is reported. Times are process CPU seconds
+with one torch thread: on a shared machine, wall time mostly measures the neighbours.
 
     .venv/bin/python benchmarks/infer.py [--bases tiny,sd15] [--steps 6] [--repeats 3] [--threads 1]
 """
@@ -67,7 +68,7 @@ def step_times(pipe, call) -> list[float]:
     stamps: list[float] = []
 
     def callback(pipeline, step, timestep, tensors):
-        stamps.append(time.perf_counter())
+        stamps.append(time.process_time())
         return {}
 
     call(pipe, callback)
@@ -133,12 +134,12 @@ def main() -> None:
 
     analyzer = ReferenceAnalyzer(FaceAnalyzer("embedded"))
     print(f"torch threads: {torch.get_num_threads()}, 2 people, {SIZE}x{SIZE} ({SIZE // 8}x{SIZE // 8} latents), CFG")
-    print(f"{'base':6} {'lora':>5} {'plain s/step':>13} {'DynamicID s/step':>17} {'ratio':>6}")
+    print(f"{'base':6} {'lora':>5} {'plain CPU s/step':>17} {'DynamicID CPU s/step':>21} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
         for name in args.bases.split(","):
             result = run(name, args.steps, args.repeats, analyzer, Path(workdir))
             print(
-                f"{name:6} {result['lora_rank']:>5} {result['plain_s']:>13.4f} {result['dynamicid_s']:>17.4f} "
+                f"{name:6} {result['lora_rank']:>5} {result['plain_s']:>17.4f} {result['dynamicid_s']:>21.4f} "
                 f"{result['ratio']:>6.2f}"
             )
 

@@ -160,7 +160,9 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         if image_encoder is not None:
             self.register_modules(image_encoder=_load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
-            raise ValueError("no CLIP image encoder: pass image_encoder=DIR (a CLIP vision model folder, ViT-H/14)")
+            raise ValueError(
+                "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
+            )
         modules = load_modules(weights, self.unet)
         clip_dim = int(self.image_encoder.config.hidden_size)
         if modules.face_encoder.clip_embeddings_dim != clip_dim:
