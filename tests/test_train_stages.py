@@ -12,11 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dynamicid.curation.pipeline import build_dataset
-from dynamicid.models import FaceEncoder, configure_saa, load_dynamicid, saa_processors, save_dynamicid
+from dynamicid.models import (
+    FaceEncoder,
+    configure_saa,
+    load_dynamicid,
+    load_ip_adapter_faceid,
+    load_release_checkpoint,
+    saa_processors,
+    save_dynamicid,
+)
 from dynamicid.models.base import load_base_model
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.anchor import FULL_IMAGE_BOX, AnchorModel, FixedEvaluation, train_anchor
@@ -279,3 +288,88 @@ def test_base_model_folder_without_unet_is_refused(curated, tmp_path):
     config = AnchorConfig(**{**TINY, "base_model": str(base)}, dataset=str(curated), output_dir=str(tmp_path / "r"))
     with pytest.raises(FileNotFoundError, match=r"has no unet subfolder"):
         train_anchor(config)
+
+
+# ---- starting points and precision settings ----
+
+
+def _release_style_files(tmp_path: Path) -> dict[str, Path]:
+    """A tiny IP-Adapter FaceID-Plus file and a release SAA file for the tiny UNet (random, seeded values)."""
+    from dynamicid.models import install_saa
+
+    torch.manual_seed(1)
+    unet = load_base_model("tiny-random").unet
+    install_saa(unet, rank=4, num_tokens=4)
+    for p in unet.parameters():
+        p.data.normal_()
+    index_keyed = {
+        f"{i}.{key}": tensor.clone()
+        for i, processor in enumerate(saa_processors(unet).values())
+        for key, tensor in processor.state_dict().items()
+    }
+    encoder = {key: torch.randn_like(t) for key, t in FaceEncoder(32, 128, 48).state_dict().items()}
+    torch.save({"image_proj": encoder, "ip_adapter": index_keyed}, tmp_path / "ip-adapter-faceid-plusv2.bin")
+    torch.save({"SAA_module": index_keyed}, tmp_path / "SAA.bin")
+    return {"ip-adapter-faceid": tmp_path / "ip-adapter-faceid-plusv2.bin", "release": tmp_path / "SAA.bin"}
+
+
+@pytest.mark.parametrize("kind", ["dynamicid", "ip-adapter-faceid", "release"])
+def test_init_from_starts_from_the_given_weights_and_records_them(kind, anchor_run, curated, tmp_path):
+    init = anchor_run["weights"] if kind == "dynamicid" else _release_style_files(tmp_path)[kind]
+    config = AnchorConfig(
+        **TINY,
+        dataset=str(curated),
+        output_dir=str(tmp_path / "run"),
+        init_from=str(init),
+        lora_rank=4,
+        train_batch_size=2,
+        max_steps=1,
+        learning_rate=0.0,  # AdamW with lr 0 leaves every weight as loaded
+        eval_samples=2,
+    )
+    weights = load_dynamicid(train_anchor(config))
+    assert weights.metadata.source.startswith(f"{kind}:{init.name}:")
+    expected = load_base_model("tiny-random").unet
+    if kind == "dynamicid":
+        source = load_dynamicid(init)
+        source.load_saa_into(expected)
+        assert all(
+            torch.equal(v, weights.state_dicts["face_encoder"][k])
+            for k, v in source.state_dicts["face_encoder"].items()
+        )
+    else:
+        loaded = load_ip_adapter_faceid(init) if kind == "ip-adapter-faceid" else load_release_checkpoint(init)
+        loaded.load_saa_into(expected)
+        if kind == "ip-adapter-faceid":
+            encoder = loaded.build_face_encoder().state_dict()
+            assert all(torch.equal(v, weights.state_dicts["face_encoder"][k]) for k, v in encoder.items())
+    saa = {k: v for k, v in expected.state_dict().items() if ".processor." in k}
+    trained = weights.state_dicts["saa"]
+    assert saa.keys() == trained.keys() and all(torch.equal(trained[k], v) for k, v in saa.items())
+
+
+def test_gradient_checkpointing_gives_the_same_steps(curated, tmp_path):
+    settings = {**TINY, "dataset": str(curated), "train_batch_size": 2, "lora_rank": 4, "eval_samples": 2}
+    settings |= {"max_steps": 2, "learning_rate": 1e-3}
+    plain = load_file(str(train_anchor(AnchorConfig(**settings, output_dir=str(tmp_path / "a")))))
+    config = AnchorConfig(**settings, output_dir=str(tmp_path / "b"), gradient_checkpointing=True)
+    recomputed = load_file(str(train_anchor(config)))
+    assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
+
+
+def test_command_line_run_from_yaml_in_bf16(curated, tmp_path):
+    """`python -m dynamicid.train anchor --config run.yaml` with a flag on top (a fresh process: accelerate's
+    precision is fixed per process)."""
+    settings = {**TINY, "dataset": str(curated), "output_dir": str(tmp_path / "run"), "train_batch_size": 2}
+    settings |= {"lora_rank": 4, "eval_samples": 2, "max_steps": 3, "mixed_precision": "fp16"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "dynamicid.train", "anchor", "--config", str(tmp_path / "run.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, "--mixed-precision", "bf16"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Mixed precision type: bf16" in result.stdout
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    weights = load_file(str(tmp_path / "run" / "weights.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())  # trained weights stay float32
+    losses = [row["loss"] for row in read_metrics(tmp_path / "run") if "loss" in row]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
