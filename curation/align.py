@@ -57,6 +57,7 @@ def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
             backend=run.config.face_backend,
             workers=run.config.workers,
             desc="align",
+            uses_models=False,
             progress=run.progress,
         ):
             done[row["key"]] = row

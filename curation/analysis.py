@@ -135,8 +135,9 @@ def align_job(backend: str, job: tuple[str, str, int, list[float], int]) -> dict
     }
 
 
-def _init_worker(backend: str) -> None:
-    analyzer(backend)  # load the models once per worker, before the first job
+def _init_worker(backend: str | None) -> None:
+    if backend is not None:
+        analyzer(backend)  # load the models once per worker, before the first job
 
 
 def _call(args: tuple[Callable, str, Any]) -> Any:
@@ -152,8 +153,12 @@ def run_jobs(
     workers: int,
     desc: str,
     progress: bool,
+    uses_models: bool = True,
 ) -> Iterator[Any]:
-    """Results of `func(backend, job)` for every job, in completion order (callers key them by content hash)."""
+    """Results of `func(backend, job)` for every job, in completion order (callers key them by content hash).
+
+    `uses_models=False` (alignment) starts the workers without building a FaceAnalyzer.
+    """
     bar = tqdm(total=len(jobs), desc=desc, unit="photo", disable=not progress or not jobs, leave=False)
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -162,7 +167,9 @@ def run_jobs(
                 bar.update()
             return
         context = multiprocessing.get_context("spawn")
-        with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(backend,)) as pool:
+        with context.Pool(
+            min(workers, len(jobs)), initializer=_init_worker, initargs=(backend if uses_models else None,)
+        ) as pool:
             tasks: Iterable = ((func, backend, job) for job in jobs)
             for result in pool.imap_unordered(_call, tasks, chunksize=1):
                 yield result

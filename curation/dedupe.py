@@ -61,7 +61,7 @@ def dedupe(run: Run, identify_table: pa.Table) -> pa.Table:
             }
         )
     with run.stage_timer("dedupe") as stats:
-        # Identical bytes anywhere in the run: the first path (sorted) stays.
+        # Identical bytes anywhere in the run: the first path (sorted) stands for them in the near-duplicate test.
         first_with_bytes: dict[str, str] = {}
         for row in rows:
             kept = first_with_bytes.setdefault(row["sha256"], row["source_path"])
@@ -71,6 +71,7 @@ def dedupe(run: Run, identify_table: pa.Table) -> pa.Table:
         for row in rows:
             if row["reason"] is None:
                 by_identity.setdefault(row["identity"], []).append(row)
+        kept_for: dict[str, str] = {}
         for group_rows in by_identity.values():
             labels = near_duplicate_groups(group_rows, run.config.phash_max_distance, run.duplicate_cos)
             for label in np.unique(labels):
@@ -80,5 +81,11 @@ def dedupe(run: Run, identify_table: pa.Table) -> pa.Table:
                     copy["detail"] = (
                         "same picture as the kept copy (perceptual hash or embedding), which is larger or sharper"
                     )
+                    kept_for[copy["source_path"]] = members[0]["source_path"]
+        # Byte-identical copies point at the copy finally kept, not at one that lost to a better version.
+        for row in rows:
+            standing_in = first_with_bytes[row["sha256"]]
+            if standing_in != row["source_path"] and standing_in in kept_for:
+                row["reason"] = duplicate_reason(kept_for[standing_in])
         stats.computed += len(rows)
     return pa.Table.from_pylist([{k: r.get(k) for k in DEDUPE_SCHEMA.names} for r in rows], schema=DEDUPE_SCHEMA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from dynamicid.curation.analysis import detect_job, run_jobs
@@ -28,6 +29,20 @@ def face_size(face: dict) -> float:
     """Short side of the face box (source pixels)."""
     x0, y0, x1, y1 = face["bbox"]
     return min(x1 - x0, y1 - y0)
+
+
+def border_margin(face: dict, width: int, height: int) -> float:
+    """Distance from the 5 keypoints to the left/right image border, in eye distances (negative: outside).
+
+    A whole face reaches about one eye distance beyond each eye, so keypoints nearer a side border than
+    `min_border_margin` of it mean a face cut off at the side (a half face at the edge of a photo). Top and
+    bottom only need the keypoints inside the image: tight portrait crops often cut the chin or the hair.
+    """
+    kps = np.asarray(face["kps5"], np.float32).reshape(5, 2)
+    eye_distance = max(float(np.linalg.norm(kps[1] - kps[0])), 1.0)
+    side = min(kps[:, 0].min(), width - kps[:, 0].max()) / eye_distance
+    vertical = min(kps[:, 1].min(), height - kps[:, 1].max())
+    return float(side) if vertical >= 0 else float(min(side, vertical / eye_distance))
 
 
 def detect(run: Run, scan_table: pa.Table) -> pa.Table:
@@ -71,7 +86,16 @@ def detect(run: Run, scan_table: pa.Table) -> pa.Table:
                     f"largest face is {largest:.0f} px, below the {run.config.min_face_size:.0f} px minimum "
                     "(--min-face-size)"
                 )
-            row["faces"] = big[: run.config.max_faces_per_photo]
+            size = (found["width"], found["height"])
+            whole = [f for f in big if border_margin(f, *size) >= run.config.min_border_margin]
+            if big and not whole:
+                margin = max(border_margin(f, *size) for f in big)
+                row["reason"] = RejectReason.LOW_QUALITY.value
+                row["detail"] = (
+                    f"the face is cut off by the image border (keypoints {margin:.2f} eye distances from the "
+                    f"side, minimum {run.config.min_border_margin})"
+                )
+            row["faces"] = whole[: run.config.max_faces_per_photo]
         rows.append(row)
     rows.sort(key=lambda r: r["source_path"])
     return pa.Table.from_pylist([{k: r.get(k) for k in DETECT_SCHEMA.names} for r in rows], schema=DETECT_SCHEMA)

@@ -19,6 +19,7 @@ from dynamicid.curation.imagehash import hamming
 
 EXACT_LIMIT = 4096  # above this many vectors, `similar_components` uses the inverted-file index
 BLOCK = 1024
+SMALL_GRAPH = 2048  # below this many nodes, components are found with a plain union-find
 
 
 def cosine_threshold(distance: Callable[[np.ndarray, np.ndarray], float], threshold: float, dim: int) -> float:
@@ -43,17 +44,31 @@ def cosine_threshold(distance: Callable[[np.ndarray, np.ndarray], float], thresh
 
 def components(n: int, edges: np.ndarray) -> np.ndarray:
     """Connected-component label per node (labels numbered by the smallest node index in each component)."""
-    if n == 0:
-        return np.zeros(0, np.int64)
     edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    if n <= SMALL_GRAPH:
+        parent = list(range(n))  # union-find: for one identity's photos this beats building a sparse matrix
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for a, b in edges.tolist():
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        roots = [find(i) for i in range(n)]
+        rank = {root: k for k, root in enumerate(sorted(set(roots)))}
+        return np.array([rank[r] for r in roots], np.int64)
     graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     first = np.full(labels.max() + 1, n, np.int64)
     np.minimum.at(first, labels, np.arange(n))
     order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[labels]
+    rank_of = np.empty_like(order)
+    rank_of[order] = np.arange(len(order))
+    return rank_of[labels]
 
 
 def similar_pairs(embeddings: np.ndarray, min_cos: float) -> np.ndarray:

@@ -32,7 +32,7 @@ WORK_FORMAT = "1"  # bump when a stage table's layout or meaning changes: older 
 
 # stage -> (function, the stage whose table it reads, the settings its result depends on)
 STAGE_FUNCTIONS: dict[str, tuple[Callable[[Run, pa.Table], pa.Table], str, tuple[str, ...]]] = {
-    "detect": (detect, "scan", ("face_backend", "min_face_size", "max_faces_per_photo")),
+    "detect": (detect, "scan", ("face_backend", "min_face_size", "min_border_margin", "max_faces_per_photo")),
     "identify": (identify, "detect", ("face_backend", "cluster")),
     "dedupe": (dedupe, "identify", ("phash_max_distance", "dup_embedding_fraction")),
     "align": (align, "dedupe", ("crop_size", "min_sharpness", "min_brightness", "max_brightness")),
@@ -174,7 +174,8 @@ def write_outputs(run: Run) -> pa.Table:
     summary_path = run.out_dir / "summary.json"
     if summary_path.exists() and (run.out_dir / "report.html").exists():
         previous = json.loads(summary_path.read_text())
-        if previous.get("fingerprint") == fingerprint:
+        files_there = all((run.out_dir / name).exists() for name in previous.get("files", []))
+        if previous.get("fingerprint") == fingerprint and files_there:
             run.stats.setdefault("write", StageStats()).skipped = True
             write_summary(run.out_dir, {**previous, "stages": stage_stats(run)})
             return run.work.read("select")

@@ -38,13 +38,20 @@ def thumbnail_uri(image: Image.Image, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _source_thumbnail(photos_dir: Path | None, relative: str, size: int) -> str | None:
-    if photos_dir is None:
+# Files rejected for these reasons are not opened again (they may be pipes, bombs or unreadable).
+NO_PREVIEW_REASONS = ("unreadable", "undecodable")
+
+
+def _source_thumbnail(photos_dir: Path | None, reject: dict, size: int) -> str | None:
+    if photos_dir is None or reject["reason"] in NO_PREVIEW_REASONS or reject["stage"] == "scan":
         return None
     from dynamicid.faces import load_image
 
+    path = photos_dir / reject["source_path"]
     try:
-        return thumbnail_uri(load_image(photos_dir / relative), size)
+        if not path.is_file():
+            return None
+        return thumbnail_uri(load_image(path), size)
     except (ValueError, OSError):
         return None
 
@@ -120,7 +127,7 @@ def build_report(out_dir: Path) -> Path:
         if examples:
             parts.append(f"<h3>Rejected ({len(examples)})</h3><div class='sheet'>")
             for r in examples[:MAX_REJECT_EXAMPLES]:
-                uri = _source_thumbnail(photos_dir, r["source_path"], size)
+                uri = _source_thumbnail(photos_dir, r, size)
                 img = f"<img src='{uri}' alt=''>" if uri else "<img alt='(no preview)'>"
                 parts.append(
                     f"<figure class='reject'>{img}<figcaption><b>{html.escape(r['reason'])}</b> ({r['stage']})<br>"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def _os_reason(error: OSError) -> str:
         return "symbolic link loop"
     if error.errno == errno.ENOENT:
         return "broken symbolic link or file removed during the scan"
+    if error.errno == errno.EISDIR:
+        return "not a regular file (a pipe, socket or device): nothing to read"
     if error.errno in (errno.EACCES, errno.EPERM):
         return "permission denied (check the file's read permission)"
     return f"{error.strerror or type(error).__name__} (errno {error.errno})"
@@ -132,6 +135,8 @@ def scan(
         else:
             try:
                 st = item.path.stat()
+                if not stat.S_ISREG(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file (a pipe, socket or device)")
                 row["size"] = st.st_size
                 stat_key = f"{item.relative}\x1f{st.st_size}\x1f{st.st_mtime_ns}"
                 if stat_key not in known:

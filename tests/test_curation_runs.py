@@ -1,0 +1,140 @@
+"""Resume after SIGKILL, no repeated work, and identical output across workers and shards (small real subset)."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from dynamicid.curation import build_dataset
+from dynamicid.curation.merge import merge_datasets
+
+IDENTITIES = ("obama", "kit_harington", "John_Salley")  # 19 photos: more than one cache batch (16)
+
+
+def row_hashes(out_dir):
+    """One hash per dataset row (every column, image bytes included), in file order."""
+    table = pq.read_table(out_dir / "data")
+    return [
+        hashlib.sha256(json.dumps(row, sort_keys=True, default=lambda b: b.hex()).encode()).hexdigest()
+        for row in table.to_pylist()
+    ]
+
+
+def side_tables(out_dir):
+    return [pq.read_table(out_dir / name).to_pylist() for name in ("identities.parquet", "rejects.parquet")]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, shared_faces):
+    root = tmp_path_factory.mktemp("small") / "photos"
+    for identity in IDENTITIES:
+        shutil.copytree(shared_faces / "identities" / identity, root / identity)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory):
+    """One uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    summary = build_dataset(photos, out, face_backend="embedded", progress=False)
+    assert summary["kept"] > 0
+    return out
+
+
+def test_sigkilled_build_resumes_without_redoing_work_and_matches(photos, reference, tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "from dynamicid.curation import build_dataset; "
+        f"build_dataset({str(photos)!r}, {str(out)!r}, face_backend='embedded', progress=False)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_batch = out / ".work" / "detect-embedded" / "part-00000.parquet"
+    deadline = time.monotonic() + 300
+    while not first_batch.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the build finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists()
+
+    resumed = build_dataset(photos, out, face_backend="embedded", progress=False)
+    detect = resumed["stages"]["detect"]
+    assert detect["reused"] >= 16  # the batch written before the kill
+    assert detect["computed"] + detect["reused"] == sum(1 for p in photos.rglob("*") if p.is_file())
+    assert row_hashes(out) == row_hashes(reference)
+    assert side_tables(out) == side_tables(reference)
+
+    again = build_dataset(photos, out, face_backend="embedded", progress=False)
+    assert all(s["computed"] == 0 for s in again["stages"].values())
+
+
+def test_two_workers_give_the_same_rows_as_one(photos, reference, tmp_path):
+    out = tmp_path / "out"
+    summary = build_dataset(photos, out, face_backend="embedded", workers=2, progress=False)
+    assert summary["stages"]["detect"]["computed"] > 0
+    assert row_hashes(out) == row_hashes(reference)
+    assert side_tables(out) == side_tables(reference)
+
+
+def test_two_shards_merged_equal_one_run(photos, reference, tmp_path):
+    parts = []
+    for index in range(2):
+        part = tmp_path / f"part{index}"
+        build_dataset(photos, part, face_backend="embedded", shard=(index, 2), progress=False)
+        parts.append(part)
+    merged = merge_datasets(parts, tmp_path / "merged")
+    assert merged["scanned"] == json.loads((reference / "summary.json").read_text())["scanned"]
+    assert row_hashes(tmp_path / "merged") == row_hashes(reference)
+    assert side_tables(tmp_path / "merged") == side_tables(reference)
+
+
+def test_no_resume_recomputes_from_scratch(photos, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    summary = build_dataset(photos, out, face_backend="embedded", resume=False, progress=False, min_per_identity=6)
+    assert summary["stages"]["detect"]["computed"] > 0
+    assert summary["rejected_by_reason"]["too_few_images"] >= 3  # kit_harington has 3 photos
+    assert row_hashes(out) != row_hashes(reference)
+
+
+def test_cluster_mode_groups_a_flat_folder_by_person(shared_faces, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    truth = {}
+    for identity, names in (("kit_harington", None), ("obama", ("obama1.jpg", "obama2.jpg", "obama3.jpg"))):
+        for photo in sorted((shared_faces / "identities" / identity).iterdir()):
+            if names is None or photo.name in names:
+                shutil.copyfile(photo, flat / f"{identity}__{photo.name}")
+                truth[f"{identity}__{photo.name}"] = identity
+    summary = build_dataset(flat, tmp_path / "out", face_backend="embedded", cluster=True, progress=False)
+    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    assert summary["kept"] + summary["rejected"] == len(truth)
+    people = {}
+    for row in rows:
+        assert row["identity"].startswith("person_")
+        people.setdefault(row["identity"], set()).add(truth[row["source_path"]])
+    assert all(len(found) == 1 for found in people.values())  # no cluster mixes two people
+    assert {next(iter(f)) for f in people.values()} == {"kit_harington", "obama"}
+
+
+def test_demo_curates_the_installed_sample_photos(tmp_path):
+    import datasets
+    from click.testing import CliRunner
+
+    from dynamicid.curation.cli import main
+
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "demo"), "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["kept"] + summary["rejected"] == summary["scanned"]
+    for name in ("README.md", "report.html", "summary.json", "identities.parquet", "rejects.parquet"):
+        assert (tmp_path / "demo" / name).exists(), name
+    ds = datasets.load_dataset(str(tmp_path / "demo"), split="train")
+    assert ds.num_rows == summary["kept"]
