@@ -313,3 +313,37 @@ def test_two_persons_blended_into_one_box_hide_nothing_and_weight_the_first(two_
         assert torch.all(probs > 0)  # nothing hidden: both persons' tokens are one blended face
         second = probs[..., NUM_TOKENS:]  # mix_scale 1: the second person's logits are scaled to 0
         torch.testing.assert_close(second, second[..., :1].expand_as(second))
+
+
+def test_id_projections_start_as_copies_of_the_layer_keys_and_values():
+    unet = tiny_unet()
+    install_saa(unet, rank=4, num_tokens=NUM_TOKENS)
+    for name, processor in saa_processors(unet).items():
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if processor.is_cross_attention:
+            assert torch.equal(processor.to_k_ip.weight, attn.to_k.weight)
+            assert torch.equal(processor.to_v_ip.weight, attn.to_v.weight)
+        else:
+            assert not hasattr(processor, "to_k_ip")
+
+
+@torch.no_grad()
+def test_half_precision_base_with_float32_lora_runs_close_to_float32(two_person_unet):
+    unet, states = two_person_unet
+    latents = torch.randn(2, 4, 16, 16)
+    configure_saa(unet, num_ids=2, gating=False)
+    expected = unet(latents, 500, encoder_hidden_states=states).sample
+    half = tiny_unet()
+    install_saa(half, rank=4, num_tokens=NUM_TOKENS)
+    half.load_state_dict(unet.state_dict())  # base and SAA weights (processors are submodules)
+    half.to(torch.bfloat16)
+    for processor in saa_processors(half).values():  # LoRA kept in float32, as training does
+        for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
+            lora.float()
+    configure_saa(half, num_ids=2, gating=False)
+    sample = half(latents.bfloat16(), 500, encoder_hidden_states=states.bfloat16()).sample
+    assert sample.dtype == torch.bfloat16
+    # diffusers' own AttnProcessor2_0 UNet is ~1 % off in bfloat16 here
+    assert (sample.float() - expected).norm() / expected.norm() < 0.03
+    configure_saa(half, num_ids=2, boxes=[(0.1, 0.1, 0.5, 0.4), (0.1, 0.6, 0.5, 0.9)], boost=2.0, boost_steps=1)
+    assert torch.isfinite(half(latents.bfloat16(), 500, encoder_hidden_states=states.bfloat16()).sample).all()
