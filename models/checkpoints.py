@@ -128,7 +128,10 @@ def save_dynamicid(
 
 @dataclass
 class DynamicIDWeights:
-    """The parts of one or more of our weights files, with the metadata they were made for."""
+    """The parts of one or more of our weights files, with the metadata they were made for.
+
+    The `build_*` methods return modules in eval mode (as `from_release` does); call `.train()` to train them.
+    """
 
     metadata: CheckpointMetadata
     state_dicts: dict[str, dict[str, torch.Tensor]]
@@ -155,19 +158,19 @@ class DynamicIDWeights:
         md = self.metadata
         encoder = FaceEncoder(md.cross_attention_dim, md.id_embed_dim, md.clip_embed_dim, md.num_tokens)
         load_strict(encoder, self._part("face_encoder"), what="face_encoder weights")
-        return encoder
+        return encoder.eval()
 
     def build_imr(self) -> IMR:
         state_dict = self._part("imr")
         config = self.imr_config or release_kwargs_from_state_dict("imr", state_dict)
         imr = IMR(**config)
         load_strict(imr, state_dict, what="imr weights")
-        return imr
+        return imr.eval()
 
     def build_keypoint_encoder(self) -> KeypointEncoder:
         encoder = KeypointEncoder(self.metadata.keypoint_dim)
         load_strict(encoder, self._part("keypoint_encoder"), what="keypoint_encoder weights")
-        return encoder
+        return encoder.eval()
 
     def load_saa_into(self, unet: nn.Module) -> None:
         """Install SAA on `unet` if needed (with the file's rank and token count) and load the weights."""
