@@ -34,8 +34,8 @@ class EmbeddedConfig:
     expression_crop: ExpressionCrop = field(default_factory=ExpressionCrop)
     # Euclidean distance between L2-normalised dlib descriptors. dlib's usual 0.6 applies to raw descriptors,
     # whose norms are about 1.4 (1.29..1.60 on identities/), so it becomes about 0.43 here. On all pairs of
-    # ../shared/data/faces/identities the balanced accuracy peaks at 0.43-0.44 (98.0 %); 0.5 gives 95.9 %,
-    # 0.6 only 72 % (ORL's tiny grey faces are the hard different pairs).
+    # ../shared/data/faces/identities the balanced accuracy peaks at 0.43-0.44 (98.4 %); 0.5 gives 96.4 %,
+    # 0.6 only 73 % (ORL's tiny grey faces are the hard different pairs).
     same_person_threshold: float = 0.44
 
 
