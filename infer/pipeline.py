@@ -200,6 +200,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         guidance_scale: float,
         negative_prompt: str | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        num_images_per_prompt: int = 1,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
         if self.dynamicid is None or self.reference_analyzer is None:
@@ -212,6 +213,8 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
         if not people or not all(isinstance(p, Person) for p in people):
@@ -366,7 +369,15 @@ class DynamicIDPipeline(StableDiffusionPipeline):
 
         # 1. Check inputs before any model runs
         boxes = self.check_inputs(
-            prompt, people, height, width, num_inference_steps, guidance_scale, negative_prompt, tensor_inputs
+            prompt,
+            people,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            tensor_inputs,
+            num_images_per_prompt,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +61,12 @@ class Reference:
 
 
 class ReferenceAnalyzer:
-    """Wraps a `FaceAnalyzer`; one cache entry per distinct picture."""
+    """Wraps a `FaceAnalyzer`; remembers the faces of the last `cache_size` distinct pictures."""
 
-    def __init__(self, analyzer: FaceAnalyzer):
+    def __init__(self, analyzer: FaceAnalyzer, cache_size: int = 64):
         self.analyzer = analyzer
-        self._cache: dict[str, tuple[Face, int]] = {}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[Face, int]] = OrderedDict()
 
     @property
     def embedding_model(self) -> str:
@@ -85,6 +87,9 @@ class ReferenceAnalyzer:
             if not faces:
                 raise NoFaceError(f"no face found in {role} {name}; use a photo in which one face is clearly visible")
             self._cache[key] = (faces[0], len(faces))
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
         face, num_faces = self._cache[key]
         if num_faces > 1:
             warnings.warn(f"{num_faces} faces in {role} {name}; using the largest", DynamicIDWarning, stacklevel=2)
