@@ -299,3 +299,20 @@ def test_landmark_image_and_pose_targets(pipe, photos):
     assert second["target_pose"] == pose and second["target_expression"] == second["reference"]["expression"]
     plain = generate(pipe, [Person(photos["obama"]), Person(photos["biden"])], output_type="np")
     assert not np.array_equal(out.images, plain.images)
+
+
+def test_missing_parts_are_named(tmp_path, weights, analyzer):
+    from dynamicid.models.checkpoints import load_dynamicid, save_dynamicid
+
+    ours = load_dynamicid(weights["ours"])
+    face_only = save_dynamicid(
+        tmp_path / "face.safetensors", metadata=ours.metadata, face_encoder=ours.build_face_encoder()
+    )
+    pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
+    with pytest.raises(ValueError, match=r"hold.* no saa .*parts found: face_encoder"):
+        pipe.load_dynamicid(face_only, face_analyzer=analyzer)
+
+    saa_only = tmp_path / "SAA.bin"
+    torch.save({"SAA_module": torch.load(weights["release"].saa, weights_only=True)["SAA_module"]}, saa_only)
+    with pytest.raises(ValueError, match=r"lack face_encoder.*face_encoder: missing"):
+        pipe.load_dynamicid(ReleaseFiles(saa=saa_only), face_analyzer=analyzer)
