@@ -77,6 +77,12 @@ def main() -> None:
     + ", ".join(p.name for p in POSE_BINS)
     + ".",
 )
+@click.option(
+    "--landmark-image",
+    "landmark_images",
+    multiple=True,
+    help=f"Photo whose face gives the target landmarks, once per --person in order ('{KEEP}': none).",
+)
 @click.option("--box", "boxes", multiple=True, help="y0,x0,y1,x1 in [0, 1], once per --person (none: equal strips).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, recorded in the sidecar).")
 @click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps (DDIM).")
@@ -149,7 +155,9 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
         check_person_labels(person, i)
         if person.box is not None:
             check_box(person.box, i)
-        load_image(person.image)  # unreadable references fail here, before any model loads
+        for image in (person.image, person.landmark_image):
+            if image is not None:
+                load_image(image)  # unreadable photos fail here, before any model loads
     weights = _weights(options)
 
     # 2. Models
@@ -223,6 +231,7 @@ def _people(options: dict[str, Any]) -> list[Any]:
     count = len(options["persons"])
     expressions = _per_person(options["expressions"], count, "--expression")
     poses = _per_person(options["poses"], count, "--pose")
+    landmark_images = _per_person(options["landmark_images"], count, "--landmark-image")
     boxes = _per_person(options["boxes"], count, "--box") if options["boxes"] else [None] * count
     people = []
     for i, path in enumerate(options["persons"]):
@@ -232,7 +241,8 @@ def _people(options: dict[str, Any]) -> list[Any]:
                 box = tuple(float(v) for v in boxes[i].split(","))
             except ValueError:
                 raise InputError(f"--box {boxes[i]!r} (person {i + 1}): expected four numbers y0,x0,y1,x1") from None
-        people.append(Person(image=path, expression=expressions[i], pose=poses[i], box=box))
+        landmark_image = Path(landmark_images[i]) if landmark_images[i] is not None else None
+        people.append(Person(path, expressions[i], poses[i], landmark_image, box))
     return people
 
 
@@ -330,7 +340,12 @@ def _sidecar(
         },
         "people": [
             {
-                "requested": {"expression": person.expression, "pose": person.pose, "box": person.box},
+                "requested": {
+                    "expression": person.expression,
+                    "pose": person.pose,
+                    "landmark_image": None if person.landmark_image is None else str(person.landmark_image),
+                    "box": person.box,
+                },
                 **report,
             }
             for person, report in zip(people, result.people, strict=True)

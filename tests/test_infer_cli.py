@@ -160,6 +160,18 @@ def test_same_seed_same_pixels(tmp_path, weights, refs):
     assert np.array_equal(*outputs)
 
 
+def test_landmark_image_and_keep(tmp_path, weights, refs):
+    args = ["--prompt", "p", "--person", refs["obama"], "--person", refs["biden"], "--size", "64x64"]
+    args += ["--landmark-image", refs["biden"], "--landmark-image", "keep", "--expression", "keep"]
+    args += ["--expression", "sad", "--out", str(tmp_path / "l.png")]
+    result = run(args, ["--weights", str(weights["ours"])])
+    assert result.exit_code == 0, result.output
+    first, second = json.loads((tmp_path / "l.json").read_text())["people"]
+    assert first["edited"] and first["landmark_image"] == refs["biden"]
+    assert first["requested"] == {"expression": None, "pose": None, "landmark_image": refs["biden"], "box": None}
+    assert second["edited"] and second["target_expression"] == "sad" and second["landmark_image"] is None
+
+
 def test_release_files(tmp_path, weights, refs):
     release = weights["release"]
     files = [
