@@ -3,6 +3,7 @@
 One anchoring run and one reconfiguration run are shared by the tests of this module (module fixtures).
 """
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -85,7 +86,7 @@ def anchor_run(curated, tmp_path_factory):
         output_dir=str(tmp_path_factory.mktemp("anchor")),
         train_batch_size=4,
         max_steps=30,
-        learning_rate=5e-3,
+        learning_rate=1e-2,
         lora_rank=4,
         checkpointing_steps=10,
         checkpoints_total_limit=2,
@@ -118,7 +119,7 @@ def test_anchoring_trains_only_saa_and_face_encoder(anchor_run):
 def test_anchor_run_folder(anchor_run):
     run = Path(anchor_run["config"].output_dir)
     assert [p.name for p in checkpoint_dirs(run)] == ["checkpoint-20", "checkpoint-30"]  # last 2 kept
-    assert (run / "config.yaml").read_text().count("learning_rate: 0.005") == 1
+    assert (run / "config.yaml").read_text().count("learning_rate: 0.01") == 1
     assert list((run / "samples" / "step-000030").glob("*.png"))
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     assert load_dynamicid(run / "weights.safetensors").metadata.source == "random"
@@ -188,6 +189,16 @@ def test_reconfiguration_logs_dfm_and_ldc_and_lowers_the_fixed_set_loss(reconfig
     evals = [row for row in metrics if "eval_loss" in row]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_dfm"] < evals[0]["eval_dfm"]
+
+
+def test_reconfiguration_resumes_bit_for_bit(reconfigure_run, tmp_path):
+    settings = dataclasses.asdict(reconfigure_run["config"]) | {"checkpointing_steps": 2, "eval_samples": 1}
+    settings |= {"train_batch_size": 1, "targets_per_identity": 1}
+    straight = train_reconfigure(ReconfigureConfig(**settings | {"output_dir": str(tmp_path / "a"), "max_steps": 4}))
+    train_reconfigure(ReconfigureConfig(**settings | {"output_dir": str(tmp_path / "b"), "max_steps": 2}))
+    resumed = ReconfigureConfig(**settings | {"output_dir": str(tmp_path / "b"), "max_steps": 4, "resume": "latest"})
+    a, b = load_file(str(straight)), load_file(str(train_reconfigure(resumed)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_reconfiguration_trains_only_imr_and_keypoint_encoder(reconfigure_run):
