@@ -20,7 +20,7 @@ from dynamicid.faces import FaceAnalyzer, render_landmark_map
 from dynamicid.infer.people import Box, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
-from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs
+from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs, saa_processors
 from dynamicid.models.base import CLIP_MEAN, CLIP_STD, TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values
 from dynamicid.schemas import face_prompt
 
@@ -164,6 +164,29 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                 "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
             )
         modules = load_modules(weights, self.unet)
+        modules.to(self.device, self.unet.dtype)
+        self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))
+
+    def set_dynamicid(
+        self,
+        face_encoder: torch.nn.Module,
+        imr: torch.nn.Module | None = None,
+        keypoint_encoder: torch.nn.Module | None = None,
+        *,
+        face_analyzer: FaceAnalyzer | ReferenceAnalyzer,
+    ) -> None:
+        """Use DynamicID modules held in memory (e.g. to sample while training); the UNet must carry SAA already.
+
+        The modules are used as they are (device, dtype, train/eval mode): call `.eval()` on them first.
+        """
+        saa_processors(self.unet)  # raises when SAA is not installed
+        if self.image_encoder is None:
+            raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
+        embedding_model = face_analyzer.embedding_model
+        self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
+
+    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer) -> None:
+        """Check that the modules fit the image encoder, the base and the face backend, then keep them."""
         clip_dim = int(self.image_encoder.config.hidden_size)
         if modules.face_encoder.clip_embeddings_dim != clip_dim:
             raise ValueError(
@@ -171,17 +194,13 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                 f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
             )
         _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
-        if isinstance(face_analyzer, ReferenceAnalyzer):
-            references = face_analyzer
-        else:
-            references = ReferenceAnalyzer(face_analyzer or FaceAnalyzer(face_backend, **face_options))
+        references = face_analyzer if isinstance(face_analyzer, ReferenceAnalyzer) else ReferenceAnalyzer(face_analyzer)
         if modules.face_encoder.id_embeddings_dim != references.embedding_dim:
             raise ValueError(
                 f"the weights take {modules.face_encoder.id_embeddings_dim}-d ID embeddings "
                 f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
                 f"({references.embedding_model}); choose the face backend the weights were trained with"
             )
-        modules.to(self.device, self.unet.dtype)
         self.dynamicid, self.reference_analyzer = modules, references
 
     # CLIP normalisation used by `dynamicid.models.base.clip_pixel_values` (duck-typed with BaseModel).
@@ -297,7 +316,8 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         imr = self.dynamicid.imr
         weight = next(imr.parameters())
         text, landmarks = text.to(weight.device, weight.dtype), landmarks.to(weight.device, weight.dtype)
-        tokens.copy_(imr(tokens, landmarks[:1], landmarks[1:], text[:1], text[1:]))
+        source_tokens = tokens.to(weight.device, weight.dtype)
+        tokens.copy_(imr(source_tokens, landmarks[:1], landmarks[1:], text[:1], text[1:]))
         return {
             "target_expression": target_expression,
             "target_pose": target_pose,
@@ -385,7 +405,8 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         self._cross_attention_kwargs = None
         self._interrupt = False
         device = self._execution_device
-        self.dynamicid.to(device, self.unet.dtype)  # follows pipe.to(...) calls made after load_dynamicid
+        if self.dynamicid.format != "memory":  # loaded modules follow pipe.to(...); a trainer's stay as they are
+            self.dynamicid.to(device, self.unet.dtype)
         num_people = len(people)
         if boost is None or boost_steps is None:
             default_boost = MULTI_PERSON_BOOST if num_people > 1 else SINGLE_PERSON_BOOST

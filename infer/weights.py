@@ -39,7 +39,7 @@ class DynamicIDModules:
     keypoint_encoder: KeypointEncoder | None
     id_embed_model: str
     files: dict[str, Path] = field(default_factory=dict)  # role -> file
-    format: str = "dynamicid"  # or "release"
+    format: str = "dynamicid"  # "release", or "memory" (modules handed over by `set_dynamicid`)
 
     @property
     def num_tokens(self) -> int:

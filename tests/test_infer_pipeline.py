@@ -316,3 +316,23 @@ def test_missing_parts_are_named(tmp_path, weights, analyzer):
     torch.save({"SAA_module": torch.load(weights["release"].saa, weights_only=True)["SAA_module"]}, saa_only)
     with pytest.raises(ValueError, match=r"lack face_encoder.*face_encoder: missing"):
         pipe.load_dynamicid(ReleaseFiles(saa=saa_only), face_analyzer=analyzer)
+
+
+def test_modules_in_memory_generate_what_their_saved_file_generates(pipe, analyzer, photos):
+    base = load_base_model("tiny-random")
+    parts = random_parts(
+        base.unet,
+        text_dim=base.text_dim,
+        clip_dim=base.clip_dim,
+        id_embed_dim=analyzer.embedding_dim,
+        id_embed_model=analyzer.embedding_model,
+    )
+    in_memory = DynamicIDPipeline.from_base(base)
+    in_memory.set_dynamicid(parts.face_encoder, parts.imr, parts.keypoint_encoder, face_analyzer=analyzer)
+    in_memory.set_progress_bar_config(disable=True)
+    people = [Person(photos["obama"], expression="sad"), Person(photos["biden"])]
+    expected = generate(pipe, people, output_type="np").images
+    np.testing.assert_array_equal(generate(in_memory, people, output_type="np").images, expected)
+    bare = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
+    with pytest.raises(ValueError, match="install_saa"):
+        bare.set_dynamicid(parts.face_encoder, face_analyzer=analyzer)
