@@ -153,7 +153,9 @@ def test_resume_matches_a_straight_run_bit_for_bit(curated, tmp_path):
 @pytest.fixture(scope="module")
 def tokens(anchor_run, curated, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokens")
-    cache_tokens(anchor_run["weights"], curated, folder, base_model="tiny-random")
+    arguments = ["cache-tokens", "--anchor", str(anchor_run["weights"]), "--dataset", str(curated)]
+    result = CliRunner().invoke(main, [*arguments, "--output", str(folder), "--base-model", "tiny-random"])
+    assert result.exit_code == 0, result.output
     return folder
 
 
@@ -175,6 +177,8 @@ def reconfigure_run(anchor_run, curated, tokens, tmp_path_factory):
         learning_rate=1e-3,
         checkpointing_steps=8,
         eval_samples=4,
+        validation_steps=8,
+        validation_inference_steps=2,
     )
     before = frozen_checksums(base, skip_saa=True)
     weights = train_reconfigure(config, base=base)
@@ -189,6 +193,7 @@ def test_reconfiguration_logs_dfm_and_ldc_and_lowers_the_fixed_set_loss(reconfig
     evals = [row for row in metrics if "eval_loss" in row]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_dfm"] < evals[0]["eval_dfm"]
+    assert list((Path(reconfigure_run["config"].output_dir) / "samples" / "step-000008").glob("*.png"))
 
 
 def test_reconfiguration_resumes_bit_for_bit(reconfigure_run, tmp_path):
@@ -366,6 +371,24 @@ def test_gradient_checkpointing_gives_the_same_steps(curated, tmp_path):
     config = AnchorConfig(**settings, output_dir=str(tmp_path / "b"), gradient_checkpointing=True)
     recomputed = load_file(str(train_anchor(config)))
     assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
+
+
+def test_gradient_accumulation_steps_once_per_group_of_batches(curated, tmp_path):
+    config = AnchorConfig(
+        **TINY,
+        dataset=str(curated),
+        output_dir=str(tmp_path / "run"),
+        train_batch_size=2,
+        lora_rank=4,
+        eval_samples=2,
+        max_steps=2,
+        gradient_accumulation_steps=2,
+        record_samples=True,
+    )
+    train_anchor(config)
+    batches = (tmp_path / "run" / "logs" / "samples-rank0.txt").read_text().splitlines()
+    assert [line.split()[0] for line in batches] == ["1", "1", "2", "2"]
+    assert [row["step"] for row in read_metrics(tmp_path / "run") if "loss" in row] == [1, 2]
 
 
 def test_command_line_run_from_yaml_in_bf16(curated, tmp_path):
