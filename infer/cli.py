@@ -117,7 +117,7 @@ def generate(**options: Any) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal to this tool's own lines: library info logs off (MediaPipe's C++ logs included)."""
+    """Keep the terminal to this tool's own lines: library info logs off (MediaPipe's C++ start-up lines remain)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
