@@ -306,9 +306,14 @@ def _sidecar(
     import torch
 
     from dynamicid.infer.people import DynamicIDWarning
+    from dynamicid.infer.weights import folder_hashes
 
     modules = pipe.dynamicid
     hashes = modules.file_hashes()
+    base_files = {}
+    for option in ("base_model", "image_encoder"):
+        if options[option] is not None and Path(options[option]).is_dir():
+            base_files[option] = folder_hashes(options[option])
     image = result.images[0]
     return {
         "tool": "dynamicid-infer generate",
@@ -335,6 +340,7 @@ def _sidecar(
             "image_encoder": options["image_encoder"],
             "weights_format": modules.format,
             "files": {role: {"path": str(path), "sha256": hashes[role]} for role, path in modules.files.items()},
+            "base_files_sha256": base_files,
             "face_backend": pipe.reference_analyzer.analyzer.backend,
             "embedding_model": pipe.reference_analyzer.embedding_model,
         },

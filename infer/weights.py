@@ -129,3 +129,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".json", ".txt", ".model")
+
+
+def folder_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every model file (weights, configs, vocabularies) under a model folder, by relative path."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES
+    }

@@ -62,10 +62,10 @@ def refs(shared_faces):
     }
 
 
-def run(args, weights_args):
+def run(args, weights_args, base_model="tiny-random"):
     return CliRunner().invoke(
         main,
-        ["generate", "--base-model", "tiny-random", *weights_args, "--steps", "2", "--face-backend", "embedded", *args],
+        ["generate", "--base-model", base_model, *weights_args, "--steps", "2", "--face-backend", "embedded", *args],
     )
 
 
@@ -170,6 +170,32 @@ def test_landmark_image_and_keep(tmp_path, weights, refs):
     assert first["edited"] and first["landmark_image"] == refs["biden"]
     assert first["requested"] == {"expression": None, "pose": None, "landmark_image": refs["biden"], "box": None}
     assert second["edited"] and second["target_expression"] == "sad" and second["landmark_image"] is None
+
+
+def test_base_model_folder(tmp_path, weights, refs):
+    from diffusers import StableDiffusionPipeline
+
+    base = load_base_model("tiny-random")
+    folder = tmp_path / "sd"
+    StableDiffusionPipeline(
+        base.vae,
+        base.text_encoder,
+        base.tokenizer,
+        base.unet,
+        base.noise_scheduler,
+        None,
+        None,
+        image_encoder=base.image_encoder,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    args = ["--prompt", "p", "--person", refs["obama"], "--seed", "1", "--out", str(tmp_path / "f.png")]
+    result = run(args, ["--weights", str(weights["ours"])], base_model=str(folder))
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "f.json").read_text())
+    hashes = sidecar["models"]["base_files_sha256"]["base_model"]
+    assert {"unet/diffusion_pytorch_model.safetensors", "image_encoder/config.json", "model_index.json"} <= set(hashes)
+    assert Image.open(tmp_path / "f.png").size == (64, 64)
+    assert sidecar["settings"]["scheduler"] == "DDIMScheduler"
 
 
 def test_release_files(tmp_path, weights, refs):
