@@ -76,7 +76,7 @@ def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
             "crop_brightness": crop["brightness"],
         }
         problem = quality_problem(run, crop["sharpness"], crop["brightness"])
-        if p["face"]["yaw"] is None or not p["face"]["landmarks"]:
+        if p["face"]["yaw"] is None or not p["face"]["landmarks"] or p["face"]["expression"] is None:
             problem = "no landmarks or head pose: the face mesh found no face inside the detector's box"
         if problem is not None:
             row["reason"], row["detail"] = RejectReason.LOW_QUALITY.value, problem

@@ -184,13 +184,10 @@ def _stage_command(stage: str, help_text: str) -> None:
             table = run_stage(run, stage)
         except FileNotFoundError as error:
             raise InputError(str(error)) from error
-        result = {"stage": stage, "rows": table.num_rows, "work_dir": str(run.work.root)}
+        where = run.out_dir if stage == "write" else run.work.table_path(stage)
+        result = {"stage": stage, "rows": table.num_rows, "written": str(where)}
         result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}
-        click.echo(
-            json.dumps(result, indent=2)
-            if kwargs["as_json"]
-            else f"{stage}: {table.num_rows} rows in {run.work.table_path(stage)}"
-        )
+        click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {table.num_rows} rows -> {where}")
 
     command.__doc__ = help_text
     main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/")(command)

@@ -119,22 +119,21 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
     return chosen, similarity
 
 
-def cluster_identities(run: Run, photos: list[dict], described: dict[str, dict]) -> dict[str, str]:
+def cluster_identities(run: Run, rows: list[dict]) -> dict[str, str]:
     """--cluster: source_path -> 'person_NNNN', from connected components of the largest faces' embeddings.
 
     Two faces are linked when their distance is below the analyzer's `same_person_threshold`; an identity is
     a connected component (single linkage). Identities are numbered by size, then by first source path.
     """
-    usable = [p for p in photos if described[p["sha256"]]["faces"]]
-    if not usable:
+    if not rows:
         return {}
-    emb = np.stack([np.asarray(described[p["sha256"]]["faces"][0]["embedding"], np.float32) for p in usable])
+    emb = np.stack([np.asarray(r["faces"][0]["embedding"], np.float32) for r in rows])
     labels = similar_components(emb, run.same_person_cos)
     sizes = np.bincount(labels)
     order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))  # labels already follow first source path
     width = max(4, len(str(len(order))))
     name = {c: f"{CLUSTER_PREFIX}{rank + 1:0{width}d}" for rank, c in enumerate(order)}
-    return {p["source_path"]: name[int(label)] for p, label in zip(usable, labels, strict=True)}
+    return {r["source_path"]: name[int(label)] for r, label in zip(rows, labels, strict=True)}
 
 
 def identify(run: Run, detect_table: pa.Table) -> pa.Table:
@@ -156,7 +155,7 @@ def identify(run: Run, detect_table: pa.Table) -> pa.Table:
         )
     live = [r for r in rows if r["reason"] is None]
     if run.config.cluster:
-        names = cluster_identities(run, live, {r["sha256"]: {"faces": r["faces"]} for r in live})
+        names = cluster_identities(run, live)
         for row in live:
             row["identity"], row["face_index"] = names[row["source_path"]], row["faces"][0]["face_index"]
     else:

@@ -19,7 +19,7 @@ from dynamicid.curation.imagehash import hamming
 
 EXACT_LIMIT = 4096  # above this many vectors, `similar_components` uses the inverted-file index
 BLOCK = 1024
-SMALL_GRAPH = 2048  # below this many nodes, components are found with a plain union-find
+SMALL_GRAPH = 2048  # small, sparse graphs (one identity's photos) use a plain union-find, not a sparse matrix
 
 
 def cosine_threshold(distance: Callable[[np.ndarray, np.ndarray], float], threshold: float, dim: int) -> float:
@@ -45,7 +45,7 @@ def cosine_threshold(distance: Callable[[np.ndarray, np.ndarray], float], thresh
 def components(n: int, edges: np.ndarray) -> np.ndarray:
     """Connected-component label per node (labels numbered by the smallest node index in each component)."""
     edges = np.asarray(edges, np.int64).reshape(-1, 2)
-    if n <= SMALL_GRAPH:
+    if n <= SMALL_GRAPH and len(edges) <= 4 * n:
         parent = list(range(n))  # union-find: for one identity's photos this beats building a sparse matrix
 
         def find(i: int) -> int:
@@ -108,8 +108,10 @@ def kmeans(x: np.ndarray, cells: int, *, iterations: int = 8, sample: int = 6553
     centroids = train[rng.choice(len(train), size=cells, replace=False)].copy()
     for _ in range(iterations):
         assign = np.argmax(train @ centroids.T, axis=1)
+        order = np.argsort(assign, kind="stable")
+        used, starts = np.unique(assign[order], return_index=True)
         sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, train)
+        sums[used] = np.add.reduceat(train[order], starts, axis=0)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         empty = norms[:, 0] == 0
         centroids = np.where(empty[:, None], centroids, sums / np.maximum(norms, 1e-12))
