@@ -326,6 +326,13 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 @torch.no_grad()
 def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples, config, id_dim, step, dtype):
     """Sample images of the first references with their own captions."""
+    with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
+        images = _validation_images(accelerator, base, model, samples, config, id_dim, dtype)
+    configure_saa(model.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # reset the processors' counters
+    save_samples(accelerator, images, config.output_dir, step)
+
+
+def _validation_images(accelerator, base, model: AnchorModel, samples: AnchorSamples, config, id_dim, dtype):
     rows = [samples[i] for i in range(min(config.num_validation_images, len(samples)))]
     device = accelerator.device
     text = text_states(base, torch.stack([r["input_ids"] for r in rows])).to(dtype)
@@ -334,7 +341,7 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
     id_tokens = model.face_encoder(torch.stack([r["id_embeds"] for r in rows]).to(device), clip)
     uncond_id, uncond_clip = unconditional_face_inputs(base, id_dim)
     uncond_tokens = model.face_encoder(uncond_id, uncond_clip)
-    images = sample_images(
+    return sample_images(
         base,
         model.unet,
         text,
@@ -346,5 +353,3 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
         guidance_scale=config.validation_guidance_scale,
         seed=config.seed,
     )
-    configure_saa(model.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # reset the processors' counters
-    save_samples(accelerator, images, config.output_dir, step)

@@ -266,6 +266,13 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
 @torch.no_grad()
 def log_validation(accelerator, base, model, anchor, evaluation, text_vectors, unet_text, config, step) -> None:
     """Images of the first evaluation identity rewritten towards its targets' expressions and poses."""
+    with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
+        images = _validation_images(base, model, anchor, evaluation, text_vectors, unet_text, config)
+    configure_saa(base.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
+    save_samples(accelerator, images, config.output_dir, step)
+
+
+def _validation_images(base, model, anchor, evaluation, text_vectors, unet_text, config):
     item = evaluation.items[0]
     device = unet_text.device
     model.eval()
@@ -274,7 +281,7 @@ def log_validation(accelerator, base, model, anchor, evaluation, text_vectors, u
     face_encoder = anchor.build_face_encoder().to(device)
     uncond_tokens = face_encoder(*unconditional_face_inputs(base, anchor.metadata.id_embed_dim))
     uncond_text = text_states(base, token_ids(base, [""])).to(unet_text.dtype)
-    images = sample_images(
+    return sample_images(
         base,
         base.unet,
         unet_text.expand(len(tokens), -1, -1),
@@ -286,5 +293,3 @@ def log_validation(accelerator, base, model, anchor, evaluation, text_vectors, u
         guidance_scale=config.validation_guidance_scale,
         seed=config.seed,
     )
-    configure_saa(base.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
-    save_samples(accelerator, images, config.output_dir, step)
