@@ -304,6 +304,7 @@ def test_base_model_folder_without_unet_is_refused(curated, tmp_path):
     config = AnchorConfig(**{**TINY, "base_model": str(base)}, dataset=str(curated), output_dir=str(tmp_path / "r"))
     with pytest.raises(FileNotFoundError, match=r"has no unet subfolder"):
         train_anchor(config)
+    assert not (tmp_path / "r").exists()
 
 
 # ---- starting points and precision settings ----

@@ -233,11 +233,11 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 
     # 2. Accelerator and models (frozen base; SAA and face encoder trained).
     accelerator = make_accelerator(config)
-    start_run(accelerator, config)
     accelerator.print(accelerator.state)
     set_seed(config.seed)
     dtype = weight_dtype(accelerator)
     base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
     unet = base.unet
     if init is not None and "saa" in init.parts:
         init.loader.load_saa_into(unet)

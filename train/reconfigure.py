@@ -155,11 +155,11 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
 
     # 2. Accelerator and models.
     accelerator = make_accelerator(config)
-    start_run(accelerator, config)
     accelerator.print(accelerator.state)
     set_seed(config.seed)
     dtype = weight_dtype(accelerator)
     base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
     anchor.load_saa_into(base.unet)
     base.unet.requires_grad_(False)
     configure_saa(base.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
