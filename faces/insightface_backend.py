@@ -17,10 +17,44 @@ from dynamicid.faces.expression import FER_EXPRESSION_MODEL, ExpressionClassifie
 from dynamicid.faces.face import Face
 from dynamicid.faces.pose import solve_pose
 
-# 2d106det indices of the six pose.FACE_MODEL_3D points: nose tip, chin, image-left and image-right outer
-# eye corners, image-left and image-right mouth corners (insightface's 106-point layout).
-LANDMARK106_POSE_POINTS = (86, 0, 35, 93, 52, 61)
+# Point groups of insightface's 106-point layout (alignment/coordinate_reg 2d106markup): face contour, the
+# two eyes, the mouth, the nose tip. The six pose points are picked geometrically inside the groups, so the
+# result does not depend on the order of points within a group.
+LANDMARK106_CONTOUR = range(0, 33)
+LANDMARK106_EYES = (range(33, 43), range(87, 97))
+LANDMARK106_MOUTH = range(52, 72)
+LANDMARK106_NOSE_TIP = 86
 DEFAULT_PACK = "buffalo_l"
+
+
+def pose_points_from_106(landmarks: np.ndarray) -> np.ndarray:
+    """The six pose.FACE_MODEL_3D points (nose tip, chin, outer eye corners, mouth corners; image left first)."""
+    eyes = sorted((landmarks[list(group)] for group in LANDMARK106_EYES), key=lambda points: points[:, 0].mean())
+    left_center, right_center = eyes[0].mean(0), eyes[1].mean(0)
+    axis = (right_center - left_center) / max(float(np.linalg.norm(right_center - left_center)), 1e-6)
+    eye_mid = (left_center + right_center) / 2
+    outer_left = eyes[0][np.argmin((eyes[0] - eye_mid) @ axis)]
+    outer_right = eyes[1][np.argmax((eyes[1] - eye_mid) @ axis)]
+    mouth = landmarks[list(LANDMARK106_MOUTH)]
+    # The chin: the contour point below the mouth nearest the face's midline (eyes' centre -> mouth centre).
+    midline = mouth.mean(0) - eye_mid
+    midline /= max(float(np.linalg.norm(midline)), 1e-6)
+    contour = landmarks[list(LANDMARK106_CONTOUR)]
+    offsets = contour - eye_mid
+    below = offsets @ midline > np.linalg.norm(mouth.mean(0) - eye_mid)
+    distance = np.abs(offsets[:, 0] * midline[1] - offsets[:, 1] * midline[0]) + np.where(below, 0.0, np.inf)
+    chin = contour[np.argmin(distance)] if below.any() else contour[np.argmax(offsets @ midline)]
+    return np.array(
+        [
+            landmarks[LANDMARK106_NOSE_TIP],
+            chin,
+            outer_left,
+            outer_right,
+            mouth[np.argmin((mouth - eye_mid) @ axis)],
+            mouth[np.argmax((mouth - eye_mid) @ axis)],
+        ],
+        dtype=np.float64,
+    )
 
 
 def find_pack_folder(root: Path, pack: str = DEFAULT_PACK) -> Path:
@@ -109,7 +143,7 @@ class InsightFaceBackend:
         embedding = np.asarray(self._recognition.get(bgr, record), dtype=np.float32).ravel()
         embedding /= max(float(np.linalg.norm(embedding)), 1e-12)
         height, width = rgb.shape[:2]
-        yaw, pitch, roll = solve_pose(landmarks[list(LANDMARK106_POSE_POINTS)], (width, height))
+        yaw, pitch, roll = solve_pose(pose_points_from_106(landmarks), (width, height))
         scores = self._expression.scores(rgb, face.kps5)
         models = dict(face.models)
         models.update(

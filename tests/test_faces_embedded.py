@@ -259,3 +259,49 @@ def test_mirrored_photo_mirrors_the_pose(shared_faces, analyzer, file):
         # against the nose tip's offset from the eyes' midpoint, a measure independent of the pose solver.
         eyes_mid_x = (face.kps5[0, 0] + face.kps5[1, 0]) / 2
         assert np.sign(face.kps5[2, 0] - eyes_mid_x) == np.sign(face.yaw)
+
+
+# MediaPipe mesh points standing in for insightface's 106-point groups (contour without the forehead, eyes, outer
+# lips, nose tip), to check the insightface backend's geometric choice of pose points on real faces.
+MESH_AS_106 = {
+    "contour": [338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+                148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103],
+    "eye_a": [33, 7, 163, 144, 145, 153, 154, 155, 133, 246],
+    "eye_b": [263, 249, 390, 373, 374, 380, 381, 382, 362, 466],
+    "mouth": [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185],
+}  # fmt: skip
+
+
+def _pseudo_106(mesh_xy: np.ndarray) -> np.ndarray:
+    from dynamicid.faces.insightface_backend import LANDMARK106_EYES, LANDMARK106_MOUTH, LANDMARK106_NOSE_TIP
+
+    points = np.zeros((106, 2), dtype=np.float32)
+    points[0:33] = mesh_xy[MESH_AS_106["contour"]]
+    points[list(LANDMARK106_EYES[1])] = mesh_xy[MESH_AS_106["eye_a"]]  # group order must not matter
+    points[list(LANDMARK106_EYES[0])] = mesh_xy[MESH_AS_106["eye_b"]]
+    points[list(LANDMARK106_MOUTH)] = mesh_xy[MESH_AS_106["mouth"]]
+    points[LANDMARK106_NOSE_TIP] = mesh_xy[1]
+    return points
+
+
+def test_106_point_pose_picks_the_same_points_as_the_mesh(identities, shared_faces):
+    from dynamicid.faces.insightface_backend import pose_points_from_106
+    from dynamicid.faces.mediapipe_face import MESH_POSE_POINTS
+    from dynamicid.faces.pose import solve_pose
+
+    differences = []
+    for file, _, faces in identities:
+        if not faces or faces[0].landmarks is None:
+            continue
+        mesh_xy = faces[0].landmarks
+        size = (1000, 1000)
+        reference = solve_pose(mesh_xy[list(MESH_POSE_POINTS)], size)
+        picked = solve_pose(pose_points_from_106(_pseudo_106(mesh_xy)), size)
+        differences.append(np.abs(np.subtract(picked, reference)).max())
+        assert differences[-1] < 7.0, file  # a neighbouring contour point as chin: about 0.13 eye distances
+        mirrored_xy = mesh_xy.copy()
+        mirrored_xy[:, 0] = 1000 - mirrored_xy[:, 0]
+        yaw_m, pitch_m, roll_m = solve_pose(pose_points_from_106(_pseudo_106(mirrored_xy)), size)
+        assert abs(picked[0] + yaw_m) < 1e-3 and abs(picked[1] - pitch_m) < 1e-3 and abs(picked[2] + roll_m) < 1e-3
+    assert len(differences) >= 190
+    assert np.median(differences) < 1.0
