@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +224,11 @@ def test_reconfiguration_trains_only_imr_and_keypoint_encoder(reconfigure_run):
 def _launch(stage: str, arguments: list[str]) -> subprocess.CompletedProcess:
     """Two CPU processes through accelerate (gloo); see README "Training" for the command."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port, so parallel test runs do not collide on 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--main_process_port", str(port)]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["-m", "dynamicid.train", stage, *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
