@@ -16,6 +16,7 @@ CACHE_SCHEMA = pa.schema(
         ("matrix", pa.list_(pa.float32(), 6)),
         ("sharpness", pa.float32()),
         ("brightness", pa.float32()),
+        ("error", pa.string()),  # why no crop could be made (then the photo is rejected)
     ]
 )
 ALIGN_SCHEMA = pa.schema(
@@ -76,7 +77,9 @@ def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
             "crop_brightness": crop["brightness"],
         }
         problem = quality_problem(run, crop["sharpness"], crop["brightness"])
-        if p["face"]["yaw"] is None or not p["face"]["landmarks"] or p["face"]["expression"] is None:
+        if crop["error"] is not None:
+            problem = f"no aligned crop could be made ({crop['error']})"
+        elif p["face"]["yaw"] is None or not p["face"]["landmarks"] or p["face"]["expression"] is None:
             problem = "no landmarks or head pose: the face mesh found no face inside the detector's box"
         if problem is not None:
             row["reason"], row["detail"] = RejectReason.LOW_QUALITY.value, problem

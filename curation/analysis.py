@@ -53,7 +53,12 @@ def detect_job(backend: str, job: tuple[str, str]) -> dict:
         row["reason"], row["detail"] = _load_error(error)
         return row
     row["width"], row["height"] = image.size
-    faces = analyzer(backend).detect(image)
+    try:
+        faces = analyzer(backend).detect(image)
+    except Exception as error:  # a detector crash on one odd image must not stop the run
+        row["reason"] = RejectReason.NO_FACE.value
+        row["detail"] = f"the face detector failed on this image ({type(error).__name__}: {error})"
+        return row
     row["faces"] = [
         {
             "bbox": [float(v) for v in f.bbox],
@@ -74,11 +79,14 @@ def describe_job(backend: str, job: tuple[str, str, list[dict]]) -> dict:
 
     A face the models fail on is left out (and named in `detail`); the others still count.
     """
-    from dynamicid.faces import Face
+    from dynamicid.faces import Face, ImageLoadError
     from dynamicid.faces.align import arcface_align
 
     sha, path, detected = job
-    image = _load(path)
+    try:
+        image = _load(path)
+    except ImageLoadError as error:  # the file changed or vanished since `detect`
+        return {"sha256": sha, "faces": [], "detail": str(error)}
     face_analyzer = analyzer(backend)
     faces, failures = [], []
     for index, found in enumerate(detected):
@@ -121,8 +129,11 @@ def align_job(backend: str, job: tuple[str, str, int, list[float], int]) -> dict
     from dynamicid.faces.align import ffhq_align
 
     key, path, _, kps5, size = job
-    image = _load(path)
-    crop, matrix = ffhq_align(image, np.asarray(kps5, np.float32).reshape(5, 2), size=size)
+    try:
+        image = _load(path)
+        crop, matrix = ffhq_align(image, np.asarray(kps5, np.float32).reshape(5, 2), size=size)
+    except Exception as error:  # the file changed since `detect`, or degenerate keypoints
+        return {"key": key, "png": b"", "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
     g = grey(crop)
     buffer = io.BytesIO()
     crop.save(buffer, format="PNG", compress_level=3)
@@ -132,6 +143,7 @@ def align_job(backend: str, job: tuple[str, str, int, list[float], int]) -> dict
         "matrix": np.asarray(matrix, np.float32).ravel().tolist(),
         "sharpness": sharpness(g),
         "brightness": brightness(g),
+        "error": None,
     }
 
 

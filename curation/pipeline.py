@@ -85,10 +85,15 @@ def open_run(
         config.check()
     except ValueError as error:
         raise CurationError(str(error)) from error
+    work_root = Path(work_dir).absolute() if work_dir else out_dir / ".work"
+    for name, folder in (("OUT_DIR", out_dir), ("--work-dir", work_root)):
+        if folder == photos_dir or photos_dir in folder.parents:
+            raise CurationError(
+                f"{name} {folder} is inside PHOTOS_DIR {photos_dir}: its files would be scanned as photos"
+            )
     check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
-    work_root = Path(work_dir).absolute() if work_dir else out_dir / ".work"
     if not resume and work_root.exists():
         shutil.rmtree(work_root)
     return Run(photos_dir=photos_dir, out_dir=out_dir, work=WorkDir(work_root), config=config, progress=progress)
@@ -126,7 +131,7 @@ def run_stage(run: Run, stage: str) -> pa.Table:
     function, previous, settings = STAGE_FUNCTIONS[stage]
     source = run.work.read(previous)
     fingerprint = digest(
-        stage, read_fingerprint(run.work.table_path(previous)) or "", run.config.fingerprint(*settings)
+        stage, WORK_FORMAT, read_fingerprint(run.work.table_path(previous)) or "", run.config.fingerprint(*settings)
     )
     if run.work.is_current(stage, fingerprint):
         stats = run.stats.setdefault(stage, StageStats())

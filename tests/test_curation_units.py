@@ -260,6 +260,9 @@ def test_cli_refuses_missing_photos_and_foreign_out_dir_with_exit_2(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
     result = runner.invoke(main, ["build", str(tmp_path / "photos"), str(tmp_path / "o"), "--shard", "3/2"])
     assert result.exit_code == 2
+    result = runner.invoke(main, ["build", str(tmp_path / "photos"), str(tmp_path / "photos" / "out")])
+    assert result.exit_code == 2 and "inside PHOTOS_DIR" in result.output
+    assert not (tmp_path / "photos" / "out").exists()
 
 
 def test_cli_stage_without_its_input_table_says_what_to_run(tmp_path):
