@@ -413,3 +413,14 @@ def test_command_line_run_from_yaml_in_bf16(curated, tmp_path):
     assert all(t.dtype == torch.float32 for t in weights.values())  # trained weights stay float32
     losses = [row["loss"] for row in read_metrics(tmp_path / "run") if "loss" in row]
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+
+
+def test_token_cache_must_match_the_dataset_rows_and_the_anchor(curated, tokens, anchor_run, tmp_path):
+    settings = {**TINY, "output_dir": str(tmp_path / "r"), "tokens": str(tokens)}
+    fewer = _rewrite(curated, tmp_path / "ds", lambda d: d.select(range(len(d) - 1)))
+    with pytest.raises(ValueError, match="cached from other dataset rows"):
+        train_reconfigure(ReconfigureConfig(**settings, dataset=str(fewer), anchor=str(anchor_run["weights"])))
+    other_anchor = sorted(checkpoint_dirs(anchor_run["config"].output_dir))[0] / "weights.safetensors"
+    with pytest.raises(ValueError, match="cached with other anchor weights"):
+        train_reconfigure(ReconfigureConfig(**settings, dataset=str(curated), anchor=str(other_anchor)))
+    assert not (tmp_path / "r").exists()
