@@ -305,3 +305,24 @@ def test_106_point_pose_picks_the_same_points_as_the_mesh(identities, shared_fac
         assert abs(picked[0] + yaw_m) < 1e-3 and abs(picked[1] - pitch_m) < 1e-3 and abs(picked[2] + roll_m) < 1e-3
     assert len(differences) >= 190
     assert np.median(differences) < 1.0
+
+
+def test_alignment_of_real_faces(identities, shared_faces):
+    """FFHQ crops keep the whole face (every mesh point inside) with level eyes; ArcFace crops hit the template."""
+    from dynamicid.faces import arcface_matrix, ffhq_align, transform_points
+    from dynamicid.faces.align import ARCFACE_TEMPLATE_112
+
+    frontal = [(file, faces[0]) for file, _, faces in identities if faces and faces[0].yaw is not None]
+    frontal = [(file, face) for file, face in frontal if abs(face.yaw) < 15][::10]
+    assert len(frontal) >= 8
+    for file, face in frontal:
+        crop, matrix = ffhq_align(load_image(shared_faces / "identities" / file), face, size=512)
+        assert crop.size == (512, 512)
+        mesh = transform_points(face.landmarks, matrix)
+        assert mesh.min() > 0 and mesh.max() < 512, file  # chin and face outline inside, with context around
+        eyes = transform_points(face.kps5[:2], matrix)
+        assert abs(eyes[0, 1] - eyes[1, 1]) < 0.02 * 512 and abs(eyes.mean(0)[0] - 256) < 0.02 * 512, file
+        error = np.linalg.norm(
+            transform_points(face.kps5, arcface_matrix(face.kps5, 112)) - ARCFACE_TEMPLATE_112, axis=1
+        )
+        assert error.mean() < 6.0, file
