@@ -1,6 +1,6 @@
 """`demo`: curate the real photos that ship inside installed packages (no download), to show the whole path.
 
-The photos are arranged into identity folders in a temporary folder: insightface's sample images (Tom Hanks,
+The photos are arranged into identity folders in OUT_DIR/.demo-photos: insightface's sample images (Tom Hanks,
 a masked face in four colours, a group photo), scikit-image's `astronaut` (Eileen Collins) plus a mirrored,
 downsized copy made here (to show duplicate removal), and a few of its photos without faces (to show rejects).
 Whatever subset is installed is used; with none, the demo still writes a valid, empty dataset.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -45,7 +44,7 @@ def arrange_demo_photos(target: Path) -> list[str]:
         if root is None or not (root / inside).is_file():
             continue
         (target / identity).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / inside, target / identity / name)
+        shutil.copy2(root / inside, target / identity / name)
         made.append(f"{identity}/{name}")
     astronaut = target / "eileen_collins" / "astronaut.png"
     if astronaut.exists():  # a mirrored, smaller copy: dedupe keeps the original
@@ -58,11 +57,16 @@ def arrange_demo_photos(target: Path) -> list[str]:
 
 
 def run_demo(out_dir: Path, **build_options) -> dict:
-    from dynamicid.curation.pipeline import build_dataset
+    """Arrange the sample photos in OUT_DIR/.demo-photos (kept, so `report` can show rejects) and build."""
+    from dynamicid.curation.pipeline import MARKER, TOOL, build_dataset, check_out_dir
 
-    with tempfile.TemporaryDirectory(prefix="dynamicid-demo-") as tmp:
-        photos = Path(tmp) / "photos"
-        photos.mkdir()
-        arrange_demo_photos(photos)
-        summary = build_dataset(photos, out_dir, **build_options)
-    return summary
+    out_dir = Path(out_dir).absolute()
+    check_out_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
+    photos = out_dir / ".demo-photos"
+    if photos.exists():
+        shutil.rmtree(photos)
+    photos.mkdir()
+    arrange_demo_photos(photos)
+    return build_dataset(photos, out_dir, **build_options)
