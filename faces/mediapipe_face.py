@@ -11,6 +11,11 @@ Detection strategy (measured on ../shared/data/faces, see tests/test_faces_embed
   on a 25 % padding. These passes also fire on flowers and toys, so each of their candidates must be
   confirmed by the face mesh (its own detector at `confirm_score`) on the expanded crop.
 The mesh runs on a square crop of `mesh_expand` x the box, resized to `mesh_size`, and is mapped back.
+
+Single passes, at score 0.5, for comparison: short-range alone finds a face in 204/204 identities/ photos but
+also in 3 of the 7 no_face/ photos (scores 0.51-0.55) and only 33 % of the group-photo faces; full-range alone
+finds 104/204 identities (it misses tight crops), 94 % of group faces; full-range on the 50 %-padded image
+202/204 but a false box (0.70) on a no-face photo. The strategy above: 204/204, no false box, 17/18 group faces.
 """
 
 from __future__ import annotations
