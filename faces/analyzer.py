@@ -14,6 +14,8 @@ from dynamicid.faces.face import Face
 
 BACKENDS = ("auto", "embedded", "insightface")
 INSIGHTFACE_ROOT_ENV = "DYNAMICID_INSIGHTFACE_ROOT"
+# Options only the insightface backend takes; `auto` drops them when it falls back to embedded.
+INSIGHTFACE_ONLY_OPTIONS = frozenset({"insightface_root", "root", "pack", "providers", "det_size", "det_thresh"})
 
 
 class FaceBackend(Protocol):
@@ -99,7 +101,7 @@ class FaceAnalyzer:
             root = find_insightface_root(options)
             backend = "insightface" if root is not None and root.is_dir() else "embedded"
             if backend == "embedded":
-                options = {k: v for k, v in options.items() if k not in ("insightface_root", "root")}
+                options = {k: v for k, v in options.items() if k not in INSIGHTFACE_ONLY_OPTIONS}
         self._backend: FaceBackend = (
             _build_insightface(options) if backend == "insightface" else _build_embedded(options)
         )

@@ -165,7 +165,9 @@ def test_auto_picks_insightface_from_the_environment_and_embedded_without(pack_r
     assert FaceAnalyzer("auto").backend == "insightface"
     monkeypatch.delenv(INSIGHTFACE_ROOT_ENV)
     assert FaceAnalyzer("auto").backend == "embedded"
-    assert FaceAnalyzer("auto", insightface_root=pack_root / "absent").backend == "embedded"
+    assert FaceAnalyzer("auto", insightface_root=pack_root / "absent", pack="buffalo_l").backend == "embedded"
+    with pytest.raises(TypeError, match="valid"):
+        FaceAnalyzer("embedded", pack="buffalo_l")
 
 
 def test_missing_folder_and_incomplete_pack_are_named(tmp_path, monkeypatch):
