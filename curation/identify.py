@@ -1,8 +1,9 @@
 """Stage `identify`: describe every face, then keep, in each photo, the face of the folder's person.
 
 The folder's person is its dominant embedding cluster: the face that matches faces in the most other photos
-of the folder (distance below the analyzer's own `same_person_threshold`) is the anchor, the faces linked to
-it define the person, and in each photo the face closest to their mean is kept when it is within the threshold.
+of the folder (distance below the analyzer's own `same_person_threshold`) is the anchor, and the faces linked
+to it (one per photo) are the person. In each other photo, the face that matches the most of them is kept
+when it matches at least half of them and is within the threshold of their mean.
 Two faces of one photo are never linked (they are two people). Photos where no face matches are
 `other_person`. With `--cluster` the whole folder is grouped instead (see `cluster_identities`).
 """
@@ -100,8 +101,14 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
     if support[anchor] == 0:
         # No two photos agree on anybody: the folder's person cannot be told apart; keep each largest face.
         return [0] * photos, [float("nan")] * photos
-    members = faces[(faces @ faces[anchor] >= same_cos) & (photo_of != photo_of[anchor]) | (np.arange(n) == anchor)]
-    centre = members.mean(axis=0)
+    # The person's faces: in each photo, the face most like the anchor, if it is linked to the anchor.
+    to_anchor = faces @ faces[anchor]
+    member_of_photo: dict[int, int] = {}
+    for i in np.argsort(-to_anchor, kind="stable"):
+        if to_anchor[i] >= same_cos and int(photo_of[i]) not in member_of_photo:
+            member_of_photo[int(photo_of[i])] = int(i)
+    members = np.array(sorted(member_of_photo.values()))
+    centre = faces[members].mean(axis=0)
     centre /= np.linalg.norm(centre)
     offsets = np.r_[0, np.cumsum([len(e) for e in embeddings])]
     chosen: list[int | None] = []
@@ -111,9 +118,12 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
         if p == photo_of[anchor]:
             best, keep = anchor - int(offsets[p]), True
         else:
-            best = int(np.argmax(sims))
-            # Near the person's mean AND linked to one of the person's faces: a mean alone is too lenient.
-            keep = bool(sims[best] >= same_cos and (members @ e[best]).max() >= same_cos)
+            # A face is the person's when it matches at least half of the person's faces in the other photos
+            # (a majority vote: one loose match, or a mean pulled by a look-alike, is not enough).
+            others = members[photo_of[members] != p]
+            links = (e @ faces[others].T >= same_cos).sum(axis=1)
+            best = int(np.lexsort((-sims, -links))[0])
+            keep = bool(links[best] >= max(1, -(-len(others) // 2)) and sims[best] >= same_cos)
         chosen.append(best if keep else None)
         similarity.append(float(sims[best]))
     return chosen, similarity
