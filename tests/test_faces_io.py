@@ -128,6 +128,11 @@ def test_unreadable_files_are_typed_and_named(tmp_path):
     assert "missing.jpg" in str(missing.value)
     with pytest.raises(ImageLoadError, match="directory"):
         load_image(tmp_path)
+    not_a_folder = tmp_path / "file.jpg"
+    not_a_folder.write_bytes(b"x")
+    with pytest.raises(ImageLoadError) as through_file:
+        load_image(not_a_folder / "photo.jpg")
+    assert through_file.value.code is RejectReason.UNREADABLE
     loop = tmp_path / "loop.jpg"
     os.symlink(loop, loop)
     with pytest.raises(ImageLoadError) as looped:
