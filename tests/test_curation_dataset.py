@@ -33,7 +33,13 @@ NEAR_DUPLICATE_FOLDERS = {
     "deepface_mirrored": "deepface_person_01/nd_mirror",
 }
 ODD_FORMATS = ("hopper.heif", "hopper_16bit.pgm", "hopper.gif", "hopper.psd", "pil_sample_cmyk.jpg")
-SALT = ["Hugo_Chavez_0001.jpg", "Hugo_Chavez_0002.jpg"]  # another person's photos in biden's folder
+# Other people's photos salted into identity folders: (folder, source identity, file).
+SALT = [
+    ("biden", "Hugo_Chavez", "Hugo_Chavez_0001.jpg"),
+    ("biden", "Hugo_Chavez", "Hugo_Chavez_0002.jpg"),
+    ("kit_harington", "Serena_Williams", "Serena_Williams_0001.jpg"),
+    ("Colin_Powell", "Junichiro_Koizumi", "Junichiro_Koizumi_0001.jpg"),
+]
 
 
 def png_bomb(path: Path, side: int = 40000) -> None:
@@ -61,9 +67,9 @@ def compose_photos(faces: Path, photos: Path) -> dict[str, str]:
         shutil.copytree(faces / "near_duplicates" / group, photos / target)
         for file in (faces / "near_duplicates" / group).iterdir():
             truth[f"{target}/{file.name}"] = target.split("/")[0]
-    for name in SALT:
-        shutil.copyfile(faces / "identities" / "Hugo_Chavez" / name, photos / "biden" / name)
-        truth[f"biden/{name}"] = "Hugo_Chavez"
+    for folder, identity, name in SALT:
+        shutil.copyfile(faces / "identities" / identity / name, photos / folder / name)
+        truth[f"{folder}/{name}"] = identity
     shutil.copyfile(faces / "group_photos" / "two_people.jpg", photos / "biden" / "two_people.jpg")
     shutil.copyfile(faces / "group_photos" / "kit_with_rose.jpg", photos / "kit_harington" / "kit_with_rose.jpg")
     (photos / "grace_hopper" / "exif").mkdir(parents=True)
@@ -176,8 +182,8 @@ def test_kept_faces_are_the_folders_person(curated, rows, rejects, analyzer):
     for row in rows:
         if row["source_path"] in truth:
             assert truth[row["source_path"]] == row["identity"], row["source_path"]
-    for name in SALT:
-        assert rejects[f"biden/{name}"]["reason"] == "other_person"
+    for folder, _, name in SALT:
+        assert rejects[f"{folder}/{name}"]["reason"] == "other_person", name
     # In the group photos, the face kept is the folder's person, not the other one.
     by_identity = {}
     for row in rows:
