@@ -138,6 +138,10 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     for reason, count in summary["rejected_by_reason"].items():
         click.echo(f"  rejected {reason}: {count}")
     click.echo(f"see {Path(summary['out_dir']) / 'report.html'} and rejects.parquet")
+    if summary["kept"] == 0:
+        click.echo(
+            "warning: no image was kept, so datasets.load_dataset will find no data; see rejects.parquet", err=True
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EPILOG)

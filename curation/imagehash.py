@@ -6,7 +6,6 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-HASH_BITS = 64
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 

@@ -52,8 +52,11 @@ def write_shards(out_dir: Path, rows: list[dict], rows_per_file: int, rows_per_r
     for index in range(count):
         chunk = rows[index * rows_per_file : (index + 1) * rows_per_file]
         name = f"train-{index:05d}-of-{count:05d}.parquet"
-        table = pa.Table.from_pylist(chunk, schema=schema)
-        write_parquet(table, data / name, row_group_size=rows_per_row_group, compression="zstd")
+        if chunk:
+            table = pa.Table.from_pylist(chunk, schema=schema)
+            write_parquet(table, data / name, row_group_size=rows_per_row_group, compression="zstd")
+        else:  # no row group at all: an empty row group makes readers ask for batches of size 0
+            pq.ParquetWriter(data / name, schema).close()
         names.append(f"data/{name}")
     return names
 
