@@ -21,11 +21,12 @@ from dynamicid.faces.mediapipe_face import (
     kps5_from_detection,
     kps5_from_mesh,
 )
-from dynamicid.faces.pose import solve_pose
+from dynamicid.faces.pose import KPS5_MODEL_3D, solve_pose
 
 DETECTOR_MODEL = "mediapipe-0.10.21-face-detection-full+short-range"
 MESH_MODEL = "mediapipe-0.10.21-face-mesh-478"
 POSE_MODEL = "solvepnp-6-point(mediapipe-face-mesh-478, crop + mirror averaged)"
+KPS5_POSE_MODEL = "solvepnp-5-point(mediapipe-face-detection keypoints)"
 
 
 @dataclass
@@ -67,11 +68,14 @@ class EmbeddedBackend:
         box = np.asarray(face.bbox, dtype=np.float64)
         models = dict(face.models)
         mesh = self._mediapipe.mesh(rgb, box)
-        kps5, landmarks, pose = face.kps5, None, (None, None, None)
         if mesh is not None:
             kps5, landmarks = kps5_from_mesh(mesh), mesh[:, :2].copy()
             pose = self._pose(rgb, box, mesh)
             models.update(kps5=MESH_MODEL, landmarks=MESH_MODEL, pose=POSE_MODEL)
+        else:  # the pose from the detector's 5 keypoints (a coarser model)
+            kps5, landmarks = face.kps5, None
+            pose = solve_pose(face.kps5, rgb.shape[1::-1], KPS5_MODEL_3D)
+            models["pose"] = KPS5_POSE_MODEL
         scores = self._expression.scores(rgb, kps5)
         models.update(expression=FER_EXPRESSION_MODEL, embedding=DLIB_EMBEDDING_MODEL)
         return dataclasses.replace(

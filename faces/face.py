@@ -16,8 +16,8 @@ class Face:
     `kps5` rows: left eye, right eye, nose tip, left mouth corner, right mouth corner, where "left" means
     the image's left. Pose angles follow the sign convention of `dynamicid.schemas.labels`. `models` maps
     each filled field to the model that produced it; `backend` names the backend. `detect()` fills bbox,
-    score and kps5; `describe()` the rest. `landmarks` and the pose angles stay None when the landmark model
-    finds no face inside the box (then `kps5` keeps the detector's points and "pose" is absent from `models`).
+    score and kps5; `describe()` the rest. `landmarks` stay None when the landmark model finds no face inside
+    the box; then `kps5` keeps the detector's points and `models["pose"]` names the coarser 5-point pose.
     """
 
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1

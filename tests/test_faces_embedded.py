@@ -78,7 +78,8 @@ def test_faces_are_fully_described_and_record_their_models(identities, analyzer)
         assert sum(face.expression_scores.values()) == pytest.approx(1.0, abs=1e-4)
         assert face.expression == max(face.expression_scores, key=face.expression_scores.get)
         assert face.backend == "embedded"
-        assert {"bbox", "kps5", "expression", "embedding"} <= set(face.models)
+        assert {"bbox", "kps5", "pose", "expression", "embedding"} <= set(face.models)
+        assert face.yaw is not None and face.pose_bin in POSE_NAMES
     meshed = [f for f in faces if f.landmarks is not None]
     assert len(meshed) >= 0.97 * len(faces)  # the mesh may miss a face the detector found; then no landmarks
     for face in meshed:
@@ -326,3 +327,21 @@ def test_alignment_of_real_faces(identities, shared_faces):
             transform_points(face.kps5, arcface_matrix(face.kps5, 112)) - ARCFACE_TEMPLATE_112, axis=1
         )
         assert error.mean() < 6.0, file
+
+
+def test_five_point_pose_fallback_agrees_with_the_mesh_pose(identities):
+    """When the mesh fails, describe() solves the pose from 5 keypoints; on real faces it tracks the mesh pose."""
+    from dynamicid.faces.mediapipe_face import MESH_POSE_POINTS
+    from dynamicid.faces.pose import KPS5_MODEL_3D, solve_pose
+
+    yaw_differences = []
+    for _, _, faces in identities:
+        if faces and faces[0].landmarks is not None:
+            face = faces[0]
+            mesh_pose = solve_pose(face.landmarks[list(MESH_POSE_POINTS)], (1000, 1000))
+            kps5_pose = solve_pose(face.kps5, (1000, 1000), KPS5_MODEL_3D)
+            yaw_differences.append(abs(kps5_pose[0] - mesh_pose[0]))
+            if abs(mesh_pose[0]) > 20:
+                assert np.sign(kps5_pose[0]) == np.sign(mesh_pose[0])
+    print(f"5-point vs mesh yaw: median {np.median(yaw_differences):.1f}, max {np.max(yaw_differences):.1f} degrees")
+    assert np.median(yaw_differences) < 4.0
