@@ -29,8 +29,8 @@ from dynamicid.curation.neighbors import similar_components  # noqa: E402
 
 PER_IDENTITY = 30  # synthetic photos per identity
 DIM = 128  # dlib embedding size
-SAME_PERSON_COS = 1 - 0.6**2 / 2  # dlib's 0.6 Euclidean threshold as a cosine similarity
-DUPLICATE_COS = 1 - 0.12**2 / 2
+SAME_PERSON_COS = 1 - 0.44**2 / 2  # the embedded backend's 0.44 Euclidean threshold as a cosine similarity
+DUPLICATE_COS = 1 - 0.11**2 / 2  # 0.25 x that threshold
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -10,6 +10,8 @@ Two faces of one photo are never linked (they are two people). Photos where no f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
@@ -76,8 +78,17 @@ def describe_faces(run: Run, detect_table: pa.Table) -> dict[str, dict]:
     return done
 
 
-def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[int | None], list[float]]:
-    """For each photo (a list of face embeddings), the index of the folder person's face (or None) and its similarity.
+@dataclass(frozen=True)
+class Verdict:
+    """The folder person's face in one photo (None: not there), and the evidence for the reject message."""
+
+    face: int | None
+    matches: int = 0  # the person's faces in other photos that this face matches
+    needed: int = 0  # how many it had to match (half of them)
+
+
+def folder_person(embeddings: list[np.ndarray], same_cos: float) -> list[Verdict]:
+    """For each photo (a list of face embeddings), which face is the folder's person.
 
     Cost is quadratic in the faces of ONE folder (one identity), computed in blocks.
     """
@@ -85,7 +96,7 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
     faces = np.concatenate([e for e in embeddings if len(e)]).astype(np.float32)
     n, photos = len(faces), len(embeddings)
     if photos == 1:
-        return [0], [1.0]
+        return [Verdict(0)]
     # support[i]: how many OTHER photos hold a face matching face i.
     support = np.zeros(n, np.int64)
     for start in range(0, n, 1024):
@@ -100,7 +111,7 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
     anchor = int(np.lexsort((np.arange(n), ~first_in_photo, -support))[0])
     if support[anchor] == 0:
         # No two photos agree on anybody: the folder's person cannot be told apart; keep each largest face.
-        return [0] * photos, [float("nan")] * photos
+        return [Verdict(0)] * photos
     # The person's faces: in each photo, the face most like the anchor, if it is linked to the anchor.
     to_anchor = faces @ faces[anchor]
     member_of_photo: dict[int, int] = {}
@@ -111,22 +122,21 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> tuple[list[i
     centre = faces[members].mean(axis=0)
     centre /= np.linalg.norm(centre)
     offsets = np.r_[0, np.cumsum([len(e) for e in embeddings])]
-    chosen: list[int | None] = []
-    similarity: list[float] = []
+    verdicts = []
     for p, e in enumerate(embeddings):
         sims = e @ centre
         if p == photo_of[anchor]:
-            best, keep = anchor - int(offsets[p]), True
-        else:
-            # A face is the person's when it matches at least half of the person's faces in the other photos
-            # (a majority vote: one loose match, or a mean pulled by a look-alike, is not enough).
-            others = members[photo_of[members] != p]
-            links = (e @ faces[others].T >= same_cos).sum(axis=1)
-            best = int(np.lexsort((-sims, -links))[0])
-            keep = bool(links[best] >= max(1, -(-len(others) // 2)) and sims[best] >= same_cos)
-        chosen.append(best if keep else None)
-        similarity.append(float(sims[best]))
-    return chosen, similarity
+            verdicts.append(Verdict(anchor - int(offsets[p])))
+            continue
+        # A face is the person's when it matches at least half of the person's faces in the other photos
+        # (a majority vote: one loose match, or a mean pulled by a look-alike, is not enough).
+        others = members[photo_of[members] != p]
+        links = (e @ faces[others].T >= same_cos).sum(axis=1)
+        best = int(np.lexsort((-sims, -links))[0])
+        needed = max(1, -(-len(others) // 2))
+        keep = bool(links[best] >= needed and sims[best] >= same_cos)
+        verdicts.append(Verdict(best if keep else None, int(links[best]), needed))
+    return verdicts
 
 
 def cluster_identities(run: Run, rows: list[dict]) -> dict[str, str]:
@@ -174,15 +184,15 @@ def identify(run: Run, detect_table: pa.Table) -> pa.Table:
             by_folder.setdefault(row["identity"], []).append(row)
         for folder_rows in by_folder.values():
             embeddings = [np.stack([np.asarray(f["embedding"], np.float32) for f in r["faces"]]) for r in folder_rows]
-            chosen, similarity = folder_person(embeddings, run.same_person_cos)
-            for row, pick, sim in zip(folder_rows, chosen, similarity, strict=True):
-                if pick is None:
-                    closest = run.distance_at_cos(sim)
+            verdicts = folder_person(embeddings, run.same_person_cos)
+            for row, verdict in zip(folder_rows, verdicts, strict=True):
+                if verdict.face is None:
                     row["reason"] = RejectReason.OTHER_PERSON.value
                     row["detail"] = (
-                        f"none of its {len(row['faces'])} face(s) is the folder's person (closest distance "
-                        f"{closest:.2f} >= threshold {run.analyzer.same_person_threshold:.2f})"
+                        f"none of its {len(row['faces'])} face(s) is the folder's person: the best matches "
+                        f"{verdict.matches} of the person's faces in other photos, at least {verdict.needed} needed "
+                        f"(distance < {run.analyzer.same_person_threshold:.2f})"
                     )
                 else:
-                    row["face_index"] = row["faces"][pick]["face_index"]
+                    row["face_index"] = row["faces"][verdict.face]["face_index"]
     return pa.Table.from_pylist([{k: r.get(k) for k in IDENTIFY_SCHEMA.names} for r in rows], schema=IDENTIFY_SCHEMA)

@@ -8,7 +8,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from dynamicid.curation import analysis
@@ -61,16 +60,6 @@ class Run:
         return cosine_threshold(
             a.distance, self.config.dup_embedding_fraction * a.same_person_threshold, a.embedding_dim
         )
-
-    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
-        return float(self.analyzer.distance(np.asarray(a, np.float32), np.asarray(b, np.float32)))
-
-    def distance_at_cos(self, cos: float) -> float:
-        """The analyzer's distance between two unit vectors whose dot product is `cos` (for messages)."""
-        a = np.zeros(self.analyzer.embedding_dim, np.float32)
-        b = np.zeros_like(a)
-        a[0], b[0], b[1] = 1.0, cos, np.sqrt(max(0.0, 1.0 - cos * cos))
-        return self.distance(a, b)
 
     def source(self, relative: str) -> str:
         return str(self.photos_dir / relative)
