@@ -80,7 +80,7 @@ def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
         if crop["error"] is not None:
             problem = f"no aligned crop could be made ({crop['error']})"
         elif p["face"]["yaw"] is None or not p["face"]["landmarks"] or p["face"]["expression"] is None:
-            problem = "no landmarks or head pose: the face mesh found no face inside the detector's box"
+            problem = "no dense landmarks, pose or expression: the face mesh found no face inside the detector's box"
         if problem is not None:
             row["reason"], row["detail"] = RejectReason.LOW_QUALITY.value, problem
         rows.append(row)
