@@ -32,9 +32,6 @@ SCAN_SCHEMA = pa.schema(
 # Cache of file hashes keyed by path + size + mtime, so unchanged files are not read again on the next run.
 HASH_CACHE_SCHEMA = pa.schema([("stat_key", pa.string()), ("sha256", pa.string())])
 
-# Files directly in PHOTOS_DIR have no identity folder in folder mode (dynamicid.schemas has no code for it).
-NO_IDENTITY = "no_identity"
-
 
 @dataclass(frozen=True)
 class ScannedFile:
@@ -149,7 +146,7 @@ def scan(
         if reason is None and row["size"] == 0:
             reason, detail = RejectReason.UNDECODABLE.value, "0-byte file"
         if reason is None and identity is None:
-            reason = NO_IDENTITY
+            reason = RejectReason.NO_IDENTITY.value
             detail = "file is directly in PHOTOS_DIR: put it in PHOTOS_DIR/<identity>/ or use --cluster"
         row["reason"], row["detail"] = reason, detail
         rows.append(row)

@@ -15,6 +15,7 @@ class RejectReason(str, Enum):
     LOW_QUALITY = "low_quality"  # blur or exposure below the thresholds
     OVER_QUOTA = "over_quota"  # the identity already has --per-identity images
     TOO_FEW_IMAGES = "too_few_images"  # the identity has fewer than --min-per-identity images
+    NO_IDENTITY = "no_identity"  # a file directly in PHOTOS_DIR, outside any identity folder (folder mode)
 
     def __str__(self) -> str:
         return self.value

@@ -21,10 +21,10 @@ from dynamicid.curation.neighbors import (
     similar_components,
     similar_pairs,
 )
-from dynamicid.curation.scan import NO_IDENTITY, scan
+from dynamicid.curation.scan import scan
 from dynamicid.curation.select import CELL_ORDER, choose
 from dynamicid.curation.tables import ResultCache, WorkDir
-from dynamicid.schemas import EXPRESSIONS, POSE_BINS
+from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
 
 
 def unit_rows(n, dim=16, seed=0):
@@ -178,7 +178,7 @@ def test_scan_accounts_for_every_odd_file(tmp_path):
     assert rows["alice/nested/copy.png"]["identity"] == "alice"
     assert rows["alice/zero.jpg"]["reason"] == "undecodable"
     assert rows["alice/loop_a"]["reason"] == "unreadable" and "loop" in rows["alice/loop_a"]["detail"]
-    assert rows["top_level.jpg"]["reason"] == NO_IDENTITY
+    assert rows["top_level.jpg"]["reason"] == RejectReason.NO_IDENTITY
     assert hashed == 4  # zero.jpg is hashed too; loops are not
 
 
