@@ -83,8 +83,11 @@ def load_base_model(
         if image_encoder is not None:
             base.image_encoder = _load_image_encoder(Path(image_encoder))
     for module in (base.unet, base.vae, base.text_encoder, base.image_encoder):
-        if module is not None:
-            module.requires_grad_(False).eval().to(dtype=torch_dtype)
+        if module is None:
+            continue
+        module.requires_grad_(False).eval()
+        if module.dtype != torch_dtype:  # diffusers warns on every .to(dtype), even a no-op one
+            module.to(dtype=torch_dtype)
     return base
 
 

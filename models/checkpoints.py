@@ -33,7 +33,7 @@ from dynamicid.models.release import (
 )
 from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import PART_PREFIXES, CheckpointMetadata
+from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata
 
 PARTS = tuple(PART_PREFIXES)
 IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
@@ -217,15 +217,23 @@ def load_dynamicid(path: str | Path | Sequence[str | Path], **expected: Any) -> 
         if weights is None:
             weights = DynamicIDWeights(metadata, state_dicts, imr_config, [file])
             continue
+        overlap = sorted(set(state_dicts) & set(weights.state_dicts))
+        if overlap:
+            raise ValueError(f"{file} and {weights.paths} both hold {overlap}: give each part once")
         for f in dataclasses.fields(CheckpointMetadata):
-            if f.name not in _PROVENANCE_FIELDS and getattr(metadata, f.name) != getattr(weights.metadata, f.name):
+            if f.name in _PROVENANCE_FIELDS:
+                continue
+            owners = {part for part, names in PART_FIELDS.items() if f.name in names}
+            in_new, in_merged = bool(owners & set(state_dicts)), bool(owners & set(weights.state_dicts))
+            if owners and not (in_new and in_merged):  # only one side holds a part this field describes
+                if in_new:
+                    setattr(weights.metadata, f.name, getattr(metadata, f.name))
+                continue
+            if getattr(metadata, f.name) != getattr(weights.metadata, f.name):
                 raise ValueError(
                     f"{file} was made for {f.name}={getattr(metadata, f.name)!r} but {weights.paths[0]} "
                     f"for {f.name}={getattr(weights.metadata, f.name)!r}; they do not belong together"
                 )
-        overlap = sorted(set(state_dicts) & set(weights.state_dicts))
-        if overlap:
-            raise ValueError(f"{file} and {weights.paths} both hold {overlap}: give each part once")
         weights.state_dicts.update(state_dicts)
         weights.metadata.parts = [p for p in PARTS if p in weights.state_dicts]
         weights.imr_config = weights.imr_config or imr_config

@@ -15,6 +15,15 @@ PART_PREFIXES: dict[str, str] = {
     "keypoint_encoder": "keypoint_encoder.",
 }
 
+# Metadata fields that describe one part; the others (base_family, cross_attention_dim) describe the whole file.
+# When the files of several stages are merged, a part's fields come from the file that holds that part.
+PART_FIELDS: dict[str, tuple[str, ...]] = {
+    "face_encoder": ("id_embed_model", "id_embed_dim", "clip_embed_dim", "num_tokens"),
+    "saa": ("lora_rank", "num_tokens"),
+    "imr": ("imr_depth", "imr_dim", "num_tokens"),
+    "keypoint_encoder": ("keypoint_dim",),
+}
+
 
 @dataclass
 class CheckpointMetadata:

@@ -110,17 +110,24 @@ def test_our_format_round_trips_bit_exactly(tmp_path, tiny_parts):
     assert set(saa_state_dict(fresh)) == set(original)
 
 
-def test_stage_files_merge_and_refuse_each_other_when_made_for_other_dims(tmp_path, tiny_parts):
-    anchor = save_dynamicid(tmp_path / "anchor.safetensors", metadata=tiny_metadata(), unet=tiny_parts["unet"])
+def test_stage_files_merge_and_refuse_each_other_when_made_for_other_bases(tmp_path, tiny_parts):
+    # The anchor file's keypoint_dim describes no part it holds: the reconfiguration file's value wins.
+    anchor = save_dynamicid(
+        tmp_path / "anchor.safetensors", metadata=tiny_metadata(keypoint_dim=768), unet=tiny_parts["unet"]
+    )
     reconf = save_dynamicid(
         tmp_path / "reconf.safetensors", metadata=tiny_metadata(), keypoint_encoder=tiny_parts["keypoint_encoder"]
     )
-    assert load_dynamicid([anchor, reconf]).metadata.parts == ["saa", "keypoint_encoder"]
+    merged = load_dynamicid([anchor, reconf])
+    assert merged.metadata.parts == ["saa", "keypoint_encoder"]
+    assert merged.metadata.keypoint_dim == 32
     other = save_dynamicid(
-        tmp_path / "other.safetensors", metadata=tiny_metadata(keypoint_dim=32, id_embed_dim=8), unet=tiny_parts["unet"]
+        tmp_path / "other.safetensors",
+        metadata=tiny_metadata(base_family="sdxl"),
+        keypoint_encoder=tiny_parts["keypoint_encoder"],
     )
-    with pytest.raises(ValueError, match="id_embed_dim"):
-        load_dynamicid([reconf, other])
+    with pytest.raises(ValueError, match="base_family"):
+        load_dynamicid([anchor, other])
 
 
 @pytest.mark.parametrize(

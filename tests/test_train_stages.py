@@ -424,3 +424,28 @@ def test_token_cache_must_match_the_dataset_rows_and_the_anchor(curated, tokens,
     with pytest.raises(ValueError, match="cached with other anchor weights"):
         train_reconfigure(ReconfigureConfig(**settings, dataset=str(curated), anchor=str(other_anchor)))
     assert not (tmp_path / "r").exists()
+
+
+def test_trained_weights_of_both_stages_drive_inference(anchor_run, reconfigure_run, shared_faces, tmp_path):
+    """The whole path: curated photos -> anchoring -> reconfiguration -> `dynamicid-infer generate` with both files."""
+    from PIL import Image
+
+    from dynamicid.infer.cli import main as infer
+
+    out = tmp_path / "out.png"
+    people = []
+    for identity, expression in (("obama", "surprised"), ("biden", "happy")):
+        people += [
+            "--person",
+            str(shared_faces / "identities" / identity / f"{identity}.jpg"),
+            "--expression",
+            expression,
+        ]
+    arguments = ["generate", "--base-model", "tiny-random", "--prompt", "two friends", "--steps", "2"]
+    arguments += ["--weights", str(anchor_run["weights"]), "--weights", str(reconfigure_run["weights"])]
+    result = CliRunner().invoke(infer, [*arguments, *people, "--size", "64x48", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (64, 48)
+    sidecar = yaml.safe_load(out.with_suffix(".json").read_text())
+    assert [person["target_expression"] for person in sidecar["people"]] == ["surprised", "happy"]
+    assert all(person["edited"] for person in sidecar["people"])
