@@ -21,7 +21,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h2{margin-top:2em;border-bottom:1px solid #ccc}
 .sheet{display:flex;flex-wrap:wrap;gap:6px}
-figure{margin:0;width:%(t)dpx;font-size:10px;line-height:1.2}
+figure{margin:0;width:%(t)dpx;font-size:10px;line-height:1.2;overflow-wrap:anywhere}
 figure img{width:%(t)dpx;height:%(t)dpx;object-fit:cover;display:block;background:#eee}
 figure.reject img{opacity:.55}
 table.grid td,table.grid th{border:1px solid #ccc;padding:2px 5px;font-size:11px;text-align:center}

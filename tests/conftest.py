@@ -14,6 +14,19 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="dynamicid-hf-"))
 SHARED_FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model torch tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): a second
+    thread gains nothing there, and on a busy 2-core machine OpenMP's spinning threads made them about 10x slower.
+    Module-scoped on purpose: golden and curation-determinism tests run with the default thread count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shared_faces() -> Path:
     """../shared/data/faces: the real test photos (CI fails when they are missing, see .ci/run)."""

@@ -5,7 +5,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -17,14 +16,7 @@ from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import save_dynamicid
 from dynamicid.schemas import CheckpointMetadata
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning threads cost 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,9 @@ from dynamicid.infer.references import NoFaceError, ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spinning threads cost 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -38,17 +38,10 @@ from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
 from dynamicid.train.reconfigure import train_reconfigure
 from dynamicid.train.runner import checkpoint_dirs, read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IDENTITIES = ("obama", "biden", "Matt_Damon", "kit_harington")
 TINY = {"base_model": "tiny-random", "resolution": 64, "report_to": "none"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy cores: torch's elementwise kernels run much faster on one thread than fighting over two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
