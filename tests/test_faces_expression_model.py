@@ -45,3 +45,27 @@ def test_pytorch_graph_matches_the_tflite_model_on_real_faces(shared_faces):
         theirs = interpreter.get_tensor(target["index"])[0]
         assert ours.shape == (7,) and ours.sum() == pytest.approx(1.0, abs=1e-5)
         assert np.abs(ours - theirs).max() < 0.03, name  # the TFLite weights are quantized
+
+
+def test_scores_do_not_depend_on_torch_thread_count(shared_faces):
+    """Curation rows must be identical whatever the thread count of the process (--workers 1 vs N)."""
+    from dynamicid.faces import FaceAnalyzer
+    from dynamicid.faces.expression import ExpressionClassifier
+
+    analyzer, classifier = FaceAnalyzer("embedded"), ExpressionClassifier()
+    faces = []
+    for path in sorted((shared_faces / "expressions" / "lfw").glob("*.jpg"))[:8]:
+        image = load_image(path)
+        found = analyzer.detect(image)
+        if found:
+            faces.append((np.asarray(image), found[0].kps5))
+    assert len(faces) >= 6
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [classifier.scores(rgb, kps5) for rgb, kps5 in faces]
+        torch.set_num_threads(2)
+        two = [classifier.scores(rgb, kps5) for rgb, kps5 in faces]
+    finally:
+        torch.set_num_threads(previous)
+    assert one == two
