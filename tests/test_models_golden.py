@@ -60,7 +60,14 @@ def test_keypoint_encoder_matches_release(cases):
     assert weights["blocks.0.0.conv_block.0.weight"].dtype == torch.float16  # stored half, computed in float32
     encoder = from_release("keypoint_encoder", weights, **cases["keypoint_encoder"]["kwargs"])
     assert not encoder.training  # BatchNorm uses the stored running statistics
-    torch.testing.assert_close(encoder(inputs["landmark"]), outputs[""], **TOLERANCE)
+    # The release's outputs match bit for bit with 2..16 threads; single-threaded float32 convolutions sum in
+    # another order and one output of this deep net lands 1.1x the tolerance away (measured), so pin >= 2.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(previous, 2))
+    try:
+        torch.testing.assert_close(encoder(inputs["landmark"]), outputs[""], **TOLERANCE)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_from_release_reads_constructor_arguments_off_the_shapes(cases):
