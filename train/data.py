@@ -74,10 +74,10 @@ def decode_image(value: dict[str, Any]) -> np.ndarray:
     data = value.get("bytes")
     if data is None:
         data = Path(value["path"]).read_bytes()
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)  # no BGR->RGB pass: ~1 ms at 512 px
+    if rgb is None:
         raise ValueError(f"a dataset image could not be decoded ({value.get('path') or 'embedded bytes'})")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def image_tensor(image: np.ndarray, resolution: int) -> torch.Tensor:
