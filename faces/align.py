@@ -101,12 +101,44 @@ def ffhq_matrix(kps5: np.ndarray, size: int = 512) -> np.ndarray:
 
 
 def ffhq_align(
-    image: Image.Image | np.ndarray, face_or_kps5: Face | np.ndarray, size: int = 512, border: str = "reflect"
+    image: Image.Image | np.ndarray, face_or_kps5: Face | np.ndarray, size: int = 512, border: str = "ffhq"
 ) -> tuple[Image.Image, np.ndarray]:
-    """FFHQ-style size x size crop with context (hair, chin), and its source -> crop 2x3 float32 matrix."""
+    """FFHQ-style size x size crop with context (hair, chin), and its source -> crop 2x3 float32 matrix.
+
+    `border="ffhq"` fills what lies outside the photo as the FFHQ recipe does: reflected, blurred, and faded to
+    the crop's median colour with the distance from the photo's edge (a plain reflection puts mirror images of
+    the face at the borders of tightly cropped photos). Any `warp` border name is accepted too.
+    """
     kps5 = face_or_kps5.kps5 if isinstance(face_or_kps5, Face) else face_or_kps5
     matrix = ffhq_matrix(kps5, size)
-    return Image.fromarray(warp(image, matrix, size, border=border)), matrix
+    if border != "ffhq":
+        return Image.fromarray(warp(image, matrix, size, border=border)), matrix
+    crop = warp(image, matrix, size, border="reflect")
+    outside = _outside_mask(_as_array(image).shape[:2], matrix, size)
+    if not outside.any():
+        return Image.fromarray(crop), matrix
+    return Image.fromarray(_fade_padding(crop, outside)), matrix
+
+
+def _outside_mask(source_shape: tuple[int, int], matrix: np.ndarray, size: int) -> np.ndarray:
+    """Crop pixels whose source position lies outside the photo (the photo maps to a convex quadrilateral)."""
+    height, width = source_shape
+    corners = np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], dtype=np.float32)
+    inside = np.zeros((size, size), dtype=np.uint8)
+    cv2.fillConvexPoly(inside, np.round(transform_points(corners, matrix) * 16).astype(np.int32), 1, shift=4)
+    return inside == 0
+
+
+def _fade_padding(crop: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    size = crop.shape[0]
+    distance = cv2.distanceTransform(outside.astype(np.uint8), cv2.DIST_L2, 5)[..., None]  # px from the photo
+    fade = np.clip(distance / (0.1 * size), 0.0, 1.0)
+    pixels = crop.astype(np.float32)
+    small = cv2.resize(pixels, (size // 4, size // 4), interpolation=cv2.INTER_AREA)  # a wide blur, made cheap
+    blurred = cv2.resize(cv2.GaussianBlur(small, (0, 0), sigmaX=0.005 * size), (size, size))
+    pixels += (blurred - pixels) * (distance > 0)
+    pixels += (np.median(small.reshape(-1, 3), axis=0) - pixels) * fade
+    return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
 
 
 def render_landmark_map(points: np.ndarray, image_size: int = 512, map_size: int = 96) -> np.ndarray:

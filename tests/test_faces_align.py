@@ -94,3 +94,15 @@ def test_landmark_map_follows_method_md():
     assert set(np.unique(landmark_map)) == {-1.0, 1.0}
     expected = {(0, 0), (int(511 * 96 / 512), int(511 * 96 / 512)), (int(128 * 96 / 512), int(256 * 96 / 512))}
     assert {tuple(p) for p in np.argwhere(landmark_map == 1.0)} == expected  # (row, col); outside points skipped
+
+
+def test_ffhq_padding_outside_a_tight_photo_is_faded_not_mirrored():
+    kps = _rotated_face(0.0, 2.5, (100.0, 100.0))  # the face fills a 200x200 photo: the crop reaches far outside
+    image = RNG.integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    faded = np.asarray(ffhq_align(image, kps, size=512)[0]).astype(np.float32)
+    mirrored = np.asarray(ffhq_align(image, kps, size=512, border="reflect")[0]).astype(np.float32)
+    corner = (slice(0, 40), slice(0, 40))  # far from the photo
+    assert mirrored[corner].std() > 30  # the reflection repeats the photo's texture
+    assert faded[corner].std() < 3  # faded to one colour
+    centre = (slice(236, 276), slice(236, 276))  # inside the photo: untouched
+    assert np.array_equal(faded[centre], mirrored[centre])
