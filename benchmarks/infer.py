@@ -86,14 +86,7 @@ def run(base_name: str, steps: int, repeats: int, analyzer: ReferenceAnalyzer, w
 
     # SAA installed on the base's UNet with random DynamicID weights (LoRA rank 128 on SD 1.5's shape).
     rank = 128 if base_name == "sd15" else 4
-    parts = random_parts(
-        base.unet,
-        text_dim=base.text_dim,
-        clip_dim=base.clip_dim,
-        id_embed_dim=analyzer.embedding_dim,
-        id_embed_model=analyzer.embedding_model,
-        lora_rank=rank,
-    )
+    parts = random_parts(base, analyzer, lora_rank=rank)
     weights = save_random_weights(parts, workdir / f"{base_name}.safetensors")
     pipe = DynamicIDPipeline.from_base(base)
     pipe.load_dynamicid(weights, face_analyzer=analyzer)

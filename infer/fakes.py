@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynamicid.faces import FaceAnalyzer
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, install_saa, saa_processors
+from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import save_dynamicid
 from dynamicid.schemas import CheckpointMetadata
 
@@ -29,22 +31,17 @@ class RandomParts:
 
 
 def random_parts(
-    unet: nn.Module,
-    *,
-    text_dim: int,
-    clip_dim: int,
-    id_embed_dim: int,
-    id_embed_model: str,
-    lora_rank: int = 4,
-    imr_dim: int = 64,
-    seed: int = 0,
+    base: BaseModel, analyzer: FaceAnalyzer, *, lora_rank: int = 4, imr_dim: int = 64, seed: int = 0
 ) -> RandomParts:
-    """Install SAA on `unet` (LoRA `up` weights random, not zero, so the LoRA path is exercised) and build the rest.
+    """Install SAA on `base.unet` (LoRA `up` weights random, not zero, so the LoRA path is exercised) and build
+    the rest with the widths of `base` (text, CLIP, cross-attention) and of `analyzer`'s ID embedding.
 
     The IMR uses 64-wide heads, as the release's files imply, so these parts also round-trip through the
     release layout.
     """
-    cross_attention_dim = int(unet.config.cross_attention_dim)
+    unet, text_dim, clip_dim = base.unet, base.text_dim, base.clip_dim
+    id_embed_dim, id_embed_model = analyzer.embedding_dim, analyzer.embedding_model
+    cross_attention_dim = base.cross_attention_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         install_saa(unet, rank=lora_rank, num_tokens=4)

@@ -23,13 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def weights(tmp_path_factory):
     analyzer = FaceAnalyzer("embedded")
     base = load_base_model("tiny-random")
-    parts = random_parts(
-        base.unet,
-        text_dim=base.text_dim,
-        clip_dim=base.clip_dim,
-        id_embed_dim=analyzer.embedding_dim,
-        id_embed_model=analyzer.embedding_model,
-    )
+    parts = random_parts(base, analyzer)
     folder = tmp_path_factory.mktemp("cli-weights")
     other_base = folder / "sd15-face-encoder.safetensors"
     save_dynamicid(

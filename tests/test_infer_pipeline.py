@@ -44,13 +44,7 @@ def photos(shared_faces):
 def weights(tmp_path_factory, analyzer):
     """Random weights for the tiny-random base, in our format and in the release's .bin layout."""
     base = load_base_model("tiny-random")
-    parts = random_parts(
-        base.unet,
-        text_dim=base.text_dim,
-        clip_dim=base.clip_dim,
-        id_embed_dim=analyzer.embedding_dim,
-        id_embed_model=analyzer.embedding_model,
-    )
+    parts = random_parts(base, analyzer)
     folder = tmp_path_factory.mktemp("weights")
     ours = save_random_weights(parts, folder / "dynamicid.safetensors")
     release = save_release_layout(parts, folder / "release")
@@ -313,13 +307,7 @@ def test_missing_parts_are_named(tmp_path, weights, analyzer):
 
 def test_modules_in_memory_generate_what_their_saved_file_generates(pipe, analyzer, photos):
     base = load_base_model("tiny-random")
-    parts = random_parts(
-        base.unet,
-        text_dim=base.text_dim,
-        clip_dim=base.clip_dim,
-        id_embed_dim=analyzer.embedding_dim,
-        id_embed_model=analyzer.embedding_model,
-    )
+    parts = random_parts(base, analyzer)
     in_memory = DynamicIDPipeline.from_base(base)
     in_memory.set_dynamicid(parts.face_encoder, parts.imr, parts.keypoint_encoder, face_analyzer=analyzer)
     in_memory.set_progress_bar_config(disable=True)
