@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from dynamicid.curation.analysis import align_job, run_jobs
+from dynamicid.curation.analysis import align_job
 from dynamicid.curation.dedupe import DEDUPE_SCHEMA
 from dynamicid.curation.run import Run, candidates
 from dynamicid.schemas import RejectReason
@@ -51,21 +51,10 @@ def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
         if key not in done and key not in queued:
             queued.add(key)
             jobs.append((key, run.source(p["source_path"]), p["face_index"], p["face"]["kps5"], size))
-    with run.stage_timer("align") as stats:
-        for row in run_jobs(
-            align_job,
-            jobs,
-            backend=run.config.face_backend,
-            workers=run.config.workers,
-            desc="align",
-            uses_models=False,
-            progress=run.progress,
-        ):
-            done[row["key"]] = row
-            cache.add(row)
-        cache.compact()
-        stats.computed += len(jobs)
-        stats.reused += len(set(key_of.values())) - len(jobs)
+    distinct = len(set(key_of.values()))
+    run.compute_missing(
+        "align", align_job, jobs, cache=cache, done=done, key="key", distinct=distinct, uses_models=False
+    )
     rows = []
     for p in photos:
         crop = done[key_of[p["source_path"]]]

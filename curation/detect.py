@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.analysis import detect_job, run_jobs
+from dynamicid.curation.analysis import detect_job
 from dynamicid.curation.run import Run, candidates, photo_schema
 from dynamicid.schemas import RejectReason
 
@@ -54,20 +54,7 @@ def detect(run: Run, scan_table: pa.Table) -> pa.Table:
     for photo in photos:
         first_path.setdefault(photo["sha256"], run.source(photo["source_path"]))
     jobs = [(sha, path) for sha, path in first_path.items() if sha not in done]
-    with run.stage_timer("detect") as stats:
-        for row in run_jobs(
-            detect_job,
-            jobs,
-            backend=run.config.face_backend,
-            workers=run.config.workers,
-            desc="detect",
-            progress=run.progress,
-        ):
-            done[row["sha256"]] = row
-            cache.add(row)
-        cache.compact()
-        stats.computed += len(jobs)
-        stats.reused += len(first_path) - len(jobs)
+    run.compute_missing("detect", detect_job, jobs, cache=cache, done=done, key="sha256", distinct=len(first_path))
 
     rows = []
     for photo in photos:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.analysis import describe_job, run_jobs
+from dynamicid.curation.analysis import describe_job
 from dynamicid.curation.detect import FACE_BOX
 from dynamicid.curation.neighbors import similar_components
 from dynamicid.curation.run import Run, candidates, photo_schema
@@ -61,20 +61,7 @@ def describe_faces(run: Run, detect_table: pa.Table) -> dict[str, dict]:
             continue
         seen.add(sha)
         jobs.append((sha, run.source(photo["source_path"]), photo["faces"]))
-    with run.stage_timer("identify") as stats:
-        for row in run_jobs(
-            describe_job,
-            jobs,
-            backend=run.config.face_backend,
-            workers=run.config.workers,
-            desc="identify",
-            progress=run.progress,
-        ):
-            done[row["sha256"]] = row
-            cache.add(row)
-        cache.compact()
-        stats.computed += len(jobs)
-        stats.reused += len(seen) - len(jobs)
+    run.compute_missing("identify", describe_job, jobs, cache=cache, done=done, key="sha256", distinct=len(seen))
     return done
 
 

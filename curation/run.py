@@ -67,6 +67,36 @@ class Run:
     def stage_timer(self, stage: str) -> _Timer:
         return _Timer(self.stats.setdefault(stage, StageStats()))
 
+    def compute_missing(
+        self,
+        stage: str,
+        func: Any,
+        jobs: list,
+        *,
+        cache: Any,
+        done: dict,
+        key: str,
+        distinct: int,
+        uses_models: bool = True,
+    ) -> None:
+        """Run `func` on `jobs` (the work not in `done`), adding each result to `done` and to the work-folder
+        `cache` as it arrives, so a killed run keeps what finished; `distinct` counts all the stage's work."""
+        with self.stage_timer(stage) as stats:
+            for row in analysis.run_jobs(
+                func,
+                jobs,
+                backend=self.config.face_backend,
+                workers=self.config.workers,
+                desc=stage,
+                uses_models=uses_models,
+                progress=self.progress,
+            ):
+                done[row[key]] = row
+                cache.add(row)
+            cache.compact()
+            stats.computed += len(jobs)
+            stats.reused += distinct - len(jobs)
+
 
 class _Timer:
     def __init__(self, stats: StageStats):
