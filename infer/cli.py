@@ -135,10 +135,8 @@ def _fail(error: BaseException) -> NoReturn:
 
 
 def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) -> dict[str, Any]:
-    import torch
-
     from dynamicid.faces import load_image
-    from dynamicid.infer.outputs import IMAGE_SUFFIXES, PERSON_COLORS, Staging, output_names, overlay_activation
+    from dynamicid.infer.outputs import IMAGE_SUFFIXES
     from dynamicid.infer.people import check_box, check_person_labels
 
     # 1. Everything that can be checked without a model
@@ -158,12 +156,36 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
         for image in (person.image, person.landmark_image):
             if image is not None:
                 load_image(image)  # unreadable photos fail here, before any model loads
-    weights = _weights(options)
+    weights = weights_from_options(options)
 
     # 2. Models
     clock = time.perf_counter()
-    pipe = _load_pipeline(options, weights, torch)
+    pipe = load_pipeline(options, weights)
     load_seconds = time.perf_counter() - clock
+
+    sidecar = generate_outputs(pipe, options, people, (width, height), caught, load_seconds)
+    for message in sidecar["warnings"]:
+        click.echo(f"warning: {message}", err=True)
+    return sidecar
+
+
+def generate_outputs(
+    pipe: Any,
+    options: dict[str, Any],
+    people: list[Any],
+    size: tuple[int | None, int | None],
+    caught: list[warnings.WarningMessage],
+    load_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Steps 3-4 of `generate` on a loaded pipeline: run it, write the images, activation maps and sidecar next to
+    `options["out"]` (all or nothing) and return the sidecar. `options` holds `generate`'s settings (prompt, seed,
+    steps, ...); `dynamicid-app` calls this too, so both give the same pixels and the same sidecar."""
+    import torch
+
+    from dynamicid.infer.outputs import PERSON_COLORS, Staging, output_names, overlay_activation
+
+    out: Path = options["out"]
+    width, height = size
 
     # 3. Generate
     seed = options["seed"] if options["seed"] is not None else secrets.randbelow(2**31)
@@ -197,8 +219,6 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
         sidecar["timings"] = {"load": round(load_seconds, 4), **result.timings}
         sidecar["timings"]["write"] = round(time.perf_counter() - clock, 4)
         staging.write_json(names["sidecar"], sidecar)
-    for message in sidecar["warnings"]:
-        click.echo(f"warning: {message}", err=True)
     return sidecar
 
 
@@ -246,7 +266,8 @@ def _people(options: dict[str, Any]) -> list[Any]:
     return people
 
 
-def _weights(options: dict[str, Any]) -> Any:
+def weights_from_options(options: dict[str, Any]) -> Any:
+    """Our --weights files or the release's --saa/--imr/--keypoint-encoder files, checked to exist."""
     from dynamicid.infer.weights import ReleaseFiles
 
     release = {k: options[k] for k in ("saa", "imr", "keypoint_encoder") if options[k] is not None}
@@ -264,7 +285,10 @@ def _weights(options: dict[str, Any]) -> Any:
     return ReleaseFiles(**release) if release else list(options["weights"])
 
 
-def _load_pipeline(options: dict[str, Any], weights: Any, torch: Any) -> Any:
+def load_pipeline(options: dict[str, Any], weights: Any) -> Any:
+    """The pipeline as `generate` loads it (base_model, image_encoder, face_backend, insightface_root, device, fp16)."""
+    import torch
+
     from dynamicid.infer.pipeline import DynamicIDPipeline
     from dynamicid.models.base import load_base_model
 

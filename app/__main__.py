@@ -1,0 +1,3 @@
+from dynamicid.app.cli import main
+
+main()
