@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,12 @@ class GenerateTab:
                 concurrency_id=MODELS,
                 concurrency_limit=1,
             )
+
+        def run(*values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:  # noqa: B008
+            return self.generate(*values, on_step=lambda done, total: progress((done, total), unit="steps"))
+
         button.click(
-            self.generate,
+            run,
             [count, layout, prompt, negative, seed, random_seed, steps, guidance, id_scale, *size]
             + [c for p in people for c in p.inputs],
             [status, image, maps, sidecar, seed],
@@ -168,7 +173,7 @@ class GenerateTab:
         preview = preview_reference(self.pipe.reference_analyzer.analyzer, path, f"the reference of person {k + 1}")
         return preview.image, preview.text
 
-    def generate(self, *values: Any, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> list[Any]:  # noqa: B008
+    def generate(self, *values: Any, on_step: Callable[[int, int], None] | None = None) -> list[Any]:
         """One request: the people, layout and settings from the page -> status, image, maps, sidecar, seed."""
         count, layout, prompt, negative, seed, random_seed, steps, guidance, id_scale, width, height = values[:11]
         person_values = values[11:]
@@ -189,7 +194,8 @@ class GenerateTab:
             }
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DynamicIDWarning)
-                sidecar = generate_outputs(self.pipe, options, people, (int(width), int(height)), caught)
+                size = (int(width), int(height))
+                sidecar = generate_outputs(self.pipe, options, people, size, caught, on_step=on_step)
         except (InputError, ValueError, OSError) as error:
             message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
             return [f"**error:** {message}", None, None, None, gr.update()]

@@ -10,6 +10,7 @@ import secrets
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -176,10 +177,12 @@ def generate_outputs(
     size: tuple[int | None, int | None],
     caught: list[warnings.WarningMessage],
     load_seconds: float = 0.0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Steps 3-4 of `generate` on a loaded pipeline: run it, write the images, activation maps and sidecar next to
     `options["out"]` (all or nothing) and return the sidecar. `options` holds `generate`'s settings (prompt, seed,
-    steps, ...); `dynamicid-app` calls this too, so both give the same pixels and the same sidecar."""
+    steps, ...); `dynamicid-app` calls this too, so both give the same pixels and the same sidecar.
+    `on_step(done, total)` is called after each denoising step."""
     import torch
 
     from dynamicid.infer.outputs import PERSON_COLORS, Staging, output_names, overlay_activation
@@ -202,6 +205,7 @@ def generate_outputs(
         generator=generator,
         id_scale=options["id_scale"],
         return_activation_maps=options["activation_maps"],
+        callback_on_step_end=None if on_step is None else lambda _, i, t, tensors: on_step(i + 1, options["steps"]),
     )
 
     # 4. Write everything, or nothing
