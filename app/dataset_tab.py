@@ -21,6 +21,12 @@ from dynamicid.schemas.labels import POSE_NAMES
 ALL = "all"
 MAX_CROPS = 48  # crops shown at once (the filters narrow them down)
 LABEL_COLUMNS = ["identity", "expression", "pose_bin", "yaw", "source_path"]
+IDENTITY_HEADERS = {
+    "num_images": "faces kept",
+    "num_scanned": "files scanned",
+    "num_rejected": "files rejected",
+    "grid_cells_covered": f"grid cells covered (of {len(EXPRESSIONS) * len(POSE_NAMES)})",
+}
 
 
 @dataclass
@@ -103,7 +109,12 @@ class DatasetBrowser:
 
     def build(self) -> None:
         gr.Markdown(self.summary(), elem_id="dataset-summary")
-        gr.Dataframe(self.identities, label="Identities", interactive=False, elem_id="dataset-identities")
+        gr.Dataframe(
+            self.identities.rename(columns=IDENTITY_HEADERS),
+            label="Identities",
+            interactive=False,
+            elem_id="dataset-identities",
+        )
         with gr.Row():
             identity = gr.Dropdown(
                 [ALL, *self.identities["identity"]], value=ALL, label="Identity", elem_id="filter-identity"
@@ -115,7 +126,9 @@ class DatasetBrowser:
             grid_value, label="Expression x pose grid (faces per cell)", interactive=False, elem_id="dataset-grid"
         )
         count = gr.Markdown(count_value, elem_id="dataset-count")
-        crops = gr.Gallery(crops_value, label="Crops", columns=8, height="auto", elem_id="dataset-crops")
+        crops = gr.Gallery(
+            crops_value, label="Crops", columns=8, height=460, object_fit="contain", elem_id="dataset-crops"
+        )
         rejects = gr.Dataframe(rejects_value, label="Rejected files", interactive=False, elem_id="dataset-rejects")
         filters = [identity, expression, pose]
         for component in filters:

@@ -3,6 +3,7 @@ weights, real reference photos. The app runs as its own process on a free localh
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import main as infer_main
@@ -34,6 +35,7 @@ CHROMIUM_FLAGS = [
 ]
 START_TIMEOUT_S = 240  # imports and model loading on a busy 2-core machine
 RUN_TIMEOUT_MS = 120_000
+MARKDOWN = "[data-testid=markdown]"  # a Markdown's text, without the "processing" line shown while it waits
 APP_ENV = {"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}  # one torch thread, as the CLI run below
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,13 +106,23 @@ def page(browser, app_url):
 
 def upload(page: Page, person: int, path) -> None:
     """Put `path` in person's reference field (clearing it first) and wait for the faces found in it."""
-    found = page.locator(f"#person{person}-found")
-    clear = page.locator(f"#person{person}-reference button[aria-label='Clear']")
-    if clear.count():
-        clear.click()
-        expect(found).to_have_text("")
-    page.locator(f"#person{person}-reference input[type=file]").set_input_files(str(path))
-    expect(found).to_contain_text("face", timeout=RUN_TIMEOUT_MS)
+    field = f"#person{person}-reference"
+    if page.locator(f"{field} button[aria-label='Clear']").count():
+        page.locator(f"{field} button[aria-label='Clear']").click()
+        wait_for_text(page, f"#person{person}-found", "")
+    page.locator(f"{field} input[type=file]").set_input_files(str(path))
+    wait_for_text(page, f"#person{person}-found", re.compile(r"\S"))
+
+
+def wait_for_text(page: Page, elem: str, text: str | re.Pattern) -> str:
+    """Wait until the Markdown `elem` shows `text` (a missing or hidden Markdown shows "")."""
+    script = f"() => document.querySelector('{elem} {MARKDOWN}')?.innerText.trim() ?? ''"
+    condition = text.search if isinstance(text, re.Pattern) else text.__eq__
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while not condition(shown := page.evaluate(script)):
+        assert time.monotonic() < deadline, f"{elem} shows {shown!r}, not {text!r}"
+        page.wait_for_timeout(100)
+    return shown
 
 
 def choose(page: Page, elem_id: str, value: str) -> None:
@@ -136,17 +148,9 @@ def drag(page: Page, selector: str, dx: float, dy: float) -> None:
 
 def generate(page: Page) -> str:
     """Click Generate and wait for a new status line (each run's line names its own output folder)."""
-    before = page.inner_text("#status")
+    before = wait_for_text(page, "#status", re.compile(""))
     page.locator("#generate").click()
-    page.wait_for_function(
-        """before => {
-            const text = document.querySelector('#status').innerText;
-            return text !== before && (text.startsWith('Done') || text.includes('error'));
-        }""",
-        arg=before,
-        timeout=RUN_TIMEOUT_MS,
-    )
-    return page.inner_text("#status")
+    return wait_for_text(page, "#status", re.compile(rf"^(?!{re.escape(before)}$)[\s\S]+$"))
 
 
 def fetch(page: Page, url: str) -> bytes:
@@ -160,7 +164,7 @@ def test_two_people_in_drawn_boxes_match_the_cli(page, shared_faces, weights, tm
     biden = shared_faces / "identities" / "biden" / "biden.jpg"
     upload(page, 1, obama)
     upload(page, 2, biden)
-    assert "1 face found" in page.inner_text("#person1-found")
+    assert "1 face found" in page.inner_text(f"#person1-found {MARKDOWN}")
     choose(page, "person1-expression", "happy")
     choose(page, "person2-expression", "surprised")
     set_number(page, "width", 96)
@@ -210,8 +214,13 @@ def test_no_face_shows_the_error_and_the_next_request_works(page, shared_faces):
     page.locator("#num-people label:has-text('1')").click()
     page.wait_for_selector("#person2-reference", state="hidden")
     set_number(page, "steps", 2)
+    upload(page, 1, shared_faces / "broken" / "text_file_named.png")
+    assert "cannot load image" in page.inner_text(f"#person1-found {MARKDOWN}")
+    status = generate(page)
+    assert "error" in status and "cannot load image" in status and "text_file_named.png" in status, status
+
     upload(page, 1, shared_faces / "no_face" / "dog.jpg")
-    assert "no face found" in page.inner_text("#person1-found")
+    assert "no face found" in page.inner_text(f"#person1-found {MARKDOWN}")
     status = generate(page)
     assert "error" in status and "no face found in reference of person 1" in status, status
     assert "dog.jpg" in status
