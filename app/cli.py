@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from dynamicid.infer.cli import InputError
+from dynamicid.infer.cli import InputError, model_options
 
 EPILOG = """\b
 Examples:
@@ -23,14 +23,7 @@ Examples:
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-app")
-@click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random.")
-@click.option("--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s).")
-@click.option("--saa", type=click.Path(path_type=Path), help="Release SAA .bin file (SAA_module + proj_module).")
-@click.option("--imr", type=click.Path(path_type=Path), help="Release IMR .bin file (with --saa).")
-@click.option("--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa).")
-@click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder).")
-@click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface.")
-@click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder.")
+@model_options
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
 @click.option("--fp16", is_flag=True, help="Run the models in float16 (GPU).")
 @click.option(

@@ -4,6 +4,7 @@ image, activation maps and sidecar that `dynamicid-infer generate` would write f
 from __future__ import annotations
 
 import secrets
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -177,9 +178,11 @@ class GenerateTab:
         """One request: the people, layout and settings from the page -> status, image, maps, sidecar, seed."""
         count, layout, prompt, negative, seed, random_seed, steps, guidance, id_scale, width, height = values[:11]
         person_values = values[11:]
+        run_dir = None
         try:
             people = _people(int(count), layout, person_values)
             seed = secrets.randbelow(2**31) if random_seed or seed is None else int(seed)
+            run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=self.output_dir))
             options = {
                 **self.load_options,
                 "prompt": prompt,
@@ -190,13 +193,15 @@ class GenerateTab:
                 "id_scale": float(id_scale),
                 "num_images": 1,
                 "activation_maps": True,
-                "out": Path(tempfile.mkdtemp(prefix="run-", dir=self.output_dir)) / OUT_NAME,
+                "out": run_dir / OUT_NAME,
             }
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DynamicIDWarning)
                 size = (int(width), int(height))
                 sidecar = generate_outputs(self.pipe, options, people, size, caught, on_step=on_step)
         except (InputError, ValueError, OSError) as error:
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a failed request leaves nothing behind
             message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
             return [f"**error:** {message}", None, None, None, gr.update()]
         outputs = sidecar["outputs"]

@@ -37,6 +37,29 @@ class InputError(Exception):
     """A problem with the user's input: reported on one line, exit code 2."""
 
 
+MODEL_OPTIONS = (
+    click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random."),
+    click.option(
+        "--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s)."
+    ),
+    click.option("--saa", type=click.Path(path_type=Path), help="Release SAA .bin file (SAA_module + proj_module)."),
+    click.option("--imr", type=click.Path(path_type=Path), help="Release IMR .bin file (with --saa)."),
+    click.option(
+        "--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa)."
+    ),
+    click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder)."),
+    click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface."),
+    click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
+)
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that choose the models (`load_pipeline`, `weights_from_options`); `dynamicid-app` has them too."""
+    for option in reversed(MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-infer")
 def main() -> None:
@@ -44,14 +67,7 @@ def main() -> None:
 
 
 @main.command(epilog=EPILOG)
-@click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random.")
-@click.option("--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s).")
-@click.option("--saa", type=click.Path(path_type=Path), help="Release SAA .bin file (SAA_module + proj_module).")
-@click.option("--imr", type=click.Path(path_type=Path), help="Release IMR .bin file (with --saa).")
-@click.option("--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa).")
-@click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder).")
-@click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface.")
-@click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder.")
+@model_options
 @click.option("--prompt", required=True, help="What the image shows.")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option(

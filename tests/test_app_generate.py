@@ -1,0 +1,96 @@
+"""The Generate tab's request handler without a browser: tiny-random FAKE base, random FAKE weights, real photos."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynamicid.app.generate_tab import MAX_PEOPLE, GenerateTab
+from dynamicid.app.layout_canvas import layout_value
+from dynamicid.faces import FaceAnalyzer
+from dynamicid.infer.cli import load_pipeline
+from dynamicid.infer.fakes import random_parts, save_random_weights
+from dynamicid.models.base import load_base_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LOAD = {
+    "base_model": "tiny-random",
+    "image_encoder": None,
+    "face_backend": "embedded",
+    "insightface_root": None,
+    "device": "cpu",
+    "fp16": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tab(tmp_path_factory):
+    parts = random_parts(load_base_model("tiny-random"), FaceAnalyzer("embedded"))
+    weights = save_random_weights(parts, tmp_path_factory.mktemp("tab-weights") / "w.safetensors")
+    output_dir = tmp_path_factory.mktemp("tab-outputs")
+    return GenerateTab(load_pipeline(LOAD, [weights]), LOAD, output_dir)
+
+
+@pytest.fixture(scope="module")
+def photos(shared_faces):
+    return {
+        "obama": str(shared_faces / "identities" / "obama" / "obama.jpg"),
+        "biden": str(shared_faces / "identities" / "biden" / "biden.jpg"),
+        "group": str(shared_faces / "group_photos" / "obama_and_biden.jpg"),
+    }
+
+
+def request(people, boxes=None, seed=7, random_seed=False, size=(64, 64)):
+    """The values the page sends: settings, then (reference, expression, pose, landmark) for each of 4 slots."""
+    layout = layout_value(*size, len(people), boxes)
+    values = [len(people), layout, "a portrait", "", seed, random_seed, 2, 5.0, 1.0, *size]
+    slots = [*people, *[(None, "keep", "keep", None)] * (MAX_PEOPLE - len(people))]
+    return values + [v for slot in slots for v in slot]
+
+
+def test_landmark_image_pose_and_keep_reach_the_sidecar(tab, photos):
+    people = [(photos["obama"], "keep", "front view", photos["biden"]), (photos["biden"], "sad", "keep", None)]
+    status, image, maps, sidecar_path, seed = tab.generate(*request(people))
+    assert status.startswith("Done: seed 7, 64x64, 2 steps"), status
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    first, second = sidecar["people"]
+    requested = {"expression": None, "pose": "front view", "landmark_image": photos["biden"], "box": [0, 0, 1, 0.5]}
+    assert first["requested"] == requested
+    assert first["target_pose"] == "front view" and first["landmark_image"] == photos["biden"]
+    assert second["target_expression"] == "sad" and second["landmark_image"] is None
+    assert image == sidecar["outputs"]["images"][0] and [m[1] for m in maps] == ["person 1", "person 2"]
+    assert seed == 7
+
+
+def test_random_seed_is_returned_and_several_faces_warn(tab, photos):
+    people = [(photos["group"], "happy", "keep", None)]
+    status, _, _, sidecar_path, seed = tab.generate(*request(people, seed=None, random_seed=True))
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    assert seed == sidecar["settings"]["seed"] and f"seed {seed}," in status
+    assert sidecar["people"][0]["reference"]["faces_found"] > 1
+    assert "**warning:**" in status and "faces in reference of person 1" in status
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty-box", "box of person 2 (0.0, 0.5, 0.0, 1.0) is empty"),
+        ("no-photo", "person 2 has no reference photo: upload one"),
+        ("size", "`height` and `width` must be divisible by 8 but are 64 and 60"),
+    ],
+)
+def test_bad_requests_answer_one_line_and_write_nothing(tab, photos, case, message):
+    people = [(photos["obama"], "keep", "keep", None), (photos["biden"], "keep", "keep", None)]
+    boxes, size = None, (64, 64)
+    if case == "empty-box":
+        boxes = [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 0.0, 1.0]]
+    if case == "no-photo":
+        people[1] = (None, "keep", "keep", None)
+    if case == "size":
+        size = (60, 64)
+    before = sorted(tab.output_dir.iterdir())
+    status, image, maps, sidecar, _ = tab.generate(*request(people, boxes, size=size))
+    assert status.startswith("**error:** ") and message in status and "\n" not in status, status
+    assert (image, maps, sidecar) == (None, None, None)
+    assert sorted(tab.output_dir.iterdir()) == before
