@@ -56,16 +56,18 @@ def main(**options: Any) -> None:
 
 def build(options: dict[str, Any]) -> tuple[Any, Path]:
     """Check the flags, load the models once, and lay the app out."""
-    from dynamicid.infer.cli import load_pipeline, weights_from_options
+    import torch
 
-    weights = weights_from_options(options)
+    from dynamicid.infer.cli import _load_pipeline, _weights
+
+    weights = _weights(options)
     from dynamicid.app.dataset_tab import DatasetBrowser
     from dynamicid.app.ui import build_app
 
     dataset = DatasetBrowser.open(options["dataset"]) if options["dataset"] is not None else None
     output_dir = options["output_dir"] or Path(tempfile.mkdtemp(prefix="dynamicid-app-"))
     output_dir.mkdir(parents=True, exist_ok=True)
-    keys = ("base_model", "image_encoder", "face_backend", "insightface_root", "device", "fp16")
-    load_options = {k: options[k] for k in keys}
-    pipe = load_pipeline(load_options, weights)
+    model_keys = ("base_model", "weights", "saa", "imr", "keypoint_encoder", "image_encoder", "face_backend")
+    load_options = {k: options[k] for k in (*model_keys, "insightface_root", "device", "fp16")}
+    pipe = _load_pipeline(load_options, weights, torch)
     return build_app(pipe, load_options, output_dir, dataset), output_dir

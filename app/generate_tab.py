@@ -17,7 +17,7 @@ import gradio as gr
 from dynamicid.app.layout_canvas import layout_editor, layout_value
 from dynamicid.app.references import preview_reference
 from dynamicid.infer import Person
-from dynamicid.infer.cli import KEEP, InputError, generate_outputs
+from dynamicid.infer.cli import KEEP, InputError, _generate
 from dynamicid.infer.people import DynamicIDWarning
 from dynamicid.infer.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from dynamicid.schemas import EXPRESSIONS
@@ -26,7 +26,7 @@ from dynamicid.schemas.labels import POSE_NAMES
 MAX_PEOPLE = 4
 DEFAULT_PEOPLE = 2
 MODELS = "models"  # concurrency group of every event that runs a model: one request at a time
-OUT_NAME = "dynamicid.png"  # each request writes OUT_NAME, its sidecar and maps into a folder of its own
+OUT_NAME = "dynamicid-{seed}.png"  # each request writes this, its sidecar and maps into a folder of its own
 
 
 @dataclass
@@ -51,7 +51,7 @@ class GenerateTab:
 
     def __init__(self, pipe: Any, load_options: dict[str, Any], output_dir: Path):
         self.pipe = pipe
-        self.load_options = load_options  # base_model, image_encoder, ...: what the sidecar records
+        self.load_options = load_options  # the model flags of `dynamicid-infer generate`, for its sidecar
         self.output_dir = output_dir
         self.native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
@@ -191,14 +191,14 @@ class GenerateTab:
                 "steps": int(steps),
                 "guidance_scale": float(guidance),
                 "id_scale": float(id_scale),
+                "size": f"{int(width)}x{int(height)}",
                 "num_images": 1,
                 "activation_maps": True,
-                "out": run_dir / OUT_NAME,
+                "out": run_dir / OUT_NAME.format(seed=seed),
             }
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DynamicIDWarning)
-                size = (int(width), int(height))
-                sidecar = generate_outputs(self.pipe, options, people, size, caught, on_step=on_step)
+                sidecar = _generate(options, caught, self.pipe, people, on_step)
         except (InputError, ValueError, OSError) as error:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a failed request leaves nothing behind

@@ -29,7 +29,8 @@ ${value.boxes.map((b, i) => `
       style="background:${colors[i % colors.length]}"></div>`).join('')}
   </div>`).join('')}
 </div>
-<div class="layout-legend">${value.width} x ${value.height} px &middot; ${value.boxes.map((b, i) =>
+<div class="layout-legend">${value.width} x ${value.height} px &middot; boxes as y0, x0, y1, x1 &middot;
+  ${value.boxes.map((b, i) =>
   `<span class="layout-coords" data-index="${i}" style="color:${colors[i % colors.length]}">person ${i + 1}:
    ${b.map((v) => v.toFixed(2)).join(', ')}</span>`).join(' &middot; ')}</div>
 """

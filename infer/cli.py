@@ -37,7 +37,18 @@ class InputError(Exception):
     """A problem with the user's input: reported on one line, exit code 2."""
 
 
-MODEL_OPTIONS = (
+def _options(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator for a group of click options shared by `generate` and `batch`."""
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+model_options = _options(
     click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random."),
     click.option(
         "--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s)."
@@ -51,13 +62,6 @@ MODEL_OPTIONS = (
     click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface."),
     click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
 )
-
-
-def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that choose the models (`load_pipeline`, `weights_from_options`); `dynamicid-app` has them too."""
-    for option in reversed(MODEL_OPTIONS):
-        command = option(command)
-    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -151,9 +155,19 @@ def _fail(error: BaseException) -> NoReturn:
     sys.exit(2)
 
 
-def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) -> dict[str, Any]:
+def _generate(
+    options: dict[str, Any],
+    caught: list[warnings.WarningMessage],
+    pipe: Any = None,
+    people: list[Any] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """One run of `generate`; `dynamicid-app` passes its loaded pipeline, its people and `on_step(done, total)`,
+    called after each denoising step, so the app gives the same pixels and sidecar as the command."""
+    import torch
+
     from dynamicid.faces import load_image
-    from dynamicid.infer.outputs import IMAGE_SUFFIXES
+    from dynamicid.infer.outputs import IMAGE_SUFFIXES, PERSON_COLORS, Staging, output_names, overlay_activation
     from dynamicid.infer.people import check_box, check_person_labels
 
     # 1. Everything that can be checked without a model
@@ -165,7 +179,7 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
     width, height = _parse_size(options["size"])
     if options["num_images"] < 1 or options["steps"] < 1:
         raise InputError("--num-images and --steps must be at least 1")
-    people = _people(options)
+    people = _people(options) if people is None else people
     for i, person in enumerate(people):
         check_person_labels(person, i)
         if person.box is not None:
@@ -173,38 +187,12 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
         for image in (person.image, person.landmark_image):
             if image is not None:
                 load_image(image)  # unreadable photos fail here, before any model loads
-    weights = weights_from_options(options)
+    weights = _weights(options)
 
     # 2. Models
     clock = time.perf_counter()
-    pipe = load_pipeline(options, weights)
+    pipe = _load_pipeline(options, weights, torch) if pipe is None else pipe
     load_seconds = time.perf_counter() - clock
-
-    sidecar = generate_outputs(pipe, options, people, (width, height), caught, load_seconds)
-    for message in sidecar["warnings"]:
-        click.echo(f"warning: {message}", err=True)
-    return sidecar
-
-
-def generate_outputs(
-    pipe: Any,
-    options: dict[str, Any],
-    people: list[Any],
-    size: tuple[int | None, int | None],
-    caught: list[warnings.WarningMessage],
-    load_seconds: float = 0.0,
-    on_step: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Steps 3-4 of `generate` on a loaded pipeline: run it, write the images, activation maps and sidecar next to
-    `options["out"]` (all or nothing) and return the sidecar. `options` holds `generate`'s settings (prompt, seed,
-    steps, ...); `dynamicid-app` calls this too, so both give the same pixels and the same sidecar.
-    `on_step(done, total)` is called after each denoising step."""
-    import torch
-
-    from dynamicid.infer.outputs import PERSON_COLORS, Staging, output_names, overlay_activation
-
-    out: Path = options["out"]
-    width, height = size
 
     # 3. Generate
     seed = options["seed"] if options["seed"] is not None else secrets.randbelow(2**31)
@@ -239,6 +227,8 @@ def generate_outputs(
         sidecar["timings"] = {"load": round(load_seconds, 4), **result.timings}
         sidecar["timings"]["write"] = round(time.perf_counter() - clock, 4)
         staging.write_json(names["sidecar"], sidecar)
+    for message in sidecar["warnings"]:
+        click.echo(f"warning: {message}", err=True)
     return sidecar
 
 
@@ -286,8 +276,7 @@ def _people(options: dict[str, Any]) -> list[Any]:
     return people
 
 
-def weights_from_options(options: dict[str, Any]) -> Any:
-    """Our --weights files or the release's --saa/--imr/--keypoint-encoder files, checked to exist."""
+def _weights(options: dict[str, Any]) -> Any:
     from dynamicid.infer.weights import ReleaseFiles
 
     release = {k: options[k] for k in ("saa", "imr", "keypoint_encoder") if options[k] is not None}
@@ -305,10 +294,7 @@ def weights_from_options(options: dict[str, Any]) -> Any:
     return ReleaseFiles(**release) if release else list(options["weights"])
 
 
-def load_pipeline(options: dict[str, Any], weights: Any) -> Any:
-    """The pipeline as `generate` loads it (base_model, image_encoder, face_backend, insightface_root, device, fp16)."""
-    import torch
-
+def _load_pipeline(options: dict[str, Any], weights: Any, torch: Any) -> Any:
     from dynamicid.infer.pipeline import DynamicIDPipeline
     from dynamicid.models.base import load_base_model
 

@@ -60,7 +60,8 @@ def app_url(weights, tmp_path_factory):
     command = [sys.executable, "-m", "dynamicid.app", "--base-model", "tiny-random", "--weights", str(weights)]
     command += ["--face-backend", "embedded", "--port", str(port), "--output-dir", str(folder / "outputs")]
     log = (folder / "app.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **APP_ENV})
+    env = {**os.environ, **APP_ENV, "GRADIO_TEMP_DIR": str(folder / "gradio")}  # uploads stay in the test's folder
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynamicid.app.generate_tab import MAX_PEOPLE, GenerateTab
 from dynamicid.app.layout_canvas import layout_value
 from dynamicid.faces import FaceAnalyzer
-from dynamicid.infer.cli import load_pipeline
+from dynamicid.infer.cli import _load_pipeline
 from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.models.base import load_base_model
 
@@ -16,6 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LOAD = {
     "base_model": "tiny-random",
+    "saa": None,
+    "imr": None,
+    "keypoint_encoder": None,
     "image_encoder": None,
     "face_backend": "embedded",
     "insightface_root": None,
@@ -29,16 +33,14 @@ def tab(tmp_path_factory):
     parts = random_parts(load_base_model("tiny-random"), FaceAnalyzer("embedded"))
     weights = save_random_weights(parts, tmp_path_factory.mktemp("tab-weights") / "w.safetensors")
     output_dir = tmp_path_factory.mktemp("tab-outputs")
-    return GenerateTab(load_pipeline(LOAD, [weights]), LOAD, output_dir)
+    load = {**LOAD, "weights": (weights,)}
+    return GenerateTab(_load_pipeline(load, [weights], torch), load, output_dir)
 
 
 @pytest.fixture(scope="module")
 def photos(shared_faces):
-    return {
-        "obama": str(shared_faces / "identities" / "obama" / "obama.jpg"),
-        "biden": str(shared_faces / "identities" / "biden" / "biden.jpg"),
-        "group": str(shared_faces / "group_photos" / "obama_and_biden.jpg"),
-    }
+    names = ("identities/obama/obama.jpg", "identities/biden/biden.jpg", "group_photos/obama_and_biden.jpg")
+    return dict(zip(("obama", "biden", "group"), (str(shared_faces / name) for name in names), strict=True))
 
 
 def request(people, boxes=None, seed=7, random_seed=False, size=(64, 64)):
@@ -77,7 +79,7 @@ def test_random_seed_is_returned_and_several_faces_warn(tab, photos):
     [
         ("empty-box", "box of person 2 (0.0, 0.5, 0.0, 1.0) is empty"),
         ("no-photo", "person 2 has no reference photo: upload one"),
-        ("size", "`height` and `width` must be divisible by 8 but are 64 and 60"),
+        ("size", "--size 60x64: width and height must be positive multiples of 8"),
     ],
 )
 def test_bad_requests_answer_one_line_and_write_nothing(tab, photos, case, message):
