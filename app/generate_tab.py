@@ -198,7 +198,7 @@ class GenerateTab:
             }
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DynamicIDWarning)
-                sidecar = _generate(options, caught, self.pipe, people, on_step)
+                sidecar = _generate(options, caught, self.pipe, people, on_step=on_step)
         except (InputError, ValueError, OSError) as error:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a failed request leaves nothing behind
