@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
-from dynamicid.infer.cli import InputError, model_options
+from dynamicid.infer.cli import InputError, _fail, model_options
 
 EPILOG = """\b
 Examples:
@@ -45,9 +44,7 @@ def main(**options: Any) -> None:
     try:
         demo, output_dir = build(options)
     except (InputError, ValueError, OSError) as error:
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        click.echo(f"error: {message}", err=True)
-        sys.exit(2)
+        _fail(error)
     click.echo(f"outputs go to {output_dir}")
     from dynamicid.app.ui import launch
 
@@ -56,11 +53,11 @@ def main(**options: Any) -> None:
 
 def build(options: dict[str, Any]) -> tuple[Any, Path]:
     """Check the flags, load the models once, and lay the app out."""
-    import torch
-
     from dynamicid.infer.cli import _load_pipeline, _weights
 
-    weights = _weights(options)
+    weights = _weights(options)  # flag errors come before anything heavy is imported
+    import torch
+
     from dynamicid.app.dataset_tab import DatasetBrowser
     from dynamicid.app.ui import build_app
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from dynamicid.app.layout_canvas import layout_editor, layout_value
+from dynamicid.app.layout_canvas import CSS_COLORS, layout_editor, layout_value
 from dynamicid.app.references import preview_reference
 from dynamicid.infer import Person
 from dynamicid.infer.cli import KEEP, InputError, _generate
@@ -99,9 +99,7 @@ class GenerateTab:
             sidecar = gr.File(label="Sidecar JSON", elem_id="sidecar", scale=1)
 
         cheap = {"concurrency_limit": None, "show_progress": "hidden"}
-        count.change(
-            self._show_people, [count, *size], [*(p.column for p in people), layout], **cheap
-        )  # fmt: skip
+        count.change(self._show_people, [count, *size], [*(p.column for p in people), layout], **cheap)
         for slider in size:
             slider.change(self._resize, [layout, *size], layout, **cheap)
         reset.click(self._reset, [count, *size], layout, **cheap)
@@ -128,7 +126,8 @@ class GenerateTab:
 
     def _person_column(self, k: int) -> PersonInputs:
         with gr.Column(visible=k < DEFAULT_PEOPLE, min_width=220) as column:
-            gr.Markdown(f"**Person {k + 1}**", elem_classes=[f"person-title-{k + 1}"])
+            color = CSS_COLORS[k % len(CSS_COLORS)]  # the colour of the person's box and activation map
+            gr.Markdown(f'<span style="color:{color}">&#9632;</span> **Person {k + 1}**')
             reference = gr.File(
                 label="Reference photo", file_types=["image"], type="filepath", elem_id=f"person{k + 1}-reference"
             )
