@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from dynamicid.curation.report import thumbnail_uri
 from dynamicid.infer.outputs import PERSON_COLORS
 
 THUMBNAIL = 384
@@ -25,16 +26,30 @@ def annotated(image: Image.Image, people: list[dict[str, Any]], boxes: list[Any]
     draw = ImageDraw.Draw(image)
     width, height = image.size
     line = max(2, round(max(width, height) / 200))
+    font = ImageFont.load_default(size=max(10, round(max(width, height) / 30)))
     for person, box in zip(people, boxes, strict=True):
         color = PERSON_COLORS[person["person"] % len(PERSON_COLORS)]
         if box is not None:
             y0, x0, y1, x1 = box
-            draw.rectangle((x0 * width, y0 * height, x1 * width - 1, y1 * height - 1), outline=color, width=1)
+            box_pixels = (x0 * width, y0 * height, x1 * width - 1, y1 * height - 1)
+            draw.rectangle(box_pixels, outline=color, width=max(1, line // 2))
         if person.get("face_bbox") is not None:
             x0, y0, x1, y1 = person["face_bbox"]
             draw.rectangle((x0, y0, x1, y1), outline=color, width=line)
-            draw.text((x0 + line, y0 + line), f"P{person['person'] + 1} {person['face_sim']:.2f}", fill=color)
+            label = f"P{person['person'] + 1} {person['face_sim']:.2f}"
+            draw.rectangle(draw.textbbox((x0, y1), label, font=font), fill=color)
+            draw.text((x0, y1), label, fill=(255, 255, 255), font=font)
     return image
+
+
+def embedded_jpeg(image: Image.Image, longest_side: int) -> str:
+    """A data: URI of the image shrunk to `longest_side`, so report.html is one self-contained file."""
+    scale = longest_side / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    encoded = io.BytesIO()
+    image.convert("RGB").save(encoded, "JPEG", quality=85)
+    return f"data:image/jpeg;base64,{base64.b64encode(encoded.getvalue()).decode('ascii')}"
 
 
 def _flag(value: Any, good: bool = True) -> str:
@@ -82,7 +97,7 @@ def write_report(
         picture = annotated(Image.open(images[record["id"]]), people, boxes[record["id"]])
         clip = "" if record.get("clip_t") is None else f"<br>CLIP-T {record['clip_t']:.4f}"
         rows.append(
-            f'<tr><td><img src="{thumbnail_uri(picture, THUMBNAIL)}"></td>'
+            f'<tr><td><img src="{embedded_jpeg(picture, THUMBNAIL)}"></td>'
             f"<td><b>{html.escape(record['id'])}</b><br>{html.escape(record['prompt'])}<br>"
             f"faces {record['faces_found']} / people {record['people']}{clip}</td>"
             f"<td>{'<br>'.join(_person_cell(p) for p in people)}</td></tr>"
