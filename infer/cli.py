@@ -179,6 +179,7 @@ def batch(manifest: Path, out_dir: Path, references_dir: Path | None, **options:
         try:
             if pipe is None:
                 pipe = _load_pipeline(options, weights, torch)
+                pipe.set_progress_bar_config(disable=True)  # one "wrote" line per row instead
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DynamicIDWarning)
                 people = [person.to_person() for person in job.row.people]

@@ -96,7 +96,17 @@ def test_batch_writes_what_generate_writes_for_each_row(generated, weights, refs
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(generated / "duo.png")))
     single = json.loads(out.with_suffix(".json").read_text())
     assert set(sidecar) - set(single) == {"row", "settings_hash"}
-    assert {k: v for k, v in sidecar["settings"].items()} == single["settings"]
+    assert sidecar["settings"] == single["settings"]
+    # `score` reads generate's sidecars too: one reference per person, the boxes the pipeline used
+    result = CliRunner().invoke(
+        eval_main, ["score", str(tmp_path), "--out", str(tmp_path / "s"), "--face-backend", "embedded"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "s" / "per_person.parquet").to_pylist()
+    assert [(r["id"], r["person"], r["expression_requested"]) for r in rows] == [
+        ("duo", 0, "happy"),
+        ("duo", 1, "surprised"),
+    ]
 
 
 def test_batch_skips_rows_done_and_redoes_changed_ones(generated, bench, weights):
@@ -126,6 +136,19 @@ def test_batch_bad_manifest_stops_before_writing(tmp_path, weights, refs):
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "line 2 (id 'b')" in result.output and "[0, 1]" in result.output
     assert not out.exists()
+
+
+def test_batch_reference_without_a_face_stops_naming_the_row(tmp_path, weights, refs, shared_faces):
+    manifest = tmp_path / "m.jsonl"
+    good = {"id": "a", "prompt": "p", "seed": 1, "people": [{"references": refs["obama"][:1]}]}
+    dog = {"id": "b", "prompt": "p", "people": [{"references": [str(shared_faces / "no_face" / "dog.jpg")]}]}
+    manifest.write_text(json.dumps(good) + "\n" + json.dumps(dog) + "\n")
+    out = tmp_path / "gen"
+    args = ["batch", "--manifest", str(manifest), "--out-dir", str(out), "--weights", str(weights), *GENERATE]
+    result = CliRunner().invoke(infer_main, args)
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "(id 'b')" in result.stderr and "no face found" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png"]  # the rows before it are kept
 
 
 def test_score_reads_batch_sidecars_and_compare_prints_deltas(generated, bench, tmp_path, shared_faces, refs):
