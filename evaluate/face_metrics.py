@@ -122,6 +122,7 @@ class FaceScorer:
             "reference_faces": identity.reference_faces,
             "face_found": face is not None,
             "face_sim": 0.0,
+            "same_person": False,
             "expression_requested": person.expression,
             "pose_requested": person.pose,
             # requested but no face: the request was not met
@@ -136,6 +137,7 @@ class FaceScorer:
         others = [s for s in others if s is not None]
         record |= {
             "face_sim": similarity if similarity is not None else 0.0,
+            "same_person": similarity is not None and similarity >= self.threshold_similarity,
             "face_bbox": [float(v) for v in face.bbox],
             "in_box": None if person.box is None else _centre_in_box(face.bbox, person.box, size),
             "max_other_sim": max(others) if others else None,

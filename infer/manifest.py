@@ -32,6 +32,7 @@ ROW_SETTINGS: dict[str, type | tuple[type, ...]] = {
 }
 ROW_KEYS = ("id", "prompt", "seed", "people", *ROW_SETTINGS)
 PERSON_KEYS = ("references", "held_out", "identity", "expression", "pose", "box", "landmark_image")
+SIZE = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ids become file names
 
 
@@ -140,6 +141,11 @@ def parse_row(data: Any, base: Path, where: str) -> ManifestRow:
             if not isinstance(data[key], kind) or isinstance(data[key], bool):
                 raise ManifestError(f"{where}: {key!r} must be of type {_type_name(kind)}")
             settings[key] = data[key]
+    if "steps" in settings and settings["steps"] < 1:
+        raise ManifestError(f"{where}: 'steps' must be at least 1")
+    size = settings.get("size")
+    if size is not None and not (SIZE.match(size) and all(int(v) % 8 == 0 for v in size.split("x"))):
+        raise ManifestError(f"{where}: 'size' {size!r} must be WIDTHxHEIGHT in multiples of 8, e.g. 768x512")
     people = data.get("people")
     if not isinstance(people, list) or not people:
         raise ManifestError(f"{where}: 'people' must be a non-empty list of objects")

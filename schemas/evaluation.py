@@ -26,6 +26,9 @@ PER_PERSON_COLUMNS: tuple[Column, ...] = (
         "float32",
         "cosine similarity of the assigned face to the person's mean reference embedding; 0 when no face",
     ),
+    Column(
+        "same_person", "bool", "face_sim reaches the backend's same-person threshold (as a cosine); False when no face"
+    ),
     Column("face_bbox", "float32[4]", "the assigned face's box, x0, y0, x1, y1 pixels"),
     Column("in_box", "bool", "the assigned face's centre lies in the person's box (None: no box)"),
     Column("id_confused", "bool", "the assigned face is closer to another person's reference (multi-ID only)"),
@@ -63,6 +66,7 @@ SUMMARY_METRICS: dict[str, tuple[str, str]] = {
     "face_sim": ("per_person", "face_sim"),
     "face_sim_min": ("per_image", "face_sim_min"),
     "face_found": ("per_person", "face_found"),
+    "same_person": ("per_person", "same_person"),
     "in_box": ("per_person", "in_box"),
     "id_confusion": ("per_person", "id_confused"),
     "copy_paste": ("per_person", "copy_paste"),

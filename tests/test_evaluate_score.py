@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from dynamicid.evaluate import Case, FaceScorer, cases_from_manifest, measure, same_person_similarity, write_scores
 from dynamicid.evaluate.cli import main
 from dynamicid.faces import FaceAnalyzer, load_image
-from dynamicid.infer.manifest import ManifestPerson
+from dynamicid.infer.manifest import ManifestError, ManifestPerson, read_manifest
 
 # expressions/labels.csv words -> our vocabulary; the face layer's measured figure (README, "Face analysis") is
 # its accuracy on the happy, neutral and surprised photos
@@ -86,7 +86,7 @@ def test_each_person_is_matched_to_their_own_face_in_a_group_photo(pair, scorer,
     for record, name in zip(records, ("obama", "biden"), strict=True):
         assert record["identity"] == name and record["face_found"]
         assert record["face_bbox"] == pytest.approx(list(pair["faces"][name].bbox))
-        assert record["face_sim"] > threshold
+        assert record["face_sim"] > threshold and record["same_person"] is True
         assert record["in_box"] is True and record["id_confused"] is False
         assert record["reference_faces"] == 2
 
@@ -138,7 +138,7 @@ def test_a_photo_without_a_face_gives_missing_and_zero_facesim(shared_faces, sco
     (person,) = scores.per_person
     (image,) = scores.per_image
     assert image["missing"] == 1 and image["faces_found"] == 0 and image["extra"] == 0
-    assert person["face_found"] is False and person["face_sim"] == 0.0
+    assert person["face_found"] is False and person["face_sim"] == 0.0 and person["same_person"] is False
     assert person["expression_ok"] is False and person.get("face_bbox") is None
     assert scores.summary["single_id"]["face_sim"]["mean"] == 0.0
 
@@ -215,6 +215,9 @@ def test_score_cli_with_a_manifest_writes_every_output(tmp_path, shared_faces, p
         ({"references": ["missing.jpg"]}, "file not found"),
         ({"expression": "sleepy"}, "unknown expression 'sleepy'"),
         ({"box": [0.1, 0.2, 1.5, 0.9]}, "outside [0, 1]"),
+        ({"pose": "upside down"}, "unknown pose 'upside down'"),
+        ({"held_out": "b.jpg"}, "'held_out' must be a list of file paths"),
+        ({"colour": "red"}, "unknown key(s) ['colour']"),
     ],
 )
 def test_bad_manifest_rows_stop_with_one_line_naming_the_row(tmp_path, shared_faces, change, message):
@@ -230,6 +233,32 @@ def test_bad_manifest_rows_stop_with_one_line_naming_the_row(tmp_path, shared_fa
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "line 2 (id 'bad')" in lines[0] and message in lines[0]
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"id": "a b", "prompt": "p"}, "'id' must be a string of letters"),
+        ({"id": "s", "prompt": "p", "size": "100x64"}, "'size' '100x64' must be WIDTHxHEIGHT in multiples of 8"),
+        ({"id": "s", "prompt": "", "people": []}, "'prompt' must be a non-empty string"),
+        ({"id": "s", "prompt": "p", "people": []}, "'people' must be a non-empty list"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, row, message):
+    manifest = write_manifest(tmp_path, [row])
+    with pytest.raises(ManifestError, match="line 1") as error:
+        read_manifest(manifest)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_duplicate_ids_and_mixed_boxes_are_refused(tmp_path, shared_faces):
+    reference = str(shared_faces / "identities" / "obama" / "obama2.jpg")
+    row = {"id": "x", "prompt": "p", "people": [{"references": [reference]}]}
+    with pytest.raises(ManifestError, match="id 'x' already used on line 1"):
+        read_manifest(write_manifest(tmp_path, [row, row]))
+    mixed = {**row, "people": [{"references": [reference], "box": [0, 0, 1, 0.5]}, {"references": [reference]}]}
+    with pytest.raises(ManifestError, match="to every person or to none"):
+        read_manifest(write_manifest(tmp_path, [mixed]))
 
 
 def test_manifest_image_missing_is_named(tmp_path, shared_faces):
