@@ -52,7 +52,7 @@ class Identity:
 
 
 class FaceScorer:
-    """Scores images with one face analyzer; the faces of reference photos are analysed once per process."""
+    """Scores images with one face analyzer; reference, held-out and landmark photos are analysed once."""
 
     def __init__(self, analyzer: FaceAnalyzer):
         self.analyzer = analyzer
@@ -72,13 +72,15 @@ class FaceScorer:
             "same_person_similarity": round(self.threshold_similarity, 4),
         }
 
-    def faces(self, path: Path) -> tuple[list[Face], tuple[int, int]]:
-        """Every described face of a photo (largest first) and its size; each file is analysed once."""
-        if path not in self._photos:
-            image = load_image(path)
-            faces = [f for f in self.analyzer.analyze(image) if f.embedding is not None]
-            self._photos[path] = (faces, image.size)
-        return self._photos[path]
+    def faces(self, path: Path, keep: bool = True) -> tuple[list[Face], tuple[int, int]]:
+        """Every described face of a photo (largest first) and its size; kept photos are analysed once."""
+        if path in self._photos:
+            return self._photos[path]
+        image = load_image(path)
+        found = ([f for f in self.analyzer.analyze(image) if f.embedding is not None], image.size)
+        if keep:
+            self._photos[path] = found
+        return found
 
     def largest_face(self, path: Path) -> Face | None:
         faces, _ = self.faces(path)
@@ -97,8 +99,8 @@ class FaceScorer:
 
     def score(self, case: Case) -> tuple[list[dict[str, Any]], int]:
         """One record per person (`schemas.evaluation.PER_PERSON_COLUMNS` less id and image) and the face count."""
-        faces, size = self.faces(case.image)
-        identities = [self.identity(p) for p in case.people]
+        identities = [self.identity(p) for p in case.people]  # reference photos are kept, scored images not
+        faces, size = self.faces(case.image, keep=False)
         assigned = match_faces(identities, faces)
         records = []
         for index, (person, identity) in enumerate(zip(case.people, identities, strict=True)):
@@ -155,7 +157,7 @@ class FaceScorer:
             record["pose_ok"] = face.pose_bin == person.pose
         if person.landmark_image is not None:
             target = self.largest_face(person.landmark_image)
-            if target is not None and target.yaw is not None and face.yaw is not None:
+            if target is not None and None not in (target.yaw, target.pitch, face.yaw, face.pitch):
                 record["yaw_error"] = abs(face.yaw - target.yaw)
                 record["pitch_error"] = abs(face.pitch - target.pitch)
         return record

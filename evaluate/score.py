@@ -27,7 +27,7 @@ NO_CLIP_NOTE = "CLIP-T left out: no --clip-model given (a local CLIP folder in t
 
 @dataclass
 class Scores:
-    """What `score_cases` measured (the rows of both tables and the summary)."""
+    """What `measure` found: the rows of both tables and the summary."""
 
     per_person: list[dict[str, Any]]
     per_image: list[dict[str, Any]]
