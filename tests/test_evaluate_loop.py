@@ -297,3 +297,15 @@ def test_eval_help(command):
 def test_batch_help():
     result = CliRunner().invoke(infer_main, ["batch", "--help"])
     assert result.exit_code == 0 and "--manifest" in result.output and "--guidance-scale" in result.output
+
+
+def test_shipped_prompt_lists():
+    from dynamicid.schemas.prompts import benchmark_prompt
+
+    for kind in ("single", "multi"):
+        templates = benchmark_prompts(kind)
+        assert len(templates) >= 20 and len(set(templates)) == len(templates)
+        assert all("{subject}" in t and not t.startswith("#") for t in templates)
+    assert benchmark_prompt("{subject} in a cafe", 3) == "three people in a cafe"
+    with pytest.raises(ValueError, match="valid: single, multi"):
+        benchmark_prompts("sports")
