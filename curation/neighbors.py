@@ -118,32 +118,46 @@ def kmeans(x: np.ndarray, cells: int, *, iterations: int = 8, sample: int = 6553
     return centroids
 
 
-def similar_components(embeddings: np.ndarray, min_cos: float, *, nprobe: int = 2, seed: int = 0) -> np.ndarray:
-    """Connected components of the graph 'dot product >= min_cos' (exact when small, inverted-file index when large)."""
+def similar_pairs_indexed(
+    embeddings: np.ndarray, min_cos: float, *, nprobe: int = 2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) with dot product >= min_cos and their similarities: exact when small, else from an
+    inverted-file index: every vector is filed under its nearest cell and compared with the vectors filed under
+    its `nprobe` nearest cells."""
     x = np.asarray(embeddings, np.float32)
     n = len(x)
     if n <= EXACT_LIMIT:
-        return components(n, similar_pairs(x, min_cos))
+        pairs = similar_pairs(x, min_cos)
+        return pairs, np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]]) if len(pairs) else np.zeros(0, np.float32)
     cells = max(16, int(np.sqrt(n)))
     centroids = kmeans(x, cells, seed=seed)
-    # File every vector under its nprobe nearest cells.
-    cell_of = np.empty((n, nprobe), np.int64)
+    probes = np.empty((n, nprobe), np.int64)
     for start in range(0, n, 16384):
         sims = x[start : start + 16384] @ centroids.T
-        cell_of[start : start + 16384] = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
-    members = np.repeat(np.arange(n), nprobe)
-    cells_flat = cell_of.ravel()
-    order = np.argsort(cells_flat, kind="stable")
-    members, cells_flat = members[order], cells_flat[order]
-    bounds = np.searchsorted(cells_flat, np.arange(cells + 1))
-    edges = []
+        top = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
+        # Nearest cell first: that is where the vector is filed.
+        nearest = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        probes[start : start + 16384] = np.take_along_axis(top, nearest, axis=1)
+    filed_order = np.argsort(probes[:, 0], kind="stable")
+    filed_bounds = np.searchsorted(probes[filed_order, 0], np.arange(cells + 1))
+    asking = np.repeat(np.arange(n), nprobe)
+    asked = probes.ravel()
+    ask_order = np.argsort(asked, kind="stable")
+    asking, asked = asking[ask_order], asked[ask_order]
+    ask_bounds = np.searchsorted(asked, np.arange(cells + 1))
+    found, found_sims = [], []
     for c in range(cells):
-        idx = members[bounds[c] : bounds[c + 1]]
-        if len(idx) < 2:
+        members = filed_order[filed_bounds[c] : filed_bounds[c + 1]]
+        queries = asking[ask_bounds[c] : ask_bounds[c + 1]]
+        if not len(members) or not len(queries):
             continue
-        local = components(len(idx), similar_pairs(x[idx], min_cos))
-        # Link each member to the first member of its local component (a star per component: O(n) edges).
-        first = np.full(local.max() + 1, n, np.int64)
-        np.minimum.at(first, local, idx)
-        edges.append(np.stack([idx, first[local]], axis=1))
-    return components(n, np.concatenate(edges) if edges else np.zeros((0, 2), np.int64))
+        sims = x[queries] @ x[members].T
+        i, j = np.nonzero(sims >= min_cos)
+        a, b = queries[i], members[j]
+        other = a != b
+        found.append(np.stack([np.minimum(a, b)[other], np.maximum(a, b)[other]], axis=1))
+        found_sims.append(sims[i[other], j[other]])
+    pairs, sims = np.concatenate(found), np.concatenate(found_sims)
+    # A pair met twice (from both sides, or in two cells) is kept once.
+    _, first = np.unique(pairs[:, 0] * n + pairs[:, 1], return_index=True)
+    return pairs[first], sims[first]
