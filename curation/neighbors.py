@@ -154,10 +154,11 @@ def similar_pairs_indexed(
         sims = x[queries] @ x[members].T
         i, j = np.nonzero(sims >= min_cos)
         a, b = queries[i], members[j]
-        other = a != b
-        found.append(np.stack([np.minimum(a, b)[other], np.maximum(a, b)[other]], axis=1))
-        found_sims.append(sims[i[other], j[other]])
-    pairs, sims = np.concatenate(found), np.concatenate(found_sims)
-    # A pair met twice (from both sides, or in two cells) is kept once.
-    _, first = np.unique(pairs[:, 0] * n + pairs[:, 1], return_index=True)
-    return pairs[first], sims[first]
+        # A pair is met from a's side here, and from b's side too when b probes a's cell: then keep it once (a < b).
+        met_twice = (probes[b] == probes[a, 0][:, None]).any(axis=1)
+        once = (a != b) & ((a < b) | ~met_twice)
+        found.append(np.stack([np.minimum(a, b)[once], np.maximum(a, b)[once]], axis=1).astype(np.int32))
+        found_sims.append(sims[i[once], j[once]])
+    if not found:
+        return np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
+    return np.concatenate(found), np.concatenate(found_sims)
