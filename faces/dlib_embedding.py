@@ -5,10 +5,8 @@ PyTorch with the weights read from the same .dat file (`dlib_resnet`): it equals
 distance under 1e-7 on ../shared/data/faces/identities, tests/test_faces_dlib_resnet.py) at about a tenth of the
 CPU time of the `dlib-bin` wheel, which has no BLAS.
 
-Determinism: float32 convolutions in oneDNN sum in an order that depends on the thread count (measured: 1 vs 2
-threads differ by about 1e-6 at most batch sizes), so the network always runs on one thread: an embedding does
-not depend on torch's thread count, and curation rows stay identical across `--workers` and machines' core counts.
-The faces of one photo run as one batch; the same face in a batch of another size differs by under 1e-6.
+Determinism: the network runs on one thread (`faces.threads`), so an embedding does not depend on torch's thread
+count. The faces of one photo run as one batch; the same face in a batch of another size differs by under 1e-6.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import torch
 
 from dynamicid.faces.dlib_resnet import CHIP_SIZE, DlibResNet, read_dlib_resnet
 from dynamicid.faces.model_files import dlib_model
+from dynamicid.faces.threads import one_torch_thread
 
 DLIB_EMBEDDING_MODEL = "dlib-resnet-128"
 DLIB_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -46,12 +45,8 @@ class DlibEmbedder:
     @torch.inference_mode()
     def descriptors(self, chips: np.ndarray) -> np.ndarray:
         """dlib's raw (N, 128) float32 descriptors of (N, 150, 150, 3) uint8 RGB chips, on one thread."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             return self._net(self._net.preprocess(chips)).numpy()
-        finally:
-            torch.set_num_threads(threads)
 
     def embed_many(self, rgb: np.ndarray, boxes: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 (N, 128) descriptors of the faces in `boxes`, as one batch."""
