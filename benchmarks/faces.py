@@ -107,7 +107,11 @@ def bench_insightface(paths: list[Path], pack: Path, providers: list[str], repea
     print(f"detect: {len(paths) / detect_seconds:.1f} images/s ({len(crops)} faces, decode included)")
     if not crops:
         sys.exit("benchmarks/faces.py: the detector found no face in these photos")
+    fixed_batch = recognition.session.get_inputs()[0].shape[0]  # an int when the graph fixes it, else a name
     for batch in (1, 8, 32):
+        if isinstance(fixed_batch, int) and batch != fixed_batch:
+            print(f"recognition batch {batch:>2}: skipped, the model's input is fixed at batch {fixed_batch}")
+            continue
         batches = [[crops[(i + j) % len(crops)] for j in range(batch)] for i in range(0, len(crops), batch)]
         recognition.get_feat(batches[0])  # warm-up: session setup, CUDA kernels
         start = time.perf_counter()

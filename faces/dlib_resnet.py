@@ -256,44 +256,49 @@ def read_dlib_resnet(path: Path) -> DlibResNetWeights:
     return weights
 
 
+def fold_affine(weights: DlibResNetWeights) -> list[_Layer]:
+    """The layers with each affine folded into the conv before it (weight x gamma, bias x gamma + beta)."""
+    layers = []
+    for layer, after in zip(weights.layers, [*weights.layers[1:], None], strict=True):
+        if layer.spec.kind == "affine":
+            continue
+        if layer.spec.kind == "con":
+            if after is None or after.spec.kind != "affine":
+                raise ValueError("dlib ResNet: every conv is followed by an affine layer")
+            scale, shift = after.weight, after.bias
+            layer = _Layer(
+                layer.spec, layer.weight * scale[:, None, None, None], layer.bias * scale + shift, layer.padding
+            )
+        layers.append(layer)
+    return layers
+
+
+def preprocess(chips: np.ndarray, channel_means: tuple[float, float, float]) -> np.ndarray:
+    """(N, 150, 150, 3) uint8 RGB chips -> the network's float32 (N, 3, 150, 150) input, as dlib's input layer."""
+    x = np.asarray(chips, dtype=np.float32) - np.asarray(channel_means, dtype=np.float32)
+    return np.ascontiguousarray((x / np.float32(256.0)).transpose(0, 3, 1, 2))
+
+
 class DlibResNet(torch.nn.Module):
-    """The network on float32 chips; each affine layer is folded into the conv before it (same math, one op less)."""
+    """The network in PyTorch, on `preprocess`ed float32 chips."""
 
     def __init__(self, weights: DlibResNetWeights):
         super().__init__()
-        self.register_buffer("channel_means", torch.tensor(weights.channel_means, dtype=torch.float32))
-        self._ops: list[tuple[_Spec, int]] = []  # (spec, index into self.convs) in order; -1 when no parameters
+        self._ops: list[tuple[_Spec, int]] = []  # (spec, index into self.convs or -1)
         self.convs = torch.nn.ModuleList()
-        layers = weights.layers
-        for index, layer in enumerate(layers):
-            kind = layer.spec.kind
-            if kind == "affine":
-                continue  # folded into the conv before it
-            if kind == "con":
-                scale, shift = layers[index + 1].weight, layers[index + 1].bias
-                if layers[index + 1].spec.kind != "affine":
-                    raise ValueError("dlib ResNet: every conv is followed by an affine layer")
-                conv = torch.nn.Conv2d(
-                    layer.weight.shape[1],
-                    layer.weight.shape[0],
-                    layer.spec.size,
-                    stride=layer.spec.stride,
-                    padding=layer.padding,
+        for layer in fold_affine(weights):
+            conv = -1
+            if layer.spec.kind == "con":
+                out_channels, in_channels, size, _ = layer.weight.shape
+                module = torch.nn.Conv2d(
+                    in_channels, out_channels, size, stride=layer.spec.stride, padding=layer.padding
                 )
-                conv.weight.data = torch.from_numpy(layer.weight * scale[:, None, None, None])
-                conv.bias.data = torch.from_numpy(layer.bias * scale + shift)
-                self.convs.append(conv)
-                self._ops.append((layer.spec, len(self.convs) - 1))
-            elif kind == "fc":
+                module.weight.data, module.bias.data = torch.from_numpy(layer.weight), torch.from_numpy(layer.bias)
+                self.convs.append(module)
+                conv = len(self.convs) - 1
+            elif layer.spec.kind == "fc":
                 self.register_buffer("fc", torch.from_numpy(layer.weight.copy()))
-                self._ops.append((layer.spec, -1))
-            else:
-                self._ops.append((layer.spec, -1))
-
-    def preprocess(self, chips: np.ndarray) -> torch.Tensor:
-        """(N, 150, 150, 3) uint8 RGB chips -> the network's (N, 3, 150, 150) input."""
-        x = torch.from_numpy(np.ascontiguousarray(chips)).permute(0, 3, 1, 2).float()
-        return (x - self.channel_means[None, :, None, None]) / 256.0
+            self._ops.append((layer.spec, conv))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tags: dict[int, torch.Tensor] = {}
@@ -323,9 +328,71 @@ def _add_zero_filled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     shape = [max(p, q) for p, q in zip(a.shape[1:], b.shape[1:], strict=True)]
 
     def fill(t: torch.Tensor) -> torch.Tensor:
-        if list(t.shape[1:]) == shape:
-            return t
         c, h, w = t.shape[1:]
         return F.pad(t, (0, shape[2] - w, 0, shape[1] - h, 0, shape[0] - c))
 
     return fill(a) + fill(b)
+
+
+def onnx_model(weights: DlibResNetWeights) -> bytes:
+    """The same network as an ONNX graph (input `chips`: `preprocess`ed, any batch size; output `descriptors`)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers = [], []
+    tags: dict[int, tuple[str, tuple[int, int, int]]] = {}
+    name, shape = "chips", (3, CHIP_SIZE, CHIP_SIZE)  # the current tensor and its (C, H, W)
+
+    def add(op: str, inputs: list[str], **attributes) -> str:
+        output = f"t{len(nodes)}"
+        nodes.append(helper.make_node(op, inputs, [output], **attributes))
+        return output
+
+    def constant(array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), f"w{len(initializers)}"))
+        return initializers[-1].name
+
+    def pooled(size: int, stride: int, padding: int = 0) -> tuple[int, int, int]:
+        return (shape[0], *((side + 2 * padding - size) // stride + 1 for side in shape[1:]))
+
+    for layer in fold_affine(weights):
+        spec = layer.spec
+        if spec.kind == "con":
+            pads = [layer.padding] * 4
+            strides = [spec.stride] * 2
+            name = add("Conv", [name, constant(layer.weight), constant(layer.bias)], strides=strides, pads=pads)
+            shape = (spec.channels, *pooled(spec.size, spec.stride, layer.padding)[1:])
+        elif spec.kind == "relu":
+            name = add("Relu", [name])
+        elif spec.kind in ("max_pool", "avg_pool") and spec.size:
+            op = "MaxPool" if spec.kind == "max_pool" else "AveragePool"
+            name = add(op, [name], kernel_shape=[spec.size] * 2, strides=[spec.stride] * 2)
+            shape = pooled(spec.size, spec.stride)
+        elif spec.kind == "avg_pool":
+            name, shape = add("GlobalAveragePool", [name]), (shape[0], 1, 1)
+        elif spec.kind == "tag":
+            tags[spec.tag] = (name, shape)
+        elif spec.kind == "skip":
+            name, shape = tags[spec.tag]
+        elif spec.kind == "add_prev":
+            other, other_shape = tags[spec.tag]
+            total = tuple(max(p, q) for p, q in zip(shape, other_shape, strict=True))
+            filled = []
+            for tensor, size in ((name, shape), (other, other_shape)):
+                if size != total:
+                    ends = [0, total[0] - size[0], total[1] - size[1], total[2] - size[2]]
+                    tensor = add("Pad", [tensor, constant(np.array([0, 0, 0, 0, *ends], dtype=np.int64))])
+                filled.append(tensor)
+            name, shape = add("Add", filled), total
+        elif spec.kind == "fc":
+            name = add("MatMul", [add("Flatten", [name]), constant(layer.weight)])
+    nodes[-1].output[0] = "descriptors"
+    graph = helper.make_graph(
+        nodes,
+        "dlib_face_recognition_resnet_model_v1",
+        [helper.make_tensor_value_info("chips", TensorProto.FLOAT, ["n", 3, CHIP_SIZE, CHIP_SIZE])],
+        [helper.make_tensor_value_info("descriptors", TensorProto.FLOAT, ["n", 128])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
