@@ -175,8 +175,8 @@ def _read_details(reader: _Reader, spec: _Spec) -> _Layer:
         for _ in range(4):  # learning-rate and weight-decay multipliers
             reader.float()
         use_bias = reader.bool() if name != "con_4" else True
-        if name == "con_6":
-            reader.bool()  # use_relu: a fused relu dlib only uses on GPU; the next layer is the relu itself
+        if name == "con_6" and reader.bool():
+            raise reader.fail("a conv with a fused relu")
         if (filters, size_y, size_x, stride_y, stride_x) != (
             spec.channels,
             spec.size,
@@ -185,9 +185,12 @@ def _read_details(reader: _Reader, spec: _Spec) -> _Layer:
             spec.stride,
         ):
             raise reader.fail(f"a {size_y}x{size_x}/{stride_y} conv of {filters} filters")
+        padding = spec.size // 2 if spec.stride == 1 else 0  # dlib's default for con<>
+        if (pad_y, pad_x) != (padding, padding):
+            raise reader.fail(f"a conv padded by {pad_y}x{pad_x}")
         n_weight = math.prod(weight_shape)
         bias = params[n_weight : n_weight + math.prod(bias_shape)] if use_bias else np.zeros(filters, np.float32)
-        return _Layer(spec, params[:n_weight].reshape(weight_shape), bias, pad_y if pad_y == pad_x else -1)
+        return _Layer(spec, params[:n_weight].reshape(weight_shape), bias, padding)
     if kind == "affine":
         name = reader.expect("affine_", "affine_2")
         params = reader.tensor().reshape(-1)
