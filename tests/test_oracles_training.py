@@ -313,15 +313,3 @@ def test_curated_crop_and_its_keypoints_give_the_photos_clip_input(photos, datas
         difference = (training - expected).abs()[0].mean(0)[torch.from_numpy(inside)]
         # Two resamplings instead of one: small differences, far below any misplacement or colour swap.
         assert difference.mean() < 0.02, index  # measured 0.005..0.007 on these photos
-
-
-def test_clip_states_are_the_penultimate_layer_values():
-    from dynamicid.models.base import clip_hidden_states
-
-    base = load_base_model("tiny-random")
-    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    expected = oracles.clip_penultimate(base.image_encoder, pixels)
-    got = clip_hidden_states(base, pixels)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    last = base.image_encoder(pixels).last_hidden_state
-    assert (got - last).abs().max() > 1e-2, "the penultimate layer, not the last"
