@@ -130,20 +130,6 @@ def binomial_interval(n: int, p: float, alpha: float = 1e-3) -> tuple[int, int]:
     return lo, hi
 
 
-# Stable Diffusion 1.5's unet/config.json (the arguments that differ from diffusers' defaults).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-
-
 def official_keys() -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """(key -> shape, processor names in index order) from ../shared/spec/official-keys-sd15.tsv."""
     path = SPEC / "official-keys-sd15.tsv"

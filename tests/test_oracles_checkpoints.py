@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from dynamicid.models import load_dynamicid, load_ip_adapter_faceid, saa_processors
+from dynamicid.models import SD15_UNET_CONFIG, load_dynamicid, load_ip_adapter_faceid, saa_processors
 from dynamicid.models.saa import install_saa
 from dynamicid.train.anchor import read_init
 
@@ -60,7 +60,7 @@ def faceid_file(tmp_path_factory, official):
 def sd15_unet_with_real_saa():
     """SD 1.5's UNet on the meta device; its SAA processors (rank 128, 4 tokens) in real memory."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**oracles.SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)  # its layout is pinned by test_models_keys.py
     install_saa(unet, rank=128, num_tokens=4)
     for processor in unet.attn_processors.values():
         processor.to_empty(device="cpu")

@@ -30,15 +30,17 @@ def analyzer():
     return ReferenceAnalyzer(FaceAnalyzer("embedded"))
 
 
+PHOTOS = {
+    "obama": "identities/obama/obama.jpg",
+    "biden": "identities/biden/biden.jpg",
+    "salley": "identities/John_Salley/000179_02159509.jpg",
+    "two_people": "group_photos/two_people.jpg",
+}
+
+
 @pytest.fixture(scope="module")
 def photos(shared_faces):
-    identities = shared_faces / "identities"
-    return {
-        "obama": identities / "obama" / "obama.jpg",
-        "biden": identities / "biden" / "biden.jpg",
-        "salley": sorted((identities / "John_Salley").iterdir())[0],
-        "two_people": shared_faces / "group_photos" / "two_people.jpg",
-    }
+    return {name: shared_faces / path for name, path in PHOTOS.items()}
 
 
 @pytest.fixture(scope="module")
