@@ -109,6 +109,12 @@ def clip_input(face: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
 
 
+def sd15_alphas_cumprod() -> torch.Tensor:
+    """SD 1.5's DDPM schedule (scheduler_config.json: scaled_linear, 0.00085 .. 0.012, 1000 steps), float64."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
 def png_bytes(rgb: np.ndarray) -> bytes:
     from PIL import Image
 

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from dynamicid.faces import FaceAnalyzer, ffhq_align, load_image, transform_points
 from dynamicid.infer import DynamicIDPipeline, Person
 from dynamicid.infer.fakes import random_parts, save_random_weights
-from dynamicid.models import IMR, KeypointEncoder
+from dynamicid.models import IMR, FaceEncoder, KeypointEncoder
 from dynamicid.models.base import load_base_model
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
-from dynamicid.train.anchor import anchor_inputs
+from dynamicid.train.anchor import anchor_inputs, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.conditioning import clip_normalised, token_ids
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
@@ -267,6 +267,59 @@ def test_condition_dropping_rates_over_many_seeded_steps(dataset_dir):
     for kind in ((True, False), (False, True), (True, True)):
         assert lo <= counts[kind] <= hi, (kind, counts, (lo, hi))
     assert counts[(False, False)] == n - sum(counts[k] for k in ((True, False), (False, True), (True, True)))
+
+
+# ---- anchoring: the epsilon objective ----
+
+
+def test_anchoring_loss_is_the_epsilon_mse_with_text_then_id_tokens(dataset_dir, tmp_path):
+    """One anchoring step: the UNet sees [caption text ; face-encoder tokens] and the loss is MSE(prediction, noise)
+    with the noise recovered from x_t = sqrt(a_t) z + sqrt(1 - a_t) noise (SD 1.5's schedule, computed here)."""
+    import datasets
+
+    base = load_base_model("tiny-random")
+    with torch.no_grad():  # a FAKE VAE whose posterior has std ~3e-7: z is its mean, which a hook sees
+        base.vae.quant_conv.weight[4:] = 0
+        base.vae.quant_conv.bias[4:] = -30
+    calls = []
+
+    def observe(module, args, kwargs, output):
+        if module is base.vae.quant_conv:
+            calls.append(("z", output[:, :4].detach().clone()))
+        elif isinstance(module, FaceEncoder):
+            calls.append(("face", (args[0].detach().clone(), output.detach().clone())))
+        elif module is base.unet and torch.is_grad_enabled():
+            calls.append(("unet", (args[0], args[1], kwargs["encoder_hidden_states"], output.sample)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(observe, with_kwargs=True)
+    no_drops = {"drop_text": 0.0, "drop_id": 0.0, "drop_both": 0.0}
+    config = AnchorConfig(
+        **{"base_model": "tiny-random", "dataset": str(dataset_dir), "output_dir": str(tmp_path / "run")},
+        **{"resolution": 32, "train_batch_size": 2, "max_steps": 1, "lora_rank": 4, "eval_samples": 1},
+        **{"report_to": "none", **no_drops},
+    )
+    try:
+        train_anchor(config, base=base)
+    finally:
+        handle.remove()
+    step = next(i for i, (kind, _) in enumerate(calls) if kind == "unet")
+    noisy, timesteps, states, prediction = (t.detach() for t in calls[step][1])
+    id_embeds, tokens = next(c for kind, c in reversed(calls[:step]) if kind == "face")
+    z = next(c for kind, c in reversed(calls[:step]) if kind == "z") * base.vae.config.scaling_factor
+
+    rows = datasets.load_dataset(str(dataset_dir), split="train")
+    embeddings = torch.tensor(rows["embedding"])
+    drawn = [int(torch.nonzero((embeddings == e).all(1))[0, 0]) for e in id_embeds]
+    captions = [rows[i]["caption"] for i in drawn]
+    text = oracles.text_states(base.text_encoder, base.tokenizer, captions)
+    torch.testing.assert_close(states, torch.cat([text, tokens], 1), rtol=1e-5, atol=1e-5)
+
+    alpha = oracles.sd15_alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
+    noise = (noisy.double() - alpha.sqrt() * z.double()) / (1 - alpha).sqrt()
+    expected = ((prediction.double() - noise) ** 2).mean()
+    logged = next(row for row in read_metrics(config.output_dir) if "loss" in row)["loss"]
+    assert logged == pytest.approx(float(expected), rel=1e-4)
+    assert 0.5 < float(noise.std()) < 1.5, "the recovered noise is standard normal"
 
 
 # ---- the CLIP image input, training and inference ----
