@@ -11,7 +11,7 @@ from dynamicid.curation import build_dataset
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 18: single linkage at the same-person threshold chains people together (11 groups for 23 people)",
+    reason="issue 18: with main's grouping (13:25) no group mixes people, but Colin_Powell's photos form several groups",
 )
 def test_cluster_gives_one_group_per_person_on_the_identities_flattened(shared_faces, tmp_path):
     flat = tmp_path / "flat"

@@ -40,6 +40,7 @@ from dynamicid.train.conditioning import (
 )
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
+from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.runner import (
     WEIGHTS,
     Metrics,
@@ -59,6 +60,7 @@ from dynamicid.train.runner import (
 from dynamicid.train.validation import sample_images, save_samples
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
+TRAINING_SAA = {"num_ids": 1, "gating": True, "boxes": [FULL_IMAGE_BOX]}  # both stages train one ID, whole image
 
 
 class AnchorModel(nn.Module):
@@ -247,7 +249,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     else:
         install_saa(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
-    configure_saa(unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
+    configure_saa(unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
@@ -288,8 +290,13 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     metrics = Metrics(accelerator, config, "anchor")
     evaluation = FixedEvaluation(base, samples, config.eval_samples, config.seed, accelerator.device, dtype)
     unwrapped = accelerator.unwrap_model(model)
+    bench = ManifestEvaluation(config, base, accelerator, TRAINING_SAA) if config.eval_manifest else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        return {"eval_loss": evaluation.loss(unwrapped)} | (bench(step, unwrapped.face_encoder) if bench else {})
+
     if state.step == 0:
-        metrics.log({"eval_loss": evaluation.loss(unwrapped)}, 0)
+        metrics.log(evaluate(0), 0)
     empty_ids = token_ids(base, [""])
     drops = (config.drop_text, config.drop_id, config.drop_both)
     for batch in epochs(accelerator, loader, state):
@@ -306,7 +313,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         state.step += 1
         metrics.log({"loss": mean_over_processes(accelerator, loss), "lr": scheduler.get_last_lr()[0]}, state.step)
         if config.eval_steps and state.step % config.eval_steps == 0:
-            metrics.log({"eval_loss": evaluation.loss(unwrapped)}, state.step)
+            metrics.log(evaluate(state.step), state.step)
         if config.validation_steps and state.step % config.validation_steps == 0 and accelerator.is_main_process:
             log_validation(accelerator, base, unwrapped, samples, config, id_dim, state.step, dtype)
         if state.step % config.checkpointing_steps == 0:
@@ -314,7 +321,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 
     # 5. Final evaluation and weights.
     if not config.eval_steps or state.step % config.eval_steps:
-        metrics.log({"eval_loss": evaluation.loss(unwrapped)}, state.step)
+        metrics.log(evaluate(state.step), state.step)
     accelerator.wait_for_everyone()
     out = Path(config.output_dir) / WEIGHTS
     if accelerator.is_main_process:
@@ -328,7 +335,7 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
     """Sample images of the first references with their own captions."""
     with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
         images = _validation_images(accelerator, base, model, samples, config, id_dim, dtype)
-    configure_saa(model.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # reset the processors' counters
+    configure_saa(model.unet, **TRAINING_SAA)  # reset the processors' counters
     save_samples(accelerator, images, config.output_dir, step)
 
 

@@ -52,7 +52,12 @@ class TrainConfig:
     resume: str | None = knob(None, "resume from 'latest' (in output_dir/checkpoints) or a checkpoint folder")
     report_to: str = knob("tensorboard", "accelerate tracker ('tensorboard', 'none'); metrics.jsonl is always written")
     eval_samples: int = knob(8, "size of the fixed evaluation set (fixed rows, noise and timesteps)")
-    eval_steps: int = knob(0, "evaluate the fixed set every N steps (0 = at the start and the end only)")
+    eval_steps: int = knob(
+        0, "evaluate the fixed set (and --eval-manifest) every N steps (0 = at the start and end only)"
+    )
+    eval_manifest: str | None = knob(
+        None, "benchmark manifest (dynamicid-eval manifest) generated and scored at each evaluation; RUN/eval/step-<N>/"
+    )
     validation_steps: int = knob(0, "write sample images every N steps (0 = off)")
     num_validation_images: int = knob(2, "references (first rows of the dataset) used for sample images")
     validation_inference_steps: int = knob(25, "DDIM steps of the sample images")
@@ -132,6 +137,8 @@ def check_config(config: TrainConfig) -> None:
     for name in ("train_batch_size", "max_steps", "gradient_accumulation_steps", "checkpointing_steps", "eval_samples"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
+    if config.eval_manifest is not None and not Path(config.eval_manifest).is_file():
+        raise ValueError(f"--eval-manifest {config.eval_manifest}: file not found")
     if isinstance(config, AnchorConfig):
         drops = (config.drop_text, config.drop_id, config.drop_both)
         if min(drops) < 0 or sum(drops) > 1:
