@@ -68,8 +68,10 @@ def test_index_path_recovers_synthetic_identities():
     assert pair_precision_recall(found, truth) == (1.0, 1.0)
 
 
-@pytest.mark.slow
-def test_cluster_mode_groups_the_shared_identities_flattened(shared_faces, tmp_path):
+@pytest.fixture(scope="module")
+def flattened(shared_faces, tmp_path_factory):
+    """../shared/data/faces/identities flattened into one folder and curated with --cluster (true person = folder)."""
+    tmp_path = tmp_path_factory.mktemp("flattened")
     flat = tmp_path / "flat"
     flat.mkdir()
     truth = {}
@@ -80,6 +82,12 @@ def test_cluster_mode_groups_the_shared_identities_flattened(shared_faces, tmp_p
             truth[name] = person.name
     summary = build_dataset(flat, tmp_path / "out", face_backend="embedded", cluster=True, progress=False)
     rows = pq.read_table(tmp_path / "out" / "data", columns=["source_path", "identity"]).to_pylist()
+    return summary, rows, truth
+
+
+@pytest.mark.slow
+def test_cluster_mode_groups_the_shared_identities_flattened(flattened):
+    summary, rows, truth = flattened
     found = np.array([r["identity"] for r in rows])
     people = np.array([truth[r["source_path"]] for r in rows])
     precision, recall = pair_precision_recall(found, people)
@@ -93,3 +101,21 @@ def test_cluster_mode_groups_the_shared_identities_flattened(shared_faces, tmp_p
     assert abs(groups - persons) <= 0.15 * persons
     assert summary["kept"] >= 0.8 * len(truth)
     assert summary["grouping"]["method"].startswith("average linkage")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 18: with main's grouping (13:25) no group mixes people, but Colin_Powell's photos form several groups",
+)
+def test_cluster_mode_gives_one_group_per_person(flattened):
+    _, rows, truth = flattened
+    groups: dict[str, set[str]] = {}
+    for row in rows:
+        groups.setdefault(row["identity"], set()).add(truth[row["source_path"]])
+    mixed = {group: sorted(people) for group, people in groups.items() if len(people) > 1}
+    assert not mixed, f"groups holding several people: {mixed}"
+    people = sorted(next(iter(p)) for p in groups.values())
+    split = sorted({p for p in people if people.count(p) > 1})
+    assert not split, f"people split over several groups: {split}"
+    assert set(people) == set(truth.values()), "every person keeps a group"

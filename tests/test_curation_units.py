@@ -261,7 +261,19 @@ def test_reports_of_a_path_that_is_no_dataset_exit_2(tmp_path):
         assert result.exit_code == 2, result.output
 
 
-def test_merge_refuses_incomplete_shard_sets(tmp_path):
+def test_merge_refuses_incomplete_shard_sets(tmp_path, shared_faces):
     result = CliRunner().invoke(main, ["merge", str(tmp_path / "a"), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert Path(tmp_path / "out").exists() is False
+
+    photos = tmp_path / "photos" / "orl_s01"
+    photos.mkdir(parents=True)
+    shutil.copy(sorted((shared_faces / "identities" / "orl_s01").iterdir())[0], photos)
+    part = tmp_path / "part_0"
+    built = CliRunner().invoke(main, ["build", str(photos.parent), str(part), "--shard", "0/2"])
+    assert built.exit_code == 0, built.output
+    for shards, got in (([part], "0/2"), ([part, part], "0/2, 0/2")):
+        result = CliRunner().invoke(main, ["merge", *map(str, shards), str(tmp_path / "out")])
+        assert result.exit_code == 2
+        assert f"merge needs every shard exactly once: expected 0/2, 1/2, got {got}" in result.output
+        assert not (tmp_path / "out").exists()
