@@ -7,15 +7,15 @@ import json
 import os
 import platform
 import secrets
-import sys
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 EPILOG = """\b
@@ -32,24 +32,22 @@ Examples:
 KEEP = "keep"  # --expression/--pose value that keeps the reference's own label
 
 
-class InputError(Exception):
-    """A problem with the user's input: reported on one line, exit code 2."""
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-infer")
 def main() -> None:
     """Generate images of several people with DynamicID."""
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=EPILOG, interrupted="nothing was written (outputs appear only once complete)")
 @click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random.")
 @click.option("--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s).")
 @click.option("--saa", type=click.Path(path_type=Path), help="Release SAA .bin file (SAA_module + proj_module).")
 @click.option("--imr", type=click.Path(path_type=Path), help="Release IMR .bin file (with --saa).")
 @click.option("--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa).")
 @click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder).")
-@click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface.")
+@click.option(
+    "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
+)
 @click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder.")
 @click.option("--prompt", required=True, help="What the image shows.")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
@@ -85,11 +83,11 @@ def main() -> None:
 )
 @click.option("--box", "boxes", multiple=True, help="y0,x0,y1,x1 in [0, 1], once per --person (none: equal strips).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, recorded in the sidecar).")
-@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps (DDIM).")
+@click.option("--steps", type=AtLeast(1), default=50, show_default=True, help="Denoising steps (DDIM).")
 @click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance.")
 @click.option("--id-scale", type=float, default=1.0, show_default=True, help="Weight of the identity branch.")
 @click.option("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the base model's native size).")
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images to generate.")
+@click.option("--num-images", type=AtLeast(1), default=1, show_default=True, help="Images to generate.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output image (.png, .jpg, .webp).")
 @click.option("--activation-maps", is_flag=True, help="Also write per-person SAA activation maps over the image.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
@@ -98,14 +96,11 @@ def main() -> None:
 def generate(**options: Any) -> None:
     """Generate images of the given people in one scene, each with an optional target expression."""
     _quiet_libraries()
-    try:
-        from dynamicid.infer.people import DynamicIDWarning
+    from dynamicid.infer.people import DynamicIDWarning
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DynamicIDWarning)
-            sidecar = _generate(options, caught)
-    except (InputError, ValueError, OSError) as error:
-        _fail(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DynamicIDWarning)
+        sidecar = _generate(options, caught)
     if options["as_json"]:
         click.echo(json.dumps(sidecar, indent=2))
     else:
@@ -128,12 +123,6 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _fail(error: BaseException) -> NoReturn:
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
 def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) -> dict[str, Any]:
     import torch
 
@@ -148,8 +137,6 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
     if not out.parent.resolve().is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
     width, height = _parse_size(options["size"])
-    if options["num_images"] < 1 or options["steps"] < 1:
-        raise InputError("--num-images and --steps must be at least 1")
     people = _people(options)
     for i, person in enumerate(people):
         check_person_labels(person, i)
