@@ -66,6 +66,13 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     return (index, count)
 
 
+def _set_insightface_root(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    if value is not None:  # through the environment, so that worker processes see it too
+        from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
+
+        os.environ[INSIGHTFACE_ROOT_ENV] = str(value.resolve())
+
+
 def run_options(func):
     """The options shared by `build` and the single-stage commands."""
     options = [
@@ -91,6 +98,13 @@ def run_options(func):
             default="auto",
             show_default=True,
             help="Face models: embedded (in the wheels), insightface (local pack via $DYNAMICID_INSIGHTFACE_ROOT), auto.",
+        ),
+        click.option(
+            "--insightface-root",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            callback=_set_insightface_root,
+            expose_value=False,
+            help="Local insightface model pack folder (sets $DYNAMICID_INSIGHTFACE_ROOT for the run).",
         ),
         click.option(
             "--workers", type=AtLeast(1), default=1, show_default=True, help="Processes running the face models."

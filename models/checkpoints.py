@@ -294,7 +294,7 @@ def read_weights_only(path: str | Path) -> dict[str, Any]:
             "holds pickled objects other than tensors, which could run code when loaded, so it was refused; "
             "only plain state dicts are accepted (torch.load weights_only)",
         ) from None
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, OSError) as error:  # torch reports truncation in any of these
         raise WeightsFileError(
             path, f"not a readable torch checkpoint ({error.__class__.__name__}): it {_CORRUPT}"
         ) from None

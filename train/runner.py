@@ -177,7 +177,12 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int) -> Path:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     path = Path(config.output_dir) / CHECKPOINTS / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
+    partial = path.with_name(path.name + ".partial")  # renamed once complete: a Ctrl-C never leaves half of one
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    accelerator.wait_for_everyone()
     return path
 
 
@@ -216,9 +221,7 @@ class Progress:
         from tqdm import tqdm
 
         self.main = accelerator.is_local_main_process
-        self.bar = tqdm(
-            total=config.max_steps, initial=step, desc=stage, unit="step", disable=not (self.main and config.progress)
-        )
+        self.bar = tqdm(total=config.max_steps, initial=step, desc=stage, disable=not (self.main and config.progress))
 
     def update(self, values: dict[str, float]) -> None:
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
