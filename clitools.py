@@ -13,6 +13,7 @@ Use `@click.group(cls=ToolGroup)`; its commands are `ToolCommand`s. Imports only
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -88,6 +89,13 @@ class ToolCommand(click.Command):
         )
 
 
+def _close_progress_bars() -> None:
+    """Bars an exception left open would redraw below its message when collected: finish them first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 class ToolGroup(click.Group):
     """Runs its commands under the convention above."""
 
@@ -97,19 +105,23 @@ class ToolGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, InputError):
+            _close_progress_bars()
             raise
         except click.UsageError as error:
             raise InputError(_usage_line(error)) from error
         except click.ClickException as error:
+            _close_progress_bars()
             raise InputError(error.format_message()) from error
         except KeyboardInterrupt:
+            _close_progress_bars()
             command = self.get_command(ctx, ctx.invoked_subcommand or "")
-            hint = getattr(command, "interrupted", "rerun the command")
-            click.echo(f"interrupted: {hint}", err=True)
+            click.echo(f"interrupted: {getattr(command, 'interrupted', 'rerun the command')}", err=True)
             ctx.exit(130)
         except INPUT_ERRORS as error:
+            _close_progress_bars()
             raise InputError(str(error)) from error
         except Exception as error:  # a bug: say so on one line, the traceback only when asked
+            _close_progress_bars()
             if verbose():
                 traceback.print_exc()
             click.echo(
