@@ -198,6 +198,10 @@ def build(**kwargs) -> None:
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
 
 
+# Options only some stages read (build reads them all).
+OPTION_STAGES = {"per_identity": ("select",), "min_per_identity": ("select",), "cluster": ("scan", "identify")}
+
+
 def _stage_command(stage: str, help_text: str) -> None:
     @run_options
     @_errors_as_exit_2
@@ -222,6 +226,8 @@ def _stage_command(stage: str, help_text: str) -> None:
         click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {table.num_rows} rows -> {where}")
 
     command.__doc__ = help_text
+    for param in command.__click_params__:  # options of other stages stay accepted, but out of this --help
+        param.hidden = stage not in OPTION_STAGES.get(param.name, (stage,))
     main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/", interrupted=RESUME)(
         command
     )

@@ -371,3 +371,33 @@ def test_ctrl_c_during_generate_exits_130_and_writes_nothing(bad_files, photos, 
     assert code == 130, stderr
     assert last_line(stderr) == "interrupted: nothing was written (outputs appear only once complete)"
     assert list(out.iterdir()) == []
+
+
+# ---- item 6: help texts say what can be typed ----------------------------------------------------------------
+
+
+def test_help_lists_only_what_the_command_reads_and_what_can_be_typed():
+    def help_of(tool, *command: str) -> str:
+        result = CliRunner().invoke(tool, [*command, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    for stage in ("scan", "detect", "dedupe", "align", "label", "write"):
+        assert "--per-identity" not in help_of(curate, stage), stage
+    assert "--cluster" not in help_of(curate, "detect")
+    assert "--per-identity" in help_of(curate, "select") and "--cluster" in help_of(curate, "identify")
+    assert "--insightface-root" in help_of(curate, "build")  # the README advertises it
+    for command in ("anchor", "reconfigure", "cache-tokens"):
+        text = help_of(train, command)
+        assert "[default: None]" not in text and "None keeps all" not in text and "--verbose" in text
+    assert "(0 keeps all)" in help_of(train, "anchor")
+    assert "[default: None]" not in help_of(infer, "generate")
+
+
+def test_cross_flag_settings_name_both_flags(photos, tmp_path):
+    result = CliRunner().invoke(
+        curate, ["build", str(photos), str(tmp_path / "o"), "--per-identity", "2", "--min-per-identity", "3"]
+    )
+    assert result.exit_code == 2
+    assert "--min-per-identity 3 is larger than --per-identity 2" in error_line(result.stderr)
+    assert not (tmp_path / "o").exists()
