@@ -22,7 +22,7 @@ Examples:
   dynamicid-train anchor --config run.yaml --resume latest
   accelerate launch --num_processes 8 -m dynamicid.train anchor --config run.yaml --mixed-precision bf16
   dynamicid-train anchor --base-model tiny-random --dataset curated/ --output-dir /tmp/smoke \\
-      --resolution 64 --max-steps 20      # CPU smoke run on a tiny random FAKE model
+      --max-steps 20      # CPU smoke run on a tiny random FAKE model, sized for it (64 px, LoRA rank 4)
 """
 
 RECONFIGURE_EPILOG = """\b
