@@ -401,3 +401,12 @@ def test_cross_flag_settings_name_both_flags(photos, tmp_path):
     assert result.exit_code == 2
     assert "--min-per-identity 3 is larger than --per-identity 2" in error_line(result.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_more_denoising_steps_than_the_scheduler_has_is_an_input_error(bad_files, photos, tmp_path):
+    person = str(sorted((photos / "obama").iterdir())[0])
+    args = ["generate", "--base-model", "tiny-random", "--weights", str(bad_files["ok"]), "--prompt", "p"]
+    result = CliRunner().invoke(infer, [*args, "--person", person, "--steps", "1000", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2, result.output
+    assert "(--steps) must be in 1..999, got 1000" in error_line(result.stderr)
+    assert list(tmp_path.iterdir()) == []
