@@ -121,8 +121,8 @@ def run_options(func):
         click.option(
             "--cluster",
             is_flag=True,
-            help="PHOTOS_DIR is a flat folder: group faces into identities (connected components of the "
-            "largest faces, linked below the backend's same-person distance threshold).",
+            help="PHOTOS_DIR is a flat folder: group the largest faces into identities (average linkage at the "
+            "backend's same-person distance threshold).",
         ),
         click.option(
             "--min-face-size",

@@ -9,6 +9,7 @@ import platform
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,54 @@ Examples:
       --person ref.jpg --expression surprised --out portrait.png --activation-maps
 """
 
+BATCH_EPILOG = """\b
+Examples:
+  dynamicid-infer batch --manifest bench.jsonl --out-dir gen/ --base-model models/sd15 \\
+      --weights dynamicid.safetensors --image-encoder models/image_encoder --steps 30
+  A row: {"id": "r1", "prompt": "two friends in a cafe", "seed": 7, "people": [{"references": ["a.jpg"],
+  "expression": "happy", "box": [0.1, 0.1, 0.5, 0.4]}, ...], "steps": 30}; see dynamicid.infer.manifest.
+"""
+
 KEEP = "keep"  # --expression/--pose value that keeps the reference's own label
+
+
+def _options(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator for a group of click options shared by `generate` and `batch`."""
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+model_options = _options(
+    click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random."),
+    click.option(
+        "--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s)."
+    ),
+    click.option("--saa", type=click.Path(path_type=Path), help="Release SAA .bin file (SAA_module + proj_module)."),
+    click.option("--imr", type=click.Path(path_type=Path), help="Release IMR .bin file (with --saa)."),
+    click.option(
+        "--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa)."
+    ),
+    click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder)."),
+    click.option(
+        "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
+    ),
+    click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
+)
+run_options = _options(
+    click.option("--negative-prompt", default="", help="What to steer away from."),
+    click.option("--steps", type=AtLeast(1), default=50, show_default=True, help="Denoising steps (DDIM)."),
+    click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance."),
+    click.option("--id-scale", type=float, default=1.0, show_default=True, help="Weight of the identity branch."),
+    click.option("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the base model's native size)."),
+    click.option("--activation-maps", is_flag=True, help="Also write per-person SAA activation maps over the image."),
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present)."),
+    click.option("--fp16", is_flag=True, help="Run the models in float16 (GPU)."),
+)
 
 
 @click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,18 +87,8 @@ def main() -> None:
 
 
 @main.command(epilog=EPILOG, interrupted="nothing was written (outputs appear only once complete)")
-@click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random.")
-@click.option("--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s).")
-@click.option("--saa", type=click.Path(path_type=Path), help="Release SAA .bin file (SAA_module + proj_module).")
-@click.option("--imr", type=click.Path(path_type=Path), help="Release IMR .bin file (with --saa).")
-@click.option("--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa).")
-@click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder).")
-@click.option(
-    "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
-)
-@click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder.")
+@model_options
 @click.option("--prompt", required=True, help="What the image shows.")
-@click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option(
     "--person",
     "persons",
@@ -83,15 +121,9 @@ def main() -> None:
 )
 @click.option("--box", "boxes", multiple=True, help="y0,x0,y1,x1 in [0, 1], once per --person (none: equal strips).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, recorded in the sidecar).")
-@click.option("--steps", type=AtLeast(1), default=50, show_default=True, help="Denoising steps (DDIM).")
-@click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance.")
-@click.option("--id-scale", type=float, default=1.0, show_default=True, help="Weight of the identity branch.")
-@click.option("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the base model's native size).")
+@run_options
 @click.option("--num-images", type=AtLeast(1), default=1, show_default=True, help="Images to generate.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output image (.png, .jpg, .webp).")
-@click.option("--activation-maps", is_flag=True, help="Also write per-person SAA activation maps over the image.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
-@click.option("--fp16", is_flag=True, help="Run the models in float16 (GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON on stdout instead of a summary.")
 def generate(**options: Any) -> None:
     """Generate images of the given people in one scene, each with an optional target expression."""
@@ -111,6 +143,44 @@ def generate(**options: Any) -> None:
             click.echo(f"wrote {path}")
 
 
+@main.command(epilog=BATCH_EPILOG, interrupted="the rows written are kept; rerun the same command to continue")
+@click.option("--manifest", type=click.Path(path_type=Path), required=True, help="Benchmark manifest (JSONL).")
+@click.option("--out-dir", type=click.Path(path_type=Path), required=True, help="Folder for <id>.png + <id>.json.")
+@click.option("--references-dir", type=click.Path(path_type=Path), help="Base of relative paths (default: manifest's).")
+@model_options
+@run_options
+def batch(manifest: Path, out_dir: Path, references_dir: Path | None, **options: Any) -> None:
+    """Generate every row of a manifest (image + sidecar per row id); rows already done are skipped."""
+    _quiet_libraries()
+    import torch
+
+    from dynamicid.infer.batch import plan_batch
+    from dynamicid.infer.manifest import read_manifest
+    from dynamicid.infer.people import DynamicIDWarning
+
+    rows = read_manifest(manifest, references_dir)
+    weights = _weights(options)
+    _parse_size(options["size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan_batch(rows, out_dir, options)
+    pipe = None
+    for job in jobs:
+        if job.done:
+            click.echo(f"skipped {job.out} (done with the same settings)")
+            continue
+        try:
+            if pipe is None:
+                pipe = _load_pipeline(options, weights, torch)
+                pipe.set_progress_bar_config(disable=True)  # one "wrote" line per row instead
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DynamicIDWarning)
+                people = [person.to_person() for person in job.row.people]
+                _generate(job.options, caught, pipe, people, job.sidecar_fields())
+        except (InputError, ValueError, OSError) as error:
+            raise InputError(f"{manifest} (id {job.row.id!r}): {error}") from error
+        click.echo(f"wrote {job.out}")
+
+
 def _quiet_libraries() -> None:
     """Keep the terminal to this tool's own lines: library info logs off (MediaPipe's C++ start-up lines remain)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
@@ -123,7 +193,14 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) -> dict[str, Any]:
+def _generate(
+    options: dict[str, Any],
+    caught: list[warnings.WarningMessage],
+    pipe: Any = None,
+    people: list[Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One run of `generate`; `batch` passes its loaded pipeline, each row's people and sidecar fields."""
     import torch
 
     from dynamicid.faces import load_image
@@ -137,7 +214,9 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
     if not out.parent.resolve().is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
     width, height = _parse_size(options["size"])
-    people = _people(options)
+    if options["num_images"] < 1 or options["steps"] < 1:
+        raise InputError("--num-images and --steps must be at least 1")
+    people = _people(options) if people is None else people
     for i, person in enumerate(people):
         check_person_labels(person, i)
         if person.box is not None:
@@ -149,7 +228,7 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
 
     # 2. Models
     clock = time.perf_counter()
-    pipe = _load_pipeline(options, weights, torch)
+    pipe = _load_pipeline(options, weights, torch) if pipe is None else pipe
     load_seconds = time.perf_counter() - clock
 
     # 3. Generate
@@ -183,6 +262,7 @@ def _generate(options: dict[str, Any], caught: list[warnings.WarningMessage]) ->
         sidecar = _sidecar(options, pipe, result, people, seed, (width, height), names, caught)
         sidecar["timings"] = {"load": round(load_seconds, 4), **result.timings}
         sidecar["timings"]["write"] = round(time.perf_counter() - clock, 4)
+        sidecar |= extra or {}
         staging.write_json(names["sidecar"], sidecar)
     for message in sidecar["warnings"]:
         click.echo(f"warning: {message}", err=True)

@@ -14,11 +14,9 @@ from dynamicid.curation.cli import main
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.imagehash import grey, hamming, phash_pair
 from dynamicid.curation.neighbors import (
-    EXACT_LIMIT,
     components,
     cosine_threshold,
     hash_pairs,
-    similar_components,
     similar_pairs,
 )
 from dynamicid.curation.scan import scan
@@ -57,21 +55,6 @@ def test_hash_pairs_match_brute_force_including_mirrors():
 def test_components_are_numbered_by_first_member():
     labels = components(6, np.array([[4, 5], [1, 3]]))
     assert labels.tolist() == [0, 1, 2, 1, 3, 3]
-
-
-def test_inverted_file_components_recover_synthetic_identities():
-    """Above EXACT_LIMIT the index path runs; it must find the same identities as the generator made."""
-    rng = np.random.default_rng(0)
-    ids, per = EXACT_LIMIT // 10 + 50, 10
-    centres = unit_rows(ids, dim=64, seed=2)
-    x = np.repeat(centres, per, axis=0) + rng.normal(scale=0.03, size=(ids * per, 64)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = similar_components(x, 0.8)
-    truth = np.repeat(np.arange(ids), per)
-    assert len(x) > EXACT_LIMIT
-    assert len(np.unique(labels)) == ids
-    for identity in (0, ids // 2, ids - 1):
-        assert len(np.unique(labels[truth == identity])) == 1
 
 
 def test_cosine_threshold_inverts_the_backend_distance():

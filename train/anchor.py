@@ -41,6 +41,7 @@ from dynamicid.train.conditioning import (
 )
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
+from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.runner import (
     WEIGHTS,
     Metrics,
@@ -62,6 +63,7 @@ from dynamicid.train.runner import (
 from dynamicid.train.validation import sample_images, save_samples
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
+TRAINING_SAA = {"num_ids": 1, "gating": True, "boxes": [FULL_IMAGE_BOX]}  # both stages train one ID, whole image
 
 
 class AnchorModel(nn.Module):
@@ -246,7 +248,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     else:
         install_saa(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
-    configure_saa(unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
+    configure_saa(unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
@@ -287,8 +289,13 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     metrics = Metrics(accelerator, config, "anchor")
     evaluation = FixedEvaluation(base, samples, config.eval_samples, config.seed, accelerator.device, dtype)
     unwrapped = accelerator.unwrap_model(model)
+    bench = ManifestEvaluation(config, base, accelerator, TRAINING_SAA) if config.eval_manifest else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        return {"eval_loss": evaluation.loss(unwrapped)} | (bench(step, unwrapped.face_encoder) if bench else {})
+
     if state.step == 0:
-        metrics.log({"eval_loss": evaluation.loss(unwrapped)}, 0)
+        metrics.log(evaluate(0), 0)
     empty_ids = token_ids(base, [""])
     drops = (config.drop_text, config.drop_id, config.drop_both)
     progress = Progress(accelerator, config, "anchor", state.step)
@@ -308,7 +315,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         metrics.log(values, state.step)
         progress.update(values)
         if config.eval_steps and state.step % config.eval_steps == 0:
-            metrics.log({"eval_loss": evaluation.loss(unwrapped)}, state.step)
+            metrics.log(evaluate(state.step), state.step)
         if config.validation_steps and state.step % config.validation_steps == 0 and accelerator.is_main_process:
             log_validation(accelerator, base, unwrapped, samples, config, id_dim, state.step, dtype)
         if state.step % config.checkpointing_steps == 0:
@@ -316,7 +323,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 
     # 5. Final evaluation and weights.
     if not config.eval_steps or state.step % config.eval_steps:
-        metrics.log({"eval_loss": evaluation.loss(unwrapped)}, state.step)
+        metrics.log(evaluate(state.step), state.step)
     progress.close()
     accelerator.wait_for_everyone()
     out = Path(config.output_dir) / WEIGHTS
@@ -331,7 +338,7 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
     """Sample images of the first references with their own captions."""
     with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
         images = _validation_images(accelerator, base, model, samples, config, id_dim, dtype)
-    configure_saa(model.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # reset the processors' counters
+    configure_saa(model.unet, **TRAINING_SAA)  # reset the processors' counters
     save_samples(accelerator, images, config.output_dir, step)
 
 

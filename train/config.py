@@ -60,7 +60,12 @@ class TrainConfig:
     progress: bool = knob(True, "progress bar on stderr (step, loss, lr, it/s, ETA); off: a line per checkpoint")
     report_to: str = knob("tensorboard", "accelerate tracker ('tensorboard', 'none'); metrics.jsonl is always written")
     eval_samples: int = knob(8, "size of the fixed evaluation set (fixed rows, noise and timesteps)", 1)
-    eval_steps: int = knob(0, "evaluate the fixed set every N steps (0 = at the start and the end only)", 0)
+    eval_steps: int = knob(
+        0, "evaluate the fixed set (and --eval-manifest) every N steps (0 = at the start and end only)", 0
+    )
+    eval_manifest: str | None = knob(
+        None, "benchmark manifest (dynamicid-eval manifest) generated and scored at each evaluation; RUN/eval/step-<N>/"
+    )
     validation_steps: int = knob(0, "write sample images every N steps (0 = off)", 0)
     num_validation_images: int = knob(2, "references (first rows of the dataset) used for sample images", 1)
     validation_inference_steps: int = knob(25, "DDIM steps of the sample images", 1)
@@ -167,6 +172,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--resolution must be a multiple of 8, got {config.resolution}")
     if config.resume is not None and config.overwrite:
         raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
+    if config.eval_manifest is not None and not Path(config.eval_manifest).is_file():
+        raise ValueError(f"--eval-manifest {config.eval_manifest}: file not found")
     if isinstance(config, AnchorConfig):
         drops = (config.drop_text, config.drop_id, config.drop_both)
         if sum(drops) > 1:
