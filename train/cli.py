@@ -7,6 +7,7 @@ flags override `--config run.yaml`, which overrides the defaults.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
@@ -77,6 +78,7 @@ RESUME = "rerun with --resume latest to continue from the last checkpoint (see -
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-train")
 def main() -> None:
     """Train the DynamicID anchoring and reconfiguration stages."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its torchvision notices are not the user's concern
 
 
 @main.command(epilog=ANCHOR_EPILOG, interrupted=RESUME)
