@@ -7,16 +7,16 @@ import json
 import os
 import platform
 import secrets
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 EPILOG = """\b
@@ -41,10 +41,6 @@ Examples:
 KEEP = "keep"  # --expression/--pose value that keeps the reference's own label
 
 
-class InputError(Exception):
-    """A problem with the user's input: reported on one line, exit code 2."""
-
-
 def _options(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """One decorator for a group of click options shared by `generate` and `batch`."""
 
@@ -67,12 +63,14 @@ model_options = _options(
         "--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa)."
     ),
     click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder)."),
-    click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface."),
+    click.option(
+        "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
+    ),
     click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
 )
 run_options = _options(
     click.option("--negative-prompt", default="", help="What to steer away from."),
-    click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps (DDIM)."),
+    click.option("--steps", type=AtLeast(1), default=50, show_default=True, help="Denoising steps (DDIM)."),
     click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance."),
     click.option("--id-scale", type=float, default=1.0, show_default=True, help="Weight of the identity branch."),
     click.option("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the base model's native size)."),
@@ -82,13 +80,13 @@ run_options = _options(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-infer")
 def main() -> None:
     """Generate images of several people with DynamicID."""
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=EPILOG, interrupted="nothing was written (outputs appear only once complete)")
 @model_options
 @click.option("--prompt", required=True, help="What the image shows.")
 @click.option(
@@ -124,20 +122,17 @@ def main() -> None:
 @click.option("--box", "boxes", multiple=True, help="y0,x0,y1,x1 in [0, 1], once per --person (none: equal strips).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, recorded in the sidecar).")
 @run_options
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images to generate.")
+@click.option("--num-images", type=AtLeast(1), default=1, show_default=True, help="Images to generate.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output image (.png, .jpg, .webp).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON on stdout instead of a summary.")
 def generate(**options: Any) -> None:
     """Generate images of the given people in one scene, each with an optional target expression."""
     _quiet_libraries()
-    try:
-        from dynamicid.infer.people import DynamicIDWarning
+    from dynamicid.infer.people import DynamicIDWarning
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DynamicIDWarning)
-            sidecar = _generate(options, caught)
-    except (InputError, ValueError, OSError) as error:
-        _fail(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DynamicIDWarning)
+        sidecar = _generate(options, caught)
     if options["as_json"]:
         click.echo(json.dumps(sidecar, indent=2))
     else:
@@ -148,7 +143,7 @@ def generate(**options: Any) -> None:
             click.echo(f"wrote {path}")
 
 
-@main.command(epilog=BATCH_EPILOG)
+@main.command(epilog=BATCH_EPILOG, interrupted="the rows written are kept; rerun the same command to continue")
 @click.option("--manifest", type=click.Path(path_type=Path), required=True, help="Benchmark manifest (JSONL).")
 @click.option("--out-dir", type=click.Path(path_type=Path), required=True, help="Folder for <id>.png + <id>.json.")
 @click.option("--references-dir", type=click.Path(path_type=Path), help="Base of relative paths (default: manifest's).")
@@ -163,14 +158,11 @@ def batch(manifest: Path, out_dir: Path, references_dir: Path | None, **options:
     from dynamicid.infer.manifest import read_manifest
     from dynamicid.infer.people import DynamicIDWarning
 
-    try:
-        rows = read_manifest(manifest, references_dir)
-        weights = _weights(options)
-        _parse_size(options["size"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        jobs = plan_batch(rows, out_dir, options)
-    except (InputError, ValueError, OSError) as error:
-        _fail(error)
+    rows = read_manifest(manifest, references_dir)
+    weights = _weights(options)
+    _parse_size(options["size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan_batch(rows, out_dir, options)
     pipe = None
     for job in jobs:
         if job.done:
@@ -185,7 +177,7 @@ def batch(manifest: Path, out_dir: Path, references_dir: Path | None, **options:
                 people = [person.to_person() for person in job.row.people]
                 _generate(job.options, caught, pipe, people, job.sidecar_fields())
         except (InputError, ValueError, OSError) as error:
-            _fail(f"{manifest} (id {job.row.id!r}): {error}")
+            raise InputError(f"{manifest} (id {job.row.id!r}): {error}") from error
         click.echo(f"wrote {job.out}")
 
 
@@ -199,12 +191,6 @@ def _quiet_libraries() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
-
-
-def _fail(error: BaseException | str) -> NoReturn:
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 def _generate(

@@ -195,8 +195,8 @@ def test_result_cache_survives_partial_writes_and_compacts(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"per_identity": 0}, "per_identity"),
-        ({"min_per_identity": 5, "per_identity": 3}, "min_per_identity"),
+        ({"per_identity": 0}, "--per-identity"),
+        ({"min_per_identity": 5, "per_identity": 3}, "--min-per-identity"),
         ({"cluster": True, "shard_count": 2, "shard_index": 1}, "--cluster"),
     ],
 )

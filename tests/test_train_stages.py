@@ -275,7 +275,7 @@ def test_dataset_missing_a_column_is_refused_with_the_valid_names(curated, tmp_p
     broken = _rewrite(curated, tmp_path / "ds", lambda d: d.remove_columns(["kps5"]))
     arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(broken), "--output-dir", str(tmp_path / "r")]
     result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no column(s) kps5" in result.output and "embedding_model" in result.output
     assert not (tmp_path / "r").exists()  # refused before the run folder was made
 

@@ -28,6 +28,7 @@ from dynamicid.models import (
     save_dynamicid,
 )
 from dynamicid.models.base import TINY_RANDOM, BaseModel, load_base_model
+from dynamicid.models.checkpoints import read_safetensors
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.conditioning import (
     clip_normalised,
@@ -44,7 +45,9 @@ from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.runner import (
     WEIGHTS,
     Metrics,
+    Progress,
     RunState,
+    check_output_dir,
     clip_and_step,
     epochs,
     make_accelerator,
@@ -99,14 +102,9 @@ def read_init(path: str | Path, num_tokens: int) -> StartingWeights:
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {path}: file not found")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            ours = "format_version" in (handle.metadata() or {})
-        if ours:
-            weights = load_dynamicid(path, num_tokens=num_tokens)
-            return StartingWeights(f"dynamicid:{path.name}:{digest}", weights, weights.metadata.parts)
+    if path.suffix == ".safetensors" and "format_version" in read_safetensors(path, tensors=False)[0]:  # ours
+        weights = load_dynamicid(path, num_tokens=num_tokens)
+        return StartingWeights(f"dynamicid:{path.name}:{digest}", weights, weights.metadata.parts)
     try:
         found = load_ip_adapter_faceid(path, num_tokens=num_tokens)
         return StartingWeights(f"ip-adapter-faceid:{path.name}:{digest}", found, found.present)
@@ -227,6 +225,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     from accelerate.utils import set_seed
 
     # 1. Inputs, checked before any model loads.
+    check_output_dir(config)
     dataset = load_curated(config.dataset, ANCHOR_COLUMNS)
     id_model, id_dim = embedding_info(dataset, config.dataset)
     init = read_init(config.init_from, config.num_tokens) if config.init_from else None
@@ -299,6 +298,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         metrics.log(evaluate(0), 0)
     empty_ids = token_ids(base, [""])
     drops = (config.drop_text, config.drop_id, config.drop_both)
+    progress = Progress(accelerator, config, "anchor", state.step)
     for batch in epochs(accelerator, loader, state):
         if state.step >= config.max_steps:
             break
@@ -311,17 +311,20 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         if not accelerator.sync_gradients:
             continue
         state.step += 1
-        metrics.log({"loss": mean_over_processes(accelerator, loss), "lr": scheduler.get_last_lr()[0]}, state.step)
+        values = {"loss": mean_over_processes(accelerator, loss), "lr": scheduler.get_last_lr()[0]}
+        metrics.log(values, state.step)
+        progress.update(values)
         if config.eval_steps and state.step % config.eval_steps == 0:
             metrics.log(evaluate(state.step), state.step)
         if config.validation_steps and state.step % config.validation_steps == 0 and accelerator.is_main_process:
             log_validation(accelerator, base, unwrapped, samples, config, id_dim, state.step, dtype)
         if state.step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, state.step)
+            progress.note(f"step {state.step}: checkpoint {save_checkpoint(accelerator, config, state.step)}")
 
     # 5. Final evaluation and weights.
     if not config.eval_steps or state.step % config.eval_steps:
         metrics.log(evaluate(state.step), state.step)
+    progress.close()
     accelerator.wait_for_everyone()
     out = Path(config.output_dir) / WEIGHTS
     if accelerator.is_main_process:

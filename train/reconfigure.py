@@ -36,7 +36,9 @@ from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.runner import (
     WEIGHTS,
     Metrics,
+    Progress,
     RunState,
+    check_output_dir,
     clip_and_step,
     epochs,
     make_accelerator,
@@ -147,6 +149,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     from accelerate.utils import set_seed
 
     # 1. Inputs, checked before any model loads.
+    check_output_dir(config)
     dataset = load_curated(config.dataset, RECONFIGURE_COLUMNS)
     anchor = load_dynamicid(config.anchor)
     for part in ("saa", "face_encoder"):
@@ -176,7 +179,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         txt_dim=base.text_dim,
         depth=config.imr_depth,
     )
-    model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim))
+    model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim, width=config.keypoint_width))
     parameters = trainable_parameters(model)
     cast_frozen(base, parameters, accelerator.device, dtype)
     model.to(accelerator.device)
@@ -236,6 +239,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
 
     if state.step == 0:
         metrics.log(evaluate(0), 0)
+    progress = Progress(accelerator, config, "reconfigure", state.step)
     for items in epochs(accelerator, loader, state):
         if state.step >= config.max_steps:
             break
@@ -250,7 +254,9 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
             continue
         state.step += 1
         values = {name: mean_over_processes(accelerator, v) for name, v in (("loss", loss), ("dfm", dfm), ("ldc", ldc))}
-        metrics.log({**values, "lr": scheduler.get_last_lr()[0]}, state.step)
+        values["lr"] = scheduler.get_last_lr()[0]
+        metrics.log(values, state.step)
+        progress.update(values)
         if config.eval_steps and state.step % config.eval_steps == 0:
             metrics.log(evaluate(state.step), state.step)
         if config.validation_steps and state.step % config.validation_steps == 0 and accelerator.is_main_process:
@@ -258,11 +264,12 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
                 accelerator, base, unwrapped, anchor, evaluation, text_vectors, unet_text, config, state.step
             )
         if state.step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, state.step)
+            progress.note(f"step {state.step}: checkpoint {save_checkpoint(accelerator, config, state.step)}")
 
     # 5. Final evaluation and weights.
     if not config.eval_steps or state.step % config.eval_steps:
         metrics.log(evaluate(state.step), state.step)
+    progress.close()
     accelerator.wait_for_everyone()
     out = Path(config.output_dir) / WEIGHTS
     if accelerator.is_main_process:
