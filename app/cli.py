@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from dynamicid.infer.cli import InputError, _fail, model_options
+from dynamicid.clitools import INPUT_ERRORS, InputError
+from dynamicid.infer.cli import model_options
 
 EPILOG = """\b
 Examples:
@@ -43,8 +44,8 @@ def main(**options: Any) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unless --share
     try:
         demo, output_dir = build(options)
-    except (InputError, ValueError, OSError) as error:
-        _fail(error)
+    except INPUT_ERRORS as error:  # the shared convention (dynamicid.clitools): one `error:` line, exit code 2
+        raise InputError(str(error)) from error
     click.echo(f"outputs go to {output_dir}")
     from dynamicid.app.ui import launch
 

@@ -16,8 +16,9 @@ import gradio as gr
 
 from dynamicid.app.layout_canvas import CSS_COLORS, layout_editor, layout_value
 from dynamicid.app.references import preview_reference
+from dynamicid.clitools import INPUT_ERRORS, InputError, one_line
 from dynamicid.infer import Person
-from dynamicid.infer.cli import KEEP, InputError, _generate
+from dynamicid.infer.cli import KEEP, _generate
 from dynamicid.infer.people import DynamicIDWarning
 from dynamicid.infer.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from dynamicid.schemas import EXPRESSIONS
@@ -198,11 +199,11 @@ class GenerateTab:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DynamicIDWarning)
                 sidecar = _generate(options, caught, self.pipe, people, on_step=on_step)
-        except (InputError, ValueError, OSError) as error:
+        except (InputError, *INPUT_ERRORS) as error:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a failed request leaves nothing behind
-            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-            return [f"**error:** {message}", None, None, None, gr.update()]
+            message = error.format_message() if isinstance(error, InputError) else str(error)
+            return [f"**error:** {one_line(message)}", None, None, None, gr.update()]
         outputs = sidecar["outputs"]
         maps = [(path, f"person {i + 1}") for i, path in enumerate(outputs["activation_maps"])]
         settings = sidecar["settings"]

@@ -25,6 +25,18 @@ def card_metadata(num_examples: int, num_bytes: int) -> dict:
     return {**card_data.to_dict(), "dataset_info": info._to_yaml_dict(), "tags": ["faces", "dynamicid"]}
 
 
+def _grouping_note(summary: dict) -> str:
+    grouping = summary.get("grouping")
+    if not grouping:
+        return ""
+    small = len(grouping["small_groups"])
+    return (
+        f"\n\nIdentities were formed from a flat folder (`--cluster`) by {grouping['method']}; same-person distance "
+        f"{grouping['threshold']} of the `{summary['backend']}` backend. {grouping['groups']} groups, {small} of them "
+        "with one or two photos (listed in `summary.json` under `grouping.small_groups`)."
+    )
+
+
 def write_card(out_dir: Path, summary: dict, num_bytes: int) -> None:
     import yaml
 
@@ -79,6 +91,6 @@ Face prompt: `{FACE_PROMPT_TEMPLATE}`.
 cluster), dedupe (identical bytes, perceptual hash of the aligned face, embedding near-duplicates incl.
 mirrors; the largest and sharpest copy kept), align (FFHQ-style crop with context), label, select (at most
 {summary["config"]["per_identity"]} per identity: the 7 expressions x 5 poses grid first, then the most
-different faces), write. The photos' own licences apply to the crops.
+different faces), write.{_grouping_note(summary)} The photos' own licences apply to the crops.
 """
     (out_dir / "README.md").write_text(text, encoding="utf-8")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dynamicid.clitools import AtLeast, InputError, ToolGroup
+
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +30,8 @@ Every file ends in the dataset or in rejects.parquet with a reason; a killed run
 resumes from the work folder (default OUT_DIR/.work); a second run does no work.
 """
 
+RESUME = "finished work is kept in the work folder; rerun the same command to resume"
+
 MAIN_EPILOG = """\b
 Examples:
   dynamicid-curate demo demo_dataset        curate the sample photos that ship with the install
@@ -35,12 +39,6 @@ Examples:
   dynamicid-curate inspect dataset/         counts per identity, label histograms
   python -c "import datasets; print(datasets.load_dataset('dataset'))"
 """
-
-
-class InputError(click.ClickException):
-    """Bad PHOTOS_DIR / OUT_DIR / settings: one line, exit code 2."""
-
-    exit_code = 2
 
 
 def _errors_as_exit_2(func):
@@ -68,14 +66,31 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     return (index, count)
 
 
+def _set_insightface_root(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    if value is not None:  # through the environment, so that worker processes see it too
+        from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
+
+        os.environ[INSIGHTFACE_ROOT_ENV] = str(value.resolve())
+
+
 def run_options(func):
     """The options shared by `build` and the single-stage commands."""
     options = [
         click.argument("photos_dir", type=click.Path(path_type=Path)),
         click.argument("out_dir", type=click.Path(path_type=Path)),
-        click.option("--per-identity", default=35, show_default=True, help="At most this many images per identity."),
         click.option(
-            "--min-per-identity", default=1, show_default=True, help="Identities with fewer usable images are rejected."
+            "--per-identity",
+            type=AtLeast(1),
+            default=35,
+            show_default=True,
+            help="At most this many images per identity.",
+        ),
+        click.option(
+            "--min-per-identity",
+            type=AtLeast(1),
+            default=1,
+            show_default=True,
+            help="Identities with fewer usable images are rejected.",
         ),
         click.option(
             "--face-backend",
@@ -84,7 +99,16 @@ def run_options(func):
             show_default=True,
             help="Face models: embedded (in the wheels), insightface (local pack via $DYNAMICID_INSIGHTFACE_ROOT), auto.",
         ),
-        click.option("--workers", default=1, show_default=True, help="Processes running the face models."),
+        click.option(
+            "--insightface-root",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            callback=_set_insightface_root,
+            expose_value=False,
+            help="Local insightface model pack folder (sets $DYNAMICID_INSIGHTFACE_ROOT for the run).",
+        ),
+        click.option(
+            "--workers", type=AtLeast(1), default=1, show_default=True, help="Processes running the face models."
+        ),
         click.option(
             "--shard", callback=_parse_shard, metavar="I/N", help="Handle only shard I of N (whole identities)."
         ),
@@ -97,11 +121,15 @@ def run_options(func):
         click.option(
             "--cluster",
             is_flag=True,
-            help="PHOTOS_DIR is a flat folder: group faces into identities (connected components of the "
-            "largest faces, linked below the backend's same-person distance threshold).",
+            help="PHOTOS_DIR is a flat folder: group the largest faces into identities (average linkage at the "
+            "backend's same-person distance threshold).",
         ),
         click.option(
-            "--min-face-size", default=40.0, show_default=True, help="Smallest face box side kept, in pixels."
+            "--min-face-size",
+            type=AtLeast(0, float),
+            default=40.0,
+            show_default=True,
+            help="Smallest face box side kept, in pixels.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
@@ -144,13 +172,13 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EPILOG)
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EPILOG)
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-curate")
 def main() -> None:
     """Curate raw photo folders into a DynamicID face dataset."""
 
 
-@main.command(epilog=BUILD_EPILOG)
+@main.command(epilog=BUILD_EPILOG, interrupted=RESUME)
 @run_options
 @_errors_as_exit_2
 def build(**kwargs) -> None:
@@ -168,6 +196,10 @@ def build(**kwargs) -> None:
     for stage in STAGES:
         run_stage(run, stage)
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
+
+
+# Options only some stages read (build reads them all).
+OPTION_STAGES = {"per_identity": ("select",), "min_per_identity": ("select",), "cluster": ("scan", "identify")}
 
 
 def _stage_command(stage: str, help_text: str) -> None:
@@ -194,7 +226,11 @@ def _stage_command(stage: str, help_text: str) -> None:
         click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {table.num_rows} rows -> {where}")
 
     command.__doc__ = help_text
-    main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/")(command)
+    for param in command.__click_params__:  # options of other stages stay accepted, but out of this --help
+        param.hidden = stage not in OPTION_STAGES.get(param.name, (stage,))
+    main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/", interrupted=RESUME)(
+        command
+    )
 
 
 for _stage, _help in (
@@ -251,7 +287,7 @@ def inspect_command(out_dir: Path, as_json: bool) -> None:
 
 @main.command(epilog="\b\nExample:\n  dynamicid-curate demo demo_dataset && xdg-open demo_dataset/report.html")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--workers", default=1, show_default=True, help="Processes running the face models.")
+@click.option("--workers", type=AtLeast(1), default=1, show_default=True, help="Processes running the face models.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_errors_as_exit_2

@@ -47,16 +47,16 @@ class CurationConfig:
 
     def check(self) -> None:
         if self.per_identity < 1:
-            raise ValueError(f"per_identity must be >= 1, got {self.per_identity}")
+            raise ValueError(f"--per-identity must be >= 1, got {self.per_identity}")
         if self.min_per_identity < 1:
-            raise ValueError(f"min_per_identity must be >= 1, got {self.min_per_identity}")
+            raise ValueError(f"--min-per-identity must be >= 1, got {self.min_per_identity}")
         if self.min_per_identity > self.per_identity:
             raise ValueError(
-                f"min_per_identity ({self.min_per_identity}) is larger than per_identity ({self.per_identity})"
+                f"--min-per-identity {self.min_per_identity} is larger than --per-identity {self.per_identity}"
             )
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if not 0 <= self.shard_index < self.shard_count:
-            raise ValueError(f"shard must be I/N with 0 <= I < N, got {self.shard_index}/{self.shard_count}")
+            raise ValueError(f"--shard must be I/N with 0 <= I < N, got {self.shard_index}/{self.shard_count}")
         if self.cluster and self.shard_count > 1:
             raise ValueError("--cluster groups faces across the whole folder, so it cannot run in shards")

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from dynamicid.curation.analysis import describe_job
 from dynamicid.curation.detect import FACE_BOX
-from dynamicid.curation.neighbors import similar_components
+from dynamicid.curation.grouping import average_linkage
 from dynamicid.curation.run import Run, candidates, photo_schema
 from dynamicid.schemas import RejectReason
 
@@ -127,15 +127,15 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> list[Verdict
 
 
 def cluster_identities(run: Run, rows: list[dict]) -> dict[str, str]:
-    """--cluster: source_path -> 'person_NNNN', from connected components of the largest faces' embeddings.
+    """--cluster: source_path -> 'person_NNNN', average-linkage groups of the largest faces' embeddings.
 
-    Two faces are linked when their distance is below the analyzer's `same_person_threshold`; an identity is
-    a connected component (single linkage). Identities are numbered by size, then by first source path.
+    A group's faces are, on average, closer to each other than the analyzer's `same_person_threshold` (see
+    `grouping`). Identities are numbered by size, then by first source path.
     """
     if not rows:
         return {}
     emb = np.stack([np.asarray(r["faces"][0]["embedding"], np.float32) for r in rows])
-    labels = similar_components(emb, run.same_person_cos)
+    labels = average_linkage(emb, run.same_person_cos)
     sizes = np.bincount(labels)
     order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))  # labels already follow first source path
     width = max(4, len(str(len(order))))

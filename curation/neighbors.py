@@ -3,8 +3,8 @@
 Embeddings are L2-normalised, so every distance the face backends use (Euclidean for dlib, cosine for
 ArcFace) is a monotone function of the dot product; all thresholds here are cosine similarities (see
 `cosine_threshold`). Small sets are compared exactly in blocks (memory O(n x block)); large sets go through
-an inverted-file index: k-means cells, each vector filed under its `nprobe` nearest cells, exact comparison
-only inside a cell. Cost ~ n x (cells + nprobe x n / cells) instead of n^2.
+an inverted-file index: k-means cells, each vector filed under its nearest cell and compared with the vectors
+of its `nprobe` nearest cells. Cost ~ n x (cells + nprobe x n / cells) instead of n^2.
 """
 
 from __future__ import annotations
@@ -118,32 +118,48 @@ def kmeans(x: np.ndarray, cells: int, *, iterations: int = 8, sample: int = 6553
     return centroids
 
 
-def similar_components(embeddings: np.ndarray, min_cos: float, *, nprobe: int = 2, seed: int = 0) -> np.ndarray:
-    """Connected components of the graph 'dot product >= min_cos' (exact when small, inverted-file index when large)."""
+def similar_pairs_indexed(
+    embeddings: np.ndarray, min_cos: float, *, nprobe: int = 2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) with dot product >= min_cos and their similarities: exact when small, else from an
+    inverted-file index: every vector is filed under its nearest cell and compared with the vectors filed under
+    its `nprobe` nearest cells."""
     x = np.asarray(embeddings, np.float32)
     n = len(x)
     if n <= EXACT_LIMIT:
-        return components(n, similar_pairs(x, min_cos))
-    cells = max(16, int(np.sqrt(n)))
+        pairs = similar_pairs(x, min_cos)
+        return pairs, np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]]) if len(pairs) else np.zeros(0, np.float32)
+    # Filing costs n x cells and comparing n x nprobe x n / cells dot products: balanced near sqrt(nprobe x n).
+    cells = max(16, int(np.sqrt(nprobe * n)))
     centroids = kmeans(x, cells, seed=seed)
-    # File every vector under its nprobe nearest cells.
-    cell_of = np.empty((n, nprobe), np.int64)
+    probes = np.empty((n, nprobe), np.int64)
     for start in range(0, n, 16384):
         sims = x[start : start + 16384] @ centroids.T
-        cell_of[start : start + 16384] = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
-    members = np.repeat(np.arange(n), nprobe)
-    cells_flat = cell_of.ravel()
-    order = np.argsort(cells_flat, kind="stable")
-    members, cells_flat = members[order], cells_flat[order]
-    bounds = np.searchsorted(cells_flat, np.arange(cells + 1))
-    edges = []
+        rows = np.arange(len(sims))
+        for k in range(nprobe):  # nearest cell first (where the vector is filed); argmax beats a partition here
+            probes[start : start + 16384, k] = nearest = np.argmax(sims, axis=1)
+            sims[rows, nearest] = -np.inf
+    filed_order = np.argsort(probes[:, 0], kind="stable")
+    filed_bounds = np.searchsorted(probes[filed_order, 0], np.arange(cells + 1))
+    asking = np.repeat(np.arange(n), nprobe)
+    asked = probes.ravel()
+    ask_order = np.argsort(asked, kind="stable")
+    asking, asked = asking[ask_order], asked[ask_order]
+    ask_bounds = np.searchsorted(asked, np.arange(cells + 1))
+    found, found_sims = [], []
     for c in range(cells):
-        idx = members[bounds[c] : bounds[c + 1]]
-        if len(idx) < 2:
+        members = filed_order[filed_bounds[c] : filed_bounds[c + 1]]
+        queries = asking[ask_bounds[c] : ask_bounds[c + 1]]
+        if not len(members) or not len(queries):
             continue
-        local = components(len(idx), similar_pairs(x[idx], min_cos))
-        # Link each member to the first member of its local component (a star per component: O(n) edges).
-        first = np.full(local.max() + 1, n, np.int64)
-        np.minimum.at(first, local, idx)
-        edges.append(np.stack([idx, first[local]], axis=1))
-    return components(n, np.concatenate(edges) if edges else np.zeros((0, 2), np.int64))
+        sims = x[queries] @ x[members].T
+        i, j = np.nonzero(sims >= min_cos)
+        a, b = queries[i], members[j]
+        # A pair is met from a's side here, and from b's side too when b probes a's cell: then keep it once (a < b).
+        met_twice = (probes[b] == probes[a, 0][:, None]).any(axis=1)
+        once = (a != b) & ((a < b) | ~met_twice)
+        found.append(np.stack([np.minimum(a, b)[once], np.maximum(a, b)[once]], axis=1).astype(np.int32))
+        found_sims.append(sims[i[once], j[once]])
+    if not found:
+        return np.zeros((0, 2), np.int32), np.zeros(0, np.float32)
+    return np.concatenate(found), np.concatenate(found_sims)

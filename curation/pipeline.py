@@ -17,6 +17,7 @@ from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.dedupe import dedupe
 from dynamicid.curation.detect import detect
+from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import identify
 from dynamicid.curation.label import label
 from dynamicid.curation.report import build_report
@@ -225,6 +226,7 @@ def make_summary(
     kept_identities = {r["identity"] for r in kept}
     c = run.config
     backend = _backend_name(run)
+    grouping = {"grouping": cluster_grouping(run)} if c.cluster else {}
     return {
         "tool": TOOL,
         "version": _package_version(),
@@ -243,7 +245,14 @@ def make_summary(
         "config": asdict(c),
         "files": files,
         "fingerprint": fingerprint,
+        **grouping,
     }
+
+
+def cluster_grouping(run: Run) -> dict:
+    """--cluster: how the identities were formed, with their sizes before dedupe and selection."""
+    sizes = Counter(r["identity"] for r in candidates(run.work.read("identify")))
+    return grouping_summary(sizes, run.analyzer.same_person_threshold)
 
 
 def _backend_name(run: Run) -> str:

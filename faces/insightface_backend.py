@@ -9,6 +9,7 @@ pose is solved from the 106 landmarks like the embedded backend solves it from t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,9 @@ class InsightFaceBackend:
             backend=self.name,
             models=models,
         )
+
+    def describe_many(self, rgb: np.ndarray, faces: Sequence[Face]) -> list[Face]:
+        return [self.describe(rgb, face) for face in faces]
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> float:
         """Cosine distance, 1 - cos(a, b)."""

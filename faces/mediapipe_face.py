@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from dynamicid.faces.quiet import QuietGraph, quiet_native_logs
+
 # Mesh indices (refine_landmarks=True adds the irises 468..477).
 MESH_IRIS_IMAGE_LEFT = 468  # the subject's right iris centre: image left in an unmirrored photo
 MESH_IRIS_IMAGE_RIGHT = 473
@@ -86,21 +88,33 @@ class MediaPipeFace:
 
         self.config = config or MediaPipeConfig()
         solutions = mp.solutions
-        self._short = solutions.face_detection.FaceDetection(
-            model_selection=0, min_detection_confidence=self.config.min_score
-        )
-        self._full = solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=self.config.min_score
-        )
-        self._mesh = solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5
-        )
-        self._confirm_mesh = solutions.face_mesh.FaceMesh(
-            static_image_mode=True,
-            max_num_faces=1,
-            refine_landmarks=False,
-            min_detection_confidence=self.config.confirm_score,
-        )
+        with quiet_native_logs():
+            self._short = QuietGraph(
+                solutions.face_detection.FaceDetection(
+                    model_selection=0, min_detection_confidence=self.config.min_score
+                )
+            )
+            self._full = QuietGraph(
+                solutions.face_detection.FaceDetection(
+                    model_selection=1, min_detection_confidence=self.config.min_score
+                )
+            )
+            self._mesh = QuietGraph(
+                solutions.face_mesh.FaceMesh(
+                    static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5
+                )
+            )
+            self._confirm_mesh = QuietGraph(
+                solutions.face_mesh.FaceMesh(
+                    static_image_mode=True,
+                    max_num_faces=1,
+                    refine_landmarks=False,
+                    min_detection_confidence=self.config.confirm_score,
+                )
+            )
+            for graph in (self._short, self._full, self._mesh, self._confirm_mesh):
+                # Calculators open (and log) on the graphs' own threads: a first run waits until all have.
+                graph.graph.process(np.zeros((64, 64, 3), dtype=np.uint8))
 
     # detection
 

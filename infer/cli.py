@@ -7,16 +7,16 @@ import json
 import os
 import platform
 import secrets
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 EPILOG = """\b
@@ -30,11 +30,15 @@ Examples:
       --person ref.jpg --expression surprised --out portrait.png --activation-maps
 """
 
+BATCH_EPILOG = """\b
+Examples:
+  dynamicid-infer batch --manifest bench.jsonl --out-dir gen/ --base-model models/sd15 \\
+      --weights dynamicid.safetensors --image-encoder models/image_encoder --steps 30
+  A row: {"id": "r1", "prompt": "two friends in a cafe", "seed": 7, "people": [{"references": ["a.jpg"],
+  "expression": "happy", "box": [0.1, 0.1, 0.5, 0.4]}, ...], "steps": 30}; see dynamicid.infer.manifest.
+"""
+
 KEEP = "keep"  # --expression/--pose value that keeps the reference's own label
-
-
-class InputError(Exception):
-    """A problem with the user's input: reported on one line, exit code 2."""
 
 
 def _options(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -59,21 +63,32 @@ model_options = _options(
         "--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa)."
     ),
     click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder)."),
-    click.option("--face-backend", default="auto", show_default=True, help="auto, embedded or insightface."),
+    click.option(
+        "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
+    ),
     click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
+)
+run_options = _options(
+    click.option("--negative-prompt", default="", help="What to steer away from."),
+    click.option("--steps", type=AtLeast(1), default=50, show_default=True, help="Denoising steps (DDIM)."),
+    click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance."),
+    click.option("--id-scale", type=float, default=1.0, show_default=True, help="Weight of the identity branch."),
+    click.option("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the base model's native size)."),
+    click.option("--activation-maps", is_flag=True, help="Also write per-person SAA activation maps over the image."),
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present)."),
+    click.option("--fp16", is_flag=True, help="Run the models in float16 (GPU)."),
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-infer")
 def main() -> None:
     """Generate images of several people with DynamicID."""
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=EPILOG, interrupted="nothing was written (outputs appear only once complete)")
 @model_options
 @click.option("--prompt", required=True, help="What the image shows.")
-@click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option(
     "--person",
     "persons",
@@ -106,27 +121,18 @@ def main() -> None:
 )
 @click.option("--box", "boxes", multiple=True, help="y0,x0,y1,x1 in [0, 1], once per --person (none: equal strips).")
 @click.option("--seed", type=int, help="Random seed (default: a random one, recorded in the sidecar).")
-@click.option("--steps", type=int, default=50, show_default=True, help="Denoising steps (DDIM).")
-@click.option("--guidance-scale", type=float, default=5.0, show_default=True, help="Classifier-free guidance.")
-@click.option("--id-scale", type=float, default=1.0, show_default=True, help="Weight of the identity branch.")
-@click.option("--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the base model's native size).")
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images to generate.")
+@run_options
+@click.option("--num-images", type=AtLeast(1), default=1, show_default=True, help="Images to generate.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output image (.png, .jpg, .webp).")
-@click.option("--activation-maps", is_flag=True, help="Also write per-person SAA activation maps over the image.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
-@click.option("--fp16", is_flag=True, help="Run the models in float16 (GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON on stdout instead of a summary.")
 def generate(**options: Any) -> None:
     """Generate images of the given people in one scene, each with an optional target expression."""
     _quiet_libraries()
-    try:
-        from dynamicid.infer.people import DynamicIDWarning
+    from dynamicid.infer.people import DynamicIDWarning
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DynamicIDWarning)
-            sidecar = _generate(options, caught)
-    except (InputError, ValueError, OSError) as error:
-        _fail(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DynamicIDWarning)
+        sidecar = _generate(options, caught)
     if options["as_json"]:
         click.echo(json.dumps(sidecar, indent=2))
     else:
@@ -135,6 +141,44 @@ def generate(**options: Any) -> None:
         click.echo(f"wrote {sidecar['outputs']['sidecar']}")
         for path in sidecar["outputs"]["activation_maps"]:
             click.echo(f"wrote {path}")
+
+
+@main.command(epilog=BATCH_EPILOG, interrupted="the rows written are kept; rerun the same command to continue")
+@click.option("--manifest", type=click.Path(path_type=Path), required=True, help="Benchmark manifest (JSONL).")
+@click.option("--out-dir", type=click.Path(path_type=Path), required=True, help="Folder for <id>.png + <id>.json.")
+@click.option("--references-dir", type=click.Path(path_type=Path), help="Base of relative paths (default: manifest's).")
+@model_options
+@run_options
+def batch(manifest: Path, out_dir: Path, references_dir: Path | None, **options: Any) -> None:
+    """Generate every row of a manifest (image + sidecar per row id); rows already done are skipped."""
+    _quiet_libraries()
+    import torch
+
+    from dynamicid.infer.batch import plan_batch
+    from dynamicid.infer.manifest import read_manifest
+    from dynamicid.infer.people import DynamicIDWarning
+
+    rows = read_manifest(manifest, references_dir)
+    weights = _weights(options)
+    _parse_size(options["size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan_batch(rows, out_dir, options)
+    pipe = None
+    for job in jobs:
+        if job.done:
+            click.echo(f"skipped {job.out} (done with the same settings)")
+            continue
+        try:
+            if pipe is None:
+                pipe = _load_pipeline(options, weights, torch)
+                pipe.set_progress_bar_config(disable=True)  # one "wrote" line per row instead
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DynamicIDWarning)
+                people = [person.to_person() for person in job.row.people]
+                _generate(job.options, caught, pipe, people, job.sidecar_fields())
+        except (InputError, ValueError, OSError) as error:
+            raise InputError(f"{manifest} (id {job.row.id!r}): {error}") from error
+        click.echo(f"wrote {job.out}")
 
 
 def _quiet_libraries() -> None:
@@ -149,21 +193,16 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _fail(error: BaseException) -> NoReturn:
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
 def _generate(
     options: dict[str, Any],
     caught: list[warnings.WarningMessage],
     pipe: Any = None,
     people: list[Any] | None = None,
+    extra: dict[str, Any] | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """One run of `generate`; `dynamicid-app` passes its loaded pipeline, its people and `on_step(done, total)`,
-    called after each denoising step, so the app gives the same pixels and sidecar as the command."""
+    """One run of `generate`; `batch` passes its loaded pipeline, each row's people and sidecar fields;
+    `dynamicid-app` its pipeline, people and `on_step(done, total)`, called after each denoising step."""
     import torch
 
     from dynamicid.faces import load_image
@@ -226,6 +265,7 @@ def _generate(
         sidecar = _sidecar(options, pipe, result, people, seed, (width, height), names, caught)
         sidecar["timings"] = {"load": round(load_seconds, 4), **result.timings}
         sidecar["timings"]["write"] = round(time.perf_counter() - clock, 4)
+        sidecar |= extra or {}
         staging.write_json(names["sidecar"], sidecar)
     for message in sidecar["warnings"]:
         click.echo(f"warning: {message}", err=True)

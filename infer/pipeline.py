@@ -230,8 +230,10 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             raise ValueError(f"`negative_prompt` must be a string or None, got {type(negative_prompt).__name__}")
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
+        # DDIM's leading timesteps are offset by `steps_offset`: one step per training timestep would index past them.
+        most_steps = self.scheduler.config.num_train_timesteps - self.scheduler.config.get("steps_offset", 0)
+        if not 1 <= num_inference_steps <= most_steps:
+            raise ValueError(f"`num_inference_steps` (--steps) must be in 1..{most_steps}, got {num_inference_steps}")
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
         if guidance_scale < 0:

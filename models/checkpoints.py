@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,6 +53,43 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
 }
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be used: missing, corrupt or truncated, or a pickle that would run code."""
+
+    def __init__(self, path: str | Path, why: str):
+        self.path, self.why = Path(path), why
+        super().__init__(f"{path}: {why}")
+
+
+_CORRUPT = "is corrupt or truncated; copy or export it again"
+
+
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and (unless `tensors=False`) the tensors of a safetensors file, or a WeightsFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(path, "file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        return header, (load_file(str(path)) if tensors else {})
+    except SafetensorError as error:
+        raise WeightsFileError(path, f"not a readable safetensors file ({error}): it {_CORRUPT}") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write through a temporary file (an interrupted save never leaves a truncated file) with the umask's mode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    partial.chmod(0o666 & ~umask)  # safetensors creates 0600 files; config.yaml beside them follows the umask
+    partial.replace(path)
+    return path
 
 
 def _mismatch(field_name: str, file_value: Any, target_value: Any, path: str | Path | None) -> ValueError:
@@ -89,10 +127,7 @@ def _write(path: str | Path, metadata: CheckpointMetadata, parts: dict[str, dict
         for key, tensor in state_dict.items()
     }
     metadata = dataclasses.replace(metadata, parts=[p for p in PARTS if p in parts])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={**metadata.to_header(), **extra})
-    return path
+    return write_safetensors(tensors, path, {**metadata.to_header(), **extra})
 
 
 def save_dynamicid(
@@ -168,8 +203,9 @@ class DynamicIDWeights:
         return imr.eval()
 
     def build_keypoint_encoder(self) -> KeypointEncoder:
-        encoder = KeypointEncoder(self.metadata.keypoint_dim)
-        load_strict(encoder, self._part("keypoint_encoder"), what="keypoint_encoder weights")
+        state_dict = self._part("keypoint_encoder")
+        encoder = KeypointEncoder(**release_kwargs_from_state_dict("keypoint_encoder", state_dict))
+        load_strict(encoder, state_dict, what="keypoint_encoder weights")
         return encoder.eval()
 
     def load_saa_into(self, unet: nn.Module) -> None:
@@ -199,15 +235,11 @@ def load_dynamicid(path: str | Path | Sequence[str | Path], **expected: Any) -> 
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     weights: DynamicIDWeights | None = None
     for file in paths:
-        if not file.is_file():
-            raise FileNotFoundError(f"weights file not found: {file}")
-        with safe_open(str(file), framework="pt") as handle:
-            header = handle.metadata() or {}
+        header, tensors = read_safetensors(file)
         try:
             metadata = CheckpointMetadata.from_header(header)
         except ValueError as error:
-            raise ValueError(f"{file}: {error}") from None
-        tensors = load_file(str(file))
+            raise WeightsFileError(file, str(error)) from None
         state_dicts = {
             part: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             for part, prefix in PART_PREFIXES.items()
@@ -251,18 +283,23 @@ def read_weights_only(path: str | Path) -> dict[str, Any]:
     """torch.load(weights_only=True): tensors and plain containers only; a pickle that would run code is refused."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise WeightsFileError(path, "file not found")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds pickled objects other than tensors, which could run code when loaded; it was refused. "
-            f"Only plain state dicts are accepted (torch.load weights_only). Details: {str(error).splitlines()[0]}"
+        if "Unsupported global" not in str(error):
+            raise WeightsFileError(path, f"not a readable torch checkpoint: it {_CORRUPT}") from None
+        raise WeightsFileError(
+            path,
+            "holds pickled objects other than tensors, which could run code when loaded, so it was refused; "
+            "only plain state dicts are accepted (torch.load weights_only)",
         ) from None
-    except RuntimeError as error:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({error})") from None
+    except (RuntimeError, EOFError, OSError) as error:  # torch reports truncation in any of these
+        raise WeightsFileError(
+            path, f"not a readable torch checkpoint ({error.__class__.__name__}): it {_CORRUPT}"
+        ) from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+        raise WeightsFileError(path, f"holds a {type(loaded).__name__}, not a state dict")
     return loaded
 
 
@@ -390,12 +427,7 @@ def load_ip_adapter_faceid(path: str | Path, *, num_tokens: int = 4) -> ReleaseC
     with `shortcut=True`).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        tensors = load_file(str(path))
-    else:
-        tensors = _flatten(read_weights_only(path))
+    tensors = read_safetensors(path)[1] if path.suffix == ".safetensors" else _flatten(read_weights_only(path))
     found = ReleaseCheckpoint({}, {}, num_tokens=num_tokens)
     for part, prefix in (("face_encoder", "image_proj."), ("saa", "ip_adapter.")):
         part_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

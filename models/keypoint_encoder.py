@@ -29,20 +29,26 @@ def _group(cin: int, cout: int, kernel_size: int, stride: int, padding: int, res
 
 
 class KeypointEncoder(nn.Module):
-    """(N, 1, 96, 96) landmark maps in [-1, 1] -> (N, embedding_dim, 1, 1)."""
+    """(N, 1, 96, 96) landmark maps in [-1, 1] -> (N, embedding_dim, 1, 1).
 
-    def __init__(self, embedding_dim: int = 768):
+    `width`: the first block's channels, doubled by each of the next five (the release's 16 -> 512); smaller
+    widths fit small bases such as tiny-random.
+    """
+
+    def __init__(self, embedding_dim: int = 768, width: int = 16):
         super().__init__()
         self.embedding_dim = embedding_dim
+        self.width = width
+        w = width
         self.blocks = nn.ModuleList(
             [
-                _group(1, 16, 7, 1, 3, 0),
-                _group(16, 32, 3, 2, 1, 2),
-                _group(32, 64, 3, 2, 1, 3),
-                _group(64, 128, 3, 2, 1, 2),
-                _group(128, 256, 3, 2, 1, 2),
-                _group(256, 512, 3, 2, 1, 1),
-                nn.Sequential(ConvUnit(512, 512, 3, 1, 0), ConvUnit(512, embedding_dim, 1, 1, 0)),
+                _group(1, w, 7, 1, 3, 0),
+                _group(w, 2 * w, 3, 2, 1, 2),
+                _group(2 * w, 4 * w, 3, 2, 1, 3),
+                _group(4 * w, 8 * w, 3, 2, 1, 2),
+                _group(8 * w, 16 * w, 3, 2, 1, 2),
+                _group(16 * w, 32 * w, 3, 2, 1, 1),
+                nn.Sequential(ConvUnit(32 * w, 32 * w, 3, 1, 0), ConvUnit(32 * w, embedding_dim, 1, 1, 0)),
             ]
         )
 

@@ -80,7 +80,10 @@ def release_kwargs_from_state_dict(kind: str, state_dict: Mapping[str, torch.Ten
             "depth": _count_layers(state_dict, "disentangleNet."),
         }
     if kind == "keypoint_encoder":
-        return {"embedding_dim": state_dict["blocks.6.1.conv_block.0.weight"].shape[0]}
+        return {
+            "embedding_dim": state_dict["blocks.6.1.conv_block.0.weight"].shape[0],
+            "width": state_dict["blocks.0.0.conv_block.0.weight"].shape[0],
+        }
     raise ValueError(f"unknown release module kind {kind!r}; expected one of {RELEASE_KINDS}")
 
 

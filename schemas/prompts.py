@@ -21,3 +21,30 @@ def face_prompt(expression: str, pose: str) -> str:
 def anchor_caption(expression: str, pose: str) -> str:
     """The anchoring-stage caption of a curated image."""
     return ANCHOR_CAPTION_TEMPLATE.format(expression=check_expression(expression), pose=check_pose(pose))
+
+
+# Benchmark prompt lists (package data `schemas/benchmark/<kind>.txt`): one template per line, `{subject}`
+# becomes BENCHMARK_SUBJECTS[number of people]; lines starting with '#' are comments.
+BENCHMARK_PROMPT_LISTS = ("single", "multi")
+BENCHMARK_SUBJECTS = {1: "a person", 2: "two people", 3: "three people", 4: "four people", 5: "five people"}
+
+
+def benchmark_prompts(kind: str) -> list[str]:
+    """The templates of a shipped prompt list ("single" or "multi")."""
+    from importlib.resources import files
+
+    if kind not in BENCHMARK_PROMPT_LISTS:
+        raise ValueError(f"unknown prompt list {kind!r}; valid: {', '.join(BENCHMARK_PROMPT_LISTS)} or a file")
+    return parse_prompt_list(files("dynamicid.schemas").joinpath("benchmark", f"{kind}.txt").read_text("utf-8"))
+
+
+def parse_prompt_list(text: str) -> list[str]:
+    """Template lines of a prompt-list file (blank lines and '#' comments skipped)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def benchmark_prompt(template: str, people: int) -> str:
+    """A template with `{subject}` filled for `people` people (templates without it are used as they are)."""
+    if people not in BENCHMARK_SUBJECTS:
+        raise ValueError(f"{people} people: benchmark prompts cover 1 to {max(BENCHMARK_SUBJECTS)}")
+    return template.replace("{subject}", BENCHMARK_SUBJECTS[people])

@@ -1,6 +1,7 @@
 """The base-model loader: tiny-random fake for CPU runs, and clear errors for incomplete local folders."""
 
 import numpy as np
+import oracles
 import pytest
 import torch
 
@@ -44,9 +45,13 @@ def test_tiny_random_is_seeded_and_leaves_global_rng_alone():
 
 
 def test_clip_hidden_states_are_the_penultimate_layer(tiny):
-    faces = np.zeros((2, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3), dtype=np.uint8)
-    hidden = clip_hidden_states(tiny, clip_pixel_values(tiny, faces))
+    faces = np.random.default_rng(0).integers(0, 256, (2, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3), dtype=np.uint8)
+    pixels = clip_pixel_values(tiny, faces)
+    hidden = clip_hidden_states(tiny, pixels)
     assert hidden.shape == (2, 50, tiny.clip_dim)
+    # Values: the vision tower's layers run one by one, stopping before the last (tests/oracles.py).
+    torch.testing.assert_close(hidden, oracles.clip_penultimate(tiny.image_encoder, pixels), rtol=1e-5, atol=1e-5)
+    assert (hidden - tiny.image_encoder(pixels).last_hidden_state).abs().max() > 1e-2, "not the last layer"
     with pytest.raises(ValueError, match="224x224"):
         clip_pixel_values(tiny, np.zeros((1, 112, 112, 3), dtype=np.uint8))
 

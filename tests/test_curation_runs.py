@@ -104,26 +104,6 @@ def test_no_resume_recomputes_from_scratch(photos, reference, tmp_path):
     assert row_hashes(out) != row_hashes(reference)
 
 
-def test_cluster_mode_groups_a_flat_folder_by_person(shared_faces, tmp_path):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    truth = {}
-    for identity, names in (("kit_harington", None), ("obama", ("obama1.jpg", "obama2.jpg", "obama3.jpg"))):
-        for photo in sorted((shared_faces / "identities" / identity).iterdir()):
-            if names is None or photo.name in names:
-                shutil.copyfile(photo, flat / f"{identity}__{photo.name}")
-                truth[f"{identity}__{photo.name}"] = identity
-    summary = build_dataset(flat, tmp_path / "out", face_backend="embedded", cluster=True, progress=False)
-    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
-    assert summary["kept"] + summary["rejected"] == len(truth)
-    people = {}
-    for row in rows:
-        assert row["identity"].startswith("person_")
-        people.setdefault(row["identity"], set()).add(truth[row["source_path"]])
-    assert all(len(found) == 1 for found in people.values())  # no cluster mixes two people
-    assert {next(iter(f)) for f in people.values()} == {"kit_harington", "obama"}
-
-
 def test_demo_curates_the_installed_sample_photos(tmp_path):
     import datasets
     from click.testing import CliRunner

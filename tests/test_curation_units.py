@@ -14,11 +14,9 @@ from dynamicid.curation.cli import main
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.imagehash import grey, hamming, phash_pair
 from dynamicid.curation.neighbors import (
-    EXACT_LIMIT,
     components,
     cosine_threshold,
     hash_pairs,
-    similar_components,
     similar_pairs,
 )
 from dynamicid.curation.scan import scan
@@ -57,21 +55,6 @@ def test_hash_pairs_match_brute_force_including_mirrors():
 def test_components_are_numbered_by_first_member():
     labels = components(6, np.array([[4, 5], [1, 3]]))
     assert labels.tolist() == [0, 1, 2, 1, 3, 3]
-
-
-def test_inverted_file_components_recover_synthetic_identities():
-    """Above EXACT_LIMIT the index path runs; it must find the same identities as the generator made."""
-    rng = np.random.default_rng(0)
-    ids, per = EXACT_LIMIT // 10 + 50, 10
-    centres = unit_rows(ids, dim=64, seed=2)
-    x = np.repeat(centres, per, axis=0) + rng.normal(scale=0.03, size=(ids * per, 64)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = similar_components(x, 0.8)
-    truth = np.repeat(np.arange(ids), per)
-    assert len(x) > EXACT_LIMIT
-    assert len(np.unique(labels)) == ids
-    for identity in (0, ids // 2, ids - 1):
-        assert len(np.unique(labels[truth == identity])) == 1
 
 
 def test_cosine_threshold_inverts_the_backend_distance():
@@ -212,8 +195,8 @@ def test_result_cache_survives_partial_writes_and_compacts(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"per_identity": 0}, "per_identity"),
-        ({"min_per_identity": 5, "per_identity": 3}, "min_per_identity"),
+        ({"per_identity": 0}, "--per-identity"),
+        ({"min_per_identity": 5, "per_identity": 3}, "--min-per-identity"),
         ({"cluster": True, "shard_count": 2, "shard_index": 1}, "--cluster"),
     ],
 )
@@ -278,7 +261,19 @@ def test_reports_of_a_path_that_is_no_dataset_exit_2(tmp_path):
         assert result.exit_code == 2, result.output
 
 
-def test_merge_refuses_incomplete_shard_sets(tmp_path):
+def test_merge_refuses_incomplete_shard_sets(tmp_path, shared_faces):
     result = CliRunner().invoke(main, ["merge", str(tmp_path / "a"), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert Path(tmp_path / "out").exists() is False
+
+    photos = tmp_path / "photos" / "orl_s01"
+    photos.mkdir(parents=True)
+    shutil.copy(sorted((shared_faces / "identities" / "orl_s01").iterdir())[0], photos)
+    part = tmp_path / "part_0"
+    built = CliRunner().invoke(main, ["build", str(photos.parent), str(part), "--shard", "0/2"])
+    assert built.exit_code == 0, built.output
+    for shards, got in (([part], "0/2"), ([part, part], "0/2, 0/2")):
+        result = CliRunner().invoke(main, ["merge", *map(str, shards), str(tmp_path / "out")])
+        assert result.exit_code == 2
+        assert f"merge needs every shard exactly once: expected 0/2, 1/2, got {got}" in result.output
+        assert not (tmp_path / "out").exists()

@@ -107,6 +107,19 @@ def test_detect_then_describe_equals_analyze(shared_faces, analyzer, identities)
     assert analyzer.describe(np.asarray(image), detected[0]).yaw == pytest.approx(described.yaw, abs=1e-4)
 
 
+def test_describe_many_equals_describe_per_face(shared_faces, analyzer):
+    """A photo's faces described together (one embedding batch) match each face described alone."""
+    image = load_image(shared_faces / "group_photos" / "2007_007763.jpg")
+    faces = analyzer.detect(image)
+    assert len(faces) >= 4
+    assert analyzer.describe_many(image, []) == []
+    for together, face in zip(analyzer.describe_many(image, faces), faces, strict=True):
+        alone = analyzer.describe(image, face)
+        assert np.abs(together.embedding - alone.embedding).max() < 1e-5
+        assert (together.yaw, together.expression_scores) == (alone.yaw, alone.expression_scores)
+        assert np.array_equal(together.kps5, alone.kps5) and together.models == alone.models
+
+
 def test_detection_finds_the_persons_face_in_identities(identities):
     found = [file for file, _, faces in identities if faces]
     missed = [file for file, _, faces in identities if not faces]

@@ -1,5 +1,6 @@
 """`dynamicid-infer generate` end to end: tiny-random FAKE base, random FAKE weights, real reference photos."""
 
+import hashlib
 import json
 import re
 
@@ -116,7 +117,8 @@ def test_two_people_non_square_with_maps_and_sidecar(tmp_path, weights, refs):
         "boost_steps": 12,
     }
     files = sidecar["models"]["files"]
-    assert files["weights"]["path"] == str(weights["ours"]) and len(files["weights"]["sha256"]) == 64
+    assert files["weights"]["path"] == str(weights["ours"])
+    assert files["weights"]["sha256"] == hashlib.sha256(weights["ours"].read_bytes()).hexdigest()
     assert sidecar["models"]["embedding_model"] == "dlib-resnet-128"
     people = sidecar["people"]
     assert [p["requested"]["expression"] for p in people] == ["happy", "surprised"]
@@ -180,6 +182,8 @@ def test_base_model_folder(tmp_path, weights, refs):
     sidecar = json.loads((tmp_path / "f.json").read_text())
     hashes = sidecar["models"]["base_files_sha256"]["base_model"]
     assert {"unet/diffusion_pytorch_model.safetensors", "image_encoder/config.json", "model_index.json"} <= set(hashes)
+    for name, digest in hashes.items():
+        assert digest == hashlib.sha256((folder / name).read_bytes()).hexdigest(), name
     assert Image.open(tmp_path / "f.png").size == (64, 64)
     assert sidecar["settings"]["scheduler"] == "DDIMScheduler"
 

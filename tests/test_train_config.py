@@ -42,7 +42,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"mixed_precision": "fp8"}, "mixed_precision='fp8'; valid: no, fp16, bf16"),
+        ({"mixed_precision": "fp8"}, "--mixed-precision 'fp8'; valid: no, fp16, bf16"),
         ({"drop_text": 0.6, "drop_id": 0.6}, "together <= 1"),
         ({"resolution": 100}, "multiple of 8"),
         ({"output_dir": ""}, "--output-dir"),
@@ -80,5 +80,5 @@ def test_convert_release_reports_a_missing_file(tmp_path):
     result = CliRunner().invoke(
         main, ["convert-release", "--saa", str(tmp_path / "no.bin"), "--out", str(tmp_path / "o")]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no.bin" in result.output

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -274,7 +275,7 @@ def test_dataset_missing_a_column_is_refused_with_the_valid_names(curated, tmp_p
     broken = _rewrite(curated, tmp_path / "ds", lambda d: d.remove_columns(["kps5"]))
     arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(broken), "--output-dir", str(tmp_path / "r")]
     result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no column(s) kps5" in result.output and "embedding_model" in result.output
     assert not (tmp_path / "r").exists()  # refused before the run folder was made
 
@@ -421,9 +422,11 @@ def test_token_cache_must_match_the_dataset_rows_and_the_anchor(curated, tokens,
 
 def test_trained_weights_of_both_stages_drive_inference(anchor_run, reconfigure_run, shared_faces, tmp_path):
     """The whole path: curated photos -> anchoring -> reconfiguration -> `dynamicid-infer generate` with both files."""
+    from diffusers import UNet2DConditionModel
     from PIL import Image
 
     from dynamicid.infer.cli import main as infer
+    from dynamicid.models import IMR
 
     out = tmp_path / "out.png"
     people = []
@@ -436,9 +439,32 @@ def test_trained_weights_of_both_stages_drive_inference(anchor_run, reconfigure_
         ]
     arguments = ["generate", "--base-model", "tiny-random", "--prompt", "two friends", "--steps", "2"]
     arguments += ["--weights", str(anchor_run["weights"]), "--weights", str(reconfigure_run["weights"])]
-    result = CliRunner().invoke(infer, [*arguments, *people, "--size", "64x48", "--out", str(out), "--json"])
+    seen = {"imr": [], "unet": []}
+
+    def observe(module, args, kwargs, output):
+        if isinstance(module, IMR):
+            seen["imr"].append((module.state_dict(), output.detach().clone()))
+        elif isinstance(module, UNet2DConditionModel):
+            seen["unet"].append(kwargs["encoder_hidden_states"].detach().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(observe, with_kwargs=True)
+    try:
+        result = CliRunner().invoke(infer, [*arguments, *people, "--size", "64x48", "--out", str(out), "--json"])
+    finally:
+        handle.remove()
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (64, 48)
     sidecar = yaml.safe_load(out.with_suffix(".json").read_text())
     assert [person["target_expression"] for person in sidecar["people"]] == ["surprised", "happy"]
     assert all(person["edited"] for person in sidecar["people"])
+    # The trained IMR ran once per person and its tokens are the ones the UNet attends to (conditional half).
+    trained = load_dynamicid(reconfigure_run["weights"]).state_dicts["imr"]
+    assert len(seen["imr"]) == 2
+    assert all(torch.equal(state[k], trained[k]) for state, _ in seen["imr"] for k in trained)
+    rewritten = torch.cat([tokens for _, tokens in seen["imr"]], dim=1)[0]  # (2 people x 4 tokens, C)
+    torch.testing.assert_close(seen["unet"][0][1, -8:], rewritten, rtol=0, atol=0)
+    unedited = [p for p in people if p not in ("--expression", "surprised", "happy")]
+    plain = tmp_path / "plain.png"
+    result = CliRunner().invoke(infer, [*arguments, *unedited, "--size", "64x48", "--out", str(plain)])
+    assert result.exit_code == 0, result.output
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))

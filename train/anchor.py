@@ -28,6 +28,7 @@ from dynamicid.models import (
     save_dynamicid,
 )
 from dynamicid.models.base import TINY_RANDOM, BaseModel, load_base_model
+from dynamicid.models.checkpoints import read_safetensors
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.conditioning import (
     clip_normalised,
@@ -40,10 +41,13 @@ from dynamicid.train.conditioning import (
 )
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
+from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.runner import (
     WEIGHTS,
     Metrics,
+    Progress,
     RunState,
+    check_output_dir,
     clip_and_step,
     epochs,
     make_accelerator,
@@ -59,6 +63,7 @@ from dynamicid.train.runner import (
 from dynamicid.train.validation import sample_images, save_samples
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
+TRAINING_SAA = {"num_ids": 1, "gating": True, "boxes": [FULL_IMAGE_BOX]}  # both stages train one ID, whole image
 
 
 class AnchorModel(nn.Module):
@@ -97,14 +102,9 @@ def read_init(path: str | Path, num_tokens: int) -> StartingWeights:
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {path}: file not found")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            ours = "format_version" in (handle.metadata() or {})
-        if ours:
-            weights = load_dynamicid(path, num_tokens=num_tokens)
-            return StartingWeights(f"dynamicid:{path.name}:{digest}", weights, weights.metadata.parts)
+    if path.suffix == ".safetensors" and "format_version" in read_safetensors(path, tensors=False)[0]:  # ours
+        weights = load_dynamicid(path, num_tokens=num_tokens)
+        return StartingWeights(f"dynamicid:{path.name}:{digest}", weights, weights.metadata.parts)
     try:
         found = load_ip_adapter_faceid(path, num_tokens=num_tokens)
         return StartingWeights(f"ip-adapter-faceid:{path.name}:{digest}", found, found.present)
@@ -225,6 +225,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     from accelerate.utils import set_seed
 
     # 1. Inputs, checked before any model loads.
+    check_output_dir(config)
     dataset = load_curated(config.dataset, ANCHOR_COLUMNS)
     id_model, id_dim = embedding_info(dataset, config.dataset)
     init = read_init(config.init_from, config.num_tokens) if config.init_from else None
@@ -247,7 +248,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     else:
         install_saa(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
-    configure_saa(unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
+    configure_saa(unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
@@ -288,10 +289,16 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     metrics = Metrics(accelerator, config, "anchor")
     evaluation = FixedEvaluation(base, samples, config.eval_samples, config.seed, accelerator.device, dtype)
     unwrapped = accelerator.unwrap_model(model)
+    bench = ManifestEvaluation(config, base, accelerator, TRAINING_SAA) if config.eval_manifest else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        return {"eval_loss": evaluation.loss(unwrapped)} | (bench(step, unwrapped.face_encoder) if bench else {})
+
     if state.step == 0:
-        metrics.log({"eval_loss": evaluation.loss(unwrapped)}, 0)
+        metrics.log(evaluate(0), 0)
     empty_ids = token_ids(base, [""])
     drops = (config.drop_text, config.drop_id, config.drop_both)
+    progress = Progress(accelerator, config, "anchor", state.step)
     for batch in epochs(accelerator, loader, state):
         if state.step >= config.max_steps:
             break
@@ -304,17 +311,20 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         if not accelerator.sync_gradients:
             continue
         state.step += 1
-        metrics.log({"loss": mean_over_processes(accelerator, loss), "lr": scheduler.get_last_lr()[0]}, state.step)
+        values = {"loss": mean_over_processes(accelerator, loss), "lr": scheduler.get_last_lr()[0]}
+        metrics.log(values, state.step)
+        progress.update(values)
         if config.eval_steps and state.step % config.eval_steps == 0:
-            metrics.log({"eval_loss": evaluation.loss(unwrapped)}, state.step)
+            metrics.log(evaluate(state.step), state.step)
         if config.validation_steps and state.step % config.validation_steps == 0 and accelerator.is_main_process:
             log_validation(accelerator, base, unwrapped, samples, config, id_dim, state.step, dtype)
         if state.step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, state.step)
+            progress.note(f"step {state.step}: checkpoint {save_checkpoint(accelerator, config, state.step)}")
 
     # 5. Final evaluation and weights.
     if not config.eval_steps or state.step % config.eval_steps:
-        metrics.log({"eval_loss": evaluation.loss(unwrapped)}, state.step)
+        metrics.log(evaluate(state.step), state.step)
+    progress.close()
     accelerator.wait_for_everyone()
     out = Path(config.output_dir) / WEIGHTS
     if accelerator.is_main_process:
@@ -328,7 +338,7 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
     """Sample images of the first references with their own captions."""
     with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
         images = _validation_images(accelerator, base, model, samples, config, id_dim, dtype)
-    configure_saa(model.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # reset the processors' counters
+    configure_saa(model.unet, **TRAINING_SAA)  # reset the processors' counters
     save_samples(accelerator, images, config.output_dir, step)
 
 

@@ -10,11 +10,11 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from dynamicid.models import load_dynamicid
 from dynamicid.models.base import load_base_model
+from dynamicid.models.checkpoints import read_safetensors, write_safetensors
 from dynamicid.train.conditioning import clip_normalised, clip_states
 from dynamicid.train.data import (
     TOKEN_CACHE_COLUMNS,
@@ -57,6 +57,7 @@ def cache_tokens(
     image_encoder: str | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write OUTPUT/tokens.safetensors; returns its path."""
     rows = load_curated(dataset, TOKEN_CACHE_COLUMNS)
@@ -73,20 +74,18 @@ def cache_tokens(
     base.image_encoder.to(device)
     face_encoder = weights.build_face_encoder().to(device).eval()
     tokens = []
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="cache-tokens", unit="batch", disable=not progress):
         batch = rows.select(range(start, min(start + batch_size, len(rows))))
         clip = torch.stack([clip_tensor(decode_image(r["image"]), r["kps5"]) for r in batch])
         embeds = torch.tensor(list(batch["embedding"]), dtype=torch.float32, device=device)
         tokens.append(face_encoder(embeds, clip_states(base, clip_normalised(base, clip))).float().cpu())
     out = Path(output) / TOKENS_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "dataset_fingerprint": dataset_fingerprint(rows),
         "anchor_sha256": file_digest(anchor),
         "anchor": str(anchor),
     }
-    save_file({"tokens": torch.cat(tokens).contiguous()}, str(out), metadata=header)
-    return out
+    return write_safetensors({"tokens": torch.cat(tokens).contiguous()}, out, header)
 
 
 def read_tokens(folder: str | Path, dataset, anchor: str | Path) -> torch.Tensor:
@@ -94,10 +93,9 @@ def read_tokens(folder: str | Path, dataset, anchor: str | Path) -> torch.Tensor
     path = Path(folder) / TOKENS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dynamicid-train cache-tokens --output {folder}` first")
-    with safe_open(str(path), framework="pt") as handle:
-        header = handle.metadata() or {}
+    header, tensors = read_safetensors(path)
     if header.get("dataset_fingerprint") != dataset_fingerprint(dataset):
         raise ValueError(f"{path} was cached from other dataset rows; rerun `dynamicid-train cache-tokens`")
     if header.get("anchor_sha256") != file_digest(anchor):
         raise ValueError(f"{path} was cached with other anchor weights ({header.get('anchor')}); rerun cache-tokens")
-    return load_file(str(path))["tokens"]
+    return tensors["tokens"]

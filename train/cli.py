@@ -7,12 +7,14 @@ flags override `--config run.yaml`, which overrides the defaults.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
 import click
 
-from dynamicid.train.config import AnchorConfig, ReconfigureConfig, TrainConfig, resolve_config
+from dynamicid.clitools import AtLeast, InputError, ToolGroup
+from dynamicid.train.config import AnchorConfig, ReconfigureConfig, TrainConfig, flag, resolve_config
 
 ANCHOR_EPILOG = """\b
 Examples:
@@ -21,7 +23,7 @@ Examples:
   dynamicid-train anchor --config run.yaml --resume latest
   accelerate launch --num_processes 8 -m dynamicid.train anchor --config run.yaml --mixed-precision bf16
   dynamicid-train anchor --base-model tiny-random --dataset curated/ --output-dir /tmp/smoke \\
-      --resolution 64 --max-steps 20      # CPU smoke run on a tiny random FAKE model
+      --max-steps 20      # CPU smoke run on a tiny random FAKE model, sized for it (64 px, LoRA rank 4)
 """
 
 RECONFIGURE_EPILOG = """\b
@@ -44,13 +46,13 @@ def config_options(cls: type[TrainConfig]):
 
     def decorate(command):
         for f in reversed(dataclasses.fields(cls)):
-            flag = "--" + f.name.replace("_", "-")
-            kind = _click_type(hints[f.name])
-            help_text = f"{f.metadata['help']} " + ("[required]" if f.default == "" else f"[default: {f.default}]")
+            name, kind, minimum = flag(f.name), _click_type(hints[f.name]), f.metadata["minimum"]
+            help_text = f.metadata["help"] + {"": " [required]", None: ""}.get(f.default, f" [default: {f.default}]")
             if kind is bool:
-                option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+                option = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
             else:
-                option = click.option(flag, f.name, type=kind, default=None, help=help_text)
+                kind = kind if minimum is None else AtLeast(minimum, kind)
+                option = click.option(name, f.name, type=kind, default=None, help=help_text)
             command = option(command)
         return click.option(
             "--config",
@@ -64,62 +66,62 @@ def config_options(cls: type[TrainConfig]):
 
 def _resolve(cls: type[TrainConfig], config_file: str | None, values: dict) -> TrainConfig:
     try:
-        return resolve_config(cls, config_file, values)
+        return resolve_config(cls, config_file, values, announce=lambda line: click.echo(line, err=True))
     except (ValueError, FileNotFoundError) as error:
-        raise click.UsageError(str(error)) from None
+        raise InputError(str(error)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+RESUME = "rerun with --resume latest to continue from the last checkpoint (see --checkpointing-steps)"
+
+
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-train")
 def main() -> None:
     """Train the DynamicID anchoring and reconfiguration stages."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its torchvision notices are not the user's concern
 
 
-@main.command(epilog=ANCHOR_EPILOG)
+@main.command(epilog=ANCHOR_EPILOG, interrupted=RESUME)
 @config_options(AnchorConfig)
 def anchor(config_file: str | None, **values) -> None:
     """Anchoring: train SAA + the face encoder on the curated dataset."""
     from dynamicid.train.anchor import train_anchor
 
-    config = _resolve(AnchorConfig, config_file, values)
-    try:
-        out = train_anchor(config)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from None
+    out = train_anchor(_resolve(AnchorConfig, config_file, values))
     click.echo(f"weights: {out}")
 
 
-@main.command("cache-tokens", epilog=RECONFIGURE_EPILOG)
+@main.command("cache-tokens", epilog=RECONFIGURE_EPILOG, interrupted="nothing was written; rerun the command")
 @click.option("--anchor", "anchor_weights", required=True, type=click.Path(dir_okay=False), help="anchoring weights")
 @click.option("--dataset", required=True, type=click.Path(), help="curated dataset folder")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="token cache folder to write")
 @click.option("--base-model", required=True, help="SD 1.5 folder or 'tiny-random' (the CLIP encoder's companion)")
 @click.option("--image-encoder", default=None, help="CLIP vision model folder; default <base-model>/image_encoder")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="rows per forward pass")
-def cache_tokens_command(anchor_weights, dataset, output, base_model, image_encoder, batch_size) -> None:
+@click.option("--batch-size", default=16, show_default=True, type=AtLeast(1), help="rows per forward pass")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar on stderr")
+def cache_tokens_command(anchor_weights, dataset, output, base_model, image_encoder, batch_size, progress) -> None:
     """Face tokens of every dataset row from the frozen anchoring face encoder (reconfiguration input)."""
     from dynamicid.train.cache_tokens import cache_tokens
 
-    try:
-        out = cache_tokens(
-            anchor_weights, dataset, output, base_model=base_model, image_encoder=image_encoder, batch_size=batch_size
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from None
+    out = cache_tokens(
+        anchor_weights,
+        dataset,
+        output,
+        base_model=base_model,
+        image_encoder=image_encoder,
+        batch_size=batch_size,
+        progress=progress,
+    )
     click.echo(f"tokens: {out}")
 
 
-@main.command(epilog=RECONFIGURE_EPILOG)
+@main.command(epilog=RECONFIGURE_EPILOG, interrupted=RESUME)
 @config_options(ReconfigureConfig)
 def reconfigure(config_file: str | None, **values) -> None:
     """Reconfiguration: train IMR + the keypoint encoder from an anchoring run and its token cache."""
     from dynamicid.train.reconfigure import train_reconfigure
 
-    config = _resolve(ReconfigureConfig, config_file, values)
-    try:
-        out = train_reconfigure(config)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from None
+    out = train_reconfigure(_resolve(ReconfigureConfig, config_file, values))
     click.echo(f"weights: {out}")
 
 
@@ -128,13 +130,10 @@ def reconfigure(config_file: str | None, **values) -> None:
 @click.option("--imr", "imr_bin", type=click.Path(dir_okay=False), help="the release's IMR .bin")
 @click.option("--keypoint-encoder", "keypoint_bin", type=click.Path(dir_okay=False), help="key_point_encoder .bin")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="safetensors file to write")
-@click.option("--num-tokens", default=4, show_default=True, type=int, help="face tokens per person")
+@click.option("--num-tokens", default=4, show_default=True, type=AtLeast(1), help="face tokens per person")
 def convert_release_command(saa_bin, imr_bin, keypoint_bin, out, num_tokens) -> None:
     """Rewrite the authors' released .bin files as one of this project's safetensors weights files."""
     from dynamicid.models import convert_release
 
-    try:
-        path = convert_release(saa_bin, imr_bin, keypoint_bin, out=Path(out), num_tokens=num_tokens)
-    except (ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from None
+    path = convert_release(saa_bin, imr_bin, keypoint_bin, out=Path(out), num_tokens=num_tokens)
     click.echo(f"weights: {path}")

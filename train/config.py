@@ -7,6 +7,7 @@ are the field names), then these defaults. The resolved configuration is written
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,9 +18,14 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-def knob(default: Any, help: str) -> Any:
-    """A config field with its help text (the CLI builds one flag per field from it)."""
-    return field(default=default, metadata={"help": help})
+def knob(default: Any, help: str, minimum: float | None = None) -> Any:
+    """A config field with its help text and lowest valid value (the CLI builds one checked flag per field)."""
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -33,31 +39,38 @@ class TrainConfig:
     dataset: str = knob("", "curated dataset folder (dynamicid-curate output), read with datasets.load_dataset")
     output_dir: str = knob("", "run folder: config.yaml, checkpoints/, weights.safetensors, logs/")
     seed: int = knob(0, "seed of the model initialisation, data order, noise and timesteps")
-    resolution: int = knob(512, "training resolution in pixels (the 512 crops are resized to it)")
-    train_batch_size: int = knob(8, "samples per device per step")
-    max_steps: int = knob(20000, "optimizer steps to train for")
-    learning_rate: float = knob(1e-4, "AdamW learning rate")
+    resolution: int = knob(512, "training resolution in pixels (the 512 crops are resized to it)", 8)
+    train_batch_size: int = knob(8, "samples per device per step", 1)
+    max_steps: int = knob(20000, "optimizer steps to train for", 1)
+    learning_rate: float = knob(1e-4, "AdamW learning rate", 0)
     adam_beta1: float = knob(0.9, "AdamW beta1")
     adam_beta2: float = knob(0.999, "AdamW beta2")
-    adam_weight_decay: float = knob(1e-2, "AdamW weight decay")
-    adam_epsilon: float = knob(1e-8, "AdamW epsilon")
-    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 = off)")
+    adam_weight_decay: float = knob(1e-2, "AdamW weight decay", 0)
+    adam_epsilon: float = knob(1e-8, "AdamW epsilon", 0)
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 = off)", 0)
     lr_scheduler: str = knob("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
-    lr_warmup_steps: int = knob(0, "warm-up steps of the schedule")
-    gradient_accumulation_steps: int = knob(1, "batches accumulated per optimizer step")
+    lr_warmup_steps: int = knob(0, "warm-up steps of the schedule", 0)
+    gradient_accumulation_steps: int = knob(1, "batches accumulated per optimizer step", 1)
     gradient_checkpointing: bool = knob(False, "recompute UNet activations in the backward pass (less memory)")
     mixed_precision: str = knob("no", f"{', '.join(MIXED_PRECISION)}; frozen parts run in it, trained ones stay fp32")
-    checkpointing_steps: int = knob(500, "save a resumable checkpoint (and its weights) every N steps")
-    checkpoints_total_limit: int | None = knob(3, "keep only the last K checkpoints (None keeps all)")
+    checkpointing_steps: int = knob(500, "save a resumable checkpoint (and its weights) every N steps", 1)
+    checkpoints_total_limit: int = knob(3, "keep only the last K checkpoints (0 keeps all)", 0)
     resume: str | None = knob(None, "resume from 'latest' (in output_dir/checkpoints) or a checkpoint folder")
+    overwrite: bool = knob(False, "replace the run already in output_dir (without it, or --resume, it is refused)")
+    progress: bool = knob(True, "progress bar on stderr (step, loss, lr, it/s, ETA); off: a line per checkpoint")
     report_to: str = knob("tensorboard", "accelerate tracker ('tensorboard', 'none'); metrics.jsonl is always written")
-    eval_samples: int = knob(8, "size of the fixed evaluation set (fixed rows, noise and timesteps)")
-    eval_steps: int = knob(0, "evaluate the fixed set every N steps (0 = at the start and the end only)")
-    validation_steps: int = knob(0, "write sample images every N steps (0 = off)")
-    num_validation_images: int = knob(2, "references (first rows of the dataset) used for sample images")
-    validation_inference_steps: int = knob(25, "DDIM steps of the sample images")
+    eval_samples: int = knob(8, "size of the fixed evaluation set (fixed rows, noise and timesteps)", 1)
+    eval_steps: int = knob(
+        0, "evaluate the fixed set (and --eval-manifest) every N steps (0 = at the start and end only)", 0
+    )
+    eval_manifest: str | None = knob(
+        None, "benchmark manifest (dynamicid-eval manifest) generated and scored at each evaluation; RUN/eval/step-<N>/"
+    )
+    validation_steps: int = knob(0, "write sample images every N steps (0 = off)", 0)
+    num_validation_images: int = knob(2, "references (first rows of the dataset) used for sample images", 1)
+    validation_inference_steps: int = knob(25, "DDIM steps of the sample images", 1)
     validation_guidance_scale: float = knob(5.0, "classifier-free guidance of the sample images")
-    dataloader_num_workers: int = knob(0, "data-loading worker processes per device")
+    dataloader_num_workers: int = knob(0, "data-loading worker processes per device", 0)
     record_samples: bool = knob(False, "write the dataset rows each process sees to logs/samples-rank<i>.txt")
 
 
@@ -65,11 +78,11 @@ class TrainConfig:
 class AnchorConfig(TrainConfig):
     """Anchoring: SAA + face encoder on single-person images, epsilon MSE; all else frozen."""
 
-    lora_rank: int = knob(128, "LoRA rank of the SAA processors")
-    num_tokens: int = knob(4, "face tokens per person")
-    drop_text: float = knob(0.05, "fraction of samples trained without text")
-    drop_id: float = knob(0.05, "fraction of samples trained without the ID (zero embedding, zero CLIP image)")
-    drop_both: float = knob(0.05, "fraction of samples trained without either")
+    lora_rank: int = knob(128, "LoRA rank of the SAA processors", 1)
+    num_tokens: int = knob(4, "face tokens per person", 1)
+    drop_text: float = knob(0.05, "fraction of samples trained without text", 0)
+    drop_id: float = knob(0.05, "fraction of samples trained without the ID (zero embedding, zero CLIP image)", 0)
+    drop_both: float = knob(0.05, "fraction of samples trained without either", 0)
     init_from: str | None = knob(
         None, "start from weights: ours (.safetensors), the release's SAA .bin, or IP-Adapter FaceID-PlusV2"
     )
@@ -82,62 +95,89 @@ class ReconfigureConfig(TrainConfig):
     train_batch_size: int = knob(1, "identities per device per step (each: one source and K targets)")
     anchor: str = knob("", "the anchoring run's weights.safetensors (SAA + face encoder)")
     tokens: str = knob("", "face-token cache folder written by `dynamicid-train cache-tokens`")
-    targets_per_identity: int = knob(32, "K: target images per identity and step (drawn with replacement if fewer)")
-    dfm_weight: float = knob(1.0, "weight of the token loss (DFM)")
-    ldc_weight: float = knob(1.0, "weight of the latent consistency loss (LDC)")
-    imr_dim: int = knob(1024, "IMR inner width")
-    imr_depth: int = knob(1, "IMR layers per half")
-    imr_heads: int = knob(16, "IMR attention heads")
-    imr_dim_head: int = knob(64, "IMR attention head width")
+    targets_per_identity: int = knob(32, "K: target images per identity and step (drawn with replacement if fewer)", 1)
+    dfm_weight: float = knob(1.0, "weight of the token loss (DFM)", 0)
+    ldc_weight: float = knob(1.0, "weight of the latent consistency loss (LDC)", 0)
+    imr_dim: int = knob(1024, "IMR inner width", 1)
+    imr_depth: int = knob(1, "IMR layers per half", 1)
+    imr_heads: int = knob(16, "IMR attention heads", 1)
+    imr_dim_head: int = knob(64, "IMR attention head width", 1)
+    keypoint_width: int = knob(16, "keypoint encoder's first-block channels (doubled per block up to 32x)", 1)
 
 
 ConfigT = TypeVar("ConfigT", bound=TrainConfig)
 
+# With the tiny-random FAKE base, settings not given default to sizes that fit it (smoke files of a few MB,
+# steps in a fraction of a second) instead of SD 1.5's; "tiny-random" is models.base.TINY_RANDOM.
+SMOKE_DEFAULTS = {
+    "resolution": 64,
+    "lora_rank": 4,
+    "imr_dim": 64,
+    "imr_heads": 2,
+    "imr_dim_head": 32,
+    "keypoint_width": 2,
+}
 
-def resolve_config(cls: type[ConfigT], yaml_path: str | Path | None, overrides: dict[str, Any]) -> ConfigT:
-    """Defaults <- YAML file <- overrides (entries that are None are not given)."""
+
+def resolve_config(
+    cls: type[ConfigT],
+    yaml_path: str | Path | None,
+    overrides: dict[str, Any],
+    announce: Callable[[str], None] | None = None,
+) -> ConfigT:
+    """Defaults <- YAML file <- overrides (entries that are None are not given); `announce` hears smoke defaults."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise FileNotFoundError(f"--config {path}: file not found")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
+            raise ValueError(f"--config {path}: expected a mapping of field: value, got {type(loaded).__name__}")
         unknown = sorted(set(loaded) - names)
         if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
+            raise ValueError(f"--config {path}: unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("base_model") == "tiny-random":
+        smoke = {k: v for k, v in SMOKE_DEFAULTS.items() if k in names and k not in values}
+        if smoke and announce is not None:
+            announce(
+                f"tiny-random base: {' '.join(f'{flag(k)} {v}' for k, v in smoke.items())} (give them to override)"
+            )
+        values = {**smoke, **values}
     config = cls(**values)
     check_config(config)
     return config
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuse impossible settings before anything loads; each message names the field."""
+    """Refuse impossible settings before anything loads; each message names the flag."""
     required = ["base_model", "dataset", "output_dir"]
     if isinstance(config, ReconfigureConfig):
         required += ["anchor", "tokens"]
     missing = [name for name in required if not getattr(config, name)]
     if missing:
-        raise ValueError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        raise ValueError(f"missing required setting(s): {', '.join(flag(m) for m in missing)}")
+    for f in dataclasses.fields(config):
+        minimum, value = f.metadata["minimum"], getattr(config, f.name)
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{flag(f.name)} must be >= {minimum}, got {value}")
     if config.mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision={config.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+        raise ValueError(f"--mixed-precision {config.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
     if config.lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(f"lr_scheduler={config.lr_scheduler!r}; valid: {', '.join(LR_SCHEDULERS)}")
-    if config.resolution % 8 or config.resolution <= 0:
-        raise ValueError(f"resolution={config.resolution} must be a positive multiple of 8")
-    for name in ("train_batch_size", "max_steps", "gradient_accumulation_steps", "checkpointing_steps", "eval_samples"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
+        raise ValueError(f"--lr-scheduler {config.lr_scheduler!r}; valid: {', '.join(LR_SCHEDULERS)}")
+    if config.resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8, got {config.resolution}")
+    if config.resume is not None and config.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
+    if config.eval_manifest is not None and not Path(config.eval_manifest).is_file():
+        raise ValueError(f"--eval-manifest {config.eval_manifest}: file not found")
     if isinstance(config, AnchorConfig):
         drops = (config.drop_text, config.drop_id, config.drop_both)
-        if min(drops) < 0 or sum(drops) > 1:
-            raise ValueError(f"drop_text, drop_id, drop_both = {drops}: each >= 0 and together <= 1")
-    if isinstance(config, ReconfigureConfig) and config.targets_per_identity < 1:
-        raise ValueError(f"targets_per_identity={config.targets_per_identity} must be >= 1")
+        if sum(drops) > 1:
+            raise ValueError(f"--drop-text, --drop-id, --drop-both = {drops}: together <= 1")
 
 
 def write_config(config: TrainConfig, path: str | Path) -> Path:

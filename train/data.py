@@ -37,6 +37,11 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist (make it with `dynamicid-curate build`)")
     shards = sorted(folder.glob("data/*.parquet"))
+    if not shards:
+        raise ValueError(
+            f"--dataset {folder} is not a dynamicid-curate output folder (it has no data/*.parquet); "
+            f"make one with `dynamicid-curate build PHOTOS_DIR OUT_DIR`"
+        )
     if sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards) == 0:
         raise ValueError(f"dataset {folder} is empty: no rows in data/*.parquet (did curation keep any photo?)")
     dataset = datasets.load_dataset(str(folder), split="train")

@@ -20,7 +20,7 @@ from torch import nn
 from dynamicid.models import IMR, KeypointEncoder, configure_saa, load_dynamicid, save_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
-from dynamicid.train.anchor import FULL_IMAGE_BOX, cast_frozen
+from dynamicid.train.anchor import TRAINING_SAA, cast_frozen
 from dynamicid.train.cache_tokens import file_digest, read_tokens
 from dynamicid.train.conditioning import (
     noised,
@@ -32,10 +32,13 @@ from dynamicid.train.conditioning import (
 )
 from dynamicid.train.config import ReconfigureConfig
 from dynamicid.train.data import RECONFIGURE_COLUMNS, IdentitySamples, collate_identities, load_curated
+from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.runner import (
     WEIGHTS,
     Metrics,
+    Progress,
     RunState,
+    check_output_dir,
     clip_and_step,
     epochs,
     make_accelerator,
@@ -146,6 +149,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     from accelerate.utils import set_seed
 
     # 1. Inputs, checked before any model loads.
+    check_output_dir(config)
     dataset = load_curated(config.dataset, RECONFIGURE_COLUMNS)
     anchor = load_dynamicid(config.anchor)
     for part in ("saa", "face_encoder"):
@@ -162,7 +166,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
     anchor.load_saa_into(base.unet)
     base.unet.requires_grad_(False)
-    configure_saa(base.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
+    configure_saa(base.unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     md = anchor.metadata
@@ -175,7 +179,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         txt_dim=base.text_dim,
         depth=config.imr_depth,
     )
-    model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim))
+    model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim, width=config.keypoint_width))
     parameters = trainable_parameters(model)
     cast_frozen(base, parameters, accelerator.device, dtype)
     model.to(accelerator.device)
@@ -226,8 +230,16 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     unwrapped = accelerator.unwrap_model(model)
     evaluation = FixedEvaluation(samples, config.eval_samples, config.seed)
     eval_args = (base, text_vectors, unet_text, config, dtype)
+    bench = ManifestEvaluation(config, base, accelerator, TRAINING_SAA) if config.eval_manifest else None
+    bench_encoder = anchor.build_face_encoder().to(accelerator.device) if bench else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        figures = bench(step, bench_encoder, unwrapped.imr, unwrapped.keypoint_encoder) if bench else {}
+        return evaluation.losses(unwrapped, *eval_args) | figures
+
     if state.step == 0:
-        metrics.log(evaluation.losses(unwrapped, *eval_args), 0)
+        metrics.log(evaluate(0), 0)
+    progress = Progress(accelerator, config, "reconfigure", state.step)
     for items in epochs(accelerator, loader, state):
         if state.step >= config.max_steps:
             break
@@ -242,19 +254,22 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
             continue
         state.step += 1
         values = {name: mean_over_processes(accelerator, v) for name, v in (("loss", loss), ("dfm", dfm), ("ldc", ldc))}
-        metrics.log({**values, "lr": scheduler.get_last_lr()[0]}, state.step)
+        values["lr"] = scheduler.get_last_lr()[0]
+        metrics.log(values, state.step)
+        progress.update(values)
         if config.eval_steps and state.step % config.eval_steps == 0:
-            metrics.log(evaluation.losses(unwrapped, *eval_args), state.step)
+            metrics.log(evaluate(state.step), state.step)
         if config.validation_steps and state.step % config.validation_steps == 0 and accelerator.is_main_process:
             log_validation(
                 accelerator, base, unwrapped, anchor, evaluation, text_vectors, unet_text, config, state.step
             )
         if state.step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, state.step)
+            progress.note(f"step {state.step}: checkpoint {save_checkpoint(accelerator, config, state.step)}")
 
     # 5. Final evaluation and weights.
     if not config.eval_steps or state.step % config.eval_steps:
-        metrics.log(evaluation.losses(unwrapped, *eval_args), state.step)
+        metrics.log(evaluate(state.step), state.step)
+    progress.close()
     accelerator.wait_for_everyone()
     out = Path(config.output_dir) / WEIGHTS
     if accelerator.is_main_process:
@@ -268,7 +283,7 @@ def log_validation(accelerator, base, model, anchor, evaluation, text_vectors, u
     """Images of the first evaluation identity rewritten towards its targets' expressions and poses."""
     with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
         images = _validation_images(base, model, anchor, evaluation, text_vectors, unet_text, config)
-    configure_saa(base.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])
+    configure_saa(base.unet, **TRAINING_SAA)
     save_samples(accelerator, images, config.output_dir, step)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,13 +171,18 @@ def resume_dir(config: TrainConfig) -> Path | None:
 
 def save_checkpoint(accelerator: Any, config: TrainConfig, step: int) -> Path:
     """accelerate state + weights into checkpoints/checkpoint-<step>, keeping the last `checkpoints_total_limit`."""
-    if accelerator.is_main_process and config.checkpoints_total_limit is not None:
+    if accelerator.is_main_process and config.checkpoints_total_limit:
         existing = checkpoint_dirs(config.output_dir)
         for old in existing[: max(0, len(existing) - config.checkpoints_total_limit + 1)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     path = Path(config.output_dir) / CHECKPOINTS / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
+    partial = path.with_name(path.name + ".partial")  # renamed once complete: a Ctrl-C never leaves half of one
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    accelerator.wait_for_everyone()
     return path
 
 
@@ -208,17 +214,58 @@ class Metrics:
                 handle.write(f"{step} {' '.join(str(int(r)) for r in rows.flatten().tolist())}\n")
 
 
+class Progress:
+    """The main process's progress bar (step, loss, lr, it/s, ETA), as diffusers' training examples show it."""
+
+    def __init__(self, accelerator: Any, config: TrainConfig, stage: str, step: int):
+        from tqdm import tqdm
+
+        self.main = accelerator.is_local_main_process
+        self.bar = tqdm(total=config.max_steps, initial=step, desc=stage, disable=not (self.main and config.progress))
+
+    def update(self, values: dict[str, float]) -> None:
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        """A line above the bar (also without it: --no-progress runs log a line per checkpoint)."""
+        if self.main:
+            self.bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
     """The rows of a run's logs/metrics.jsonl."""
     path = Path(output_dir) / "logs" / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+RUN_FILES = ("config.yaml", WEIGHTS, CHECKPOINTS, "logs", "samples")  # what a run folder holds
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """A run already in output_dir is continued only with --resume and replaced only with --overwrite."""
+    found = [name for name in RUN_FILES if (Path(config.output_dir) / name).exists()]
+    if found and config.resume is None and not config.overwrite:
+        raise FileExistsError(
+            f"--output-dir {config.output_dir} already holds a run ({', '.join(found)}): give --resume latest to "
+            f"continue it, --overwrite to replace it, or another --output-dir"
+        )
+
+
 def start_run(accelerator: Any, config: TrainConfig) -> None:
-    """Create the run folder and write the resolved configuration (main process)."""
+    """Create the run folder (emptied of an old run with --overwrite) and write the resolved configuration."""
     if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        write_config(config, Path(config.output_dir) / "config.yaml")
+        folder = Path(config.output_dir)
+        if config.overwrite:
+            for name in RUN_FILES:
+                path = folder / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_config(config, folder / "config.yaml")
+    accelerator.wait_for_everyone()
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,132 @@
+"""The one convention of the three command lines (dynamicid-curate, dynamicid-train, dynamicid-infer).
+
+- Usage and input errors (a bad flag, a missing or unreadable file, a ValueError/OSError from the work): one
+  line `error: ...` naming the flag or file, exit code 2. Flags are checked by their Click types (`AtLeast`)
+  while parsing, so before anything is loaded or written.
+- Ctrl-C: one line saying how to resume (each command's `interrupted=` text), exit code 130.
+- Anything else is a bug: one line, exit code 1; the traceback only with `--verbose`, which every command
+  takes and which also lets the face libraries' native log lines through (`VERBOSE_ENV`).
+
+Use `@click.group(cls=ToolGroup)`; its commands are `ToolCommand`s. Imports only Click, so it stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+VERBOSE_ENV = "DYNAMICID_VERBOSE"  # "1": native library logs and tracebacks are shown (inherited by workers)
+INPUT_ERRORS = (ValueError, OSError)  # raised by the work for bad input; anything else is a bug
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class InputError(click.ClickException):
+    """A problem with the user's input: one line `error: ...`, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {one_line(self.format_message())}", err=True)
+
+
+class AtLeast(click.ParamType):
+    """An int (or float) flag with a lower bound; the message names the flag: `--workers must be >= 1, got 0`."""
+
+    def __init__(self, minimum: float, kind: type = int):
+        self.minimum = minimum
+        self.kind = kind
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = (click.INT if self.kind is int else click.FLOAT).convert(value, param, ctx)
+        if number < self.minimum:
+            self.fail(f"must be >= {self.minimum}, got {number}", param, ctx)
+        return number
+
+
+def _usage_line(error: click.UsageError) -> str:
+    param = error.param if isinstance(error, click.BadParameter) else None
+    if param is not None and error.message and not isinstance(error, click.MissingParameter):
+        flag = max(param.opts, key=len) if param.param_type_name == "option" else param.human_readable_name
+        message = f"{flag} {error.message}" if error.message.startswith("must") else f"{flag}: {error.message}"
+    else:
+        message = error.format_message()
+    command = error.ctx.command_path if error.ctx is not None else ""
+    return f"{one_line(message)} (see {command} --help)"
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+class ToolCommand(click.Command):
+    """A command with `--verbose` and a line telling how to resume after Ctrl-C."""
+
+    def __init__(self, *args: Any, interrupted: str = "nothing was finished; rerun the command", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.interrupted = interrupted
+        self.params.append(
+            click.Option(
+                ["--verbose"],
+                is_flag=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_set_verbose,
+                help="Show library log lines and the traceback of internal errors.",
+            )
+        )
+
+
+def _close_progress_bars() -> None:
+    """Bars an exception left open would redraw below its message when collected: finish them first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+class ToolGroup(click.Group):
+    """Runs its commands under the convention above."""
+
+    command_class = ToolCommand
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, InputError):
+            _close_progress_bars()
+            raise
+        except click.UsageError as error:
+            raise InputError(_usage_line(error)) from error
+        except click.ClickException as error:
+            _close_progress_bars()
+            raise InputError(error.format_message()) from error
+        except KeyboardInterrupt:
+            _close_progress_bars()
+            command = self.get_command(ctx, ctx.invoked_subcommand or "")
+            click.echo(f"interrupted: {getattr(command, 'interrupted', 'rerun the command')}", err=True)
+            ctx.exit(130)
+        except INPUT_ERRORS as error:
+            _close_progress_bars()
+            raise InputError(str(error)) from error
+        except Exception as error:  # a bug: say so on one line, the traceback only when asked
+            _close_progress_bars()
+            if verbose():
+                traceback.print_exc()
+            click.echo(
+                f"error: internal error {type(error).__name__}: {one_line(str(error))[:300]}"
+                + ("" if verbose() else " (rerun with --verbose for the traceback)"),
+                err=True,
+            )
+            ctx.exit(1)

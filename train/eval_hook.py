@@ -1,0 +1,92 @@
+"""`--eval-manifest M`: at each evaluation, the manifest's images are generated with the modules in training
+through `DynamicIDPipeline.set_dynamicid` and scored by `dynamicid.evaluate`; the figures are logged
+(`bench/<all|single_id|multi_id>/<figure>`) and the images and scores kept in `RUN/eval/step-<N>/`.
+
+The anchoring stage has no IMR yet: its rows are generated without their expression / pose / landmark targets
+(those figures are then left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynamicid.evaluate import Case, FaceScorer, measure, write_scores
+from dynamicid.faces import FaceAnalyzer
+from dynamicid.infer import DynamicIDPipeline
+from dynamicid.infer.manifest import ManifestRow, read_manifest
+from dynamicid.models import configure_saa
+from dynamicid.models.base import BaseModel
+from dynamicid.train.config import TrainConfig
+
+GROUPS = ("all", "single_id", "multi_id")
+
+
+class ManifestEvaluation:
+    """Generates and scores a benchmark manifest on the main process; the others get no figures."""
+
+    def __init__(self, config: TrainConfig, base: BaseModel, accelerator: Any, training_saa: dict[str, Any]):
+        """`training_saa`: the stage's own `configure_saa` settings, restored after generating."""
+        self.rows: list[ManifestRow] = read_manifest(config.eval_manifest)
+        self.config, self.base, self.accelerator, self.training_saa = config, base, accelerator, training_saa
+        self.analyzer = FaceAnalyzer("auto") if accelerator.is_main_process else None
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        step: int,
+        face_encoder: nn.Module,
+        imr: nn.Module | None = None,
+        keypoint_encoder: nn.Module | None = None,
+    ) -> dict[str, float]:
+        if self.analyzer is None:
+            return {}
+        folder = Path(self.config.output_dir) / "eval" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        modules = [m for m in (face_encoder, imr, keypoint_encoder) if m is not None]
+        modes = [m.training for m in modules]
+        for module in modules:
+            module.eval()
+        try:
+            pipe = DynamicIDPipeline.from_base(self.base)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.set_dynamicid(face_encoder, imr, keypoint_encoder, face_analyzer=self.analyzer)
+            with self.accelerator.autocast():
+                cases = [self._generate(pipe, row, folder, can_edit=imr is not None) for row in self.rows]
+        finally:
+            configure_saa(self.base.unet, **self.training_saa)
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
+        scores = measure(cases, FaceScorer(self.analyzer))
+        write_scores(scores, cases, folder)
+        return {
+            f"bench/{group}/{name}": figure["mean"]
+            for group in GROUPS
+            for name, figure in scores.summary[group].items()
+            if isinstance(figure, dict)
+        }
+
+    def _generate(self, pipe: DynamicIDPipeline, row: ManifestRow, folder: Path, can_edit: bool) -> Case:
+        people = row.people
+        if not can_edit:
+            people = tuple(dataclasses.replace(p, expression=None, pose=None, landmark_image=None) for p in people)
+        size = self.config.resolution
+        result = pipe(
+            row.prompt,
+            [p.to_person() for p in people],
+            negative_prompt=row.settings.get("negative_prompt", ""),
+            height=size,
+            width=size,
+            num_inference_steps=self.config.validation_inference_steps,
+            guidance_scale=self.config.validation_guidance_scale,
+            id_scale=row.settings.get("id_scale", 1.0),
+            generator=torch.Generator().manual_seed(row.seed if row.seed is not None else self.config.seed),
+        )
+        path = folder / f"{row.id}.png"
+        result.images[0].save(path)
+        used = tuple(dataclasses.replace(p, box=tuple(r["box"])) for p, r in zip(people, result.people, strict=True))
+        return Case(row.id, path, row.prompt, used)
