@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from dynamicid.curation.analysis import align_job
 from dynamicid.curation.dedupe import DEDUPE_SCHEMA
-from dynamicid.curation.run import Run, candidates
+from dynamicid.curation.run import Run, candidates, rejected
 from dynamicid.schemas import RejectReason
 
 CACHE_SCHEMA = pa.schema(
@@ -45,13 +45,15 @@ def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
     cache = run.work.cache(f"align-{size}", CACHE_SCHEMA, "key")
     done = cache.load()
     key_of = {p["source_path"]: f"{p['sha256']}:{p['face_index']}" for p in photos}
-    jobs, queued = [], set()
-    for p in photos:
-        key = key_of[p["source_path"]]
-        if key not in done and key not in queued:
-            queued.add(key)
+    # A shard also crops the duplicates it drops: `merge` may drop a copy found in another shard and keep them.
+    dropped = [p for p in rejected(dedupe_table) if run.config.shard_count > 1]
+    jobs, seen = [], set()
+    for p in [*photos, *dropped]:
+        key = f"{p['sha256']}:{p['face_index']}"
+        if key not in done and key not in seen:
             jobs.append((key, run.source(p["source_path"]), p["face_index"], p["face"]["kps5"], size))
-    distinct = len(set(key_of.values()))
+        seen.add(key)
+    distinct = len(seen)
     run.compute_missing(
         "align", align_job, jobs, cache=cache, done=done, key="key", distinct=distinct, uses_models=False
     )

@@ -123,7 +123,8 @@ def scan(
     rows = []
     for item in walk(photos_dir):
         identity = identity_of(item.relative, cluster)
-        if identity is not None and shard_count > 1 and shard_of(identity, shard_count) != shard_index:
+        # Files outside any identity folder are counted (rejected) once, by the shard of the name "".
+        if shard_count > 1 and shard_of(identity or "", shard_count) != shard_index:
             continue
         row = {"source_path": item.relative, "identity": identity or "", "sha256": None, "size": 0}
         reason, detail = None, None
