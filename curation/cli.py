@@ -86,6 +86,13 @@ def run_options(func):
         ),
         click.option("--workers", default=1, show_default=True, help="Processes running the face models."),
         click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="local: this machine, streaming with bounded memory; ray: Ray Data (pip install dynamicid[ray]).",
+        ),
+        click.option(
             "--shard", callback=_parse_shard, metavar="I/N", help="Handle only shard I of N (whole identities)."
         ),
         click.option(
@@ -120,6 +127,7 @@ def _config(kwargs: dict):
         min_per_identity=kwargs["min_per_identity"],
         face_backend=kwargs["face_backend"],
         workers=kwargs["workers"],
+        engine=kwargs["engine"],
         cluster=kwargs["cluster"],
         shard_index=index,
         shard_count=count,

@@ -17,6 +17,7 @@ from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.dedupe import dedupe
 from dynamicid.curation.detect import detect
+from dynamicid.curation.engines import EngineUnavailable, make_engine
 from dynamicid.curation.identify import identify
 from dynamicid.curation.label import label
 from dynamicid.curation.report import build_report
@@ -91,6 +92,10 @@ def open_run(
             raise CurationError(
                 f"{name} {folder} is inside PHOTOS_DIR {photos_dir}: its files would be scanned as photos"
             )
+    try:
+        make_engine(config.engine, workers=config.workers, progress=progress).close()
+    except EngineUnavailable as error:
+        raise CurationError(str(error)) from error
     check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
@@ -259,6 +264,7 @@ def build_dataset(
     min_per_identity: int = 1,
     face_backend: str = "auto",
     workers: int = 1,
+    engine: str = "local",
     work_dir: str | Path | None = None,
     resume: bool = True,
     cluster: bool = False,
@@ -276,6 +282,7 @@ def build_dataset(
         min_per_identity=min_per_identity,
         face_backend=face_backend,
         workers=workers,
+        engine=engine,
         cluster=cluster,
         shard_index=shard[0],
         shard_count=shard[1],
