@@ -28,7 +28,7 @@ from dynamicid.curation.write import data_bytes, write_summary
 
 SHARED_STAGES = ("scan", "detect", "identify")  # per photo or per identity: the shards' tables are final
 MERGED_STAGES = ("dedupe", "align", "label", "select", "write")
-PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers")  # the only settings shards may differ in
+PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine")  # the only settings shards may differ in
 
 
 def _load_summary(folder: Path) -> dict:
