@@ -173,8 +173,11 @@ def build(**kwargs) -> None:
         resume=kwargs["resume"],
         progress=kwargs["progress"],
     )
-    for stage in STAGES:
-        run_stage(run, stage)
+    try:
+        for stage in STAGES:
+            run_stage(run, stage)
+    finally:
+        run.engine.close()
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
 
 
@@ -193,13 +196,15 @@ def _stage_command(stage: str, help_text: str) -> None:
             progress=kwargs["progress"],
         )
         try:
-            table = run_stage(run, stage)
+            rows = run_stage(run, stage)
         except FileNotFoundError as error:
             raise InputError(str(error)) from error
+        finally:
+            run.engine.close()
         where = run.out_dir if stage == "write" else run.work.table_path(stage)
-        result = {"stage": stage, "rows": table.num_rows, "written": str(where)}
+        result = {"stage": stage, "rows": rows, "written": str(where)}
         result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}
-        click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {table.num_rows} rows -> {where}")
+        click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {rows} rows -> {where}")
 
     command.__doc__ = help_text
     main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/")(command)

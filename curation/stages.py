@@ -32,6 +32,7 @@ Lifecycle and resources
     the *resolved* backend in `context.backend`) and opens the stores. A setup that cannot succeed (a bad
     model folder) raises `StageSetupError` with one line saying what to fix; engines stop the run with it.
     `resources` declares cpus and a gpus fraction per worker (gpus only for model stages, when CUDA is there).
+    `finish()` runs once in the driver after the engine is done with the stage (the pipeline calls it).
 
 Caching and resume
     Expensive per-photo results (detections, face descriptions, crops) live in content-keyed `ResultStore`s
@@ -64,7 +65,6 @@ Steps
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,6 +73,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.tables import digest
 
 PHOTO_FIELDS: list[tuple[str, pa.DataType]] = [
     ("source_path", pa.string()),
@@ -109,6 +110,7 @@ class BackendInfo:
     root: str | None  # the insightface model folder, resolved to an absolute path
     digest: str  # of the backend name and its model files (names, sizes, mtimes): a changed model = new results
     embedding_model: str
+    same_person_threshold: float  # in the backend's own distance (for messages)
     same_person_cos: float  # the backend's same-person threshold as a cosine similarity (unit embeddings)
     duplicate_cos: float  # near-duplicate threshold (dup_embedding_fraction of the same-person distance)
 
@@ -125,10 +127,6 @@ class StageContext:
     work_dir: Path
     config: CurationConfig
     backend: BackendInfo
-
-
-def digest(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
 def photo_schema(*extra: tuple[str, pa.DataType] | pa.Field) -> pa.Schema:
@@ -167,6 +165,9 @@ class Stage:
 
     def process(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Once in the driver after every batch ran, by the pipeline (no engine calls it): compact stores."""
 
     def fingerprint(self, upstream: str) -> str:
         values = asdict(self.config)

@@ -33,3 +33,17 @@ def shared_faces() -> Path:
     if not SHARED_FACES.is_dir():
         pytest.fail(f"real test photos not found at {SHARED_FACES}")
     return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def identity_photos(tmp_path_factory, shared_faces):
+    """A function: a new PHOTOS_DIR holding copies of the named identity folders of the real test photos."""
+    import shutil
+
+    def make(*identities: str) -> Path:
+        root = tmp_path_factory.mktemp("photos") / "photos"
+        for identity in identities:
+            shutil.copytree(shared_faces / "identities" / identity, root / identity)
+        return root
+
+    return make

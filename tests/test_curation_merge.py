@@ -13,7 +13,7 @@ from dynamicid.curation.scan import shard_of
 
 # Keys of summary.json that describe the run rather than the result (see the README).
 RUN_KEYS = ("out_dir", "fingerprint", "stages", "merged_from")
-MODEL_CACHES = ("detect-embedded", "describe-embedded")  # crops (align) are left to each shard on purpose
+MODEL_STORES = ("detect-*", "describe-*")  # crops (align) are left to each shard on purpose
 
 
 def second_folder_name() -> str:
@@ -70,8 +70,9 @@ def test_merged_shards_equal_the_single_build(photos, single, tmp_path, count):
     parts = []
     for index in range(count):
         part = tmp_path / f"part{index}"
-        for cache in MODEL_CACHES:  # face-model results by file content: only to save test time
-            shutil.copytree(single / ".work" / cache, part / ".work" / cache)
+        for pattern in MODEL_STORES:  # face-model results by file content: only to save test time
+            for store in (single / ".work" / "stores").glob(pattern):
+                shutil.copytree(store, part / ".work" / "stores" / store.name)
         shutil.copyfile(single / MARKER, part / MARKER)  # so the build accepts the folder holding them
         build_dataset(photos, part, face_backend="embedded", shard=(index, count), progress=False)
         parts.append(part)
@@ -99,6 +100,7 @@ def test_merge_refuses_shards_built_with_other_settings(tmp_path):
             "shard": f"{index}/2",
             "backend": "embedded",
             "embedding_model": "m",
+            "backend_info": {},
             "config": config,
         }
         (part / "summary.json").write_text(json.dumps(summary))

@@ -32,11 +32,8 @@ def side_tables(out_dir):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory, shared_faces):
-    root = tmp_path_factory.mktemp("small") / "photos"
-    for identity in IDENTITIES:
-        shutil.copytree(shared_faces / "identities" / identity, root / identity)
-    return root
+def photos(identity_photos):
+    return identity_photos(*IDENTITIES)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +52,9 @@ def test_sigkilled_build_resumes_without_redoing_work_and_matches(photos, refere
         f"build_dataset({str(photos)!r}, {str(out)!r}, face_backend='embedded', progress=False)"
     )
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_batch = out / ".work" / "detect-embedded" / "part-00000.parquet"
+    stores = out / ".work" / "stores"
     deadline = time.monotonic() + 300
-    while not first_batch.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not any(stores.glob("detect-*/part-*.parquet")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the build finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
