@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.tables import digest
@@ -186,3 +187,13 @@ class StageStats:
     reused: int = 0  # rows whose result came from a store or an earlier run
     seconds: float = 0.0
     skipped: bool = False  # the table was current: nothing ran
+
+    def account(self, table: pa.Table) -> pa.Table:
+        """Count a stage's output batch (its `COMPUTED` flags, else every row) and return it without them."""
+        if COMPUTED not in table.column_names:
+            self.computed += table.num_rows
+            return table
+        done = pc.sum(table.column(COMPUTED)).as_py() or 0
+        self.computed += done
+        self.reused += table.num_rows - done
+        return table.drop_columns([COMPUTED])

@@ -81,6 +81,28 @@ def read_candidates(source: Path, columns: list[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else pq.read_schema(source).empty_table().select(columns)
 
 
+def output_layout(stage: Stage, source: Path) -> tuple[pa.Schema, list[str], list[str]]:
+    """The written table's schema (the stage's own columns, then the carried ones), the carried columns, and
+    the columns to read from `source` (every engine writes exactly this layout)."""
+    own = [f for f in stage.output_schema() if f.name != COMPUTED]
+    carried = [n for n in stage.carry_columns if n not in {f.name for f in own}]
+    schema = pa.schema([*own, *(pq.read_schema(source).field(n) for n in carried)])
+    return schema, carried, list(dict.fromkeys([*stage.input_columns, *carried]))
+
+
+def stage_output(stage: Stage, batch: pa.Table, carried: list[str]) -> pa.Table:
+    """`stage.process` on a batch of candidate rows (all the `output_layout` columns), plus the carried columns."""
+    return with_carried(stage, batch, stage.process(batch.select(list(stage.input_columns))), carried)
+
+
+def with_carried(stage: Stage, batch: pa.Table, out: pa.Table, carried: list[str]) -> pa.Table:
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"stage {stage.name} returned {out.num_rows} rows for {batch.num_rows}")
+    for name in carried:
+        out = out.append_column(batch.schema.field(name), batch.column(name))
+    return out
+
+
 def _count_candidates(source: Path) -> int:
     column = pq.read_table(source, columns=["reason"]).column("reason")
     return len(column) - column.null_count
@@ -96,11 +118,7 @@ class LocalEngine:
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         start = time.perf_counter()
         stats = StageStats()
-        source_schema = pq.read_schema(source)
-        own = [f for f in stage.output_schema() if f.name != COMPUTED]
-        carried = [n for n in stage.carry_columns if n not in {f.name for f in own}]
-        schema = pa.schema([*own, *(source_schema.field(n) for n in carried)])
-        columns = list(dict.fromkeys([*stage.input_columns, *carried]))
+        schema, carried, columns = output_layout(stage, source)
         total = _count_candidates(source)
         bar = tqdm(total=total, desc=stage.name, unit="photo", disable=not self.progress or not total, leave=False)
         try:
@@ -109,46 +127,26 @@ class LocalEngine:
                     outputs = self._run_global(stage, source, carried)
                 elif stage.kind is StageKind.GROUP:
                     stage.setup()
-                    outputs = (
-                        self._finish(stage, group, stage.process(group.select(list(stage.input_columns))), carried)
-                        for group in identity_groups(source, columns)
-                    )
+                    outputs = (stage_output(stage, group, carried) for group in identity_groups(source, columns))
                 else:
                     outputs = self._run_map(stage, candidate_batches(source, columns, stage.batch_size), carried)
                 for table in outputs:
-                    if COMPUTED in table.column_names:
-                        done = pc.sum(table.column(COMPUTED)).as_py() or 0
-                        stats.computed += done
-                        stats.reused += table.num_rows - done
-                        table = table.drop_columns([COMPUTED])
-                    else:
-                        stats.computed += table.num_rows
-                    writer.write(table.select(schema.names).cast(schema))
+                    writer.write(stats.account(table).select(schema.names).cast(schema))
                     bar.update(table.num_rows)
         finally:
             bar.close()
         stats.seconds = time.perf_counter() - start
         return stats
 
-    @staticmethod
-    def _finish(stage: Stage, batch: pa.Table, out: pa.Table, carried: list[str]) -> pa.Table:
-        if out.num_rows != batch.num_rows:
-            raise RuntimeError(f"stage {stage.name} returned {out.num_rows} rows for {batch.num_rows}")
-        for name in carried:
-            out = out.append_column(batch.schema.field(name), batch.column(name))
-        return out
-
     def _run_global(self, stage: Stage, source: Path, carried: list[str]) -> Iterator[pa.Table]:
         """All candidates' input columns at once; carried columns joined back by position, streamed."""
         stage.setup()
         inputs = read_candidates(source, list(stage.input_columns))
         out = stage.process(inputs)
-        if out.num_rows != inputs.num_rows:
-            raise RuntimeError(f"stage {stage.name} returned {out.num_rows} rows for {inputs.num_rows}")
         same = out.num_rows == 0 or pc.all(pc.equal(out.column("identity"), inputs.column("identity"))).as_py()
         if not same:  # identities changed (clustering): re-sort; only small columns may be carried through
             if carried:
-                out = self._finish(stage, read_candidates(source, carried), out, carried)
+                out = with_carried(stage, read_candidates(source, carried), out, carried)
             yield out.sort_by(ORDER)
             return
         if not carried:
@@ -156,7 +154,7 @@ class LocalEngine:
             return
         offset = 0  # the output is in table order: join the carried columns batch by batch
         for batch in candidate_batches(source, carried, READ_ROWS):
-            yield self._finish(stage, batch, out.slice(offset, batch.num_rows), carried)
+            yield with_carried(stage, batch, out.slice(offset, batch.num_rows), carried)
             offset += batch.num_rows
 
     def _run_map(self, stage: Stage, batches: Iterator[pa.Table], carried: list[str]) -> Iterator[pa.Table]:
@@ -164,7 +162,7 @@ class LocalEngine:
         if self.workers <= 1 or not stage.pooled:
             stage.setup()
             for batch in batches:
-                yield self._finish(stage, batch, stage.process(batch.select(inputs)), carried)
+                yield stage_output(stage, batch, carried)
             return
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(stage,)) as pool:
@@ -174,10 +172,10 @@ class LocalEngine:
                     in_flight.append((batch, pool.submit(_process_in_worker, batch.select(inputs))))
                     if len(in_flight) >= 2 * self.workers:
                         done, future = in_flight.pop(0)
-                        yield self._finish(stage, done, future.result(), carried)
+                        yield with_carried(stage, done, future.result(), carried)
                 while in_flight:
                     done, future = in_flight.pop(0)
-                    yield self._finish(stage, done, future.result(), carried)
+                    yield with_carried(stage, done, future.result(), carried)
             except BrokenProcessPool as error:
                 raise StageSetupError(
                     f"a worker process of stage {stage.name} died ({error}); rerun with --workers 1 to see why"
