@@ -93,6 +93,12 @@ def run_options(func):
             help="local: this machine, streaming with bounded memory; ray: Ray Data (pip install dynamicid[ray]).",
         ),
         click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="With --engine ray: the Ray cluster to join (`auto`: the one `ray start` began on this machine) "
+            "[default: $RAY_ADDRESS, else a local Ray on this machine].",
+        ),
+        click.option(
             "--shard", callback=_parse_shard, metavar="I/N", help="Handle only shard I of N (whole identities)."
         ),
         click.option(
@@ -128,6 +134,7 @@ def _config(kwargs: dict):
         face_backend=kwargs["face_backend"],
         workers=kwargs["workers"],
         engine=kwargs["engine"],
+        ray_address=kwargs["ray_address"],
         cluster=kwargs["cluster"],
         shard_index=index,
         shard_count=count,

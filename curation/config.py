@@ -16,6 +16,7 @@ class CurationConfig:
     face_backend: str = "auto"  # dynamicid.faces.FaceAnalyzer backend
     workers: int = 1  # processes running the face models
     engine: str = "local"  # curation.engines: local (streaming, this machine) or ray (Ray Data)
+    ray_address: str | None = None  # --engine ray: the cluster to join (else $RAY_ADDRESS, else a local Ray)
     cluster: bool = False  # PHOTOS_DIR is a flat folder: group faces into identities by embedding
     shard_index: int = 0  # this run handles the identities whose shard is shard_index ...
     shard_count: int = 1  # ... out of shard_count (see scan.shard_of)

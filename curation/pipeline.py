@@ -142,7 +142,7 @@ def open_run(
             )
     check_out_dir(out_dir)
     try:
-        engine = make_engine(config.engine, workers=config.workers, progress=progress)
+        engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
         backend, _ = resolve_backend(config.face_backend, config.dup_embedding_fraction)
     except (EngineUnavailable, StageSetupError) as error:
         raise CurationError(str(error)) from error

@@ -47,3 +47,15 @@ def identity_photos(tmp_path_factory, shared_faces):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray for `--engine ray` tests: 2 CPUs, a 150 MB object store, no dashboard; shut down at the end.
+
+    Yields the cluster's address, for runs in other processes (`--ray-address`)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=150 << 20, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

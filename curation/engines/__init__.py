@@ -30,11 +30,13 @@ class Engine(Protocol):
         ...
 
 
-def make_engine(name: str, *, workers: int, progress: bool) -> Engine:
+def make_engine(name: str, *, workers: int, progress: bool, ray_address: str | None = None) -> Engine:
     if name == "local":
         from dynamicid.curation.engines.local import LocalEngine
 
         return LocalEngine(workers=workers, progress=progress)
     if name == "ray":
-        raise EngineUnavailable("--engine ray is not available in this version yet; use --engine local (the default)")
+        from dynamicid.curation.engines.ray_engine import RayEngine
+
+        return RayEngine(workers=workers, progress=progress, address=ray_address)
     raise EngineUnavailable(f"unknown --engine {name!r}; valid: {', '.join(ENGINES)}")

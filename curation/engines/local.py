@@ -104,8 +104,8 @@ def with_carried(stage: Stage, batch: pa.Table, out: pa.Table, carried: list[str
 
 
 def _count_candidates(source: Path) -> int:
-    column = pq.read_table(source, columns=["reason"]).column("reason")
-    return len(column) - column.null_count
+    """Rows still in the running: those without a reject reason."""
+    return pq.read_table(source, columns=["reason"]).column("reason").null_count
 
 
 class LocalEngine:
