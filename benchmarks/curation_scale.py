@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -66,13 +65,18 @@ def reencode(photo: Path, out: Path, quality: int) -> None:
     out.write_bytes(buffer.getvalue())
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """RSS of the process and all its descendants (workers), summed; 0 once it is gone."""
+def sample_tree(process: psutil.Process, cpu: dict[int, float]) -> int:
+    """RSS of the process and all its descendants (workers, Ray's processes), summed; 0 once it is gone.
+
+    Also records each process's CPU seconds so far in `cpu` (by pid): Ray's workers are not children this
+    script waits for, so `getrusage(RUSAGE_CHILDREN)` would miss them."""
     total = 0
     with contextlib.suppress(psutil.Error):
         for p in [process, *process.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
     return total
 
 
@@ -97,21 +101,19 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
     command += ["insightface" if pack else "embedded", "--workers", str(workers), "--no-progress", "--json"]
     if engine != "local":
         command += ["--engine", engine]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watched = psutil.Process(process.pid)
-    peak = 0
+    peak, cpu_by_pid = 0, {}
     while process.poll() is None:
-        peak = max(peak, tree_rss(watched))
+        peak = max(peak, sample_tree(watched, cpu_by_pid))
         time.sleep(SAMPLE_SECONDS)
     stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
         raise RuntimeError(f"build failed ({process.returncode}): {stderr.strip()[-2000:]}")
     summary = json.loads(stdout)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpu = sum(cpu_by_pid.values())  # as last sampled (every 0.2 s): a process's final fraction is missed
     dataset = sum(
         folder_bytes(out / p.name) if p.is_dir() else p.stat().st_size for p in out.iterdir() if p.name != ".work"
     )
