@@ -49,8 +49,9 @@ def test_rerun_with_other_settings_equals_a_fresh_run(reused, tmp_path, settings
     assert again["stages"]["detect"]["computed"] == 0  # the face models' results were reused, not recomputed
 
 
-def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(photos, reused, tmp_path, monkeypatch):
+def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(reused, tmp_path, monkeypatch):
     """`auto` with $DYNAMICID_INSIGHTFACE_ROOT set between runs: no result of the other models is reused."""
+    photos, reused = reused
     monkeypatch.delenv(INSIGHTFACE_ROOT_ENV, raising=False)
     build_dataset(photos, reused, face_backend="auto", progress=False)  # embedded
     monkeypatch.setenv(INSIGHTFACE_ROOT_ENV, str(make_fake_pack(tmp_path / "pack")))
