@@ -3,8 +3,9 @@
     from dynamicid.curation import build_dataset
     summary = build_dataset("photos/", "dataset/", per_identity=35)
 
-Stages (each reads the previous stage's table in the work folder and writes its own):
-scan, detect, identify, dedupe, align, label, select, write. See `pipeline.py`.
+Steps (each reads the previous table in the work folder and writes its own): scan, detect, identify, dedupe,
+align, label, select, write (`pipeline.py`). The stage classes between scan and write and the contract every
+engine runs them by: `stages.py`; the engines (`--engine local|ray`): `engines/`.
 """
 
 from dynamicid.curation.config import CurationConfig

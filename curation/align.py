@@ -1,15 +1,24 @@
-"""Stage `align`: the FFHQ-style crop with context of the chosen face, its transform, and crop quality."""
+"""Stage `align`: the FFHQ-style crop with context of the chosen face, its transform, and crop quality.
+
+Crops are written once, into the content-keyed crop store (key: the photo's bytes, the 5 keypoints and the
+crop size), and referenced by `crop_key` afterwards; `write` streams them into the dataset shards.
+"""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
-from dynamicid.curation.analysis import align_job
-from dynamicid.curation.dedupe import DEDUPE_SCHEMA
-from dynamicid.curation.run import Run, candidates
+from dynamicid.curation.analysis import align_face
+from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.dedupe import CARRIED
+from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
+from dynamicid.curation.store import ResultStore, fetch_or_compute
+from dynamicid.curation.tables import digest
 from dynamicid.schemas import RejectReason
 
-CACHE_SCHEMA = pa.schema(
+CROP_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("png", pa.binary()),
@@ -19,19 +28,25 @@ CACHE_SCHEMA = pa.schema(
         ("error", pa.string()),  # why no crop could be made (then the photo is rejected)
     ]
 )
-ALIGN_SCHEMA = pa.schema(
-    [
-        *DEDUPE_SCHEMA,
-        pa.field("png", pa.binary()),
-        pa.field("matrix", pa.list_(pa.float32(), 6)),
-        pa.field("crop_sharpness", pa.float32()),
-        pa.field("crop_brightness", pa.float32()),
-    ]
+ALIGN_SCHEMA = photo_schema(
+    ("crop_key", pa.string()),
+    ("matrix", pa.list_(pa.float32(), 6)),
+    ("crop_sharpness", pa.float32()),
+    ("crop_brightness", pa.float32()),
 )
+CROP_ROW_GROUP = 4  # crops per Parquet row group: reading one crop back reads at most 4
 
 
-def quality_problem(run: Run, sharp: float, bright: float) -> str | None:
-    c = run.config
+def crop_store(work_dir) -> ResultStore:
+    return ResultStore(work_dir / "stores" / "crops", CROP_SCHEMA, row_group_rows=CROP_ROW_GROUP)
+
+
+def crop_key(sha256: str, kps5: list[float], size: int) -> str:
+    """The crop store's key: the photo's bytes, the 5 keypoints the crop is aligned on, the crop size."""
+    return digest(sha256, json.dumps(kps5), str(size))
+
+
+def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | None:
     if sharp < c.min_sharpness:
         return f"blurred: crop sharpness {sharp:.1f} < {c.min_sharpness}"
     if not c.min_brightness <= bright <= c.max_brightness:
@@ -39,38 +54,54 @@ def quality_problem(run: Run, sharp: float, bright: float) -> str | None:
     return None
 
 
-def align(run: Run, dedupe_table: pa.Table) -> pa.Table:
-    photos = candidates(dedupe_table)
-    size = run.config.crop_size
-    cache = run.work.cache(f"align-{size}", CACHE_SCHEMA, "key")
-    done = cache.load()
-    key_of = {p["source_path"]: f"{p['sha256']}:{p['face_index']}" for p in photos}
-    jobs, queued = [], set()
-    for p in photos:
-        key = key_of[p["source_path"]]
-        if key not in done and key not in queued:
-            queued.add(key)
-            jobs.append((key, run.source(p["source_path"]), p["face_index"], p["face"]["kps5"], size))
-    distinct = len(set(key_of.values()))
-    run.compute_missing(
-        "align", align_job, jobs, cache=cache, done=done, key="key", distinct=distinct, uses_models=False
-    )
-    rows = []
-    for p in photos:
-        crop = done[key_of[p["source_path"]]]
-        row = {
-            **p,
-            "png": crop["png"],
-            "matrix": crop["matrix"],
-            "crop_sharpness": crop["sharpness"],
-            "crop_brightness": crop["brightness"],
-        }
-        problem = quality_problem(run, crop["sharpness"], crop["brightness"])
-        if crop["error"] is not None:
-            problem = f"no aligned crop could be made ({crop['error']})"
-        elif p["face"]["yaw"] is None or not p["face"]["landmarks"] or p["face"]["expression"] is None:
-            problem = "no dense landmarks, pose or expression: the face mesh found no face inside the detector's box"
-        if problem is not None:
-            row["reason"], row["detail"] = RejectReason.LOW_QUALITY.value, problem
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=ALIGN_SCHEMA)
+class AlignStage(Stage):
+    name = step = "align"
+    settings = ("crop_size", "min_sharpness", "min_brightness", "max_brightness")
+    input_columns = ("source_path", "identity", "sha256", "face")
+    carry_columns = CARRIED
+    pooled = True
+
+    def output_schema(self) -> pa.Schema:
+        return ALIGN_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
+
+    def setup(self) -> None:
+        self.store = crop_store(self.context.work_dir)
+
+    def finish(self) -> None:
+        crop_store(self.context.work_dir).compact()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        photos = batch.to_pylist()
+        size = self.config.crop_size
+        job = {}
+        for p in photos:
+            kps5 = p["face"]["kps5"]
+            p["crop_key"] = crop_key(p["sha256"], kps5, size)
+            job.setdefault(p["crop_key"], (self.source(p["source_path"]), kps5))
+        found, computed = fetch_or_compute(
+            self.store, [p["crop_key"] for p in photos], lambda k: align_face(k, *job[k], size)
+        )
+        rows = []
+        for p in photos:
+            crop = found[p["crop_key"]]
+            face = p["face"]
+            problem = quality_problem(self.config, crop["sharpness"], crop["brightness"])
+            if crop["error"] is not None:
+                problem = f"no aligned crop could be made ({crop['error']})"
+            elif face["yaw"] is None or not face["has_landmarks"] or face["expression"] is None:
+                problem = (
+                    "no dense landmarks, pose or expression: the face mesh found no face inside the detector's box"
+                )
+            rows.append(
+                {
+                    **{k: p[k] for k in ("source_path", "identity", "sha256", "crop_key")},
+                    "reason": None if problem is None else RejectReason.LOW_QUALITY.value,
+                    "detail": problem,
+                    "matrix": crop["matrix"],
+                    "crop_sharpness": crop["sharpness"],
+                    "crop_brightness": crop["brightness"],
+                    COMPUTED: p["crop_key"] in computed,
+                }
+            )
+            computed.discard(p["crop_key"])
+        return pa.Table.from_pylist(rows, schema=self.output_schema())

@@ -1,33 +1,19 @@
-"""The expensive per-photo work (decode + face models), run in this process or in a pool of worker processes.
+"""The expensive per-photo work (decode + face models), one photo at a time; the stages batch and cache it.
 
-Jobs are plain tuples and results plain dicts, so they cross process boundaries under `spawn` and
-`forkserver`. Each worker process builds its own `FaceAnalyzer` once (`_analyzer`), never shares one.
+Results are plain dicts in the layout of the stages' result stores. Each worker builds its own
+`FaceAnalyzer` once (`backend.analyzer_for`), never shares one.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dynamicid.curation.imagehash import brightness, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
-
-_ANALYZERS: dict[str, Any] = {}
-
-
-def analyzer(backend: str) -> Any:
-    """This process's FaceAnalyzer for `backend` (built on first use)."""
-    if backend not in _ANALYZERS:
-        from dynamicid.faces import FaceAnalyzer
-
-        _ANALYZERS[backend] = FaceAnalyzer(backend=backend)
-    return _ANALYZERS[backend]
 
 
 def _load(path: str):
@@ -41,12 +27,11 @@ def _load_error(error: Exception) -> tuple[str, str]:
     return str(code), getattr(error, "reason", str(error))
 
 
-def detect_job(backend: str, job: tuple[str, str]) -> dict:
-    """(sha256, path) -> image size and the faces found (boxes, 5 keypoints, scores), largest first."""
+def detect_photo(analyzer: Any, key: str, path: str) -> dict:
+    """Image size and the faces found (boxes, 5 keypoints, scores), largest first."""
     from dynamicid.faces import ImageLoadError
 
-    sha, path = job
-    row: dict[str, Any] = {"sha256": sha, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
+    row: dict[str, Any] = {"key": key, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
     try:
         image = _load(path)
     except ImageLoadError as error:
@@ -54,7 +39,7 @@ def detect_job(backend: str, job: tuple[str, str]) -> dict:
         return row
     row["width"], row["height"] = image.size
     try:
-        faces = analyzer(backend).detect(image)
+        faces = analyzer.detect(image)
     except Exception as error:  # a detector crash on one odd image must not stop the run
         row["reason"] = RejectReason.NO_FACE.value
         row["detail"] = f"the face detector failed on this image ({type(error).__name__}: {error})"
@@ -74,20 +59,18 @@ def _maybe_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def describe_job(backend: str, job: tuple[str, str, list[dict]]) -> dict:
-    """(sha256, path, detected faces) -> per face: embedding, landmarks, pose, expression, crop hash, sharpness.
+def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]) -> dict:
+    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness.
 
     A face the models fail on is left out (and named in `detail`); the others still count.
     """
     from dynamicid.faces import Face, ImageLoadError
     from dynamicid.faces.align import arcface_align
 
-    sha, path, detected = job
     try:
         image = _load(path)
     except ImageLoadError as error:  # the file changed or vanished since `detect`
-        return {"sha256": sha, "faces": [], "detail": str(error)}
-    face_analyzer = analyzer(backend)
+        return {"key": key, "faces": [], "detail": str(error)}
     faces, failures = [], []
     for index, found in enumerate(detected):
         kps5 = np.asarray(found["kps5"], np.float32).reshape(5, 2)
@@ -121,14 +104,13 @@ def describe_job(backend: str, job: tuple[str, str, list[dict]]) -> dict:
                 "models": json.dumps(face.models, sort_keys=True),
             }
         )
-    return {"sha256": sha, "faces": faces, "detail": "; ".join(failures) or None}
+    return {"key": key, "faces": faces, "detail": "; ".join(failures) or None}
 
 
-def align_job(backend: str, job: tuple[str, str, int, list[float], int]) -> dict:
-    """(key, path, face index, kps5, crop size) -> the FFHQ-style crop as PNG bytes, its matrix, quality figures."""
+def align_face(key: str, path: str, kps5: list[float], size: int) -> dict:
+    """The FFHQ-style crop as PNG bytes, its matrix, quality figures."""
     from dynamicid.faces.align import ffhq_align
 
-    key, path, _, kps5, size = job
     try:
         image = _load(path)
         crop, matrix = ffhq_align(image, np.asarray(kps5, np.float32).reshape(5, 2), size=size)
@@ -145,46 +127,3 @@ def align_job(backend: str, job: tuple[str, str, int, list[float], int]) -> dict
         "brightness": brightness(g),
         "error": None,
     }
-
-
-def _init_worker(backend: str | None) -> None:
-    if backend is not None:
-        analyzer(backend)  # load the models once per worker, before the first job
-
-
-def _call(args: tuple[Callable, str, Any]) -> Any:
-    func, backend, job = args
-    return func(backend, job)
-
-
-def run_jobs(
-    func: Callable[[str, Any], Any],
-    jobs: list,
-    *,
-    backend: str,
-    workers: int,
-    desc: str,
-    progress: bool,
-    uses_models: bool = True,
-) -> Iterator[Any]:
-    """Results of `func(backend, job)` for every job, in completion order (callers key them by content hash).
-
-    `uses_models=False` (alignment) starts the workers without building a FaceAnalyzer.
-    """
-    bar = tqdm(total=len(jobs), desc=desc, unit="photo", disable=not progress or not jobs, leave=False)
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                yield func(backend, job)
-                bar.update()
-            return
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(
-            min(workers, len(jobs)), initializer=_init_worker, initargs=(backend if uses_models else None,)
-        ) as pool:
-            tasks: Iterable = ((func, backend, job) for job in jobs)
-            for result in pool.imap_unordered(_call, tasks, chunksize=1):
-                yield result
-                bar.update()
-    finally:
-        bar.close()

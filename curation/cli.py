@@ -110,6 +110,19 @@ def run_options(func):
             "--workers", type=AtLeast(1), default=1, show_default=True, help="Processes running the face models."
         ),
         click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="local: this machine, streaming with bounded memory; ray: Ray Data (pip install dynamicid[ray]).",
+        ),
+        click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="With --engine ray: the Ray cluster to join (`auto`: the one `ray start` began on this machine) "
+            "[default: $RAY_ADDRESS, else a local Ray on this machine].",
+        ),
+        click.option(
             "--shard", callback=_parse_shard, metavar="I/N", help="Handle only shard I of N (whole identities)."
         ),
         click.option(
@@ -148,6 +161,8 @@ def _config(kwargs: dict):
         min_per_identity=kwargs["min_per_identity"],
         face_backend=kwargs["face_backend"],
         workers=kwargs["workers"],
+        engine=kwargs["engine"],
+        ray_address=kwargs["ray_address"],
         cluster=kwargs["cluster"],
         shard_index=index,
         shard_count=count,
@@ -193,8 +208,11 @@ def build(**kwargs) -> None:
         resume=kwargs["resume"],
         progress=kwargs["progress"],
     )
-    for stage in STAGES:
-        run_stage(run, stage)
+    try:
+        for stage in STAGES:
+            run_stage(run, stage)
+    finally:
+        run.engine.close()
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
 
 
@@ -217,13 +235,15 @@ def _stage_command(stage: str, help_text: str) -> None:
             progress=kwargs["progress"],
         )
         try:
-            table = run_stage(run, stage)
+            rows = run_stage(run, stage)
         except FileNotFoundError as error:
             raise InputError(str(error)) from error
+        finally:
+            run.engine.close()
         where = run.out_dir if stage == "write" else run.work.table_path(stage)
-        result = {"stage": stage, "rows": table.num_rows, "written": str(where)}
+        result = {"stage": stage, "rows": rows, "written": str(where)}
         result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}
-        click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {table.num_rows} rows -> {where}")
+        click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {rows} rows -> {where}")
 
     command.__doc__ = help_text
     for param in command.__click_params__:  # options of other stages stay accepted, but out of this --help

@@ -15,6 +15,8 @@ class CurationConfig:
     min_per_identity: int = 1  # identities with fewer kept images are rejected (too_few_images)
     face_backend: str = "auto"  # dynamicid.faces.FaceAnalyzer backend
     workers: int = 1  # processes running the face models
+    engine: str = "local"  # curation.engines: local (streaming, this machine) or ray (Ray Data)
+    ray_address: str | None = None  # --engine ray: the cluster to join (else $RAY_ADDRESS, else a local Ray)
     cluster: bool = False  # PHOTOS_DIR is a flat folder: group faces into identities by embedding
     shard_index: int = 0  # this run handles the identities whose shard is shard_index ...
     shard_count: int = 1  # ... out of shard_count (see scan.shard_of)
@@ -56,6 +58,8 @@ class CurationConfig:
             )
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"--shard must be I/N with 0 <= I < N, got {self.shard_index}/{self.shard_count}")
         if self.cluster and self.shard_count > 1:

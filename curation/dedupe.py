@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from dynamicid.curation.detect import FACE_BOX
-from dynamicid.curation.identify import FACE_DESCRIPTION
 from dynamicid.curation.neighbors import components, hash_pairs, similar_pairs
-from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.curation.stages import PHOTO_FIELDS, Stage, StageKind, photo_schema
 from dynamicid.schemas import RejectReason
 
-DEDUPE_SCHEMA = photo_schema(("face_index", pa.int32()), ("face", FACE_DESCRIPTION), ("detection", FACE_BOX))
+# What dedupe passes on: the photo fields plus, carried from `identify`, the chosen face.
+CARRIED = ("face_index", "face", "detection", "describe_key")
+IDENTICAL_BYTES = "identical file bytes (same sha256)"
 
 
 def duplicate_reason(kept_path: str) -> str:
@@ -45,47 +46,83 @@ def near_duplicate_groups(rows: list[dict], phash_max_distance: int, duplicate_c
     return components(len(rows), edges)
 
 
-def dedupe(run: Run, identify_table: pa.Table) -> pa.Table:
-    rows = []
-    for photo in candidates(identify_table):
-        index = photo["face_index"]
-        position = [f["face_index"] for f in photo["faces"]].index(index)
-        rows.append(
-            {
-                **{k: photo[k] for k in ("source_path", "identity", "sha256")},
-                "face_index": index,
-                "face": photo["faces"][position],
-                "detection": photo["detections"][index],
-                "reason": None,
-                "detail": None,
-            }
+class ExactDedupeStage(Stage):
+    """Identical bytes anywhere in the run (GLOBAL over paths and hashes): the first path (sorted) stays."""
+
+    name = "exact_dedupe"
+    step = "dedupe"
+    kind = StageKind.GLOBAL
+    carry_columns = CARRIED
+
+    def output_schema(self) -> pa.Schema:
+        return photo_schema()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        first = batch.group_by("sha256").aggregate([("source_path", "min")])
+        joined = batch.append_column("_row", pa.array(np.arange(batch.num_rows))).join(first, "sha256").sort_by("_row")
+        copy = pc.not_equal(joined.column("source_path"), joined.column("source_path_min"))
+        reason = pc.if_else(
+            copy,
+            pc.binary_join_element_wise(RejectReason.DUPLICATE_OF.value, joined.column("source_path_min"), ":"),
+            pa.scalar(None, pa.string()),
         )
-    with run.stage_timer("dedupe") as stats:
-        # Identical bytes anywhere in the run: the first path (sorted) stands for them in the near-duplicate test.
-        first_with_bytes: dict[str, str] = {}
+        detail = pc.if_else(copy, IDENTICAL_BYTES, pa.scalar(None, pa.string()))
+        return pa.table(
+            [batch.column("source_path"), batch.column("identity"), batch.column("sha256"), reason, detail],
+            schema=pa.schema(PHOTO_FIELDS),
+        )
+
+
+class NearDedupeStage(Stage):
+    """Perceptual-hash and embedding near-duplicates inside one identity (GROUP); the best copy stays."""
+
+    name = "dedupe"
+    step = "dedupe"
+    kind = StageKind.GROUP
+    settings = ("phash_max_distance", "dup_embedding_fraction")
+    input_columns = ("source_path", "identity", "sha256", "face", "detection")
+    carry_columns = CARRIED
+
+    def output_schema(self) -> pa.Schema:
+        return photo_schema()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
         for row in rows:
-            kept = first_with_bytes.setdefault(row["sha256"], row["source_path"])
-            if kept != row["source_path"]:
-                row["reason"], row["detail"] = duplicate_reason(kept), "identical file bytes (same sha256)"
-        by_identity: dict[str, list[dict]] = {}
-        for row in rows:
-            if row["reason"] is None:
-                by_identity.setdefault(row["identity"], []).append(row)
-        kept_for: dict[str, str] = {}
-        for group_rows in by_identity.values():
-            labels = near_duplicate_groups(group_rows, run.config.phash_max_distance, run.duplicate_cos)
-            for label in np.unique(labels):
-                members = best_first([r for r, lab in zip(group_rows, labels, strict=True) if lab == label])
-                for copy in members[1:]:
-                    copy["reason"] = duplicate_reason(members[0]["source_path"])
-                    copy["detail"] = (
-                        "same picture as the kept copy (perceptual hash or embedding), which is larger or sharper"
-                    )
-                    kept_for[copy["source_path"]] = members[0]["source_path"]
-        # Byte-identical copies point at the copy finally kept, not at one that lost to a better version.
-        for row in rows:
-            standing_in = first_with_bytes[row["sha256"]]
-            if standing_in != row["source_path"] and standing_in in kept_for:
-                row["reason"] = duplicate_reason(kept_for[standing_in])
-        stats.computed += len(rows)
-    return pa.Table.from_pylist([{k: r.get(k) for k in DEDUPE_SCHEMA.names} for r in rows], schema=DEDUPE_SCHEMA)
+            row["reason"] = row["detail"] = None
+        labels = near_duplicate_groups(rows, self.config.phash_max_distance, self.context.backend.duplicate_cos)
+        for label in np.unique(labels):
+            members = best_first([r for r, lab in zip(rows, labels, strict=True) if lab == label])
+            for copy in members[1:]:
+                copy["reason"] = duplicate_reason(members[0]["source_path"])
+                copy["detail"] = (
+                    "same picture as the kept copy (perceptual hash or embedding), which is larger or sharper"
+                )
+        return pa.Table.from_pylist(rows, schema=photo_schema())
+
+
+def resolve_identical_copies(rejects: pa.Table) -> pa.Table:
+    """A byte-identical copy points at the copy finally kept, not at one that lost to a better version.
+
+    `rejects` has source_path, reason, detail; the identical-bytes rejects whose first copy was itself dropped
+    as a near-duplicate of X are rewritten to `duplicate_of:X` (GLOBAL, small columns).
+    """
+    prefix = f"{RejectReason.DUPLICATE_OF.value}:"
+    is_copy = pc.fill_null(pc.equal(rejects.column("detail"), IDENTICAL_BYTES), False)
+    lost = rejects.filter(
+        pc.and_(pc.invert(is_copy), pc.starts_with(pc.fill_null(rejects.column("reason"), ""), prefix))
+    ).select(["source_path", "reason"])
+    if lost.num_rows == 0 or not pc.any(is_copy).as_py():
+        return rejects
+    target = pc.utf8_slice_codeunits(pc.if_else(is_copy, rejects.column("reason"), ""), len(prefix))
+    renamed = lost.rename_columns(["_target", "_final"])
+    joined = (
+        rejects.append_column("_target", target)
+        .append_column("_row", pa.array(np.arange(rejects.num_rows)))
+        .join(renamed, "_target", join_type="left outer")
+        .sort_by("_row")
+    )
+    reason = pc.if_else(
+        pc.and_(is_copy, pc.is_valid(joined.column("_final"))), joined.column("_final"), rejects.column("reason")
+    )
+    return rejects.set_column(rejects.schema.get_field_index("reason"), "reason", reason)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.analysis import detect_job
-from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.curation.analysis import detect_photo
+from dynamicid.curation.backend import analyzer_for
+from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
+from dynamicid.curation.store import ResultStore, fetch_or_compute
 from dynamicid.schemas import RejectReason
 
 FACE_BOX = pa.struct(
     [("bbox", pa.list_(pa.float32(), 4)), ("kps5", pa.list_(pa.float32(), 10)), ("score", pa.float32())]
 )
-CACHE_SCHEMA = pa.schema(
+STORE_SCHEMA = pa.schema(
     [
-        ("sha256", pa.string()),
+        ("key", pa.string()),  # the photo's sha256
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("faces", pa.list_(FACE_BOX)),
@@ -45,44 +49,61 @@ def border_margin(face: dict, width: int, height: int) -> float:
     return float(side) if vertical >= 0 else float(min(side, vertical / eye_distance))
 
 
-def detect(run: Run, scan_table: pa.Table) -> pa.Table:
+class DetectStage(Stage):
     """Per photo: its size and faces at least `min_face_size` big, or undecodable / no_face / too_small."""
-    photos = candidates(scan_table)
-    cache = run.work.cache(f"detect-{run.config.face_backend}", CACHE_SCHEMA, "sha256")
-    done = cache.load()
-    first_path: dict[str, str] = {}
-    for photo in photos:
-        first_path.setdefault(photo["sha256"], run.source(photo["source_path"]))
-    jobs = [(sha, path) for sha, path in first_path.items() if sha not in done]
-    run.compute_missing("detect", detect_job, jobs, cache=cache, done=done, key="sha256", distinct=len(first_path))
 
-    rows = []
-    for photo in photos:
-        found = done[photo["sha256"]]
-        row = {**photo, "width": found["width"], "height": found["height"], "faces": []}
+    name = step = "detect"
+    settings = ("min_face_size", "min_border_margin", "max_faces_per_photo")
+    uses_models = pooled = True
+
+    def output_schema(self) -> pa.Schema:
+        return DETECT_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
+
+    def _store(self) -> ResultStore:
+        return ResultStore(self.context.work_dir / "stores" / f"detect-{self.context.backend.digest}", STORE_SCHEMA)
+
+    def setup(self) -> None:
+        self.store = self._store()
+        self.analyzer = analyzer_for(self.context.backend)
+
+    def finish(self) -> None:
+        self._store().compact()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        photos = batch.to_pylist()
+        path_of: dict[str, str] = {}
+        for photo in photos:
+            path_of.setdefault(photo["sha256"], self.source(photo["source_path"]))
+        found, computed = fetch_or_compute(
+            self.store, [p["sha256"] for p in photos], lambda sha: detect_photo(self.analyzer, sha, path_of[sha])
+        )
+        rows = []
+        for photo in photos:
+            row = {**photo, **self.verdict(found[photo["sha256"]]), COMPUTED: photo["sha256"] in computed}
+            computed.discard(photo["sha256"])  # a second copy of the same bytes reused the first one's result
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=self.output_schema())
+
+    def verdict(self, found: dict[str, Any]) -> dict[str, Any]:
+        """Size, the faces that are big and whole enough, and the reject reason when none is."""
+        c = self.config
+        row: dict[str, Any] = {"width": found["width"], "height": found["height"], "faces": []}
         if found["reason"] is not None:
-            row["reason"], row["detail"] = found["reason"], found["detail"]
-        elif not found["faces"]:
-            row["reason"], row["detail"] = RejectReason.NO_FACE.value, "the face detector found no face"
-        else:
-            big = [f for f in found["faces"] if face_size(f) >= run.config.min_face_size]
-            if not big:
-                largest = max(face_size(f) for f in found["faces"])
-                row["reason"] = RejectReason.TOO_SMALL.value
-                row["detail"] = (
-                    f"largest face is {largest:.0f} px, below the {run.config.min_face_size:.0f} px minimum "
-                    "(--min-face-size)"
-                )
-            size = (found["width"], found["height"])
-            whole = [f for f in big if border_margin(f, *size) >= run.config.min_border_margin]
-            if big and not whole:
-                margin = max(border_margin(f, *size) for f in big)
-                row["reason"] = RejectReason.LOW_QUALITY.value
-                row["detail"] = (
-                    f"the face is cut off by the image border (keypoints {margin:.2f} eye distances from the "
-                    f"side, minimum {run.config.min_border_margin})"
-                )
-            row["faces"] = whole[: run.config.max_faces_per_photo]
-        rows.append(row)
-    rows.sort(key=lambda r: r["source_path"])
-    return pa.Table.from_pylist([{k: r.get(k) for k in DETECT_SCHEMA.names} for r in rows], schema=DETECT_SCHEMA)
+            return {**row, "reason": found["reason"], "detail": found["detail"]}
+        if not found["faces"]:
+            return {**row, "reason": RejectReason.NO_FACE.value, "detail": "the face detector found no face"}
+        big = [f for f in found["faces"] if face_size(f) >= c.min_face_size]
+        if not big:
+            largest = max(face_size(f) for f in found["faces"])
+            detail = f"largest face is {largest:.0f} px, below the {c.min_face_size:.0f} px minimum (--min-face-size)"
+            return {**row, "reason": RejectReason.TOO_SMALL.value, "detail": detail}
+        size = (found["width"], found["height"])
+        whole = [f for f in big if border_margin(f, *size) >= c.min_border_margin]
+        if not whole:
+            margin = max(border_margin(f, *size) for f in big)
+            detail = (
+                f"the face is cut off by the image border (keypoints {margin:.2f} eye distances from the "
+                f"side, minimum {c.min_border_margin})"
+            )
+            return {**row, "reason": RejectReason.LOW_QUALITY.value, "detail": detail}
+        return {**row, "faces": whole[: c.max_faces_per_photo]}

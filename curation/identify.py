@@ -5,20 +5,25 @@ of the folder (distance below the analyzer's own `same_person_threshold`) is the
 to it (one per photo) are the person. In each other photo, the face that matches the most of them is kept
 when it matches at least half of them and is within the threshold of their mean.
 Two faces of one photo are never linked (they are two people). Photos where no face matches are
-`other_person`. With `--cluster` the whole folder is grouped instead (see `cluster_identities`).
+`other_person`. With `--cluster` the whole folder is grouped instead (see `cluster_names`).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.analysis import describe_job
+from dynamicid.curation.analysis import describe_photo
+from dynamicid.curation.backend import analyzer_for
 from dynamicid.curation.detect import FACE_BOX
 from dynamicid.curation.grouping import average_linkage
-from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.curation.stages import COMPUTED, Stage, StageKind, photo_schema
+from dynamicid.curation.store import ResultStore, fetch_or_compute
+from dynamicid.curation.tables import digest
 from dynamicid.schemas import RejectReason
 
 FACE_DESCRIPTION = pa.struct(
@@ -40,29 +45,88 @@ FACE_DESCRIPTION = pa.struct(
         ("models", pa.string()),
     ]
 )
-CACHE_SCHEMA = pa.schema([("sha256", pa.string()), ("faces", pa.list_(FACE_DESCRIPTION)), ("detail", pa.string())])
+# What follows a face through the later stages: its description without the 478 landmarks (those stay in the
+# describe store; `label` reads them back), and whether it has them.
+FACE_SUMMARY = pa.struct(
+    [f for f in FACE_DESCRIPTION if f.name != "landmarks"] + [pa.field("has_landmarks", pa.bool_())]
+)
+STORE_SCHEMA = pa.schema([("key", pa.string()), ("faces", pa.list_(FACE_DESCRIPTION)), ("detail", pa.string())])
+DESCRIBE_SCHEMA = photo_schema(("describe_key", pa.string()), ("detections", pa.list_(FACE_BOX)))
 IDENTIFY_SCHEMA = photo_schema(
-    ("face_index", pa.int32()), ("faces", pa.list_(FACE_DESCRIPTION)), ("detections", pa.list_(FACE_BOX))
+    ("face_index", pa.int32()), ("face", FACE_SUMMARY), ("detection", FACE_BOX), ("describe_key", pa.string())
 )
 
 CLUSTER_PREFIX = "person_"
+LOOKUP_ROWS = 1024  # descriptions read from the store at a time
 
 
-def describe_faces(run: Run, detect_table: pa.Table) -> dict[str, dict]:
-    """sha256 -> described faces, computing only photos missing from the work folder's cache."""
-    photos = candidates(detect_table)
-    cache = run.work.cache(f"describe-{run.config.face_backend}", CACHE_SCHEMA, "sha256")
-    done = cache.load()
-    jobs, seen = [], set()
-    for photo in photos:
-        sha = photo["sha256"]
-        if sha in seen or sha in done:
-            seen.add(sha)
-            continue
-        seen.add(sha)
-        jobs.append((sha, run.source(photo["source_path"]), photo["faces"]))
-    run.compute_missing("identify", describe_job, jobs, cache=cache, done=done, key="sha256", distinct=len(seen))
-    return done
+def describe_store(stage: Stage) -> ResultStore:
+    return ResultStore(stage.context.work_dir / "stores" / f"describe-{stage.context.backend.digest}", STORE_SCHEMA)
+
+
+def describe_key(sha256: str, faces: list[dict]) -> str:
+    """The photo's bytes and the faces handed to the models (they change with --min-face-size)."""
+    return digest(sha256, json.dumps(faces, sort_keys=True))
+
+
+def summary(face: dict) -> dict:
+    return {**{k: v for k, v in face.items() if k != "landmarks"}, "has_landmarks": bool(face["landmarks"])}
+
+
+class DescribeStage(Stage):
+    """Embedding, landmarks, pose, expression and crop hashes of every detected face (into the describe store)."""
+
+    name = "describe"
+    step = "identify"
+    input_columns = ("source_path", "identity", "sha256", "faces")
+    uses_models = pooled = True
+
+    def output_schema(self) -> pa.Schema:
+        return DESCRIBE_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
+
+    def setup(self) -> None:
+        self.store = describe_store(self)
+        self.analyzer = analyzer_for(self.context.backend)
+
+    def finish(self) -> None:
+        describe_store(self).compact()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        photos = batch.to_pylist()
+        job = {}
+        for photo in photos:
+            photo["describe_key"] = describe_key(photo["sha256"], photo["faces"])
+            job.setdefault(photo["describe_key"], (self.source(photo["source_path"]), photo["faces"]))
+        found, computed = fetch_or_compute(
+            self.store, [p["describe_key"] for p in photos], lambda k: describe_photo(self.analyzer, k, *job[k])
+        )
+        rows = []
+        for photo in photos:
+            described = found[photo["describe_key"]]
+            rows.append(
+                {
+                    **{k: photo[k] for k in ("source_path", "identity", "sha256", "describe_key")},
+                    "detections": photo["faces"],
+                    "reason": None if described["faces"] else RejectReason.NO_FACE.value,
+                    "detail": None
+                    if described["faces"]
+                    else f"faces were found but none could be described ({described['detail']})",
+                    COMPUTED: photo["describe_key"] in computed,
+                }
+            )
+            computed.discard(photo["describe_key"])
+        return pa.Table.from_pylist(rows, schema=self.output_schema())
+
+
+def described_faces(store: ResultStore, keys: list[str]) -> Iterator[list[dict]]:
+    """Per key, its described faces in face-index order (read from the store a chunk at a time)."""
+    for start in range(0, len(keys), LOOKUP_ROWS):
+        chunk = keys[start : start + LOOKUP_ROWS]
+        found, table = store.get(chunk)
+        if not found.all():
+            raise RuntimeError(f"{store.folder} lost descriptions since `describe` ran; rerun the build")
+        for row in table.column("faces").to_pylist():
+            yield sorted(row, key=lambda f: f["face_index"])
 
 
 @dataclass(frozen=True)
@@ -126,60 +190,75 @@ def folder_person(embeddings: list[np.ndarray], same_cos: float) -> list[Verdict
     return verdicts
 
 
-def cluster_identities(run: Run, rows: list[dict]) -> dict[str, str]:
-    """--cluster: source_path -> 'person_NNNN', average-linkage groups of the largest faces' embeddings.
+def cluster_names(embeddings: np.ndarray, same_cos: float) -> list[str]:
+    """--cluster: 'person_NNNN' per photo, average-linkage groups of the largest faces' embeddings.
 
     A group's faces are, on average, closer to each other than the analyzer's `same_person_threshold` (see
     `grouping`). Identities are numbered by size, then by first source path.
     """
-    if not rows:
-        return {}
-    emb = np.stack([np.asarray(r["faces"][0]["embedding"], np.float32) for r in rows])
-    labels = average_linkage(emb, run.same_person_cos)
+    if not len(embeddings):
+        return []
+    labels = average_linkage(embeddings, same_cos)
     sizes = np.bincount(labels)
     order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))  # labels already follow first source path
     width = max(4, len(str(len(order))))
     name = {c: f"{CLUSTER_PREFIX}{rank + 1:0{width}d}" for rank, c in enumerate(order)}
-    return {r["source_path"]: name[int(label)] for r, label in zip(rows, labels, strict=True)}
+    return [name[int(label)] for label in labels]
 
 
-def identify(run: Run, detect_table: pa.Table) -> pa.Table:
-    photos = candidates(detect_table)
-    described = describe_faces(run, detect_table)
-    rows = []
-    for photo in photos:
-        desc = described[photo["sha256"]]
-        by_index = {f["face_index"]: f for f in desc["faces"]}
-        rows.append(
-            {
-                **{k: photo[k] for k in ("source_path", "identity", "sha256")},
-                "faces": [by_index[i] for i in sorted(by_index)],
-                "detections": photo["faces"],
-                "face_index": None,
-                "reason": None if by_index else RejectReason.NO_FACE.value,
-                "detail": None if by_index else f"faces were found but none could be described ({desc['detail']})",
-            }
+class IdentifyStage(Stage):
+    """In each photo, the face of the folder's person (GROUP), or with --cluster the largest face (GLOBAL)."""
+
+    name = step = "identify"
+    settings = ("cluster",)
+    input_columns = ("source_path", "identity", "sha256", "describe_key", "detections")
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.kind = StageKind.GLOBAL if self.config.cluster else StageKind.GROUP
+
+    def output_schema(self) -> pa.Schema:
+        return IDENTIFY_SCHEMA
+
+    def setup(self) -> None:
+        self.store = describe_store(self)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        if self.config.cluster:
+            return self._cluster(batch)
+        rows = batch.to_pylist()
+        faces = list(described_faces(self.store, [r["describe_key"] for r in rows]))
+        embeddings = [np.stack([np.asarray(f["embedding"], np.float32) for f in fs]) for fs in faces]
+        same_cos = self.context.backend.same_person_cos
+        for row, photo_faces, verdict in zip(rows, faces, folder_person(embeddings, same_cos), strict=True):
+            if verdict.face is None:
+                row["reason"] = RejectReason.OTHER_PERSON.value
+                row["detail"] = (
+                    f"none of its {len(photo_faces)} face(s) is the folder's person: the best matches "
+                    f"{verdict.matches} of the person's faces in other photos, at least {verdict.needed} needed "
+                    f"(distance < {self.context.backend.same_person_threshold:.2f})"
+                )
+            else:
+                self._choose(row, photo_faces[verdict.face])
+        return pa.Table.from_pylist(rows, schema=IDENTIFY_SCHEMA)
+
+    @staticmethod
+    def _choose(row: dict, face: dict) -> None:
+        row["face_index"] = face["face_index"]
+        row["face"] = summary(face)
+        row["detection"] = row["detections"][face["face_index"]]
+
+    def _cluster(self, batch: pa.Table) -> pa.Table:
+        """Every photo's largest described face, a chunk at a time; then one clustering of their embeddings."""
+        chunks, embeddings = [], []
+        for start in range(0, batch.num_rows, LOOKUP_ROWS):
+            rows = batch.slice(start, LOOKUP_ROWS).to_pylist()
+            for row, faces in zip(rows, described_faces(self.store, [r["describe_key"] for r in rows]), strict=True):
+                self._choose(row, faces[0])
+            embeddings.append(np.stack([np.asarray(r["face"]["embedding"], np.float32) for r in rows]))
+            chunks.append(pa.Table.from_pylist(rows, schema=IDENTIFY_SCHEMA))
+        table = pa.concat_tables(chunks) if chunks else IDENTIFY_SCHEMA.empty_table()
+        names = cluster_names(
+            np.concatenate(embeddings) if embeddings else np.zeros((0, 1)), self.context.backend.same_person_cos
         )
-    live = [r for r in rows if r["reason"] is None]
-    if run.config.cluster:
-        names = cluster_identities(run, live)
-        for row in live:
-            row["identity"], row["face_index"] = names[row["source_path"]], row["faces"][0]["face_index"]
-    else:
-        by_folder: dict[str, list[dict]] = {}
-        for row in live:
-            by_folder.setdefault(row["identity"], []).append(row)
-        for folder_rows in by_folder.values():
-            embeddings = [np.stack([np.asarray(f["embedding"], np.float32) for f in r["faces"]]) for r in folder_rows]
-            verdicts = folder_person(embeddings, run.same_person_cos)
-            for row, verdict in zip(folder_rows, verdicts, strict=True):
-                if verdict.face is None:
-                    row["reason"] = RejectReason.OTHER_PERSON.value
-                    row["detail"] = (
-                        f"none of its {len(row['faces'])} face(s) is the folder's person: the best matches "
-                        f"{verdict.matches} of the person's faces in other photos, at least {verdict.needed} needed "
-                        f"(distance < {run.analyzer.same_person_threshold:.2f})"
-                    )
-                else:
-                    row["face_index"] = row["faces"][verdict.face]["face_index"]
-    return pa.Table.from_pylist([{k: r.get(k) for k in IDENTIFY_SCHEMA.names} for r in rows], schema=IDENTIFY_SCHEMA)
+        return table.set_column(1, "identity", pa.array(names, pa.string()))

@@ -14,7 +14,7 @@ from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 def inspect_dataset(out_dir: Path) -> dict:
     out_dir = Path(out_dir)
-    rows = read_dataset(out_dir).select(["identity", "expression", "pose_bin"]).to_pylist()
+    rows = read_dataset(out_dir, ["identity", "expression", "pose_bin"]).to_pylist()
     identities = pq.read_table(out_dir / "identities.parquet").to_pylist()
     rejects = pq.read_table(out_dir / "rejects.parquet").column("reason").to_pylist()
     summary = json.loads((out_dir / "summary.json").read_text())

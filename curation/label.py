@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.curation.identify import describe_store, described_faces
+from dynamicid.curation.stages import Stage, photo_schema
 from dynamicid.schemas import DATASET_COLUMNS, anchor_caption, dataset_arrow_schema, face_prompt, pose_bin_for_yaw
 
-# The dataset's own columns (minus the image, carried as PNG bytes) plus the photo bookkeeping columns.
+# The dataset's own columns (minus the image: its crop is in the crop store under `crop_key`) plus the photo
+# bookkeeping columns.
 _DATASET = dataset_arrow_schema()
 LABEL_SCHEMA = photo_schema(
     *[
@@ -16,7 +18,7 @@ LABEL_SCHEMA = photo_schema(
         for c in DATASET_COLUMNS
         if c.name not in ("identity", "image", "source_path", "source_sha256")
     ],
-    ("png", pa.binary()),
+    ("crop_key", pa.string()),
 )
 _STRING_CLASS_COLUMNS = ("expression", "pose_bin")
 
@@ -37,18 +39,18 @@ def transform(points: list | None, matrix: np.ndarray) -> list:
     return transform_points(np.asarray(points, np.float32), matrix).tolist()
 
 
-def label_row(photo: dict) -> dict:
+def label_row(photo: dict, landmarks: list | None) -> dict:
     face, detection = photo["face"], photo["detection"]
     matrix = np.asarray(photo["matrix"], np.float32).reshape(2, 3)
     pose = pose_bin_for_yaw(face["yaw"])
     x0, y0, x1, y1 = detection["bbox"]
     return {
-        **{k: photo[k] for k in ("source_path", "identity", "sha256", "reason", "detail", "png")},
+        **{k: photo[k] for k in ("source_path", "identity", "sha256", "reason", "detail", "crop_key")},
         "face_bbox": detection["bbox"],
         "crop_transform": photo["matrix"],
         "embedding": face["embedding"],
         "embedding_model": face["embedding_model"],
-        "landmarks": transform(face["landmarks"], matrix),
+        "landmarks": transform(landmarks, matrix),
         "kps5": transform(np.asarray(face["kps5"]).reshape(5, 2).tolist(), matrix),
         "yaw": face["yaw"],
         "pitch": face["pitch"],
@@ -67,8 +69,37 @@ def label_row(photo: dict) -> dict:
     }
 
 
-def label(run: Run, align_table: pa.Table) -> pa.Table:
-    with run.stage_timer("label") as stats:
-        rows = [label_row(p) for p in candidates(align_table)]
-        stats.computed += len(rows)
-    return pa.Table.from_pylist(rows, schema=label_schema())
+class LabelStage(Stage):
+    """Labels in crop coordinates (the dense landmarks come back from the describe store), prompt, caption."""
+
+    name = step = "label"
+    input_columns = (
+        "source_path",
+        "identity",
+        "sha256",
+        "reason",
+        "detail",
+        "face_index",
+        "face",
+        "detection",
+        "describe_key",
+        "crop_key",
+        "matrix",
+        "crop_sharpness",
+        "crop_brightness",
+    )
+
+    def output_schema(self) -> pa.Schema:
+        return label_schema()
+
+    def setup(self) -> None:
+        self.store = describe_store(self)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        photos = batch.to_pylist()
+        faces = described_faces(self.store, [p["describe_key"] for p in photos])
+        rows = []
+        for photo, photo_faces in zip(photos, faces, strict=True):
+            landmarks = next(f["landmarks"] for f in photo_faces if f["face_index"] == photo["face_index"])
+            rows.append(label_row(photo, landmarks))
+        return pa.Table.from_pylist(rows, schema=label_schema())

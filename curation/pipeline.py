@@ -1,47 +1,56 @@
-"""The stages in order, the work-folder bookkeeping between them, and `build_dataset`."""
+"""The steps in order, the work-folder bookkeeping between them, and `build_dataset`.
+
+`scan` and `write` run here in the driver; the stages between them (`build_stages`) run on the engine
+(`--engine local|ray`), which reads each stage's input table and writes its output table in the work folder.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from dynamicid.curation.align import align
+from dynamicid.curation.align import AlignStage, crop_store
+from dynamicid.curation.backend import resolve_backend
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.dedupe import dedupe
-from dynamicid.curation.detect import detect
+from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
+from dynamicid.curation.detect import DetectStage
+from dynamicid.curation.engines import Engine, EngineUnavailable, make_engine
+from dynamicid.curation.engines.local import READ_ROWS, candidate_batches
 from dynamicid.curation.grouping import grouping_summary
-from dynamicid.curation.identify import identify
-from dynamicid.curation.label import label
+from dynamicid.curation.identify import DescribeStage, IdentifyStage
+from dynamicid.curation.label import LabelStage
 from dynamicid.curation.report import build_report
-from dynamicid.curation.run import STAGES, Run, StageStats, candidates, rejected
-from dynamicid.curation.scan import HASH_CACHE_SCHEMA, scan
-from dynamicid.curation.select import select
-from dynamicid.curation.tables import WorkDir, digest, read_fingerprint, table_digest
-from dynamicid.curation.write import data_bytes, dataset_row, reason_code, sort_key, write_summary, write_tables
+from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
+from dynamicid.curation.select import SelectStage
+from dynamicid.curation.stages import BackendInfo, Stage, StageContext, StageSetupError, StageStats
+from dynamicid.curation.store import ResultStore
+from dynamicid.curation.tables import WorkDir, digest, read_fingerprint, table_digest, write_parquet
+from dynamicid.curation.write import (
+    IdentityTally,
+    ShardWriter,
+    data_bytes,
+    dataset_row,
+    reason_code,
+    write_summary,
+)
+from dynamicid.schemas import DATASET_COLUMNS, rejects_arrow_schema
 
 MARKER = ".dynamicid-curate"  # written into OUT_DIR first: later runs may overwrite a folder that has it
 TOOL = "dynamicid-curate"
-WORK_FORMAT = "1"  # bump when a stage table's layout or meaning changes: older work tables are then recomputed
-
-# stage -> (function, the stage whose table it reads, the settings its result depends on)
-STAGE_FUNCTIONS: dict[str, tuple[Callable[[Run, pa.Table], pa.Table], str, tuple[str, ...]]] = {
-    "detect": (detect, "scan", ("face_backend", "min_face_size", "min_border_margin", "max_faces_per_photo")),
-    "identify": (identify, "detect", ("face_backend", "cluster")),
-    "dedupe": (dedupe, "identify", ("phash_max_distance", "dup_embedding_fraction")),
-    "align": (align, "dedupe", ("crop_size", "min_sharpness", "min_brightness", "max_brightness")),
-    "label": (label, "align", ()),
-    "select": (select, "label", ("per_identity", "min_per_identity")),
-}
-REJECTING_STAGES = ("scan", "detect", "identify", "dedupe", "align", "select")
+STAGES: tuple[str, ...] = ("scan", "detect", "identify", "dedupe", "align", "label", "select", "write")
+WRITE_VERSION = "2"  # bump when the dataset folder's layout or content changes for the same tables
 WRITE_SETTINGS = ("rows_per_file", "rows_per_row_group", "thumbnail_size")
+REJECT_COLUMNS = ["source_path", "identity", "reason", "detail"]
 
 
 class CurationError(Exception):
@@ -69,6 +78,46 @@ def check_out_dir(out_dir: Path) -> None:
     )
 
 
+def build_stages(context: StageContext) -> list[Stage]:
+    """The stages between scan and write, in order (see `curation.stages`)."""
+    return [
+        stage(context)
+        for stage in (
+            DetectStage,
+            DescribeStage,
+            IdentifyStage,
+            ExactDedupeStage,
+            NearDedupeStage,
+            AlignStage,
+            LabelStage,
+            SelectStage,
+        )
+    ]
+
+
+@dataclass
+class Run:
+    photos_dir: Path
+    out_dir: Path
+    work: WorkDir
+    config: CurationConfig
+    backend: BackendInfo
+    engine: Engine
+    progress: bool = True
+    stats: dict[str, StageStats] = field(default_factory=dict)
+
+    @property
+    def context(self) -> StageContext:
+        return StageContext(self.photos_dir, self.work.root, self.config, self.backend)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return build_stages(self.context)
+
+    def step_stats(self, step: str) -> StageStats:
+        return self.stats.setdefault(step, StageStats())
+
+
 def open_run(
     photos_dir: Path,
     out_dir: Path,
@@ -78,7 +127,7 @@ def open_run(
     resume: bool = True,
     progress: bool = True,
 ) -> Run:
-    """Check the folders and settings, and prepare OUT_DIR and the work folder (default OUT_DIR/.work)."""
+    """Check the folders and settings, resolve the face backend, and prepare OUT_DIR and the work folder."""
     photos_dir, out_dir = Path(photos_dir).absolute(), Path(out_dir).absolute()
     if not photos_dir.is_dir():
         raise CurationError(f"PHOTOS_DIR {photos_dir} does not exist or is not a folder")
@@ -93,25 +142,27 @@ def open_run(
                 f"{name} {folder} is inside PHOTOS_DIR {photos_dir}: its files would be scanned as photos"
             )
     check_out_dir(out_dir)
+    try:
+        engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
+        backend, _ = resolve_backend(config.face_backend, config.dup_embedding_fraction)
+    except (EngineUnavailable, StageSetupError) as error:
+        raise CurationError(str(error)) from error
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
     if not resume and work_root.exists():
         shutil.rmtree(work_root)
-    return Run(photos_dir=photos_dir, out_dir=out_dir, work=WorkDir(work_root), config=config, progress=progress)
+    return Run(photos_dir, out_dir, WorkDir(work_root), config, backend, engine, progress)
 
 
-def run_scan(run: Run) -> pa.Table:
+def run_scan(run: Run) -> int:
     c = run.config
-    stats = run.stats.setdefault("scan", StageStats())
-    with run.stage_timer("scan"):
-        hash_cache = run.work.cache("hashes", HASH_CACHE_SCHEMA, "stat_key")
+    stats = run.step_stats("scan")
+    with _Timer(stats):
+        hashes = ResultStore(run.work.store_path("hashes"), HASH_STORE_SCHEMA)
         table, hashed = scan(
-            run.photos_dir,
-            cluster=c.cluster,
-            shard_index=c.shard_index,
-            shard_count=c.shard_count,
-            hash_cache=hash_cache,
+            run.photos_dir, cluster=c.cluster, shard_index=c.shard_index, shard_count=c.shard_count, hash_store=hashes
         )
+        hashes.compact()
         stats.computed += hashed
         stats.reused += len(table) - hashed
         fingerprint = digest(
@@ -120,93 +171,158 @@ def run_scan(run: Run) -> pa.Table:
         )
         if not run.work.is_current("scan", fingerprint):
             run.work.write("scan", table, fingerprint)
-    return table
+    return table.num_rows
 
 
-def run_stage(run: Run, stage: str) -> pa.Table:
-    """Run one stage from its predecessor's table in the work folder (skipped when its inputs are unchanged)."""
-    if stage == "scan":
+def _count_candidates(path: Path) -> int:
+    column = pq.read_table(path, columns=["reason"]).column("reason")
+    return len(column) - column.null_count
+
+
+def run_stage(run: Run, step: str) -> int:
+    """Run one step (its stages, each from its predecessor's table; skipped when its inputs are unchanged).
+
+    Returns the number of rows of the step's last table.
+    """
+    if step == "scan":
         return run_scan(run)
-    if stage == "write":
+    if step == "write":
         return write_outputs(run)
-    function, previous, settings = STAGE_FUNCTIONS[stage]
-    source = run.work.read(previous)
-    fingerprint = digest(
-        stage, WORK_FORMAT, read_fingerprint(run.work.table_path(previous)) or "", run.config.fingerprint(*settings)
+    stages = run.stages
+    stats = run.step_stats(step)
+    ran = False
+    previous = "scan"
+    for stage in stages:
+        if stage.step == step:
+            source = run.work.table_path(previous)
+            if not source.exists():
+                raise FileNotFoundError(
+                    f"{source} not found: run the stage before '{step}' first (or `dynamicid-curate build`)"
+                )
+            fingerprint = stage.fingerprint(read_fingerprint(source) or "")
+            if run.work.is_current(stage.name, fingerprint):
+                stats.reused += _count_candidates(source)
+            else:
+                try:
+                    done = run.engine.run_stage(stage, source, run.work.table_path(stage.name), fingerprint)
+                except StageSetupError as error:
+                    raise CurationError(str(error)) from error
+                stage.finish()
+                ran = True
+                stats.computed += done.computed
+                stats.reused += done.reused
+                stats.seconds += done.seconds
+        previous = stage.name
+    stats.skipped = not ran
+    if step == "align" and run.config.shard_count > 1:
+        crop_dropped_duplicates(run)
+    last = [s.name for s in stages if s.step == step][-1]
+    return pq.read_metadata(run.work.table_path(last)).num_rows
+
+
+def crop_dropped_duplicates(run: Run) -> None:
+    """A shard also crops the near-duplicates it drops: `merge` may find the bytes of the copy they lost to in
+    another shard's folder, drop that copy and keep one of them, and must not need the photos to crop it."""
+    table = pq.read_table(run.work.table_path("dedupe"))
+    dropped = table.filter(pc.is_valid(table.column("reason")))
+    if not dropped.num_rows:
+        return
+    reason = dropped.schema.get_field_index("reason")
+    dropped = dropped.set_column(reason, dropped.schema.field(reason), pa.nulls(dropped.num_rows, pa.string()))
+    source = run.work.root / "dropped_duplicates.parquet"
+    write_parquet(dropped, source)
+    align = AlignStage(run.context)
+    run.engine.run_stage(align, source, run.work.root / "dropped_duplicates_align.parquet", "")
+    align.finish()
+
+
+def collect_rejects(run: Run) -> pa.Table:
+    """Every rejected row of every table (small columns), with its step, sorted by source_path."""
+    pieces = []
+    for name, step in [("scan", "scan"), *((s.name, s.step) for s in run.stages)]:
+        table = pq.read_table(run.work.table_path(name), columns=REJECT_COLUMNS)
+        table = table.filter(pc.is_valid(table.column("reason")))
+        pieces.append(table.append_column("stage", pa.array([step] * table.num_rows, pa.string())))
+    return resolve_identical_copies(pa.concat_tables(pieces)).sort_by("source_path")
+
+
+def _kept_batches(run: Run):
+    """The selected rows as dataset rows (crops read from the crop store), in (identity, source_path) order."""
+    crops = crop_store(run.work.root)
+    columns = [c.name for c in DATASET_COLUMNS if c.name not in ("image", "source_sha256")]
+    labels = candidate_batches(run.work.table_path("label"), [*columns, "sha256", "crop_key"], READ_ROWS)
+    selected = candidate_batches(
+        run.work.table_path("select"), ["source_path", "selection"], READ_ROWS, only_candidates=False
     )
-    if run.work.is_current(stage, fingerprint):
-        stats = run.stats.setdefault(stage, StageStats())
-        stats.skipped = True
-        stats.reused += len(candidates(source))
-        return run.work.read(stage)
-    table = function(run, source)
-    run.work.write(stage, table, fingerprint)
-    return table
+    for label_batch, select_batch in zip(labels, selected, strict=True):
+        if label_batch.column("source_path") != select_batch.column("source_path"):
+            raise RuntimeError("select.parquet does not follow label.parquet: rerun the build")
+        kept = label_batch.filter(pc.is_valid(select_batch.column("selection")))
+        if not kept.num_rows:
+            continue
+        _, pngs = crops.get(kept.column("crop_key").to_pylist())
+        pngs = pngs.column("png").to_pylist()
+        yield [dataset_row({**row, "png": png}) for row, png in zip(kept.to_pylist(), pngs, strict=True)]
 
 
-def collect_rejects(run: Run) -> list[dict]:
-    rejects = []
-    for stage in REJECTING_STAGES:
-        for row in rejected(run.work.read(stage)):
-            rejects.append(
-                {
-                    "source_path": row["source_path"],
-                    "stage": stage,
-                    "reason": row["reason"],
-                    "detail": row["detail"] or "",
-                }
-            )
-    return rejects
-
-
-def identity_of_files(run: Run) -> dict[str, str]:
-    """source_path -> identity as last decided (folder name, or the cluster from `identify`)."""
-    names = {r["source_path"]: r["identity"] for r in run.work.read("scan").to_pylist()}
-    if run.work.table_path("identify").exists():
-        names.update(
-            {
-                r["source_path"]: r["identity"]
-                for r in run.work.read("identify").select(["source_path", "identity"]).to_pylist()
-            }
-        )
-    return names
-
-
-def write_outputs(run: Run) -> pa.Table:
-    """The `write` stage: dataset folder + summary (skipped when OUT_DIR already holds this exact result)."""
+def write_outputs(run: Run) -> int:
+    """The `write` step: dataset folder + summary (skipped when OUT_DIR already holds this exact result)."""
     fingerprint = digest(
-        "write", read_fingerprint(run.work.table_path("select")) or "", run.config.fingerprint(*WRITE_SETTINGS)
+        "write",
+        WRITE_VERSION,
+        read_fingerprint(run.work.table_path("select")) or "",
+        run.config.fingerprint(*WRITE_SETTINGS),
     )
     summary_path = run.out_dir / "summary.json"
     if summary_path.exists() and (run.out_dir / "report.html").exists():
         previous = json.loads(summary_path.read_text())
         files_there = all((run.out_dir / name).exists() for name in previous.get("files", []))
         if previous.get("fingerprint") == fingerprint and files_there:
-            run.stats.setdefault("write", StageStats()).skipped = True
+            run.step_stats("write").skipped = True
             write_summary(run.out_dir, {**previous, "stages": stage_stats(run)})
-            return run.work.read("select")
-    with run.stage_timer("write") as stats:
-        selected = {r["source_path"] for r in candidates(run.work.read("select"))}
-        labelled = [r for r in candidates(run.work.read("label")) if r["source_path"] in selected]
-        kept = sorted((dataset_row(r) for r in labelled), key=sort_key)
+            return previous["kept"]
+    stats = run.step_stats("write")
+    with _Timer(stats):
+        selection = pq.read_table(run.work.table_path("select"), columns=["selection"]).column("selection")
+        kept = len(selection) - selection.null_count
         rejects = collect_rejects(run)
-        scanned = len(run.work.read("scan"))
-        if len(kept) + len(rejects) != scanned:
-            raise RuntimeError(f"accounting bug: {len(kept)} kept + {len(rejects)} rejected != {scanned} scanned")
-        identity = identity_of_files(run)
-        scanned_by_identity = Counter(v for v in identity.values() if v)
-        rejected_by_identity = Counter(identity[r["source_path"]] for r in rejects if identity[r["source_path"]])
-        embedding_model = kept[0]["embedding_model"] if kept else ""
-        files = write_tables(
-            run.out_dir, kept, rejects, scanned_by_identity, rejected_by_identity, embedding_model, run.config
+        scanned = pq.read_metadata(run.work.table_path("scan")).num_rows
+        if kept + rejects.num_rows != scanned:
+            raise RuntimeError(f"accounting bug: {kept} kept + {rejects.num_rows} rejected != {scanned} scanned")
+        c = run.config
+        shards = ShardWriter(run.out_dir, kept, c.rows_per_file, c.rows_per_row_group)
+        tally = IdentityTally()
+        for rows in _kept_batches(run):
+            shards.write(pa.Table.from_pylist(rows, schema=shards.schema))
+            tally.add(rows)
+        files = shards.close()
+        tally.finish()
+        named = rejects.filter(pc.not_equal(rejects.column("identity"), ""))
+        rejected_by_identity = Counter(_counts(named, "identity"))
+        kept_by_identity = Counter({k: v["num_images"] for k, v in tally.kept.items()})
+        scanned_by_identity = rejected_by_identity + kept_by_identity
+        write_parquet(
+            tally.table(scanned_by_identity, rejected_by_identity, run.backend.embedding_model if kept else ""),
+            run.out_dir / "identities.parquet",
         )
-        summary = make_summary(run, kept, rejects, scanned, scanned_by_identity, embedding_model, files, fingerprint)
+        write_parquet(
+            rejects.select(rejects_arrow_schema().names).cast(rejects_arrow_schema()), run.out_dir / "rejects.parquet"
+        )
+        files += ["identities.parquet", "rejects.parquet"]
+        summary = make_summary(
+            run, rejects, kept, scanned, set(scanned_by_identity), set(tally.kept), files, fingerprint
+        )
         write_summary(run.out_dir, summary)
         write_card(run.out_dir, summary, data_bytes(run.out_dir))
         build_report(run.out_dir)
-        stats.computed += len(kept)
+        stats.computed += kept
     write_summary(run.out_dir, {**summary, "stages": stage_stats(run)})
-    return run.work.read("select")
+    return kept
+
+
+def _counts(table: pa.Table, column: str) -> dict[str, int]:
+    grouped = table.group_by(column).aggregate([(column, "count")])
+    return dict(zip(grouped.column(column).to_pylist(), grouped.column(f"{column}_count").to_pylist(), strict=True))
 
 
 def stage_stats(run: Run) -> dict:
@@ -215,17 +331,18 @@ def stage_stats(run: Run) -> dict:
 
 def make_summary(
     run: Run,
-    kept: list[dict],
-    rejects: list[dict],
+    rejects: pa.Table,
+    kept: int,
     scanned: int,
-    scanned_by_identity: Counter,
-    embedding_model: str,
+    scanned_identities: set[str],
+    kept_identities: set[str],
     files: list[str],
     fingerprint: str,
 ) -> dict:
-    kept_identities = {r["identity"] for r in kept}
     c = run.config
-    backend = _backend_name(run)
+    reasons: Counter = Counter()
+    for reason, count in _counts(rejects, "reason").items():
+        reasons[reason_code(reason)] += count
     grouping = {"grouping": cluster_grouping(run)} if c.cluster else {}
     return {
         "tool": TOOL,
@@ -234,14 +351,15 @@ def make_summary(
         "out_dir": str(run.out_dir),
         "shard": f"{c.shard_index}/{c.shard_count}",
         "scanned": scanned,
-        "kept": len(kept),
-        "rejected": len(rejects),
+        "kept": kept,
+        "rejected": rejects.num_rows,
         "identities": len(kept_identities),
-        "identities_without_images": sorted(set(scanned_by_identity) - kept_identities),
-        "rejected_by_reason": dict(sorted(Counter(reason_code(r["reason"]) for r in rejects).items())),
-        "rejected_by_stage": dict(sorted(Counter(r["stage"] for r in rejects).items())),
-        "backend": backend,
-        "embedding_model": embedding_model,
+        "identities_without_images": sorted(scanned_identities - kept_identities),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "rejected_by_stage": dict(sorted(_counts(rejects, "stage").items())),
+        "backend": run.backend.name,
+        "backend_info": asdict(run.backend),  # what `merge` needs to continue the shards' work without models
+        "embedding_model": run.backend.embedding_model if kept else "",
         "config": asdict(c),
         "files": files,
         "fingerprint": fingerprint,
@@ -251,13 +369,21 @@ def make_summary(
 
 def cluster_grouping(run: Run) -> dict:
     """--cluster: how the identities were formed, with their sizes before dedupe and selection."""
-    sizes = Counter(r["identity"] for r in candidates(run.work.read("identify")))
-    return grouping_summary(sizes, run.analyzer.same_person_threshold)
+    identify = pq.read_table(run.work.table_path("identify"), columns=["identity", "reason"])
+    sizes = _counts(identify.filter(pc.is_null(identify.column("reason"))), "identity")
+    return grouping_summary(sizes, run.backend.same_person_threshold)
 
 
-def _backend_name(run: Run) -> str:
-    face = run.work.read("dedupe").column("face").to_pylist()
-    return face[0]["backend"] if face else run.config.face_backend
+class _Timer:
+    def __init__(self, stats: StageStats):
+        self.stats = stats
+
+    def __enter__(self) -> StageStats:
+        self._start = time.perf_counter()
+        return self.stats
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats.seconds += time.perf_counter() - self._start
 
 
 def build_dataset(
@@ -268,6 +394,7 @@ def build_dataset(
     min_per_identity: int = 1,
     face_backend: str = "auto",
     workers: int = 1,
+    engine: str = "local",
     work_dir: str | Path | None = None,
     resume: bool = True,
     cluster: bool = False,
@@ -278,13 +405,15 @@ def build_dataset(
     """Curate PHOTOS_DIR/<identity>/... (or a flat folder with cluster=True) into a dataset folder OUT_DIR.
 
     Returns the content of OUT_DIR/summary.json. `settings` are further `CurationConfig` fields
-    (e.g. min_face_size). Raises CurationError for a missing PHOTOS_DIR, a foreign OUT_DIR or bad settings.
+    (e.g. min_face_size). Raises CurationError for a missing PHOTOS_DIR, a foreign OUT_DIR, bad settings
+    or face models that cannot start.
     """
     config = CurationConfig(
         per_identity=per_identity,
         min_per_identity=min_per_identity,
         face_backend=face_backend,
         workers=workers,
+        engine=engine,
         cluster=cluster,
         shard_index=shard[0],
         shard_count=shard[1],
@@ -298,6 +427,9 @@ def build_dataset(
         resume=resume,
         progress=progress,
     )
-    for stage in STAGES:
-        run_stage(run, stage)
+    try:
+        for step in STAGES:
+            run_stage(run, step)
+    finally:
+        run.engine.close()
     return json.loads((run.out_dir / "summary.json").read_text())

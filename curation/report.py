@@ -1,4 +1,7 @@
-"""report.html: one self-contained page (thumbnails as data URIs) to look at a curated dataset in a browser."""
+"""report.html: one self-contained page (thumbnails as data URIs) to look at a curated dataset in a browser.
+
+Written as it is read: one identity's images in memory at a time, the page streamed to disk.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,16 @@ import html
 import io
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dynamicid.curation.write import read_dataset
+from dynamicid.curation.tables import contiguous_groups
+from dynamicid.curation.write import dataset_files
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 MAX_REJECT_EXAMPLES = 12  # per identity (and for files outside any identity)
@@ -68,25 +75,69 @@ def _grid(cells: Counter) -> str:
     return f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
 
-def build_report(out_dir: Path) -> Path:
-    """Write OUT_DIR/report.html from the dataset folder (and the source photos, for rejected examples)."""
+def _dataset_by_identity(out_dir: Path) -> Iterator[tuple[str, list[dict]]]:
+    batches = (
+        pa.Table.from_batches([b])
+        for f in dataset_files(out_dir)
+        for b in pq.ParquetFile(f).iter_batches(
+            batch_size=64, columns=["identity", "source_path", "image", "expression", "pose_bin"]
+        )
+    )
+    for group in contiguous_groups(batches, "identity"):
+        yield group.column("identity")[0].as_py(), group.to_pylist()
+
+
+def _rejects_by_folder(out_dir: Path) -> tuple[pa.Table, dict[str, tuple[int, int]]]:
+    """Rejects sorted by (top folder, path), and each folder's (first row, count) in that order."""
+    rejects = pq.read_table(out_dir / "rejects.parquet")
+    parts = pc.split_pattern(rejects.column("source_path"), "/", max_splits=1)
+    folder = pc.if_else(pc.greater(pc.list_value_length(parts), 1), pc.list_element(parts, 0), "")
+    rejects = rejects.append_column("folder", folder).sort_by([("folder", "ascending"), ("source_path", "ascending")])
+    spans: dict[str, tuple[int, int]] = {}
+    for index, name in enumerate(rejects.column("folder").to_pylist()):
+        first, count = spans.get(name, (index, 0))
+        spans[name] = (first, count + 1)
+    return rejects, spans
+
+
+def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
+    yield _grid(Counter((r["expression"], r["pose_bin"]) for r in kept))
+    yield "<div class='sheet'>"
+    for r in kept:
+        uri = thumbnail_uri(Image.open(io.BytesIO(r["image"]["bytes"])), size)
+        label = f"{EXPRESSIONS[r['expression']]}, {POSE_BINS[r['pose_bin']].name}"
+        yield (
+            f"<figure><img src='{uri}' alt=''><figcaption>{html.escape(label)}<br>"
+            f"<span class='muted'>{html.escape(r['source_path'])}</span></figcaption></figure>"
+        )
+    yield "</div>"
+
+
+def _reject_section(examples: list[dict], count: int, photos_dir: Path | None, size: int) -> Iterator[str]:
+    yield f"<h3>Rejected ({count})</h3><div class='sheet'>"
+    for r in examples:
+        uri = _source_thumbnail(photos_dir, r, size)
+        img = f"<img src='{uri}' alt=''>" if uri else "<img alt='(no preview)'>"
+        yield (
+            f"<figure class='reject'>{img}<figcaption><b>{html.escape(r['reason'])}</b> ({r['stage']})<br>"
+            f"<span class='muted'>{html.escape(r['source_path'])}: {html.escape(r['detail'] or '')}</span>"
+            "</figcaption></figure>"
+        )
+    if count > MAX_REJECT_EXAMPLES:
+        yield f"<p class='muted'>... and {count - MAX_REJECT_EXAMPLES} more in rejects.parquet</p>"
+    yield "</div>"
+
+
+def _page(out_dir: Path) -> Iterator[str]:
     summary = json.loads((out_dir / "summary.json").read_text())
     size = int(summary["config"].get("thumbnail_size", 96))
     photos_dir = (
         Path(summary["photos_dir"]) if summary.get("photos_dir") and Path(summary["photos_dir"]).is_dir() else None
     )
-    rows = read_dataset(out_dir).to_pylist()
-    rejects = pq.read_table(out_dir / "rejects.parquet").to_pylist()
-    identities = pq.read_table(out_dir / "identities.parquet").to_pylist()
-    by_identity: dict[str, list[dict]] = {}
-    for row in rows:
-        by_identity.setdefault(row["identity"], []).append(row)
-    rejects_by_folder: dict[str, list[dict]] = {}
-    for r in rejects:
-        folder = r["source_path"].split("/", 1)[0] if "/" in r["source_path"] else ""
-        rejects_by_folder.setdefault(folder, []).append(r)
-
-    parts = [
+    identities = pq.read_table(out_dir / "identities.parquet").to_pylist()  # one row per identity
+    rejects, spans = _rejects_by_folder(out_dir)
+    groups = _dataset_by_identity(out_dir)
+    yield from (
         "<!doctype html><html><head><meta charset='utf-8'><title>dynamicid-curate report</title>",
         f"<style>{STYLE % {'t': size}}</style></head><body>",
         "<h1>Curated face dataset</h1>",
@@ -97,49 +148,39 @@ def build_report(out_dir: Path) -> Path:
         "<p>Rejected by reason: "
         + ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(summary["rejected_by_reason"].items()))
         + "</p>",
-    ]
-    names = sorted({i["identity"] for i in identities} | set(rejects_by_folder) - {""}) + (
-        [""] if "" in rejects_by_folder else []
     )
+    names = sorted({i["identity"] for i in identities} | set(spans) - {""}) + ([""] if "" in spans else [])
     info = {i["identity"]: i for i in identities}
+    group = next(groups, None)
     for identity in names:
-        kept = by_identity.get(identity, [])
+        kept: list[dict] = []
+        if group is not None and group[0] == identity:
+            kept = group[1]
+            group = next(groups, None)
         meta = info.get(identity)
         title = html.escape(identity) if identity else "(files outside identity folders)"
-        parts.append(f"<h2 id='{html.escape(identity)}'>{title}</h2>")
+        yield f"<h2 id='{html.escape(identity)}'>{title}</h2>"
         if meta:
-            parts.append(
+            yield (
                 f"<p>{meta['num_images']} kept of {meta['num_scanned']} scanned, {meta['num_rejected']} rejected; "
                 f"{meta['grid_cells_covered']} of 35 expression x pose cells covered.</p>"
             )
         if kept:
-            parts.append(_grid(Counter((r["expression"], r["pose_bin"]) for r in kept)))
-            parts.append("<div class='sheet'>")
-            for r in kept:
-                uri = thumbnail_uri(Image.open(io.BytesIO(r["image"]["bytes"])), size)
-                label = f"{EXPRESSIONS[r['expression']]}, {POSE_BINS[r['pose_bin']].name}"
-                parts.append(
-                    f"<figure><img src='{uri}' alt=''><figcaption>{html.escape(label)}<br>"
-                    f"<span class='muted'>{html.escape(r['source_path'])}</span></figcaption></figure>"
-                )
-            parts.append("</div>")
-        examples = rejects_by_folder.get(identity, [])
-        if examples:
-            parts.append(f"<h3>Rejected ({len(examples)})</h3><div class='sheet'>")
-            for r in examples[:MAX_REJECT_EXAMPLES]:
-                uri = _source_thumbnail(photos_dir, r, size)
-                img = f"<img src='{uri}' alt=''>" if uri else "<img alt='(no preview)'>"
-                parts.append(
-                    f"<figure class='reject'>{img}<figcaption><b>{html.escape(r['reason'])}</b> ({r['stage']})<br>"
-                    f"<span class='muted'>{html.escape(r['source_path'])}: {html.escape(r['detail'] or '')}</span>"
-                    "</figcaption></figure>"
-                )
-            if len(examples) > MAX_REJECT_EXAMPLES:
-                parts.append(
-                    f"<p class='muted'>... and {len(examples) - MAX_REJECT_EXAMPLES} more in rejects.parquet</p>"
-                )
-            parts.append("</div>")
-    parts.append("</body></html>")
+            yield from _kept_section(kept, size)
+        if identity in spans:
+            first, count = spans[identity]
+            examples = rejects.slice(first, min(count, MAX_REJECT_EXAMPLES)).to_pylist()
+            yield from _reject_section(examples, count, photos_dir, size)
+    yield "</body></html>"
+
+
+def build_report(out_dir: Path) -> Path:
+    """Write OUT_DIR/report.html from the dataset folder (and the source photos, for rejected examples)."""
     path = out_dir / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    tmp = path.with_suffix(".html.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for part in _page(out_dir):
+            f.write(part)
+            f.write("\n")
+    tmp.replace(path)
     return path

@@ -10,12 +10,14 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from dynamicid.curation.tables import ResultCache
+from dynamicid.curation.stages import ORDER
+from dynamicid.curation.store import ResultStore
 from dynamicid.schemas import RejectReason
 
 SCAN_SCHEMA = pa.schema(
@@ -29,8 +31,9 @@ SCAN_SCHEMA = pa.schema(
     ]
 )
 
-# Cache of file hashes keyed by path + size + mtime, so unchanged files are not read again on the next run.
-HASH_CACHE_SCHEMA = pa.schema([("stat_key", pa.string()), ("sha256", pa.string())])
+# Store of file hashes keyed by path + size + mtime, so unchanged files are not read again on the next run.
+HASH_STORE_SCHEMA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
+CHUNK = 4096  # files looked up and hashed at a time
 
 
 @dataclass(frozen=True)
@@ -45,16 +48,18 @@ def shard_of(identity: str, shard_count: int) -> int:
     return int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) % shard_count
 
 
-def walk(photos_dir: Path) -> list[ScannedFile]:
-    """All files under `photos_dir` (following folder links once each), sorted; unlistable folders are reported."""
-    found: list[ScannedFile] = []
+def walk(photos_dir: Path) -> Iterator[ScannedFile]:
+    """All files under `photos_dir` (following folder links once each); unlistable folders are reported.
+
+    One folder's entries at a time: memory holds the folders being walked, not the files found.
+    """
     seen_dirs: set[tuple[int, int]] = set()
 
-    def visit(folder: Path) -> None:
+    def visit(folder: Path) -> Iterator[ScannedFile]:
         try:
             st = folder.stat()
         except OSError as e:
-            found.append(ScannedFile(folder, _relative(folder, photos_dir), _os_reason(e)))
+            yield ScannedFile(folder, _relative(folder, photos_dir), _os_reason(e))
             return
         if (st.st_dev, st.st_ino) in seen_dirs:
             return  # a folder link back to a folder already walked (a loop): its files are counted once
@@ -62,24 +67,21 @@ def walk(photos_dir: Path) -> list[ScannedFile]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            found.append(
-                ScannedFile(folder, _relative(folder, photos_dir) + "/", f"folder not listable: {_os_reason(e)}")
-            )
+            yield ScannedFile(folder, _relative(folder, photos_dir) + "/", f"folder not listable: {_os_reason(e)}")
             return
         for entry in entries:
             path = Path(entry.path)
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError as e:
-                found.append(ScannedFile(path, _relative(path, photos_dir), _os_reason(e)))
+                yield ScannedFile(path, _relative(path, photos_dir), _os_reason(e))
                 continue
             if is_dir:
-                visit(path)
+                yield from visit(path)
             else:
-                found.append(ScannedFile(path, _relative(path, photos_dir), None))
+                yield ScannedFile(path, _relative(path, photos_dir), None)
 
-    visit(photos_dir)
-    return sorted(found, key=lambda f: f.relative)
+    yield from visit(photos_dir)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -114,41 +116,73 @@ def identity_of(relative: str, cluster: bool) -> str | None:
     return head if sep else None
 
 
+def _chunks(items: Iterator[ScannedFile], size: int) -> Iterator[list[ScannedFile]]:
+    chunk: list[ScannedFile] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _stat_row(item: ScannedFile, cluster: bool) -> dict:
+    """The scan row of one file, before hashing: identity, size, and why it cannot go on (if it cannot)."""
+    identity = identity_of(item.relative, cluster)
+    row = {"source_path": item.relative, "identity": identity or "", "sha256": None, "size": 0, "stat_key": None}
+    reason, detail = None, None
+    if item.error is not None:
+        reason, detail = RejectReason.UNREADABLE.value, item.error
+    else:
+        try:
+            st = item.path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file (a pipe, socket or device)")
+            row["size"] = st.st_size
+            row["stat_key"] = f"{item.relative}\x1f{st.st_size}\x1f{st.st_mtime_ns}"
+        except OSError as e:
+            reason, detail = RejectReason.UNREADABLE.value, _os_reason(e)
+    row["reason"], row["detail"] = reason, detail
+    return row
+
+
 def scan(
-    photos_dir: Path, *, cluster: bool, shard_index: int, shard_count: int, hash_cache: ResultCache
+    photos_dir: Path, *, cluster: bool, shard_index: int, shard_count: int, hash_store: ResultStore
 ) -> tuple[pa.Table, int]:
-    """The scan table (one row per file of this shard, with its sha256 or a reject reason) and how many files were hashed."""
-    known = {k: v["sha256"] for k, v in hash_cache.load().items()}
+    """The scan table (one row per file of this shard, with its sha256 or a reject reason; sorted by identity,
+    then path) and how many files were hashed (the others' hashes came from `hash_store`)."""
     hashed = 0
-    rows = []
-    for item in walk(photos_dir):
-        identity = identity_of(item.relative, cluster)
-        if identity is not None and shard_count > 1 and shard_of(identity, shard_count) != shard_index:
-            continue
-        row = {"source_path": item.relative, "identity": identity or "", "sha256": None, "size": 0}
-        reason, detail = None, None
-        if item.error is not None:
-            reason, detail = RejectReason.UNREADABLE.value, item.error
-        else:
-            try:
-                st = item.path.stat()
-                if not stat.S_ISREG(st.st_mode):
-                    raise IsADirectoryError(errno.EISDIR, "not a regular file (a pipe, socket or device)")
-                row["size"] = st.st_size
-                stat_key = f"{item.relative}\x1f{st.st_size}\x1f{st.st_mtime_ns}"
-                if stat_key not in known:
-                    known[stat_key] = hash_file(item.path)
-                    hashed += 1
-                    hash_cache.add({"stat_key": stat_key, "sha256": known[stat_key]})
-                row["sha256"] = known[stat_key]
-            except OSError as e:
-                reason, detail = RejectReason.UNREADABLE.value, _os_reason(e)
-        if reason is None and row["size"] == 0:
-            reason, detail = RejectReason.UNDECODABLE.value, "0-byte file"
-        if reason is None and identity is None:
-            reason = RejectReason.NO_IDENTITY.value
-            detail = "file is directly in PHOTOS_DIR: put it in PHOTOS_DIR/<identity>/ or use --cluster"
-        row["reason"], row["detail"] = reason, detail
-        rows.append(row)
-    hash_cache.compact()
-    return pa.Table.from_pylist(rows, schema=SCAN_SCHEMA), hashed
+    tables = []
+    for chunk in _chunks(walk(photos_dir), CHUNK):
+        rows = []
+        for item in chunk:
+            identity = identity_of(item.relative, cluster)
+            # Files outside any identity folder are counted (rejected) once, by the shard of the name "".
+            if shard_count > 1 and shard_of(identity or "", shard_count) != shard_index:
+                continue
+            rows.append(_stat_row(item, cluster))
+        keyed = [r for r in rows if r["stat_key"] is not None]
+        found, known = hash_store.get([r["stat_key"] for r in keyed])
+        known_sha = dict(zip(known.column("key").to_pylist(), known.column("sha256").to_pylist(), strict=True))
+        new = []
+        for row, there in zip(keyed, found.tolist(), strict=True):
+            if not there:
+                try:
+                    known_sha[row["stat_key"]] = hash_file(Path(photos_dir) / row["source_path"])
+                except OSError as e:
+                    row["reason"], row["detail"] = RejectReason.UNREADABLE.value, _os_reason(e)
+                    continue
+                new.append({"key": row["stat_key"], "sha256": known_sha[row["stat_key"]]})
+            row["sha256"] = known_sha[row["stat_key"]]
+        hashed += len(new)
+        hash_store.put(pa.Table.from_pylist(new, schema=HASH_STORE_SCHEMA))
+        for row in rows:
+            if row["reason"] is None and row["size"] == 0:
+                row["reason"], row["detail"] = RejectReason.UNDECODABLE.value, "0-byte file"
+            if row["reason"] is None and identity_of(row["source_path"], cluster) is None:
+                row["reason"] = RejectReason.NO_IDENTITY.value
+                row["detail"] = "file is directly in PHOTOS_DIR: put it in PHOTOS_DIR/<identity>/ or use --cluster"
+        tables.append(pa.Table.from_pylist(rows, schema=SCAN_SCHEMA))
+    table = pa.concat_tables(tables) if tables else SCAN_SCHEMA.empty_table()
+    return table.sort_by(ORDER), hashed

@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.run import Run, candidates, photo_schema
+from dynamicid.curation.stages import Stage, StageKind, photo_schema
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
 
 SELECT_SCHEMA = photo_schema(("selection", pa.string()))  # selection: "grid" or "diversity" for the kept
@@ -56,38 +56,43 @@ def grid_cells(rows: list[dict]) -> int:
     return len(Counter((r["expression"], r["pose_bin"]) for r in rows))
 
 
-def select(run: Run, label_table: pa.Table) -> pa.Table:
-    config = run.config
-    by_identity: dict[str, list[dict]] = {}
-    for row in candidates(label_table):
-        by_identity.setdefault(row["identity"], []).append(row)
-    out = []
-    with run.stage_timer("select") as stats:
-        for identity in sorted(by_identity):
-            rows = by_identity[identity]
-            if len(rows) < config.min_per_identity:
-                for row in rows:
-                    out.append(
-                        {
-                            **{k: row[k] for k in ("source_path", "identity", "sha256")},
-                            "reason": RejectReason.TOO_FEW_IMAGES.value,
-                            "detail": f"identity '{identity}' has {len(rows)} usable image(s), fewer than --min-per-identity {config.min_per_identity}",
-                            "selection": None,
-                        }
-                    )
-                continue
+class SelectStage(Stage):
+    name = step = "select"
+    kind = StageKind.GROUP
+    settings = ("per_identity", "min_per_identity")
+    input_columns = ("source_path", "identity", "sha256", "expression", "pose_bin", "quality", "embedding")
+
+    def output_schema(self) -> pa.Schema:
+        return SELECT_SCHEMA
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """One identity's rows: too_few_images for all of them, or the chosen ones and over_quota for the rest."""
+        config = self.config
+        rows = batch.to_pylist()
+        identity = rows[0]["identity"] if rows else ""
+        if len(rows) < config.min_per_identity:
+            detail = (
+                f"identity '{identity}' has {len(rows)} usable image(s), fewer than --min-per-identity "
+                f"{config.min_per_identity}"
+            )
+            chosen: dict[str, str] = {}
+            reason = RejectReason.TOO_FEW_IMAGES.value
+        else:
             chosen = choose(rows, config.per_identity)
-            for row in rows:
-                how = chosen.get(row["source_path"])
-                out.append(
-                    {
-                        **{k: row[k] for k in ("source_path", "identity", "sha256")},
-                        "reason": None if how else RejectReason.OVER_QUOTA.value,
-                        "detail": None
-                        if how
-                        else f"identity '{identity}' already has {config.per_identity} images (grid cells first, then the most different faces)",
-                        "selection": how,
-                    }
-                )
-            stats.computed += len(rows)
-    return pa.Table.from_pylist(sorted(out, key=lambda r: r["source_path"]), schema=SELECT_SCHEMA)
+            detail = (
+                f"identity '{identity}' already has {config.per_identity} images (grid cells first, then the "
+                "most different faces)"
+            )
+            reason = RejectReason.OVER_QUOTA.value
+        out = []
+        for row in rows:
+            how = chosen.get(row["source_path"])
+            out.append(
+                {
+                    **{k: row[k] for k in ("source_path", "identity", "sha256")},
+                    "reason": None if how else reason,
+                    "detail": None if how else detail,
+                    "selection": how,
+                }
+            )
+        return pa.Table.from_pylist(out, schema=SELECT_SCHEMA)

@@ -1,22 +1,21 @@
-"""The work folder: one Parquet table per stage, plus append-only caches of per-photo results.
+"""The work folder: one Parquet table per stage, plus content-keyed result stores (`store.py`) under `stores/`.
 
-Expensive results (face detection, description, alignment) are keyed by the photo's content hash and
-appended to `<work>/<cache>/part-NNNNN.parquet` in small batches while a stage runs, so a run killed at any
-moment loses at most one batch and the next run computes only what is missing. A stage's finished table
-`<work>/<stage>.parquet` carries a fingerprint of its inputs in the Parquet metadata; when the fingerprint of
-the next run matches, the stage is skipped entirely.
+A stage's finished table `<work>/<stage>.parquet` is streamed in record batches (`TableWriter`) and appears
+atomically with a fingerprint of its inputs in the Parquet metadata; when the fingerprint of the next run
+matches, the stage is skipped entirely.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FINGERPRINT_KEY = b"dynamicid_fingerprint"
@@ -34,6 +33,67 @@ def write_parquet(table: pa.Table, path: Path, *, fingerprint: str | None = None
     os.replace(tmp, path)
 
 
+class TableWriter:
+    """Streams tables into one Parquet file in row groups of `row_group_rows` (a footer stays small even for a
+    million rows); the file appears (atomically, with its fingerprint) on a clean exit."""
+
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        fingerprint: str | None = None,
+        *,
+        row_group_rows: int = 4096,
+        **options: Any,
+    ):
+        metadata = dict(schema.metadata or {})
+        if fingerprint is not None:
+            metadata[FINGERPRINT_KEY] = fingerprint.encode()
+        self.schema = schema.with_metadata(metadata)
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.row_group_rows = row_group_rows
+        self.options = options
+        self.rows = 0  # written or pending
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> TableWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(self.tmp, self.schema, **self.options)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._pending.append(table.replace_schema_metadata(self.schema.metadata))
+            self._pending_rows += table.num_rows
+            self.rows += table.num_rows
+            if self._pending_rows >= self.row_group_rows:
+                self._flush(whole_groups_only=True)
+
+    def _flush(self, *, whole_groups_only: bool = False) -> None:
+        """Write the pending rows in row groups of `row_group_rows` (keep a last partial one pending, if asked)."""
+        if not self._pending_rows:
+            return
+        assert self._writer is not None
+        table = pa.concat_tables(self._pending)
+        count = table.num_rows - table.num_rows % self.row_group_rows if whole_groups_only else table.num_rows
+        self._writer.write_table(table.slice(0, count), row_group_size=self.row_group_rows)
+        rest = table.slice(count)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        assert self._writer is not None
+        if kind is None:
+            self._flush()
+        self._writer.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 def read_fingerprint(path: Path) -> str | None:
     try:
         metadata = pq.read_schema(path).metadata or {}
@@ -47,14 +107,41 @@ def digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def table_digest(table: pa.Table, columns: Iterable[str]) -> str:
+def table_digest(table: pa.Table, columns: Iterable[str], chunk: int = 65536) -> str:
     """Content hash of some columns (used for the scan table, whose content is the run's real input)."""
     h = hashlib.sha256()
     for name in columns:
-        for value in table.column(name).to_pylist():
-            h.update(repr(value).encode())
-            h.update(b"\x1f")
+        column = table.column(name)
+        for start in range(0, len(column), chunk):
+            for value in column.slice(start, chunk).to_pylist():
+                h.update(repr(value).encode())
+                h.update(b"\x1f")
     return h.hexdigest()[:16]
+
+
+def contiguous_groups(batches: Iterable[pa.Table], column: str) -> Iterator[pa.Table]:
+    """The rows of each run of equal `column` values, one run at a time (for tables sorted by that column)."""
+    pending: list[pa.Table] = []
+    current = None
+    seen: set = set()
+    for batch in batches:
+        values = batch.column(column)
+        cuts = [0, *(pc.indices_nonzero(pc.not_equal(values[1:], values[:-1])).to_numpy() + 1), batch.num_rows]
+        for start, end in itertools.pairwise(cuts):
+            if end == start:
+                continue
+            piece = batch.slice(start, end - start)
+            value = piece.column(column)[0].as_py()
+            if value != current or not pending:
+                if pending:
+                    yield pa.concat_tables(pending).combine_chunks()
+                if value in seen:
+                    raise RuntimeError(f"rows are not grouped by {column} ({value!r} appears twice)")
+                seen.add(value)
+                pending, current = [], value
+            pending.append(piece)
+    if pending:
+        yield pa.concat_tables(pending).combine_chunks()
 
 
 class WorkDir:
@@ -81,61 +168,5 @@ class WorkDir:
     def is_current(self, stage: str, fingerprint: str) -> bool:
         return read_fingerprint(self.table_path(stage)) == fingerprint
 
-    def cache(self, name: str, schema: pa.Schema, key: str) -> ResultCache:
-        return ResultCache(self.root / name, schema, key)
-
-
-class ResultCache:
-    """Rows keyed by `key` (a content hash), appended in batches; later rows win over earlier ones."""
-
-    def __init__(self, folder: Path, schema: pa.Schema, key: str, *, flush_rows: int = 16, flush_seconds: float = 15):
-        self.folder = folder
-        self.schema = schema
-        self.key = key
-        self.flush_rows = flush_rows
-        self.flush_seconds = flush_seconds
-        self._pending: list[dict] = []
-        self._last_flush = time.monotonic()
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
-
-    def load(self) -> dict[str, dict]:
-        rows: dict[str, dict] = {}
-        for part in self._parts():
-            try:
-                table = pq.read_table(part, schema=self.schema)
-            except (OSError, pa.ArrowInvalid):
-                continue  # a part from an older schema or a damaged disk: its rows are recomputed
-            for row in table.to_pylist():
-                rows[row[self.key]] = row
-        return rows
-
-    def add(self, row: dict) -> None:
-        self._pending.append(row)
-        if len(self._pending) >= self.flush_rows or time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        parts = self._parts()
-        number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        table = pa.Table.from_pylist(self._pending, schema=self.schema)
-        write_parquet(table, self.folder / f"part-{number:05d}.parquet")
-        self._pending = []
-        self._last_flush = time.monotonic()
-
-    def compact(self) -> None:
-        """Rewrite all parts as one, so part counts stay small across runs."""
-        self.flush()
-        parts = self._parts()
-        if len(parts) <= 1:
-            return
-        rows = self.load()
-        ordered = [rows[k] for k in sorted(rows)]
-        number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        write_parquet(pa.Table.from_pylist(ordered, schema=self.schema), self.folder / f"part-{number:05d}.parquet")
-        for part in parts:
-            part.unlink(missing_ok=True)
+    def store_path(self, name: str) -> Path:
+        return self.root / "stores" / name

@@ -1,10 +1,15 @@
-"""Stage `write`: the dataset folder (Parquet shards, identities, rejects, card, summary, report)."""
+"""Stage `write`: the dataset folder (Parquet shards, identities, rejects, card, summary, report).
+
+The selected rows are streamed into the shards with their crops read from the crop store a batch at a time;
+only per-identity figures (counts, mean embedding) are held, never the rows.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamicid.curation.select import grid_cells
-from dynamicid.curation.tables import write_parquet
+from dynamicid.curation.tables import TableWriter
 from dynamicid.schemas import (
     DATASET_COLUMNS,
     EXPRESSIONS,
     POSE_BINS,
     dataset_arrow_schema,
     identities_arrow_schema,
-    rejects_arrow_schema,
 )
 
 EXPRESSION_ID = {e: i for i, e in enumerate(EXPRESSIONS)}
@@ -36,56 +40,106 @@ def dataset_row(row: dict) -> dict:
     return out
 
 
-def sort_key(row: dict) -> tuple[str, str]:
-    return (row["identity"], row["source_path"])
+class ShardWriter:
+    """data/train-XXXXX-of-YYYYY.parquet from rows streamed in (already sorted); old shards are removed first."""
+
+    def __init__(self, out_dir: Path, total_rows: int, rows_per_file: int, rows_per_row_group: int):
+        self.data = out_dir / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        for old in self.data.glob(SHARD_GLOB):
+            old.unlink()
+        self.schema = dataset_arrow_schema()
+        self.count = max(1, math.ceil(total_rows / rows_per_file))
+        self.rows_per_file = rows_per_file
+        self.rows_per_row_group = rows_per_row_group
+        self.names: list[str] = []
+        self._writer: TableWriter | None = None
+
+    def _open_next(self) -> TableWriter:
+        name = f"train-{len(self.names):05d}-of-{self.count:05d}.parquet"
+        self.names.append(f"data/{name}")
+        writer = TableWriter(self.data / name, self.schema, row_group_rows=self.rows_per_row_group, compression="zstd")
+        return writer.__enter__()
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows (in order); a new file starts every `rows_per_file` rows."""
+        table = table.cast(self.schema)
+        while table.num_rows:
+            if self._writer is None or self._writer.rows == self.rows_per_file:
+                self._close_current()
+                self._writer = self._open_next()
+            room = self.rows_per_file - self._writer.rows
+            self._writer.write(table.slice(0, room))
+            table = table.slice(room)
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.__exit__(None, None, None)
+            self._writer = None
+
+    def close(self) -> list[str]:
+        self._close_current()
+        while len(self.names) < self.count:  # no rows at all: one shard without a row group
+            self._open_next().__exit__(None, None, None)
+        return self.names
 
 
-def write_shards(out_dir: Path, rows: list[dict], rows_per_file: int, rows_per_row_group: int) -> list[str]:
-    """data/train-XXXXX-of-YYYYY.parquet (rows already sorted); old shards are removed first."""
-    data = out_dir / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for old in data.glob(SHARD_GLOB):
-        old.unlink()
-    schema = dataset_arrow_schema()
-    count = max(1, math.ceil(len(rows) / rows_per_file))
-    names = []
-    for index in range(count):
-        chunk = rows[index * rows_per_file : (index + 1) * rows_per_file]
-        name = f"train-{index:05d}-of-{count:05d}.parquet"
-        if chunk:
-            table = pa.Table.from_pylist(chunk, schema=schema)
-            write_parquet(table, data / name, row_group_size=rows_per_row_group, compression="zstd")
-        else:  # no row group at all: an empty row group makes readers ask for batches of size 0
-            pq.ParquetWriter(data / name, schema).close()
-        names.append(f"data/{name}")
-    return names
+def write_shards(
+    out_dir: Path, rows: Iterable[dict] | pa.Table, rows_per_file: int, rows_per_row_group: int
+) -> list[str]:
+    """All rows at once (already sorted): `merge` uses it; `build` streams through `ShardWriter`."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=dataset_arrow_schema())
+    writer = ShardWriter(out_dir, table.num_rows, rows_per_file, rows_per_row_group)
+    for batch in table.to_batches(max_chunksize=rows_per_row_group):
+        writer.write(pa.Table.from_batches([batch]))
+    return writer.close()
 
 
-def identities_table(rows: list[dict], scanned: Counter, rejected: Counter, embedding_model: str) -> pa.Table:
-    by_identity: dict[str, list[dict]] = {}
-    for row in rows:
-        by_identity.setdefault(row["identity"], []).append(row)
-    out = []
-    for identity in sorted(set(scanned) | set(by_identity)):
-        kept = by_identity.get(identity, [])
-        mean: list[float] = []
-        if kept:
-            m = np.mean([np.asarray(r["embedding"], np.float32) for r in kept], axis=0)
-            mean = (m / max(float(np.linalg.norm(m)), 1e-12)).tolist()
-        out.append(
-            {
-                "identity": identity,
-                "num_images": len(kept),
-                "num_scanned": scanned.get(identity, 0),
-                "num_rejected": rejected.get(identity, 0),
-                "grid_cells_covered": grid_cells(
-                    [{"expression": r["expression"], "pose_bin": r["pose_bin"]} for r in kept]
-                ),
-                "mean_embedding": mean,
-                "embedding_model": kept[0]["embedding_model"] if kept else embedding_model,
+class IdentityTally:
+    """Per identity of the kept rows (streamed in identity order): count, grid cells, mean embedding."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, dict] = {}
+        self._current: str | None = None
+        self._rows: list[dict] = []
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row["identity"] != self._current:
+                self.finish()
+                self._current = row["identity"]
+            self._rows.append(
+                {k: row[k] for k in ("identity", "embedding", "embedding_model", "expression", "pose_bin")}
+            )
+
+    def finish(self) -> None:
+        """Close the identity being added (call after the last rows)."""
+        if self._rows:
+            m = np.mean([np.asarray(r["embedding"], np.float32) for r in self._rows], axis=0)
+            self.kept[self._rows[0]["identity"]] = {
+                "num_images": len(self._rows),
+                "grid_cells_covered": grid_cells(self._rows),
+                "mean_embedding": (m / max(float(np.linalg.norm(m)), 1e-12)).tolist(),
+                "embedding_model": self._rows[0]["embedding_model"],
             }
-        )
-    return pa.Table.from_pylist(out, schema=identities_arrow_schema())
+        self._rows = []
+
+    def table(self, scanned: Counter, rejected: Counter, embedding_model: str) -> pa.Table:
+        out = []
+        for identity in sorted(set(scanned) | set(self.kept)):
+            kept = self.kept.get(identity)
+            out.append(
+                {
+                    "identity": identity,
+                    "num_images": kept["num_images"] if kept else 0,
+                    "num_scanned": scanned.get(identity, 0),
+                    "num_rejected": rejected.get(identity, 0),
+                    "grid_cells_covered": kept["grid_cells_covered"] if kept else 0,
+                    "mean_embedding": kept["mean_embedding"] if kept else [],
+                    "embedding_model": kept["embedding_model"] if kept else embedding_model,
+                }
+            )
+        return pa.Table.from_pylist(out, schema=identities_arrow_schema())
 
 
 def reason_code(reason: str) -> str:
@@ -93,31 +147,16 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def write_tables(
-    out_dir: Path,
-    kept: list[dict],
-    rejects: list[dict],
-    scanned_by_identity: Counter,
-    rejected_by_identity: Counter,
-    embedding_model: str,
-    config,
-) -> list[str]:
-    files = write_shards(out_dir, kept, config.rows_per_file, config.rows_per_row_group)
-    write_parquet(
-        identities_table(kept, scanned_by_identity, rejected_by_identity, embedding_model),
-        out_dir / "identities.parquet",
-    )
-    rejects = sorted(rejects, key=lambda r: r["source_path"])
-    write_parquet(pa.Table.from_pylist(rejects, schema=rejects_arrow_schema()), out_dir / "rejects.parquet")
-    return [*files, "identities.parquet", "rejects.parquet"]
-
-
-def read_dataset(out_dir: Path) -> pa.Table:
-    """All rows of a written dataset folder, in file order."""
+def dataset_files(out_dir: Path) -> list[Path]:
     files = sorted((out_dir / "data").glob(SHARD_GLOB))
     if not files:
         raise FileNotFoundError(f"{out_dir} holds no data/{SHARD_GLOB}: is it a dynamicid-curate output folder?")
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return files
+
+
+def read_dataset(out_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a written dataset folder (only `columns`, when given: leave the images out), in file order."""
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in dataset_files(out_dir)])
 
 
 def data_bytes(out_dir: Path) -> int:

@@ -33,3 +33,29 @@ def shared_faces() -> Path:
     if not SHARED_FACES.is_dir():
         pytest.fail(f"real test photos not found at {SHARED_FACES}")
     return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def identity_photos(tmp_path_factory, shared_faces):
+    """A function: a new PHOTOS_DIR holding copies of the named identity folders of the real test photos."""
+    import shutil
+
+    def make(*identities: str) -> Path:
+        root = tmp_path_factory.mktemp("photos") / "photos"
+        for identity in identities:
+            shutil.copytree(shared_faces / "identities" / identity, root / identity)
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray for `--engine ray` tests: 2 CPUs, a 150 MB object store, no dashboard; shut down at the end.
+
+    Yields the cluster's address, for runs in other processes (`--ray-address`)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=150 << 20, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

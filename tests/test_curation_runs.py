@@ -31,12 +31,22 @@ def side_tables(out_dir):
     return [pq.read_table(out_dir / name).to_pylist() for name in ("identities.parquet", "rejects.parquet")]
 
 
+def kill_at_first_detect_batch(command: list[str], out) -> None:
+    """Start `command` (a build into `out`) and SIGKILL it as soon as its first detect batch is stored."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stores = out / ".work" / "stores"
+    deadline = time.monotonic() + 600
+    while not any(stores.glob("detect-*/part-*.parquet")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the build finished (or failed) before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists()
+
+
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory, shared_faces):
-    root = tmp_path_factory.mktemp("small") / "photos"
-    for identity in IDENTITIES:
-        shutil.copytree(shared_faces / "identities" / identity, root / identity)
-    return root
+def photos(identity_photos):
+    return identity_photos(*IDENTITIES)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +64,7 @@ def test_sigkilled_build_resumes_without_redoing_work_and_matches(photos, refere
         "from dynamicid.curation import build_dataset; "
         f"build_dataset({str(photos)!r}, {str(out)!r}, face_backend='embedded', progress=False)"
     )
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_batch = out / ".work" / "detect-embedded" / "part-00000.parquet"
-    deadline = time.monotonic() + 300
-    while not first_batch.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, "the build finished before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (out / "summary.json").exists()
+    kill_at_first_detect_batch([sys.executable, "-c", code], out)
 
     resumed = build_dataset(photos, out, face_backend="embedded", progress=False)
     detect = resumed["stages"]["detect"]

@@ -19,9 +19,9 @@ from dynamicid.curation.neighbors import (
     hash_pairs,
     similar_pairs,
 )
-from dynamicid.curation.scan import scan
+from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import CELL_ORDER, choose
-from dynamicid.curation.tables import ResultCache, WorkDir
+from dynamicid.curation.store import ResultStore
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
 
 
@@ -144,9 +144,7 @@ def test_scan_accounts_for_every_odd_file(tmp_path):
         cluster=False,
         shard_index=0,
         shard_count=1,
-        hash_cache=WorkDir(tmp_path / "w").cache(
-            "h", pa.schema([("stat_key", pa.string()), ("sha256", pa.string())]), "stat_key"
-        ),
+        hash_store=ResultStore(tmp_path / "w", HASH_STORE_SCHEMA),
     )
     rows = {r["source_path"]: r for r in table.to_pylist()}
     assert set(rows) == {
@@ -170,26 +168,30 @@ def test_shards_split_identities_without_overlap(tmp_path):
     for name in ("ann", "bob", "cat", "dan", "eve"):
         (photos / name).mkdir(parents=True)
         (photos / name / "x.jpg").write_bytes(name.encode())
-    schema = pa.schema([("stat_key", pa.string()), ("sha256", pa.string())])
     seen = []
     for index in range(2):
-        cache = ResultCache(tmp_path / f"h{index}", schema, "stat_key")
-        table, _ = scan(photos, cluster=False, shard_index=index, shard_count=2, hash_cache=cache)
+        store = ResultStore(tmp_path / f"h{index}", HASH_STORE_SCHEMA)
+        table, _ = scan(photos, cluster=False, shard_index=index, shard_count=2, hash_store=store)
         seen.append(set(table.column("identity").to_pylist()))
     assert seen[0] | seen[1] == {"ann", "bob", "cat", "dan", "eve"}
     assert not seen[0] & seen[1]
 
 
-def test_result_cache_survives_partial_writes_and_compacts(tmp_path):
+def test_result_store_finds_rows_by_key_across_parts_and_writers_and_compacts(tmp_path):
     schema = pa.schema([("key", pa.string()), ("value", pa.int64())])
-    cache = ResultCache(tmp_path / "c", schema, "key", flush_rows=2)
-    for i in range(5):
-        cache.add({"key": f"k{i}", "value": i})
-    assert len(ResultCache(tmp_path / "c", schema, "key").load()) == 4  # the 5th is still pending
-    (tmp_path / "c" / ".part-00009.parquet.123.tmp").write_bytes(b"half a file")  # a write cut by a kill
-    cache.compact()
-    assert sorted(p.name for p in (tmp_path / "c").glob("part-*.parquet")) == ["part-00003.parquet"]
-    assert ResultCache(tmp_path / "c", schema, "key").load()["k4"]["value"] == 4
+    writers = [ResultStore(tmp_path / "s", schema), ResultStore(tmp_path / "s", schema)]  # two processes
+    for i in range(40):
+        writers[i % 2].put(pa.table({"key": [f"k{i}"], "value": [i]}))
+    (tmp_path / "s" / ".part-9.parquet.123.tmp").write_bytes(b"half a file")  # a write cut by a kill
+    (tmp_path / "s" / "part-damaged.parquet").write_bytes(b"not parquet")
+    reader = ResultStore(tmp_path / "s", schema)
+    found, rows = reader.get(["k39", "nope", "k0", "k39"])
+    assert found.tolist() == [True, False, True, True]
+    assert rows.column("value").to_pylist() == [39, 0, 39]
+    reader.compact()
+    assert len(list((tmp_path / "s").glob("part-*.parquet"))) == 2  # the merged part and the damaged one
+    found, rows = ResultStore(tmp_path / "s", schema).get([f"k{i}" for i in range(40)])
+    assert found.all() and rows.column("value").to_pylist() == list(range(40))
 
 
 @pytest.mark.parametrize(

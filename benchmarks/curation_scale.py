@@ -1,0 +1,180 @@
+"""Curation at growing photo counts: wall and CPU time, images/s, peak RSS of the whole process tree, disk.
+
+    .venv/bin/python benchmarks/curation_scale.py --copies 1,9 --engines local --workers 2 [--code NAME=PYTHONPATH]
+
+Builds PHOTOS folders from the test identities (../shared/data/faces/identities, 249 photos): copy 0 is the
+folders as they are, every further copy re-encodes each photo (so its bytes differ) into a new identity
+folder `<identity>__cN`. Then runs `dynamicid-curate build` once per (size, engine, code) in a fresh OUT_DIR,
+sampling the RSS of the driver and all its worker processes (psutil, every 0.2 s) and summing them, and prints
+one line each plus the peak-RSS slope per photo between the smallest and the largest size.
+`--code NAME=PATH` (repeatable) runs the same build with PYTHONPATH=PATH, to compare two versions side by side
+(runs are interleaved: size by size, code by code); without it the installed `dynamicid` runs.
+
+`--fake-pack` runs the insightface backend on the tiny random ONNX models that tests/test_faces_insightface.py
+generates (FAKE models, milliseconds per photo; about half the photos get fake faces): every other step
+(decoding, crops, PNGs, tables, stores, shards, report) is real, so the memory and disk figures of the pipeline
+are measured at sizes the real models would need hours for on a loaded machine. Its images/s mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from PIL import Image
+
+SAMPLE_SECONDS = 0.2
+
+
+def make_photos(source: Path, target: Path, copies: int) -> int:
+    """`copies` x the identity folders of `source` under `target` (re-encoded after the first); returns files."""
+    count = 0
+    for copy in range(copies):
+        for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+            name = folder.name if copy == 0 else f"{folder.name}__c{copy}"
+            (target / name).mkdir(parents=True, exist_ok=True)
+            for photo in sorted(p for p in folder.iterdir() if p.is_file()):
+                out = target / name / photo.name
+                if not out.exists():
+                    if copy == 0:
+                        shutil.copyfile(photo, out)
+                    else:
+                        reencode(photo, out, quality=95 - copy % 5)
+                count += 1
+    return count
+
+
+def reencode(photo: Path, out: Path, quality: int) -> None:
+    with Image.open(photo) as image:
+        image.load()
+        buffer = io.BytesIO()
+        if image.format == "JPEG":
+            image.save(buffer, format="JPEG", quality=quality, exif=image.info.get("exif", b""))
+        else:
+            image.save(buffer, format=image.format or "PNG")
+    out.write_bytes(buffer.getvalue())
+
+
+def sample_tree(process: psutil.Process, cpu: dict[int, float]) -> int:
+    """RSS of the process and all its descendants (workers, Ray's processes), summed; 0 once it is gone.
+
+    Also records each process's CPU seconds so far in `cpu` (by pid): Ray's workers are not children this
+    script waits for, so `getrusage(RUSAGE_CHILDREN)` would miss them."""
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        for p in [process, *process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
+    return total
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def fake_pack(folder: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_faces_insightface import make_fake_pack
+
+    return make_fake_pack(folder)
+
+
+def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: str | None, pack: Path | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    if pack is not None:
+        env["DYNAMICID_INSIGHTFACE_ROOT"] = str(pack)
+    command = [sys.executable, "-m", "dynamicid.curation.cli", "build", str(photos), str(out), "--face-backend"]
+    command += ["insightface" if pack else "embedded", "--workers", str(workers), "--no-progress", "--json"]
+    if engine != "local":
+        command += ["--engine", engine]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watched = psutil.Process(process.pid)
+    peak, cpu_by_pid = 0, {}
+    while process.poll() is None:
+        peak = max(peak, sample_tree(watched, cpu_by_pid))
+        time.sleep(SAMPLE_SECONDS)
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"build failed ({process.returncode}): {stderr.strip()[-2000:]}")
+    summary = json.loads(stdout)
+    cpu = sum(cpu_by_pid.values())  # as last sampled (every 0.2 s): a process's final fraction is missed
+    dataset = sum(
+        folder_bytes(out / p.name) if p.is_dir() else p.stat().st_size for p in out.iterdir() if p.name != ".work"
+    )
+    return {
+        "photos": summary["scanned"],
+        "kept": summary["kept"],
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "images_per_s": round(summary["scanned"] / wall, 2),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "work_mib": round(folder_bytes(out / ".work") / 2**20, 1),
+        "dataset_mib": round(dataset / 2**20, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--photos", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/faces/identities"
+    )
+    parser.add_argument("--copies", default="1,9", help="comma-separated copies of the identity folders per size")
+    parser.add_argument("--engines", default="local", help="comma-separated: local,ray")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--code", action="append", default=[], metavar="NAME=PYTHONPATH")
+    parser.add_argument("--tmp", type=Path, default=None, help="where the photo folders and outputs go")
+    parser.add_argument("--fake-pack", action="store_true", help="FAKE tiny insightface models (see above)")
+    args = parser.parse_args()
+    codes = [tuple(c.split("=", 1)) for c in args.code] or [("installed", None)]
+    root = Path(tempfile.mkdtemp(prefix="curation-scale-", dir=args.tmp))
+    pack = fake_pack(root / "fake_pack") if args.fake_pack else None
+    results = []
+    try:
+        for copies in (int(c) for c in args.copies.split(",")):
+            photos = root / f"photos_{copies}"
+            make_photos(args.photos, photos, copies)
+            for engine in args.engines.split(","):
+                for name, pythonpath in codes:
+                    out = root / f"out_{copies}_{engine}_{name}"
+                    figures = run_build(photos, out, engine, args.workers, pythonpath, pack)
+                    backend = "FAKE-insightface" if pack else "embedded"
+                    line = {"code": name, "engine": engine, "workers": args.workers, "backend": backend, **figures}
+                    print(json.dumps(line), flush=True)
+                    results.append(line)
+                    shutil.rmtree(out)
+        for engine in args.engines.split(","):
+            for name, _ in codes:
+                runs = sorted(
+                    (r for r in results if r["engine"] == engine and r["code"] == name), key=lambda r: r["photos"]
+                )
+                if len(runs) >= 2:
+                    small, large = runs[0], runs[-1]
+                    slope = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 1024 / (large["photos"] - small["photos"])
+                    ratio = large["work_mib"] / max(large["dataset_mib"], 1e-9)
+                    print(
+                        f"{name}/{engine}: peak-RSS slope {slope:.1f} KiB/photo between {small['photos']} and "
+                        f"{large['photos']} photos; work/dataset bytes {ratio:.2f} at {large['photos']}",
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The face backend of a run, resolved once in the driver: its name, model folder and a digest of its model files.
+
+`auto` and `$DYNAMICID_INSIGHTFACE_ROOT` are looked at here only; workers build exactly the resolved backend,
+and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, pointing the variable at
+another pack or changing `--face-backend` between runs never reuses results of the other models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from dynamicid.curation.neighbors import cosine_threshold
+from dynamicid.curation.stages import BackendInfo, StageSetupError, digest
+
+_ANALYZERS: dict[BackendInfo, Any] = {}
+
+
+def _package_files(package: str, patterns: tuple[str, ...]) -> list[Path]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return sorted(p for pattern in patterns for p in root.glob(pattern))
+
+
+def model_files(name: str, root: Path | None) -> list[Path]:
+    """The files whose content decides the backend's results (for the digest; not a loader)."""
+    from dynamicid.faces.model_files import dlib_model, fer_model
+
+    expression = [fer_model()]
+    if name == "insightface":
+        from dynamicid.faces.insightface_backend import find_pack_folder
+
+        return [*sorted(find_pack_folder(root).glob("*.onnx")), *expression]
+    mediapipe = _package_files("mediapipe", ("modules/face_detection/*.tflite", "modules/face_landmark/*.tflite"))
+    dlib = [
+        dlib_model(n) for n in ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
+    ]
+    return [*mediapipe, *dlib, *expression]
+
+
+def files_digest(files: list[Path]) -> str:
+    """Names, sizes and modification times (a changed file changes the digest without reading 100 MB)."""
+    parts = []
+    for path in files:
+        st = path.stat()
+        parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+    return digest(*parts)
+
+
+def build_analyzer(name: str, root: str | None) -> Any:
+    """A FaceAnalyzer for exactly this backend; a missing or broken model folder is a StageSetupError."""
+    from dynamicid.faces import FaceAnalyzer
+
+    try:
+        return FaceAnalyzer(backend=name, **({"insightface_root": root} if root else {}))
+    except Exception as error:  # the backends raise FileNotFoundError, ValueError, ONNX and dlib errors
+        where = f" (model folder {root})" if root else ""
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise StageSetupError(f"the {name} face backend cannot start{where}: {message}") from error
+
+
+def resolve_backend(requested: str, dup_embedding_fraction: float) -> tuple[BackendInfo, Any]:
+    """Resolve `auto`, build the analyzer once here (so a bad model folder fails before any work) and describe it."""
+    from dynamicid.faces.analyzer import find_insightface_root
+
+    root = find_insightface_root({})
+    name = requested
+    if requested == "auto":
+        name = "insightface" if root is not None and root.is_dir() else "embedded"
+    root_text = str(root.absolute()) if name == "insightface" and root is not None else None
+    analyzer = build_analyzer(name, root_text)
+    try:
+        files = model_files(name, Path(root_text) if root_text else None)
+    except FileNotFoundError as error:
+        raise StageSetupError(f"the {name} face backend cannot start: {error}") from error
+    info = BackendInfo(
+        name=name,
+        root=root_text,
+        digest=digest(name, analyzer.embedding_model, files_digest(files)),
+        embedding_model=str(analyzer.embedding_model),
+        same_person_threshold=float(analyzer.same_person_threshold),
+        same_person_cos=cosine_threshold(analyzer.distance, analyzer.same_person_threshold, analyzer.embedding_dim),
+        duplicate_cos=cosine_threshold(
+            analyzer.distance, dup_embedding_fraction * analyzer.same_person_threshold, analyzer.embedding_dim
+        ),
+    )
+    _ANALYZERS[info] = analyzer
+    return info, analyzer
+
+
+def analyzer_for(info: BackendInfo) -> Any:
+    """This process's analyzer for the resolved backend (built once per process)."""
+    if info not in _ANALYZERS:
+        _ANALYZERS[info] = build_analyzer(info.name, info.root)
+    return _ANALYZERS[info]

@@ -1,0 +1,188 @@
+"""The local engine: this process plus a pool of worker processes, streaming Parquet record batches.
+
+Memory is bounded whatever the photo count: a MAP stage holds a few batches (at most two per worker in
+flight), a GROUP stage one identity's rows, a GLOBAL stage only its small input columns. Results are written
+in the input's order, so any number of workers gives the same table.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from dynamicid.curation.stages import COMPUTED, ORDER, Stage, StageKind, StageSetupError, StageStats
+from dynamicid.curation.tables import TableWriter, contiguous_groups
+
+READ_ROWS = 1024  # rows per record batch read from a stage table
+
+_WORKER_STAGE: Stage | None = None
+_WORKER_ERROR: str | None = None
+
+
+def _init_worker(stage: Stage) -> None:
+    global _WORKER_STAGE, _WORKER_ERROR
+    _WORKER_STAGE, _WORKER_ERROR = stage, None
+    try:
+        stage.setup()
+    except StageSetupError as error:
+        _WORKER_ERROR = str(error)  # reported with the first batch: a pool whose initializer raises never ends
+
+
+def _process_in_worker(batch: pa.Table) -> pa.Table:
+    if _WORKER_ERROR is not None:
+        raise StageSetupError(_WORKER_ERROR)
+    assert _WORKER_STAGE is not None
+    return _WORKER_STAGE.process(batch)
+
+
+def candidate_batches(
+    source: Path, columns: list[str], size: int, *, only_candidates: bool = True
+) -> Iterator[pa.Table]:
+    """Candidate rows (reason null; every row if not `only_candidates`) of a stage table, in table order,
+    `size` rows at a time."""
+    file = pq.ParquetFile(source)
+    wanted = list(dict.fromkeys([*columns, "reason"]))
+    pending: list[pa.Table] = []
+    count = 0
+    for record in file.iter_batches(batch_size=READ_ROWS, columns=wanted):
+        table = pa.Table.from_batches([record])
+        if only_candidates:
+            table = table.filter(pc.is_null(table.column("reason")))
+        table = table.select(columns)
+        while table.num_rows:
+            take = min(size - count, table.num_rows)
+            pending.append(table.slice(0, take))
+            count += take
+            table = table.slice(take)
+            if count == size:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, count = [], 0
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def identity_groups(source: Path, columns: list[str]) -> Iterator[pa.Table]:
+    """All candidate rows of one identity at a time (tables are sorted by identity, so groups are contiguous)."""
+    return contiguous_groups(candidate_batches(source, columns, READ_ROWS), "identity")
+
+
+def read_candidates(source: Path, columns: list[str]) -> pa.Table:
+    """Every candidate row of a stage table, only `columns` (for small columns: GLOBAL steps, write)."""
+    tables = list(candidate_batches(source, columns, READ_ROWS))
+    return pa.concat_tables(tables) if tables else pq.read_schema(source).empty_table().select(columns)
+
+
+def output_layout(stage: Stage, source: Path) -> tuple[pa.Schema, list[str], list[str]]:
+    """The written table's schema (the stage's own columns, then the carried ones), the carried columns, and
+    the columns to read from `source` (every engine writes exactly this layout)."""
+    own = [f for f in stage.output_schema() if f.name != COMPUTED]
+    carried = [n for n in stage.carry_columns if n not in {f.name for f in own}]
+    schema = pa.schema([*own, *(pq.read_schema(source).field(n) for n in carried)])
+    return schema, carried, list(dict.fromkeys([*stage.input_columns, *carried]))
+
+
+def stage_output(stage: Stage, batch: pa.Table, carried: list[str]) -> pa.Table:
+    """`stage.process` on a batch of candidate rows (all the `output_layout` columns), plus the carried columns."""
+    return with_carried(stage, batch, stage.process(batch.select(list(stage.input_columns))), carried)
+
+
+def with_carried(stage: Stage, batch: pa.Table, out: pa.Table, carried: list[str]) -> pa.Table:
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"stage {stage.name} returned {out.num_rows} rows for {batch.num_rows}")
+    for name in carried:
+        out = out.append_column(batch.schema.field(name), batch.column(name))
+    return out
+
+
+def _count_candidates(source: Path) -> int:
+    """Rows still in the running: those without a reject reason."""
+    return pq.read_table(source, columns=["reason"]).column("reason").null_count
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, *, workers: int, progress: bool):
+        self.workers = workers
+        self.progress = progress
+
+    def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
+        start = time.perf_counter()
+        stats = StageStats()
+        schema, carried, columns = output_layout(stage, source)
+        total = _count_candidates(source)
+        bar = tqdm(total=total, desc=stage.name, unit="photo", disable=not self.progress or not total, leave=False)
+        try:
+            with TableWriter(target, schema, fingerprint) as writer:
+                if stage.kind is StageKind.GLOBAL:
+                    outputs = self._run_global(stage, source, carried)
+                elif stage.kind is StageKind.GROUP:
+                    stage.setup()
+                    outputs = (stage_output(stage, group, carried) for group in identity_groups(source, columns))
+                else:
+                    outputs = self._run_map(stage, candidate_batches(source, columns, stage.batch_size), carried)
+                for table in outputs:
+                    writer.write(stats.account(table).select(schema.names).cast(schema))
+                    bar.update(table.num_rows)
+        finally:
+            bar.close()
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _run_global(self, stage: Stage, source: Path, carried: list[str]) -> Iterator[pa.Table]:
+        """All candidates' input columns at once; carried columns joined back by position, streamed."""
+        stage.setup()
+        inputs = read_candidates(source, list(stage.input_columns))
+        out = stage.process(inputs)
+        same = out.num_rows == 0 or pc.all(pc.equal(out.column("identity"), inputs.column("identity"))).as_py()
+        if not same:  # identities changed (clustering): re-sort; only small columns may be carried through
+            if carried:
+                out = with_carried(stage, read_candidates(source, carried), out, carried)
+            yield out.sort_by(ORDER)
+            return
+        if not carried:
+            yield out
+            return
+        offset = 0  # the output is in table order: join the carried columns batch by batch
+        for batch in candidate_batches(source, carried, READ_ROWS):
+            yield with_carried(stage, batch, out.slice(offset, batch.num_rows), carried)
+            offset += batch.num_rows
+
+    def _run_map(self, stage: Stage, batches: Iterator[pa.Table], carried: list[str]) -> Iterator[pa.Table]:
+        inputs = list(stage.input_columns)
+        if self.workers <= 1 or not stage.pooled:
+            stage.setup()
+            for batch in batches:
+                yield stage_output(stage, batch, carried)
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(stage,)) as pool:
+            in_flight: list[tuple[pa.Table, Future]] = []
+            try:
+                for batch in batches:
+                    in_flight.append((batch, pool.submit(_process_in_worker, batch.select(inputs))))
+                    if len(in_flight) >= 2 * self.workers:
+                        done, future = in_flight.pop(0)
+                        yield with_carried(stage, done, future.result(), carried)
+                while in_flight:
+                    done, future = in_flight.pop(0)
+                    yield with_carried(stage, done, future.result(), carried)
+            except BrokenProcessPool as error:
+                raise StageSetupError(
+                    f"a worker process of stage {stage.name} died ({error}); rerun with --workers 1 to see why"
+                ) from error
+            finally:
+                for _, future in in_flight:
+                    future.cancel()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,199 @@
+"""The stage contract: one set of stage classes that every engine runs (`local` now, Ray Data next).
+
+Modelled on NeMo Curator's `ProcessingStage` (a name, declared resources, `setup()` once per worker, a batch
+function), with what curation adds: rejects with reasons, content-keyed result stores and fingerprints.
+
+Tables
+    A run is a chain of stage tables, one row per photo, keyed by `source_path`. Every table starts with
+    `PHOTO_FIELDS` (source_path, identity, sha256, reason, detail); `reason` is null while the photo is still a
+    candidate. Every stage table is stored sorted by (identity, source_path) (`ORDER`), so one identity's rows
+    are contiguous and a per-identity step can stream over them.
+
+What a stage receives and returns
+    `process(batch)` receives candidate rows (reason null) of the previous stage's table, restricted to
+    `input_columns`, as a `pyarrow.Table`, and returns exactly one row per input row, in the input's order,
+    with schema `output_schema()`. A non-null `reason` rejects the row (say why in `detail`); the engine never
+    drops or invents rows. The engine then appends the input's `carry_columns` that process() did not return,
+    so the written table is `output_schema()` + carried fields. The optional boolean column `COMPUTED` says which rows' expensive work ran in
+    this call (the rest came from a store); engines sum it into the run's stats and drop it before writing.
+
+Kinds (`stage.kind`; an engine maps each to its own operator)
+    MAP     row-independent: any batching gives the same rows (engines use `batch_size`). May run models
+            (`uses_models`); the local engine runs it in a process pool, Ray in an actor pool (`map_batches`).
+    GROUP   one call per identity with all of that identity's candidate rows (sorted by source_path): the
+            quadratic work of identify / near-duplicate dedupe / select stays inside one identity
+            (local: streamed group by group; Ray: `groupby("identity").map_groups`).
+    GLOBAL  one call with every candidate row, but only `input_columns`, which are small (hashes, paths,
+            embeddings: never images or landmarks). It may change `identity` (clustering); the engine re-sorts.
+
+Lifecycle and resources
+    A stage object is built in the driver from a picklable `StageContext` and shipped to workers as is.
+    `setup()` runs once per worker (process or actor) before its first batch: it builds the FaceAnalyzer (for
+    the *resolved* backend in `context.backend`) and opens the stores. A setup that cannot succeed (a bad
+    model folder) raises `StageSetupError` with one line saying what to fix; engines stop the run with it.
+    `resources` declares cpus and a gpus fraction per worker (gpus only for model stages, when CUDA is there).
+    `finish()` runs once in the driver after the engine is done with the stage (the pipeline calls it).
+
+Caching and resume
+    Expensive per-photo results (detections, face descriptions, crops) live in content-keyed `ResultStore`s
+    under the work folder: `process()` looks its keys up, computes only what is missing and appends it as a
+    new part file before returning. Concurrent writers are safe (part names are unique), so a killed run loses
+    at most the batches in flight, under either engine. Store keys are digests of the real inputs (file bytes,
+    resolved backend and its model files, the inputs handed to the model), never of names or settings that
+    could change under them. A stage's finished table carries `fingerprint(upstream)`: the digest of the
+    stage name, its `version`, the values of its `settings`, the resolved backend (model stages) and the
+    fingerprint of the table it read. An equal fingerprint means the table is current and the stage is skipped.
+
+Engines
+    An engine (`curation/engines/`) implements `Engine.run_stage(stage, source, target, fingerprint)`: read the
+    candidate rows of the table at `source`, run `stage` according to its kind, write its output sorted by
+    `ORDER` to `target` (Parquet, `fingerprint` in the schema metadata, `COMPUTED` dropped), and return the
+    `StageStats`. The steps around the stages are shared by every engine and run in the driver: `scan` (walk
+    and hash PHOTOS_DIR into the first table) and `write` (stream the selected rows and their crops into the
+    dataset shards, rejects, identities, card, report).
+
+The chain (`pipeline.build_stages(context)` returns it in order; table = <work>/<name>.parquet)
+    scan (driver) -> detect MAP (models) -> describe MAP (models) -> identify GROUP (GLOBAL with --cluster)
+    -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crops into the crop store) -> label MAP
+    -> select GROUP -> write (driver)
+
+Steps
+    `step` is the user-facing stage the class belongs to (CLI command, rejects' `stage` column, summary
+    stats): several classes may make up one step (`describe` + `identify` are the step `identify`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.tables import digest
+
+PHOTO_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("source_path", pa.string()),
+    ("identity", pa.string()),
+    ("sha256", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+]
+ORDER: list[tuple[str, str]] = [("identity", "ascending"), ("source_path", "ascending")]
+COMPUTED = "_computed"  # optional bool column of a stage's output: this row's expensive work ran in this call
+
+
+class StageKind(enum.Enum):
+    MAP = "map"
+    GROUP = "group"
+    GLOBAL = "global"
+
+
+class StageSetupError(RuntimeError):
+    """A worker could not set a stage up (models missing or broken): one line that says what to fix."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0
+    gpus: float = 0.0  # a fraction of one GPU per worker (model stages, when CUDA is present)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """The face backend as resolved once in the driver; workers build exactly this one."""
+
+    name: str  # "embedded" or "insightface" (never "auto")
+    root: str | None  # the insightface model folder, resolved to an absolute path
+    digest: str  # of the backend name and its model files (names, sizes, mtimes): a changed model = new results
+    embedding_model: str
+    same_person_threshold: float  # in the backend's own distance (for messages)
+    same_person_cos: float  # the backend's same-person threshold as a cosine similarity (unit embeddings)
+    duplicate_cos: float  # near-duplicate threshold (dup_embedding_fraction of the same-person distance)
+
+    def options(self) -> dict[str, str]:
+        """Keyword options for `FaceAnalyzer` that pin this resolution (no `auto`, no environment lookup)."""
+        return {"insightface_root": self.root} if self.root else {}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Everything a stage needs on any worker (picklable; paths are absolute)."""
+
+    photos_dir: Path
+    work_dir: Path
+    config: CurationConfig
+    backend: BackendInfo
+
+
+def photo_schema(*extra: tuple[str, pa.DataType] | pa.Field) -> pa.Schema:
+    return pa.schema([*PHOTO_FIELDS, *extra])
+
+
+class Stage:
+    """Base class of every curation stage (see the module docstring for the contract)."""
+
+    name: ClassVar[str]  # unique; also the work table's file name (<work>/<name>.parquet)
+    step: ClassVar[str]  # the user-facing stage it belongs to
+    kind: StageKind = StageKind.MAP  # an instance attribute may override it (identify: GROUP or GLOBAL)
+    version: ClassVar[str] = "1"  # bump when the stage's output changes for the same inputs
+    settings: ClassVar[tuple[str, ...]] = ()  # CurationConfig fields its result depends on
+    input_columns: ClassVar[tuple[str, ...]] = ("source_path", "identity", "sha256")
+    # Columns of the input table that the engine copies into the output next to process()'s own columns
+    # (process() never needs to see them; for GLOBAL stages this is how large columns skip the global step).
+    carry_columns: ClassVar[tuple[str, ...]] = ()
+    uses_models: ClassVar[bool] = False  # setup() builds a FaceAnalyzer: one per worker
+    pooled: ClassVar[bool] = False  # worth worker processes/actors (models, image decoding); else the driver runs it
+    batch_size: ClassVar[int] = 16  # rows per MAP batch (also the store's flush unit: a kill loses one batch)
+
+    def __init__(self, context: StageContext):
+        self.context = context
+        self.config = context.config
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, gpus=0.0)
+
+    def output_schema(self) -> pa.Schema:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Once per worker before the first batch (models, stores)."""
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Once in the driver after every batch ran, by the pipeline (no engine calls it): compact stores."""
+
+    def fingerprint(self, upstream: str) -> str:
+        values = asdict(self.config)
+        chosen = json.dumps({k: values[k] for k in self.settings}, sort_keys=True)
+        return digest(self.name, self.version, chosen, self.context.backend.digest, upstream)
+
+    def source(self, relative: str) -> str:
+        return str(self.context.photos_dir / relative)
+
+
+@dataclass
+class StageStats:
+    """Per step, summed over its stages: what an engine returns from `run_stage`."""
+
+    computed: int = 0  # rows whose expensive work ran in this call
+    reused: int = 0  # rows whose result came from a store or an earlier run
+    seconds: float = 0.0
+    skipped: bool = False  # the table was current: nothing ran
+
+    def account(self, table: pa.Table) -> pa.Table:
+        """Count a stage's output batch (its `COMPUTED` flags, else every row) and return it without them."""
+        if COMPUTED not in table.column_names:
+            self.computed += table.num_rows
+            return table
+        done = pc.sum(table.column(COMPUTED)).as_py() or 0
+        self.computed += done
+        self.reused += table.num_rows - done
+        return table.drop_columns([COMPUTED])
