@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 SAMPLE_SECONDS = 0.2
 
@@ -50,19 +50,22 @@ def make_photos(source: Path, target: Path, copies: int) -> int:
                     if copy == 0:
                         shutil.copyfile(photo, out)
                     else:
-                        reencode(photo, out, quality=95 - copy % 5)
+                        reencode(photo, out, copy)
                 count += 1
     return count
 
 
-def reencode(photo: Path, out: Path, quality: int) -> None:
+def reencode(photo: Path, out: Path, copy: int) -> None:
+    """Decode and encode again, with the copy number inside the file, so every copy's bytes differ."""
     with Image.open(photo) as image:
         image.load()
         buffer = io.BytesIO()
         if image.format == "JPEG":
-            image.save(buffer, format="JPEG", quality=quality, exif=image.info.get("exif", b""))
+            image.save(buffer, format="JPEG", quality=95, comment=f"copy {copy}", exif=image.info.get("exif", b""))
         else:
-            image.save(buffer, format=image.format or "PNG")
+            info = PngImagePlugin.PngInfo()
+            info.add_text("copy", str(copy))
+            image.save(buffer, format="PNG", pnginfo=info)
     out.write_bytes(buffer.getvalue())
 
 
