@@ -69,13 +69,16 @@ def reencode(photo: Path, out: Path, copy: int) -> None:
     out.write_bytes(buffer.getvalue())
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """RSS of the process and all its descendants (workers), summed; 0 once it is gone."""
+def tree_rss(process: psutil.Process, peaks: dict[int, int]) -> int:
+    """RSS of the process and all its descendants (workers), summed (0 once it is gone); `peaks` keeps each
+    process's own peak, which unlike the peak of the sum does not grow with the number of samples."""
     total = 0
     with contextlib.suppress(psutil.Error):
         for p in [process, *process.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
     return total
 
 
@@ -104,9 +107,9 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watched = psutil.Process(process.pid)
-    peak = 0
+    peak, peaks = 0, {}
     while process.poll() is None:
-        peak = max(peak, tree_rss(watched))
+        peak = max(peak, tree_rss(watched, peaks))
         time.sleep(SAMPLE_SECONDS)
     stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
@@ -125,6 +128,7 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
         "cpu_s": round(cpu, 1),
         "images_per_s": round(summary["scanned"] / wall, 2),
         "peak_rss_mib": round(peak / 2**20, 1),
+        "process_peaks_mib": sorted((round(v / 2**20, 1) for v in peaks.values()), reverse=True)[:4],
         "work_mib": round(folder_bytes(out / ".work") / 2**20, 1),
         "dataset_mib": round(dataset / 2**20, 1),
     }
