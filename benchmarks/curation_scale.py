@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 SAMPLE_SECONDS = 0.2
 
@@ -49,32 +49,38 @@ def make_photos(source: Path, target: Path, copies: int) -> int:
                     if copy == 0:
                         shutil.copyfile(photo, out)
                     else:
-                        reencode(photo, out, quality=95 - copy % 5)
+                        reencode(photo, out, copy)
                 count += 1
     return count
 
 
-def reencode(photo: Path, out: Path, quality: int) -> None:
+def reencode(photo: Path, out: Path, copy: int) -> None:
+    """Decode and encode again, with the copy number inside the file, so every copy's bytes differ."""
     with Image.open(photo) as image:
         image.load()
         buffer = io.BytesIO()
         if image.format == "JPEG":
-            image.save(buffer, format="JPEG", quality=quality, exif=image.info.get("exif", b""))
+            image.save(buffer, format="JPEG", quality=95, comment=f"copy {copy}", exif=image.info.get("exif", b""))
         else:
-            image.save(buffer, format=image.format or "PNG")
+            info = PngImagePlugin.PngInfo()
+            info.add_text("copy", str(copy))
+            image.save(buffer, format="PNG", pnginfo=info)
     out.write_bytes(buffer.getvalue())
 
 
-def sample_tree(process: psutil.Process, cpu: dict[int, float]) -> int:
+def sample_tree(process: psutil.Process, cpu: dict[int, float], peaks: dict[int, int]) -> int:
     """RSS of the process and all its descendants (workers, Ray's processes), summed; 0 once it is gone.
 
-    Also records each process's CPU seconds so far in `cpu` (by pid): Ray's workers are not children this
-    script waits for, so `getrusage(RUSAGE_CHILDREN)` would miss them."""
+    Also records each process's CPU seconds so far in `cpu` and its own peak RSS in `peaks` (by pid): Ray's
+    workers are not children this script waits for, so `getrusage(RUSAGE_CHILDREN)` would miss them, and a
+    process's own peak, unlike the peak of the sum, does not grow with the number of samples."""
     total = 0
     with contextlib.suppress(psutil.Error):
         for p in [process, *process.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
                 times = p.cpu_times()
                 cpu[p.pid] = times.user + times.system
     return total
@@ -104,9 +110,9 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watched = psutil.Process(process.pid)
-    peak, cpu_by_pid = 0, {}
+    peak, cpu_by_pid, peaks = 0, {}, {}
     while process.poll() is None:
-        peak = max(peak, sample_tree(watched, cpu_by_pid))
+        peak = max(peak, sample_tree(watched, cpu_by_pid, peaks))
         time.sleep(SAMPLE_SECONDS)
     stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
@@ -124,6 +130,7 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
         "cpu_s": round(cpu, 1),
         "images_per_s": round(summary["scanned"] / wall, 2),
         "peak_rss_mib": round(peak / 2**20, 1),
+        "process_peaks_mib": sorted((round(v / 2**20, 1) for v in peaks.values()), reverse=True)[:4],
         "work_mib": round(folder_bytes(out / ".work") / 2**20, 1),
         "dataset_mib": round(dataset / 2**20, 1),
     }
