@@ -25,7 +25,7 @@ from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
 from dynamicid.curation.detect import DetectStage
 from dynamicid.curation.engines import Engine, EngineUnavailable, make_engine
-from dynamicid.curation.engines.local import READ_ROWS, candidate_batches
+from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates
 from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import DescribeStage, IdentifyStage
 from dynamicid.curation.label import LabelStage
@@ -174,11 +174,6 @@ def run_scan(run: Run) -> int:
     return table.num_rows
 
 
-def _count_candidates(path: Path) -> int:
-    column = pq.read_table(path, columns=["reason"]).column("reason")
-    return len(column) - column.null_count
-
-
 def run_stage(run: Run, step: str) -> int:
     """Run one step (its stages, each from its predecessor's table; skipped when its inputs are unchanged).
 
@@ -201,7 +196,7 @@ def run_stage(run: Run, step: str) -> int:
                 )
             fingerprint = stage.fingerprint(read_fingerprint(source) or "")
             if run.work.is_current(stage.name, fingerprint):
-                stats.reused += _count_candidates(source)
+                stats.reused += count_candidates(source)
             else:
                 try:
                     done = run.engine.run_stage(stage, source, run.work.table_path(stage.name), fingerprint)

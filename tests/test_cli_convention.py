@@ -334,7 +334,7 @@ def test_ctrl_c_during_build_exits_130_and_the_rerun_resumes(photos, tmp_path):
     out = tmp_path / "ds"
 
     def detect_started(_: str) -> bool:
-        return any("detect" in str(p) for p in (out / ".work").rglob("*.parquet"))
+        return any((out / ".work" / "stores").glob("detect-*/part-*.parquet"))  # a detect batch is stored
 
     code, stderr = interrupt_when([SCRIPTS / "dynamicid-curate", "build", photos, out], detect_started, tmp_path)
     assert code == 130, stderr

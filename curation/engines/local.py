@@ -103,7 +103,7 @@ def with_carried(stage: Stage, batch: pa.Table, out: pa.Table, carried: list[str
     return out
 
 
-def _count_candidates(source: Path) -> int:
+def count_candidates(source: Path) -> int:
     """Rows still in the running: those without a reject reason."""
     return pq.read_table(source, columns=["reason"]).column("reason").null_count
 
@@ -119,7 +119,7 @@ class LocalEngine:
         start = time.perf_counter()
         stats = StageStats()
         schema, carried, columns = output_layout(stage, source)
-        total = _count_candidates(source)
+        total = count_candidates(source)
         bar = tqdm(total=total, desc=stage.name, unit="photo", disable=not self.progress or not total, leave=False)
         try:
             with TableWriter(target, schema, fingerprint) as writer:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dynamicid.curation.engines import EngineUnavailable
-from dynamicid.curation.engines.local import LocalEngine, _count_candidates, output_layout, stage_output
+from dynamicid.curation.engines.local import LocalEngine, count_candidates, output_layout, stage_output
 from dynamicid.curation.stages import Stage, StageKind, StageSetupError, StageStats
 from dynamicid.curation.tables import TableWriter
 
@@ -115,7 +115,7 @@ class RayEngine:
         schema, carried, columns = output_layout(stage, source)
         stats = StageStats()
         with TableWriter(target, schema, fingerprint) as writer:
-            if _count_candidates(source):
+            if count_candidates(source):
                 try:
                     for block in self._dataset(stage, source, columns, carried).iter_batches(
                         batch_size=None, batch_format="pyarrow"
