@@ -316,7 +316,14 @@ def interrupt_when(command: list, ready, tmp_path: Path, timeout: float = 300) -
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: more threads only contend on a busy machine
-        process = subprocess.Popen([str(c) for c in command], stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        # A job started in the background by a shell (as CI may be) inherits SIGINT ignored; the child must not.
+        process = subprocess.Popen(
+            [str(c) for c in command],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.monotonic() + timeout
         while not ready(log.read_text()) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
