@@ -16,9 +16,12 @@ from dynamicid.schemas.dataset import (
     rejects_arrow_schema,
 )
 from dynamicid.schemas.labels import (
+    APPROXIMATE_SOURCE_EXPRESSIONS,
+    EXPRESSION_CONFIDENCE_LOW,
     EXPRESSIONS,
     FER2013_TO_EXPRESSION,
     POSE_BINS,
+    SOURCE_EXPRESSIONS,
     YAW_FRONT_LIMIT,
     YAW_SLIGHT_LIMIT,
     PoseBin,
@@ -35,15 +38,18 @@ from dynamicid.schemas.rejects import RejectReason
 
 __all__ = [
     "ANCHOR_CAPTION_TEMPLATE",
+    "APPROXIMATE_SOURCE_EXPRESSIONS",
     "CHECKPOINT_FORMAT_VERSION",
     "DATASET_COLUMNS",
     "EXPRESSIONS",
+    "EXPRESSION_CONFIDENCE_LOW",
     "FACE_PROMPT_TEMPLATE",
     "FER2013_TO_EXPRESSION",
     "IDENTITY_COLUMNS",
     "POSE_BINS",
     "RECONFIGURE_UNET_PROMPT",
     "REJECT_COLUMNS",
+    "SOURCE_EXPRESSIONS",
     "YAW_FRONT_LIMIT",
     "YAW_SLIGHT_LIMIT",
     "CheckpointMetadata",
