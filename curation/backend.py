@@ -1,8 +1,9 @@
 """The face backend of a run, resolved once in the driver: its name, model folder and a digest of its model files.
 
 `auto` and `$DYNAMICID_INSIGHTFACE_ROOT` are looked at here only; workers build exactly the resolved backend,
-and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, pointing the variable at
-another pack or changing `--face-backend` between runs never reuses results of the other models.
+and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, a new expression calibration
+(its version), pointing the variable at another pack or changing `--face-backend` between runs never reuses
+results of the other models.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def resolve_backend(requested: str, dup_embedding_fraction: float) -> tuple[Back
     info = BackendInfo(
         name=name,
         root=root_text,
-        digest=digest(name, analyzer.embedding_model, files_digest(files)),
+        digest=digest(name, analyzer.embedding_model, analyzer.expression_model, files_digest(files)),
         embedding_model=str(analyzer.embedding_model),
         same_person_threshold=float(analyzer.same_person_threshold),
         same_person_cos=cosine_threshold(analyzer.distance, analyzer.same_person_threshold, analyzer.embedding_dim),

@@ -38,6 +38,7 @@ FACE_DESCRIPTION = pa.struct(
         ("roll", pa.float32()),
         ("expression", pa.string()),
         ("expression_scores", pa.list_(pa.float32(), 7)),
+        ("expression_confidence", pa.float32()),
         ("phash", pa.int64()),
         ("phash_mirror", pa.int64()),
         ("sharpness", pa.float32()),
