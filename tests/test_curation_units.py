@@ -121,7 +121,9 @@ def test_select_with_more_cells_than_room_prefers_rare_cells():
 def test_select_fills_a_cell_with_a_sure_label_before_a_larger_unsure_one():
     poses = [b.name for b in POSE_BINS]
     rows = label_rows([(EXPRESSIONS[3], poses[4])] * 3)
-    for row, confidence, size in zip(rows, [EXPRESSION_CONFIDENCE_LOW - 0.01, EXPRESSION_CONFIDENCE_LOW, 0.2], [500.0, 50.0, 300.0], strict=True):
+    for row, confidence, size in zip(
+        rows, [EXPRESSION_CONFIDENCE_LOW - 0.01, EXPRESSION_CONFIDENCE_LOW, 0.2], [500.0, 50.0, 300.0], strict=True
+    ):
         row["expression_confidence"], row["quality"]["face_size"] = confidence, size  # the only sure one is smallest
     assert choose(rows, 1) == {"p/001.jpg": "grid"}
     for row in rows:  # all unsure: the largest again
