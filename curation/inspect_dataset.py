@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from dynamicid.curation.write import read_dataset
-from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS
+from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
 
 UNSURE_EXAMPLES = 20  # the least confident labels listed by name
 
@@ -20,13 +20,13 @@ def expression_confidence(rows: list[dict]) -> dict:
     for r in rows:
         by_expression.setdefault(EXPRESSIONS[r["expression"]], []).append(r["expression_confidence"])
     unsure = sorted(
-        (r for r in rows if r["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW),
+        (r for r in rows if unsure_expression(r["expression_confidence"])),
         key=lambda r: (r["expression_confidence"], r["source_path"]),
     )
     return {
         "threshold": EXPRESSION_CONFIDENCE_LOW,
         "by_expression": {
-            e: {"mean": round(sum(c) / len(c), 3), "unsure": sum(x < EXPRESSION_CONFIDENCE_LOW for x in c)}
+            e: {"mean": round(sum(c) / len(c), 3), "unsure": sum(map(unsure_expression, c))}
             for e, c in sorted(by_expression.items(), key=lambda item: EXPRESSIONS.index(item[0]))
         },
         "unsure": len(unsure),

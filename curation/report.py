@@ -20,7 +20,7 @@ from PIL import Image
 
 from dynamicid.curation.tables import contiguous_groups
 from dynamicid.curation.write import dataset_files
-from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS
+from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
 
 MAX_REJECT_EXAMPLES = 12  # per identity (and for files outside any identity)
 
@@ -105,14 +105,14 @@ def _rejects_by_folder(out_dir: Path) -> tuple[pa.Table, dict[str, tuple[int, in
 
 def _expression_label(row: dict) -> tuple[bool, str]:
     """(unsure, caption text): the expression with its confidence, flagged under EXPRESSION_CONFIDENCE_LOW."""
-    unsure = row["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW
+    unsure = unsure_expression(row["expression_confidence"])
     text = f"{EXPRESSIONS[row['expression']]} {row['expression_confidence']:.2f}"
     return unsure, html.escape(text) + (" <b>unsure</b>" if unsure else "")
 
 
 def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
     yield _grid(Counter((r["expression"], r["pose_bin"]) for r in kept))
-    unsure = sum(r["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW for r in kept)
+    unsure = sum(unsure_expression(r["expression_confidence"]) for r in kept)
     if unsure:
         yield (
             f"<p class='unsure'><b>{unsure} unsure expression label(s)</b> (confidence under "

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from dynamicid.curation.stages import Stage, StageKind, photo_schema
-from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, RejectReason
+from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason, unsure_expression
 
 SELECT_SCHEMA = photo_schema(("selection", pa.string()))  # selection: "grid" or "diversity" for the kept
 CELL_ORDER = {(e, p.name): i for i, (e, p) in enumerate((e, p) for e in EXPRESSIONS for p in POSE_BINS)}
@@ -25,7 +25,7 @@ CELL_ORDER = {(e, p.name): i for i, (e, p) in enumerate((e, p) for e in EXPRESSI
 
 def quality_order(row: dict) -> tuple:
     q = row["quality"]
-    unsure = row["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW  # the cell's face should show its expression
+    unsure = unsure_expression(row["expression_confidence"])  # the cell's face should show its expression
     return (unsure, -q["face_size"], -q["sharpness"], row["source_path"])
 
 

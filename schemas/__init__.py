@@ -26,6 +26,7 @@ from dynamicid.schemas.labels import (
     YAW_SLIGHT_LIMIT,
     PoseBin,
     pose_bin_for_yaw,
+    unsure_expression,
 )
 from dynamicid.schemas.prompts import (
     ANCHOR_CAPTION_TEMPLATE,
@@ -63,4 +64,5 @@ __all__ = [
     "identities_arrow_schema",
     "pose_bin_for_yaw",
     "rejects_arrow_schema",
+    "unsure_expression",
 ]

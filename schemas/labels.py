@@ -50,6 +50,12 @@ APPROXIMATE_SOURCE_EXPRESSIONS: frozenset[str] = frozenset({"contempt", "sleepy"
 # report.html and `dynamicid-curate inspect`, and `select` fills a grid cell with a sure label when it has one.
 EXPRESSION_CONFIDENCE_LOW = 0.5
 
+
+def unsure_expression(confidence: float) -> bool:
+    """Whether an expression label of this confidence is unsure (see EXPRESSION_CONFIDENCE_LOW)."""
+    return confidence < EXPRESSION_CONFIDENCE_LOW
+
+
 # |yaw| below YAW_FRONT_LIMIT is a front view; below YAW_SLIGHT_LIMIT "slightly turned"; above it "fully turned".
 YAW_FRONT_LIMIT = 15.0
 YAW_SLIGHT_LIMIT = 45.0

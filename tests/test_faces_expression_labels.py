@@ -133,6 +133,7 @@ def test_goals_on_the_held_out_people(labelled):
     held_out = [i for i in labelled if not i["calibration"]]
     ours, fer = goal_figures(held_out, "predicted"), goal_figures(held_out, "fer")
     print(f"\nexpression labels, held-out people ({len(held_out)} photos):\n" + confusion_table(held_out, "predicted"))
+    print("FER alone, same photos:\n" + confusion_table(held_out, "fer"))
     print(f"calibrated: {describe(ours)}\nFER alone:  {describe(fer)}")
     assert ours["photos"] >= 25
     assert ours["accuracy"] >= 0.85
