@@ -1,13 +1,19 @@
 """Fit the expression calibration (faces/expression_calibration.py) on a documented part of labelled photos.
 
-    python -m dynamicid.faces.expression_fit ../shared/data/faces/expressions   # rewrites expression_calibration.json
+    python -m dynamicid.faces.expression_fit ../shared/data/faces   # rewrites expression_calibration.json
 
-The folder holds `labels.csv` (file, identity, expression: a label word of `schemas.labels.SOURCE_EXPRESSIONS`).
-Split by person (`split_by_person`): in each subfolder, people are sorted by (their most frequent label word,
-name) and every second one, starting with the first, is for calibration; the others are held out, so no
-person is on both sides. Fitted on the calibration part's photos with a direct label (not one of
-APPROXIMATE_SOURCE_EXPRESSIONS): maximum likelihood with an L2 pull towards the plain FER model (fer_weight 1,
-the rest 0), its strength chosen by leave-one-person-out log-loss on the calibration part alone. Deterministic.
+The labelled photos: each folder of LABELLED_FOLDERS holds `labels.csv` (file, identity, source, and the label
+word, a key of `schemas.labels.SOURCE_EXPRESSIONS`, in `expression` or `expression_label`; rows without one are
+not labelled). `expressions/` has Yale's posed faces and LFW photos; the LFW photos of `identities/` add
+in-the-wild faces (talking, slight smiles) that posed faces lack.
+Split by person (`split_by_person`): within each source collection (the repository in `source`), people are
+sorted by (their most frequent label word, name) and every second one, starting with the first, is for
+calibration; the others are held out, so no person is on both sides. Fitted on the calibration part's photos
+with a direct label (not one of APPROXIMATE_SOURCE_EXPRESSIONS): maximum likelihood with an L2 pull towards the
+plain FER model (fer_weight 1, the rest 0), its strength chosen by leave-one-person-out log-loss on the
+calibration part alone. Mesh weights are fitted for MESH_CLASSES only: the mesh tells those apart, while the four
+negative classes have few and noisy labels (LFW's crowd-sourced legend), and weights fitted to them followed the
+noise (it gave `angry` a lip-corner-raise weight) and labelled more neutral faces angry. Deterministic.
 """
 
 from __future__ import annotations
@@ -33,25 +39,37 @@ from dynamicid.schemas.labels import APPROXIMATE_SOURCE_EXPRESSIONS, EXPRESSIONS
 
 FORMAT = 1
 REGULARISATION_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+LABELLED_FOLDERS = ("expressions", "identities")
+MESH_CLASSES = ("happy", "neutral", "surprised")
 
 
-def read_labels(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "labels.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+def read_labels(root: Path, folders: tuple[str, ...] = LABELLED_FOLDERS) -> list[dict[str, str]]:
+    """The labelled rows of `root`/<folder>/labels.csv: `file` relative to `root`, `expression`, `collection`."""
+    rows = []
+    for folder in folders:
+        with open(root / folder / "labels.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                word = row.get("expression") or row.get("expression_label")
+                if word:
+                    collection = row["source"].split("@")[0]
+                    rows.append(
+                        {**row, "file": f"{folder}/{row['file']}", "expression": word, "collection": collection}
+                    )
+    return rows
 
 
 def split_by_person(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(calibration rows, held-out rows); see the module docstring for the rule."""
     people: dict[tuple[str, str], list[str]] = {}
     for row in rows:
-        people.setdefault((row["file"].split("/")[0], row["identity"]), []).append(row["expression"])
+        people.setdefault((row["collection"], row["identity"]), []).append(row["expression"])
     calibration: set[tuple[str, str]] = set()
-    for folder in sorted({f for f, _ in people}):
+    for collection in sorted({c for c, _ in people}):
         ranked = sorted(
-            (Counter(words).most_common(1)[0][0], person) for (f, person), words in people.items() if f == folder
+            (Counter(words).most_common(1)[0][0], person) for (c, person), words in people.items() if c == collection
         )
-        calibration |= {(folder, person) for _, person in ranked[0::2]}
-    chosen = [(row["file"].split("/")[0], row["identity"]) in calibration for row in rows]
+        calibration |= {(collection, person) for _, person in ranked[0::2]}
+    chosen = [(row["collection"], row["identity"]) in calibration for row in rows]
     return [r for r, c in zip(rows, chosen, strict=True) if c], [r for r, c in zip(rows, chosen, strict=True) if not c]
 
 
@@ -64,7 +82,7 @@ class Sample:
     features: np.ndarray | None  # (5,) MESH_FEATURES, None without a mesh
 
 
-def measure(folder: Path, rows: list[dict[str, str]], analyzer: Any = None) -> list[Sample]:
+def measure(root: Path, rows: list[dict[str, str]], analyzer: Any = None) -> list[Sample]:
     """The largest face of each photo: its raw FER scores and mesh features (photos without a face are left out).
 
     `analyzer`: an embedded FaceAnalyzer to reuse (one is built otherwise).
@@ -75,7 +93,7 @@ def measure(folder: Path, rows: list[dict[str, str]], analyzer: Any = None) -> l
     analyzer, classifier = analyzer or FaceAnalyzer("embedded"), ExpressionClassifier()
     samples = []
     for row in rows:
-        image = load_image(folder / row["file"])
+        image = load_image(root / row["file"])
         faces = analyzer.analyze(image)
         if not faces:
             continue
@@ -107,9 +125,11 @@ def fit(samples: list[Sample], strength: float, *, mesh: bool) -> LogisticCalibr
     standard = (features - mean) / scale
     prior = np.zeros(1 + classes + classes * count)
     prior[0] = 1.0
+    free = np.zeros((classes, count))  # 1 where a mesh weight is fitted
+    free[[EXPRESSIONS.index(c) for c in MESH_CLASSES]] = 1.0
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        weights = theta[1 + classes :].reshape(classes, count)
+        weights = theta[1 + classes :].reshape(classes, count) * free
         logits = theta[0] * log_fer + theta[1 : 1 + classes] + standard @ weights.T
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
@@ -119,11 +139,11 @@ def fit(samples: list[Sample], strength: float, *, mesh: bool) -> LogisticCalibr
         error = probabilities.copy()
         error[np.arange(n), labels] -= 1.0
         error /= n
-        gradient = np.concatenate([[(error * log_fer).sum()], error.sum(0), (error.T @ standard).ravel()])
+        gradient = np.concatenate([[(error * log_fer).sum()], error.sum(0), ((error.T @ standard) * free).ravel()])
         return loss, gradient + 2 * strength * (theta - prior)
 
     theta = minimize(objective, prior, jac=True, method="L-BFGS-B", options={"maxiter": 2000, "gtol": 1e-9}).x
-    weights = theta[1 + classes :].reshape(classes, count)
+    weights = theta[1 + classes :].reshape(classes, count) * free
     return LogisticCalibration(
         fer_weight=float(theta[0]),
         bias=tuple(float(b) for b in theta[1 : 1 + classes]),
@@ -159,13 +179,13 @@ def calibrate(samples: list[Sample]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="a labelled photo folder (labels.csv: file, identity, expression)")
+    parser.add_argument("root", type=Path, help=f"the folder holding {' and '.join(LABELLED_FOLDERS)}")
     parser.add_argument("--out", type=Path, default=CALIBRATION_FILE, help="the calibration JSON to write")
     args = parser.parse_args(argv)
-    rows = read_labels(args.folder)
+    rows = read_labels(args.root)
     calibration_rows, _ = split_by_person(rows)
     direct = [r for r in calibration_rows if r["expression"] not in APPROXIMATE_SOURCE_EXPRESSIONS]
-    samples = measure(args.folder, direct)
+    samples = measure(args.root, direct)
     variants = calibrate(samples)
     document = {
         "format": FORMAT,
@@ -173,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         "mesh_features": list(MESH_FEATURES),
         **{name: {k: v for k, v in variant.items() if k != "regularisation"} for name, variant in variants.items()},
         "provenance": {
-            "fitted_by": "python -m dynamicid.faces.expression_fit <folder> (faces/expression_fit.py)",
-            "folder": "../shared/data/faces/expressions (test photos, set A)",
-            "split": "faces.expression_fit.split_by_person; the other people of the folder are held out",
+            "fitted_by": "python -m dynamicid.faces.expression_fit ../shared/data/faces (faces/expression_fit.py)",
+            "photos": f"labelled photos of {', '.join(LABELLED_FOLDERS)} in ../shared/data/faces (test photos, set A)",
+            "split": "faces.expression_fit.split_by_person; the other labelled people are held out",
+            "mesh_classes": list(MESH_CLASSES),
             "regularisation": {name: variant["regularisation"] for name, variant in variants.items()},
             "calibration_people": sorted({r["identity"] for r in calibration_rows}),
             "calibration_files": sorted(s.file for s in samples),
