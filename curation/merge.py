@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynamicid.curation.align import crop_key, crop_store
+from dynamicid.curation.align import crop_key, crop_matrix, crop_store, too_upscaled
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.engines import make_engine
@@ -104,11 +104,17 @@ def _gather_stores(works: list[Path], work: WorkDir) -> None:
 
 
 def _check_crops(run: Run) -> None:
-    """Every face the merged dedupe keeps needs its crop in the shards' stores, or PHOTOS_DIR readable here."""
-    kept = read_candidates(run.work.table_path("dedupe"), ["source_path", "sha256", "face"])
-    keys = [crop_key(p["sha256"], p["face"]["kps5"], run.config.crop_size) for p in kept.to_pylist()]
-    missing = kept.filter(pa.array(crop_store(run.work.root).locate(keys)[:, 0] < 0, pa.bool_()))
-    paths = missing.column("source_path").to_pylist()
+    """Every face the merged dedupe keeps needs its crop in the shards' stores, or PHOTOS_DIR readable here
+    (a face too small for the crop size is rejected without one)."""
+    size = run.config.crop_size
+    kept = [
+        p
+        for p in read_candidates(run.work.table_path("dedupe"), ["source_path", "sha256", "face"]).to_pylist()
+        if too_upscaled(run.config, crop_matrix(p["face"]["kps5"], size)) is None
+    ]
+    keys = [crop_key(p["sha256"], p["face"]["kps5"], size) for p in kept]
+    found = crop_store(run.work.root).locate(keys)[:, 0] >= 0
+    paths = [p["source_path"] for p, there in zip(kept, found.tolist(), strict=True) if not there]
     unreadable = [p for p in paths if not (run.photos_dir / p).is_file()]
     if unreadable:
         raise CurationError(
