@@ -1,8 +1,9 @@
 """Stage `align`: the FFHQ-style crop with context of the chosen face, its transform, and crop quality.
 
 A face the crop would enlarge more than `max_upscale` times is `too_small` for the training resolution and is
-not cropped at all (its matrix comes from the keypoints alone). Crops are written once, into the content-keyed crop store (key: the photo's bytes, the 5 keypoints and the
-crop size), and referenced by `crop_key` afterwards; `write` streams them into the dataset shards.
+not cropped at all (its matrix comes from the keypoints alone). Crops are written once, into the content-keyed
+crop store (key: the photo's bytes, the 5 keypoints and the crop size), and referenced by `crop_key` afterwards;
+`write` streams them into the dataset shards.
 """
 
 from __future__ import annotations
