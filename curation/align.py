@@ -1,21 +1,17 @@
 """Stage `align`: the FFHQ-style crop with context of the chosen face, its transform, and crop quality.
 
-A face the crop would enlarge more than `max_upscale` times is `too_small` for the training resolution and is
-not cropped at all (its matrix comes from the keypoints alone). Crops are written once, into the content-keyed
-crop store (key: the photo's bytes, the 5 keypoints and the crop size), and referenced by `crop_key` afterwards;
-`write` streams them into the dataset shards.
+Crops are written once, into the content-keyed crop store (key: the photo's bytes, the 5 keypoints and the
+crop size), and referenced by `crop_key` afterwards; `write` streams them into the dataset shards.
 """
 
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import pyarrow as pa
 
 from dynamicid.curation.analysis import align_face
-from dynamicid.curation.config import MIN_CROP_SIZE, CurationConfig
+from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.dedupe import CARRIED
 from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute
@@ -50,33 +46,6 @@ def crop_key(sha256: str, kps5: list[float], size: int) -> str:
     return digest(sha256, json.dumps(kps5), str(size))
 
 
-def upscale_factor(matrix: list[float] | np.ndarray) -> float:
-    """Crop pixels per source pixel of a source -> crop 2x3 matrix (above 1: the source is enlarged)."""
-    m = np.asarray(matrix, np.float64).reshape(2, 3)
-    return float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
-
-
-def crop_matrix(kps5: list[float], size: int) -> list[float]:
-    """The matrix `align_face` crops with, without reading the photo."""
-    from dynamicid.faces.align import ffhq_matrix
-
-    return np.asarray(ffhq_matrix(np.asarray(kps5, np.float32).reshape(5, 2), size), np.float32).ravel().tolist()
-
-
-def too_upscaled(c: CurationConfig, matrix: list[float]) -> str | None:
-    """Why the face is too small for `crop_size` (the detail of a too_small reject), or None."""
-    factor = upscale_factor(matrix)
-    if factor <= c.max_upscale:
-        return None
-    fitting = int(c.crop_size * c.max_upscale / factor) // 8 * 8  # a multiple of 8, as SD's VAE needs
-    smaller = f", --crop-size {fitting}" if fitting >= MIN_CROP_SIZE else ""
-    return (
-        f"the {c.crop_size} px crop would enlarge the face {factor:.2f}x (it covers {c.crop_size / factor:.0f} px "
-        f"of the photo), above --max-upscale {c.max_upscale:g}: use a larger photo{smaller} or "
-        f"--max-upscale {math.ceil(factor * 100) / 100:g}"
-    )
-
-
 def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | None:
     if sharp < c.min_sharpness:
         return f"blurred: crop sharpness {sharp:.1f} < {c.min_sharpness}"
@@ -87,7 +56,7 @@ def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | Non
 
 class AlignStage(Stage):
     name = step = "align"
-    settings = ("crop_size", "max_upscale", "min_sharpness", "min_brightness", "max_brightness")
+    settings = ("crop_size", "min_sharpness", "min_brightness", "max_brightness")
     input_columns = ("source_path", "identity", "sha256", "face")
     carry_columns = CARRIED
     pooled = True
@@ -108,17 +77,12 @@ class AlignStage(Stage):
         for p in photos:
             kps5 = p["face"]["kps5"]
             p["crop_key"] = crop_key(p["sha256"], kps5, size)
-            p["matrix"] = crop_matrix(kps5, size)
-            p["too_small"] = too_upscaled(self.config, p["matrix"])
-            if p["too_small"] is None:
-                job.setdefault(p["crop_key"], (self.source(p["source_path"]), kps5))
-        found, computed = fetch_or_compute(self.store, list(job), lambda k: align_face(k, *job[k], size))
+            job.setdefault(p["crop_key"], (self.source(p["source_path"]), kps5))
+        found, computed = fetch_or_compute(
+            self.store, [p["crop_key"] for p in photos], lambda k: align_face(k, *job[k], size)
+        )
         rows = []
         for p in photos:
-            row = {k: p[k] for k in ("source_path", "identity", "sha256", "crop_key", "matrix")}
-            if p["too_small"] is not None:
-                rows.append({**row, "reason": RejectReason.TOO_SMALL.value, "detail": p["too_small"], COMPUTED: False})
-                continue
             crop = found[p["crop_key"]]
             face = p["face"]
             problem = quality_problem(self.config, crop["sharpness"], crop["brightness"])
@@ -130,7 +94,7 @@ class AlignStage(Stage):
                 )
             rows.append(
                 {
-                    **row,
+                    **{k: p[k] for k in ("source_path", "identity", "sha256", "crop_key")},
                     "reason": None if problem is None else RejectReason.LOW_QUALITY.value,
                     "detail": problem,
                     "matrix": crop["matrix"],

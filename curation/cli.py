@@ -239,8 +239,8 @@ OPTION_STAGES = {
     "per_identity": ("select",),
     "min_per_identity": ("select",),
     "cluster": ("scan", "identify"),
-    "crop_size": ("align",),
-    "max_upscale": ("align",),
+    "crop_size": ("identify", "align"),
+    "max_upscale": ("identify",),
 }
 
 
@@ -280,7 +280,7 @@ def _stage_command(stage: str, help_text: str) -> None:
 for _stage, _help in (
     ("scan", "Stage 1: list and hash every file (work table scan.parquet)."),
     ("detect", "Stage 2: decode photos and find faces (needs scan)."),
-    ("identify", "Stage 3: describe faces, keep the folder's person (needs detect)."),
+    ("identify", "Stage 3: describe faces, keep the folder's person if large enough for the crop (needs detect)."),
     ("dedupe", "Stage 4: drop identical and near-duplicate pictures (needs identify)."),
     ("align", "Stage 5: FFHQ-style crops (--crop-size), size and quality checks (needs dedupe)."),
     ("label", "Stage 6: landmarks, pose, expression, prompts in crop coordinates (needs align)."),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.align import upscale_factor
 from dynamicid.curation.identify import describe_store, described_faces
+from dynamicid.curation.size import upscale_factor
 from dynamicid.curation.stages import Stage, photo_schema
 from dynamicid.schemas import DATASET_COLUMNS, anchor_caption, dataset_arrow_schema, face_prompt, pose_bin_for_yaw
 

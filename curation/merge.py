@@ -3,8 +3,8 @@
 Shards split whole identities, so everything up to `identify` is the same per photo whatever the shard count.
 The one rule that crosses identities, identical file bytes in two folders (`exact_dedupe`), and everything
 after it (the per-identity near-duplicate groups, quotas and `--min-per-identity`, rejects, identities,
-summary, card, report) is decided again here: the shards' scan/detect/describe/identify tables are concatenated
-into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the shards' stores.
+summary, card, report) is decided again here: the shards' scan/detect/describe/identify/size tables are
+concatenated into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the shards' stores.
 No face model runs and no photo is read: the crops come from the shards' crop stores (a sharded build also
 crops the near-duplicates it drops, which a merge may keep: see `pipeline.crop_dropped_duplicates`).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynamicid.curation.align import crop_key, crop_matrix, crop_store, too_upscaled
+from dynamicid.curation.align import crop_key, crop_store
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.engines import make_engine
@@ -28,7 +28,7 @@ from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
 
-SHARED_TABLES = ("scan", "detect", "describe", "identify")  # per photo or per identity: final in the shards
+SHARED_TABLES = ("scan", "detect", "describe", "identify", "size")  # per photo or identity: final in the shards
 SHARED_STORES = ("describe-*", "crops")  # what the merged steps read: landmarks (label), crops (align, write)
 MERGED_STEPS = ("dedupe", "align", "label", "select", "write")
 PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine", "ray_address")  # may differ by shard
@@ -104,17 +104,11 @@ def _gather_stores(works: list[Path], work: WorkDir) -> None:
 
 
 def _check_crops(run: Run) -> None:
-    """Every face the merged dedupe keeps needs its crop in the shards' stores, or PHOTOS_DIR readable here
-    (a face too small for the crop size is rejected without one)."""
-    size = run.config.crop_size
-    kept = [
-        p
-        for p in read_candidates(run.work.table_path("dedupe"), ["source_path", "sha256", "face"]).to_pylist()
-        if too_upscaled(run.config, crop_matrix(p["face"]["kps5"], size)) is None
-    ]
-    keys = [crop_key(p["sha256"], p["face"]["kps5"], size) for p in kept]
-    found = crop_store(run.work.root).locate(keys)[:, 0] >= 0
-    paths = [p["source_path"] for p, there in zip(kept, found.tolist(), strict=True) if not there]
+    """Every face the merged dedupe keeps needs its crop in the shards' stores, or PHOTOS_DIR readable here."""
+    kept = read_candidates(run.work.table_path("dedupe"), ["source_path", "sha256", "face"])
+    keys = [crop_key(p["sha256"], p["face"]["kps5"], run.config.crop_size) for p in kept.to_pylist()]
+    missing = kept.filter(pa.array(crop_store(run.work.root).locate(keys)[:, 0] < 0, pa.bool_()))
+    paths = missing.column("source_path").to_pylist()
     unreadable = [p for p in paths if not (run.photos_dir / p).is_file()]
     if unreadable:
         raise CurationError(

@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
-from dynamicid.curation.align import too_upscaled, upscale_factor
 from dynamicid.curation.cli import main
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.imagehash import grey, hamming, phash_pair
@@ -22,6 +21,7 @@ from dynamicid.curation.neighbors import (
 )
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import CELL_ORDER, choose
+from dynamicid.curation.size import too_upscaled, upscale_factor
 from dynamicid.curation.store import ResultStore
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
 
@@ -286,7 +286,7 @@ def test_cli_stage_without_its_input_table_says_what_to_run(tmp_path):
     (tmp_path / "photos").mkdir()
     result = CliRunner().invoke(main, ["dedupe", str(tmp_path / "photos"), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "identify.parquet" in result.output
+    assert "run the stage 'identify' before 'dedupe'" in result.output
 
 
 def test_reports_of_a_path_that_is_no_dataset_exit_2(tmp_path):
