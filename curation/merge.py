@@ -4,7 +4,8 @@ Shards split whole identities, so everything up to `identify` is the same per ph
 The one rule that crosses identities, identical file bytes in two folders (`exact_dedupe`), and everything
 after it (the per-identity near-duplicate groups, quotas and `--min-per-identity`, rejects, identities,
 summary, card, report) is decided again here: the shards' scan/detect/describe/identify/size tables are
-concatenated into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the shards' stores.
+concatenated into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the
+shards' stores.
 No face model runs and no photo is read: the crops come from the shards' crop stores (a sharded build also
 crops the near-duplicates it drops, which a merge may keep: see `pipeline.crop_dropped_duplicates`).
 """

@@ -213,8 +213,11 @@ def test_near_duplicate_groups_collapse_to_one_kept_copy(shared_faces, rows, rej
         paths = [f"{NEAR_DUPLICATE_FOLDERS[group]}/{name}" for name in files]
         assert sum(p in kept for p in paths) <= 1, group
         for p in paths:
-            if p not in kept:
-                assert rejects[p]["reason"].startswith("duplicate_of:") or rejects[p]["reason"] == "low_quality", p
+            if p not in kept:  # a copy too small for the crop (427x240) is rejected as such before dedupe
+                assert rejects[p]["reason"].startswith("duplicate_of:") or rejects[p]["reason"] in (
+                    "low_quality",
+                    "too_small",
+                ), p
     # The half face at the photo's edge is not a usable copy at all.
     assert "cut off" in rejects["obama/nd_portrait/obama_partial_face.jpg"]["detail"]
     # The identities/ copy of obama.jpg is byte-identical to the portrait group's: one of them is a duplicate.
