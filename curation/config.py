@@ -66,7 +66,7 @@ class CurationConfig:
                 f"--min-per-identity {self.min_per_identity} is larger than --per-identity {self.per_identity}"
             )
         if not (0 < self.max_upscale < math.inf):
-            raise ValueError(f"--max-upscale must be a number > 0, got {self.max_upscale}")
+            raise ValueError(f"--max-upscale must be a finite number > 0, got {self.max_upscale}")
         if self.crop_size < MIN_CROP_SIZE:
             raise ValueError(f"--crop-size must be >= {MIN_CROP_SIZE}, got {self.crop_size}")
         if self.workers < 1:
