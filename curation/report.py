@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dynamicid.curation.inspect_dataset import upscale_histogram
 from dynamicid.curation.tables import contiguous_groups
 from dynamicid.curation.write import dataset_files
 from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
@@ -36,6 +37,8 @@ figure.unsure img{outline:3px solid #e90;outline-offset:-3px}
 table.grid td,table.grid th{border:1px solid #ccc;padding:2px 5px;font-size:11px;text-align:center}
 table.grid td.on{background:#9d9}
 .muted{color:#777}
+table.hist td{padding:1px 6px;font-size:11px}
+.bar{height:10px;background:#69c}
 """
 
 
@@ -83,7 +86,7 @@ def _dataset_by_identity(out_dir: Path) -> Iterator[tuple[str, list[dict]]]:
         for f in dataset_files(out_dir)
         for b in pq.ParquetFile(f).iter_batches(
             batch_size=64,
-            columns=["identity", "source_path", "image", "expression", "expression_confidence", "pose_bin"],
+            columns=["identity", "source_path", "image", "expression", "expression_confidence", "pose_bin", "quality"],
         )
     )
     for group in contiguous_groups(batches, "identity"):
@@ -110,6 +113,26 @@ def _expression_label(row: dict) -> tuple[bool, str]:
     return unsure, html.escape(text) + (" <b>unsure</b>" if unsure else "")
 
 
+def _upscale_note(quality: dict) -> str:
+    upscale = quality.get("upscale")
+    return "" if upscale is None else f", {upscale:.2f}x"
+
+
+def _upscale_table(histogram: dict[str, int], limit: float | None) -> str:
+    """The kept crops' source -> crop enlargement as a bar chart (one table row per bin)."""
+    top = max(histogram.values(), default=0) or 1
+    rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{n}</td><td><div class='bar' style='width:{round(200 * n / top)}px'>"
+        "</div></td></tr>"
+        for label, n in histogram.items()
+    )
+    bound = f" (limit: --max-upscale {limit:g})" if limit is not None else ""
+    return (
+        f"<h3>Upscale of the kept crops{bound}</h3><p class='muted'>crop pixels per source pixel; above 1x the "
+        f"face was enlarged</p><table class='hist'>{rows}</table>"
+    )
+
+
 def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
     yield _grid(Counter((r["expression"], r["pose_bin"]) for r in kept))
     unsure = sum(unsure_expression(r["expression_confidence"]) for r in kept)
@@ -125,7 +148,7 @@ def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
         figure = '<figure class="unsure">' if flagged else "<figure>"
         yield (
             f"{figure}<img src='{uri}' alt=''><figcaption>"
-            f"{expression}, {html.escape(POSE_BINS[r['pose_bin']].name)}<br>"
+            f"{expression}, {html.escape(POSE_BINS[r['pose_bin']].name + _upscale_note(r['quality']))}<br>"
             f"<span class='muted'>{html.escape(r['source_path'])}</span></figcaption></figure>"
         )
     yield "</div>"
@@ -167,6 +190,9 @@ def _page(out_dir: Path) -> Iterator[str]:
         + ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(summary["rejected_by_reason"].items()))
         + "</p>",
     )
+    histogram = upscale_histogram(out_dir)
+    if histogram:
+        yield _upscale_table(histogram, summary["config"].get("max_upscale"))
     names = sorted({i["identity"] for i in identities} | set(spans) - {""}) + ([""] if "" in spans else [])
     info = {i["identity"]: i for i in identities}
     group = next(groups, None)

@@ -33,11 +33,16 @@ QUALITY_FIELDS: tuple[tuple[str, str], ...] = (
     ("face_size", "short side of the face box in the source image, pixels"),
     ("sharpness", "variance of the Laplacian of the aligned grey crop (higher is sharper)"),
     ("brightness", "mean grey level of the aligned crop, 0..1"),
+    (
+        "upscale",
+        "source -> crop scale factor, crop pixels per source pixel (above 1: the face was enlarged; at most "
+        "--max-upscale)",
+    ),
 )
 
 DATASET_COLUMNS: tuple[Column, ...] = (
     Column("identity", "string", "the person: the name of the photo folder (or cluster id with --cluster)"),
-    Column("image", "image", "FFHQ-style 512x512 aligned face crop with context, encoded PNG"),
+    Column("image", "image", "FFHQ-style square aligned face crop with context (--crop-size, 512 px), encoded PNG"),
     Column("source_path", "string", "path of the source photo, relative to PHOTOS_DIR, '/' separated"),
     Column("source_sha256", "string", "sha256 of the source file's bytes"),
     Column("face_bbox", "float32[4]", "face box in the source image (after EXIF orientation): x0, y0, x1, y1 pixels"),

@@ -38,8 +38,8 @@ def assert_same_dataset(a, b):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"min_face_size": 150.0}, {"per_identity": 2}],
-    ids=["min_face_size", "per_identity"],
+    [{"min_face_size": 150.0}, {"per_identity": 2}, {"max_upscale": 1.5}, {"crop_size": 256}],
+    ids=["min_face_size", "per_identity", "max_upscale", "crop_size"],
 )
 def test_rerun_with_other_settings_equals_a_fresh_run(reused, tmp_path, settings):
     photos, reused = reused

@@ -21,6 +21,7 @@ from dynamicid.curation.neighbors import (
 )
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import CELL_ORDER, choose
+from dynamicid.curation.size import too_upscaled, upscale_factor
 from dynamicid.curation.store import ResultStore
 from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, RejectReason
 
@@ -85,7 +86,7 @@ def label_rows(cells, seed=0):
             "expression_confidence": 0.9,
             "pose_bin": p,
             "embedding": x[i].tolist(),
-            "quality": {"face_size": 100.0 + i % 7, "sharpness": 50.0},
+            "quality": {"face_size": 100.0 + i % 7, "sharpness": 50.0, "upscale": 1.0},
         }
         for i, (e, p) in enumerate(cells)
     ]
@@ -140,6 +141,33 @@ def test_farthest_point_picks_the_most_different_face():
         row["quality"]["face_size"] = 100.0  # equal quality: the grid pick is the first path
     chosen = choose(rows, 2)
     assert chosen == {"p/000.jpg": "grid", "p/002.jpg": "diversity"}
+
+
+def test_select_grid_pick_prefers_the_least_enlarged_crop():
+    poses = [b.name for b in POSE_BINS]
+    rows = label_rows([(EXPRESSIONS[4], poses[4])] * 3)
+    for row, upscale in zip(rows, (1.8, 1.3, 0.6), strict=True):
+        row["quality"] = {"face_size": 100.0, "sharpness": 50.0, "upscale": upscale}
+    assert choose(rows, 1) == {"p/002.jpg": "grid"}
+    rows[2]["quality"]["upscale"] = 1.6
+    assert choose(rows, 1) == {"p/001.jpg": "grid"}
+    for row in rows:  # at or below native resolution they count alike: the larger face wins
+        row["quality"]["upscale"] = 0.9
+    rows[1]["quality"]["face_size"] = 120.0
+    assert choose(rows, 1) == {"p/001.jpg": "grid"}
+
+
+def test_upscale_factor_and_too_small_detail():
+    c = CurationConfig(crop_size=512, max_upscale=2.0)
+    rotation = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
+    for scale in (0.5, 2.0, 3.5):
+        matrix = np.hstack([scale * rotation, [[10.0], [-4.0]]]).ravel().tolist()
+        assert upscale_factor(matrix) == pytest.approx(scale)
+    assert too_upscaled(c, (np.array([[2.0, 0, 0], [0, 2.0, 0]])).ravel().tolist()) is None
+    detail = too_upscaled(c, (np.array([[3.5, 0, 0], [0, 3.5, 0]])).ravel().tolist())
+    assert "3.50x" in detail and "--max-upscale 2" in detail and "\n" not in detail
+    assert "--crop-size 288" in detail  # 512 * 2 / 3.5 = 292, a multiple of 8 below it: at most 2x there
+    assert "--crop-size" not in too_upscaled(c, (np.array([[40.0, 0, 0], [0, 40.0, 0]])).ravel().tolist())
 
 
 def test_scan_accounts_for_every_odd_file(tmp_path):
@@ -214,6 +242,10 @@ def test_result_store_finds_rows_by_key_across_parts_and_writers_and_compacts(tm
         ({"per_identity": 0}, "--per-identity"),
         ({"min_per_identity": 5, "per_identity": 3}, "--min-per-identity"),
         ({"cluster": True, "shard_count": 2, "shard_index": 1}, "--cluster"),
+        ({"max_upscale": 0.0}, "--max-upscale"),
+        ({"max_upscale": float("inf")}, "--max-upscale"),
+        ({"max_upscale": float("nan")}, "--max-upscale"),
+        ({"crop_size": 32}, "--crop-size"),
     ],
 )
 def test_config_check_names_the_bad_setting(change, message):
@@ -268,7 +300,7 @@ def test_cli_stage_without_its_input_table_says_what_to_run(tmp_path):
     (tmp_path / "photos").mkdir()
     result = CliRunner().invoke(main, ["dedupe", str(tmp_path / "photos"), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "identify.parquet" in result.output
+    assert "run the stage 'identify' before 'dedupe'" in result.output
 
 
 def test_reports_of_a_path_that_is_no_dataset_exit_2(tmp_path):
