@@ -49,6 +49,8 @@ class EmbeddedBackend:
     def __init__(self, config: EmbeddedConfig | None = None):
         self.config = config or EmbeddedConfig()
         self.same_person_threshold = self.config.same_person_threshold
+        # Everything that changes results besides the model files (curation keys its caches by it).
+        self.settings = {"detector": DETECTOR_MODEL, **dataclasses.asdict(self.config)}
         self._mediapipe = MediaPipeFace(self.config.mediapipe)
         self._embedder = DlibEmbedder()
         self._expression = ExpressionClassifier(self.config.expression_crop)

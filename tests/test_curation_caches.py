@@ -62,6 +62,18 @@ def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(reus
     assert_same_dataset(reused, tmp_path / "fresh")
 
 
+def test_the_cache_key_changes_with_the_detection_settings():
+    """Detections and descriptions are stored under the backend's digest: other detection settings, other key."""
+    from dynamicid.curation.backend import backend_digest, model_files
+    from dynamicid.faces import FaceAnalyzer
+
+    files = model_files("embedded", None)
+    default = backend_digest("embedded", FaceAnalyzer("embedded"), files)
+    assert backend_digest("embedded", FaceAnalyzer("embedded"), files) == default
+    for option in ({"min_score": 0.6}, {"nms_iou": 0.5}, {"upscale_below": 500}, {"same_person_threshold": 0.4}):
+        assert backend_digest("embedded", FaceAnalyzer("embedded", **option), files) != default, option
+
+
 def test_bad_model_folder_with_two_workers_exits_2_with_one_line(identity_photos, tmp_path):
     photos = identity_photos(*IDENTITIES)
     empty = tmp_path / "empty_pack"

@@ -224,6 +224,29 @@ def test_identity_verification_balanced_accuracy(identities, analyzer):
     assert analyzer.distance(embeddings[0][1], embeddings[0][1]) == 0.0
 
 
+def test_same_person_threshold_generalises_to_people_it_was_not_chosen_on(identities, analyzer):
+    """Chosen on one half of the people (by photo count), measured on the other half, and the reverse."""
+    from dynamicid.faces.verification import cross_validate
+
+    embeddings = [(identity, faces[0].embedding) for _, identity, faces in identities if faces]
+    folds = cross_validate(embeddings, analyzer.distance)
+    for fold in folds:
+        print(
+            f"threshold {fold.threshold:.4f} chosen on {len(fold.chosen_on)} people ({', '.join(fold.chosen_on)}): "
+            f"balanced accuracy {fold.train_accuracy:.2%} there, {fold.held_out_accuracy:.2%} on the others"
+        )
+    others = [fold for seed in range(20) for fold in cross_validate(embeddings, analyzer.distance, seed)]
+    thresholds = [fold.threshold for fold in others]
+    held_out = [fold.held_out_accuracy for fold in others]
+    print(
+        f"20 seeded random splits: threshold {min(thresholds):.3f}..{max(thresholds):.3f} (sd {np.std(thresholds):.3f}), "
+        f"held-out balanced accuracy {min(held_out):.2%}..{max(held_out):.2%} (median {np.median(held_out):.2%}); "
+        f"shipped {analyzer.same_person_threshold}"
+    )
+    assert all(fold.held_out_accuracy >= 0.975 for fold in folds)
+    assert abs(folds[0].threshold - folds[1].threshold) < 0.05
+
+
 def test_expression_accuracy_and_confusion_matrix(expressions):
     labels = sorted({label for _, label, _ in expressions})
     predicted = {file: (faces[0].expression if faces else "no face") for file, _, faces in expressions}
