@@ -123,27 +123,20 @@ class MediaPipeFace:
                     model_selection=1, min_detection_confidence=self.config.min_score
                 )
             )
-            self._mesh = QuietGraph(
-                solutions.face_mesh.FaceMesh(
-                    static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5
+
+            def mesh(faces: int, refine: bool, score: float) -> QuietGraph:
+                return QuietGraph(
+                    solutions.face_mesh.FaceMesh(
+                        static_image_mode=True,
+                        max_num_faces=faces,
+                        refine_landmarks=refine,
+                        min_detection_confidence=score,
+                    )
                 )
-            )
-            self._confirm_mesh = QuietGraph(
-                solutions.face_mesh.FaceMesh(
-                    static_image_mode=True,
-                    max_num_faces=1,
-                    refine_landmarks=False,
-                    min_detection_confidence=self.config.confirm_score,
-                )
-            )
-            self._tile_mesh = QuietGraph(
-                solutions.face_mesh.FaceMesh(
-                    static_image_mode=True,
-                    max_num_faces=4,
-                    refine_landmarks=False,
-                    min_detection_confidence=self.config.tile_score,
-                )
-            )
+
+            self._mesh = mesh(1, True, 0.5)
+            self._confirm_mesh = mesh(1, False, self.config.confirm_score)
+            self._tile_mesh = mesh(4, False, self.config.tile_score)  # up to 4 faces on a tile
             for graph in self._graphs():
                 # Calculators open (and log) on the graphs' own threads: a first run waits until all have.
                 graph.graph.process(np.zeros((64, 64, 3), dtype=np.uint8))
