@@ -98,6 +98,7 @@ def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]
                 "roll": _maybe_float(face.roll),
                 "expression": face.expression,
                 "expression_scores": [float(scores.get(e, 0.0)) for e in EXPRESSIONS],
+                "expression_confidence": _maybe_float(face.expression_confidence),
                 "phash": hash_plain.tolist(),
                 "phash_mirror": hash_mirror.tolist(),
                 "sharpness": sharpness(small),

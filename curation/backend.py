@@ -1,9 +1,9 @@
 """The face backend of a run, resolved once in the driver: its name, model folder and a digest of its model files.
 
 `auto` and `$DYNAMICID_INSIGHTFACE_ROOT` are looked at here only; workers build exactly the resolved backend,
-and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, pointing the variable at
-another pack, changing `--face-backend` or the backend's detection settings between runs never reuses results
-of the other models or settings.
+and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, a new expression calibration
+(its version), pointing the variable at another pack, changing `--face-backend` or the backend's detection
+settings between runs never reuses results of the other models or settings.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def files_digest(files: list[Path]) -> str:
 
 def backend_digest(name: str, analyzer: Any, files: list[Path]) -> str:
     """The backend, its settings (detection ones included) and its model files: any change means new results."""
-    return digest(name, analyzer.embedding_model, json.dumps(analyzer.settings, sort_keys=True), files_digest(files))
+    settings = json.dumps(analyzer.settings, sort_keys=True)
+    return digest(name, analyzer.embedding_model, analyzer.expression_model, settings, files_digest(files))
 
 
 def build_analyzer(name: str, root: str | None) -> Any:

@@ -42,6 +42,7 @@ FACE_DESCRIPTION = pa.struct(
         ("roll", pa.float32()),
         ("expression", pa.string()),
         ("expression_scores", pa.list_(pa.float32(), 7)),
+        ("expression_confidence", pa.float32()),
         ("phash", pa.list_(pa.int64(), HASH_WORDS)),  # curation.imagehash: 256 bits of the inner face
         ("phash_mirror", pa.list_(pa.int64(), HASH_WORDS)),
         ("sharpness", pa.float32()),

@@ -58,6 +58,7 @@ def label_row(photo: dict, landmarks: list | None) -> dict:
         "pose_bin": pose,
         "expression": face["expression"],
         "expression_scores": face["expression_scores"],
+        "expression_confidence": face["expression_confidence"],
         "face_prompt": face_prompt(face["expression"], pose),
         "caption": anchor_caption(face["expression"], pose),
         "quality": {

@@ -23,6 +23,7 @@ class FaceBackend(Protocol):
     name: str
     embedding_model: str
     embedding_dim: int
+    expression_model: str  # the expression calibration's version (faces.expression_calibration)
     same_person_threshold: float
     settings: dict[str, Any]  # JSON-serialisable: every setting that changes results (detection included)
 
@@ -121,6 +122,11 @@ class FaceAnalyzer:
     @property
     def embedding_dim(self) -> int:
         return self._backend.embedding_dim
+
+    @property
+    def expression_model(self) -> str:
+        """Version of the calibrated expression model (part of curation's cache keys)."""
+        return self._backend.expression_model
 
     @property
     def same_person_threshold(self) -> float:

@@ -1,7 +1,8 @@
 """The `embedded` backend: every model ships inside a PyPI wheel, nothing is downloaded.
 
 MediaPipe 0.10.21 detection (short + full range) and 478-point mesh, head pose solved from the mesh,
-dlib's 128-d ResNet embedding, and the FER-2013 mini-Xception expression model (PyTorch).
+dlib's 128-d ResNet embedding, and the FER-2013 mini-Xception expression model (PyTorch) calibrated with the
+mesh (faces/expression_calibration.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dynamicid.faces.dlib_embedding import DLIB_EMBEDDING_MODEL, DlibEmbedder
-from dynamicid.faces.expression import FER_EXPRESSION_MODEL, ExpressionClassifier, ExpressionCrop
+from dynamicid.faces.expression import ExpressionClassifier, ExpressionCrop
+from dynamicid.faces.expression_calibration import shipped_calibration
 from dynamicid.faces.face import Face
 from dynamicid.faces.mediapipe_face import (
     MESH_POSE_POINTS,
@@ -56,6 +58,8 @@ class EmbeddedBackend:
         self._mediapipe = MediaPipeFace(self.config.mediapipe)
         self._embedder = DlibEmbedder()
         self._expression = ExpressionClassifier(self.config.expression_crop)
+        self._calibration = shipped_calibration()
+        self.expression_model = self._calibration.version
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         faces = []
@@ -92,8 +96,8 @@ class EmbeddedBackend:
             kps5, landmarks = face.kps5, None
             pose = solve_pose(face.kps5, rgb.shape[1::-1], KPS5_MODEL_3D)
             models["pose"] = KPS5_POSE_MODEL
-        scores = self._expression.scores(rgb, kps5)
-        models.update(expression=FER_EXPRESSION_MODEL, embedding=DLIB_EMBEDDING_MODEL)
+        label = self._calibration.label(self._expression.scores(rgb, kps5), landmarks)
+        models.update(expression=label.model, embedding=DLIB_EMBEDDING_MODEL)
         return dataclasses.replace(
             face,
             kps5=kps5,
@@ -101,8 +105,9 @@ class EmbeddedBackend:
             yaw=pose[0],
             pitch=pose[1],
             roll=pose[2],
-            expression=max(scores, key=scores.get),
-            expression_scores=scores,
+            expression=label.expression,
+            expression_scores=label.scores,
+            expression_confidence=label.confidence,
             embedding=embedding,
             backend=self.name,
             models=models,

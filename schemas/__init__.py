@@ -16,13 +16,17 @@ from dynamicid.schemas.dataset import (
     rejects_arrow_schema,
 )
 from dynamicid.schemas.labels import (
+    APPROXIMATE_SOURCE_EXPRESSIONS,
+    EXPRESSION_CONFIDENCE_LOW,
     EXPRESSIONS,
     FER2013_TO_EXPRESSION,
     POSE_BINS,
+    SOURCE_EXPRESSIONS,
     YAW_FRONT_LIMIT,
     YAW_SLIGHT_LIMIT,
     PoseBin,
     pose_bin_for_yaw,
+    unsure_expression,
 )
 from dynamicid.schemas.prompts import (
     ANCHOR_CAPTION_TEMPLATE,
@@ -35,15 +39,18 @@ from dynamicid.schemas.rejects import RejectReason
 
 __all__ = [
     "ANCHOR_CAPTION_TEMPLATE",
+    "APPROXIMATE_SOURCE_EXPRESSIONS",
     "CHECKPOINT_FORMAT_VERSION",
     "DATASET_COLUMNS",
     "EXPRESSIONS",
+    "EXPRESSION_CONFIDENCE_LOW",
     "FACE_PROMPT_TEMPLATE",
     "FER2013_TO_EXPRESSION",
     "IDENTITY_COLUMNS",
     "POSE_BINS",
     "RECONFIGURE_UNET_PROMPT",
     "REJECT_COLUMNS",
+    "SOURCE_EXPRESSIONS",
     "YAW_FRONT_LIMIT",
     "YAW_SLIGHT_LIMIT",
     "CheckpointMetadata",
@@ -57,4 +64,5 @@ __all__ = [
     "identities_arrow_schema",
     "pose_bin_for_yaw",
     "rejects_arrow_schema",
+    "unsure_expression",
 ]

@@ -55,7 +55,17 @@ DATASET_COLUMNS: tuple[Column, ...] = (
     Column("roll", "float32", "head roll in degrees"),
     Column("pose_bin", "class:pose", "one of the five yaw bins"),
     Column("expression", "class:expression", "the most likely of the seven expressions"),
-    Column("expression_scores", "float32[7]", "probabilities of the seven expressions, in vocabulary order"),
+    Column(
+        "expression_scores",
+        "float32[7]",
+        "probabilities of the seven expressions (calibrated expression model), in vocabulary order",
+    ),
+    Column(
+        "expression_confidence",
+        "float32",
+        "probability of `expression` under the calibrated expression model, 0..1 (below "
+        "schemas.labels.EXPRESSION_CONFIDENCE_LOW the label is unsure)",
+    ),
     Column("face_prompt", "string", "'the expression is {expression}, the face is {pose}'"),
     Column("caption", "string", "caption for the anchoring stage"),
     Column("quality", "struct:quality", "quality figures: " + "; ".join(f"{n}: {d}" for n, d in QUALITY_FIELDS)),

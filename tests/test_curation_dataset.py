@@ -26,7 +26,7 @@ from dynamicid.curation.imagehash import face_thumbnail, hamming, phash_pair
 from dynamicid.curation.select import grid_cells
 from dynamicid.faces import FaceAnalyzer, load_image, transform_points
 from dynamicid.faces.align import invert_affine
-from dynamicid.schemas import EXPRESSIONS, POSE_BINS, dataset_features, face_prompt
+from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, dataset_features, face_prompt
 
 NEAR_DUPLICATE_FOLDERS = {
     "obama_official_portrait": "obama/nd_portrait",
@@ -277,6 +277,23 @@ def test_quota_keeps_35_covering_more_cells_than_random_choices(curated, rows, r
     assert ours > sum(random_cells) / len(random_cells)
 
 
+def test_grid_cells_get_a_sure_expression_label_when_there_is_one(curated):
+    work = curated["out"] / ".work"
+    candidates = [r for r in pq.read_table(work / "label.parquet").to_pylist() if r["reason"] is None]
+    grid = {r["source_path"] for r in pq.read_table(work / "select.parquet").to_pylist() if r["selection"] == "grid"}
+    cells: dict[tuple, list[dict]] = {}
+    for r in candidates:
+        cells.setdefault((r["identity"], r["expression"], r["pose_bin"]), []).append(r)
+    unsure_cells = 0
+    for members in cells.values():
+        chosen = [r for r in members if r["source_path"] in grid]
+        assert len(chosen) == 1
+        if chosen[0]["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW:
+            unsure_cells += 1
+            assert all(r["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW for r in members)
+    print(f"{len(cells)} grid cells, {unsure_cells} filled with an unsure label (no sure one there)")
+
+
 def test_labels_are_in_crop_coordinates_and_consistent(rows):
     for row in rows:
         expression = EXPRESSIONS[row["expression"]]
@@ -286,6 +303,7 @@ def test_labels_are_in_crop_coordinates_and_consistent(rows):
         assert expression in row["caption"]
         scores = np.asarray(row["expression_scores"])
         assert scores.sum() == pytest.approx(1.0, abs=1e-3) and EXPRESSIONS[int(scores.argmax())] == expression
+        assert row["expression_confidence"] == pytest.approx(scores.max(), abs=1e-6)
         landmarks = np.asarray(row["landmarks"])
         assert len(landmarks) >= 68
         assert np.median(landmarks, axis=0) == pytest.approx([256, 256], abs=90)
@@ -318,6 +336,10 @@ def test_report_shows_thumbnails_labels_grid_and_rejects(curated, rows):
     assert text.count("data:image/jpeg;base64,") >= len(rows)
     assert "Colin_Powell" in text and "over_quota" in text and "other_person" in text
     assert "front view" in text and 'class="grid"' in text
+    unsure = [r for r in rows if r["expression_confidence"] < EXPRESSION_CONFIDENCE_LOW]
+    assert text.count('<figure class="unsure">') == len(unsure)  # each unsure label flagged on the sheet
+    for row in rows:  # every label with its confidence
+        assert f"{EXPRESSIONS[row['expression']]} {row['expression_confidence']:.2f}" in text
 
 
 def test_second_run_on_unchanged_input_does_no_work(curated):
@@ -336,6 +358,12 @@ def test_inspect_and_report_commands_read_the_folder(curated, rows):
     report = json.loads(result.output)
     assert report["rows"] == len(rows)
     assert sum(report["expression"].values()) == len(rows)
+    confidence = report["expression_confidence"]
+    unsure = sorted(r["expression_confidence"] for r in rows if r["expression_confidence"] < confidence["threshold"])
+    assert confidence["unsure"] == sum(e["unsure"] for e in confidence["by_expression"].values()) == len(unsure)
+    assert [r["confidence"] for r in confidence["least_confident"]] == [round(c, 3) for c in unsure[:20]]
+    text = runner.invoke(main, ["inspect", str(curated["out"])]).output
+    assert "expression confidence" in text and text.count("UNSURE") == min(len(unsure), 20)
     assert report["identities"]["Colin_Powell"]["images"] == 35
     (curated["out"] / "report.html").unlink()
     result = runner.invoke(main, ["report", str(curated["out"])])

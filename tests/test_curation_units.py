@@ -22,7 +22,7 @@ from dynamicid.curation.neighbors import (
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import CELL_ORDER, choose
 from dynamicid.curation.store import ResultStore
-from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
+from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, RejectReason
 
 
 def unit_rows(n, dim=16, seed=0):
@@ -92,6 +92,7 @@ def label_rows(cells, seed=0):
         {
             "source_path": f"p/{i:03d}.jpg",
             "expression": e,
+            "expression_confidence": 0.9,
             "pose_bin": p,
             "embedding": x[i].tolist(),
             "quality": {"face_size": 100.0 + i % 7, "sharpness": 50.0},
@@ -125,6 +126,19 @@ def test_select_with_more_cells_than_room_prefers_rare_cells():
     assert len(kept_cells) == 30
     assert kept_cells.isdisjoint(cells[:5])
     assert len(CELL_ORDER) == 35
+
+
+def test_select_fills_a_cell_with_a_sure_label_before_a_larger_unsure_one():
+    poses = [b.name for b in POSE_BINS]
+    rows = label_rows([(EXPRESSIONS[3], poses[4])] * 3)
+    for row, confidence, size in zip(
+        rows, [EXPRESSION_CONFIDENCE_LOW - 0.01, EXPRESSION_CONFIDENCE_LOW, 0.2], [500.0, 50.0, 300.0], strict=True
+    ):
+        row["expression_confidence"], row["quality"]["face_size"] = confidence, size  # the only sure one is smallest
+    assert choose(rows, 1) == {"p/001.jpg": "grid"}
+    for row in rows:  # all unsure: the largest again
+        row["expression_confidence"] = EXPRESSION_CONFIDENCE_LOW / 2
+    assert choose(rows, 1) == {"p/000.jpg": "grid"}
 
 
 def test_farthest_point_picks_the_most_different_face():
