@@ -40,12 +40,14 @@ class CurationConfig:
     min_sharpness: float = 1.0
     min_brightness: float = 0.06  # mean grey of the crop, 0..1; outside [min, max] -> low_quality
     max_brightness: float = 0.96
-    # Near-duplicates, calibrated on ../shared/data/faces with the embedded backend (L2-normalised dlib
-    # embeddings, same-person threshold 0.44): the same shot resized, re-encoded or cropped is at embedding
-    # distance 0.03..0.07 and hash distance 0..6; mirrored, 0.12 and hash distance 2; different photos of one
-    # person are at hash distance >= 6 and embedding distance >= 0.13 (most >= 0.17).
-    phash_max_distance: int = 4  # Hamming distance (of 64 bits) at or below which crops are near-duplicates
-    dup_embedding_fraction: float = 0.25  # embedding near-duplicate: distance < fraction x same_person_threshold
+    # Near-duplicates: hash AND embedding (curation/dedupe.py), measured on ../shared/data/faces with the embedded
+    # backend by tests/test_curation_near_duplicates.py (figures in BENCHMARKS.md). Copies of one picture
+    # (near_duplicates/ plus a 96 px aligned crop, a greyscale and a letterboxed copy of each original) differ
+    # by <= 16 of the 256 hash bits; different photos of one person in identities/ (two ORL shots of one sitting
+    # are the nearest) by >= 24: the limit sits in the middle of that gap. The embedding alone has no gap (copies up to 0.18
+    # apart, as a grey copy vs a 96 px crop; two ORL shots 0.07), so it only confirms the hash.
+    phash_max_distance: int = 20  # Hamming distance (of 256 bits) at or below which faces may be the same picture
+    dup_embedding_fraction: float = 0.5  # ... and embedding distance < fraction x same_person_threshold (0.22)
     rows_per_file: int = 1000  # rows per train-XXXXX-of-YYYYY.parquet
     rows_per_row_group: int = 64  # small row groups keep streaming readers' memory low (512 px PNGs)
     thumbnail_size: int = 96  # report.html thumbnails

@@ -25,6 +25,7 @@ class FaceBackend(Protocol):
     embedding_dim: int
     expression_model: str  # the expression calibration's version (faces.expression_calibration)
     same_person_threshold: float
+    settings: dict[str, Any]  # JSON-serialisable: every setting that changes results (detection included)
 
     def detect(self, rgb: np.ndarray) -> list[Face]: ...
 
@@ -130,6 +131,11 @@ class FaceAnalyzer:
     @property
     def same_person_threshold(self) -> float:
         return self._backend.same_person_threshold
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The backend's settings that change results besides its model files (detection ones included)."""
+        return self._backend.settings
 
     def detect(self, image: Image.Image | np.ndarray) -> list[Face]:
         """Boxes, 5 keypoints and scores only, largest face first."""

@@ -97,6 +97,8 @@ class InsightFaceBackend:
         self.same_person_threshold = same_person_threshold
         self.embedding_model = f"arcface-{self.pack}"
         self.det_size = tuple(det_size)
+        # Everything that changes results besides the model files (curation keys its caches by it).
+        self.settings = {"det_size": list(det_size), "det_thresh": det_thresh, "same_person": same_person_threshold}
         providers = providers or ["CPUExecutionProvider"]
         self._detector = self._landmarks = self._recognition = None
         self.model_files: dict[str, str] = {}

@@ -65,6 +65,18 @@ def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(reus
     assert_same_dataset(reused, tmp_path / "fresh")
 
 
+def test_the_cache_key_changes_with_the_detection_settings():
+    """Detections and descriptions are stored under the backend's digest: other detection settings, other key."""
+    from dynamicid.curation.backend import backend_digest, model_files
+    from dynamicid.faces import FaceAnalyzer
+
+    files = model_files("embedded", None)
+    default = backend_digest("embedded", FaceAnalyzer("embedded"), files)
+    assert backend_digest("embedded", FaceAnalyzer("embedded"), files) == default
+    for option in ({"min_score": 0.6}, {"nms_iou": 0.5}, {"upscale_below": 500}, {"same_person_threshold": 0.4}):
+        assert backend_digest("embedded", FaceAnalyzer("embedded", **option), files) != default, option
+
+
 def test_rerun_after_the_expression_calibration_changed_equals_a_fresh_run(reused, tmp_path, monkeypatch):
     """Another expression calibration (another version) is never served the old labels from the caches."""
     from dynamicid.faces import embedded

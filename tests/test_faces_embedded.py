@@ -162,14 +162,14 @@ def test_group_photos_recall_and_precision_against_dlib_boxes(shared_faces, anal
                 false_positive += 1
     recall, precision = true_positive / annotated, true_positive / max(true_positive + false_positive, 1)
     print(f"group photos: recall {recall:.1%} precision {precision:.1%} ({annotated} annotated faces)")
-    assert recall >= 0.85 and precision >= 0.90
+    assert recall >= 0.85 and precision >= 0.95
 
 
 def test_group_photos_with_counted_faces(shared_faces, analyzer):
-    """Never more faces than people; both people of the two-person photos.
+    """Never more faces than people; both people of the two-person photos; 7 of the selfie's 8.
 
     The selfie's 8 counted faces include 2 cut off at the edges and several large, overlapping, tilted
-    ones: the detector finds 4 of them (a known limit, printed here, not hidden).
+    ones: the two detectors find 4 of them, the tiled mesh pass (faces/mediapipe_face.py) the others but one.
     """
     folder = shared_faces / "group_photos"
     exact = {row["file"]: int(row["faces"]) for row in _rows(folder / "labels.csv") if row["faces"].isdigit()}
@@ -181,6 +181,8 @@ def test_group_photos_with_counted_faces(shared_faces, analyzer):
         assert 1 <= found <= count, file
         if count == 2:
             assert found == 2, file
+        if file == "selfie-many-people.jpg":
+            assert found >= 7
 
 
 def test_identity_verification_balanced_accuracy(identities, analyzer):
@@ -197,6 +199,63 @@ def test_identity_verification_balanced_accuracy(identities, analyzer):
     )
     assert balanced >= 0.97
     assert analyzer.distance(embeddings[0][1], embeddings[0][1]) == 0.0
+
+
+def test_same_person_threshold_generalises_to_people_it_was_not_chosen_on(identities, analyzer):
+    """Chosen on one half of the people (by photo count), measured on the other half, and the reverse."""
+    from dynamicid.faces.verification import cross_validate
+
+    embeddings = [(identity, faces[0].embedding) for _, identity, faces in identities if faces]
+    folds = cross_validate(embeddings, analyzer.distance)
+    for fold in folds:
+        print(
+            f"threshold {fold.threshold:.4f} chosen on {len(fold.chosen_on)} people ({', '.join(fold.chosen_on)}): "
+            f"balanced accuracy {fold.train_accuracy:.2%} there, {fold.held_out_accuracy:.2%} on the others"
+        )
+    others = [fold for seed in range(20) for fold in cross_validate(embeddings, analyzer.distance, seed)]
+    thresholds = [fold.threshold for fold in others]
+    held_out = [fold.held_out_accuracy for fold in others]
+    print(
+        f"20 seeded random splits: threshold {min(thresholds):.3f}..{max(thresholds):.3f} (sd {np.std(thresholds):.3f}), "
+        f"held-out balanced accuracy {min(held_out):.2%}..{max(held_out):.2%} (median {np.median(held_out):.2%}); "
+        f"shipped {analyzer.same_person_threshold}"
+    )
+    assert all(fold.held_out_accuracy >= 0.975 for fold in folds)
+    assert abs(folds[0].threshold - folds[1].threshold) < 0.05
+
+
+def test_curations_folder_rule_keeps_each_person_and_rejects_other_people(identities, analyzer):
+    """curation's `folder_person` on every identities/ folder as it is, then with each photo of another person
+    salted in alone (every placement): what it keeps of the people and lets in of the others, printed."""
+    from dynamicid.curation.identify import folder_person
+    from dynamicid.curation.neighbors import cosine_threshold
+
+    same_cos = cosine_threshold(analyzer.distance, analyzer.same_person_threshold, analyzer.embedding_dim)
+    folders: dict[str, list[np.ndarray]] = {}
+    for _, identity, faces in identities:
+        if faces:
+            folders.setdefault(identity, []).append(faces[0].embedding[None])
+    folders = {identity: photos for identity, photos in folders.items() if len(photos) >= 3}
+    lost = [
+        (identity, i)
+        for identity, photos in folders.items()
+        for i, verdict in enumerate(folder_person(photos, same_cos))
+        if verdict.face is None
+    ]
+    let_in = placements = 0
+    for identity, photos in folders.items():
+        for other, salt in folders.items():
+            if other != identity:
+                for photo in salt:
+                    placements += 1
+                    let_in += folder_person([*photos, photo], same_cos)[-1].face is not None
+    kept = sum(len(p) for p in folders.values()) - len(lost)
+    print(
+        f"folder rule: {kept} of {kept + len(lost)} photos of {len(folders)} people kept (lost: {lost}); "
+        f"another person's photo let in {let_in} of {placements} times"
+    )
+    assert not lost
+    assert let_in <= 0.02 * placements
 
 
 def test_exif_orientations_give_the_same_face_box(shared_faces, analyzer):
