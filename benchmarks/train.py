@@ -41,7 +41,7 @@ def curate_sample(out: Path) -> Path:
 
 def input_pipeline(dataset_dir: Path, samples: int) -> None:
     """Anchoring samples per second on one core: Parquet decode, crops, normalisation, collate (batch 8)."""
-    from dynamicid.models.base import build_tiny_tokenizer
+    from dynamicid.testing import build_tiny_tokenizer
     from dynamicid.train.data import (
         ANCHOR_COLUMNS,
         RECONFIGURE_COLUMNS,

@@ -7,6 +7,7 @@ FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) is imp
 from dynamicid.models.blocks import FeedForward, MultAttention, PerceiverAttention
 from dynamicid.models.checkpoints import (
     SD15_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
     DynamicIDWeights,
     ReleaseCheckpoint,
     WeightsFileError,
@@ -36,6 +37,7 @@ from dynamicid.models.saa import (
 __all__ = [
     "IMR",
     "SD15_UNET_CONFIG",
+    "SDXL_UNET_CONFIG",
     "DynamicIDWeights",
     "FaceEncoder",
     "FeedForward",

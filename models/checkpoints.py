@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dynamicid.models.base import unet_family
 from dynamicid.models.face_encoder import FaceEncoder
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
@@ -34,7 +35,7 @@ from dynamicid.models.release import (
 )
 from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata
+from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata, family_label
 
 PARTS = tuple(PART_PREFIXES)
 IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
@@ -52,6 +53,24 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "layers_per_block": 2,
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
+}
+
+# SDXL 1.0 base's UNet: 140 attention layers (640 and 1280 wide), cross_attention_dim 2048, pooled text + size ids.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
 }
 
 
@@ -216,7 +235,17 @@ class DynamicIDWeights:
         load_saa_state_dict(unet, state_dict)
 
 
+def check_base_family(file_family: str, base_family: str, where: str) -> None:
+    """One line naming the file and both families when weights were made for another base family."""
+    if file_family != base_family:
+        raise ValueError(
+            f"{where} holds weights made for {family_label(file_family)} but the base model is "
+            f"{family_label(base_family)}; use weights trained on a {base_family} base"
+        )
+
+
 def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
+    check_base_family(metadata.base_family, unet_family(unet), where)
     if int(unet.config.cross_attention_dim) != metadata.cross_attention_dim:
         raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, unet.config.cross_attention_dim, where)
     installed = [p for p in unet.attn_processors.values() if isinstance(p, SAAProcessor)]
@@ -474,6 +503,7 @@ def convert_release(
 
     parts: dict[str, dict[str, torch.Tensor]] = {"saa": saa}
     metadata = CheckpointMetadata(
+        base_family=unet_family(unet),
         cross_attention_dim=int(unet.config.cross_attention_dim),
         lora_rank=release.lora_rank,
         num_tokens=num_tokens,

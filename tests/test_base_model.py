@@ -5,13 +5,8 @@ import oracles
 import pytest
 import torch
 
-from dynamicid.models.base import (
-    CLIP_IMAGE_SIZE,
-    build_tiny_random,
-    clip_hidden_states,
-    clip_pixel_values,
-    load_base_model,
-)
+from dynamicid.models.base import CLIP_IMAGE_SIZE, clip_hidden_states, clip_pixel_values, load_base_model
+from dynamicid.testing import build_tiny_random
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from PIL import Image
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import main
-from dynamicid.infer.fakes import random_parts, save_random_weights, save_release_layout
 from dynamicid.models import FaceEncoder
 from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import save_dynamicid
 from dynamicid.schemas import CheckpointMetadata
+from dynamicid.testing import random_parts, save_random_weights, save_release_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,6 +1,6 @@
 """DynamicIDPipeline on the tiny-random FAKE base with random FAKE DynamicID weights and real reference photos.
 
-The weights are random (`dynamicid.infer.fakes`), so the images are noise: these tests check sizes,
+The weights are random (`dynamicid.testing`), so the images are noise: these tests check sizes,
 determinism, the layout and token plumbing, the release-format path, and that bad input is refused before
 any denoising. The face analysis is the real embedded backend on the real photos in ../shared/data/faces.
 """
@@ -12,11 +12,11 @@ from diffusers import StableDiffusionPipeline
 
 from dynamicid.faces import FaceAnalyzer, ImageLoadError
 from dynamicid.infer import DynamicIDPipeline, Person, ReleaseFiles
-from dynamicid.infer.fakes import random_parts, save_random_weights, save_release_layout
 from dynamicid.infer.people import DynamicIDWarning
 from dynamicid.infer.references import NoFaceError, ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
+from dynamicid.testing import random_parts, save_random_weights, save_release_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

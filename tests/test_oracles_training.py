@@ -1,7 +1,7 @@
 """The training signal checked against METHOD.md's formulas computed here (tests/oracles.py), not by the code.
 
 Real photos (../shared/data/faces) through the real face layer give the dataset rows; the base is the tiny-random
-FAKE and the DynamicID weights are random FAKEs (`dynamicid.infer.fakes`): what is checked is what each stage
+FAKE and the DynamicID weights are random FAKEs (`dynamicid.testing`): what is checked is what each stage
 feeds its models and how the losses are formed, which does not need trained weights.
 """
 
@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from dynamicid.faces import FaceAnalyzer, ffhq_align, load_image, transform_points
 from dynamicid.infer import DynamicIDPipeline, Person
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder
 from dynamicid.models.base import load_base_model
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
+from dynamicid.testing import random_parts, save_random_weights
 from dynamicid.train.anchor import anchor_inputs, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.conditioning import clip_normalised, token_ids

@@ -27,7 +27,7 @@ from dynamicid.models import (
     load_saa_state_dict,
     save_dynamicid,
 )
-from dynamicid.models.base import TINY_RANDOM, BaseModel, load_base_model
+from dynamicid.models.base import BaseModel, load_base_model
 from dynamicid.models.checkpoints import read_safetensors
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.conditioning import (
@@ -153,7 +153,7 @@ def cast_frozen(base: BaseModel, trained: list[nn.Parameter], device: torch.devi
 
 def anchor_metadata(base: BaseModel, config: AnchorConfig, id_model: str, id_dim: int, source: str):
     return CheckpointMetadata(
-        base_family=TINY_RANDOM if base.name == TINY_RANDOM else "sd15",
+        base_family=base.family,
         cross_attention_dim=base.cross_attention_dim,
         lora_rank=config.lora_rank,
         num_tokens=config.num_tokens,

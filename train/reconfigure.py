@@ -176,7 +176,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         heads=config.imr_heads,
         num_queries=md.num_tokens,
         embedding_dim=md.cross_attention_dim,
-        txt_dim=base.text_dim,
+        txt_dim=base.pooled_dim,
         depth=config.imr_depth,
     )
     model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim, width=config.keypoint_width))
