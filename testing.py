@@ -199,7 +199,12 @@ def random_parts(
         for processor in saa_processors(unet).values():
             for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
                 nn.init.normal_(lora.up.weight, std=0.02)
-        face_encoder = FaceEncoder(cross_attention_dim, id_embed_dim, clip_dim, num_tokens=4)
+        face_encoder = FaceEncoder(
+            cross_attention_dim=cross_attention_dim,
+            id_embeddings_dim=id_embed_dim,
+            clip_embeddings_dim=clip_dim,
+            num_tokens=4,
+        )
         imr = IMR(
             dim=imr_dim,
             dim_head=64,

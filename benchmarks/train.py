@@ -135,7 +135,7 @@ def sd15_sizes() -> None:
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         unet.requires_grad_(False)
         install_saa(unet, rank=128, num_tokens=4)
-        face_encoder = FaceEncoder(768, 512, 1280, 4)
+        face_encoder = FaceEncoder(cross_attention_dim=768, id_embeddings_dim=512, clip_embeddings_dim=1280)
         imr, keypoints = IMR(), KeypointEncoder(768)
     configure_saa(unet, num_ids=1, gating=True, boxes=[(0.0, 0.0, 1.0, 1.0)])
     unet.to(torch.bfloat16)

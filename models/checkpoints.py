@@ -210,7 +210,12 @@ class DynamicIDWeights:
 
     def build_face_encoder(self) -> FaceEncoder:
         md = self.metadata
-        encoder = FaceEncoder(md.cross_attention_dim, md.id_embed_dim, md.clip_embed_dim, md.num_tokens)
+        encoder = FaceEncoder(
+            cross_attention_dim=md.cross_attention_dim,
+            id_embeddings_dim=md.id_embed_dim,
+            clip_embeddings_dim=md.clip_embed_dim,
+            num_tokens=md.num_tokens,
+        )
         load_strict(encoder, self._part("face_encoder"), what="face_encoder weights")
         return encoder.eval()
 

@@ -30,7 +30,9 @@ def weights(tmp_path_factory):
     save_dynamicid(
         other_base,
         metadata=CheckpointMetadata(cross_attention_dim=768, id_embed_dim=analyzer.embedding_dim, clip_embed_dim=48),
-        face_encoder=FaceEncoder(768, analyzer.embedding_dim, 48, 4),
+        face_encoder=FaceEncoder(
+            cross_attention_dim=768, id_embeddings_dim=analyzer.embedding_dim, clip_embeddings_dim=48
+        ),
     )
     return {
         "ours": save_random_weights(parts, folder / "dynamicid.safetensors"),

@@ -241,7 +241,7 @@ def test_weights_for_another_base_are_refused(tmp_path, analyzer):
     from dynamicid.models.checkpoints import save_dynamicid
     from dynamicid.schemas import CheckpointMetadata
 
-    encoder = FaceEncoder(768, analyzer.embedding_dim, 48, 4)
+    encoder = FaceEncoder(cross_attention_dim=768, id_embeddings_dim=analyzer.embedding_dim, clip_embeddings_dim=48)
     metadata = CheckpointMetadata(cross_attention_dim=768, id_embed_dim=analyzer.embedding_dim, clip_embed_dim=48)
     path = save_dynamicid(tmp_path / "sd15.safetensors", metadata=metadata, face_encoder=encoder)
     pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))

@@ -288,7 +288,11 @@ def test_empty_dataset_is_refused(curated, tmp_path):
 
 def test_embedding_width_that_does_not_fit_the_weights_is_refused(curated, tmp_path):
     metadata = CheckpointMetadata(cross_attention_dim=32, num_tokens=4, id_embed_dim=512, clip_embed_dim=48)
-    weights = save_dynamicid(tmp_path / "arcface.safetensors", metadata=metadata, face_encoder=FaceEncoder(32, 512, 48))
+    weights = save_dynamicid(
+        tmp_path / "arcface.safetensors",
+        metadata=metadata,
+        face_encoder=FaceEncoder(cross_attention_dim=32, id_embeddings_dim=512, clip_embeddings_dim=48),
+    )
     config = AnchorConfig(**TINY, dataset=str(curated), output_dir=str(tmp_path / "r"), init_from=str(weights))
     with pytest.raises(ValueError, match=r"id_embed_dim=512 .*width 128"):
         train_anchor(config)
@@ -323,7 +327,12 @@ def _release_style_files(tmp_path: Path) -> dict[str, Path]:
         for i, processor in enumerate(saa_processors(unet).values())
         for key, tensor in processor.state_dict().items()
     }
-    encoder = {key: torch.randn_like(t) for key, t in FaceEncoder(32, 128, 48).state_dict().items()}
+    encoder = {
+        key: torch.randn_like(t)
+        for key, t in FaceEncoder(cross_attention_dim=32, id_embeddings_dim=128, clip_embeddings_dim=48)
+        .state_dict()
+        .items()
+    }
     torch.save({"image_proj": encoder, "ip_adapter": index_keyed}, tmp_path / "ip-adapter-faceid-plusv2.bin")
     torch.save({"SAA_module": index_keyed}, tmp_path / "SAA.bin")
     return {"ip-adapter-faceid": tmp_path / "ip-adapter-faceid-plusv2.bin", "release": tmp_path / "SAA.bin"}

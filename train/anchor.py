@@ -124,7 +124,12 @@ def build_face_encoder(base: BaseModel, config: AnchorConfig, id_dim: int, init:
                 f"embeddings have width {id_dim}; curate with the matching face backend or drop --init-from"
             )
         return encoder
-    return FaceEncoder(base.cross_attention_dim, id_dim, base.clip_dim, config.num_tokens)
+    return FaceEncoder(
+        cross_attention_dim=base.cross_attention_dim,
+        id_embeddings_dim=id_dim,
+        clip_embeddings_dim=base.clip_dim,
+        num_tokens=config.num_tokens,
+    )
 
 
 def check_init_metadata(init: StartingWeights, config: AnchorConfig, id_dim: int) -> None:
