@@ -1,5 +1,8 @@
-"""`DynamicIDPipeline`: Stable Diffusion 1.5 text-to-image with several identities, each in its own box,
-each with an optional target expression / pose (METHOD.md: SAA, IMR, reference settings)."""
+"""`DynamicIDPipeline` (SD 1.5) and `DynamicIDXLPipeline` (SDXL): text-to-image with several identities, each in
+its own box, each with an optional target expression / pose (METHOD.md: SAA, IMR, reference settings).
+
+Both are `DynamicIDMixin` combined with diffusers' pipeline of the family; `pipeline_for(base)` picks the one
+of a loaded base model."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
@@ -21,8 +24,9 @@ from dynamicid.infer.people import Box, Person, check_person_labels, describe_so
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
 from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs, saa_processors
-from dynamicid.models.base import CLIP_MEAN, CLIP_STD, TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values
+from dynamicid.models.base import TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values, folder_family
 from dynamicid.schemas import face_prompt
+from dynamicid.schemas.checkpoint import BASE_FAMILIES, family_label
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
 # boosted (infer_scale 2) during the first 12 UNet calls, one person none.
@@ -75,52 +79,35 @@ class DynamicIDPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
 
 
-class DynamicIDPipeline(StableDiffusionPipeline):
-    r"""Multi-person personalised text-to-image generation with DynamicID on Stable Diffusion 1.5.
+class DynamicIDMixin:
+    r"""DynamicID's part of a text-to-image pipeline, the same for every base family.
 
-    Components are those of [`StableDiffusionPipeline`]; `image_encoder` is the CLIP vision tower (ViT-H/14)
-    whose penultimate states feed the face encoder. DynamicID's own modules (face encoder, IMR, keypoint
-    encoder) and the SAA attention processors come from `load_dynamicid`, the face analysis from
-    `dynamicid.faces.FaceAnalyzer`. The scheduler defaults to DDIM, the release's sampler.
+    Multi-person personalised generation: each person's face tokens (face encoder, rewritten by the IMR for a
+    target expression / pose) are appended to the text states, and the SAA processors route them into the
+    person's box. A sibling per base family (`DynamicIDPipeline` for SD 1.5, `DynamicIDXLPipeline` for SDXL)
+    combines this mixin with diffusers' pipeline of that family and supplies what differs:
+    `encode_text` (the UNet's text condition, and for SDXL its `added_cond_kwargs`) and `safety_check`.
+    DynamicID's own modules and the SAA processors come from `load_dynamicid` (or `set_dynamicid`), the face
+    analysis from `dynamicid.faces.FaceAnalyzer`. The scheduler defaults to DDIM, the release's sampler.
     """
 
+    family: str  # the base family the sibling is made for ("sd15", "sdxl")
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
-
-    def __init__(
-        self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker: bool = False,
-    ):
-        super().__init__(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-            requires_safety_checker=requires_safety_checker,
-        )
-        self.dynamicid: DynamicIDModules | None = None
-        self.reference_analyzer: ReferenceAnalyzer | None = None
 
     # ---- construction ----
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> DynamicIDPipeline:
-        """Load SD 1.5 from a local diffusers folder (nothing is downloaded); DDIM unless a scheduler is given."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
+        """Load the base from a local diffusers folder (nothing is downloaded); DDIM unless a scheduler is given."""
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"base model folder {folder} does not exist (expected Stable Diffusion 1.5 in diffusers layout)"
+                f"base model folder {folder} does not exist (expected {BASE_FAMILIES[cls.family]} in diffusers layout)"
+            )
+        if folder_family(folder) != cls.family:
+            raise ValueError(
+                f"{folder} holds {family_label(folder_family(folder))}, not {family_label(cls.family)}: "
+                f"use {PIPELINES[folder_family(folder)].__name__}"
             )
         if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
             kwargs["scheduler"] = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -128,15 +115,31 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         return super().from_pretrained(folder, **kwargs)
 
     @classmethod
-    def from_base(cls, base: BaseModel) -> DynamicIDPipeline:
-        """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also "tiny-random")."""
-        return cls(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            unet=base.unet,
-            scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-            image_encoder=base.image_encoder,
+    def from_base(cls, base: BaseModel):
+        """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also the tiny-random FAKEs)."""
+        if base.family != cls.family:
+            raise ValueError(
+                f"base model {base.name} is {family_label(base.family)}: use {PIPELINES[base.family].__name__}, "
+                f"not {cls.__name__} (or `pipeline_for(base)`)"
+            )
+        return cls(**cls.base_components(base), scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
+
+    @staticmethod
+    def base_components(base: BaseModel) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def as_base(self) -> BaseModel:
+        """The pipeline's parts as a `BaseModel`, whose prompt encoding and CLIP input are the training stages'."""
+        return BaseModel(
+            unet=self.unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            noise_scheduler=self.scheduler,
+            image_encoder=self.image_encoder,
+            text_encoder_2=getattr(self, "text_encoder_2", None),
+            tokenizer_2=getattr(self, "tokenizer_2", None),
+            name=type(self).__name__,
         )
 
     def load_dynamicid(
@@ -203,10 +206,6 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             )
         self.dynamicid, self.reference_analyzer = modules, references
 
-    # CLIP normalisation used by `dynamicid.models.base.clip_pixel_values` (duck-typed with BaseModel).
-    clip_mean = CLIP_MEAN
-    clip_std = CLIP_STD
-
     # ---- checks ----
 
     def check_inputs(
@@ -258,15 +257,8 @@ class DynamicIDPipeline(StableDiffusionPipeline):
 
     @torch.no_grad()
     def encode_face_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Pooled CLIP text vectors (N, txt_dim) of face prompts: the IMR's text input."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+        """Pooled text vectors (N, pooled_dim) of face prompts: the IMR's text input (as in training)."""
+        return self.as_base().encode_prompt(prompts).pooled
 
     @torch.no_grad()
     def encode_landmarks(self, landmarks_512: list[np.ndarray]) -> torch.Tensor:
@@ -285,9 +277,10 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         """
         encoder = self.dynamicid.face_encoder
         weight = next(encoder.parameters())
-        pixels = clip_pixel_values(self, [ref.clip_face for ref in references])
+        base = self.as_base()
+        pixels = clip_pixel_values(base, [ref.clip_face for ref in references])
         pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
-        clip_states = clip_hidden_states(self, pixels).to(device=weight.device, dtype=weight.dtype)
+        clip_states = clip_hidden_states(base, pixels).to(device=weight.device, dtype=weight.dtype)
         id_embeds = torch.from_numpy(np.stack([ref.face.embedding for ref in references]).astype(np.float32))
         id_embeds = torch.cat([id_embeds, torch.zeros_like(id_embeds[:1])]).to(device=weight.device, dtype=weight.dtype)
         tokens = encoder(id_embeds, clip_states)
@@ -421,9 +414,9 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         ]
         timings["analysis"] = _lap(clock)
 
-        # 3. Encode the input prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+        # 3. Encode the input prompt (and the family's extra UNet inputs, e.g. SDXL's pooled text and size ids)
+        prompt_embeds, negative_prompt_embeds, added_cond_kwargs = self.encode_text(
+            prompt, negative_prompt, device, num_images_per_prompt, (height, width)
         )
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
@@ -483,7 +476,13 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
                 if maps is not None:
                     maps.add(saa_activation_maps(self.unet), saa_id_attention_probs(self.unet))
                 if self.do_classifier_free_guidance:
@@ -507,7 +506,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             image = latents
         else:
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            image, has_nsfw_concept = self.safety_check(image, device, prompt_embeds.dtype)
             do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
             image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
         activation_maps = maps.result((height, width)) if maps is not None else None
@@ -525,6 +524,162 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             saa=saa_settings,
             nsfw_content_detected=has_nsfw_concept,
         )
+
+
+class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):
+    r"""DynamicID on Stable Diffusion 1.5 (see `DynamicIDMixin`).
+
+    Components are those of [`StableDiffusionPipeline`]; `image_encoder` is the CLIP vision tower (ViT-H/14)
+    whose penultimate states feed the face encoder.
+    """
+
+    family = "sd15"
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.dynamicid: DynamicIDModules | None = None
+        self.reference_analyzer: ReferenceAnalyzer | None = None
+
+    @staticmethod
+    def base_components(base: BaseModel) -> dict[str, Any]:
+        return {
+            "vae": base.vae,
+            "text_encoder": base.text_encoder,
+            "tokenizer": base.tokenizer,
+            "unet": base.unet,
+            "image_encoder": base.image_encoder,
+        }
+
+    def encode_text(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """(prompt states, negative states or None without guidance, no added UNet inputs)."""
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+        )
+        return prompt_embeds, negative_prompt_embeds, None
+
+    def safety_check(self, image: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        return self.run_safety_checker(image, device, dtype)
+
+
+class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
+    r"""DynamicID on SDXL (see `DynamicIDMixin`).
+
+    Components are those of [`StableDiffusionXLPipeline`] (two text encoders; the UNet also takes the pooled
+    text and the size ids); `image_encoder` is the CLIP vision tower whose penultimate states feed the face
+    encoder. The IMR's text vector of a face prompt is the pooled, projected output of `text_encoder_2`.
+    """
+
+    family = "sdxl"
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        self.dynamicid: DynamicIDModules | None = None
+        self.reference_analyzer: ReferenceAnalyzer | None = None
+
+    @staticmethod
+    def base_components(base: BaseModel) -> dict[str, Any]:
+        return {
+            "vae": base.vae,
+            "text_encoder": base.text_encoder,
+            "text_encoder_2": base.text_encoder_2,
+            "tokenizer": base.tokenizer,
+            "tokenizer_2": base.tokenizer_2,
+            "unet": base.unet,
+            "image_encoder": base.image_encoder,
+        }
+
+    def encode_text(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(prompt states, negative states or None, `added_cond_kwargs`): the pooled text and the size ids
+        (original = target = `size`, no crop), negative half first under guidance, as SDXL's pipeline does."""
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+        )
+        time_ids = self._get_add_time_ids(
+            size, (0, 0), size, dtype=prompt_embeds.dtype, text_encoder_projection_dim=pooled.shape[-1]
+        ).to(device)
+        if self.do_classifier_free_guidance:
+            pooled = torch.cat([negative_pooled, pooled])
+        else:
+            negative_prompt_embeds = None
+        return (
+            prompt_embeds,
+            negative_prompt_embeds,
+            {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)},
+        )
+
+    def safety_check(self, image: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        return image, None  # SDXL ships no safety checker
+
+
+PIPELINES: dict[str, type[DynamicIDMixin]] = {"sd15": DynamicIDPipeline, "sdxl": DynamicIDXLPipeline}
+
+
+def pipeline_for(base: BaseModel) -> DynamicIDMixin:
+    """The DynamicID pipeline of `base`'s family over its parts."""
+    return PIPELINES[base.family].from_base(base)
 
 
 def _lap(start: float) -> float:

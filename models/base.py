@@ -192,14 +192,16 @@ def load_base_model(
 
 
 def folder_family(folder: Path) -> str:
-    """A diffusers folder's base family: from model_index.json's pipeline class, else from its subfolders."""
+    """A diffusers folder's base family: SDXL when model_index.json names SDXL's pipeline or lists a second text
+    encoder (also a saved DynamicIDXLPipeline), else SD 1.5; without model_index.json, from the subfolders."""
     index = folder / "model_index.json"
     if index.is_file():
         try:
-            class_name = json.loads(index.read_text()).get("_class_name", "")
+            entries = json.loads(index.read_text())
+            sdxl = entries.get("_class_name") in SDXL_PIPELINE_CLASSES or bool(entries.get("text_encoder_2"))
         except (json.JSONDecodeError, AttributeError):
             raise ValueError(f"{index} is not a JSON object; copy the model folder again") from None
-        return "sdxl" if class_name in SDXL_PIPELINE_CLASSES else "sd15"
+        return "sdxl" if sdxl else "sd15"
     return "sdxl" if (folder / "text_encoder_2").is_dir() else "sd15"
 
 

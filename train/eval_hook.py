@@ -17,7 +17,7 @@ from torch import nn
 
 from dynamicid.evaluate import Case, FaceScorer, measure, write_scores
 from dynamicid.faces import FaceAnalyzer
-from dynamicid.infer import DynamicIDPipeline
+from dynamicid.infer import DynamicIDPipeline, pipeline_for
 from dynamicid.infer.manifest import ManifestRow, read_manifest
 from dynamicid.models import configure_saa
 from dynamicid.models.base import BaseModel
@@ -52,7 +52,7 @@ class ManifestEvaluation:
         for module in modules:
             module.eval()
         try:
-            pipe = DynamicIDPipeline.from_base(self.base)
+            pipe = pipeline_for(self.base)
             pipe.set_progress_bar_config(disable=True)
             pipe.set_dynamicid(face_encoder, imr, keypoint_encoder, face_analyzer=self.analyzer)
             with self.accelerator.autocast():
