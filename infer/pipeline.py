@@ -17,11 +17,12 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
-from dynamicid.infer.people import Box, Person, check_person_labels, describe_source, resolve_boxes
+from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
 from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs, saa_processors
-from dynamicid.models.base import CLIP_MEAN, CLIP_STD, TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values
+from dynamicid.models.base import BaseModel, load_image_encoder
+from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors
 from dynamicid.schemas import face_prompt
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
@@ -158,7 +159,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                 go to it (e.g. insightface_root=...). `face_analyzer` reuses an existing analyzer instead.
         """
         if image_encoder is not None:
-            self.register_modules(image_encoder=_load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
+            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
             raise ValueError(
                 "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
@@ -173,19 +174,21 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         imr: torch.nn.Module | None = None,
         keypoint_encoder: torch.nn.Module | None = None,
         *,
-        face_analyzer: FaceAnalyzer | ReferenceAnalyzer,
+        face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None = None,
     ) -> None:
         """Use DynamicID modules held in memory (e.g. to sample while training); the UNet must carry SAA already.
 
         The modules are used as they are (device, dtype, train/eval mode): call `.eval()` on them first.
+        Without `face_analyzer` every person's image (and landmark image) must be an analysed `Reference`
+        (e.g. `Reference.from_crop` of a curated dataset row).
         """
         saa_processors(self.unet)  # raises when SAA is not installed
         if self.image_encoder is None:
             raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
-        embedding_model = face_analyzer.embedding_model
+        embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
         self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
 
-    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer) -> None:
+    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None) -> None:
         """Check that the modules fit the image encoder, the base and the face backend, then keep them."""
         clip_dim = int(self.image_encoder.config.hidden_size)
         if modules.face_encoder.clip_embeddings_dim != clip_dim:
@@ -194,8 +197,10 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                 f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
             )
         _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
-        references = face_analyzer if isinstance(face_analyzer, ReferenceAnalyzer) else ReferenceAnalyzer(face_analyzer)
-        if modules.face_encoder.id_embeddings_dim != references.embedding_dim:
+        references = face_analyzer
+        if face_analyzer is not None and not isinstance(face_analyzer, ReferenceAnalyzer):
+            references = ReferenceAnalyzer(face_analyzer)
+        if references is not None and modules.face_encoder.id_embeddings_dim != references.embedding_dim:
             raise ValueError(
                 f"the weights take {modules.face_encoder.id_embeddings_dim}-d ID embeddings "
                 f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
@@ -203,9 +208,10 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             )
         self.dynamicid, self.reference_analyzer = modules, references
 
-    # CLIP normalisation used by `dynamicid.models.base.clip_pixel_values` (duck-typed with BaseModel).
-    clip_mean = CLIP_MEAN
-    clip_std = CLIP_STD
+    @property
+    def conditioner(self) -> Conditioner:
+        """The base family's text and image encoders as DynamicID conditioning (`dynamicid.models.conditioning`)."""
+        return Conditioner.from_parts(self)
 
     # ---- checks ----
 
@@ -222,7 +228,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         num_images_per_prompt: int = 1,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
-        if self.dynamicid is None or self.reference_analyzer is None:
+        if self.dynamicid is None:
             raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
         if not isinstance(prompt, str):
             raise ValueError(f"`prompt` must be one string, got {type(prompt).__name__}")
@@ -256,26 +262,19 @@ class DynamicIDPipeline(StableDiffusionPipeline):
 
     # ---- identity tokens ----
 
-    @torch.no_grad()
-    def encode_face_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Pooled CLIP text vectors (N, txt_dim) of face prompts: the IMR's text input."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+    def analyze(self, source: ImageSource | Reference, role: str) -> Reference:
+        """The face the pipeline uses from an image (its largest face), or an already analysed `Reference`."""
+        if isinstance(source, Reference):
+            return source
+        if self.reference_analyzer is None:
+            raise ValueError(f"no face analysis set up for {role} {describe_source(source)}: pass face_analyzer=...")
+        return self.reference_analyzer.analyze(source, role=role)
 
     @torch.no_grad()
     def encode_landmarks(self, landmarks_512: list[np.ndarray]) -> torch.Tensor:
         """Keypoint-encoder vectors (N, emb) of landmark sets given in 512x512 face-crop pixels."""
         maps = np.stack([render_landmark_map(points, image_size=LANDMARK_FRAME) for points in landmarks_512])
-        encoder = self.dynamicid.keypoint_encoder
-        weight = next(encoder.parameters())
-        maps_t = torch.from_numpy(maps)[:, None].to(device=weight.device, dtype=weight.dtype)
-        return encoder(maps_t).flatten(1)
+        return landmark_vectors(self.dynamicid.keypoint_encoder, torch.from_numpy(maps)[:, None])
 
     @torch.no_grad()
     def encode_faces(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,13 +283,20 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         Unconditional = the face encoder on a zero ID embedding and the CLIP states of an all-zero image.
         """
         encoder = self.dynamicid.face_encoder
+        for ref in references:
+            if len(ref.face.embedding) != encoder.id_embeddings_dim:
+                raise ValueError(
+                    f"{ref.source} has a {len(ref.face.embedding)}-d ID embedding ({ref.face.backend}) but the "
+                    f"weights take {encoder.id_embeddings_dim}-d ones; use the face backend they were trained with"
+                )
         weight = next(encoder.parameters())
-        pixels = clip_pixel_values(self, [ref.clip_face for ref in references])
-        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
-        clip_states = clip_hidden_states(self, pixels).to(device=weight.device, dtype=weight.dtype)
+        faces = [ref.clip_face for ref in references]
         id_embeds = torch.from_numpy(np.stack([ref.face.embedding for ref in references]).astype(np.float32))
-        id_embeds = torch.cat([id_embeds, torch.zeros_like(id_embeds[:1])]).to(device=weight.device, dtype=weight.dtype)
-        tokens = encoder(id_embeds, clip_states)
+        keep = torch.tensor([True] * len(references) + [False])  # one more row: the unconditional face
+        id_embeds, clip_states = self.conditioner.face_encoder_inputs(
+            [*faces, faces[0]], torch.cat([id_embeds, id_embeds[:1]]), keep
+        )
+        tokens = encoder(id_embeds.to(weight.device, weight.dtype), clip_states.to(weight.device, weight.dtype))
         return tokens[:-1], tokens[-1:].expand(len(references), -1, -1)
 
     @torch.no_grad()
@@ -303,9 +309,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             )
         target_landmarks, target_ref = reference.landmarks_512, None
         if person.landmark_image is not None:
-            target_ref = self.reference_analyzer.analyze(
-                person.landmark_image, role=f"landmark image of person {index + 1}"
-            )
+            target_ref = self.analyze(person.landmark_image, role=f"landmark image of person {index + 1}")
             if target_ref.landmarks_512 is None:
                 raise ValueError(f"the face backend gave no landmarks for {target_ref.source}")
             target_landmarks = target_ref.landmarks_512
@@ -313,13 +317,9 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         target_expression = person.expression or default.expression
         target_pose = person.pose or default.pose
         prompts = [face_prompt(reference.expression, reference.pose), face_prompt(target_expression, target_pose)]
-        text = self.encode_face_prompts(prompts)
+        text = self.conditioner.face_prompt_vectors(prompts)
         landmarks = self.encode_landmarks([reference.landmarks_512, target_landmarks])
-        imr = self.dynamicid.imr
-        weight = next(imr.parameters())
-        text, landmarks = text.to(weight.device, weight.dtype), landmarks.to(weight.device, weight.dtype)
-        source_tokens = tokens.to(weight.device, weight.dtype)
-        tokens.copy_(imr(source_tokens, landmarks[:1], landmarks[1:], text[:1], text[1:]))
+        tokens.copy_(edit_tokens(self.dynamicid.imr, tokens, landmarks, text))
         return {
             "target_expression": target_expression,
             "target_pose": target_pose,
@@ -416,9 +416,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             boost_steps = default_boost[1] if boost_steps is None else boost_steps
 
         # 2. Analyse the references: the largest face of each
-        references = [
-            self.reference_analyzer.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)
-        ]
+        references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
         timings["analysis"] = _lap(clock)
 
         # 3. Encode the input prompt
@@ -436,9 +434,11 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             reports.append(report)
 
         # 5. Text tokens followed by every person's tokens, in person order
-        prompt_embeds = _append_tokens(prompt_embeds, tokens)
+        prompt_embeds = encoder_states(prompt_embeds, tokens.reshape(1, -1, tokens.shape[-1]))
         if self.do_classifier_free_guidance:
-            negative_prompt_embeds = _append_tokens(negative_prompt_embeds, uncond_tokens)
+            negative_prompt_embeds = encoder_states(
+                negative_prompt_embeds, uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])
+            )
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
@@ -531,12 +531,6 @@ def _lap(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _append_tokens(text_embeds: torch.Tensor, id_tokens: torch.Tensor) -> torch.Tensor:
-    """(N, L, C) text states + (n, tokens, C) per-person tokens -> (N, L + n*tokens, C)."""
-    flat = id_tokens.reshape(1, -1, id_tokens.shape[-1]).to(text_embeds.dtype)
-    return torch.cat([text_embeds, flat.expand(text_embeds.shape[0], -1, -1)], dim=1)
-
-
 class _MapAccumulator:
     """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only)."""
 
@@ -566,22 +560,6 @@ class _MapAccumulator:
         mean = torch.stack(upsampled).mean(0)
         peak = mean.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         return (mean / peak).cpu().numpy().astype(np.float32)
-
-
-def _load_image_encoder(image_encoder: str | Path | torch.nn.Module) -> torch.nn.Module:
-    if isinstance(image_encoder, torch.nn.Module):
-        return image_encoder.eval()
-    if str(image_encoder) == TINY_RANDOM:
-        raise ValueError("a tiny-random image encoder comes with the tiny-random base: leave image_encoder unset")
-    from transformers import CLIPVisionModelWithProjection
-
-    folder = Path(image_encoder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"image encoder folder {folder} has no config.json (expected a CLIP vision model folder, "
-            "e.g. IP-Adapter's models/image_encoder with CLIP ViT-H/14)"
-        )
-    return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
 
 
 def _check_edit_modules(modules: DynamicIDModules, cross_attention_dim: int) -> None:

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 TINY_RANDOM = "tiny-random"
 BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_IMAGE_SIZE = 224
+CLIP_IMAGE_SIZE = 224  # the CLIP image encoder sees ArcFace-aligned 224x224 faces
 
 
 @dataclass
@@ -35,8 +32,6 @@ class BaseModel:
     tokenizer: Any  # transformers.CLIPTokenizer
     noise_scheduler: Any  # diffusers.DDPMScheduler (training); pipelines make their own sampler from its config
     image_encoder: Any | None  # transformers.CLIPVisionModelWithProjection, None when not loaded
-    clip_mean: tuple[float, float, float] = CLIP_MEAN
-    clip_std: tuple[float, float, float] = CLIP_STD
     name: str = TINY_RANDOM
 
     @property
@@ -73,7 +68,7 @@ def load_base_model(
     if str(base_model) == TINY_RANDOM:
         base = build_tiny_random(seed=seed, with_image_encoder=image_encoder in (None, TINY_RANDOM))
         if image_encoder not in (None, TINY_RANDOM):
-            base.image_encoder = _load_image_encoder(Path(image_encoder))
+            base.image_encoder = load_image_encoder(image_encoder)
     else:
         base = _load_base_folder(Path(base_model))
         if image_encoder == TINY_RANDOM:
@@ -81,7 +76,7 @@ def load_base_model(
         if image_encoder is None and (Path(base_model) / "image_encoder").is_dir():
             image_encoder = Path(base_model) / "image_encoder"
         if image_encoder is not None:
-            base.image_encoder = _load_image_encoder(Path(image_encoder))
+            base.image_encoder = load_image_encoder(image_encoder)
     for module in (base.unet, base.vae, base.text_encoder, base.image_encoder):
         if module is None:
             continue
@@ -117,15 +112,21 @@ def _load_base_folder(folder: Path) -> BaseModel:
     )
 
 
-def _load_image_encoder(folder: Path) -> Any:
+def load_image_encoder(source: str | Path | torch.nn.Module) -> Any:
+    """The CLIP vision tower from a local folder (e.g. IP-Adapter's models/image_encoder), or a module as it is."""
+    if isinstance(source, torch.nn.Module):
+        return source.eval()
+    if str(source) == TINY_RANDOM:
+        raise ValueError("a tiny-random image encoder comes with the tiny-random base (--base-model tiny-random)")
     from transformers import CLIPVisionModelWithProjection
 
+    folder = Path(source)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"image encoder folder {folder} has no config.json (expected a CLIP vision model folder, "
             f"e.g. IP-Adapter's models/image_encoder with CLIP ViT-H/14)"
         )
-    return CLIPVisionModelWithProjection.from_pretrained(folder)
+    return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -211,26 +212,3 @@ def build_tiny_random(seed: int = 0, with_image_encoder: bool = True) -> BaseMod
         steps_offset=1,
     )
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, image_encoder, name=TINY_RANDOM)
-
-
-def clip_pixel_values(base: BaseModel, faces_224: list[Any] | np.ndarray) -> torch.Tensor:
-    """CLIP-normalised (N, 3, 224, 224) float32 from aligned 224x224 RGB faces (PIL images or uint8 NHWC).
-
-    No resize or crop: the faces are already aligned by `dynamicid.faces.align.arcface_align(..., size=224)`.
-    """
-    arrays = np.stack([np.asarray(face, dtype=np.uint8) for face in faces_224])
-    if arrays.ndim != 4 or arrays.shape[1:] != (CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3):
-        raise ValueError(f"CLIP input must be RGB {CLIP_IMAGE_SIZE}x{CLIP_IMAGE_SIZE} faces, got {arrays.shape[1:]}")
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(base.clip_mean).view(1, 3, 1, 1)
-    std = torch.tensor(base.clip_std).view(1, 3, 1, 1)
-    return (pixels - mean) / std
-
-
-def clip_hidden_states(base: BaseModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The penultimate hidden states of the CLIP image encoder, (N, tokens, clip_dim): the face encoder's input."""
-    if base.image_encoder is None:
-        raise ValueError("no CLIP image encoder loaded: pass --image-encoder DIR (a CLIP vision model folder)")
-    encoder = base.image_encoder
-    pixel_values = pixel_values.to(device=encoder.device, dtype=encoder.dtype)
-    return encoder(pixel_values, output_hidden_states=True).hidden_states[-2]

@@ -31,13 +31,14 @@ from dynamicid.models import (
 )
 from dynamicid.models.base import load_base_model
 from dynamicid.schemas import CheckpointMetadata
-from dynamicid.train.anchor import FULL_IMAGE_BOX, AnchorModel, FixedEvaluation, train_anchor
+from dynamicid.train.anchor import AnchorModel, AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.cli import main
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
 from dynamicid.train.reconfigure import train_reconfigure
-from dynamicid.train.runner import checkpoint_dirs, read_metrics
+from dynamicid.train.runner import FixedEvaluation, checkpoint_dirs, read_metrics
+from dynamicid.train.validation import FULL_IMAGE_BOX
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,9 +129,10 @@ def test_saved_anchor_weights_reload_with_the_same_outputs(anchor_run, curated):
     configure_saa(fresh.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # as trained
     model = AnchorModel(fresh.unet, weights.build_face_encoder())
     samples = AnchorSamples(load_curated(curated, ANCHOR_COLUMNS), fresh.tokenizer, 64)
-    evaluation = FixedEvaluation(fresh, samples, 8, 0, torch.device("cpu"), torch.float32)
+    batch = torch.utils.data.default_collate([samples[i] for i in range(8)])
+    evaluation = FixedEvaluation(AnchorObjective(fresh, torch.float32), batch, seed=0)
     logged = [row["eval_loss"] for row in read_metrics(anchor_run["config"].output_dir) if "eval_loss" in row][-1]
-    assert evaluation.loss(model) == pytest.approx(logged, rel=1e-5)
+    assert evaluation(model)["eval_loss"] == pytest.approx(logged, rel=1e-5)
 
 
 def test_resume_matches_a_straight_run_bit_for_bit(curated, tmp_path):

@@ -2,7 +2,7 @@
 
 Every label comes from the dataset's columns (never recomputed here): the identity embedding (`embedding`),
 the 5 keypoints (`kps5`), the dense landmarks, the caption and the face prompt. Images leave the loader as
-uint8 (4x less to copy); they are scaled and normalised on the device (`dynamicid.train.conditioning`).
+uint8 (4x less to copy); they are scaled and normalised on the device (`dynamicid.models.conditioning`).
 
 The CLIP image encoder sees `arcface_align(crop, kps5, size=224)`: the 512 crop's face aligned by its 5 keypoints
 onto the ArcFace template at 224x224, then CLIP's mean/std normalisation with no further resize or crop. Inference
@@ -25,7 +25,8 @@ from dynamicid.models.base import CLIP_IMAGE_SIZE
 
 ANCHOR_COLUMNS = ("image", "kps5", "embedding", "embedding_model", "caption")
 TOKEN_CACHE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "embedding_model")
-RECONFIGURE_COLUMNS = ("identity", "source_sha256", "image", "landmarks", "face_prompt")
+# kps5 and embedding: the sample images go through the pipeline, which encodes the source face itself.
+RECONFIGURE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "landmarks", "face_prompt")
 
 
 def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
