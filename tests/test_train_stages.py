@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from dynamicid.curation.pipeline import build_dataset
 from dynamicid.models import (
     FaceEncoder,
-    configure_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
     load_release_checkpoint,
@@ -31,7 +30,7 @@ from dynamicid.models import (
 )
 from dynamicid.models.base import load_base_model
 from dynamicid.schemas import CheckpointMetadata
-from dynamicid.train.anchor import FULL_IMAGE_BOX, AnchorModel, FixedEvaluation, train_anchor
+from dynamicid.train.anchor import AnchorModel, FixedEvaluation, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.cli import main
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
@@ -125,7 +124,6 @@ def test_saved_anchor_weights_reload_with_the_same_outputs(anchor_run, curated):
     assert weights.metadata.id_embed_model == "dlib-resnet-128" and weights.metadata.id_embed_dim == 128
     fresh = load_base_model("tiny-random")
     weights.load_saa_into(fresh.unet)
-    configure_saa(fresh.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # as trained
     model = AnchorModel(fresh.unet, weights.build_face_encoder())
     samples = AnchorSamples(load_curated(curated, ANCHOR_COLUMNS), fresh.tokenizer, 64)
     evaluation = FixedEvaluation(fresh, samples, 8, 0, torch.device("cpu"), torch.float32)

@@ -19,7 +19,7 @@ from torch import nn
 
 from dynamicid.models import (
     FaceEncoder,
-    configure_saa,
+    SAACall,
     install_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
@@ -63,7 +63,7 @@ from dynamicid.train.runner import (
 from dynamicid.train.validation import sample_images, save_samples
 
 FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
-TRAINING_SAA = {"num_ids": 1, "gating": True, "boxes": [FULL_IMAGE_BOX]}  # both stages train one ID, whole image
+TRAINING_SAA = SAACall(num_ids=1, gating=True, boxes=(FULL_IMAGE_BOX,))  # both stages train one ID, whole image
 
 
 class AnchorModel(nn.Module):
@@ -84,7 +84,9 @@ class AnchorModel(nn.Module):
     ) -> torch.Tensor:
         id_tokens = self.face_encoder(id_embeds, clip_embeds)
         states = torch.cat([text, id_tokens.to(text.dtype)], dim=1)
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=states).sample
+        return self.unet(
+            noisy_latents, timesteps, encoder_hidden_states=states, cross_attention_kwargs={"saa": TRAINING_SAA}
+        ).sample
 
 
 @dataclass
@@ -248,7 +250,6 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     else:
         install_saa(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
-    configure_saa(unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
@@ -289,7 +290,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     metrics = Metrics(accelerator, config, "anchor")
     evaluation = FixedEvaluation(base, samples, config.eval_samples, config.seed, accelerator.device, dtype)
     unwrapped = accelerator.unwrap_model(model)
-    bench = ManifestEvaluation(config, base, accelerator, TRAINING_SAA) if config.eval_manifest else None
+    bench = ManifestEvaluation(config, base, accelerator) if config.eval_manifest else None
 
     def evaluate(step: int) -> dict[str, float]:
         return {"eval_loss": evaluation.loss(unwrapped)} | (bench(step, unwrapped.face_encoder) if bench else {})
@@ -338,7 +339,6 @@ def log_validation(accelerator, base, model: AnchorModel, samples: AnchorSamples
     """Sample images of the first references with their own captions."""
     with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
         images = _validation_images(accelerator, base, model, samples, config, id_dim, dtype)
-    configure_saa(model.unet, **TRAINING_SAA)  # reset the processors' counters
     save_samples(accelerator, images, config.output_dir, step)
 
 
@@ -362,4 +362,5 @@ def _validation_images(accelerator, base, model: AnchorModel, samples: AnchorSam
         steps=config.validation_inference_steps,
         guidance_scale=config.validation_guidance_scale,
         seed=config.seed,
+        saa=TRAINING_SAA,
     )

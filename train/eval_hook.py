@@ -19,7 +19,6 @@ from dynamicid.evaluate import Case, FaceScorer, measure, write_scores
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline
 from dynamicid.infer.manifest import ManifestRow, read_manifest
-from dynamicid.models import configure_saa
 from dynamicid.models.base import BaseModel
 from dynamicid.train.config import TrainConfig
 
@@ -29,10 +28,9 @@ GROUPS = ("all", "single_id", "multi_id")
 class ManifestEvaluation:
     """Generates and scores a benchmark manifest on the main process; the others get no figures."""
 
-    def __init__(self, config: TrainConfig, base: BaseModel, accelerator: Any, training_saa: dict[str, Any]):
-        """`training_saa`: the stage's own `configure_saa` settings, restored after generating."""
+    def __init__(self, config: TrainConfig, base: BaseModel, accelerator: Any):
         self.rows: list[ManifestRow] = read_manifest(config.eval_manifest)
-        self.config, self.base, self.accelerator, self.training_saa = config, base, accelerator, training_saa
+        self.config, self.base, self.accelerator = config, base, accelerator
         self.analyzer = FaceAnalyzer("auto") if accelerator.is_main_process else None
 
     @torch.no_grad()
@@ -58,7 +56,6 @@ class ManifestEvaluation:
             with self.accelerator.autocast():
                 cases = [self._generate(pipe, row, folder, can_edit=imr is not None) for row in self.rows]
         finally:
-            configure_saa(self.base.unet, **self.training_saa)
             for module, mode in zip(modules, modes, strict=True):
                 module.train(mode)
         scores = measure(cases, FaceScorer(self.analyzer))

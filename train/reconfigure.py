@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamicid.models import IMR, KeypointEncoder, configure_saa, load_dynamicid, save_dynamicid
+from dynamicid.models import IMR, KeypointEncoder, load_dynamicid, save_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.anchor import TRAINING_SAA, cast_frozen
@@ -117,10 +117,13 @@ def reconfigure_loss(
     pixels = torch.cat([item["pixel_values"] for item in items])
     noisy, _, timesteps = noised(base, vae_latents(base, pixels, generator), generator)
     text = unet_text.expand(len(targets), -1, -1)
+    saa = {"saa": TRAINING_SAA}
     with torch.no_grad():
-        reference = base.unet(noisy, timesteps, encoder_hidden_states=torch.cat([text, targets.to(dtype)], 1)).sample
+        targets_states = torch.cat([text, targets.to(dtype)], 1)
+        reference = base.unet(noisy, timesteps, encoder_hidden_states=targets_states, cross_attention_kwargs=saa).sample
     states = torch.cat([text, predicted.to(dtype)], 1)
-    ldc = F.mse_loss(base.unet(noisy, timesteps, encoder_hidden_states=states).sample.float(), reference.float())
+    prediction = base.unet(noisy, timesteps, encoder_hidden_states=states, cross_attention_kwargs=saa).sample
+    ldc = F.mse_loss(prediction.float(), reference.float())
     return config.dfm_weight * dfm + config.ldc_weight * ldc, dfm, ldc
 
 
@@ -166,7 +169,6 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
     anchor.load_saa_into(base.unet)
     base.unet.requires_grad_(False)
-    configure_saa(base.unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     md = anchor.metadata
@@ -230,7 +232,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     unwrapped = accelerator.unwrap_model(model)
     evaluation = FixedEvaluation(samples, config.eval_samples, config.seed)
     eval_args = (base, text_vectors, unet_text, config, dtype)
-    bench = ManifestEvaluation(config, base, accelerator, TRAINING_SAA) if config.eval_manifest else None
+    bench = ManifestEvaluation(config, base, accelerator) if config.eval_manifest else None
     bench_encoder = anchor.build_face_encoder().to(accelerator.device) if bench else None
 
     def evaluate(step: int) -> dict[str, float]:
@@ -283,7 +285,6 @@ def log_validation(accelerator, base, model, anchor, evaluation, text_vectors, u
     """Images of the first evaluation identity rewritten towards its targets' expressions and poses."""
     with accelerator.autocast():  # trained parts are float32, frozen ones in the mixed-precision type
         images = _validation_images(base, model, anchor, evaluation, text_vectors, unet_text, config)
-    configure_saa(base.unet, **TRAINING_SAA)
     save_samples(accelerator, images, config.output_dir, step)
 
 
@@ -307,4 +308,5 @@ def _validation_images(base, model, anchor, evaluation, text_vectors, unet_text,
         steps=config.validation_inference_steps,
         guidance_scale=config.validation_guidance_scale,
         seed=config.seed,
+        saa=TRAINING_SAA,
     )

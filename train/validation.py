@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dynamicid.models import SAACall
 from dynamicid.models.base import BaseModel
 
 
@@ -28,8 +29,9 @@ def sample_images(
     steps: int,
     guidance_scale: float,
     seed: int,
+    saa: SAACall,
 ) -> list[Image.Image]:
-    """One image per row of `text` (B, 77, C) / `id_tokens` (B, tokens, C); SAA must be configured already."""
+    """One image per row of `text` (B, 77, C) / `id_tokens` (B, tokens, C), SAA running with `saa`."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
@@ -45,7 +47,8 @@ def sample_images(
     states = torch.cat([uncond, cond]).to(dtype)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise_uncond, noise_cond = unet(model_input, t, encoder_hidden_states=states).sample.chunk(2)
+        prediction = unet(model_input, t, encoder_hidden_states=states, cross_attention_kwargs={"saa": saa}).sample
+        noise_uncond, noise_cond = prediction.chunk(2)
         noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
     vae = base.vae
