@@ -129,7 +129,7 @@ def saved_activation_bytes(unet, face_encoder, checkpointing: bool, batch: int =
 def sd15_sizes() -> None:
     from diffusers import UNet2DConditionModel
 
-    from dynamicid.models import IMR, SD15_UNET_CONFIG, FaceEncoder, KeypointEncoder, configure_saa, install_saa
+    from dynamicid.models import IMR, SD15_UNET_CONFIG, FaceEncoder, KeypointEncoder, install_saa
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -137,7 +137,6 @@ def sd15_sizes() -> None:
         install_saa(unet, rank=128, num_tokens=4)
         face_encoder = FaceEncoder(cross_attention_dim=768, id_embeddings_dim=512, clip_embeddings_dim=1280)
         imr, keypoints = IMR(), KeypointEncoder(768)
-    configure_saa(unet, num_ids=1, gating=True, boxes=[(0.0, 0.0, 1.0, 1.0)])
     unet.to(torch.bfloat16)
     for p in unet.parameters():
         if p.requires_grad:

@@ -20,13 +20,13 @@ from dynamicid.faces import FaceAnalyzer, render_landmark_map
 from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
-from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs, saa_processors
+from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
 from dynamicid.models.base import BaseModel, load_image_encoder
-from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors
+from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
 from dynamicid.schemas import face_prompt
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
-# boosted (infer_scale 2) during the first 12 UNet calls, one person none.
+# boosted (infer_scale 2) during the first 12 denoising steps, one person none.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0
 MULTI_PERSON_BOOST = (2.0, 12)
@@ -369,8 +369,8 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             eta: DDIM eta. generator: torch generator(s) for reproducible noise. latents: preset noise.
             id_scale: weight of the identity branch (0 = the LoRA-adapted base model alone).
             gating: SAA's query-level activation gating and box routing.
-            boost, boost_steps: gate boost inside the boxes and for how many UNet calls; None = the reference
-                settings (2.0 for 12 calls with several people, none for one).
+            boost, boost_steps: gate boost inside the boxes and for how many denoising steps; None = the reference
+                settings (2.0 for 12 steps with several people, none for one).
             output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images, nsfw flags).
             return_activation_maps: also return per-person SAA activation maps (see the output class).
             callback_on_step_end: called as fn(pipe, step, timestep, tensors) after each step; it may return
@@ -442,7 +442,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
-        # 6. Configure SAA for this layout
+        # 6. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = {
             "num_ids": num_people,
             "id_scale": id_scale,
@@ -451,8 +451,11 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             "boost": boost,
             "boost_steps": boost_steps,
         }
-        configure_saa(
-            self.unet, **saa_settings, image_size=(height, width), return_activation_maps=return_activation_maps
+        saa_per_step = saa_calls(
+            **saa_settings,
+            steps=num_inference_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
         )
 
         # 7. Timesteps and initial noise
@@ -483,7 +486,13 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs={"saa": saa_per_step[i]},
+                    return_dict=False,
+                )[0]
                 if maps is not None:
                     maps.add(saa_activation_maps(self.unet), saa_id_attention_probs(self.unet))
                 if self.do_classifier_free_guidance:

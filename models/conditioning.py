@@ -7,7 +7,8 @@ aligned face (ArcFace-aligned 224 crop, uint8) + ID embedding      dataset row (
   -> face tokens (face encoder)                                    (B, num_tokens, C)
   -> IMR edit towards target landmark maps + face-prompt vectors   edit_tokens, Conditioner.face_prompt_vectors
   -> [text ; ID tokens], persons in order                          encoder_states
-  -> SAA inputs of the UNet call: persons, boxes (default strips), gating, boost
+  -> SAA inputs of each UNet call: persons, boxes (default strips), gating,   saa_calls (training: TRAINING_SAA)
+     this denoising step's boost                                               cross_attention_kwargs={"saa": ...}
 ```
 
 `Conditioner` holds the frozen encoders of one base family and is the only place that turns prompts and faces
@@ -19,6 +20,7 @@ UNet inputs; another base family (SDXL: two text encoders, `added_cond_kwargs`) 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,9 +29,12 @@ import torch
 from torch import nn
 
 from dynamicid.models.base import CLIP_IMAGE_SIZE
+from dynamicid.models.saa import SAACall, boost_for_step
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
+TRAINING_SAA = SAACall(num_ids=1, gating=True, boxes=(FULL_IMAGE_BOX,))  # both stages train one ID, whole image
 
 
 class Conditioner:
@@ -146,3 +151,28 @@ def encoder_states(text: torch.Tensor, id_tokens: torch.Tensor) -> torch.Tensor:
     if id_tokens.shape[0] != text.shape[0]:
         id_tokens = id_tokens.expand(text.shape[0], -1, -1)
     return torch.cat([text, id_tokens], dim=1)
+
+
+def saa_calls(
+    *,
+    num_ids: int,
+    steps: int,
+    boxes: Sequence[Sequence[float]] | None = None,
+    id_scale: float = 1.0,
+    gating: bool = True,
+    boost: float = 0.0,
+    boost_steps: int = 0,
+    image_size: tuple[int, int] | None = None,
+    return_activation_maps: bool = False,
+) -> list[SAACall]:
+    """The SAA inputs of each of `steps` denoising steps (`cross_attention_kwargs={"saa": calls[i]}`): one layout,
+    the gate boosted during the first `boost_steps` steps (the release's infer_scale / infer_end)."""
+    layout = SAACall(
+        num_ids=num_ids,
+        id_scale=id_scale,
+        gating=gating,
+        boxes=None if boxes is None else tuple(tuple(box) for box in boxes),
+        image_size=image_size,
+        return_activation_maps=return_activation_maps,
+    )
+    return [dataclasses.replace(layout, boost=boost_for_step(step, boost, boost_steps)) for step in range(steps)]

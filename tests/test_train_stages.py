@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from dynamicid.curation.pipeline import build_dataset
 from dynamicid.models import (
     FaceEncoder,
-    configure_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
     load_release_checkpoint,
@@ -38,7 +37,6 @@ from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
 from dynamicid.train.reconfigure import train_reconfigure
 from dynamicid.train.runner import FixedEvaluation, checkpoint_dirs, read_metrics
-from dynamicid.train.validation import FULL_IMAGE_BOX
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,7 +124,6 @@ def test_saved_anchor_weights_reload_with_the_same_outputs(anchor_run, curated):
     assert weights.metadata.id_embed_model == "dlib-resnet-128" and weights.metadata.id_embed_dim == 128
     fresh = load_base_model("tiny-random")
     weights.load_saa_into(fresh.unet)
-    configure_saa(fresh.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # as trained
     model = AnchorModel(fresh.unet, weights.build_face_encoder())
     samples = AnchorSamples(load_curated(curated, ANCHOR_COLUMNS), fresh.tokenizer, 64)
     batch = torch.utils.data.default_collate([samples[i] for i in range(8)])

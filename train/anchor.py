@@ -21,7 +21,6 @@ from torch import nn
 from dynamicid.infer import Person
 from dynamicid.models import (
     FaceEncoder,
-    configure_saa,
     install_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
@@ -29,7 +28,7 @@ from dynamicid.models import (
 )
 from dynamicid.models.base import TINY_RANDOM, BaseModel, load_base_model
 from dynamicid.models.checkpoints import read_safetensors
-from dynamicid.models.conditioning import Conditioner, encoder_states
+from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, encoder_states
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
@@ -45,7 +44,7 @@ from dynamicid.train.runner import (
     trainable_parameters,
     weight_dtype,
 )
-from dynamicid.train.validation import TRAINING_SAA, row_reference, sample_image, training_pipeline
+from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
 class AnchorModel(nn.Module):
@@ -67,7 +66,11 @@ class AnchorModel(nn.Module):
     ) -> torch.Tensor:
         states = encoder_states(text, self.face_encoder(id_embeds, clip_embeds))
         return self.unet(
-            noisy_latents, timesteps, encoder_hidden_states=states, added_cond_kwargs=added_cond_kwargs
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=states,
+            added_cond_kwargs=added_cond_kwargs,
+            cross_attention_kwargs={"saa": TRAINING_SAA},
         ).sample
 
 
@@ -224,7 +227,6 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     else:
         install_saa(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
-    configure_saa(unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)

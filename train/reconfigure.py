@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 from dynamicid.infer import Person
-from dynamicid.models import IMR, KeypointEncoder, configure_saa, load_dynamicid
+from dynamicid.models import IMR, KeypointEncoder, load_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
-from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors
+from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, encoder_states, landmark_vectors
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.cache_tokens import file_digest, read_tokens
 from dynamicid.train.config import ReconfigureConfig
@@ -40,7 +40,7 @@ from dynamicid.train.runner import (
     trainable_parameters,
     weight_dtype,
 )
-from dynamicid.train.validation import TRAINING_SAA, row_reference, sample_image, training_pipeline
+from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
 class Reconfigurator(nn.Module):
@@ -99,11 +99,13 @@ class ReconfigureObjective:
         noisy, _, timesteps = noised(self.base, vae_latents(self.base, pixels, generator), generator)
         text = self.unet_text.expand(len(targets), -1, -1)
         unet = self.base.unet
+        kwargs = {"added_cond_kwargs": self.added_cond_kwargs, "cross_attention_kwargs": {"saa": TRAINING_SAA}}
         with torch.no_grad():
-            states = encoder_states(text, targets.to(self.dtype))
-            reference = unet(noisy, timesteps, encoder_hidden_states=states, added_cond_kwargs=self.added_cond_kwargs)
+            reference = unet(
+                noisy, timesteps, encoder_hidden_states=encoder_states(text, targets.to(self.dtype)), **kwargs
+            )
         states = encoder_states(text, predicted.to(self.dtype))
-        prediction = unet(noisy, timesteps, encoder_hidden_states=states, added_cond_kwargs=self.added_cond_kwargs)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
         ldc = F.mse_loss(prediction.sample.float(), reference.sample.float())
         total = self.config.dfm_weight * dfm + self.config.ldc_weight * ldc
         return {"loss": total, "dfm": dfm, "ldc": ldc}
@@ -134,7 +136,6 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
     anchor.load_saa_into(base.unet)
     base.unet.requires_grad_(False)
-    configure_saa(base.unet, **TRAINING_SAA)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     md = anchor.metadata

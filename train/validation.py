@@ -19,14 +19,10 @@ from torch import nn
 
 from dynamicid.infer import DynamicIDPipeline, Person
 from dynamicid.infer.references import Reference
-from dynamicid.models import configure_saa
 from dynamicid.models.base import BaseModel
 from dynamicid.schemas import parse_face_prompt
 from dynamicid.train.config import TrainConfig
 from dynamicid.train.data import decode_image
-
-FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
-TRAINING_SAA = {"num_ids": 1, "gating": True, "boxes": [FULL_IMAGE_BOX]}  # both stages train one ID, whole image
 
 
 @contextmanager
@@ -39,7 +35,7 @@ def training_pipeline(
     face_analyzer: Any | None = None,
 ) -> Iterator[DynamicIDPipeline]:
     """A pipeline over the base and the given modules, in eval mode and the run's mixed precision; afterwards
-    the modules' modes and the UNet's training SAA settings are restored."""
+    the modules' modes are restored."""
     modules = [m for m in (face_encoder, imr, keypoint_encoder) if m is not None]
     modes = [m.training for m in modules]
     for module in modules:
@@ -51,7 +47,6 @@ def training_pipeline(
         with torch.no_grad(), accelerator.autocast():  # trained parts are float32, frozen ones in the run's type
             yield pipe
     finally:
-        configure_saa(base.unet, **TRAINING_SAA)
         for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
 
