@@ -20,16 +20,17 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
-from dynamicid.infer.people import Box, Person, check_person_labels, describe_source, resolve_boxes
+from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
-from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs, saa_processors
-from dynamicid.models.base import TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values, folder_family
+from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
+from dynamicid.models.base import BaseModel, folder_family, load_image_encoder
+from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
 from dynamicid.schemas import face_prompt
 from dynamicid.schemas.checkpoint import BASE_FAMILIES, family_label
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
-# boosted (infer_scale 2) during the first 12 UNet calls, one person none.
+# boosted (infer_scale 2) during the first 12 denoising steps, one person none.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0
 MULTI_PERSON_BOOST = (2.0, 12)
@@ -128,20 +129,6 @@ class DynamicIDMixin:
     def base_components(base: BaseModel) -> dict[str, Any]:
         raise NotImplementedError
 
-    def as_base(self) -> BaseModel:
-        """The pipeline's parts as a `BaseModel`, whose prompt encoding and CLIP input are the training stages'."""
-        return BaseModel(
-            unet=self.unet,
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            noise_scheduler=self.scheduler,
-            image_encoder=self.image_encoder,
-            text_encoder_2=getattr(self, "text_encoder_2", None),
-            tokenizer_2=getattr(self, "tokenizer_2", None),
-            name=type(self).__name__,
-        )
-
     def load_dynamicid(
         self,
         weights: WeightsSource,
@@ -161,7 +148,7 @@ class DynamicIDMixin:
                 go to it (e.g. insightface_root=...). `face_analyzer` reuses an existing analyzer instead.
         """
         if image_encoder is not None:
-            self.register_modules(image_encoder=_load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
+            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
             raise ValueError(
                 "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
@@ -176,19 +163,21 @@ class DynamicIDMixin:
         imr: torch.nn.Module | None = None,
         keypoint_encoder: torch.nn.Module | None = None,
         *,
-        face_analyzer: FaceAnalyzer | ReferenceAnalyzer,
+        face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None = None,
     ) -> None:
         """Use DynamicID modules held in memory (e.g. to sample while training); the UNet must carry SAA already.
 
         The modules are used as they are (device, dtype, train/eval mode): call `.eval()` on them first.
+        Without `face_analyzer` every person's image (and landmark image) must be an analysed `Reference`
+        (e.g. `Reference.from_crop` of a curated dataset row).
         """
         saa_processors(self.unet)  # raises when SAA is not installed
         if self.image_encoder is None:
             raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
-        embedding_model = face_analyzer.embedding_model
+        embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
         self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
 
-    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer) -> None:
+    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None) -> None:
         """Check that the modules fit the image encoder, the base and the face backend, then keep them."""
         clip_dim = int(self.image_encoder.config.hidden_size)
         if modules.face_encoder.clip_embeddings_dim != clip_dim:
@@ -197,14 +186,21 @@ class DynamicIDMixin:
                 f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
             )
         _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
-        references = face_analyzer if isinstance(face_analyzer, ReferenceAnalyzer) else ReferenceAnalyzer(face_analyzer)
-        if modules.face_encoder.id_embeddings_dim != references.embedding_dim:
+        references = face_analyzer
+        if face_analyzer is not None and not isinstance(face_analyzer, ReferenceAnalyzer):
+            references = ReferenceAnalyzer(face_analyzer)
+        if references is not None and modules.face_encoder.id_embeddings_dim != references.embedding_dim:
             raise ValueError(
                 f"the weights take {modules.face_encoder.id_embeddings_dim}-d ID embeddings "
                 f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
                 f"({references.embedding_model}); choose the face backend the weights were trained with"
             )
         self.dynamicid, self.reference_analyzer = modules, references
+
+    @property
+    def conditioner(self) -> Conditioner:
+        """The base family's text and image encoders as DynamicID conditioning (`dynamicid.models.conditioning`)."""
+        return Conditioner.from_parts(self)
 
     # ---- checks ----
 
@@ -221,7 +217,7 @@ class DynamicIDMixin:
         num_images_per_prompt: int = 1,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
-        if self.dynamicid is None or self.reference_analyzer is None:
+        if self.dynamicid is None:
             raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
         if not isinstance(prompt, str):
             raise ValueError(f"`prompt` must be one string, got {type(prompt).__name__}")
@@ -255,19 +251,19 @@ class DynamicIDMixin:
 
     # ---- identity tokens ----
 
-    @torch.no_grad()
-    def encode_face_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Pooled text vectors (N, pooled_dim) of face prompts: the IMR's text input (as in training)."""
-        return self.as_base().encode_prompt(prompts).pooled
+    def analyze(self, source: ImageSource | Reference, role: str) -> Reference:
+        """The face the pipeline uses from an image (its largest face), or an already analysed `Reference`."""
+        if isinstance(source, Reference):
+            return source
+        if self.reference_analyzer is None:
+            raise ValueError(f"no face analysis set up for {role} {describe_source(source)}: pass face_analyzer=...")
+        return self.reference_analyzer.analyze(source, role=role)
 
     @torch.no_grad()
     def encode_landmarks(self, landmarks_512: list[np.ndarray]) -> torch.Tensor:
         """Keypoint-encoder vectors (N, emb) of landmark sets given in 512x512 face-crop pixels."""
         maps = np.stack([render_landmark_map(points, image_size=LANDMARK_FRAME) for points in landmarks_512])
-        encoder = self.dynamicid.keypoint_encoder
-        weight = next(encoder.parameters())
-        maps_t = torch.from_numpy(maps)[:, None].to(device=weight.device, dtype=weight.dtype)
-        return encoder(maps_t).flatten(1)
+        return landmark_vectors(self.dynamicid.keypoint_encoder, torch.from_numpy(maps)[:, None])
 
     @torch.no_grad()
     def encode_faces(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,14 +272,20 @@ class DynamicIDMixin:
         Unconditional = the face encoder on a zero ID embedding and the CLIP states of an all-zero image.
         """
         encoder = self.dynamicid.face_encoder
+        for ref in references:
+            if len(ref.face.embedding) != encoder.id_embeddings_dim:
+                raise ValueError(
+                    f"{ref.source} has a {len(ref.face.embedding)}-d ID embedding ({ref.face.backend}) but the "
+                    f"weights take {encoder.id_embeddings_dim}-d ones; use the face backend they were trained with"
+                )
         weight = next(encoder.parameters())
-        base = self.as_base()
-        pixels = clip_pixel_values(base, [ref.clip_face for ref in references])
-        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
-        clip_states = clip_hidden_states(base, pixels).to(device=weight.device, dtype=weight.dtype)
+        faces = [ref.clip_face for ref in references]
         id_embeds = torch.from_numpy(np.stack([ref.face.embedding for ref in references]).astype(np.float32))
-        id_embeds = torch.cat([id_embeds, torch.zeros_like(id_embeds[:1])]).to(device=weight.device, dtype=weight.dtype)
-        tokens = encoder(id_embeds, clip_states)
+        keep = torch.tensor([True] * len(references) + [False])  # one more row: the unconditional face
+        id_embeds, clip_states = self.conditioner.face_encoder_inputs(
+            [*faces, faces[0]], torch.cat([id_embeds, id_embeds[:1]]), keep
+        )
+        tokens = encoder(id_embeds.to(weight.device, weight.dtype), clip_states.to(weight.device, weight.dtype))
         return tokens[:-1], tokens[-1:].expand(len(references), -1, -1)
 
     @torch.no_grad()
@@ -296,9 +298,7 @@ class DynamicIDMixin:
             )
         target_landmarks, target_ref = reference.landmarks_512, None
         if person.landmark_image is not None:
-            target_ref = self.reference_analyzer.analyze(
-                person.landmark_image, role=f"landmark image of person {index + 1}"
-            )
+            target_ref = self.analyze(person.landmark_image, role=f"landmark image of person {index + 1}")
             if target_ref.landmarks_512 is None:
                 raise ValueError(f"the face backend gave no landmarks for {target_ref.source}")
             target_landmarks = target_ref.landmarks_512
@@ -306,13 +306,9 @@ class DynamicIDMixin:
         target_expression = person.expression or default.expression
         target_pose = person.pose or default.pose
         prompts = [face_prompt(reference.expression, reference.pose), face_prompt(target_expression, target_pose)]
-        text = self.encode_face_prompts(prompts)
+        text = self.conditioner.face_prompt_vectors(prompts)
         landmarks = self.encode_landmarks([reference.landmarks_512, target_landmarks])
-        imr = self.dynamicid.imr
-        weight = next(imr.parameters())
-        text, landmarks = text.to(weight.device, weight.dtype), landmarks.to(weight.device, weight.dtype)
-        source_tokens = tokens.to(weight.device, weight.dtype)
-        tokens.copy_(imr(source_tokens, landmarks[:1], landmarks[1:], text[:1], text[1:]))
+        tokens.copy_(edit_tokens(self.dynamicid.imr, tokens, landmarks, text))
         return {
             "target_expression": target_expression,
             "target_pose": target_pose,
@@ -362,8 +358,8 @@ class DynamicIDMixin:
             eta: DDIM eta. generator: torch generator(s) for reproducible noise. latents: preset noise.
             id_scale: weight of the identity branch (0 = the LoRA-adapted base model alone).
             gating: SAA's query-level activation gating and box routing.
-            boost, boost_steps: gate boost inside the boxes and for how many UNet calls; None = the reference
-                settings (2.0 for 12 calls with several people, none for one).
+            boost, boost_steps: gate boost inside the boxes and for how many denoising steps; None = the reference
+                settings (2.0 for 12 steps with several people, none for one).
             output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images, nsfw flags).
             return_activation_maps: also return per-person SAA activation maps (see the output class).
             callback_on_step_end: called as fn(pipe, step, timestep, tensors) after each step; it may return
@@ -409,9 +405,7 @@ class DynamicIDMixin:
             boost_steps = default_boost[1] if boost_steps is None else boost_steps
 
         # 2. Analyse the references: the largest face of each
-        references = [
-            self.reference_analyzer.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)
-        ]
+        references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
         timings["analysis"] = _lap(clock)
 
         # 3. Encode the input prompt (and the family's extra UNet inputs, e.g. SDXL's pooled text and size ids)
@@ -429,13 +423,15 @@ class DynamicIDMixin:
             reports.append(report)
 
         # 5. Text tokens followed by every person's tokens, in person order
-        prompt_embeds = _append_tokens(prompt_embeds, tokens)
+        prompt_embeds = encoder_states(prompt_embeds, tokens.reshape(1, -1, tokens.shape[-1]))
         if self.do_classifier_free_guidance:
-            negative_prompt_embeds = _append_tokens(negative_prompt_embeds, uncond_tokens)
+            negative_prompt_embeds = encoder_states(
+                negative_prompt_embeds, uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])
+            )
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
-        # 6. Configure SAA for this layout
+        # 6. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = {
             "num_ids": num_people,
             "id_scale": id_scale,
@@ -444,8 +440,11 @@ class DynamicIDMixin:
             "boost": boost,
             "boost_steps": boost_steps,
         }
-        configure_saa(
-            self.unet, **saa_settings, image_size=(height, width), return_activation_maps=return_activation_maps
+        saa_per_step = saa_calls(
+            **saa_settings,
+            steps=num_inference_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
         )
 
         # 7. Timesteps and initial noise
@@ -481,6 +480,7 @@ class DynamicIDMixin:
                     t,
                     encoder_hidden_states=prompt_embeds,
                     added_cond_kwargs=added_cond_kwargs,
+                    cross_attention_kwargs={"saa": saa_per_step[i]},
                     return_dict=False,
                 )[0]
                 if maps is not None:
@@ -686,12 +686,6 @@ def _lap(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _append_tokens(text_embeds: torch.Tensor, id_tokens: torch.Tensor) -> torch.Tensor:
-    """(N, L, C) text states + (n, tokens, C) per-person tokens -> (N, L + n*tokens, C)."""
-    flat = id_tokens.reshape(1, -1, id_tokens.shape[-1]).to(text_embeds.dtype)
-    return torch.cat([text_embeds, flat.expand(text_embeds.shape[0], -1, -1)], dim=1)
-
-
 class _MapAccumulator:
     """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only)."""
 
@@ -721,22 +715,6 @@ class _MapAccumulator:
         mean = torch.stack(upsampled).mean(0)
         peak = mean.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         return (mean / peak).cpu().numpy().astype(np.float32)
-
-
-def _load_image_encoder(image_encoder: str | Path | torch.nn.Module) -> torch.nn.Module:
-    if isinstance(image_encoder, torch.nn.Module):
-        return image_encoder.eval()
-    if str(image_encoder) == TINY_RANDOM:
-        raise ValueError("a tiny-random image encoder comes with the tiny-random base: leave image_encoder unset")
-    from transformers import CLIPVisionModelWithProjection
-
-    folder = Path(image_encoder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"image encoder folder {folder} has no config.json (expected a CLIP vision model folder, "
-            "e.g. IP-Adapter's models/image_encoder with CLIP ViT-H/14)"
-        )
-    return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
 
 
 def _check_edit_modules(modules: DynamicIDModules, cross_attention_dim: int) -> None:

@@ -23,9 +23,9 @@ from dynamicid.models.keypoint_encoder import KeypointEncoder
 from dynamicid.models.lora import LoRALinear
 from dynamicid.models.release import from_release, load_release_saa
 from dynamicid.models.saa import (
+    SAACall,
     SAAProcessor,
-    SAASettings,
-    configure_saa,
+    boost_for_step,
     install_saa,
     load_saa_state_dict,
     saa_activation_maps,
@@ -46,10 +46,10 @@ __all__ = [
     "MultAttention",
     "PerceiverAttention",
     "ReleaseCheckpoint",
+    "SAACall",
     "SAAProcessor",
-    "SAASettings",
     "WeightsFileError",
-    "configure_saa",
+    "boost_for_step",
     "convert_release",
     "from_release",
     "install_saa",

@@ -6,7 +6,8 @@ IP-Adapter's `models/image_encoder`, ViT-H/14). Two base families are known:
 - `sdxl`: SDXL (model_index.json `StableDiffusionXLPipeline`, plus text_encoder_2/ and tokenizer_2/): two text
   encoders whose penultimate states are concatenated, and a UNet that also takes the pooled text vector and the
   size ids (`added_cond_kwargs` text_embeds / time_ids).
-The returned `BaseModel` knows its family and encodes prompts for it, so callers never branch on the family.
+The returned `BaseModel` knows its family; `dynamicid.models.conditioning.conditioner_for(base)` encodes prompts
+for it, so callers never branch on the family.
 Nothing is downloaded: a missing folder or part is an error that names it.
 
 `load_base_model("tiny-random")` and `load_base_model("tiny-random-sdxl")` are FAKEs for smoke runs and tests
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dynamicid.schemas.checkpoint import BASE_FAMILIES
@@ -34,22 +34,12 @@ FAMILY_PARTS: dict[str, tuple[str, ...]] = {
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
 }
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_IMAGE_SIZE = 224
+CLIP_IMAGE_SIZE = 224  # the CLIP image encoder sees ArcFace-aligned 224x224 faces
 
 
 def unet_family(unet: Any) -> str:
     """`sdxl` for a UNet that also takes the pooled text and size ids (SDXL's `text_time` addition), else `sd15`."""
     return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
-
-
-@dataclass
-class PromptEmbeds:
-    """A family's text condition: per-token states (N, L, cross_attention_dim) and pooled vectors (N, pooled_dim)."""
-
-    states: torch.Tensor
-    pooled: torch.Tensor
 
 
 @dataclass
@@ -64,8 +54,6 @@ class BaseModel:
     image_encoder: Any | None  # transformers.CLIPVisionModelWithProjection, None when not loaded
     text_encoder_2: Any | None = None  # transformers.CLIPTextModelWithProjection (SDXL)
     tokenizer_2: Any | None = None
-    clip_mean: tuple[float, float, float] = CLIP_MEAN
-    clip_std: tuple[float, float, float] = CLIP_STD
     name: str = TINY_RANDOM
 
     @property
@@ -111,51 +99,6 @@ class BaseModel:
         parts = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder)
         return [part for part in parts if part is not None]
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(N, E * 77) token ids: each text encoder's padded ids side by side, in `text_encoders` order."""
-        return torch.cat(
-            [
-                tokenizer(
-                    prompts,
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
-                for tokenizer, _ in self.text_encoders
-            ],
-            dim=1,
-        )
-
-    @torch.no_grad()
-    def encode_tokens(self, input_ids: torch.Tensor) -> PromptEmbeds:
-        """The text condition of `tokenize`'s ids, as the family's own pipeline computes it.
-
-        sd15: the text encoder's last hidden states and its pooled output. sdxl: both encoders' penultimate
-        hidden states concatenated, and the second encoder's projected pooled vector.
-        """
-        if self.text_encoder_2 is None:
-            output = self.text_encoder(input_ids.to(self.text_encoder.device))
-            return PromptEmbeds(output.last_hidden_state, output.pooler_output)
-        states, pooled = [], None
-        for ids, (_, encoder) in zip(input_ids.chunk(len(self.text_encoders), dim=1), self.text_encoders, strict=True):
-            output = encoder(ids.to(encoder.device), output_hidden_states=True)
-            states.append(output.hidden_states[-2])
-            pooled = output[0]  # the last encoder's projected pooled vector (SDXL's text_embeds)
-        return PromptEmbeds(torch.cat(states, dim=-1), pooled)
-
-    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
-        return self.encode_tokens(self.tokenize(prompts))
-
-    def added_cond_kwargs(self, pooled: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-        """The UNet's `added_cond_kwargs` for images of `size` (height, width): None for sd15; for sdxl the pooled
-        text and the time ids (original size, crop top-left (0, 0), target size), as SDXL's pipeline builds them."""
-        if self.family != "sdxl":
-            return None
-        height, width = size
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
-        return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
-
 
 def load_base_model(
     base_model: str | Path,
@@ -175,7 +118,7 @@ def load_base_model(
         tiny_encoder = image_encoder in (None, TINY_RANDOM)
         base = build_tiny_random(str(base_model), seed=seed, with_image_encoder=tiny_encoder)
         if not tiny_encoder:
-            base.image_encoder = _load_image_encoder(Path(image_encoder))
+            base.image_encoder = load_image_encoder(image_encoder)
     else:
         base = _load_base_folder(Path(base_model))
         if image_encoder == TINY_RANDOM:
@@ -183,12 +126,19 @@ def load_base_model(
         if image_encoder is None and (Path(base_model) / "image_encoder").is_dir():
             image_encoder = Path(base_model) / "image_encoder"
         if image_encoder is not None:
-            base.image_encoder = _load_image_encoder(Path(image_encoder))
+            base.image_encoder = load_image_encoder(image_encoder)
     for module in base.modules():
         module.requires_grad_(False).eval()
         if module.dtype != torch_dtype:  # diffusers warns on every .to(dtype), even a no-op one
             module.to(dtype=torch_dtype)
     return base
+
+
+def base_model_family(base_model: str | Path) -> str:
+    """The family of a `--base-model` value (a tiny-random name or a diffusers folder), without loading it."""
+    if str(base_model) in TINY_BASES:
+        return "sdxl" if str(base_model) == TINY_RANDOM_SDXL else "sd15"
+    return folder_family(Path(base_model))
 
 
 def folder_family(folder: Path) -> str:
@@ -240,35 +190,18 @@ def _load_base_folder(folder: Path) -> BaseModel:
     )
 
 
-def _load_image_encoder(folder: Path) -> Any:
+def load_image_encoder(source: str | Path | torch.nn.Module) -> Any:
+    """The CLIP vision tower from a local folder (e.g. IP-Adapter's models/image_encoder), or a module as it is."""
+    if isinstance(source, torch.nn.Module):
+        return source.eval()
+    if str(source) in TINY_BASES:
+        raise ValueError("a tiny-random image encoder comes with a tiny-random base (--base-model tiny-random(-sdxl))")
     from transformers import CLIPVisionModelWithProjection
 
+    folder = Path(source)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"image encoder folder {folder} has no config.json (expected a CLIP vision model folder, "
             f"e.g. IP-Adapter's models/image_encoder with CLIP ViT-H/14)"
         )
-    return CLIPVisionModelWithProjection.from_pretrained(folder)
-
-
-def clip_pixel_values(base: BaseModel, faces_224: list[Any] | np.ndarray) -> torch.Tensor:
-    """CLIP-normalised (N, 3, 224, 224) float32 from aligned 224x224 RGB faces (PIL images or uint8 NHWC).
-
-    No resize or crop: the faces are already aligned by `dynamicid.faces.align.arcface_align(..., size=224)`.
-    """
-    arrays = np.stack([np.asarray(face, dtype=np.uint8) for face in faces_224])
-    if arrays.ndim != 4 or arrays.shape[1:] != (CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3):
-        raise ValueError(f"CLIP input must be RGB {CLIP_IMAGE_SIZE}x{CLIP_IMAGE_SIZE} faces, got {arrays.shape[1:]}")
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(base.clip_mean).view(1, 3, 1, 1)
-    std = torch.tensor(base.clip_std).view(1, 3, 1, 1)
-    return (pixels - mean) / std
-
-
-def clip_hidden_states(base: BaseModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The penultimate hidden states of the CLIP image encoder, (N, tokens, clip_dim): the face encoder's input."""
-    if base.image_encoder is None:
-        raise ValueError("no CLIP image encoder loaded: pass --image-encoder DIR (a CLIP vision model folder)")
-    encoder = base.image_encoder
-    pixel_values = pixel_values.to(device=encoder.device, dtype=encoder.dtype)
-    return encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
+    return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()

@@ -232,6 +232,24 @@ class DynamicIDWeights:
         load_strict(encoder, state_dict, what="keypoint_encoder weights")
         return encoder.eval()
 
+    def load_into(
+        self,
+        *,
+        face_encoder: nn.Module | None = None,
+        unet: nn.Module | None = None,
+        imr: nn.Module | None = None,
+        keypoint_encoder: nn.Module | None = None,
+    ) -> None:
+        """Load the parts strictly into existing modules (SAA into `unet`'s installed processors), e.g. on resume."""
+        modules = {"face_encoder": face_encoder, "saa": unet, "imr": imr, "keypoint_encoder": keypoint_encoder}
+        for part, module in modules.items():
+            if module is None:
+                continue
+            if part == "saa":
+                load_saa_state_dict(module, self._part(part))
+            else:
+                load_strict(module, self._part(part), what=f"{part} weights")
+
     def load_saa_into(self, unet: nn.Module) -> None:
         """Install SAA on `unet` if needed (with the file's rank and token count) and load the weights."""
         state_dict = self._part("saa")

@@ -11,13 +11,14 @@ from dynamicid.infer.weights import load_modules
 from dynamicid.models import (
     SD15_UNET_CONFIG,
     SDXL_UNET_CONFIG,
-    configure_saa,
     install_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
     saa_processors,
 )
 from dynamicid.models.base import load_base_model, unet_family
+from dynamicid.models.conditioning import Conditioner, SDXLConditioner
+from dynamicid.models.saa import SAACall
 from dynamicid.testing import build_tiny_random, random_parts, save_ip_adapter_faceid, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,24 +60,33 @@ def test_tiny_random_sdxl_has_sdxl_structure(sdxl):
     assert all(not p.requires_grad for module in sdxl.modules() for p in module.parameters())
 
 
-def test_sdxl_prompt_encoding_and_size_ids_are_sdxl_pipelines(sdxl):
+def text_condition(base, prompts, size=(64, 64)):
+    conditioner = Conditioner.from_parts(base)
+    return conditioner.text_condition(conditioner.token_ids(prompts), size)
+
+
+def test_sdxl_conditioning_is_sdxl_pipelines_prompt_encoding_and_size_ids(sdxl):
     prompts = ["a photo of two friends", "portrait"]
-    embeds = sdxl.encode_prompt(prompts)
+    conditioner = Conditioner.from_parts(sdxl)
+    assert isinstance(conditioner, SDXLConditioner)
+    text, added = text_condition(sdxl, prompts, (64, 48))
     states, _, pooled, _ = xl_pipeline(sdxl).encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
-    torch.testing.assert_close(embeds.states, states, rtol=0, atol=0)
-    torch.testing.assert_close(embeds.pooled, pooled, rtol=0, atol=0)
-    added = sdxl.added_cond_kwargs(embeds.pooled, (64, 48))
+    torch.testing.assert_close(text, states, rtol=0, atol=0)
+    torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=0)
     expected_ids = xl_pipeline(sdxl)._get_add_time_ids(
         (64, 48), (0, 0), (64, 48), dtype=pooled.dtype, text_encoder_projection_dim=sdxl.pooled_dim
     )
     torch.testing.assert_close(added["time_ids"], expected_ids.expand(2, -1), rtol=0, atol=0)
-    assert added["text_embeds"] is embeds.pooled
+    # The IMR's face-prompt vector is the same pooled vector.
+    torch.testing.assert_close(conditioner.face_prompt_vectors(prompts), pooled, rtol=0, atol=0)
     latents = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
-    noise = sdxl.unet(latents, 10, encoder_hidden_states=embeds.states, added_cond_kwargs=added).sample
+    noise = sdxl.unet(latents, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample
     assert noise.shape == latents.shape
+    with pytest.raises(ValueError, match="image size"):
+        conditioner.text_condition(conditioner.token_ids(prompts))
 
 
-def test_sd15_prompt_encoding_is_sd15_pipelines():
+def test_sd15_conditioning_is_sd15_pipelines_prompt_encoding():
     base = load_base_model("tiny-random")
     pipe = StableDiffusionPipeline(
         vae=base.vae,
@@ -89,8 +99,9 @@ def test_sd15_prompt_encoding_is_sd15_pipelines():
         requires_safety_checker=False,
     )
     states, _ = pipe.encode_prompt(["a photo"], "cpu", 1, False)
-    torch.testing.assert_close(base.encode_prompt(["a photo"]).states, states, rtol=0, atol=0)
-    assert base.added_cond_kwargs(states[:, 0], (64, 64)) is None
+    text, added = text_condition(base, ["a photo"])
+    torch.testing.assert_close(text, states, rtol=0, atol=0)
+    assert added is None and type(Conditioner.from_parts(base)) is Conditioner
 
 
 @pytest.mark.parametrize("name", ["tiny-random", "tiny-random-sdxl"])
@@ -118,7 +129,7 @@ def test_sdxl_folder_is_recognised_and_loads_the_same_weights(sdxl, tmp_path):
         theirs = getattr(loaded, part).state_dict()
         assert all(torch.equal(t, theirs[k]) for k, t in getattr(sdxl, part).state_dict().items())
     prompts = ["a face"]
-    torch.testing.assert_close(loaded.encode_prompt(prompts).states, sdxl.encode_prompt(prompts).states)
+    torch.testing.assert_close(text_condition(loaded, prompts)[0], text_condition(sdxl, prompts)[0])
 
 
 def test_sdxl_folder_without_its_second_text_encoder_names_it(sdxl, tmp_path):
@@ -163,15 +174,16 @@ def test_saa_on_full_size_unets_has_ip_adapters_widths_per_layer(config):
 
 def test_saa_on_tiny_sdxl_changes_nothing_until_trained():
     base = build_tiny_random("tiny-random-sdxl")
-    embeds = base.encode_prompt(["a face"])
-    added = base.added_cond_kwargs(embeds.pooled, (64, 64))
+    text, added = text_condition(base, ["a face"])
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    before = base.unet(latents, 5, encoder_hidden_states=embeds.states, added_cond_kwargs=added).sample
+    before = base.unet(latents, 5, encoder_hidden_states=text, added_cond_kwargs=added).sample
     install_saa(base.unet, rank=4)
     tokens = torch.randn(1, 4, base.cross_attention_dim)
-    configure_saa(base.unet, num_ids=1, id_scale=0.0)
-    states = torch.cat([embeds.states, tokens], dim=1)
-    after = base.unet(latents, 5, encoder_hidden_states=states, added_cond_kwargs=added).sample
+    states = torch.cat([text, tokens], dim=1)
+    saa = {"saa": SAACall(num_ids=1, id_scale=0.0)}
+    after = base.unet(
+        latents, 5, encoder_hidden_states=states, added_cond_kwargs=added, cross_attention_kwargs=saa
+    ).sample
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 

@@ -114,7 +114,7 @@ def test_face_prompt_vectors_are_the_second_encoders_pooled_output(weights, anal
     prompts = ["the expression is happy, the face is front view"]
     ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     expected = pipe.text_encoder_2(ids).text_embeds
-    torch.testing.assert_close(pipe.encode_face_prompts(prompts), expected, rtol=0, atol=0)
+    torch.testing.assert_close(pipe.conditioner.face_prompt_vectors(prompts), expected, rtol=0, atol=0)
     assert expected.shape[-1] == pipe.dynamicid.imr.txt_dim
 
 

@@ -17,7 +17,7 @@ from dynamicid.models import (
     IMR,
     FaceEncoder,
     KeypointEncoder,
-    configure_saa,
+    SAACall,
     install_saa,
     saa_state_dict,
 )
@@ -209,17 +209,17 @@ def test_release_files_are_reported_converted_and_reproduce_the_golden_unet(tmp_
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     weights.load_saa_into(unet)
     case = CASES["unet_saa"]["cases"]["two_ids"]
-    configure_saa(
-        unet,
-        num_ids=2,
-        id_scale=case["id_scale"],
-        boxes=case["bbox_ymin_xmin_ymax_xmax"],
-        boost=case["infer_scale"],
-        boost_steps=case["infer_end"],
+    first_step = SAACall(  # boosted: the first of the release's infer_end steps
+        num_ids=2, id_scale=case["id_scale"], boxes=case["bbox_ymin_xmin_ymax_xmax"], boost=case["infer_scale"]
     )
     states = torch.cat([tensors["input.text_embeds"], tensors["input.id_tokens_two"]], dim=1)
     with torch.no_grad():
-        sample = unet(tensors["input.latents"], tensors["input.timestep"], encoder_hidden_states=states).sample
+        sample = unet(
+            tensors["input.latents"],
+            tensors["input.timestep"],
+            encoder_hidden_states=states,
+            cross_attention_kwargs={"saa": first_step},
+        ).sample
     torch.testing.assert_close(sample, tensors["output.two_ids.call0"], **TOLERANCE)
 
     imr_inputs = golden_part("imr", "input.")
