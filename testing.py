@@ -290,3 +290,14 @@ def save_ip_adapter_faceid(unet: nn.Module, face_encoder: FaceEncoder, path: str
     else:
         torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
     return path
+
+
+def plain_pipeline(base: BaseModel, scheduler: Any | None = None) -> Any:
+    """diffusers' own pipeline of `base`'s family over its parts, without DynamicID: what a DynamicID pipeline
+    computes with the ID branch off and the LoRA weights at zero."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = base.components() | {"scheduler": scheduler or base.noise_scheduler}
+    if base.family == "sdxl":
+        return StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

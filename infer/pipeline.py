@@ -93,6 +93,8 @@ class DynamicIDMixin:
     """
 
     family: str  # the base family the sibling is made for ("sd15", "sdxl")
+    dynamicid: DynamicIDModules | None = None  # set by load_dynamicid / set_dynamicid
+    reference_analyzer: ReferenceAnalyzer | None = None
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
 
     # ---- construction ----
@@ -123,11 +125,7 @@ class DynamicIDMixin:
                 f"base model {base.name} is {family_label(base.family)}: use {PIPELINES[base.family].__name__}, "
                 f"not {cls.__name__} (or `pipeline_for(base)`)"
             )
-        return cls(**cls.base_components(base), scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
-
-    @staticmethod
-    def base_components(base: BaseModel) -> dict[str, Any]:
-        raise NotImplementedError
+        return cls(**base.components(), scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
 
     def load_dynamicid(
         self,
@@ -558,18 +556,6 @@ class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.dynamicid: DynamicIDModules | None = None
-        self.reference_analyzer: ReferenceAnalyzer | None = None
-
-    @staticmethod
-    def base_components(base: BaseModel) -> dict[str, Any]:
-        return {
-            "vae": base.vae,
-            "text_encoder": base.text_encoder,
-            "tokenizer": base.tokenizer,
-            "unet": base.unet,
-            "image_encoder": base.image_encoder,
-        }
 
     def encode_text(
         self,
@@ -625,20 +611,6 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
-        self.dynamicid: DynamicIDModules | None = None
-        self.reference_analyzer: ReferenceAnalyzer | None = None
-
-    @staticmethod
-    def base_components(base: BaseModel) -> dict[str, Any]:
-        return {
-            "vae": base.vae,
-            "text_encoder": base.text_encoder,
-            "text_encoder_2": base.text_encoder_2,
-            "tokenizer": base.tokenizer,
-            "tokenizer_2": base.tokenizer_2,
-            "unet": base.unet,
-            "image_encoder": base.image_encoder,
-        }
 
     def encode_text(
         self,

@@ -94,6 +94,19 @@ class BaseModel:
             pairs.append((self.tokenizer_2, self.text_encoder_2))
         return pairs
 
+    def components(self) -> dict[str, Any]:
+        """The parts under their diffusers pipeline names (the scheduler left to the pipeline)."""
+        parts = {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": self.unet,
+            "image_encoder": self.image_encoder,
+        }
+        if self.text_encoder_2 is not None:
+            parts |= {"text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
+        return parts
+
     def modules(self) -> list[torch.nn.Module]:
         """The frozen torch modules that are loaded (for device/dtype moves and freezing)."""
         parts = (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder)

@@ -38,6 +38,17 @@ FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
 TRAINING_SAA = SAACall(num_ids=1, gating=True, boxes=(FULL_IMAGE_BOX,))  # both stages train one ID, whole image
 
 
+def padded_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """A CLIP tokenizer's ids (N, model_max_length), padded and truncated to its length."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 class Conditioner:
     """The frozen encoders of an SD 1.5-family base: tokenizer, CLIP text encoder, CLIP image encoder.
 
@@ -68,14 +79,7 @@ class Conditioner:
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """Padded token ids (N, 77) of the UNet's text condition."""
-        tokenizer = self.tokenizer
-        return tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        return padded_ids(self.tokenizer, prompts)
 
     @torch.no_grad()
     def text_states(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -161,19 +165,7 @@ class SDXLConditioner(Conditioner):
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """Padded token ids (N, 2 x 77): the first tokenizer's, then the second's."""
-        return torch.cat(
-            [
-                tokenizer(
-                    list(prompts),
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
-                for tokenizer, _ in self._pairs()
-            ],
-            dim=1,
-        )
+        return torch.cat([padded_ids(tokenizer, prompts) for tokenizer, _ in self._pairs()], dim=1)
 
     @torch.no_grad()
     def _encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

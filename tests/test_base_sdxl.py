@@ -4,7 +4,7 @@ and IP-Adapter FaceID-PlusV2 SDXL weights (a FAKE file of that layout: the real 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.weights import load_modules
@@ -19,7 +19,13 @@ from dynamicid.models import (
 from dynamicid.models.base import load_base_model, unet_family
 from dynamicid.models.conditioning import Conditioner, SDXLConditioner
 from dynamicid.models.saa import SAACall
-from dynamicid.testing import build_tiny_random, random_parts, save_ip_adapter_faceid, save_random_weights
+from dynamicid.testing import (
+    build_tiny_random,
+    plain_pipeline,
+    random_parts,
+    save_ip_adapter_faceid,
+    save_random_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,20 +38,6 @@ def sdxl():
 @pytest.fixture(scope="module")
 def analyzer():
     return FaceAnalyzer("embedded")
-
-
-def xl_pipeline(base) -> StableDiffusionXLPipeline:
-    """diffusers' own SDXL pipeline over the base's parts: the reference for prompt encoding and size ids."""
-    return StableDiffusionXLPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2,
-        unet=base.unet,
-        scheduler=base.noise_scheduler,
-        add_watermarker=False,
-    )
 
 
 def test_tiny_random_sdxl_has_sdxl_structure(sdxl):
@@ -70,10 +62,10 @@ def test_sdxl_conditioning_is_sdxl_pipelines_prompt_encoding_and_size_ids(sdxl):
     conditioner = Conditioner.from_parts(sdxl)
     assert isinstance(conditioner, SDXLConditioner)
     text, added = text_condition(sdxl, prompts, (64, 48))
-    states, _, pooled, _ = xl_pipeline(sdxl).encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    states, _, pooled, _ = plain_pipeline(sdxl).encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     torch.testing.assert_close(text, states, rtol=0, atol=0)
     torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=0)
-    expected_ids = xl_pipeline(sdxl)._get_add_time_ids(
+    expected_ids = plain_pipeline(sdxl)._get_add_time_ids(
         (64, 48), (0, 0), (64, 48), dtype=pooled.dtype, text_encoder_projection_dim=sdxl.pooled_dim
     )
     torch.testing.assert_close(added["time_ids"], expected_ids.expand(2, -1), rtol=0, atol=0)
@@ -88,16 +80,7 @@ def test_sdxl_conditioning_is_sdxl_pipelines_prompt_encoding_and_size_ids(sdxl):
 
 def test_sd15_conditioning_is_sd15_pipelines_prompt_encoding():
     base = load_base_model("tiny-random")
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=base.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = plain_pipeline(base)
     states, _ = pipe.encode_prompt(["a photo"], "cpu", 1, False)
     text, added = text_condition(base, ["a photo"])
     torch.testing.assert_close(text, states, rtol=0, atol=0)
@@ -122,10 +105,10 @@ def test_tiny_bases_are_seeded_and_leave_global_rng_alone(name):
 
 def test_sdxl_folder_is_recognised_and_loads_the_same_weights(sdxl, tmp_path):
     folder = tmp_path / "sdxl"
-    xl_pipeline(sdxl).save_pretrained(folder)
+    plain_pipeline(sdxl).save_pretrained(folder)
     loaded = load_base_model(folder, image_encoder=None)
-    assert loaded.family == "sdxl" and loaded.image_encoder is None
-    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+    assert loaded.family == "sdxl" and loaded.image_encoder is not None  # BASE/image_encoder by default
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae", "image_encoder"):
         theirs = getattr(loaded, part).state_dict()
         assert all(torch.equal(t, theirs[k]) for k, t in getattr(sdxl, part).state_dict().items())
     prompts = ["a face"]
@@ -134,7 +117,7 @@ def test_sdxl_folder_is_recognised_and_loads_the_same_weights(sdxl, tmp_path):
 
 def test_sdxl_folder_without_its_second_text_encoder_names_it(sdxl, tmp_path):
     folder = tmp_path / "sdxl"
-    xl_pipeline(sdxl).save_pretrained(folder)
+    plain_pipeline(sdxl).save_pretrained(folder)
     for file in (folder / "text_encoder_2").iterdir():
         file.unlink()
     (folder / "text_encoder_2").rmdir()

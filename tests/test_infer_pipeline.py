@@ -16,7 +16,7 @@ from dynamicid.infer.people import DynamicIDWarning
 from dynamicid.infer.references import NoFaceError, ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
-from dynamicid.testing import random_parts, save_random_weights, save_release_layout
+from dynamicid.testing import plain_pipeline, random_parts, save_random_weights, save_release_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,16 +122,7 @@ def test_id_scale_zero_with_zero_lora_equals_plain_stable_diffusion(weights, ana
     ours = generate(pipe, people, id_scale=0.0, output_type="np", height=64, width=96, seed=3).images
 
     base = load_base_model("tiny-random")
-    plain = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    plain = plain_pipeline(base, scheduler=pipe.scheduler)
     plain.set_progress_bar_config(disable=True)
     expected = plain(
         "two friends in a cafe",

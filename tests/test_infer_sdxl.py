@@ -7,14 +7,13 @@ The images are noise; the tests check what the SDXL sibling shares with diffuser
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline, DynamicIDXLPipeline, Person, pipeline_for
 from dynamicid.infer.references import ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
-from dynamicid.testing import random_parts, save_random_weights
+from dynamicid.testing import plain_pipeline, random_parts, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,16 +69,7 @@ def test_id_scale_zero_with_zero_lora_equals_plain_sdxl(weights, analyzer, peopl
     ours = generate(pipe, people, id_scale=0.0, height=64, width=96, seed=3).images
 
     base = load_base_model("tiny-random-sdxl")
-    plain = StableDiffusionXLPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2,
-        unet=base.unet,
-        scheduler=pipe.scheduler,
-        add_watermarker=False,
-    )
+    plain = plain_pipeline(base, scheduler=pipe.scheduler)
     plain.set_progress_bar_config(disable=True)
     expected = plain(
         PROMPT,

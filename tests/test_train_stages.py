@@ -43,6 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 IDENTITIES = ("obama", "biden", "Matt_Damon", "kit_harington")
 TINY = {"base_model": "tiny-random", "resolution": 64, "report_to": "none"}
+SMALL_IMR = {"train_batch_size": 2, "targets_per_identity": 2, "imr_dim": 32, "imr_heads": 2, "imr_dim_head": 16}
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +164,7 @@ def reconfigure_run(anchor_run, curated, tokens, tmp_path_factory):
         output_dir=str(tmp_path_factory.mktemp("reconfigure")),
         anchor=str(anchor_run["weights"]),
         tokens=str(tokens),
-        train_batch_size=2,
-        targets_per_identity=2,
-        imr_dim=32,
-        imr_heads=2,
-        imr_dim_head=16,
+        **SMALL_IMR,
         max_steps=8,
         learning_rate=1e-3,
         checkpointing_steps=8,
@@ -542,11 +539,7 @@ def test_whole_path_on_tiny_random_sdxl(curated, anchor_run, shared_faces, tmp_p
         output_dir=str(tmp_path / "reconfigure"),
         anchor=str(anchor),
         tokens=str(tokens),
-        train_batch_size=2,
-        targets_per_identity=2,
-        imr_dim=32,
-        imr_heads=2,
-        imr_dim_head=16,
+        **SMALL_IMR,
         max_steps=6,
         learning_rate=1e-3,
         eval_samples=4,
