@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -374,13 +375,23 @@ class FixedEvaluation:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        mode = model.training
-        model.eval()  # BatchNorm on its running statistics
-        try:
+        with eval_mode(model):  # BatchNorm on its running statistics
             values = self.losses(model, self.batch, torch.Generator().manual_seed(self.seed), False)
-        finally:
-            model.train(mode)
         return {f"eval_{name}": float(value) for name, value in values.items()}
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """The modules in eval mode for the block; afterwards every submodule gets its own mode back (frozen parts
+    inside a trained model stay in eval mode)."""
+    modes = {m: m.training for module in modules if module is not None for m in module.modules()}
+    for module in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def run_stage(accelerator: Any, config: TrainConfig, stage: Stage) -> Path:
