@@ -92,9 +92,8 @@ class ReconfigureObjective:
         unet = self.base.unet
         kwargs = {"added_cond_kwargs": self.added_cond_kwargs, "cross_attention_kwargs": {"saa": TRAINING_SAA}}
         with torch.no_grad():
-            reference = unet(
-                noisy, timesteps, encoder_hidden_states=encoder_states(text, targets.to(self.dtype)), **kwargs
-            )
+            states = encoder_states(text, targets.to(self.dtype))
+            reference = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
         states = encoder_states(text, predicted.to(self.dtype))
         prediction = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
         ldc = F.mse_loss(prediction.sample.float(), reference.sample.float())
