@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from dynamicid.infer.outputs import PERSON_COLORS
-from dynamicid.models.saa import default_boxes
+from dynamicid.infer.people import default_boxes
 
 CSS_COLORS = ["#{:02x}{:02x}{:02x}".format(*color) for color in PERSON_COLORS]
 

@@ -1,7 +1,8 @@
 """DynamicID's modules: face encoder, IMR, keypoint encoder, SAA attention processors, checkpoint I/O.
 
 Parameter names follow the authors' release (../shared/spec/METHOD.md), so its checkpoints and IP-Adapter
-FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) is imported on its own.
+FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) and `dynamicid.models.conditioning`
+(faces and prompts -> the UNet's inputs, shared by training and inference) are imported on their own.
 """
 
 from dynamicid.models.blocks import FeedForward, MultAttention, PerceiverAttention

@@ -30,7 +30,7 @@ from dynamicid.models import (
 )
 from dynamicid.models.base import load_base_model
 from dynamicid.models.conditioning import Conditioner
-from dynamicid.schemas import CheckpointMetadata
+from dynamicid.schemas import RECONFIGURE_UNET_PROMPT, CheckpointMetadata
 from dynamicid.train.anchor import AnchorModel, AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.cli import main
@@ -134,6 +134,54 @@ def test_saved_anchor_weights_reload_with_the_same_outputs(anchor_run, curated):
     assert evaluation(model)["eval_loss"] == pytest.approx(logged, rel=1e-5)
 
 
+def _pipeline_for(weights: list[Path]):
+    """A fresh tiny-random pipeline loading the saved weights the way users do (`load_dynamicid`)."""
+    from dynamicid.faces import FaceAnalyzer
+    from dynamicid.infer import DynamicIDPipeline
+
+    pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_dynamicid([str(w) for w in weights], face_analyzer=FaceAnalyzer("embedded"))
+    return pipe
+
+
+def _curated_reference(row: dict, **labels):
+    """A curated row (decoded by datasets) as the pipeline's reference."""
+    from dynamicid.infer.references import Reference
+
+    image = np.asarray(row["image"].convert("RGB"))
+    return Reference.from_crop(
+        image, kps5=row["kps5"], embedding=row["embedding"], landmarks=row["landmarks"], **labels
+    )
+
+
+def _generate(pipe, config, prompt: str, people: list) -> np.ndarray:
+    """One image with the run's validation settings (--validation-inference-steps, --validation-guidance-scale)."""
+    settings = {"num_inference_steps": config.validation_inference_steps, "height": config.resolution}
+    settings |= {"guidance_scale": config.validation_guidance_scale, "width": config.resolution}
+    result = pipe(prompt, people, generator=torch.Generator().manual_seed(config.seed), **settings)
+    return np.asarray(result.images[0])
+
+
+def test_anchor_sample_images_are_the_pipelines_images(anchor_run, curated):
+    """The images written at the last step (weights = the final weights) are what `DynamicIDPipeline` makes from
+    the saved file for the first curated rows, their captions, the run's seed and validation settings."""
+    import datasets
+    from PIL import Image
+
+    from dynamicid.infer import Person
+
+    config = anchor_run["config"]
+    rows = datasets.load_dataset(str(curated), split="train")
+    pipe = _pipeline_for([anchor_run["weights"]])
+    written = sorted((Path(config.output_dir) / "samples" / "step-000030").glob("*.png"))
+    assert len(written) == config.num_validation_images == 2
+    for index, path in enumerate(written):
+        row = rows[index]
+        expected = _generate(pipe, config, row["caption"], [Person(_curated_reference(row))])
+        assert np.array_equal(np.asarray(Image.open(path)), expected), path
+
+
 def test_resume_matches_a_straight_run_bit_for_bit(curated, tmp_path):
     settings = {**TINY, "dataset": str(curated), "train_batch_size": 2, "lora_rank": 4, "eval_samples": 2}
     settings |= {"learning_rate": 1e-3, "checkpointing_steps": 3}
@@ -186,6 +234,36 @@ def test_reconfiguration_logs_dfm_and_ldc_and_lowers_the_fixed_set_loss(reconfig
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_dfm"] < evals[0]["eval_dfm"]
     assert list((Path(reconfigure_run["config"].output_dir) / "samples" / "step-000008").glob("*.png"))
+
+
+def test_reconfigure_sample_images_are_the_pipelines_edits(reconfigure_run, anchor_run, curated):
+    """The reconfiguration stage's images: the first evaluation identity's source, rewritten by the IMR towards
+    each target's landmarks and labels, as `DynamicIDPipeline` makes it from the two saved files."""
+    import datasets
+    from PIL import Image
+
+    from dynamicid.infer import Person
+    from dynamicid.train.data import IdentitySamples
+
+    config = reconfigure_run["config"]
+    rows = datasets.load_dataset(str(curated), split="train")
+    source, targets = IdentitySamples(
+        rows, None, config.resolution, config.targets_per_identity, config.seed + 7919
+    ).draw(0)
+    features = rows.features
+
+    def labelled(index: int):
+        row = rows[index]
+        expression = features["expression"].int2str(row["expression"])
+        return _curated_reference(row, expression=expression, pose=features["pose_bin"].int2str(row["pose_bin"]))
+
+    pipe = _pipeline_for([anchor_run["weights"], reconfigure_run["weights"]])
+    written = sorted((Path(config.output_dir) / "samples" / "step-000008").glob("*.png"))
+    assert len(written) == config.num_validation_images
+    for path, target in zip(written, targets, strict=False):
+        person = Person(labelled(source), landmark_image=labelled(target))
+        expected = _generate(pipe, config, RECONFIGURE_UNET_PROMPT, [person])
+        assert np.array_equal(np.asarray(Image.open(path)), expected), path
 
 
 def test_reconfiguration_resumes_bit_for_bit(reconfigure_run, tmp_path):

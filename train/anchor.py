@@ -26,7 +26,7 @@ from dynamicid.models import (
     load_ip_adapter_faceid,
     load_release_checkpoint,
 )
-from dynamicid.models.base import BaseModel, base_model_family, load_base_model
+from dynamicid.models.base import BaseModel, base_model_family
 from dynamicid.models.checkpoints import check_base_family, read_safetensors
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, encoder_states
 from dynamicid.schemas import CheckpointMetadata
@@ -34,16 +34,7 @@ from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.noise import noised, vae_latents
-from dynamicid.train.runner import (
-    Stage,
-    cast_frozen,
-    check_output_dir,
-    make_accelerator,
-    run_stage,
-    start_run,
-    trainable_parameters,
-    weight_dtype,
-)
+from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
@@ -205,8 +196,6 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 
     `base`: an already loaded base model to train on (its UNet gets SAA); default: load `config.base_model`.
     """
-    from accelerate.utils import set_seed
-
     # 1. Inputs, checked before any model loads.
     check_output_dir(config)
     dataset = load_curated(config.dataset, ANCHOR_COLUMNS)
@@ -216,12 +205,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         check_init_metadata(init, config, id_dim)
 
     # 2. Accelerator and models (frozen base; SAA and face encoder trained).
-    accelerator = make_accelerator(config)
-    accelerator.print(accelerator.state)
-    set_seed(config.seed)
-    dtype = weight_dtype(accelerator)
-    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
-    start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
+    accelerator, dtype, base = start_stage(config, base)
     unet = base.unet
     if init is not None and "saa" in init.parts:
         init.loader.load_saa_into(unet)
@@ -234,7 +218,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
-    cast_frozen(base, trainable_parameters(model), accelerator.device, dtype)
+    cast_frozen(base, model, accelerator.device, dtype)
 
     # 3. The stage: samples, loss, what is saved, sample images and benchmark; then the shared loop.
     samples = AnchorSamples(dataset, Conditioner.from_parts(base).token_ids, config.resolution)

@@ -22,7 +22,7 @@ from torch import nn
 
 from dynamicid.infer import Person
 from dynamicid.models import IMR, KeypointEncoder, load_dynamicid
-from dynamicid.models.base import BaseModel, base_model_family, load_base_model
+from dynamicid.models.base import BaseModel, base_model_family
 from dynamicid.models.checkpoints import check_base_family
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, encoder_states, landmark_vectors
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
@@ -31,16 +31,7 @@ from dynamicid.train.config import ReconfigureConfig
 from dynamicid.train.data import RECONFIGURE_COLUMNS, IdentitySamples, collate_identities, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.noise import noised, vae_latents
-from dynamicid.train.runner import (
-    Stage,
-    cast_frozen,
-    check_output_dir,
-    make_accelerator,
-    run_stage,
-    start_run,
-    trainable_parameters,
-    weight_dtype,
-)
+from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
@@ -102,9 +93,8 @@ class ReconfigureObjective:
         unet = self.base.unet
         kwargs = {"added_cond_kwargs": self.added_cond_kwargs, "cross_attention_kwargs": {"saa": TRAINING_SAA}}
         with torch.no_grad():
-            reference = unet(
-                noisy, timesteps, encoder_hidden_states=encoder_states(text, targets.to(self.dtype)), **kwargs
-            )
+            states = encoder_states(text, targets.to(self.dtype))
+            reference = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
         states = encoder_states(text, predicted.to(self.dtype))
         prediction = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
         ldc = F.mse_loss(prediction.sample.float(), reference.sample.float())
@@ -117,8 +107,6 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
 
     `base`: an already loaded base model (without SAA); default: load `config.base_model`.
     """
-    from accelerate.utils import set_seed
-
     # 1. Inputs, checked before any model loads.
     check_output_dir(config)
     dataset = load_curated(config.dataset, RECONFIGURE_COLUMNS)
@@ -131,12 +119,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     tokens = read_tokens(config.tokens, dataset, config.anchor)
 
     # 2. Accelerator and models (UNet, SAA and face encoder frozen; IMR and keypoint encoder trained).
-    accelerator = make_accelerator(config)
-    accelerator.print(accelerator.state)
-    set_seed(config.seed)
-    dtype = weight_dtype(accelerator)
-    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
-    start_run(accelerator, config)  # the run folder only once the inputs and the base model are fine
+    accelerator, dtype, base = start_stage(config, base)
     anchor.load_saa_into(base.unet)
     base.unet.requires_grad_(False)
     if config.gradient_checkpointing:
@@ -152,7 +135,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         depth=config.imr_depth,
     )
     model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim, width=config.keypoint_width))
-    cast_frozen(base, trainable_parameters(model), accelerator.device, dtype)
+    cast_frozen(base, model, accelerator.device, dtype)
     model.to(accelerator.device)
     face_encoder = anchor.build_face_encoder().to(accelerator.device)  # frozen: sample images and benchmark
 

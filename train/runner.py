@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from dynamicid.models import load_dynamicid, save_dynamicid
-from dynamicid.models.base import BaseModel
+from dynamicid.models.base import BaseModel, load_base_model
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import TrainConfig, write_config
 
@@ -282,11 +283,24 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def cast_frozen(base: BaseModel, trained: list[nn.Parameter], device: torch.device, dtype: torch.dtype) -> None:
-    """Frozen parts to the device in the mixed-precision dtype; trained weights stay float32."""
+def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch.dtype, BaseModel]:
+    """(Accelerator, the frozen parts' dtype, the base) once the stage's inputs are checked: seeds, loads the base
+    unless given, then makes the run folder (only once the inputs and the base model are fine)."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    accelerator.print(accelerator.state)
+    set_seed(config.seed)
+    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    start_run(accelerator, config)
+    return accelerator, weight_dtype(accelerator), base
+
+
+def cast_frozen(base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32."""
     for module in (base.unet, base.vae, base.text_encoder, base.image_encoder):
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
-    for p in trained:
+    for p in trainable_parameters(model):
         p.data = p.data.float()
 
 
@@ -361,13 +375,23 @@ class FixedEvaluation:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        mode = model.training
-        model.eval()  # BatchNorm on its running statistics
-        try:
+        with eval_mode(model):  # BatchNorm on its running statistics
             values = self.losses(model, self.batch, torch.Generator().manual_seed(self.seed), False)
-        finally:
-            model.train(mode)
         return {f"eval_{name}": float(value) for name, value in values.items()}
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """The modules in eval mode for the block; afterwards every submodule gets its own mode back (frozen parts
+    inside a trained model stay in eval mode)."""
+    modes = {m: m.training for module in modules if module is not None for m in module.modules()}
+    for module in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def run_stage(accelerator: Any, config: TrainConfig, stage: Stage) -> Path:

@@ -23,6 +23,7 @@ from dynamicid.models.base import BaseModel
 from dynamicid.schemas import parse_face_prompt
 from dynamicid.train.config import TrainConfig
 from dynamicid.train.data import decode_image
+from dynamicid.train.runner import eval_mode
 
 
 @contextmanager
@@ -36,19 +37,12 @@ def training_pipeline(
 ) -> Iterator[DynamicIDPipeline]:
     """A pipeline over the base and the given modules, in eval mode and the run's mixed precision; afterwards
     the modules' modes are restored."""
-    modules = [m for m in (face_encoder, imr, keypoint_encoder) if m is not None]
-    modes = [m.training for m in modules]
-    for module in modules:
-        module.eval()
-    try:
-        pipe = pipeline_for(base)  # the base family's sibling (DynamicIDPipeline, DynamicIDXLPipeline)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.set_dynamicid(face_encoder, imr, keypoint_encoder, face_analyzer=face_analyzer)
-        with torch.no_grad(), accelerator.autocast():  # trained parts are float32, frozen ones in the run's type
-            yield pipe
-    finally:
-        for module, mode in zip(modules, modes, strict=True):
-            module.train(mode)
+    pipe = pipeline_for(base)  # the base family's sibling (DynamicIDPipeline, DynamicIDXLPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_dynamicid(face_encoder, imr, keypoint_encoder, face_analyzer=face_analyzer)
+    # Trained parts are float32, frozen ones in the run's mixed-precision type.
+    with eval_mode(face_encoder, imr, keypoint_encoder), torch.no_grad(), accelerator.autocast():
+        yield pipe
 
 
 def row_reference(row: dict[str, Any], index: int) -> Reference:
