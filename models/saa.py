@@ -8,6 +8,7 @@ positions being the ID tokens, persons in order.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ class SAAProcessor(nn.Module):
         if self.is_cross_attention:
             self.activation_map = self.id_attention_probs = None
         if id_states is not None and (call.id_scale != 0 or call.return_activation_maps):
-            hidden_states = hidden_states + self._id_branch(attn, query, id_states, call)
+            hidden_states = self._add_id_branch(attn, query, id_states, call, hidden_states)
         hidden_states = rearrange(hidden_states, "b h n d -> b n (h d)").to(query.dtype)
 
         hidden_states = self.to_out_lora.adapt(attn.to_out[0], hidden_states)
@@ -233,62 +234,103 @@ class SAAProcessor(nn.Module):
             )
         return encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
 
-    def _id_branch(self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor, call: SAACall) -> torch.Tensor:
-        """id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
+    def _add_id_branch(
+        self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor, call: SAACall, text: torch.Tensor
+    ) -> torch.Tensor:
+        """text + id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
 
-        Logits are kept as (b, heads, N_id, Q): a softmax over a short leading axis is far faster on CPU
-        than over a last axis of 4 or 8 entries.
+        Logits are kept as (b, heads, N_id, Q), one small matmul per batch element on the queries as they are
+        laid out (no copy); a softmax over that short leading axis is far faster on CPU than over a last axis
+        of 4 or 8 entries.
         """
-        key = rearrange(self.to_k_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
+        key = rearrange(self.to_k_ip(id_states) * attn.scale, "b n (h d) -> b h n d", h=attn.heads)
         value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
-        logits = torch.einsum("b h n d, b h q d -> b h n q", key, query) * attn.scale
+        logits = torch.stack([torch.bmm(k, q.transpose(1, 2)) for k, q in zip(key, query, strict=True)]).float()
 
         gate = None
         if call.gating or call.return_activation_maps:
             grid = query_grid(query.shape[2], call.image_size)
             gate = self._activation(logits)
             if call.gating:
-                logits, gate = self._route(logits, gate, grid, call)
+                routing = _routing(call, grid, self.num_tokens, logits.device)
+                logits, gate = routing.apply(logits, gate)
             if call.return_activation_maps:
                 self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
-        probs = logits.float().softmax(dim=2)
+        probs = logits.softmax(dim=2)
         if call.return_activation_maps:
             self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
         # Scaling the (N_id, Q) probabilities is cheaper than scaling the (Q, head_dim) output; same product.
         weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
-        return torch.einsum("b h n q, b h n d -> b h q d", (probs * weight).to(value.dtype), value)
+        return _add_attention_output(text, probs * weight, value)
 
     @staticmethod
     def _activation(logits: torch.Tensor) -> torch.Tensor:
         """a(q) (b, Q): logits summed over heads and ID tokens, min-max normalised over the queries, < 0.3 -> 0."""
-        activation = logits.float().sum(dim=(1, 2))
+        activation = logits.sum(dim=(1, 2))
         low = activation.amin(dim=-1, keepdim=True)
         span = activation.amax(dim=-1, keepdim=True) - low
         # A constant row would divide by zero in the release; here it gates to 0.
         activation = torch.where(span > 0, (activation - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
         return activation.masked_fill(activation < GATE_THRESHOLD, 0.0)
 
-    def _route(
-        self, logits: torch.Tensor, gate: torch.Tensor, grid: tuple[int, int], call: SAACall
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boost the gate inside each person's box and hide the other persons' tokens there."""
-        boxes = call.boxes if call.boxes is not None else default_boxes(call.num_ids)
-        boost = call.boost
-        num_id_tokens = logits.shape[2]
-        gate = gate / (boost + 1)
-        owner = torch.full((logits.shape[3],), -1, dtype=torch.long, device=logits.device)
-        for person, box in enumerate(boxes):
-            inside = box_cells(box, grid, logits.device)
-            gate = torch.where(inside, gate * (boost + 1) + boost, gate)
-            owner[inside] = person  # where boxes overlap, the later person owns the cell
-        if call.mix_scale is not None:
-            # Persons blended into one box: nothing hidden; the first person's logits weighted by mix_scale.
-            weights = torch.full((num_id_tokens, 1), 1 - call.mix_scale, dtype=logits.dtype, device=logits.device)
-            weights[: self.num_tokens] = call.mix_scale
-            return logits * weights, gate
-        token_person = torch.arange(num_id_tokens, device=logits.device) // self.num_tokens
-        hidden = (owner[None, :] >= 0) & (owner[None, :] != token_person[:, None])  # (N_id, Q)
-        return logits.masked_fill(hidden, float("-inf")), gate
+
+def _add_attention_output(out: torch.Tensor, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """out + probs^T value: out (b, heads, Q, d), probs (b, heads, N_id, Q), value (b, heads, N_id, d).
+
+    Without gradients the product is written straight into out's memory layout (SDPA returns (b, Q, heads, d)
+    on CPU), so the sum is one contiguous add and the caller's rearrange to (b, Q, heads*d) copies nothing.
+    """
+    probs, value = probs.to(out.dtype), value.to(out.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, probs, value)):
+        return out + torch.einsum("b h n q, b h n d -> b h q d", probs, value)
+    product = torch.empty_like(out)  # same strides as out
+    for p, v, o in zip(probs, value, product, strict=True):
+        torch.bmm(p.transpose(1, 2), v, out=o)
+    return product.add_(out)
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """The box layout of one SAACall on one query grid, as tensors (see METHOD.md "Gating")."""
+
+    gate_scale: torch.Tensor | None  # (Q,): with a boost s, a cell inside k boxes gets a*(s+1)^(k-1) + (s+1)^k - 1
+    gate_offset: torch.Tensor | None  # (Q,)
+    hidden: torch.Tensor | None  # (N_id, Q) bool: the other persons' tokens inside a person's box
+    token_weights: torch.Tensor | None  # (N_id, 1): mix_scale for the first person's tokens, 1 - mix_scale after
+
+    def apply(self, logits: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boost the gate inside the boxes and hide (or blend) the persons' tokens: logits (b, heads, N_id, Q)."""
+        if self.gate_scale is not None:
+            gate = torch.addcmul(self.gate_offset, gate, self.gate_scale)
+        if self.hidden is not None:
+            logits = logits.masked_fill(self.hidden, float("-inf"))
+        if self.token_weights is not None:
+            logits = logits * self.token_weights
+        return logits, gate
+
+
+@functools.lru_cache(maxsize=64)
+def _routing(call: SAACall, grid: tuple[int, int], num_tokens: int, device: torch.device) -> _Routing:
+    """Built once per call and grid (every layer of a resolution shares it)."""
+    boxes = call.boxes if call.boxes is not None else default_boxes(call.num_ids)
+    cells = torch.stack([box_cells(box, grid, device) for box in boxes])  # (boxes, Q)
+    gate_scale = gate_offset = None
+    if call.boost:
+        # The release's a <- a / (s+1), then a <- a*(s+1) + s once per box containing the cell, in closed form.
+        power = (call.boost + 1.0) ** cells.sum(dim=0, dtype=torch.float32)
+        gate_scale, gate_offset = power / (call.boost + 1.0), power - 1.0
+    num_id_tokens = call.num_ids * num_tokens
+    if call.mix_scale is not None:
+        # Persons blended into one box: nothing hidden; the first person's logits weighted by mix_scale.
+        weights = torch.full((num_id_tokens, 1), 1 - call.mix_scale, device=device)
+        weights[:num_tokens] = call.mix_scale
+        return _Routing(gate_scale, gate_offset, None, weights)
+    owner = torch.full((cells.shape[1],), -1, dtype=torch.long, device=device)
+    for person, inside in enumerate(cells):
+        owner[inside] = person  # where boxes overlap, the later person owns the cell
+    token_person = torch.arange(num_id_tokens, device=device) // num_tokens
+    hidden = (owner[None, :] >= 0) & (owner[None, :] != token_person[:, None])
+    return _Routing(gate_scale, gate_offset, hidden if bool(hidden.any()) else None, None)
 
 
 def saa_processors(unet: nn.Module) -> dict[str, SAAProcessor]:
