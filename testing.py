@@ -293,11 +293,22 @@ def save_ip_adapter_faceid(unet: nn.Module, face_encoder: FaceEncoder, path: str
 
 
 def plain_pipeline(base: BaseModel, scheduler: Any | None = None) -> Any:
-    """diffusers' own pipeline of `base`'s family over its parts, without DynamicID: what a DynamicID pipeline
-    computes with the ID branch off and the LoRA weights at zero."""
+    """diffusers' own pipeline of `base`'s family over its parts, without DynamicID."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     parts = base.components() | {"scheduler": scheduler or base.noise_scheduler}
     if base.family == "sdxl":
-        return StableDiffusionXLPipeline(**parts, add_watermarker=False)
+        return StableDiffusionXLPipeline(**parts)
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def plain_images(
+    base: BaseModel, scheduler: Any, prompt: str, *, height: int, width: int, steps: int, seed: int
+) -> Any:
+    """Images (N, H, W, 3) of `plain_pipeline` at guidance 5 (the release's): what a DynamicID pipeline computes
+    with the ID branch off and the LoRA weights at zero."""
+    pipe = plain_pipeline(base, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    settings = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": 5.0}
+    return pipe(prompt, **settings, generator=generator, output_type="np").images

@@ -585,33 +585,6 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
 
     family = "sdxl"
 
-    def __init__(
-        self,
-        vae,
-        text_encoder,
-        text_encoder_2,
-        tokenizer,
-        tokenizer_2,
-        unet,
-        scheduler,
-        image_encoder=None,
-        feature_extractor=None,
-        force_zeros_for_empty_prompt: bool = True,
-    ):
-        super().__init__(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-            add_watermarker=False,
-        )
-
     def encode_text(
         self,
         prompt: str,

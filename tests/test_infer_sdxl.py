@@ -13,7 +13,7 @@ from dynamicid.infer import DynamicIDPipeline, DynamicIDXLPipeline, Person, pipe
 from dynamicid.infer.references import ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
-from dynamicid.testing import plain_pipeline, random_parts, save_random_weights
+from dynamicid.testing import plain_images, random_parts, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,17 +69,7 @@ def test_id_scale_zero_with_zero_lora_equals_plain_sdxl(weights, analyzer, peopl
     ours = generate(pipe, people, id_scale=0.0, height=64, width=96, seed=3).images
 
     base = load_base_model("tiny-random-sdxl")
-    plain = plain_pipeline(base, scheduler=pipe.scheduler)
-    plain.set_progress_bar_config(disable=True)
-    expected = plain(
-        PROMPT,
-        height=64,
-        width=96,
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(3),
-        output_type="np",
-    ).images
+    expected = plain_images(base, pipe.scheduler, PROMPT, height=64, width=96, steps=STEPS, seed=3)
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
     with_id = generate(pipe, people, height=64, width=96, seed=3).images
     assert np.abs(with_id - expected).max() > 1e-3
