@@ -261,7 +261,7 @@ class SAAProcessor(nn.Module):
             self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
         # Scaling the (N_id, Q) probabilities is cheaper than scaling the (Q, head_dim) output; same product.
         weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
-        return _add_attention_output(text, probs * weight, value)
+        return _add_attention_output(text, probs * weight, value, spare=query)
 
     @staticmethod
     def _activation(logits: torch.Tensor) -> torch.Tensor:
@@ -274,19 +274,22 @@ class SAAProcessor(nn.Module):
         return activation.masked_fill(activation < GATE_THRESHOLD, 0.0)
 
 
-def _add_attention_output(out: torch.Tensor, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _add_attention_output(
+    out: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, spare: torch.Tensor
+) -> torch.Tensor:
     """out + probs^T value: out (b, heads, Q, d), probs (b, heads, N_id, Q), value (b, heads, N_id, d).
 
-    Without gradients the product is written straight into out's memory layout (SDPA returns (b, Q, heads, d)
-    on CPU), so the sum is one contiguous add and the caller's rearrange to (b, Q, heads*d) copies nothing.
+    Without gradients the product is written into `spare`, a (b, heads, Q, d) tensor of the caller's that is no
+    longer needed (the queries: laid out (b, Q, heads, d) in memory, as SDPA's output is on CPU), and out is added
+    there: no 10 MB buffer allocated (and page-faulted) per call, one contiguous add, and the caller's
+    rearrange to (b, Q, heads*d) copies nothing.
     """
     probs, value = probs.to(out.dtype), value.to(out.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, probs, value)):
         return out + torch.einsum("b h n q, b h n d -> b h q d", probs, value)
-    product = torch.empty_like(out)  # same strides as out
-    for p, v, o in zip(probs, value, product, strict=True):
+    for p, v, o in zip(probs, value, spare, strict=True):
         torch.bmm(p.transpose(1, 2), v, out=o)
-    return product.add_(out)
+    return spare.add_(out)
 
 
 @dataclass(frozen=True)
