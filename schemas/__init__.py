@@ -34,6 +34,7 @@ from dynamicid.schemas.prompts import (
     RECONFIGURE_UNET_PROMPT,
     anchor_caption,
     face_prompt,
+    parse_face_prompt,
 )
 from dynamicid.schemas.rejects import RejectReason
 
@@ -62,6 +63,7 @@ __all__ = [
     "dataset_features",
     "face_prompt",
     "identities_arrow_schema",
+    "parse_face_prompt",
     "pose_bin_for_yaw",
     "rejects_arrow_schema",
     "unsure_expression",
