@@ -7,6 +7,8 @@ Random weights (nothing is downloaded). The baseline sees the 77 text tokens; SA
 The two persons' boxes default to the image's left and right halves (every query inside a box, as in most
 two-person layouts); `--boxes release` takes the release's two small boxes instead.
 Prints one line per measurement: median milliseconds over --repeats runs after warm-up, and the SAA/baseline ratio.
+On CPU the times are process CPU time (as benchmarks/infer.py): on a shared machine wall time mostly measures the
+neighbours; on CUDA they are wall time after synchronising.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ def parse_args() -> argparse.Namespace:
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
+        start = time.perf_counter()
+        fn()
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1000
+        return (time.perf_counter() - start) * 1000
+    start = time.process_time()
+    fn()
+    return (time.process_time() - start) * 1000
 
 
 def paired_ms(

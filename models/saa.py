@@ -232,7 +232,9 @@ class SAAProcessor(nn.Module):
                 f"{self.num_tokens}) but got {encoder_hidden_states.shape[1]} encoder tokens; "
                 "check SAACall(num_ids=...)"
             )
-        return encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
+        # Contiguous copies (a few hundred KB): matmuls on the sliced views took 3x as long on CPU.
+        text, ids = encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
+        return text.contiguous(), ids.contiguous()
 
     def _add_id_branch(
         self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor, call: SAACall, text: torch.Tensor
