@@ -19,25 +19,16 @@ import numpy as np
 
 from dynamicid.faces.dlib_resnet import CHIP_SIZE, DlibResNetWeights, onnx_model, preprocess, read_dlib_resnet
 from dynamicid.faces.model_files import dlib_model
-from dynamicid.faces.threads import one_torch_thread, onnxruntime_session, pick_runtime
+from dynamicid.faces.threads import onnxruntime_session, pick_runtime, torch_session
 
 DLIB_EMBEDDING_MODEL = "dlib-resnet-128"
 DLIB_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
 
 def _torch_net(weights: DlibResNetWeights) -> Callable[[np.ndarray], np.ndarray]:
-    import torch
-
     from dynamicid.faces.dlib_resnet_torch import DlibResNet
 
-    net = DlibResNet(weights).eval()
-
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        with one_torch_thread():
-            return net(torch.from_numpy(x)).numpy()
-
-    return run
+    return torch_session(DlibResNet(weights))
 
 
 class DlibEmbedder:

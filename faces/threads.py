@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,20 @@ def onnxruntime_session(model: bytes) -> Callable[[np.ndarray], np.ndarray]:
     session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
+
+
+def torch_session(module: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch.nn.Module in inference mode on one torch thread, as a function of a float32 array."""
+    import torch
+
+    module.eval()
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        with one_torch_thread():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
 
 
 @contextmanager
