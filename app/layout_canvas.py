@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from dynamicid.infer.outputs import PERSON_COLORS
-from dynamicid.infer.people import strip_boxes
+from dynamicid.infer.people import default_boxes
 
 CSS_COLORS = ["#{:02x}{:02x}{:02x}".format(*color) for color in PERSON_COLORS]
 
@@ -90,7 +90,7 @@ window.addEventListener('pointerup', () => {
 def layout_value(width: int, height: int, num_people: int, boxes: list[list[float]] | None = None) -> dict[str, Any]:
     """The editor's value; equal vertical strips unless `boxes` (one per person) are given."""
     if boxes is None or len(boxes) != num_people:
-        boxes = [list(box) for box in strip_boxes(num_people)]
+        boxes = [list(box) for box in default_boxes(num_people)]
     return {"width": int(width), "height": int(height), "boxes": [list(map(float, box)) for box in boxes]}
 
 

@@ -4,6 +4,8 @@
     python benchmarks/attention.py --device cuda --dtype float16 --unet-latents 64 96
 
 Random weights (nothing is downloaded). The baseline sees the 77 text tokens; SAA sees 77 text + 4 per person.
+The two persons' boxes default to the image's left and right halves (every query inside a box, as in most
+two-person layouts); `--boxes release` takes the release's two small boxes instead.
 Prints one line per measurement: median milliseconds over --repeats runs after warm-up, and the SAA/baseline ratio.
 """
 
@@ -19,11 +21,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from dynamicid.models import SD15_UNET_CONFIG, configure_saa, install_saa
+from dynamicid.models import SD15_UNET_CONFIG, SAACall, install_saa
 from dynamicid.models.saa import SAAProcessor
 
 TEXT_TOKENS, TOKENS_PER_ID = 77, 4
-TWO_BOXES = [(0.1, 0.1, 0.5, 0.4), (0.1, 0.6, 0.5, 0.9)]  # the release's two-person layout
+BOXES = {
+    "halves": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),  # left and right half of the image
+    "release": ((0.1, 0.1, 0.5, 0.4), (0.1, 0.6, 0.5, 0.9)),  # the release's two-person layout
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--layer-latent", type=int, default=64, help="latent side of the single-layer test")
     parser.add_argument("--batch", type=int, default=2, help="batch of the single-layer test (CFG halves)")
+    parser.add_argument("--boxes", default="halves", choices=sorted(BOXES), help="the two persons' boxes")
     parser.add_argument("--unet-latents", type=int, nargs="*", default=[32], help="latent sides of the UNet test")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     parser.add_argument("--unet-repeats", type=int, default=5, help="timed runs per UNet measurement")
@@ -64,12 +70,6 @@ def paired_ms(
     return statistics.median(base), statistics.median(cand), ratio
 
 
-def shared_saa_settings(processor: SAAProcessor, **values) -> None:
-    for key, value in values.items():
-        setattr(processor.settings, key, value)
-    processor.reset()
-
-
 @torch.no_grad()
 def bench_layer(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """SD 1.5's first cross-attention layer: 320 channels, 8 heads, 768-wide text, side x side queries."""
@@ -85,36 +85,30 @@ def bench_layer(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     saa.to(dtype)
     states = torch.cat([text, two_ids], dim=1)
 
-    def run(processor, inputs):
+    def run(processor, inputs, **kwargs):
         attn.set_processor(processor)
-        return attn(hidden, encoder_hidden_states=inputs)
+        return attn(hidden, encoder_hidden_states=inputs, **kwargs)
 
+    boxes = BOXES[args.boxes]
     variants = {
-        "2 persons, gating off": {"num_ids": 2, "gating": False},
-        "2 persons, gating + boxes": {"num_ids": 2, "gating": True, "boxes": TWO_BOXES},
-        "2 persons, gating + boxes + boost": {
-            "num_ids": 2,
-            "gating": True,
-            "boxes": TWO_BOXES,
-            "boost": 2.0,
-            "boost_steps": 10**9,
-        },
-        "2 persons, gating + maps recorded": {
-            "num_ids": 2,
-            "gating": True,
-            "boxes": TWO_BOXES,
-            "return_activation_maps": True,
-        },
-        "text only (LoRA attention)": {"num_ids": 0, "gating": False},
+        "2 persons, gating off": SAACall(num_ids=2, gating=False),
+        "2 persons, gating + boxes": SAACall(num_ids=2, boxes=boxes),
+        "2 persons, gating + boxes + boost": SAACall(num_ids=2, boxes=boxes, boost=2.0),
+        "2 persons, gating + maps recorded": SAACall(num_ids=2, boxes=boxes, return_activation_maps=True),
+        "text only (LoRA attention)": SAACall(num_ids=0, gating=False),
     }
     side = args.layer_latent
-    print(f"layer {side}x{side} (320 ch, 8 heads), batch {args.batch}; baseline AttnProcessor2_0 on 77 tokens")
-    for label, values in variants.items():
-        defaults = {"boxes": None, "boost": 0.0, "boost_steps": 0, "return_activation_maps": False}
-        shared_saa_settings(saa, **(defaults | values))
-        inputs = text if values["num_ids"] == 0 else states
+    print(
+        f"layer {side}x{side} (320 ch, 8 heads), batch {args.batch}, {args.boxes} boxes; "
+        "baseline AttnProcessor2_0 on 77 tokens"
+    )
+    for label, call in variants.items():
+        inputs = text if call.num_ids == 0 else states
         base, ms, ratio = paired_ms(
-            lambda: run(baseline, text), lambda inputs=inputs: run(saa, inputs), device, args.repeats
+            lambda: run(baseline, text),
+            lambda inputs=inputs, call=call: run(saa, inputs, saa=call),
+            device,
+            args.repeats,
         )
         print(f"  SAA {label}: {ms:.2f} ms vs {base:.2f} ms, ratio {ratio:.2f}x")
 
@@ -133,10 +127,10 @@ def bench_unet(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     states = torch.cat([text, torch.randn(1, 2 * TOKENS_PER_ID, 768, device=device, dtype=dtype)], dim=1)
     saa_unet = copy.deepcopy(unet)
     install_saa(saa_unet, rank=128, num_tokens=TOKENS_PER_ID)
-    configure_saa(saa_unet, num_ids=2, boxes=TWO_BOXES, boost=2.0, boost_steps=10**9)
+    call = {"saa": SAACall(num_ids=2, boxes=BOXES[args.boxes], boost=2.0)}
     base, ms, ratio = paired_ms(
         lambda: unet(latents, 500, encoder_hidden_states=text),
-        lambda: saa_unet(latents, 500, encoder_hidden_states=states),
+        lambda: saa_unet(latents, 500, encoder_hidden_states=states, cross_attention_kwargs=call),
         device,
         args.unet_repeats,
     )

@@ -26,18 +26,19 @@ import numpy as np  # noqa: E402
 
 from dynamicid.curation.dedupe import near_duplicate_groups  # noqa: E402
 from dynamicid.curation.grouping import average_linkage  # noqa: E402
+from dynamicid.curation.imagehash import HASH_WORDS  # noqa: E402
 from dynamicid.curation.neighbors import components, similar_pairs_indexed  # noqa: E402
 
 PER_IDENTITY = 30  # synthetic photos per identity
 DIM = 128  # dlib embedding size
 SAME_PERSON_COS = 1 - 0.44**2 / 2  # the embedded backend's 0.44 Euclidean threshold as a cosine similarity
-DUPLICATE_COS = 1 - 0.11**2 / 2  # 0.25 x that threshold
+DUPLICATE_COS = 1 - 0.22**2 / 2  # 0.5 x that threshold (curation/config.py)
 
 
 def synthetic(
     n: int, seed: int = 0, lookalike: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Unit embeddings around n / PER_IDENTITY identity centres, random 64-bit hashes, identity labels.
+    """Unit embeddings around n / PER_IDENTITY identity centres, random 256-bit hashes, identity labels.
 
     With `lookalike`, every second identity's centre lies that Euclidean distance from the one before: closer than
     the same-person threshold's chaining reach, so single linkage merges the two people."""
@@ -55,8 +56,8 @@ def synthetic(
     labels = np.arange(n) % ids
     x = centres[labels] + rng.normal(scale=0.025, size=(n, DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    hashes = rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
-    mirrors = rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
+    hashes = rng.integers(-(2**63), 2**63 - 1, size=(n, HASH_WORDS), dtype=np.int64)
+    mirrors = rng.integers(-(2**63), 2**63 - 1, size=(n, HASH_WORDS), dtype=np.int64)
     return x, hashes, mirrors, labels
 
 
@@ -107,10 +108,8 @@ def bench_synthetic(n: int) -> None:
         groups = 0
         for k in range(len(bounds) - 1):
             idx = order[bounds[k] : bounds[k + 1]]
-            rows = [
-                {"face": {"phash": int(hashes[i]), "phash_mirror": int(mirrors[i]), "embedding": x[i]}} for i in idx
-            ]
-            groups += int(near_duplicate_groups(rows, 4, DUPLICATE_COS).max()) + 1
+            rows = [{"face": {"phash": hashes[i], "phash_mirror": mirrors[i], "embedding": x[i]}} for i in idx]
+            groups += int(near_duplicate_groups(rows, 20, DUPLICATE_COS).max()) + 1
         return groups
 
     def exact_bytes() -> int:

@@ -28,10 +28,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline, Person
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.infer.references import ReferenceAnalyzer
-from dynamicid.models.base import build_tiny_random
 from dynamicid.models.checkpoints import SD15_UNET_CONFIG
+from dynamicid.testing import build_tiny_random, random_parts, save_random_weights
 
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "identities"
 PEOPLE = [

@@ -41,7 +41,8 @@ def curate_sample(out: Path) -> Path:
 
 def input_pipeline(dataset_dir: Path, samples: int) -> None:
     """Anchoring samples per second on one core: Parquet decode, crops, normalisation, collate (batch 8)."""
-    from dynamicid.models.base import build_tiny_tokenizer
+    from dynamicid.models.conditioning import Conditioner
+    from dynamicid.testing import build_tiny_tokenizer
     from dynamicid.train.data import (
         ANCHOR_COLUMNS,
         RECONFIGURE_COLUMNS,
@@ -54,7 +55,9 @@ def input_pipeline(dataset_dir: Path, samples: int) -> None:
 
     torch.set_num_threads(1)
     rows = load_curated(dataset_dir, ANCHOR_COLUMNS)
-    anchor = AnchorSamples(rows, build_tiny_tokenizer(), 512)
+    anchor = AnchorSamples(
+        rows, Conditioner(tokenizer=build_tiny_tokenizer(), text_encoder=None, image_encoder=None).token_ids, 512
+    )
     loader = torch.utils.data.DataLoader(anchor, batch_size=8, shuffle=True, num_workers=0)
     for _ in loader:  # warm-up: file cache, tokenizer memo
         break
@@ -129,15 +132,14 @@ def saved_activation_bytes(unet, face_encoder, checkpointing: bool, batch: int =
 def sd15_sizes() -> None:
     from diffusers import UNet2DConditionModel
 
-    from dynamicid.models import IMR, SD15_UNET_CONFIG, FaceEncoder, KeypointEncoder, configure_saa, install_saa
+    from dynamicid.models import IMR, SD15_UNET_CONFIG, FaceEncoder, KeypointEncoder, install_saa
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         unet.requires_grad_(False)
         install_saa(unet, rank=128, num_tokens=4)
-        face_encoder = FaceEncoder(768, 512, 1280, 4)
+        face_encoder = FaceEncoder(cross_attention_dim=768, id_embeddings_dim=512, clip_embeddings_dim=1280)
         imr, keypoints = IMR(), KeypointEncoder(768)
-    configure_saa(unet, num_ids=1, gating=True, boxes=[(0.0, 0.0, 1.0, 1.0)])
     unet.to(torch.bfloat16)
     for p in unet.parameters():
         if p.requires_grad:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamicid.curation.imagehash import brightness, grey, phash_pair, sharpness
+from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
 
 # zlib's run-length strategy: 30 % less CPU than level 3's default for 6-14 % more bytes (BENCHMARKS.md).
@@ -83,8 +83,9 @@ def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]
         if face.embedding is None:
             failures.append(f"face {index}: no embedding")
             continue
-        small = grey(arcface_align(image, np.asarray(face.kps5, np.float32), 112))
-        hash_plain, hash_mirror = phash_pair(small)
+        points = np.asarray(face.kps5, np.float32)
+        small = grey(arcface_align(image, points, 112))
+        hash_plain, hash_mirror = phash_pair(face_thumbnail(image, points))
         scores = face.expression_scores or {}
         faces.append(
             {
@@ -92,14 +93,15 @@ def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]
                 "embedding": np.asarray(face.embedding, np.float32).tolist(),
                 "embedding_model": str(face_analyzer.embedding_model),
                 "landmarks": None if face.landmarks is None else np.asarray(face.landmarks, np.float32).tolist(),
-                "kps5": np.asarray(face.kps5, np.float32).ravel().tolist(),
+                "kps5": points.ravel().tolist(),
                 "yaw": _maybe_float(face.yaw),
                 "pitch": _maybe_float(face.pitch),
                 "roll": _maybe_float(face.roll),
                 "expression": face.expression,
                 "expression_scores": [float(scores.get(e, 0.0)) for e in EXPRESSIONS],
-                "phash": hash_plain,
-                "phash_mirror": hash_mirror,
+                "expression_confidence": _maybe_float(face.expression_confidence),
+                "phash": hash_plain.tolist(),
+                "phash_mirror": hash_mirror.tolist(),
                 "sharpness": sharpness(small),
                 "backend": face.backend,
                 "models": json.dumps(face.models, sort_keys=True),

@@ -1,14 +1,16 @@
 """The face backend of a run, resolved once in the driver: its name, model folder and a digest of its model files.
 
 `auto` and `$DYNAMICID_INSIGHTFACE_ROOT` are looked at here only; workers build exactly the resolved backend,
-and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, pointing the variable at
-another pack or changing `--face-backend` between runs never reuses results of the other models.
+and every cached result is keyed by `BackendInfo.digest`, so swapping a model file, a new expression calibration
+(its version), pointing the variable at another pack, changing `--face-backend` or the backend's detection
+settings between runs never reuses results of the other models or settings.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,12 @@ def files_digest(files: list[Path]) -> str:
     return digest(*parts)
 
 
+def backend_digest(name: str, analyzer: Any, files: list[Path]) -> str:
+    """The backend, its settings (detection ones included) and its model files: any change means new results."""
+    settings = json.dumps(analyzer.settings, sort_keys=True)
+    return digest(name, analyzer.embedding_model, analyzer.expression_model, settings, files_digest(files))
+
+
 def build_analyzer(name: str, root: str | None) -> Any:
     """A FaceAnalyzer for exactly this backend; a missing or broken model folder is a StageSetupError."""
     from dynamicid.faces import FaceAnalyzer
@@ -84,7 +92,7 @@ def resolve_backend(requested: str, dup_embedding_fraction: float) -> tuple[Back
     info = BackendInfo(
         name=name,
         root=root_text,
-        digest=digest(name, analyzer.embedding_model, files_digest(files)),
+        digest=backend_digest(name, analyzer, files),
         embedding_model=str(analyzer.embedding_model),
         same_person_threshold=float(analyzer.same_person_threshold),
         same_person_cos=cosine_threshold(analyzer.distance, analyzer.same_person_threshold, analyzer.embedding_dim),

@@ -89,7 +89,8 @@ Face prompt: `{FACE_PROMPT_TEMPLATE}`.
 
 `dynamicid-curate build` (DynamicID toolkit): scan, detect, identify (the folder's dominant embedding
 cluster), dedupe (identical bytes, perceptual hash of the aligned face, embedding near-duplicates incl.
-mirrors; the largest and sharpest copy kept), align (FFHQ-style crop with context), label, select (at most
+mirrors; the largest and sharpest copy kept), align (FFHQ-style crop with context; faces the crop would
+enlarge more than {summary["config"]["max_upscale"]:g}x rejected as `too_small`), label, select (at most
 {summary["config"]["per_identity"]} per identity: the 7 expressions x 5 poses grid first, then the most
 different faces), write.{_grouping_note(summary)} The photos' own licences apply to the crops.
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
+from dynamicid.curation.config import MIN_CROP_SIZE
 
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -144,6 +145,21 @@ def run_options(func):
             show_default=True,
             help="Smallest face box side kept, in pixels.",
         ),
+        click.option(
+            "--crop-size",
+            type=AtLeast(MIN_CROP_SIZE),
+            default=512,
+            show_default=True,
+            help="Side of the aligned square crops, in pixels: the resolution you train at (SD 1.5: 512).",
+        ),
+        click.option(
+            "--max-upscale",
+            type=AtLeast(0.01, float),
+            default=2.0,
+            show_default=True,
+            help="Faces the crop would enlarge more than this (crop pixels per source pixel) are too_small: "
+            "enlarged faces teach a model blur. Relative to --crop-size; give a smaller --crop-size for small photos.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
     ]
@@ -167,6 +183,8 @@ def _config(kwargs: dict):
         shard_index=index,
         shard_count=count,
         min_face_size=kwargs["min_face_size"],
+        crop_size=kwargs["crop_size"],
+        max_upscale=kwargs["max_upscale"],
     )
 
 
@@ -217,7 +235,13 @@ def build(**kwargs) -> None:
 
 
 # Options only some stages read (build reads them all).
-OPTION_STAGES = {"per_identity": ("select",), "min_per_identity": ("select",), "cluster": ("scan", "identify")}
+OPTION_STAGES = {
+    "per_identity": ("select",),
+    "min_per_identity": ("select",),
+    "cluster": ("scan", "identify"),
+    "crop_size": ("identify", "align"),
+    "max_upscale": ("identify",),
+}
 
 
 def _stage_command(stage: str, help_text: str) -> None:
@@ -256,9 +280,9 @@ def _stage_command(stage: str, help_text: str) -> None:
 for _stage, _help in (
     ("scan", "Stage 1: list and hash every file (work table scan.parquet)."),
     ("detect", "Stage 2: decode photos and find faces (needs scan)."),
-    ("identify", "Stage 3: describe faces, keep the folder's person (needs detect)."),
+    ("identify", "Stage 3: describe faces, keep the folder's person if large enough for the crop (needs detect)."),
     ("dedupe", "Stage 4: drop identical and near-duplicate pictures (needs identify)."),
-    ("align", "Stage 5: FFHQ-style 512 crops and quality checks (needs dedupe)."),
+    ("align", "Stage 5: FFHQ-style crops (--crop-size) and quality checks (needs dedupe)."),
     ("label", "Stage 6: landmarks, pose, expression, prompts in crop coordinates (needs align)."),
     ("select", "Stage 7: at most --per-identity images per identity (needs label)."),
     ("write", "Stage 8: write the dataset folder (needs select)."),

@@ -1,10 +1,10 @@
 """Stage `dedupe`: one copy per picture, the best one.
 
-Three tests, cheapest first: identical bytes (sha256, across the whole run), the perceptual hash of the
-ArcFace-aligned face crop (also against its mirror image), and embedding near-duplicates (distance below
-`dup_embedding_fraction` x the analyzer's same-person threshold: the same shot resized, recompressed,
-cropped or mirrored). Near-duplicates are grouped per identity (connected components), so the cost is
-quadratic only within one identity's photos. The copy kept has the largest face in source pixels, then the
+Two tests: identical bytes (sha256, across the whole run), then near-duplicates: the 256-bit perceptual hash
+of the aligned inner face at one common scale (curation/imagehash.py; also against its mirror image) within
+`phash_max_distance` bits AND embeddings closer than `dup_embedding_fraction` x the analyzer's same-person
+threshold: the same shot resized, recompressed, cropped, letterboxed, mirrored or turned grey. Near-duplicates
+are grouped per identity (connected components), so the cost is quadratic only within one identity's photos. The copy kept has the largest face in source pixels, then the
 sharpest crop, then the first path; the others are `duplicate_of:<kept source_path>`.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dynamicid.curation.neighbors import components, hash_pairs, similar_pairs
+from dynamicid.curation.neighbors import components, hash_pairs
 from dynamicid.curation.stages import PHOTO_FIELDS, Stage, StageKind, photo_schema
 from dynamicid.schemas import RejectReason
 
@@ -38,12 +38,14 @@ def best_first(rows: list[dict]) -> list[dict]:
 
 
 def near_duplicate_groups(rows: list[dict], phash_max_distance: int, duplicate_cos: float) -> np.ndarray:
-    """Group label per row (rows of one identity)."""
-    hashes = np.array([r["face"]["phash"] for r in rows], np.int64)
-    mirrors = np.array([r["face"]["phash_mirror"] for r in rows], np.int64)
+    """Group label per row (rows of one identity): faces whose hashes are close (directly or mirrored) AND whose
+    embeddings agree are the same picture; the embedding guards against two different faces that hash alike."""
+    hashes = np.array([r["face"]["phash"] for r in rows], np.int64).reshape(len(rows), -1)
+    mirrors = np.array([r["face"]["phash_mirror"] for r in rows], np.int64).reshape(len(rows), -1)
     embeddings = np.stack([np.asarray(r["face"]["embedding"], np.float32) for r in rows])
-    edges = np.concatenate([hash_pairs(hashes, mirrors, phash_max_distance), similar_pairs(embeddings, duplicate_cos)])
-    return components(len(rows), edges)
+    pairs = hash_pairs(hashes, mirrors, phash_max_distance)
+    similar = np.einsum("ij,ij->i", embeddings[pairs[:, 0]], embeddings[pairs[:, 1]]) >= duplicate_cos
+    return components(len(rows), pairs[similar])
 
 
 class ExactDedupeStage(Stage):
@@ -96,7 +98,7 @@ class NearDedupeStage(Stage):
             for copy in members[1:]:
                 copy["reason"] = duplicate_reason(members[0]["source_path"])
                 copy["detail"] = (
-                    "same picture as the kept copy (perceptual hash or embedding), which is larger or sharper"
+                    "same picture as the kept copy (perceptual hash and embedding), which is larger or sharper"
                 )
         return pa.Table.from_pylist(rows, schema=photo_schema())
 

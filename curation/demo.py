@@ -4,6 +4,8 @@ The photos are arranged into identity folders in OUT_DIR/.demo-photos: insightfa
 a masked face in four colours, a group photo), scikit-image's `astronaut` (Eileen Collins) plus a mirrored,
 downsized copy made here (to show duplicate removal), and a few of its photos without faces (to show rejects).
 Whatever subset is installed is used; with none, the demo still writes a valid, empty dataset.
+The sample faces are small (about 100 px across), so the demo crops at `DEMO_CROP_SIZE`: at the default 512
+every one of them would be enlarged about 3x and rejected as too_small (see `--max-upscale`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ DEMO_PHOTOS: tuple[tuple[str, str, str, str], ...] = (
     ("skimage", "data/coffee.png", "eileen_collins", "coffee.png"),  # no face
     ("skimage", "data/chelsea.png", "tom_hanks", "chelsea.png"),  # a cat
 )
+
+DEMO_CROP_SIZE = 256  # the sample faces' crops stay within the default --max-upscale at this size
 
 
 def package_dir(name: str) -> Path | None:
@@ -69,4 +73,4 @@ def run_demo(out_dir: Path, **build_options) -> dict:
         shutil.rmtree(photos)
     photos.mkdir()
     arrange_demo_photos(photos)
-    return build_dataset(photos, out_dir, **build_options)
+    return build_dataset(photos, out_dir, **{"crop_size": DEMO_CROP_SIZE, **build_options})

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from dynamicid.curation.identify import describe_store, described_faces
+from dynamicid.curation.size import upscale_factor
 from dynamicid.curation.stages import Stage, photo_schema
 from dynamicid.schemas import DATASET_COLUMNS, anchor_caption, dataset_arrow_schema, face_prompt, pose_bin_for_yaw
 
@@ -58,6 +59,7 @@ def label_row(photo: dict, landmarks: list | None) -> dict:
         "pose_bin": pose,
         "expression": face["expression"],
         "expression_scores": face["expression_scores"],
+        "expression_confidence": face["expression_confidence"],
         "face_prompt": face_prompt(face["expression"], pose),
         "caption": anchor_caption(face["expression"], pose),
         "quality": {
@@ -65,6 +67,7 @@ def label_row(photo: dict, landmarks: list | None) -> dict:
             "face_size": min(x1 - x0, y1 - y0),
             "sharpness": photo["crop_sharpness"],
             "brightness": photo["crop_brightness"],
+            "upscale": upscale_factor(photo["matrix"]),
         },
     }
 

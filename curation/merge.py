@@ -3,8 +3,9 @@
 Shards split whole identities, so everything up to `identify` is the same per photo whatever the shard count.
 The one rule that crosses identities, identical file bytes in two folders (`exact_dedupe`), and everything
 after it (the per-identity near-duplicate groups, quotas and `--min-per-identity`, rejects, identities,
-summary, card, report) is decided again here: the shards' scan/detect/describe/identify tables are concatenated
-into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the shards' stores.
+summary, card, report) is decided again here: the shards' scan/detect/describe/identify/size tables are
+concatenated into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the
+shards' stores.
 No face model runs and no photo is read: the crops come from the shards' crop stores (a sharded build also
 crops the near-duplicates it drops, which a merge may keep: see `pipeline.crop_dropped_duplicates`).
 """
@@ -28,7 +29,7 @@ from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
 
-SHARED_TABLES = ("scan", "detect", "describe", "identify")  # per photo or per identity: final in the shards
+SHARED_TABLES = ("scan", "detect", "describe", "identify", "size")  # per photo or identity: final in the shards
 SHARED_STORES = ("describe-*", "crops")  # what the merged steps read: landmarks (label), crops (align, write)
 MERGED_STEPS = ("dedupe", "align", "label", "select", "write")
 PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine", "ray_address")  # may differ by shard

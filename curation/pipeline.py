@@ -32,6 +32,7 @@ from dynamicid.curation.label import LabelStage
 from dynamicid.curation.report import build_report
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import SelectStage
+from dynamicid.curation.size import SizeStage
 from dynamicid.curation.stages import BackendInfo, Stage, StageContext, StageSetupError, StageStats
 from dynamicid.curation.store import ResultStore
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint, table_digest, write_parquet
@@ -86,6 +87,7 @@ def build_stages(context: StageContext) -> list[Stage]:
             DetectStage,
             DescribeStage,
             IdentifyStage,
+            SizeStage,
             ExactDedupeStage,
             NearDedupeStage,
             AlignStage,
@@ -186,13 +188,14 @@ def run_stage(run: Run, step: str) -> int:
     stages = run.stages
     stats = run.step_stats(step)
     ran = False
-    previous = "scan"
+    previous, previous_step = "scan", "scan"
     for stage in stages:
         if stage.step == step:
             source = run.work.table_path(previous)
             if not source.exists():
                 raise FileNotFoundError(
-                    f"{source} not found: run the stage before '{step}' first (or `dynamicid-curate build`)"
+                    f"{source} not found: run the stage '{previous_step}' before '{step}' first "
+                    "(or `dynamicid-curate build`)"
                 )
             fingerprint = stage.fingerprint(read_fingerprint(source) or "")
             if run.work.is_current(stage.name, fingerprint):
@@ -207,7 +210,7 @@ def run_stage(run: Run, step: str) -> int:
                 stats.computed += done.computed
                 stats.reused += done.reused
                 stats.seconds += done.seconds
-        previous = stage.name
+        previous, previous_step = stage.name, stage.step
     stats.skipped = not ran
     if step == "align" and run.config.shard_count > 1:
         crop_dropped_duplicates(run)

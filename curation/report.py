@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dynamicid.curation.inspect_dataset import upscale_histogram
 from dynamicid.curation.tables import contiguous_groups
 from dynamicid.curation.write import dataset_files
-from dynamicid.schemas import EXPRESSIONS, POSE_BINS
+from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
 
 MAX_REJECT_EXAMPLES = 12  # per identity (and for files outside any identity)
 
@@ -31,9 +32,13 @@ h2{margin-top:2em;border-bottom:1px solid #ccc}
 figure{margin:0;width:%(t)dpx;font-size:10px;line-height:1.2;overflow-wrap:anywhere}
 figure img{width:%(t)dpx;height:%(t)dpx;object-fit:cover;display:block;background:#eee}
 figure.reject img{opacity:.55}
+figure.unsure img{outline:3px solid #e90;outline-offset:-3px}
+.unsure b{color:#b60}
 table.grid td,table.grid th{border:1px solid #ccc;padding:2px 5px;font-size:11px;text-align:center}
 table.grid td.on{background:#9d9}
 .muted{color:#777}
+table.hist td{padding:1px 6px;font-size:11px}
+.bar{height:10px;background:#69c}
 """
 
 
@@ -80,7 +85,8 @@ def _dataset_by_identity(out_dir: Path) -> Iterator[tuple[str, list[dict]]]:
         pa.Table.from_batches([b])
         for f in dataset_files(out_dir)
         for b in pq.ParquetFile(f).iter_batches(
-            batch_size=64, columns=["identity", "source_path", "image", "expression", "pose_bin"]
+            batch_size=64,
+            columns=["identity", "source_path", "image", "expression", "expression_confidence", "pose_bin", "quality"],
         )
     )
     for group in contiguous_groups(batches, "identity"):
@@ -100,14 +106,49 @@ def _rejects_by_folder(out_dir: Path) -> tuple[pa.Table, dict[str, tuple[int, in
     return rejects, spans
 
 
+def _expression_label(row: dict) -> tuple[bool, str]:
+    """(unsure, caption text): the expression with its confidence, flagged under EXPRESSION_CONFIDENCE_LOW."""
+    unsure = unsure_expression(row["expression_confidence"])
+    text = f"{EXPRESSIONS[row['expression']]} {row['expression_confidence']:.2f}"
+    return unsure, html.escape(text) + (" <b>unsure</b>" if unsure else "")
+
+
+def _upscale_note(quality: dict) -> str:
+    upscale = quality.get("upscale")
+    return "" if upscale is None else f", {upscale:.2f}x"
+
+
+def _upscale_table(histogram: dict[str, int], limit: float | None) -> str:
+    """The kept crops' source -> crop enlargement as a bar chart (one table row per bin)."""
+    top = max(histogram.values(), default=0) or 1
+    rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{n}</td><td><div class='bar' style='width:{round(200 * n / top)}px'>"
+        "</div></td></tr>"
+        for label, n in histogram.items()
+    )
+    bound = f" (limit: --max-upscale {limit:g})" if limit is not None else ""
+    return (
+        f"<h3>Upscale of the kept crops{bound}</h3><p class='muted'>crop pixels per source pixel; above 1x the "
+        f"face was enlarged</p><table class='hist'>{rows}</table>"
+    )
+
+
 def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
     yield _grid(Counter((r["expression"], r["pose_bin"]) for r in kept))
+    unsure = sum(unsure_expression(r["expression_confidence"]) for r in kept)
+    if unsure:
+        yield (
+            f"<p class='unsure'><b>{unsure} unsure expression label(s)</b> (confidence under "
+            f"{EXPRESSION_CONFIDENCE_LOW}, outlined): check them on the sheet.</p>"
+        )
     yield "<div class='sheet'>"
     for r in kept:
         uri = thumbnail_uri(Image.open(io.BytesIO(r["image"]["bytes"])), size)
-        label = f"{EXPRESSIONS[r['expression']]}, {POSE_BINS[r['pose_bin']].name}"
+        flagged, expression = _expression_label(r)
+        figure = '<figure class="unsure">' if flagged else "<figure>"
         yield (
-            f"<figure><img src='{uri}' alt=''><figcaption>{html.escape(label)}<br>"
+            f"{figure}<img src='{uri}' alt=''><figcaption>"
+            f"{expression}, {html.escape(POSE_BINS[r['pose_bin']].name + _upscale_note(r['quality']))}<br>"
             f"<span class='muted'>{html.escape(r['source_path'])}</span></figcaption></figure>"
         )
     yield "</div>"
@@ -149,6 +190,9 @@ def _page(out_dir: Path) -> Iterator[str]:
         + ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(summary["rejected_by_reason"].items()))
         + "</p>",
     )
+    histogram = upscale_histogram(out_dir)
+    if histogram:
+        yield _upscale_table(histogram, summary["config"].get("max_upscale"))
     names = sorted({i["identity"] for i in identities} | set(spans) - {""}) + ([""] if "" in spans else [])
     info = {i["identity"]: i for i in identities}
     group = next(groups, None)

@@ -1,8 +1,9 @@
 """Stage `select`: at most `per_identity` images per identity, grid first, then the most different faces.
 
-1. Grid: each (expression, pose bin) cell present among the identity's faces gets its best face (largest,
-   then sharpest, then first path); rarer cells first, so when there are more cells than room the rare
-   ones are still covered.
+1. Grid: each (expression, pose bin) cell present among the identity's faces gets its best face (a sure
+   expression label first: confidence at least schemas.labels.EXPRESSION_CONFIDENCE_LOW; then the least
+   enlarged crop, crops at native resolution counting alike; then largest, then sharpest, then first path);
+   rarer cells first, so when there are more cells than room the rare ones are still covered.
 2. Diversity: the rest of the quota goes by farthest-point sampling on the embeddings: repeatedly the face
    whose nearest already-selected face is farthest (ties: first path).
 Identities with fewer than `min_per_identity` images are rejected whole (too_few_images). Deterministic.
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from dynamicid.curation.stages import Stage, StageKind, photo_schema
-from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
+from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason, unsure_expression
 
 SELECT_SCHEMA = photo_schema(("selection", pa.string()))  # selection: "grid" or "diversity" for the kept
 CELL_ORDER = {(e, p.name): i for i, (e, p) in enumerate((e, p) for e in EXPRESSIONS for p in POSE_BINS)}
@@ -24,7 +25,9 @@ CELL_ORDER = {(e, p.name): i for i, (e, p) in enumerate((e, p) for e in EXPRESSI
 
 def quality_order(row: dict) -> tuple:
     q = row["quality"]
-    return (-q["face_size"], -q["sharpness"], row["source_path"])
+    unsure = unsure_expression(row["expression_confidence"])  # the cell's face should show its expression
+    # Crops at or below native resolution count alike, then the least enlarged (max_upscale only bounds it).
+    return (unsure, max(q["upscale"], 1.0), -q["face_size"], -q["sharpness"], row["source_path"])
 
 
 def choose(rows: list[dict], quota: int) -> dict[str, str]:
@@ -60,7 +63,16 @@ class SelectStage(Stage):
     name = step = "select"
     kind = StageKind.GROUP
     settings = ("per_identity", "min_per_identity")
-    input_columns = ("source_path", "identity", "sha256", "expression", "pose_bin", "quality", "embedding")
+    input_columns = (
+        "source_path",
+        "identity",
+        "sha256",
+        "expression",
+        "expression_confidence",
+        "pose_bin",
+        "quality",
+        "embedding",
+    )
 
     def output_schema(self) -> pa.Schema:
         return SELECT_SCHEMA

@@ -54,7 +54,7 @@ Engines
 
 The chain (`pipeline.build_stages(context)` returns it in order; table = <work>/<name>.parquet)
     scan (driver) -> detect MAP (models) -> describe MAP (models) -> identify GROUP (GLOBAL with --cluster)
-    -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crops into the crop store) -> label MAP
+    -> size MAP -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crops into the crop store) -> label MAP
     -> select GROUP -> write (driver)
 
 Steps

@@ -23,7 +23,9 @@ class FaceBackend(Protocol):
     name: str
     embedding_model: str
     embedding_dim: int
+    expression_model: str  # the expression calibration's version (faces.expression_calibration)
     same_person_threshold: float
+    settings: dict[str, Any]  # JSON-serialisable: every setting that changes results (detection included)
 
     def detect(self, rgb: np.ndarray) -> list[Face]: ...
 
@@ -122,8 +124,18 @@ class FaceAnalyzer:
         return self._backend.embedding_dim
 
     @property
+    def expression_model(self) -> str:
+        """Version of the calibrated expression model (part of curation's cache keys)."""
+        return self._backend.expression_model
+
+    @property
     def same_person_threshold(self) -> float:
         return self._backend.same_person_threshold
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The backend's settings that change results besides its model files (detection ones included)."""
+        return self._backend.settings
 
     def detect(self, image: Image.Image | np.ndarray) -> list[Face]:
         """Boxes, 5 keypoints and scores only, largest face first."""

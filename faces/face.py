@@ -28,7 +28,8 @@ class Face:
     pitch: float | None = None
     roll: float | None = None
     expression: str | None = None
-    expression_scores: dict[str, float] | None = None
+    expression_scores: dict[str, float] | None = None  # calibrated probabilities (faces.expression_calibration)
+    expression_confidence: float | None = None  # the calibrated probability of `expression`
     embedding: np.ndarray | None = None  # float32 (D,), L2-normalised
     backend: str = ""
     models: dict[str, str] = field(default_factory=dict)

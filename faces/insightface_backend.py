@@ -2,7 +2,8 @@
 
 Each .onnx file of the pack goes through `insightface.model_zoo.get_model`, whose router tells the models
 apart by their input/output signatures: SCRFD (boxes + 5 keypoints), the 2d106det landmark model, ArcFace
-(recognition). Nothing is ever downloaded. Expression comes from the FER-2013 classifier (packs have none);
+(recognition). Nothing is ever downloaded. Expression comes from the FER-2013 classifier (packs have none) with
+the FER-only variant of the expression calibration (its mesh features need the 478-point mesh);
 pose is solved from the 106 landmarks like the embedded backend solves it from the mesh.
 """
 
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamicid.faces.expression import FER_EXPRESSION_MODEL, ExpressionClassifier
+from dynamicid.faces.expression import ExpressionClassifier
+from dynamicid.faces.expression_calibration import shipped_calibration
 from dynamicid.faces.face import Face
 from dynamicid.faces.pose import solve_pose
 
@@ -95,6 +97,8 @@ class InsightFaceBackend:
         self.same_person_threshold = same_person_threshold
         self.embedding_model = f"arcface-{self.pack}"
         self.det_size = tuple(det_size)
+        # Everything that changes results besides the model files (curation keys its caches by it).
+        self.settings = {"det_size": list(det_size), "det_thresh": det_thresh, "same_person": same_person_threshold}
         providers = providers or ["CPUExecutionProvider"]
         self._detector = self._landmarks = self._recognition = None
         self.model_files: dict[str, str] = {}
@@ -116,6 +120,8 @@ class InsightFaceBackend:
                 "(SCRFD detector, 2d106det landmarks, ArcFace recognition .onnx files)"
             )
         self._expression = ExpressionClassifier()
+        self._calibration = shipped_calibration()
+        self.expression_model = self._calibration.version
 
     def _model_name(self, kind: str) -> str:
         return f"insightface-{self.pack}/{self.model_files[kind]}"
@@ -145,12 +151,12 @@ class InsightFaceBackend:
         embedding /= max(float(np.linalg.norm(embedding)), 1e-12)
         height, width = rgb.shape[:2]
         yaw, pitch, roll = solve_pose(pose_points_from_106(landmarks), (width, height))
-        scores = self._expression.scores(rgb, face.kps5)
+        label = self._calibration.label(self._expression.scores(rgb, face.kps5), None)
         models = dict(face.models)
         models.update(
             landmarks=self._model_name("landmarks"),
             pose=f"solvepnp-6-point({self._model_name('landmarks')})",
-            expression=FER_EXPRESSION_MODEL,
+            expression=label.model,
             embedding=self.embedding_model,
         )
         return dataclasses.replace(
@@ -159,8 +165,9 @@ class InsightFaceBackend:
             yaw=yaw,
             pitch=pitch,
             roll=roll,
-            expression=max(scores, key=scores.get),
-            expression_scores=scores,
+            expression=label.expression,
+            expression_scores=label.scores,
+            expression_confidence=label.confidence,
             embedding=embedding,
             backend=self.name,
             models=models,

@@ -1,4 +1,5 @@
-"""Inference: `DynamicIDPipeline` (diffusers) for several people with a layout and per-person expressions.
+"""Inference: `DynamicIDPipeline` / `DynamicIDXLPipeline` (diffusers; SD 1.5 / SDXL) for several people with a
+layout and per-person expressions; `pipeline_for(base)` picks the one of a loaded base model.
 
 from dynamicid.infer import DynamicIDPipeline, Person
 
@@ -11,6 +12,8 @@ from typing import Any
 _EXPORTS = {
     "DynamicIDPipeline": "dynamicid.infer.pipeline",
     "DynamicIDPipelineOutput": "dynamicid.infer.pipeline",
+    "DynamicIDXLPipeline": "dynamicid.infer.pipeline",
+    "pipeline_for": "dynamicid.infer.pipeline",
     "Person": "dynamicid.infer.people",
     "ReleaseFiles": "dynamicid.infer.weights",
 }

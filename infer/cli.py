@@ -53,7 +53,11 @@ def _options(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 model_options = _options(
-    click.option("--base-model", required=True, help="Stable Diffusion 1.5 folder (diffusers layout), or tiny-random."),
+    click.option(
+        "--base-model",
+        required=True,
+        help="SD 1.5 or SDXL folder (diffusers layout), or tiny-random / tiny-random-sdxl.",
+    ),
     click.option(
         "--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s)."
     ),
@@ -335,7 +339,7 @@ def _weights(options: dict[str, Any]) -> Any:
 
 
 def _load_pipeline(options: dict[str, Any], weights: Any, torch: Any) -> Any:
-    from dynamicid.infer.pipeline import DynamicIDPipeline
+    from dynamicid.infer.pipeline import pipeline_for
     from dynamicid.models.base import load_base_model
 
     device = options["device"]
@@ -343,7 +347,7 @@ def _load_pipeline(options: dict[str, Any], weights: Any, torch: Any) -> Any:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if options["fp16"] else torch.float32
     base = load_base_model(options["base_model"], options["image_encoder"], torch_dtype=dtype)
-    pipe = DynamicIDPipeline.from_base(base)
+    pipe = pipeline_for(base)
     pipe.load_dynamicid(
         weights, face_analyzer=_reference_analyzer(options["face_backend"], options["insightface_root"])
     )

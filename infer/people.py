@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dynamicid.models.saa import default_boxes
 from dynamicid.schemas.labels import check_expression, check_pose
 
 ImageSource = str | Path | Image.Image
@@ -23,7 +24,8 @@ class Person:
     """One identity to place in the image.
 
     Args:
-        image: reference photo (path or PIL image); its largest face is used.
+        image: reference photo (path or PIL image), whose largest face is used, or an analysed
+            `dynamicid.infer.references.Reference` (e.g. a curated crop: `Reference.from_crop`).
         expression: target expression from `dynamicid.schemas.EXPRESSIONS`; None keeps the reference's.
         pose: target pose-bin name from `dynamicid.schemas.POSE_BINS`; None keeps the reference's.
         landmark_image: a photo whose face gives the target landmarks (and labels, unless given as text).
@@ -48,12 +50,9 @@ def describe_source(source: ImageSource | None) -> str:
         return "-"
     if isinstance(source, Image.Image):
         return f"<PIL image {source.width}x{source.height}>"
+    if hasattr(source, "clip_face"):  # an analysed Reference (dynamicid.infer.references)
+        return source.source
     return str(source)
-
-
-def strip_boxes(num_people: int) -> list[Box]:
-    """Equal vertical strips: person i gets x in [i/n, (i+1)/n], y in [0, 1] (METHOD.md, SAA)."""
-    return [(0.0, i / num_people, 1.0, (i + 1) / num_people) for i in range(num_people)]
 
 
 def check_box(box: Box, index: int) -> Box:
@@ -76,7 +75,7 @@ def resolve_boxes(people: list[Person]) -> list[Box]:
     """The boxes of all people: each checked, or strips when none is given; warns when two boxes overlap."""
     given = [p.box for p in people if p.box is not None]
     if not given:
-        return strip_boxes(len(people))
+        return list(default_boxes(len(people)))
     if len(given) != len(people):
         raise ValueError(
             f"{len(given)} box(es) for {len(people)} people: give one box per person, or none for equal strips"

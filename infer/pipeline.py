@@ -1,5 +1,8 @@
-"""`DynamicIDPipeline`: Stable Diffusion 1.5 text-to-image with several identities, each in its own box,
-each with an optional target expression / pose (METHOD.md: SAA, IMR, reference settings)."""
+"""`DynamicIDPipeline` (SD 1.5) and `DynamicIDXLPipeline` (SDXL): text-to-image with several identities, each in
+its own box, each with an optional target expression / pose (METHOD.md: SAA, IMR, reference settings).
+
+Both are `DynamicIDMixin` combined with diffusers' pipeline of the family; `pipeline_for(base)` picks the one
+of a loaded base model."""
 
 from __future__ import annotations
 
@@ -13,19 +16,21 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
-from dynamicid.infer.people import Box, Person, check_person_labels, describe_source, resolve_boxes
+from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
-from dynamicid.models import configure_saa, saa_activation_maps, saa_id_attention_probs, saa_processors
-from dynamicid.models.base import CLIP_MEAN, CLIP_STD, TINY_RANDOM, BaseModel, clip_hidden_states, clip_pixel_values
+from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
+from dynamicid.models.base import BaseModel, folder_family, load_image_encoder
+from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
 from dynamicid.schemas import face_prompt
+from dynamicid.schemas.checkpoint import BASE_FAMILIES, family_label
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
-# boosted (infer_scale 2) during the first 12 UNet calls, one person none.
+# boosted (infer_scale 2) during the first 12 denoising steps, one person none.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0
 MULTI_PERSON_BOOST = (2.0, 12)
@@ -75,52 +80,37 @@ class DynamicIDPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
 
 
-class DynamicIDPipeline(StableDiffusionPipeline):
-    r"""Multi-person personalised text-to-image generation with DynamicID on Stable Diffusion 1.5.
+class DynamicIDMixin:
+    r"""DynamicID's part of a text-to-image pipeline, the same for every base family.
 
-    Components are those of [`StableDiffusionPipeline`]; `image_encoder` is the CLIP vision tower (ViT-H/14)
-    whose penultimate states feed the face encoder. DynamicID's own modules (face encoder, IMR, keypoint
-    encoder) and the SAA attention processors come from `load_dynamicid`, the face analysis from
-    `dynamicid.faces.FaceAnalyzer`. The scheduler defaults to DDIM, the release's sampler.
+    Multi-person personalised generation: each person's face tokens (face encoder, rewritten by the IMR for a
+    target expression / pose) are appended to the text states, and the SAA processors route them into the
+    person's box. A sibling per base family (`DynamicIDPipeline` for SD 1.5, `DynamicIDXLPipeline` for SDXL)
+    combines this mixin with diffusers' pipeline of that family and supplies what differs:
+    `encode_text` (the UNet's text condition, and for SDXL its `added_cond_kwargs`) and `safety_check`.
+    DynamicID's own modules and the SAA processors come from `load_dynamicid` (or `set_dynamicid`), the face
+    analysis from `dynamicid.faces.FaceAnalyzer`. The scheduler defaults to DDIM, the release's sampler.
     """
 
+    family: str  # the base family the sibling is made for ("sd15", "sdxl")
+    dynamicid: DynamicIDModules | None = None  # set by load_dynamicid / set_dynamicid
+    reference_analyzer: ReferenceAnalyzer | None = None
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
-
-    def __init__(
-        self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker: bool = False,
-    ):
-        super().__init__(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            image_encoder=image_encoder,
-            requires_safety_checker=requires_safety_checker,
-        )
-        self.dynamicid: DynamicIDModules | None = None
-        self.reference_analyzer: ReferenceAnalyzer | None = None
 
     # ---- construction ----
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> DynamicIDPipeline:
-        """Load SD 1.5 from a local diffusers folder (nothing is downloaded); DDIM unless a scheduler is given."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
+        """Load the base from a local diffusers folder (nothing is downloaded); DDIM unless a scheduler is given."""
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"base model folder {folder} does not exist (expected Stable Diffusion 1.5 in diffusers layout)"
+                f"base model folder {folder} does not exist (expected {BASE_FAMILIES[cls.family]} in diffusers layout)"
+            )
+        if folder_family(folder) != cls.family:
+            raise ValueError(
+                f"{folder} holds {family_label(folder_family(folder))}, not {family_label(cls.family)}: "
+                f"use {PIPELINES[folder_family(folder)].__name__}"
             )
         if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
             kwargs["scheduler"] = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -128,16 +118,14 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         return super().from_pretrained(folder, **kwargs)
 
     @classmethod
-    def from_base(cls, base: BaseModel) -> DynamicIDPipeline:
-        """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also "tiny-random")."""
-        return cls(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            unet=base.unet,
-            scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-            image_encoder=base.image_encoder,
-        )
+    def from_base(cls, base: BaseModel):
+        """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also the tiny-random FAKEs)."""
+        if base.family != cls.family:
+            raise ValueError(
+                f"base model {base.name} is {family_label(base.family)}: use {PIPELINES[base.family].__name__}, "
+                f"not {cls.__name__} (or `pipeline_for(base)`)"
+            )
+        return cls(**base.components(), scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
 
     def load_dynamicid(
         self,
@@ -158,7 +146,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                 go to it (e.g. insightface_root=...). `face_analyzer` reuses an existing analyzer instead.
         """
         if image_encoder is not None:
-            self.register_modules(image_encoder=_load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
+            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
             raise ValueError(
                 "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
@@ -173,19 +161,21 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         imr: torch.nn.Module | None = None,
         keypoint_encoder: torch.nn.Module | None = None,
         *,
-        face_analyzer: FaceAnalyzer | ReferenceAnalyzer,
+        face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None = None,
     ) -> None:
         """Use DynamicID modules held in memory (e.g. to sample while training); the UNet must carry SAA already.
 
         The modules are used as they are (device, dtype, train/eval mode): call `.eval()` on them first.
+        Without `face_analyzer` every person's image (and landmark image) must be an analysed `Reference`
+        (e.g. `Reference.from_crop` of a curated dataset row).
         """
         saa_processors(self.unet)  # raises when SAA is not installed
         if self.image_encoder is None:
             raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
-        embedding_model = face_analyzer.embedding_model
+        embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
         self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
 
-    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer) -> None:
+    def _use(self, modules: DynamicIDModules, face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None) -> None:
         """Check that the modules fit the image encoder, the base and the face backend, then keep them."""
         clip_dim = int(self.image_encoder.config.hidden_size)
         if modules.face_encoder.clip_embeddings_dim != clip_dim:
@@ -194,8 +184,10 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                 f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
             )
         _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
-        references = face_analyzer if isinstance(face_analyzer, ReferenceAnalyzer) else ReferenceAnalyzer(face_analyzer)
-        if modules.face_encoder.id_embeddings_dim != references.embedding_dim:
+        references = face_analyzer
+        if face_analyzer is not None and not isinstance(face_analyzer, ReferenceAnalyzer):
+            references = ReferenceAnalyzer(face_analyzer)
+        if references is not None and modules.face_encoder.id_embeddings_dim != references.embedding_dim:
             raise ValueError(
                 f"the weights take {modules.face_encoder.id_embeddings_dim}-d ID embeddings "
                 f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
@@ -203,9 +195,10 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             )
         self.dynamicid, self.reference_analyzer = modules, references
 
-    # CLIP normalisation used by `dynamicid.models.base.clip_pixel_values` (duck-typed with BaseModel).
-    clip_mean = CLIP_MEAN
-    clip_std = CLIP_STD
+    @property
+    def conditioner(self) -> Conditioner:
+        """The base family's text and image encoders as DynamicID conditioning (`dynamicid.models.conditioning`)."""
+        return Conditioner.from_parts(self)
 
     # ---- checks ----
 
@@ -222,7 +215,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         num_images_per_prompt: int = 1,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
-        if self.dynamicid is None or self.reference_analyzer is None:
+        if self.dynamicid is None:
             raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
         if not isinstance(prompt, str):
             raise ValueError(f"`prompt` must be one string, got {type(prompt).__name__}")
@@ -256,26 +249,19 @@ class DynamicIDPipeline(StableDiffusionPipeline):
 
     # ---- identity tokens ----
 
-    @torch.no_grad()
-    def encode_face_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Pooled CLIP text vectors (N, txt_dim) of face prompts: the IMR's text input."""
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+    def analyze(self, source: ImageSource | Reference, role: str) -> Reference:
+        """The face the pipeline uses from an image (its largest face), or an already analysed `Reference`."""
+        if isinstance(source, Reference):
+            return source
+        if self.reference_analyzer is None:
+            raise ValueError(f"no face analysis set up for {role} {describe_source(source)}: pass face_analyzer=...")
+        return self.reference_analyzer.analyze(source, role=role)
 
     @torch.no_grad()
     def encode_landmarks(self, landmarks_512: list[np.ndarray]) -> torch.Tensor:
         """Keypoint-encoder vectors (N, emb) of landmark sets given in 512x512 face-crop pixels."""
         maps = np.stack([render_landmark_map(points, image_size=LANDMARK_FRAME) for points in landmarks_512])
-        encoder = self.dynamicid.keypoint_encoder
-        weight = next(encoder.parameters())
-        maps_t = torch.from_numpy(maps)[:, None].to(device=weight.device, dtype=weight.dtype)
-        return encoder(maps_t).flatten(1)
+        return landmark_vectors(self.dynamicid.keypoint_encoder, torch.from_numpy(maps)[:, None])
 
     @torch.no_grad()
     def encode_faces(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,13 +270,20 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         Unconditional = the face encoder on a zero ID embedding and the CLIP states of an all-zero image.
         """
         encoder = self.dynamicid.face_encoder
+        for ref in references:
+            if len(ref.face.embedding) != encoder.id_embeddings_dim:
+                raise ValueError(
+                    f"{ref.source} has a {len(ref.face.embedding)}-d ID embedding ({ref.face.backend}) but the "
+                    f"weights take {encoder.id_embeddings_dim}-d ones; use the face backend they were trained with"
+                )
         weight = next(encoder.parameters())
-        pixels = clip_pixel_values(self, [ref.clip_face for ref in references])
-        pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])
-        clip_states = clip_hidden_states(self, pixels).to(device=weight.device, dtype=weight.dtype)
+        faces = [ref.clip_face for ref in references]
         id_embeds = torch.from_numpy(np.stack([ref.face.embedding for ref in references]).astype(np.float32))
-        id_embeds = torch.cat([id_embeds, torch.zeros_like(id_embeds[:1])]).to(device=weight.device, dtype=weight.dtype)
-        tokens = encoder(id_embeds, clip_states)
+        keep = torch.tensor([True] * len(references) + [False])  # one more row: the unconditional face
+        id_embeds, clip_states = self.conditioner.face_encoder_inputs(
+            [*faces, faces[0]], torch.cat([id_embeds, id_embeds[:1]]), keep
+        )
+        tokens = encoder(id_embeds.to(weight.device, weight.dtype), clip_states.to(weight.device, weight.dtype))
         return tokens[:-1], tokens[-1:].expand(len(references), -1, -1)
 
     @torch.no_grad()
@@ -303,9 +296,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             )
         target_landmarks, target_ref = reference.landmarks_512, None
         if person.landmark_image is not None:
-            target_ref = self.reference_analyzer.analyze(
-                person.landmark_image, role=f"landmark image of person {index + 1}"
-            )
+            target_ref = self.analyze(person.landmark_image, role=f"landmark image of person {index + 1}")
             if target_ref.landmarks_512 is None:
                 raise ValueError(f"the face backend gave no landmarks for {target_ref.source}")
             target_landmarks = target_ref.landmarks_512
@@ -313,13 +304,9 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         target_expression = person.expression or default.expression
         target_pose = person.pose or default.pose
         prompts = [face_prompt(reference.expression, reference.pose), face_prompt(target_expression, target_pose)]
-        text = self.encode_face_prompts(prompts)
+        text = self.conditioner.face_prompt_vectors(prompts)
         landmarks = self.encode_landmarks([reference.landmarks_512, target_landmarks])
-        imr = self.dynamicid.imr
-        weight = next(imr.parameters())
-        text, landmarks = text.to(weight.device, weight.dtype), landmarks.to(weight.device, weight.dtype)
-        source_tokens = tokens.to(weight.device, weight.dtype)
-        tokens.copy_(imr(source_tokens, landmarks[:1], landmarks[1:], text[:1], text[1:]))
+        tokens.copy_(edit_tokens(self.dynamicid.imr, tokens, landmarks, text))
         return {
             "target_expression": target_expression,
             "target_pose": target_pose,
@@ -369,8 +356,8 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             eta: DDIM eta. generator: torch generator(s) for reproducible noise. latents: preset noise.
             id_scale: weight of the identity branch (0 = the LoRA-adapted base model alone).
             gating: SAA's query-level activation gating and box routing.
-            boost, boost_steps: gate boost inside the boxes and for how many UNet calls; None = the reference
-                settings (2.0 for 12 calls with several people, none for one).
+            boost, boost_steps: gate boost inside the boxes and for how many denoising steps; None = the reference
+                settings (2.0 for 12 steps with several people, none for one).
             output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images, nsfw flags).
             return_activation_maps: also return per-person SAA activation maps (see the output class).
             callback_on_step_end: called as fn(pipe, step, timestep, tensors) after each step; it may return
@@ -416,14 +403,12 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             boost_steps = default_boost[1] if boost_steps is None else boost_steps
 
         # 2. Analyse the references: the largest face of each
-        references = [
-            self.reference_analyzer.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)
-        ]
+        references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
         timings["analysis"] = _lap(clock)
 
-        # 3. Encode the input prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+        # 3. Encode the input prompt (and the family's extra UNet inputs, e.g. SDXL's pooled text and size ids)
+        prompt_embeds, negative_prompt_embeds, added_cond_kwargs = self.encode_text(
+            prompt, negative_prompt, device, num_images_per_prompt, (height, width)
         )
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
@@ -436,13 +421,15 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             reports.append(report)
 
         # 5. Text tokens followed by every person's tokens, in person order
-        prompt_embeds = _append_tokens(prompt_embeds, tokens)
+        prompt_embeds = encoder_states(prompt_embeds, tokens.reshape(1, -1, tokens.shape[-1]))
         if self.do_classifier_free_guidance:
-            negative_prompt_embeds = _append_tokens(negative_prompt_embeds, uncond_tokens)
+            negative_prompt_embeds = encoder_states(
+                negative_prompt_embeds, uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])
+            )
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
-        # 6. Configure SAA for this layout
+        # 6. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = {
             "num_ids": num_people,
             "id_scale": id_scale,
@@ -451,8 +438,11 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             "boost": boost,
             "boost_steps": boost_steps,
         }
-        configure_saa(
-            self.unet, **saa_settings, image_size=(height, width), return_activation_maps=return_activation_maps
+        saa_per_step = saa_calls(
+            **saa_settings,
+            steps=num_inference_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
         )
 
         # 7. Timesteps and initial noise
@@ -483,7 +473,14 @@ class DynamicIDPipeline(StableDiffusionPipeline):
                     continue
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs=added_cond_kwargs,
+                    cross_attention_kwargs={"saa": saa_per_step[i]},
+                    return_dict=False,
+                )[0]
                 if maps is not None:
                     maps.add(saa_activation_maps(self.unet), saa_id_attention_probs(self.unet))
                 if self.do_classifier_free_guidance:
@@ -507,7 +504,7 @@ class DynamicIDPipeline(StableDiffusionPipeline):
             image = latents
         else:
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            image, has_nsfw_concept = self.safety_check(image, device, prompt_embeds.dtype)
             do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
             image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
         activation_maps = maps.result((height, width)) if maps is not None else None
@@ -527,14 +524,111 @@ class DynamicIDPipeline(StableDiffusionPipeline):
         )
 
 
+class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):
+    r"""DynamicID on Stable Diffusion 1.5 (see `DynamicIDMixin`).
+
+    Components are those of [`StableDiffusionPipeline`]; `image_encoder` is the CLIP vision tower (ViT-H/14)
+    whose penultimate states feed the face encoder.
+    """
+
+    family = "sd15"
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+
+    def encode_text(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """(prompt states, negative states or None without guidance, no added UNet inputs)."""
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+        )
+        return prompt_embeds, negative_prompt_embeds, None
+
+    def safety_check(self, image: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        return self.run_safety_checker(image, device, dtype)
+
+
+class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
+    r"""DynamicID on SDXL (see `DynamicIDMixin`).
+
+    Components are those of [`StableDiffusionXLPipeline`] (two text encoders; the UNet also takes the pooled
+    text and the size ids); `image_encoder` is the CLIP vision tower whose penultimate states feed the face
+    encoder. The IMR's text vector of a face prompt is the pooled, projected output of `text_encoder_2`.
+    """
+
+    family = "sdxl"
+
+    def encode_text(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(prompt states, negative states or None, `added_cond_kwargs`): the pooled text and the size ids
+        (original = target = `size`, no crop), negative half first under guidance, as SDXL's pipeline does."""
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+        )
+        time_ids = self._get_add_time_ids(
+            size, (0, 0), size, dtype=prompt_embeds.dtype, text_encoder_projection_dim=pooled.shape[-1]
+        ).to(device)
+        if self.do_classifier_free_guidance:
+            pooled = torch.cat([negative_pooled, pooled])
+        else:
+            negative_prompt_embeds = None
+        return (
+            prompt_embeds,
+            negative_prompt_embeds,
+            {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)},
+        )
+
+    def safety_check(self, image: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        return image, None  # SDXL ships no safety checker
+
+
+PIPELINES: dict[str, type[DynamicIDMixin]] = {"sd15": DynamicIDPipeline, "sdxl": DynamicIDXLPipeline}
+
+
+def pipeline_for(base: BaseModel) -> DynamicIDMixin:
+    """The DynamicID pipeline of `base`'s family over its parts."""
+    return PIPELINES[base.family].from_base(base)
+
+
 def _lap(start: float) -> float:
     return time.perf_counter() - start
-
-
-def _append_tokens(text_embeds: torch.Tensor, id_tokens: torch.Tensor) -> torch.Tensor:
-    """(N, L, C) text states + (n, tokens, C) per-person tokens -> (N, L + n*tokens, C)."""
-    flat = id_tokens.reshape(1, -1, id_tokens.shape[-1]).to(text_embeds.dtype)
-    return torch.cat([text_embeds, flat.expand(text_embeds.shape[0], -1, -1)], dim=1)
 
 
 class _MapAccumulator:
@@ -566,22 +660,6 @@ class _MapAccumulator:
         mean = torch.stack(upsampled).mean(0)
         peak = mean.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         return (mean / peak).cpu().numpy().astype(np.float32)
-
-
-def _load_image_encoder(image_encoder: str | Path | torch.nn.Module) -> torch.nn.Module:
-    if isinstance(image_encoder, torch.nn.Module):
-        return image_encoder.eval()
-    if str(image_encoder) == TINY_RANDOM:
-        raise ValueError("a tiny-random image encoder comes with the tiny-random base: leave image_encoder unset")
-    from transformers import CLIPVisionModelWithProjection
-
-    folder = Path(image_encoder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"image encoder folder {folder} has no config.json (expected a CLIP vision model folder, "
-            "e.g. IP-Adapter's models/image_encoder with CLIP ViT-H/14)"
-        )
-    return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
 
 
 def _check_edit_modules(modules: DynamicIDModules, cross_attention_dim: int) -> None:

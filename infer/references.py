@@ -17,8 +17,9 @@ from PIL import Image
 from dynamicid.faces import Face, FaceAnalyzer, arcface_align, load_image, transform_points
 from dynamicid.faces.align import ffhq_matrix
 from dynamicid.infer.people import DynamicIDWarning, ImageSource, describe_source
+from dynamicid.models.base import CLIP_IMAGE_SIZE
 
-CLIP_FACE_SIZE = 224  # the CLIP image encoder sees the ArcFace-aligned face at 224x224
+CLIP_FACE_SIZE = CLIP_IMAGE_SIZE  # the CLIP image encoder sees the ArcFace-aligned face at 224x224
 LANDMARK_FRAME = 512  # landmarks are expressed in the 512x512 FFHQ crop, as in the curated dataset
 
 
@@ -28,21 +29,45 @@ class NoFaceError(ValueError):
 
 @dataclass
 class Reference:
-    """The face the pipeline takes from one image (the largest one)."""
+    """The face the pipeline takes from one image (the largest one), or from a curated crop (`from_crop`)."""
 
     source: str
     face: Face
     num_faces: int
     clip_face: Image.Image  # arcface_align(image, kps5, 224)
     landmarks_512: np.ndarray | None  # landmarks in the FFHQ 512 crop's pixels
+    expression: str | None  # the face's labels: the IMR's source expression and pose
+    pose: str | None
 
-    @property
-    def expression(self) -> str | None:
-        return self.face.expression
-
-    @property
-    def pose(self) -> str | None:
-        return self.face.pose_bin
+    @classmethod
+    def from_crop(
+        cls,
+        crop: np.ndarray,
+        *,
+        kps5: Any,
+        embedding: Any,
+        landmarks: Any | None = None,
+        expression: str | None = None,
+        pose: str | None = None,
+        source: str = "crop",
+    ) -> Reference:
+        """The face of a curated dataset row: its FFHQ crop (RGB uint8) with keypoints and landmarks in crop
+        pixels and its ID embedding; no face analysis runs (the dataset's labels are used as they are)."""
+        kps5 = np.asarray(kps5, dtype=np.float32).reshape(5, 2)
+        height, width = crop.shape[:2]
+        points = None if landmarks is None else np.asarray(landmarks, dtype=np.float32).reshape(-1, 2)
+        face = Face(
+            bbox=(0.0, 0.0, float(width), float(height)),
+            score=1.0,
+            kps5=kps5,
+            landmarks=points,
+            expression=expression,
+            embedding=np.asarray(embedding, dtype=np.float32),
+            backend="dataset",
+        )
+        landmarks_512 = None if points is None else points * (LANDMARK_FRAME / width)
+        clip_face = arcface_align(crop, kps5, CLIP_FACE_SIZE)
+        return cls(source, face, 1, clip_face, landmarks_512, expression, pose)
 
     def labels(self) -> dict[str, Any]:
         """What the face layer found, for the sidecar."""
@@ -96,7 +121,8 @@ class ReferenceAnalyzer:
         landmarks = None
         if face.landmarks is not None:
             landmarks = transform_points(face.landmarks, ffhq_matrix(face.kps5, LANDMARK_FRAME))
-        return Reference(name, face, num_faces, arcface_align(image, face.kps5, CLIP_FACE_SIZE), landmarks)
+        clip_face = arcface_align(image, face.kps5, CLIP_FACE_SIZE)
+        return Reference(name, face, num_faces, clip_face, landmarks, face.expression, face.pose_bin)
 
 
 def _pixel_key(image: Image.Image) -> str:

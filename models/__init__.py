@@ -1,12 +1,14 @@
 """DynamicID's modules: face encoder, IMR, keypoint encoder, SAA attention processors, checkpoint I/O.
 
 Parameter names follow the authors' release (../shared/spec/METHOD.md), so its checkpoints and IP-Adapter
-FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) is imported on its own.
+FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) and `dynamicid.models.conditioning`
+(faces and prompts -> the UNet's inputs, shared by training and inference) are imported on their own.
 """
 
 from dynamicid.models.blocks import FeedForward, MultAttention, PerceiverAttention
 from dynamicid.models.checkpoints import (
     SD15_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
     DynamicIDWeights,
     ReleaseCheckpoint,
     WeightsFileError,
@@ -22,9 +24,9 @@ from dynamicid.models.keypoint_encoder import KeypointEncoder
 from dynamicid.models.lora import LoRALinear
 from dynamicid.models.release import from_release, load_release_saa
 from dynamicid.models.saa import (
+    SAACall,
     SAAProcessor,
-    SAASettings,
-    configure_saa,
+    boost_for_step,
     install_saa,
     load_saa_state_dict,
     saa_activation_maps,
@@ -36,6 +38,7 @@ from dynamicid.models.saa import (
 __all__ = [
     "IMR",
     "SD15_UNET_CONFIG",
+    "SDXL_UNET_CONFIG",
     "DynamicIDWeights",
     "FaceEncoder",
     "FeedForward",
@@ -44,10 +47,10 @@ __all__ = [
     "MultAttention",
     "PerceiverAttention",
     "ReleaseCheckpoint",
+    "SAACall",
     "SAAProcessor",
-    "SAASettings",
     "WeightsFileError",
-    "configure_saa",
+    "boost_for_step",
     "convert_release",
     "from_release",
     "install_saa",

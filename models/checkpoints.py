@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dynamicid.models.base import unet_family
 from dynamicid.models.face_encoder import FaceEncoder
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
@@ -34,7 +35,7 @@ from dynamicid.models.release import (
 )
 from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata
+from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata, family_label
 
 PARTS = tuple(PART_PREFIXES)
 IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
@@ -52,6 +53,24 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "layers_per_block": 2,
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
+}
+
+# SDXL 1.0 base's UNet: 140 attention layers (640 and 1280 wide), cross_attention_dim 2048, pooled text + size ids.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
 }
 
 
@@ -191,7 +210,12 @@ class DynamicIDWeights:
 
     def build_face_encoder(self) -> FaceEncoder:
         md = self.metadata
-        encoder = FaceEncoder(md.cross_attention_dim, md.id_embed_dim, md.clip_embed_dim, md.num_tokens)
+        encoder = FaceEncoder(
+            cross_attention_dim=md.cross_attention_dim,
+            id_embeddings_dim=md.id_embed_dim,
+            clip_embeddings_dim=md.clip_embed_dim,
+            num_tokens=md.num_tokens,
+        )
         load_strict(encoder, self._part("face_encoder"), what="face_encoder weights")
         return encoder.eval()
 
@@ -208,6 +232,24 @@ class DynamicIDWeights:
         load_strict(encoder, state_dict, what="keypoint_encoder weights")
         return encoder.eval()
 
+    def load_into(
+        self,
+        *,
+        face_encoder: nn.Module | None = None,
+        unet: nn.Module | None = None,
+        imr: nn.Module | None = None,
+        keypoint_encoder: nn.Module | None = None,
+    ) -> None:
+        """Load the parts strictly into existing modules (SAA into `unet`'s installed processors), e.g. on resume."""
+        modules = {"face_encoder": face_encoder, "saa": unet, "imr": imr, "keypoint_encoder": keypoint_encoder}
+        for part, module in modules.items():
+            if module is None:
+                continue
+            if part == "saa":
+                load_saa_state_dict(module, self._part(part))
+            else:
+                load_strict(module, self._part(part), what=f"{part} weights")
+
     def load_saa_into(self, unet: nn.Module) -> None:
         """Install SAA on `unet` if needed (with the file's rank and token count) and load the weights."""
         state_dict = self._part("saa")
@@ -216,7 +258,17 @@ class DynamicIDWeights:
         load_saa_state_dict(unet, state_dict)
 
 
+def check_base_family(file_family: str, base_family: str, where: str) -> None:
+    """One line naming the file and both families when weights were made for another base family."""
+    if file_family != base_family:
+        raise ValueError(
+            f"{where} holds weights made for {family_label(file_family)} but the base model is "
+            f"{family_label(base_family)}; use weights trained on a {base_family} base"
+        )
+
+
 def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
+    check_base_family(metadata.base_family, unet_family(unet), where)
     if int(unet.config.cross_attention_dim) != metadata.cross_attention_dim:
         raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, unet.config.cross_attention_dim, where)
     installed = [p for p in unet.attn_processors.values() if isinstance(p, SAAProcessor)]
@@ -474,6 +526,7 @@ def convert_release(
 
     parts: dict[str, dict[str, torch.Tensor]] = {"saa": saa}
     metadata = CheckpointMetadata(
+        base_family=unet_family(unet),
         cross_attention_dim=int(unet.config.cross_attention_dim),
         lora_rank=release.lora_rank,
         num_tokens=num_tokens,

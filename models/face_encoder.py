@@ -47,6 +47,7 @@ class FaceEncoder(nn.Module):
 
     def __init__(
         self,
+        *,
         cross_attention_dim: int = 768,
         id_embeddings_dim: int = 512,
         clip_embeddings_dim: int = 1280,

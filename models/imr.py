@@ -44,6 +44,7 @@ class IMR(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int = 1024,
         dim_head: int = 64,
         heads: int = 16,

@@ -1,15 +1,17 @@
 """SAA: the LoRA + ID-branch attention processors with query-level activation gating (METHOD.md "SAA").
 
-`install_saa(unet)` puts one `SAAProcessor` on every attention layer; all of them share one `SAASettings`
-object, changed only through `configure_saa(unet, ...)`. Cross-attention layers receive the encoder states
-`[text tokens ; ID tokens]`, the last `num_tokens * num_ids` positions being the ID tokens, persons in order.
+`install_saa(unet)` puts one `SAAProcessor` on every attention layer. The processors hold weights only: what
+changes per call (persons, boxes, gating, this step's boost) comes as `cross_attention_kwargs={"saa": SAACall(...)}`.
+Cross-attention layers receive the encoder states `[text tokens ; ID tokens]`, the last `num_tokens * num_ids`
+positions being the ID tokens, persons in order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +26,77 @@ GATE_THRESHOLD = 0.3  # normalised activations below this are set to 0 (the rele
 Box = tuple[float, float, float, float]  # (y0, x0, y1, x1) in [0, 1]
 
 
-@dataclass
-class SAASettings:
-    """Run settings shared by every processor of one UNet; see `configure_saa` for their meaning.
+@dataclass(frozen=True)
+class SAACall:
+    """The SAA inputs of one UNet call, passed as `cross_attention_kwargs={"saa": SAACall(...)}`.
 
-    The defaults after `install_saa` are those of single-person training: one person, no gating.
+    Every SAA processor reads them on each call (as diffusers' IP-Adapter processors read `ip_adapter_masks`);
+    nothing is kept between calls, so a sampler decides per denoising step, e.g. the boost through
+    `boost_for_step`. A UNet call without it uses `SAACall()`: single-person training (one person, gating on,
+    the whole image as that person's box).
+
+    Args:
+        num_ids: persons whose ID tokens end the encoder states, `num_tokens` each (the processors' token
+            count), persons in order: `[text ; person 1 ; person 2 ...]`; 0 = text only (LoRA attention).
+        id_scale: weight of the ID branch (0 = the LoRA-only model).
+        gating: query-level activation gating and box routing; off = plain LoRA + IP attention.
+        boxes: one (y0, x0, y1, x1) box in [0, 1] per person; None = equal vertical strips. With `mix_scale`,
+            a single box for several persons blended into one.
+        boost: this call's gate boost inside the boxes (the release's infer_scale, applied while the step is
+            below infer_end; see `boost_for_step`); 0 = none.
+        mix_scale: weight of the first person's logits when persons are blended into one box.
+        image_size: (height, width) in pixels, needed when the image is not square.
+        return_activation_maps: each cross-attention processor keeps this call's gate map and ID attention
+            probabilities (`saa_activation_maps`, `saa_id_attention_probs`).
     """
 
     num_ids: int = 1
     id_scale: float = 1.0
-    gating: bool = False
+    gating: bool = True
     boxes: tuple[Box, ...] | None = None
     boost: float = 0.0
-    boost_steps: int = 0
     mix_scale: float | None = None
-    image_size: tuple[int, int] | None = None  # (height, width) in pixels, for non-square grids
+    image_size: tuple[int, int] | None = None
     return_activation_maps: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_ids < 0:
+            raise ValueError(f"num_ids must be >= 0, got {self.num_ids}")
+        if self.mix_scale is not None:
+            if not 0.0 <= self.mix_scale <= 1.0:
+                raise ValueError(f"mix_scale must be in [0, 1], got {self.mix_scale}")
+            if self.num_ids < 2 or self.boxes is None or len(self.boxes) != 1:
+                raise ValueError(
+                    "mix_scale blends several persons into one box: needs num_ids >= 2 and exactly one box"
+                )
+        boxes = self.boxes
+        if boxes is not None:
+            if self.num_ids == 0:
+                raise ValueError("boxes were given but num_ids is 0")
+            boxes = _check_boxes(boxes, 1 if self.mix_scale is not None else self.num_ids)
+        if self.boost < 0:
+            raise ValueError(f"boost must be >= 0, got {self.boost}")
+        image_size = self.image_size
+        if image_size is not None:
+            if len(image_size) != 2 or min(image_size) <= 0:
+                raise ValueError(f"image_size must be (height, width) in pixels, got {image_size}")
+            image_size = (int(image_size[0]), int(image_size[1]))
+        # Normalised once (tuples of floats), so that equal layouts compare and hash equal.
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "image_size", image_size)
+
+
+TRAINING_CALL = SAACall()  # what a UNet call without `cross_attention_kwargs["saa"]` computes
+
+
+def boost_for_step(step: int, boost: float, boost_steps: int) -> float:
+    """The release's schedule: `boost` during the first `boost_steps` denoising steps (`step` from 0), then 0.
+
+    A step, not a UNet call: a sampler that runs the UNet twice per step passes the same boost to both.
+    """
+    if boost < 0 or boost_steps < 0:
+        raise ValueError(f"boost ({boost}) and boost_steps ({boost_steps}) must be >= 0")
+    return boost if step < boost_steps else 0.0
 
 
 def query_grid(num_queries: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -47,9 +104,7 @@ def query_grid(num_queries: int, image_size: tuple[int, int] | None) -> tuple[in
     if image_size is None:
         side = math.isqrt(num_queries)
         if side * side != num_queries:
-            raise ValueError(
-                f"{num_queries} attention queries do not form a square grid: configure_saa(image_size=(h, w))"
-            )
+            raise ValueError(f"{num_queries} attention queries do not form a square grid: SAACall(image_size=(h, w))")
         return side, side
     height, width = image_size
     r = int(math.sqrt(width * height // num_queries))
@@ -95,19 +150,13 @@ class SAAProcessor(nn.Module):
         if cross_attention_dim is not None:
             self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
             self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.settings = SAASettings()  # replaced by the UNet-wide object in install_saa
-        self.calls = 0  # calls since configure_saa: the boost lasts `boost_steps` calls
+        # Recorded outputs of the last call that asked for them (SAACall.return_activation_maps), else None.
         self.activation_map: torch.Tensor | None = None
         self.id_attention_probs: torch.Tensor | None = None
 
     @property
     def is_cross_attention(self) -> bool:
         return self.cross_attention_dim is not None
-
-    def reset(self) -> None:
-        self.calls = 0
-        self.activation_map = None
-        self.id_attention_probs = None
 
     def __call__(
         self,
@@ -116,7 +165,10 @@ class SAAProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        saa: SAACall | None = None,
     ) -> torch.Tensor:
+        """diffusers' processor call; `saa` (from `cross_attention_kwargs`) = this call's inputs, None = training's."""
+        call = TRAINING_CALL if saa is None else saa
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -133,7 +185,7 @@ class SAAProcessor(nn.Module):
             encoder_hidden_states = hidden_states
         else:
             if self.is_cross_attention:
-                encoder_hidden_states, id_states = self._split_id_tokens(encoder_hidden_states)
+                encoder_hidden_states, id_states = self._split_id_tokens(encoder_hidden_states, call.num_ids)
             if attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
@@ -152,10 +204,10 @@ class SAAProcessor(nn.Module):
 
         # Text branch: one fused attention call.
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
-        if id_states is not None and (self.settings.id_scale != 0 or self.settings.return_activation_maps):
-            hidden_states = hidden_states + self._id_branch(attn, query, id_states)
         if self.is_cross_attention:
-            self.calls += 1
+            self.activation_map = self.id_attention_probs = None
+        if id_states is not None and (call.id_scale != 0 or call.return_activation_maps):
+            hidden_states = self._add_id_branch(attn, query, id_states, call, hidden_states)
         hidden_states = rearrange(hidden_states, "b h n d -> b n (h d)").to(query.dtype)
 
         hidden_states = self.to_out_lora.adapt(attn.to_out[0], hidden_states)
@@ -168,76 +220,120 @@ class SAAProcessor(nn.Module):
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
 
-    def _split_id_tokens(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        num_id_tokens = self.num_tokens * self.settings.num_ids
+    def _split_id_tokens(
+        self, encoder_hidden_states: torch.Tensor, num_ids: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_id_tokens = self.num_tokens * num_ids
         if num_id_tokens == 0:
             return encoder_hidden_states, None
         if encoder_hidden_states.shape[1] <= num_id_tokens:
             raise ValueError(
-                f"SAA expects [text tokens ; {num_id_tokens} ID tokens] ({self.settings.num_ids} person(s) x "
+                f"SAA expects [text tokens ; {num_id_tokens} ID tokens] ({num_ids} person(s) x "
                 f"{self.num_tokens}) but got {encoder_hidden_states.shape[1]} encoder tokens; "
-                "check configure_saa(num_ids=...)"
+                "check SAACall(num_ids=...)"
             )
         return encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
 
-    def _id_branch(self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor) -> torch.Tensor:
-        """id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
+    def _add_id_branch(
+        self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor, call: SAACall, text: torch.Tensor
+    ) -> torch.Tensor:
+        """text + id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
 
-        Logits are kept as (b, heads, N_id, Q): a softmax over a short leading axis is far faster on CPU
-        than over a last axis of 4 or 8 entries.
+        Logits are kept as (b, heads, N_id, Q), one small matmul per batch element on the queries as they are
+        laid out (no copy); a softmax over that short leading axis is far faster on CPU than over a last axis
+        of 4 or 8 entries.
         """
-        settings = self.settings
-        key = rearrange(self.to_k_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
+        key = rearrange(self.to_k_ip(id_states) * attn.scale, "b n (h d) -> b h n d", h=attn.heads)
         value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
-        logits = torch.einsum("b h n d, b h q d -> b h n q", key, query) * attn.scale
+        logits = torch.stack([torch.bmm(k, q.transpose(1, 2)) for k, q in zip(key, query, strict=True)]).float()
 
         gate = None
-        if settings.gating or settings.return_activation_maps:
-            grid = query_grid(query.shape[2], settings.image_size)
+        if call.gating or call.return_activation_maps:
+            grid = query_grid(query.shape[2], call.image_size)
             gate = self._activation(logits)
-            if settings.gating:
-                logits, gate = self._route(logits, gate, grid)
-            if settings.return_activation_maps:
+            if call.gating:
+                routing = _routing(call, grid, self.num_tokens, logits.device)
+                logits, gate = routing.apply(logits, gate)
+            if call.return_activation_maps:
                 self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
-        probs = logits.float().softmax(dim=2)
-        if settings.return_activation_maps:
+        probs = logits.softmax(dim=2)
+        if call.return_activation_maps:
             self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
         # Scaling the (N_id, Q) probabilities is cheaper than scaling the (Q, head_dim) output; same product.
-        weight = settings.id_scale * gate[:, None, None, :] if settings.gating else settings.id_scale
-        return torch.einsum("b h n q, b h n d -> b h q d", (probs * weight).to(value.dtype), value)
+        weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
+        return _add_attention_output(text, probs * weight, value, spare=query)
 
     @staticmethod
     def _activation(logits: torch.Tensor) -> torch.Tensor:
         """a(q) (b, Q): logits summed over heads and ID tokens, min-max normalised over the queries, < 0.3 -> 0."""
-        activation = logits.float().sum(dim=(1, 2))
+        activation = logits.sum(dim=(1, 2))
         low = activation.amin(dim=-1, keepdim=True)
         span = activation.amax(dim=-1, keepdim=True) - low
         # A constant row would divide by zero in the release; here it gates to 0.
         activation = torch.where(span > 0, (activation - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
         return activation.masked_fill(activation < GATE_THRESHOLD, 0.0)
 
-    def _route(
-        self, logits: torch.Tensor, gate: torch.Tensor, grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boost the gate inside each person's box and hide the other persons' tokens there."""
-        settings = self.settings
-        boxes = settings.boxes if settings.boxes is not None else default_boxes(settings.num_ids)
-        boost = settings.boost if self.calls < settings.boost_steps else 0.0
-        num_id_tokens = logits.shape[2]
-        gate = gate / (boost + 1)
-        owner = torch.full((logits.shape[3],), -1, dtype=torch.long, device=logits.device)
-        for person, box in enumerate(boxes):
-            inside = box_cells(box, grid, logits.device)
-            gate = torch.where(inside, gate * (boost + 1) + boost, gate)
-            owner[inside] = person  # where boxes overlap, the later person owns the cell
-        if settings.mix_scale is not None:
-            # Persons blended into one box: nothing hidden; the first person's logits weighted by mix_scale.
-            weights = torch.full((num_id_tokens, 1), 1 - settings.mix_scale, dtype=logits.dtype, device=logits.device)
-            weights[: self.num_tokens] = settings.mix_scale
-            return logits * weights, gate
-        token_person = torch.arange(num_id_tokens, device=logits.device) // self.num_tokens
-        hidden = (owner[None, :] >= 0) & (owner[None, :] != token_person[:, None])  # (N_id, Q)
-        return logits.masked_fill(hidden, float("-inf")), gate
+
+def _add_attention_output(
+    out: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, spare: torch.Tensor
+) -> torch.Tensor:
+    """out + probs^T value: out (b, heads, Q, d), probs (b, heads, N_id, Q), value (b, heads, N_id, d).
+
+    Without gradients the product is written into `spare`, a (b, heads, Q, d) tensor of the caller's that is no
+    longer needed (the queries: laid out (b, Q, heads, d) in memory, as SDPA's output is on CPU), and out is added
+    there: no 10 MB buffer allocated (and page-faulted) per call, one contiguous add, and the caller's
+    rearrange to (b, Q, heads*d) copies nothing.
+    """
+    probs, value = probs.to(out.dtype), value.to(out.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, probs, value)):
+        return out + torch.einsum("b h n q, b h n d -> b h q d", probs, value)
+    for p, v, o in zip(probs, value, spare, strict=True):
+        torch.bmm(p.transpose(1, 2), v, out=o)
+    return spare.add_(out)
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """The box layout of one SAACall on one query grid, as tensors (see METHOD.md "Gating")."""
+
+    gate_scale: torch.Tensor | None  # (Q,): with a boost s, a cell inside k boxes gets a*(s+1)^(k-1) + (s+1)^k - 1
+    gate_offset: torch.Tensor | None  # (Q,)
+    hidden: torch.Tensor | None  # (N_id, Q) bool: the other persons' tokens inside a person's box
+    token_weights: torch.Tensor | None  # (N_id, 1): mix_scale for the first person's tokens, 1 - mix_scale after
+
+    def apply(self, logits: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boost the gate inside the boxes and hide (or blend) the persons' tokens: logits (b, heads, N_id, Q)."""
+        if self.gate_scale is not None:
+            gate = torch.addcmul(self.gate_offset, gate, self.gate_scale)
+        if self.hidden is not None:
+            logits = logits.masked_fill(self.hidden, float("-inf"))
+        if self.token_weights is not None:
+            logits = logits * self.token_weights
+        return logits, gate
+
+
+@functools.lru_cache(maxsize=64)
+def _routing(call: SAACall, grid: tuple[int, int], num_tokens: int, device: torch.device) -> _Routing:
+    """Built once per call and grid (every layer of a resolution shares it)."""
+    boxes = call.boxes if call.boxes is not None else default_boxes(call.num_ids)
+    cells = torch.stack([box_cells(box, grid, device) for box in boxes])  # (boxes, Q)
+    gate_scale = gate_offset = None
+    if call.boost:
+        # The release's a <- a / (s+1), then a <- a*(s+1) + s once per box containing the cell, in closed form.
+        power = (call.boost + 1.0) ** cells.sum(dim=0, dtype=torch.float32)
+        gate_scale, gate_offset = power / (call.boost + 1.0), power - 1.0
+    num_id_tokens = call.num_ids * num_tokens
+    if call.mix_scale is not None:
+        # Persons blended into one box: nothing hidden; the first person's logits weighted by mix_scale.
+        weights = torch.full((num_id_tokens, 1), 1 - call.mix_scale, device=device)
+        weights[:num_tokens] = call.mix_scale
+        return _Routing(gate_scale, gate_offset, None, weights)
+    owner = torch.full((cells.shape[1],), -1, dtype=torch.long, device=device)
+    for person, inside in enumerate(cells):
+        owner[inside] = person  # where boxes overlap, the later person owns the cell
+    token_person = torch.arange(num_id_tokens, device=device) // num_tokens
+    hidden = (owner[None, :] >= 0) & (owner[None, :] != token_person[:, None])
+    return _Routing(gate_scale, gate_offset, hidden if bool(hidden.any()) else None, None)
 
 
 def saa_processors(unet: nn.Module) -> dict[str, SAAProcessor]:
@@ -256,7 +352,7 @@ def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
     """Put an SAA processor on every attention layer (LoRA on all; ID branch on cross-attention layers).
 
     `to_k_ip`/`to_v_ip` start as copies of the layer's to_k/to_v, LoRA `up` weights at zero, so a freshly
-    installed UNet with `id_scale=0` computes what it computed before. Calling it again with the same rank
+    installed UNet called with `SAACall(id_scale=0)` computes what it computed before. Calling it again with the same rank
     and token count does nothing; with others it fails.
     """
     current = unet.attn_processors
@@ -269,7 +365,6 @@ def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
             f"SAA is already installed on this UNet with (rank, num_tokens) {sorted(found)}; "
             f"cannot install rank={rank}, num_tokens={num_tokens} over it"
         )
-    settings = SAASettings()
     processors = {}
     for name in current:
         attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -282,7 +377,6 @@ def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
             with torch.no_grad():
                 processor.to_k_ip.weight.copy_(attn.to_k.weight)
                 processor.to_v_ip.weight.copy_(attn.to_v.weight)
-        processor.settings = settings
         processors[name] = processor
     unet.set_attn_processor(processors)
 
@@ -303,78 +397,13 @@ def _check_boxes(boxes: Sequence[Sequence[float]], expected: int) -> tuple[Box, 
     return tuple(checked)
 
 
-def configure_saa(
-    unet: nn.Module,
-    *,
-    num_ids: int,
-    id_scale: float = 1.0,
-    gating: bool = True,
-    boxes: Sequence[Sequence[float]] | None = None,
-    boost: float = 0.0,
-    boost_steps: int = 0,
-    mix_scale: float | None = None,
-    image_size: tuple[int, int] | None = None,
-    return_activation_maps: bool = False,
-) -> None:
-    """Set the run settings of every SAA processor and reset their call counters and recorded maps.
-
-    Args:
-        num_ids: persons whose tokens end the encoder states (4 tokens each); 0 = text only (LoRA attention).
-        id_scale: weight of the ID branch (0 = the LoRA-only model).
-        gating: query-level activation gating and box routing; off = plain LoRA + IP attention.
-        boxes: one (y0, x0, y1, x1) box in [0, 1] per person; None = equal vertical strips. With `mix_scale`,
-            a single box for several persons blended into one.
-        boost, boost_steps: the release's infer_scale / infer_end: the gate is boosted inside the boxes during
-            the first `boost_steps` UNet calls after this call.
-        mix_scale: weight of the first person's logits when persons are blended into one box.
-        image_size: (height, width) in pixels, needed when the image is not square.
-        return_activation_maps: keep each layer's gate map and ID attention probabilities of the last call
-            (`saa_activation_maps`, `saa_id_attention_probs`).
-    """
-    processors = saa_processors(unet)
-    if num_ids < 0:
-        raise ValueError(f"num_ids must be >= 0, got {num_ids}")
-    if mix_scale is not None:
-        if not 0.0 <= mix_scale <= 1.0:
-            raise ValueError(f"mix_scale must be in [0, 1], got {mix_scale}")
-        if num_ids < 2 or boxes is None or len(boxes) != 1:
-            raise ValueError("mix_scale blends several persons into one box: needs num_ids >= 2 and exactly one box")
-    if boxes is not None:
-        if num_ids == 0:
-            raise ValueError("boxes were given but num_ids is 0")
-        boxes = _check_boxes(boxes, 1 if mix_scale is not None else num_ids)
-    if boost < 0 or boost_steps < 0:
-        raise ValueError(f"boost ({boost}) and boost_steps ({boost_steps}) must be >= 0")
-    if image_size is not None:
-        if len(image_size) != 2 or min(image_size) <= 0:
-            raise ValueError(f"image_size must be (height, width) in pixels, got {image_size}")
-        image_size = (int(image_size[0]), int(image_size[1]))
-    new = SAASettings(
-        num_ids=int(num_ids),
-        id_scale=float(id_scale),
-        gating=bool(gating),
-        boxes=boxes,
-        boost=float(boost),
-        boost_steps=int(boost_steps),
-        mix_scale=mix_scale,
-        image_size=image_size,
-        return_activation_maps=bool(return_activation_maps),
-    )
-    shared = next(iter(processors.values())).settings
-    for f in fields(SAASettings):
-        setattr(shared, f.name, getattr(new, f.name))
-    for processor in processors.values():
-        processor.settings = shared
-        processor.reset()
-
-
 def saa_activation_maps(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """Gate maps (B, H, W) of the last call of each cross-attention layer (needs return_activation_maps=True)."""
+    """Gate maps (B, H, W) of each cross-attention layer's last call (one with SAACall(return_activation_maps=True))."""
     return {n: p.activation_map for n, p in saa_processors(unet).items() if p.activation_map is not None}
 
 
 def saa_id_attention_probs(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """ID-branch attention probabilities (B, heads, Q, N_id) of the last call (needs return_activation_maps=True)."""
+    """ID-branch attention probabilities (B, heads, Q, N_id) of the last call (as `saa_activation_maps`)."""
     return {n: p.id_attention_probs for n, p in saa_processors(unet).items() if p.id_attention_probs is not None}
 
 

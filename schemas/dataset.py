@@ -33,11 +33,16 @@ QUALITY_FIELDS: tuple[tuple[str, str], ...] = (
     ("face_size", "short side of the face box in the source image, pixels"),
     ("sharpness", "variance of the Laplacian of the aligned grey crop (higher is sharper)"),
     ("brightness", "mean grey level of the aligned crop, 0..1"),
+    (
+        "upscale",
+        "source -> crop scale factor, crop pixels per source pixel (above 1: the face was enlarged; at most "
+        "--max-upscale)",
+    ),
 )
 
 DATASET_COLUMNS: tuple[Column, ...] = (
     Column("identity", "string", "the person: the name of the photo folder (or cluster id with --cluster)"),
-    Column("image", "image", "FFHQ-style 512x512 aligned face crop with context, encoded PNG"),
+    Column("image", "image", "FFHQ-style square aligned face crop with context (--crop-size, 512 px), encoded PNG"),
     Column("source_path", "string", "path of the source photo, relative to PHOTOS_DIR, '/' separated"),
     Column("source_sha256", "string", "sha256 of the source file's bytes"),
     Column("face_bbox", "float32[4]", "face box in the source image (after EXIF orientation): x0, y0, x1, y1 pixels"),
@@ -55,7 +60,17 @@ DATASET_COLUMNS: tuple[Column, ...] = (
     Column("roll", "float32", "head roll in degrees"),
     Column("pose_bin", "class:pose", "one of the five yaw bins"),
     Column("expression", "class:expression", "the most likely of the seven expressions"),
-    Column("expression_scores", "float32[7]", "probabilities of the seven expressions, in vocabulary order"),
+    Column(
+        "expression_scores",
+        "float32[7]",
+        "probabilities of the seven expressions (calibrated expression model), in vocabulary order",
+    ),
+    Column(
+        "expression_confidence",
+        "float32",
+        "probability of `expression` under the calibrated expression model, 0..1 (below "
+        "schemas.labels.EXPRESSION_CONFIDENCE_LOW the label is unsure)",
+    ),
     Column("face_prompt", "string", "'the expression is {expression}, the face is {pose}'"),
     Column("caption", "string", "caption for the anchoring stage"),
     Column("quality", "struct:quality", "quality figures: " + "; ".join(f"{n}: {d}" for n, d in QUALITY_FIELDS)),

@@ -27,6 +27,35 @@ FER2013_TO_EXPRESSION: dict[str, str] = {
     "neutral": "neutral",
 }
 
+# Label words of public expression photo sets (the Yale Face Database, the LFW legend of muxspace/facial_expressions,
+# as in ../shared/data/faces/expressions/labels.csv) -> our vocabulary. Every word gets a class; the words of
+# APPROXIMATE_SOURCE_EXPRESSIONS name an expression we have no class for and take the nearest one a person would
+# give the photo: a sleepy face (eyes closed, relaxed) is neutral, contempt is nearest disgust, and Yale's winks
+# mostly come with a smile. Calibration fits on the other words only; the confusion matrix shows all of them.
+SOURCE_EXPRESSIONS: dict[str, str] = {
+    **{e: e for e in EXPRESSIONS},
+    "anger": "angry",
+    "disgust": "disgusted",
+    "fear": "afraid",
+    "happiness": "happy",
+    "sadness": "sad",
+    "surprise": "surprised",
+    "contempt": "disgusted",
+    "sleepy": "neutral",
+    "wink": "happy",
+}
+APPROXIMATE_SOURCE_EXPRESSIONS: frozenset[str] = frozenset({"contempt", "sleepy", "wink"})
+
+# An expression label whose calibrated probability (`expression_confidence`) is below this is "unsure": flagged in
+# report.html and `dynamicid-curate inspect`, and `select` fills a grid cell with a sure label when it has one.
+EXPRESSION_CONFIDENCE_LOW = 0.5
+
+
+def unsure_expression(confidence: float) -> bool:
+    """Whether an expression label of this confidence is unsure (see EXPRESSION_CONFIDENCE_LOW)."""
+    return confidence < EXPRESSION_CONFIDENCE_LOW
+
+
 # |yaw| below YAW_FRONT_LIMIT is a front view; below YAW_SLIGHT_LIMIT "slightly turned"; above it "fully turned".
 YAW_FRONT_LIMIT = 15.0
 YAW_SLIGHT_LIMIT = 45.0

@@ -18,6 +18,15 @@ def face_prompt(expression: str, pose: str) -> str:
     return FACE_PROMPT_TEMPLATE.format(expression=check_expression(expression), pose=check_pose(pose))
 
 
+def parse_face_prompt(prompt: str) -> tuple[str, str]:
+    """(expression, pose) of a face prompt written by `face_prompt` (a ValueError names a prompt it did not write)."""
+    head, _, pose = prompt.partition(", the face is ")
+    expression = head.removeprefix("the expression is ")
+    if face_prompt(expression, pose) != prompt:
+        raise ValueError(f"{prompt!r} is not a face prompt ({FACE_PROMPT_TEMPLATE!r})")
+    return expression, pose
+
+
 def anchor_caption(expression: str, pose: str) -> str:
     """The anchoring-stage caption of a curated image."""
     return ANCHOR_CAPTION_TEMPLATE.format(expression=check_expression(expression), pose=check_pose(pose))

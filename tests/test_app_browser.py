@@ -19,8 +19,8 @@ from playwright.sync_api import Page, sync_playwright
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import main as infer_main
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.models.base import load_base_model
+from dynamicid.testing import random_parts, save_random_weights
 
 CHROMIUM = os.environ.get("DYNAMICID_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [

@@ -10,8 +10,8 @@ from dynamicid.app.generate_tab import MAX_PEOPLE, GenerateTab
 from dynamicid.app.layout_canvas import layout_value
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import _load_pipeline
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.models.base import load_base_model
+from dynamicid.testing import random_parts, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

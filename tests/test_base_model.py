@@ -5,13 +5,9 @@ import oracles
 import pytest
 import torch
 
-from dynamicid.models.base import (
-    CLIP_IMAGE_SIZE,
-    build_tiny_random,
-    clip_hidden_states,
-    clip_pixel_values,
-    load_base_model,
-)
+from dynamicid.models.base import CLIP_IMAGE_SIZE, load_base_model
+from dynamicid.models.conditioning import Conditioner
+from dynamicid.testing import build_tiny_random
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +42,15 @@ def test_tiny_random_is_seeded_and_leaves_global_rng_alone():
 
 def test_clip_hidden_states_are_the_penultimate_layer(tiny):
     faces = np.random.default_rng(0).integers(0, 256, (2, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3), dtype=np.uint8)
-    pixels = clip_pixel_values(tiny, faces)
-    hidden = clip_hidden_states(tiny, pixels)
+    conditioner = Conditioner.from_parts(tiny)
+    pixels = conditioner.clip_input(faces)
+    hidden = conditioner.clip_states(pixels)
     assert hidden.shape == (2, 50, tiny.clip_dim)
     # Values: the vision tower's layers run one by one, stopping before the last (tests/oracles.py).
     torch.testing.assert_close(hidden, oracles.clip_penultimate(tiny.image_encoder, pixels), rtol=1e-5, atol=1e-5)
     assert (hidden - tiny.image_encoder(pixels).last_hidden_state).abs().max() > 1e-2, "not the last layer"
     with pytest.raises(ValueError, match="224x224"):
-        clip_pixel_values(tiny, np.zeros((1, 112, 112, 3), dtype=np.uint8))
+        conditioner.clip_input(np.zeros((1, 112, 112, 3), dtype=np.uint8))
 
 
 def test_incomplete_base_folder_names_the_missing_parts(tmp_path):

@@ -24,10 +24,10 @@ from dynamicid.curation.cli import main as curate
 from dynamicid.curation.pipeline import build_dataset
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import main as infer
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.models import WeightsFileError, load_dynamicid
 from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import read_weights_only
+from dynamicid.testing import random_parts, save_random_weights
 from dynamicid.train.cli import main as train
 from dynamicid.train.runner import read_metrics
 

@@ -1,11 +1,13 @@
 """Caches that cannot go stale: a rerun into the same OUT_DIR with other settings or another backend equals a
 fresh run with them; face models that cannot start stop the run with one line, never a hang."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_curation_runs import row_hashes, side_tables
 from test_faces_insightface import make_fake_pack
@@ -16,6 +18,7 @@ from dynamicid.curation.engines.local import LocalEngine
 from dynamicid.curation.stages import BackendInfo, Stage, StageContext, StageSetupError, photo_schema
 from dynamicid.curation.tables import TableWriter
 from dynamicid.faces import INSIGHTFACE_ROOT_ENV
+from dynamicid.schemas import EXPRESSIONS
 
 IDENTITIES = ("obama", "kit_harington")
 
@@ -35,8 +38,8 @@ def assert_same_dataset(a, b):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"min_face_size": 150.0}, {"per_identity": 2}],
-    ids=["min_face_size", "per_identity"],
+    [{"min_face_size": 150.0}, {"per_identity": 2}, {"max_upscale": 1.5}, {"crop_size": 256}],
+    ids=["min_face_size", "per_identity", "max_upscale", "crop_size"],
 )
 def test_rerun_with_other_settings_equals_a_fresh_run(reused, tmp_path, settings):
     photos, reused = reused
@@ -60,6 +63,37 @@ def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(reus
     assert again["backend"] == fresh["backend"] == "insightface"
     assert again["stages"]["detect"]["computed"] > 0
     assert_same_dataset(reused, tmp_path / "fresh")
+
+
+def test_the_cache_key_changes_with_the_detection_settings():
+    """Detections and descriptions are stored under the backend's digest: other detection settings, other key."""
+    from dynamicid.curation.backend import backend_digest, model_files
+    from dynamicid.faces import FaceAnalyzer
+
+    files = model_files("embedded", None)
+    default = backend_digest("embedded", FaceAnalyzer("embedded"), files)
+    assert backend_digest("embedded", FaceAnalyzer("embedded"), files) == default
+    for option in ({"min_score": 0.6}, {"nms_iou": 0.5}, {"upscale_below": 500}, {"same_person_threshold": 0.4}):
+        assert backend_digest("embedded", FaceAnalyzer("embedded", **option), files) != default, option
+
+
+def test_rerun_after_the_expression_calibration_changed_equals_a_fresh_run(reused, tmp_path, monkeypatch):
+    """Another expression calibration (another version) is never served the old labels from the caches."""
+    from dynamicid.faces import embedded
+    from dynamicid.faces.expression_calibration import CALIBRATION_FILE, read_calibration
+
+    photos, reused = reused
+    data = json.loads(CALIBRATION_FILE.read_text())
+    data["mesh"]["bias"][EXPRESSIONS.index("sad")] += 20.0  # a calibration that calls every meshed face sad
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(embedded, "shipped_calibration", lambda: read_calibration(path))
+    again = build_dataset(photos, reused, face_backend="embedded", progress=False)
+    build_dataset(photos, tmp_path / "fresh", face_backend="embedded", progress=False)
+    assert again["stages"]["identify"]["computed"] > 0
+    assert_same_dataset(reused, tmp_path / "fresh")
+    labels = pq.read_table(reused / "data", columns=["expression"]).column("expression").to_pylist()
+    assert labels and set(labels) == {EXPRESSIONS.index("sad")}
 
 
 def test_bad_model_folder_with_two_workers_exits_2_with_one_line(identity_photos, tmp_path):

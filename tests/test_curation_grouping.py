@@ -80,7 +80,10 @@ def flattened(shared_faces, tmp_path_factory):
             name = f"{person.name}__{photo.name}"
             shutil.copyfile(photo, flat / name)
             truth[name] = person.name
-    summary = build_dataset(flat, tmp_path / "out", face_backend="embedded", cluster=True, progress=False)
+    # Every person counts for grouping, also those whose photos are small (92x112: about a 4x enlargement at 512).
+    summary = build_dataset(
+        flat, tmp_path / "out", face_backend="embedded", cluster=True, max_upscale=8.0, progress=False
+    )
     rows = pq.read_table(tmp_path / "out" / "data", columns=["source_path", "identity"]).to_pylist()
     return summary, rows, truth
 

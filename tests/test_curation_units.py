@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dynamicid.curation.cli import main
 from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.imagehash import grey, hamming, phash_pair
+from dynamicid.curation.imagehash import HASH_WORDS, face_thumbnail, hamming, phash_pair
 from dynamicid.curation.neighbors import (
     components,
     cosine_threshold,
@@ -21,8 +21,9 @@ from dynamicid.curation.neighbors import (
 )
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import CELL_ORDER, choose
+from dynamicid.curation.size import too_upscaled, upscale_factor
 from dynamicid.curation.store import ResultStore
-from dynamicid.schemas import EXPRESSIONS, POSE_BINS, RejectReason
+from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, RejectReason
 
 
 def unit_rows(n, dim=16, seed=0):
@@ -40,9 +41,9 @@ def test_similar_pairs_match_brute_force():
 
 def test_hash_pairs_match_brute_force_including_mirrors():
     rng = np.random.default_rng(1)
-    h = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
-    m = rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
-    h[7] = h[3] ^ 0b101  # 2 bits from 3
+    h = rng.integers(-(2**63), 2**63 - 1, size=(200, HASH_WORDS), dtype=np.int64)
+    m = rng.integers(-(2**63), 2**63 - 1, size=(200, HASH_WORDS), dtype=np.int64)
+    h[7] = h[3] ^ np.array([0b101, 0, 0, 1])  # 3 bits from 3
     m[9] = h[4]  # 9's mirror equals 4
     found = {tuple(p) for p in hash_pairs(h, m, 4).tolist()}
     assert (3, 7) in found and (4, 9) in found
@@ -65,15 +66,25 @@ def test_cosine_threshold_inverts_the_backend_distance():
     assert cos == pytest.approx(1 - 0.6**2 / 2, abs=1e-6)
 
 
-def test_phash_survives_resize_and_mirror_but_not_another_photo(shared_faces):
+def test_face_hash_survives_resize_and_mirror_but_not_another_photo(shared_faces):
+    """The aligned inner face hashes alike at a third of the size, its mirror hash is the mirrored face's hash;
+    another person's face is far. (Mirrored copies of real photos: tests/test_curation_near_duplicates.py.)"""
+    from dynamicid.faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer("embedded")
     image = Image.open(shared_faces / "identities" / "obama" / "obama.jpg").convert("RGB")
     other = Image.open(shared_faces / "identities" / "biden" / "biden.jpg").convert("RGB")
-    plain, mirror = phash_pair(grey(image))
-    small = phash_pair(grey(image.resize((image.width // 3, image.height // 3))))[0]
-    flipped = phash_pair(grey(ImageOps.mirror(image)))[0]
-    assert hamming(plain, small) <= 4
-    assert hamming(mirror, flipped) <= 4
-    assert hamming(plain, phash_pair(grey(other))[0]) > 10
+
+    def hashes(photo):
+        return phash_pair(face_thumbnail(photo, analyzer.analyze(photo)[0].kps5))
+
+    plain, mirror = hashes(image)
+    small = hashes(image.resize((image.width // 3, image.height // 3)))[0]
+    assert plain.shape == (HASH_WORDS,) and plain.dtype == np.int64
+    assert hamming(plain, small) <= 20
+    thumbnail = face_thumbnail(image, analyzer.analyze(image)[0].kps5)
+    assert np.array_equal(phash_pair(thumbnail[:, ::-1])[0], mirror)
+    assert hamming(plain, hashes(other)[0]) > 60
 
 
 def label_rows(cells, seed=0):
@@ -82,9 +93,10 @@ def label_rows(cells, seed=0):
         {
             "source_path": f"p/{i:03d}.jpg",
             "expression": e,
+            "expression_confidence": 0.9,
             "pose_bin": p,
             "embedding": x[i].tolist(),
-            "quality": {"face_size": 100.0 + i % 7, "sharpness": 50.0},
+            "quality": {"face_size": 100.0 + i % 7, "sharpness": 50.0, "upscale": 1.0},
         }
         for i, (e, p) in enumerate(cells)
     ]
@@ -117,6 +129,19 @@ def test_select_with_more_cells_than_room_prefers_rare_cells():
     assert len(CELL_ORDER) == 35
 
 
+def test_select_fills_a_cell_with_a_sure_label_before_a_larger_unsure_one():
+    poses = [b.name for b in POSE_BINS]
+    rows = label_rows([(EXPRESSIONS[3], poses[4])] * 3)
+    for row, confidence, size in zip(
+        rows, [EXPRESSION_CONFIDENCE_LOW - 0.01, EXPRESSION_CONFIDENCE_LOW, 0.2], [500.0, 50.0, 300.0], strict=True
+    ):
+        row["expression_confidence"], row["quality"]["face_size"] = confidence, size  # the only sure one is smallest
+    assert choose(rows, 1) == {"p/001.jpg": "grid"}
+    for row in rows:  # all unsure: the largest again
+        row["expression_confidence"] = EXPRESSION_CONFIDENCE_LOW / 2
+    assert choose(rows, 1) == {"p/000.jpg": "grid"}
+
+
 def test_farthest_point_picks_the_most_different_face():
     poses = [b.name for b in POSE_BINS]
     rows = label_rows([(EXPRESSIONS[4], poses[4])] * 4)
@@ -126,6 +151,33 @@ def test_farthest_point_picks_the_most_different_face():
         row["quality"]["face_size"] = 100.0  # equal quality: the grid pick is the first path
     chosen = choose(rows, 2)
     assert chosen == {"p/000.jpg": "grid", "p/002.jpg": "diversity"}
+
+
+def test_select_grid_pick_prefers_the_least_enlarged_crop():
+    poses = [b.name for b in POSE_BINS]
+    rows = label_rows([(EXPRESSIONS[4], poses[4])] * 3)
+    for row, upscale in zip(rows, (1.8, 1.3, 0.6), strict=True):
+        row["quality"] = {"face_size": 100.0, "sharpness": 50.0, "upscale": upscale}
+    assert choose(rows, 1) == {"p/002.jpg": "grid"}
+    rows[2]["quality"]["upscale"] = 1.6
+    assert choose(rows, 1) == {"p/001.jpg": "grid"}
+    for row in rows:  # at or below native resolution they count alike: the larger face wins
+        row["quality"]["upscale"] = 0.9
+    rows[1]["quality"]["face_size"] = 120.0
+    assert choose(rows, 1) == {"p/001.jpg": "grid"}
+
+
+def test_upscale_factor_and_too_small_detail():
+    c = CurationConfig(crop_size=512, max_upscale=2.0)
+    rotation = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
+    for scale in (0.5, 2.0, 3.5):
+        matrix = np.hstack([scale * rotation, [[10.0], [-4.0]]]).ravel().tolist()
+        assert upscale_factor(matrix) == pytest.approx(scale)
+    assert too_upscaled(c, (np.array([[2.0, 0, 0], [0, 2.0, 0]])).ravel().tolist()) is None
+    detail = too_upscaled(c, (np.array([[3.5, 0, 0], [0, 3.5, 0]])).ravel().tolist())
+    assert "3.50x" in detail and "--max-upscale 2" in detail and "\n" not in detail
+    assert "--crop-size 288" in detail  # 512 * 2 / 3.5 = 292, a multiple of 8 below it: at most 2x there
+    assert "--crop-size" not in too_upscaled(c, (np.array([[40.0, 0, 0], [0, 40.0, 0]])).ravel().tolist())
 
 
 def test_scan_accounts_for_every_odd_file(tmp_path):
@@ -200,6 +252,10 @@ def test_result_store_finds_rows_by_key_across_parts_and_writers_and_compacts(tm
         ({"per_identity": 0}, "--per-identity"),
         ({"min_per_identity": 5, "per_identity": 3}, "--min-per-identity"),
         ({"cluster": True, "shard_count": 2, "shard_index": 1}, "--cluster"),
+        ({"max_upscale": 0.0}, "--max-upscale"),
+        ({"max_upscale": float("inf")}, "--max-upscale"),
+        ({"max_upscale": float("nan")}, "--max-upscale"),
+        ({"crop_size": 32}, "--crop-size"),
     ],
 )
 def test_config_check_names_the_bad_setting(change, message):
@@ -254,7 +310,7 @@ def test_cli_stage_without_its_input_table_says_what_to_run(tmp_path):
     (tmp_path / "photos").mkdir()
     result = CliRunner().invoke(main, ["dedupe", str(tmp_path / "photos"), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "identify.parquet" in result.output
+    assert "run the stage 'identify' before 'dedupe'" in result.output
 
 
 def test_reports_of_a_path_that_is_no_dataset_exit_2(tmp_path):

@@ -17,11 +17,11 @@ from dynamicid.evaluate.cli import main as eval_main
 from dynamicid.evaluate.clip_t import ClipScorer
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import main as infer_main
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.infer.manifest import ManifestPerson, read_manifest
-from dynamicid.models.base import build_tiny_tokenizer, load_base_model
+from dynamicid.models.base import load_base_model
 from dynamicid.schemas import EXPRESSIONS
 from dynamicid.schemas.prompts import benchmark_prompts
+from dynamicid.testing import build_tiny_tokenizer, random_parts, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GENERATE = ["--base-model", "tiny-random", "--face-backend", "embedded", "--steps", "2", "--size", "64x64"]

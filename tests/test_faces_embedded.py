@@ -1,13 +1,12 @@
 """The embedded backend (MediaPipe, dlib, FER-2013) on the real photos of ../shared/data/faces.
 
 The analyzer is built once per module and each photo is analysed once (module fixtures), so the whole file
-runs the real models about 330 times.
+runs the real models about 230 times. Expression labels: tests/test_faces_expression_labels.py.
 """
 
 import csv
 import itertools
 import xml.etree.ElementTree as ET
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +16,6 @@ from PIL import ImageOps
 from dynamicid.faces import Face, FaceAnalyzer, load_image
 from dynamicid.faces.mediapipe_face import box_iou
 from dynamicid.schemas.labels import EXPRESSIONS, POSE_NAMES
-
-# Label words of expressions/labels.csv (Yale's and LFW legend's) -> our vocabulary; other words
-# (contempt, sleepy, wink) have no class of ours and stay as they are.
-DATASET_EXPRESSION_WORDS = {
-    "happiness": "happy",
-    "surprise": "surprised",
-    "sadness": "sad",
-    "anger": "angry",
-    "disgust": "disgusted",
-    "fear": "afraid",
-}
-SCORED_EXPRESSIONS = ("happy", "neutral", "surprised")
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -51,19 +38,6 @@ def identities(shared_faces, analyzer) -> list[tuple[str, str, list[Face]]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def expressions(shared_faces, analyzer) -> list[tuple[str, str, list[Face]]]:
-    folder = shared_faces / "expressions"
-    return [
-        (
-            row["file"],
-            DATASET_EXPRESSION_WORDS.get(row["expression"], row["expression"]),
-            analyzer.analyze(load_image(folder / row["file"])),
-        )
-        for row in _rows(folder / "labels.csv")
-    ]
-
-
 def test_faces_are_fully_described_and_record_their_models(identities, analyzer):
     assert analyzer.backend == "embedded"
     assert analyzer.embedding_model == "dlib-resnet-128" and analyzer.embedding_dim == 128
@@ -77,6 +51,7 @@ def test_faces_are_fully_described_and_record_their_models(identities, analyzer)
         assert set(face.expression_scores) == set(EXPRESSIONS)
         assert sum(face.expression_scores.values()) == pytest.approx(1.0, abs=1e-4)
         assert face.expression == max(face.expression_scores, key=face.expression_scores.get)
+        assert face.expression_confidence == face.expression_scores[face.expression]
         assert face.backend == "embedded"
         assert {"bbox", "kps5", "pose", "expression", "embedding"} <= set(face.models)
         assert face.yaw is not None and face.pose_bin in POSE_NAMES
@@ -187,14 +162,14 @@ def test_group_photos_recall_and_precision_against_dlib_boxes(shared_faces, anal
                 false_positive += 1
     recall, precision = true_positive / annotated, true_positive / max(true_positive + false_positive, 1)
     print(f"group photos: recall {recall:.1%} precision {precision:.1%} ({annotated} annotated faces)")
-    assert recall >= 0.85 and precision >= 0.90
+    assert recall >= 0.85 and precision >= 0.95
 
 
 def test_group_photos_with_counted_faces(shared_faces, analyzer):
-    """Never more faces than people; both people of the two-person photos.
+    """Never more faces than people; both people of the two-person photos; 7 of the selfie's 8.
 
     The selfie's 8 counted faces include 2 cut off at the edges and several large, overlapping, tilted
-    ones: the detector finds 4 of them (a known limit, printed here, not hidden).
+    ones: the two detectors find 4 of them, the tiled mesh pass (faces/mediapipe_face.py) the others but one.
     """
     folder = shared_faces / "group_photos"
     exact = {row["file"]: int(row["faces"]) for row in _rows(folder / "labels.csv") if row["faces"].isdigit()}
@@ -206,6 +181,8 @@ def test_group_photos_with_counted_faces(shared_faces, analyzer):
         assert 1 <= found <= count, file
         if count == 2:
             assert found == 2, file
+        if file == "selfie-many-people.jpg":
+            assert found >= 7
 
 
 def test_identity_verification_balanced_accuracy(identities, analyzer):
@@ -224,20 +201,61 @@ def test_identity_verification_balanced_accuracy(identities, analyzer):
     assert analyzer.distance(embeddings[0][1], embeddings[0][1]) == 0.0
 
 
-def test_expression_accuracy_and_confusion_matrix(expressions):
-    labels = sorted({label for _, label, _ in expressions})
-    predicted = {file: (faces[0].expression if faces else "no face") for file, _, faces in expressions}
-    confusion = Counter((label, predicted[file]) for file, label, _ in expressions)
-    columns = [*EXPRESSIONS, "no face"]
-    lines = ["label \\ predicted".ljust(12) + "".join(c[:9].rjust(10) for c in columns)]
-    lines += [label.ljust(12) + "".join(str(confusion[(label, c)]).rjust(10) for c in columns) for label in labels]
-    print("\nexpression confusion matrix (expressions/):\n" + "\n".join(lines))
-    scored = [(label, predicted[file]) for file, label, _ in expressions if label in SCORED_EXPRESSIONS]
-    accuracy = np.mean([label == guess for label, guess in scored])
-    happy = [guess == "happy" for label, guess in scored if label == "happy"]
-    print(f"happy/neutral/surprised accuracy {accuracy:.1%} over {len(scored)}; happy recall {np.mean(happy):.1%}")
-    assert len(scored) >= 50
-    assert accuracy >= 0.70 and np.mean(happy) >= 0.90
+def test_same_person_threshold_generalises_to_people_it_was_not_chosen_on(identities, analyzer):
+    """Chosen on one half of the people (by photo count), measured on the other half, and the reverse."""
+    from dynamicid.faces.verification import cross_validate
+
+    embeddings = [(identity, faces[0].embedding) for _, identity, faces in identities if faces]
+    folds = cross_validate(embeddings, analyzer.distance)
+    for fold in folds:
+        print(
+            f"threshold {fold.threshold:.4f} chosen on {len(fold.chosen_on)} people ({', '.join(fold.chosen_on)}): "
+            f"balanced accuracy {fold.train_accuracy:.2%} there, {fold.held_out_accuracy:.2%} on the others"
+        )
+    others = [fold for seed in range(20) for fold in cross_validate(embeddings, analyzer.distance, seed)]
+    thresholds = [fold.threshold for fold in others]
+    held_out = [fold.held_out_accuracy for fold in others]
+    print(
+        f"20 seeded random splits: threshold {min(thresholds):.3f}..{max(thresholds):.3f} (sd {np.std(thresholds):.3f}), "
+        f"held-out balanced accuracy {min(held_out):.2%}..{max(held_out):.2%} (median {np.median(held_out):.2%}); "
+        f"shipped {analyzer.same_person_threshold}"
+    )
+    assert all(fold.held_out_accuracy >= 0.975 for fold in folds)
+    assert abs(folds[0].threshold - folds[1].threshold) < 0.05
+
+
+def test_curations_folder_rule_keeps_each_person_and_rejects_other_people(identities, analyzer):
+    """curation's `folder_person` on every identities/ folder as it is, then with each photo of another person
+    salted in alone (every placement): what it keeps of the people and lets in of the others, printed."""
+    from dynamicid.curation.identify import folder_person
+    from dynamicid.curation.neighbors import cosine_threshold
+
+    same_cos = cosine_threshold(analyzer.distance, analyzer.same_person_threshold, analyzer.embedding_dim)
+    folders: dict[str, list[np.ndarray]] = {}
+    for _, identity, faces in identities:
+        if faces:
+            folders.setdefault(identity, []).append(faces[0].embedding[None])
+    folders = {identity: photos for identity, photos in folders.items() if len(photos) >= 3}
+    lost = [
+        (identity, i)
+        for identity, photos in folders.items()
+        for i, verdict in enumerate(folder_person(photos, same_cos))
+        if verdict.face is None
+    ]
+    let_in = placements = 0
+    for identity, photos in folders.items():
+        for other, salt in folders.items():
+            if other != identity:
+                for photo in salt:
+                    placements += 1
+                    let_in += folder_person([*photos, photo], same_cos)[-1].face is not None
+    kept = sum(len(p) for p in folders.values()) - len(lost)
+    print(
+        f"folder rule: {kept} of {kept + len(lost)} photos of {len(folders)} people kept (lost: {lost}); "
+        f"another person's photo let in {let_in} of {placements} times"
+    )
+    assert not lost
+    assert let_in <= 0.02 * placements
 
 
 def test_exif_orientations_give_the_same_face_box(shared_faces, analyzer):

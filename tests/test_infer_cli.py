@@ -11,11 +11,11 @@ from PIL import Image
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.cli import main
-from dynamicid.infer.fakes import random_parts, save_random_weights, save_release_layout
 from dynamicid.models import FaceEncoder
 from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import save_dynamicid
 from dynamicid.schemas import CheckpointMetadata
+from dynamicid.testing import random_parts, save_random_weights, save_release_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,7 +30,9 @@ def weights(tmp_path_factory):
     save_dynamicid(
         other_base,
         metadata=CheckpointMetadata(cross_attention_dim=768, id_embed_dim=analyzer.embedding_dim, clip_embed_dim=48),
-        face_encoder=FaceEncoder(768, analyzer.embedding_dim, 48, 4),
+        face_encoder=FaceEncoder(
+            cross_attention_dim=768, id_embeddings_dim=analyzer.embedding_dim, clip_embeddings_dim=48
+        ),
     )
     return {
         "ours": save_random_weights(parts, folder / "dynamicid.safetensors"),

@@ -1,6 +1,6 @@
 """DynamicIDPipeline on the tiny-random FAKE base with random FAKE DynamicID weights and real reference photos.
 
-The weights are random (`dynamicid.infer.fakes`), so the images are noise: these tests check sizes,
+The weights are random (`dynamicid.testing`), so the images are noise: these tests check sizes,
 determinism, the layout and token plumbing, the release-format path, and that bad input is refused before
 any denoising. The face analysis is the real embedded backend on the real photos in ../shared/data/faces.
 """
@@ -12,11 +12,11 @@ from diffusers import StableDiffusionPipeline
 
 from dynamicid.faces import FaceAnalyzer, ImageLoadError
 from dynamicid.infer import DynamicIDPipeline, Person, ReleaseFiles
-from dynamicid.infer.fakes import random_parts, save_random_weights, save_release_layout
 from dynamicid.infer.people import DynamicIDWarning
 from dynamicid.infer.references import NoFaceError, ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
+from dynamicid.testing import plain_images, random_parts, save_random_weights, save_release_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,26 +122,7 @@ def test_id_scale_zero_with_zero_lora_equals_plain_stable_diffusion(weights, ana
     ours = generate(pipe, people, id_scale=0.0, output_type="np", height=64, width=96, seed=3).images
 
     base = load_base_model("tiny-random")
-    plain = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    plain.set_progress_bar_config(disable=True)
-    expected = plain(
-        "two friends in a cafe",
-        height=64,
-        width=96,
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(3),
-        output_type="np",
-    ).images
+    expected = plain_images(base, pipe.scheduler, "two friends in a cafe", height=64, width=96, steps=STEPS, seed=3)
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
     with_id = generate(pipe, people, output_type="np", height=64, width=96, seed=3).images
     assert np.abs(with_id - expected).max() > 1e-3
@@ -241,7 +222,7 @@ def test_weights_for_another_base_are_refused(tmp_path, analyzer):
     from dynamicid.models.checkpoints import save_dynamicid
     from dynamicid.schemas import CheckpointMetadata
 
-    encoder = FaceEncoder(768, analyzer.embedding_dim, 48, 4)
+    encoder = FaceEncoder(cross_attention_dim=768, id_embeddings_dim=analyzer.embedding_dim, clip_embeddings_dim=48)
     metadata = CheckpointMetadata(cross_attention_dim=768, id_embed_dim=analyzer.embedding_dim, clip_embed_dim=48)
     path = save_dynamicid(tmp_path / "sd15.safetensors", metadata=metadata, face_encoder=encoder)
     pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))

@@ -17,7 +17,7 @@ from dynamicid.models import (
     IMR,
     FaceEncoder,
     KeypointEncoder,
-    configure_saa,
+    SAACall,
     install_saa,
     saa_state_dict,
 )
@@ -75,7 +75,7 @@ def tiny_parts():
     for processor in unet.attn_processors.values():
         randomise(processor, 1)
     return {
-        "face_encoder": randomise(FaceEncoder(64, 16, 24, 4), 2),
+        "face_encoder": randomise(FaceEncoder(cross_attention_dim=64, id_embeddings_dim=16, clip_embeddings_dim=24), 2),
         "unet": unet,
         "imr": randomise(IMR(dim=64, dim_head=16, heads=4, embedding_dim=32, txt_dim=32, ff_mult=2, depth=2), 3),
         "keypoint_encoder": randomise(KeypointEncoder(32), 4).eval(),
@@ -86,7 +86,7 @@ def test_our_format_round_trips_bit_exactly(tmp_path, tiny_parts):
     metadata = tiny_metadata(cross_attention_dim=64)  # the face encoder and IMR are checked against it
     with pytest.raises(ValueError, match="cross_attention_dim"):  # the UNet's is 32
         save_dynamicid(tmp_path / "w.safetensors", metadata=metadata, **tiny_parts)
-    encoder = FaceEncoder(32, 16, 24, 4)
+    encoder = FaceEncoder(cross_attention_dim=32, id_embeddings_dim=16, clip_embeddings_dim=24)
     randomise(encoder, 5)
     imr = randomise(IMR(dim=64, dim_head=16, heads=4, embedding_dim=32, txt_dim=32, ff_mult=2, depth=2), 3)
     parts = {**tiny_parts, "face_encoder": encoder, "imr": imr}
@@ -209,17 +209,17 @@ def test_release_files_are_reported_converted_and_reproduce_the_golden_unet(tmp_
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     weights.load_saa_into(unet)
     case = CASES["unet_saa"]["cases"]["two_ids"]
-    configure_saa(
-        unet,
-        num_ids=2,
-        id_scale=case["id_scale"],
-        boxes=case["bbox_ymin_xmin_ymax_xmax"],
-        boost=case["infer_scale"],
-        boost_steps=case["infer_end"],
+    first_step = SAACall(  # boosted: the first of the release's infer_end steps
+        num_ids=2, id_scale=case["id_scale"], boxes=case["bbox_ymin_xmin_ymax_xmax"], boost=case["infer_scale"]
     )
     states = torch.cat([tensors["input.text_embeds"], tensors["input.id_tokens_two"]], dim=1)
     with torch.no_grad():
-        sample = unet(tensors["input.latents"], tensors["input.timestep"], encoder_hidden_states=states).sample
+        sample = unet(
+            tensors["input.latents"],
+            tensors["input.timestep"],
+            encoder_hidden_states=states,
+            cross_attention_kwargs={"saa": first_step},
+        ).sample
     torch.testing.assert_close(sample, tensors["output.two_ids.call0"], **TOLERANCE)
 
     imr_inputs = golden_part("imr", "input.")
@@ -238,7 +238,7 @@ def test_ip_adapter_faceid_layout_loads_into_face_encoder_and_saa(tmp_path, suff
     install_saa(source_unet, rank=4, num_tokens=4)
     adapter = nn.ModuleList(source_unet.attn_processors.values())  # how IP-Adapter indexes its processors
     randomise(adapter, 11)
-    image_proj = randomise(FaceEncoder(64, 16, 24, 4), 12)
+    image_proj = randomise(FaceEncoder(cross_attention_dim=64, id_embeddings_dim=16, clip_embeddings_dim=24), 12)
     path = tmp_path / f"ip-adapter-faceid-plusv2_sd15{suffix}"
     if suffix == ".bin":
         torch.save({"image_proj": image_proj.state_dict(), "ip_adapter": adapter.state_dict()}, path)

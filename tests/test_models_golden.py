@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dynamicid.models import configure_saa, from_release, install_saa, load_release_saa
+from dynamicid.models import SAACall, boost_for_step, from_release, install_saa, load_release_saa
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official"
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
@@ -100,16 +100,17 @@ def release_unet(cases):
     return unet, tensors
 
 
-def configure_case(unet, case: dict) -> None:
-    configure_saa(
-        unet,
+def case_call(case: dict, step: int) -> dict:
+    """The case's SAA inputs at denoising step `step` (the release's infer_scale while step < infer_end)."""
+    boost = boost_for_step(step, case.get("infer_scale", 0.0), case.get("infer_end", 0))
+    call = SAACall(
         num_ids=case["id_num"],
         id_scale=case["id_scale"],
         gating=case["activate_query"],
         boxes=case.get("bbox_ymin_xmin_ymax_xmax"),
-        boost=case.get("infer_scale", 0.0),
-        boost_steps=case.get("infer_end", 0),
+        boost=boost,
     )
+    return {"saa": call}
 
 
 @pytest.mark.parametrize("case_name", ["two_ids", "one_id_gated", "one_id_ungated", "one_id_scale0"])
@@ -119,9 +120,14 @@ def test_saa_unet_matches_release(release_unet, cases, case_name):
     case = cases["unet_saa"]["cases"][case_name]
     id_tokens = tensors["input.id_tokens_two" if case["id_num"] == 2 else "input.id_tokens_one"]
     states = torch.cat([tensors["input.text_embeds"], id_tokens], dim=1)
-    configure_case(unet, case)
     calls = [
-        unet(tensors["input.latents"], tensors["input.timestep"], encoder_hidden_states=states).sample for _ in range(2)
+        unet(
+            tensors["input.latents"],
+            tensors["input.timestep"],
+            encoder_hidden_states=states,
+            cross_attention_kwargs=case_call(case, step),
+        ).sample
+        for step in range(2)
     ]
     if case_name == "two_ids":  # boosted on the first call only (infer_end 1), then plain gating
         torch.testing.assert_close(calls[0], tensors["output.two_ids.call0"], **TOLERANCE)

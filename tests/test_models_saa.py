@@ -4,6 +4,8 @@ The UNet is a tiny randomly initialised diffusers model (a fake standing in for 
 downloaded); the reference below is IP-Adapter's LoRA + IP attention written out with plain matmuls.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,9 @@ from hypothesis import strategies as st
 
 from dynamicid.models import (
     LoRALinear,
+    SAACall,
     SAAProcessor,
-    configure_saa,
+    boost_for_step,
     install_saa,
     saa_activation_maps,
     saa_id_attention_probs,
@@ -84,11 +87,9 @@ def reference_lora_ip(attn, processor, hidden, text, ids, id_scale):
     return attn.to_out[0](out) + processor.to_out_lora(out)
 
 
-def set_settings(processor, **values):
-    """configure_saa for a lone processor (it takes a UNet): the same validation path is not needed here."""
-    for key, value in values.items():
-        setattr(processor.settings, key, value)
-    processor.reset()
+def saa(**values) -> dict:
+    """The UNet's `cross_attention_kwargs` for one call with these SAA inputs."""
+    return {"saa": SAACall(**values)}
 
 
 @settings(max_examples=12, deadline=None)
@@ -96,12 +97,15 @@ def set_settings(processor, **values):
 @torch.no_grad()
 def test_gating_off_is_lora_attention_plus_the_id_branch(seed, num_ids, id_scale):
     attn, processor = cross_layer(seed)
-    set_settings(processor, num_ids=num_ids, id_scale=id_scale, gating=False)
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2, 16, WIDTH, generator=generator)
     text = torch.randn(2, TEXT_TOKENS, CONTEXT, generator=generator)
     ids = torch.randn(2, NUM_TOKENS * num_ids, CONTEXT, generator=generator)
-    out = attn(hidden, encoder_hidden_states=torch.cat([text, ids], dim=1))
+    out = attn(
+        hidden,
+        encoder_hidden_states=torch.cat([text, ids], dim=1),
+        **saa(num_ids=num_ids, id_scale=id_scale, gating=False),
+    )
     torch.testing.assert_close(out, reference_lora_ip(attn, processor, hidden, text, ids, id_scale))
 
 
@@ -114,10 +118,10 @@ def test_id_scale_zero_is_the_lora_only_model(seed, gating):
     hidden = torch.randn(2, 16, WIDTH, generator=generator)
     text = torch.randn(2, TEXT_TOKENS, CONTEXT, generator=generator)
     ids = torch.randn(2, 2 * NUM_TOKENS, CONTEXT, generator=generator)
-    set_settings(processor, num_ids=2, id_scale=0.0, gating=gating)
-    with_ids = attn(hidden, encoder_hidden_states=torch.cat([text, ids], dim=1))
-    set_settings(processor, num_ids=0, id_scale=1.0, gating=False)
-    text_only = attn(hidden, encoder_hidden_states=text)
+    with_ids = attn(
+        hidden, encoder_hidden_states=torch.cat([text, ids], dim=1), **saa(num_ids=2, id_scale=0.0, gating=gating)
+    )
+    text_only = attn(hidden, encoder_hidden_states=text, **saa(num_ids=0, id_scale=1.0, gating=False))
     assert torch.equal(with_ids, text_only)
     torch.testing.assert_close(text_only, reference_lora_ip(attn, processor, hidden, text, None, 0.0))
 
@@ -132,8 +136,8 @@ def test_fresh_saa_with_id_scale_zero_leaves_the_unet_unchanged():
     before = unet(latents, 500, encoder_hidden_states=text).sample
     install_saa(unet, rank=4, num_tokens=NUM_TOKENS)  # LoRA up weights start at zero
     assert all(float(p.to_q_lora.up.weight.abs().max()) == 0 for p in saa_processors(unet).values())
-    configure_saa(unet, num_ids=2, id_scale=0.0)
-    after = unet(latents, 500, encoder_hidden_states=torch.cat([text, ids], dim=1)).sample
+    states = torch.cat([text, ids], dim=1)
+    after = unet(latents, 500, encoder_hidden_states=states, cross_attention_kwargs=saa(num_ids=2, id_scale=0.0)).sample
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
 
 
@@ -158,10 +162,8 @@ def two_person_unet():
 @torch.no_grad()
 def test_queries_in_a_box_give_the_other_person_zero_attention(two_person_unet, image_size, latent_hw, boxes):
     unet, states = two_person_unet
-    configure_saa(
-        unet, num_ids=2, boxes=boxes, boost=2.0, boost_steps=1, image_size=image_size, return_activation_maps=True
-    )
-    output = unet(torch.randn(2, 4, *latent_hw), 500, encoder_hidden_states=states).sample
+    call = saa(num_ids=2, boxes=boxes, boost=2.0, image_size=image_size, return_activation_maps=True)
+    output = unet(torch.randn(2, 4, *latent_hw), 500, encoder_hidden_states=states, cross_attention_kwargs=call).sample
     assert torch.isfinite(output).all()
     probs = saa_id_attention_probs(unet)
     maps = saa_activation_maps(unet)
@@ -179,7 +181,7 @@ def test_queries_in_a_box_give_the_other_person_zero_attention(two_person_unet, 
             assert torch.all(layer_probs[:, :, inside_only, person * NUM_TOKENS : (person + 1) * NUM_TOKENS] > 0)
         outside = ~(own[0] | own[1])
         assert torch.all(layer_probs[:, :, outside, :] > 0)  # outside every box all tokens are seen
-        # the boost (first call only) lifts the gate to at least `boost` inside each box
+        # the boost lifts the gate to at least `boost` inside each box
         for cells in own:
             assert torch.all(maps[name].flatten(1)[:, cells] >= 2.0)
 
@@ -204,8 +206,9 @@ def test_constant_activation_rows_gate_to_zero_without_nan():
     hidden = torch.randn(2, 16, WIDTH, generator=generator)
     text = torch.randn(2, TEXT_TOKENS, CONTEXT, generator=generator)
     ids = torch.randn(2, NUM_TOKENS, CONTEXT, generator=generator)
-    set_settings(processor, num_ids=1, gating=True, return_activation_maps=True)
-    out = attn(hidden, encoder_hidden_states=torch.cat([text, ids], dim=1))
+    out = attn(
+        hidden, encoder_hidden_states=torch.cat([text, ids], dim=1), **saa(num_ids=1, return_activation_maps=True)
+    )
     assert torch.isfinite(out).all()
     assert torch.all(processor.activation_map == 0)
     torch.testing.assert_close(out, reference_lora_ip(attn, processor, hidden, text, None, 0.0))
@@ -217,8 +220,7 @@ def test_gate_is_min_max_normalised_and_thresholded():
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 64, WIDTH, generator=generator)
     states = torch.randn(1, TEXT_TOKENS + NUM_TOKENS, CONTEXT, generator=generator)
-    set_settings(processor, num_ids=1, gating=True, return_activation_maps=True)
-    attn(hidden, encoder_hidden_states=states)
+    attn(hidden, encoder_hidden_states=states, **saa(num_ids=1, return_activation_maps=True))
     gate = processor.activation_map.flatten()
     assert gate.max() == 1.0 and gate.min() == 0.0
     assert torch.all((gate == 0) | (gate >= 0.3))
@@ -229,7 +231,6 @@ def test_hot_path_one_fused_text_attention_id_branch_on_id_tokens_only_no_maps_u
     attn, processor = cross_layer(5)
     seen = []
     processor.to_k_ip.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
-    set_settings(processor, num_ids=2, gating=True)
     states = torch.randn(2, TEXT_TOKENS + 2 * NUM_TOKENS, CONTEXT)
     calls = []
     original = F.scaled_dot_product_attention
@@ -240,7 +241,7 @@ def test_hot_path_one_fused_text_attention_id_branch_on_id_tokens_only_no_maps_u
 
     try:
         F.scaled_dot_product_attention = counting
-        attn(torch.randn(2, 16, WIDTH), encoder_hidden_states=states)
+        attn(torch.randn(2, 16, WIDTH), encoder_hidden_states=states, **saa(num_ids=2))
     finally:
         F.scaled_dot_product_attention = original
     assert len(calls) == 1 and calls[0][2] == TEXT_TOKENS  # one fused call, over the text tokens only
@@ -259,22 +260,28 @@ def test_saa_matches_diffusers_attention_when_lora_is_zero_and_no_ids():
         torch.testing.assert_close(attn(hidden), expected)
 
 
-def test_configure_saa_names_what_is_wrong():
+def test_saa_inputs_name_what_is_wrong():
     unet = tiny_unet()
     with pytest.raises(ValueError, match="install_saa"):
-        configure_saa(unet, num_ids=1)
+        saa_processors(unet)
     install_saa(unet, rank=4, num_tokens=NUM_TOKENS)
     with pytest.raises(ValueError, match="got 1 boxes for 2 person"):
-        configure_saa(unet, num_ids=2, boxes=[(0, 0, 1, 1)])
+        SAACall(num_ids=2, boxes=[(0, 0, 1, 1)])
     with pytest.raises(ValueError, match=r"box 1 .* \[0, 1\]"):
-        configure_saa(unet, num_ids=2, boxes=[(0, 0, 1, 0.5), (0, 0.5, 1, 1.5)])
+        SAACall(num_ids=2, boxes=[(0, 0, 1, 0.5), (0, 0.5, 1, 1.5)])
     with pytest.raises(ValueError, match=r"box 0 .* is empty"):
-        configure_saa(unet, num_ids=1, boxes=[(0.5, 0, 0.2, 1)])
+        SAACall(num_ids=1, boxes=[(0.5, 0, 0.2, 1)])
     with pytest.raises(ValueError, match="mix_scale"):
-        configure_saa(unet, num_ids=2, mix_scale=0.5)
+        SAACall(num_ids=2, mix_scale=0.5)
+    with pytest.raises(ValueError, match="boost must be >= 0"):
+        SAACall(boost=-1.0)
     with pytest.raises(ValueError, match="8 ID tokens"):
-        configure_saa(unet, num_ids=2)
-        unet(torch.randn(1, 4, 16, 16), 1, encoder_hidden_states=torch.randn(1, 5, 32))
+        unet(
+            torch.randn(1, 4, 16, 16),
+            1,
+            encoder_hidden_states=torch.randn(1, 5, 32),
+            cross_attention_kwargs=saa(num_ids=2),
+        )
 
 
 def test_install_is_idempotent_and_refuses_another_layout():
@@ -285,19 +292,17 @@ def test_install_is_idempotent_and_refuses_another_layout():
     assert all(first[name] is p for name, p in saa_processors(unet).items())
     with pytest.raises(ValueError, match="already installed"):
         install_saa(unet, rank=8, num_tokens=NUM_TOKENS)
-    settings_objects = {id(p.settings) for p in saa_processors(unet).values()}
-    assert len(settings_objects) == 1  # one shared settings object
 
 
 def test_lora_and_id_weights_train():
     unet = tiny_unet()
     unet.requires_grad_(False)
     install_saa(unet, rank=4, num_tokens=NUM_TOKENS)
-    configure_saa(unet, num_ids=1, gating=False)
     trainable = [name for name, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all(".processor." in name for name in trainable)  # only SAA weights train
     states = torch.randn(1, TEXT_TOKENS + NUM_TOKENS, 32)
-    unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=states).sample.square().mean().backward()
+    sample = unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=states, cross_attention_kwargs=saa(gating=False))
+    sample.sample.square().mean().backward()
     processor = next(p for p in saa_processors(unet).values() if p.is_cross_attention)
     assert processor.to_q_lora.up.weight.grad.abs().sum() > 0
     assert processor.to_k_ip.weight.grad.abs().sum() > 0
@@ -307,8 +312,8 @@ def test_lora_and_id_weights_train():
 def test_two_persons_blended_into_one_box_hide_nothing_and_weight_the_first(two_person_unet):
     unet, states = two_person_unet
     latents = torch.randn(2, 4, 16, 16)
-    configure_saa(unet, num_ids=2, boxes=[(0.2, 0.2, 0.8, 0.8)], mix_scale=1.0, return_activation_maps=True)
-    unet(latents, 500, encoder_hidden_states=states)
+    call = saa(num_ids=2, boxes=[(0.2, 0.2, 0.8, 0.8)], mix_scale=1.0, return_activation_maps=True)
+    unet(latents, 500, encoder_hidden_states=states, cross_attention_kwargs=call)
     for probs in saa_id_attention_probs(unet).values():
         assert torch.all(probs > 0)  # nothing hidden: both persons' tokens are one blended face
         second = probs[..., NUM_TOKENS:]  # mix_scale 1: the second person's logits are scaled to 0
@@ -331,8 +336,9 @@ def test_id_projections_start_as_copies_of_the_layer_keys_and_values():
 def test_half_precision_base_with_float32_lora_runs_close_to_float32(two_person_unet):
     unet, states = two_person_unet
     latents = torch.randn(2, 4, 16, 16)
-    configure_saa(unet, num_ids=2, gating=False)
-    expected = unet(latents, 500, encoder_hidden_states=states).sample
+    expected = unet(
+        latents, 500, encoder_hidden_states=states, cross_attention_kwargs=saa(num_ids=2, gating=False)
+    ).sample
     half = tiny_unet()
     install_saa(half, rank=4, num_tokens=NUM_TOKENS)
     half.load_state_dict(unet.state_dict())  # base and SAA weights (processors are submodules)
@@ -340,10 +346,48 @@ def test_half_precision_base_with_float32_lora_runs_close_to_float32(two_person_
     for processor in saa_processors(half).values():  # LoRA kept in float32, as training does
         for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
             lora.float()
-    configure_saa(half, num_ids=2, gating=False)
-    sample = half(latents.bfloat16(), 500, encoder_hidden_states=states.bfloat16()).sample
+    call = saa(num_ids=2, gating=False)
+    sample = half(latents.bfloat16(), 500, encoder_hidden_states=states.bfloat16(), cross_attention_kwargs=call).sample
     assert sample.dtype == torch.bfloat16
     # diffusers' own AttnProcessor2_0 UNet is ~1 % off in bfloat16 here
     assert (sample.float() - expected).norm() / expected.norm() < 0.03
-    configure_saa(half, num_ids=2, boxes=[(0.1, 0.1, 0.5, 0.4), (0.1, 0.6, 0.5, 0.9)], boost=2.0, boost_steps=1)
-    assert torch.isfinite(half(latents.bfloat16(), 500, encoder_hidden_states=states.bfloat16()).sample).all()
+    call = saa(num_ids=2, boxes=[(0.1, 0.1, 0.5, 0.4), (0.1, 0.6, 0.5, 0.9)], boost=2.0)
+    assert torch.isfinite(
+        half(latents.bfloat16(), 500, encoder_hidden_states=states.bfloat16(), cross_attention_kwargs=call).sample
+    ).all()
+
+
+def unbatched_guidance_sampler(unet, cond, uncond, layout, boost, boost_steps, steps):
+    """DDIM with classifier-free guidance run as two UNet calls per step (unconditional, then conditional),
+    each step passing its boost as the pipeline does. Returns the final latents and, per UNet call, whether the
+    gate was boosted: a + boost inside the boxes (a in [0, 1]) rather than a <= 1."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    boosted = []
+    for step, t in enumerate(scheduler.timesteps):
+        call = {"saa": dataclasses.replace(layout, boost=boost_for_step(step, boost, boost_steps))}
+        noise = []
+        for states in (uncond, cond):
+            noise.append(unet(latents, t, encoder_hidden_states=states, cross_attention_kwargs=call).sample)
+            lowest = min(float(gate.min()) for gate in saa_activation_maps(unet).values())  # boxes cover the image
+            highest = max(float(gate.max()) for gate in saa_activation_maps(unet).values())
+            assert lowest >= boost or highest <= 1 + 1e-6
+            boosted.append(lowest >= boost)
+        latents = scheduler.step(noise[0] + 5.0 * (noise[1] - noise[0]), t, latents).prev_sample
+    return latents, boosted
+
+
+@torch.no_grad()
+def test_boost_covers_the_first_boost_steps_denoising_steps_with_unbatched_guidance(two_person_unet):
+    """Two UNet calls per step: both are boosted during the first 3 of 5 steps, and a second run is identical
+    (nothing is counted between calls)."""
+    unet, cond = two_person_unet
+    uncond = torch.cat([torch.zeros_like(cond[:, :TEXT_TOKENS]), cond[:, TEXT_TOKENS:] * 0.1], dim=1)
+    layout = SAACall(num_ids=2, boxes=[(0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)], return_activation_maps=True)
+    latents, boosted = unbatched_guidance_sampler(unet, cond, uncond, layout, boost=2.0, boost_steps=3, steps=5)
+    assert boosted == [True, True] * 3 + [False, False] * 2
+    again, boosted_again = unbatched_guidance_sampler(unet, cond, uncond, layout, boost=2.0, boost_steps=3, steps=5)
+    assert boosted_again == boosted and torch.equal(again, latents)

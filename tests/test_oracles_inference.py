@@ -1,7 +1,7 @@
 """Inference defaults and the identity / edit paths, observed in what the models receive (hooks, the SAA
 processors' recorded gate maps and ID attention) and checked against METHOD.md's reference settings.
 
-Tiny-random FAKE base, random FAKE DynamicID weights (`dynamicid.infer.fakes`), the real embedded face layer on the
+Tiny-random FAKE base, random FAKE DynamicID weights (`dynamicid.testing`), the real embedded face layer on the
 real photos of ../shared/data/faces. The images are noise; the layout, schedule and token plumbing are not.
 """
 
@@ -13,11 +13,11 @@ from diffusers import DDIMScheduler
 
 from dynamicid.faces import FaceAnalyzer, ffhq_align, load_image, transform_points
 from dynamicid.infer import DynamicIDPipeline, Person
-from dynamicid.infer.fakes import random_parts
 from dynamicid.infer.people import DynamicIDWarning
 from dynamicid.infer.references import ReferenceAnalyzer
 from dynamicid.models import saa_activation_maps, saa_id_attention_probs
 from dynamicid.models.base import load_base_model
+from dynamicid.testing import random_parts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

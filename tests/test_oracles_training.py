@@ -1,7 +1,7 @@
 """The training signal checked against METHOD.md's formulas computed here (tests/oracles.py), not by the code.
 
 Real photos (../shared/data/faces) through the real face layer give the dataset rows; the base is the tiny-random
-FAKE and the DynamicID weights are random FAKEs (`dynamicid.infer.fakes`): what is checked is what each stage
+FAKE and the DynamicID weights are random FAKEs (`dynamicid.testing`): what is checked is what each stage
 feeds its models and how the losses are formed, which does not need trained weights.
 """
 
@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 
 from dynamicid.faces import FaceAnalyzer, ffhq_align, load_image, transform_points
 from dynamicid.infer import DynamicIDPipeline, Person
-from dynamicid.infer.fakes import random_parts, save_random_weights
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder
 from dynamicid.models.base import load_base_model
+from dynamicid.models.conditioning import Conditioner
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
-from dynamicid.train.anchor import anchor_inputs, train_anchor
+from dynamicid.testing import random_parts, save_random_weights
+from dynamicid.train.anchor import AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
-from dynamicid.train.conditioning import clip_normalised, token_ids
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
 from dynamicid.train.reconfigure import train_reconfigure
@@ -241,17 +241,18 @@ def test_condition_dropping_rates_over_many_seeded_steps(dataset_dir):
     config = AnchorConfig()
     drops = (config.drop_text, config.drop_id, config.drop_both)
     assert drops == (0.05, 0.05, 0.05)
-    samples = AnchorSamples(load_curated(dataset_dir, ANCHOR_COLUMNS), base.tokenizer, 8)
+    samples = AnchorSamples(load_curated(dataset_dir, ANCHOR_COLUMNS), Conditioner.from_parts(base).token_ids, 8)
     rows = [samples[i % len(samples)] for i in range(16)]
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     empty = oracles.text_states(base.text_encoder, base.tokenizer, [""])[0]
     caption_states = base.text_encoder(batch["input_ids"]).last_hidden_state.detach()
     zero_clip = oracles.clip_penultimate(base.image_encoder, torch.zeros(1, 3, 224, 224))[0]
     generator = torch.Generator().manual_seed(0)
+    objective = AnchorObjective(base, torch.float32, drops)
     counts: Counter = Counter()
     steps = 150
     for _ in range(steps):
-        inputs = anchor_inputs(base, batch, generator, torch.float32, drops, token_ids(base, [""]))
+        inputs = objective.inputs(batch, generator, training=True)
         for i in range(len(rows)):
             no_text = torch.allclose(inputs["text"][i], empty, atol=1e-5)
             if not no_text:
@@ -332,7 +333,9 @@ def test_training_and_inference_give_the_clip_encoder_the_same_input(photos, ana
     base = load_base_model("tiny-random")
     row = {"image": {"bytes": oracles.png_bytes(rgb)}, "kps5": face.kps5.tolist()}
     row |= {"embedding": face.embedding.tolist(), "caption": "a photo of a person"}
-    training = clip_normalised(base, AnchorSamples([row], base.tokenizer, 64)[0]["clip_pixel_values"][None])
+    training = Conditioner.from_parts(base).clip_input(
+        AnchorSamples([row], Conditioner.from_parts(base).token_ids, 64)[0]["clip_pixel_values"][None]
+    )
 
     parts = random_parts(base, analyzer)
     pipe = DynamicIDPipeline.from_base(base)
@@ -358,9 +361,9 @@ def test_training_and_inference_give_the_clip_encoder_the_same_input(photos, ana
 def test_curated_crop_and_its_keypoints_give_the_photos_clip_input(photos, dataset_dir):
     """Training reads the 512 crop and its kps5 column: the face lands where the photo's own alignment puts it."""
     base = load_base_model("tiny-random")
-    samples = AnchorSamples(load_curated(dataset_dir, ANCHOR_COLUMNS), base.tokenizer, 64)
+    samples = AnchorSamples(load_curated(dataset_dir, ANCHOR_COLUMNS), Conditioner.from_parts(base).token_ids, 64)
     for index, (_, rgb, face) in enumerate(photos):
-        training = clip_normalised(base, samples[index]["clip_pixel_values"][None])
+        training = Conditioner.from_parts(base).clip_input(samples[index]["clip_pixel_values"][None])
         expected = oracles.clip_input(oracles.arcface_crop(rgb, face.kps5, 224))
         inside = oracles.arcface_crop(np.full_like(rgb, 255), face.kps5, 224)[..., 0] == 255  # the photo's pixels
         difference = (training - expected).abs()[0].mean(0)[torch.from_numpy(inside)]

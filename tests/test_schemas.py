@@ -58,3 +58,12 @@ def test_checkpoint_metadata_round_trips_through_a_header():
     assert schemas.CheckpointMetadata.from_header(header) == meta
     with pytest.raises(ValueError, match="format_version"):
         schemas.CheckpointMetadata.from_header({"lora_rank": "4"})
+
+
+def test_face_prompts_read_back_to_their_labels():
+    """The 7 x 5 grid round-trips; a caption that is not a face prompt is refused."""
+    for expression in schemas.EXPRESSIONS:
+        for pose in POSE_NAMES:
+            assert schemas.parse_face_prompt(schemas.face_prompt(expression, pose)) == (expression, pose)
+    with pytest.raises(ValueError):
+        schemas.parse_face_prompt("a photo of a person, happy expression, front view")

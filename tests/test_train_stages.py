@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from dynamicid.curation.pipeline import build_dataset
 from dynamicid.models import (
     FaceEncoder,
-    configure_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
     load_release_checkpoint,
@@ -30,19 +29,21 @@ from dynamicid.models import (
     save_dynamicid,
 )
 from dynamicid.models.base import load_base_model
-from dynamicid.schemas import CheckpointMetadata
-from dynamicid.train.anchor import FULL_IMAGE_BOX, AnchorModel, FixedEvaluation, train_anchor
+from dynamicid.models.conditioning import Conditioner
+from dynamicid.schemas import RECONFIGURE_UNET_PROMPT, CheckpointMetadata
+from dynamicid.train.anchor import AnchorModel, AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.cli import main
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
 from dynamicid.train.reconfigure import train_reconfigure
-from dynamicid.train.runner import checkpoint_dirs, read_metrics
+from dynamicid.train.runner import FixedEvaluation, checkpoint_dirs, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 IDENTITIES = ("obama", "biden", "Matt_Damon", "kit_harington")
 TINY = {"base_model": "tiny-random", "resolution": 64, "report_to": "none"}
+SMALL_IMR = {"train_batch_size": 2, "targets_per_identity": 2, "imr_dim": 32, "imr_heads": 2, "imr_dim_head": 16}
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +126,60 @@ def test_saved_anchor_weights_reload_with_the_same_outputs(anchor_run, curated):
     assert weights.metadata.id_embed_model == "dlib-resnet-128" and weights.metadata.id_embed_dim == 128
     fresh = load_base_model("tiny-random")
     weights.load_saa_into(fresh.unet)
-    configure_saa(fresh.unet, num_ids=1, gating=True, boxes=[FULL_IMAGE_BOX])  # as trained
     model = AnchorModel(fresh.unet, weights.build_face_encoder())
-    samples = AnchorSamples(load_curated(curated, ANCHOR_COLUMNS), fresh.tokenizer, 64)
-    evaluation = FixedEvaluation(fresh, samples, 8, 0, torch.device("cpu"), torch.float32)
+    samples = AnchorSamples(load_curated(curated, ANCHOR_COLUMNS), Conditioner.from_parts(fresh).token_ids, 64)
+    batch = torch.utils.data.default_collate([samples[i] for i in range(8)])
+    evaluation = FixedEvaluation(AnchorObjective(fresh, torch.float32), batch, seed=0)
     logged = [row["eval_loss"] for row in read_metrics(anchor_run["config"].output_dir) if "eval_loss" in row][-1]
-    assert evaluation.loss(model) == pytest.approx(logged, rel=1e-5)
+    assert evaluation(model)["eval_loss"] == pytest.approx(logged, rel=1e-5)
+
+
+def _pipeline_for(weights: list[Path]):
+    """A fresh tiny-random pipeline loading the saved weights the way users do (`load_dynamicid`)."""
+    from dynamicid.faces import FaceAnalyzer
+    from dynamicid.infer import DynamicIDPipeline
+
+    pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_dynamicid([str(w) for w in weights], face_analyzer=FaceAnalyzer("embedded"))
+    return pipe
+
+
+def _curated_reference(row: dict, **labels):
+    """A curated row (decoded by datasets) as the pipeline's reference."""
+    from dynamicid.infer.references import Reference
+
+    image = np.asarray(row["image"].convert("RGB"))
+    return Reference.from_crop(
+        image, kps5=row["kps5"], embedding=row["embedding"], landmarks=row["landmarks"], **labels
+    )
+
+
+def _generate(pipe, config, prompt: str, people: list) -> np.ndarray:
+    """One image with the run's validation settings (--validation-inference-steps, --validation-guidance-scale)."""
+    settings = {"num_inference_steps": config.validation_inference_steps, "height": config.resolution}
+    settings |= {"guidance_scale": config.validation_guidance_scale, "width": config.resolution}
+    result = pipe(prompt, people, generator=torch.Generator().manual_seed(config.seed), **settings)
+    return np.asarray(result.images[0])
+
+
+def test_anchor_sample_images_are_the_pipelines_images(anchor_run, curated):
+    """The images written at the last step (weights = the final weights) are what `DynamicIDPipeline` makes from
+    the saved file for the first curated rows, their captions, the run's seed and validation settings."""
+    import datasets
+    from PIL import Image
+
+    from dynamicid.infer import Person
+
+    config = anchor_run["config"]
+    rows = datasets.load_dataset(str(curated), split="train")
+    pipe = _pipeline_for([anchor_run["weights"]])
+    written = sorted((Path(config.output_dir) / "samples" / "step-000030").glob("*.png"))
+    assert len(written) == config.num_validation_images == 2
+    for index, path in enumerate(written):
+        row = rows[index]
+        expected = _generate(pipe, config, row["caption"], [Person(_curated_reference(row))])
+        assert np.array_equal(np.asarray(Image.open(path)), expected), path
 
 
 def test_resume_matches_a_straight_run_bit_for_bit(curated, tmp_path):
@@ -163,11 +212,7 @@ def reconfigure_run(anchor_run, curated, tokens, tmp_path_factory):
         output_dir=str(tmp_path_factory.mktemp("reconfigure")),
         anchor=str(anchor_run["weights"]),
         tokens=str(tokens),
-        train_batch_size=2,
-        targets_per_identity=2,
-        imr_dim=32,
-        imr_heads=2,
-        imr_dim_head=16,
+        **SMALL_IMR,
         max_steps=8,
         learning_rate=1e-3,
         checkpointing_steps=8,
@@ -189,6 +234,36 @@ def test_reconfiguration_logs_dfm_and_ldc_and_lowers_the_fixed_set_loss(reconfig
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[-1]["eval_dfm"] < evals[0]["eval_dfm"]
     assert list((Path(reconfigure_run["config"].output_dir) / "samples" / "step-000008").glob("*.png"))
+
+
+def test_reconfigure_sample_images_are_the_pipelines_edits(reconfigure_run, anchor_run, curated):
+    """The reconfiguration stage's images: the first evaluation identity's source, rewritten by the IMR towards
+    each target's landmarks and labels, as `DynamicIDPipeline` makes it from the two saved files."""
+    import datasets
+    from PIL import Image
+
+    from dynamicid.infer import Person
+    from dynamicid.train.data import IdentitySamples
+
+    config = reconfigure_run["config"]
+    rows = datasets.load_dataset(str(curated), split="train")
+    source, targets = IdentitySamples(
+        rows, None, config.resolution, config.targets_per_identity, config.seed + 7919
+    ).draw(0)
+    features = rows.features
+
+    def labelled(index: int):
+        row = rows[index]
+        expression = features["expression"].int2str(row["expression"])
+        return _curated_reference(row, expression=expression, pose=features["pose_bin"].int2str(row["pose_bin"]))
+
+    pipe = _pipeline_for([anchor_run["weights"], reconfigure_run["weights"]])
+    written = sorted((Path(config.output_dir) / "samples" / "step-000008").glob("*.png"))
+    assert len(written) == config.num_validation_images
+    for path, target in zip(written, targets, strict=False):
+        person = Person(labelled(source), landmark_image=labelled(target))
+        expected = _generate(pipe, config, RECONFIGURE_UNET_PROMPT, [person])
+        assert np.array_equal(np.asarray(Image.open(path)), expected), path
 
 
 def test_reconfiguration_resumes_bit_for_bit(reconfigure_run, tmp_path):
@@ -288,7 +363,11 @@ def test_empty_dataset_is_refused(curated, tmp_path):
 
 def test_embedding_width_that_does_not_fit_the_weights_is_refused(curated, tmp_path):
     metadata = CheckpointMetadata(cross_attention_dim=32, num_tokens=4, id_embed_dim=512, clip_embed_dim=48)
-    weights = save_dynamicid(tmp_path / "arcface.safetensors", metadata=metadata, face_encoder=FaceEncoder(32, 512, 48))
+    weights = save_dynamicid(
+        tmp_path / "arcface.safetensors",
+        metadata=metadata,
+        face_encoder=FaceEncoder(cross_attention_dim=32, id_embeddings_dim=512, clip_embeddings_dim=48),
+    )
     config = AnchorConfig(**TINY, dataset=str(curated), output_dir=str(tmp_path / "r"), init_from=str(weights))
     with pytest.raises(ValueError, match=r"id_embed_dim=512 .*width 128"):
         train_anchor(config)
@@ -323,7 +402,12 @@ def _release_style_files(tmp_path: Path) -> dict[str, Path]:
         for i, processor in enumerate(saa_processors(unet).values())
         for key, tensor in processor.state_dict().items()
     }
-    encoder = {key: torch.randn_like(t) for key, t in FaceEncoder(32, 128, 48).state_dict().items()}
+    encoder = {
+        key: torch.randn_like(t)
+        for key, t in FaceEncoder(cross_attention_dim=32, id_embeddings_dim=128, clip_embeddings_dim=48)
+        .state_dict()
+        .items()
+    }
     torch.save({"image_proj": encoder, "ip_adapter": index_keyed}, tmp_path / "ip-adapter-faceid-plusv2.bin")
     torch.save({"SAA_module": index_keyed}, tmp_path / "SAA.bin")
     return {"ip-adapter-faceid": tmp_path / "ip-adapter-faceid-plusv2.bin", "release": tmp_path / "SAA.bin"}
@@ -468,3 +552,116 @@ def test_trained_weights_of_both_stages_drive_inference(anchor_run, reconfigure_
     result = CliRunner().invoke(infer, [*arguments, *unedited, "--size", "64x48", "--out", str(plain)])
     assert result.exit_code == 0, result.output
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
+
+
+# ---- SDXL, the second base family (tiny-random-sdxl FAKE) ----
+
+
+def _fake_ip_adapter_faceid_sdxl(path: Path, id_dim: int) -> Path:
+    """A FAKE IP-Adapter FaceID-PlusV2 SDXL checkpoint for the tiny SDXL UNet (`image_proj.` + index-keyed
+    `ip_adapter.` safetensors keys, its published layout; the real weights cannot be downloaded)."""
+    from dynamicid.models import install_saa
+    from dynamicid.testing import save_ip_adapter_faceid
+
+    base = load_base_model("tiny-random-sdxl", seed=1)
+    install_saa(base.unet, rank=4, num_tokens=4)
+    encoder = FaceEncoder(
+        cross_attention_dim=base.cross_attention_dim, id_embeddings_dim=id_dim, clip_embeddings_dim=48
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        for p in [*saa_processors(base.unet).values(), encoder]:
+            for tensor in p.parameters():
+                tensor.data.normal_(std=0.02)
+    return save_ip_adapter_faceid(base.unet, encoder, path)
+
+
+def test_whole_path_on_tiny_random_sdxl(curated, anchor_run, shared_faces, tmp_path):
+    """curate -> anchor (warm-started from IP-Adapter FaceID-PlusV2 SDXL weights) -> cache-tokens -> reconfigure ->
+    `dynamicid-infer generate` with two people, on the SDXL-shaped FAKE base."""
+    from diffusers import UNet2DConditionModel
+
+    from dynamicid.infer.cli import main as infer
+    from dynamicid.models import IMR
+    from dynamicid.train.data import embedding_info
+
+    sdxl = {**TINY, "base_model": "tiny-random-sdxl", "dataset": str(curated)}
+    _, id_dim = embedding_info(load_curated(curated, ANCHOR_COLUMNS), curated)
+    init = _fake_ip_adapter_faceid_sdxl(tmp_path / "ip-adapter-faceid-plusv2_sdxl.safetensors", id_dim)
+    anchor_config = AnchorConfig(
+        **sdxl,
+        output_dir=str(tmp_path / "anchor"),
+        init_from=str(init),
+        lora_rank=4,
+        train_batch_size=4,
+        max_steps=12,
+        learning_rate=1e-2,
+        eval_samples=8,
+        validation_steps=12,
+        validation_inference_steps=2,
+    )
+    anchor = train_anchor(anchor_config)
+    metadata = load_dynamicid(anchor).metadata
+    assert metadata.base_family == "sdxl" and metadata.cross_attention_dim == 64
+    assert metadata.source.startswith(f"ip-adapter-faceid:{init.name}:")
+    evals = [row["eval_loss"] for row in read_metrics(tmp_path / "anchor") if "eval_loss" in row]
+    assert evals[-1] < evals[0], evals
+    assert list((tmp_path / "anchor" / "samples" / "step-000012").glob("*.png"))
+
+    tokens = tmp_path / "tokens"
+    arguments = ["cache-tokens", "--anchor", str(anchor), "--dataset", str(curated), "--output", str(tokens)]
+    result = CliRunner().invoke(main, [*arguments, "--base-model", "tiny-random-sdxl"])
+    assert result.exit_code == 0, result.output
+    reconfigure_config = ReconfigureConfig(
+        **sdxl,
+        output_dir=str(tmp_path / "reconfigure"),
+        anchor=str(anchor),
+        tokens=str(tokens),
+        **SMALL_IMR,
+        max_steps=6,
+        learning_rate=1e-3,
+        eval_samples=4,
+    )
+    reconfigured = train_reconfigure(reconfigure_config)
+    evals = [row["eval_dfm"] for row in read_metrics(tmp_path / "reconfigure") if "eval_dfm" in row]
+    assert evals[-1] < evals[0], evals
+    assert load_dynamicid(reconfigured).metadata.base_family == "sdxl"
+
+    out = tmp_path / "out.png"
+    people = []
+    for identity, expression in (("obama", "surprised"), ("biden", "happy")):
+        photo = shared_faces / "identities" / identity / f"{identity}.jpg"
+        people += ["--person", str(photo), "--expression", expression]
+    arguments = ["generate", "--base-model", "tiny-random-sdxl", "--prompt", "two friends", "--steps", "2"]
+    arguments += ["--weights", str(anchor), "--weights", str(reconfigured), "--size", "64x64", "--out", str(out)]
+    seen = {"imr": [], "unet": []}
+
+    def observe(module, args, kwargs, output):
+        if isinstance(module, IMR):
+            seen["imr"].append(output.detach().clone())
+        elif isinstance(module, UNet2DConditionModel):
+            seen["unet"].append(kwargs)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(observe, with_kwargs=True)
+    try:
+        result = CliRunner().invoke(infer, [*arguments, *people, "--json"])
+    finally:
+        handle.remove()
+    assert result.exit_code == 0, result.output
+    sidecar = yaml.safe_load(out.with_suffix(".json").read_text())
+    assert [person["target_expression"] for person in sidecar["people"]] == ["surprised", "happy"]
+    assert all(person["edited"] for person in sidecar["people"])
+    # The UNet saw both people's IMR-rewritten tokens after the text, and SDXL's pooled text and size ids.
+    call = seen["unet"][0]
+    rewritten = torch.cat(seen["imr"], dim=1)[0]
+    torch.testing.assert_close(call["encoder_hidden_states"][1, -8:], rewritten, rtol=0, atol=0)
+    assert call["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    assert call["cross_attention_kwargs"]["saa"].num_ids == 2
+
+    # SD 1.5 weights on the SDXL base stop before a run folder is made, naming the file and both families.
+    config = AnchorConfig(
+        **sdxl, output_dir=str(tmp_path / "refused"), init_from=str(anchor_run["weights"]), lora_rank=4
+    )
+    with pytest.raises(ValueError, match=r"'sd15'.*'sdxl'") as error:
+        train_anchor(config)
+    assert str(anchor_run["weights"]) in str(error.value) and "\n" not in str(error.value)

@@ -3,6 +3,8 @@
 - `anchor`: SAA + face encoder (`train_anchor(AnchorConfig)`).
 - `cache_tokens`: face tokens of every row from the frozen anchoring face encoder.
 - `reconfigure`: IMR + keypoint encoder (`train_reconfigure(ReconfigureConfig)`).
-Shared pieces: `config` (settings), `data` (dataset checks and samples), `conditioning` (frozen encoders),
-`runner` (accelerate, run state, checkpoints, metrics), `validation` (sample images).
+Shared pieces: `runner` (the one training loop: accelerate, run state, checkpoints, metrics, fixed evaluation),
+`config` (settings), `data` (dataset checks and samples), `noise` (latents, noise, timesteps), `validation`
+(sample images through `DynamicIDPipeline`), `eval_hook` (benchmark manifest). The conditioning itself is
+`dynamicid.models.conditioning`, shared with inference.
 """

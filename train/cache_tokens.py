@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from dynamicid.models import load_dynamicid
-from dynamicid.models.base import load_base_model
-from dynamicid.models.checkpoints import read_safetensors, write_safetensors
-from dynamicid.train.conditioning import clip_normalised, clip_states
+from dynamicid.models.base import base_model_family, load_base_model
+from dynamicid.models.checkpoints import check_base_family, read_safetensors, write_safetensors
+from dynamicid.models.conditioning import Conditioner
 from dynamicid.train.data import (
     TOKEN_CACHE_COLUMNS,
     clip_tensor,
@@ -64,6 +64,7 @@ def cache_tokens(
     id_model, id_dim = embedding_info(rows, dataset)
     weights = load_dynamicid(anchor)
     check_anchor_fits(weights, dataset, id_model, id_dim)
+    check_base_family(weights.metadata.base_family, base_model_family(base_model), str(anchor))
     base = load_base_model(base_model, image_encoder)
     if base.clip_dim != weights.metadata.clip_embed_dim:
         raise ValueError(
@@ -73,12 +74,13 @@ def cache_tokens(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base.image_encoder.to(device)
     face_encoder = weights.build_face_encoder().to(device).eval()
+    conditioner = Conditioner.from_parts(base)
     tokens = []
     for start in tqdm(range(0, len(rows), batch_size), desc="cache-tokens", unit="batch", disable=not progress):
         batch = rows.select(range(start, min(start + batch_size, len(rows))))
         clip = torch.stack([clip_tensor(decode_image(r["image"]), r["kps5"]) for r in batch])
         embeds = torch.tensor(list(batch["embedding"]), dtype=torch.float32, device=device)
-        tokens.append(face_encoder(embeds, clip_states(base, clip_normalised(base, clip))).float().cpu())
+        tokens.append(face_encoder(*conditioner.face_encoder_inputs(clip, embeds)).float().cpu())
     out = Path(output) / TOKENS_FILE
     header = {
         "dataset_fingerprint": dataset_fingerprint(rows),

@@ -95,7 +95,9 @@ def anchor(config_file: str | None, **values) -> None:
 @click.option("--anchor", "anchor_weights", required=True, type=click.Path(dir_okay=False), help="anchoring weights")
 @click.option("--dataset", required=True, type=click.Path(), help="curated dataset folder")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="token cache folder to write")
-@click.option("--base-model", required=True, help="SD 1.5 folder or 'tiny-random' (the CLIP encoder's companion)")
+@click.option(
+    "--base-model", required=True, help="SD 1.5/SDXL folder or 'tiny-random(-sdxl)' (the CLIP encoder's companion)"
+)
 @click.option("--image-encoder", default=None, help="CLIP vision model folder; default <base-model>/image_encoder")
 @click.option("--batch-size", default=16, show_default=True, type=AtLeast(1), help="rows per forward pass")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar on stderr")

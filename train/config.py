@@ -33,7 +33,7 @@ class TrainConfig:
     """Settings both stages share (the diffusers training-example knobs)."""
 
     base_model: str = knob(
-        "", "Stable Diffusion 1.5 folder (diffusers layout), or 'tiny-random' (a CPU smoke-run FAKE)"
+        "", "SD 1.5 or SDXL folder (diffusers layout), or 'tiny-random' / 'tiny-random-sdxl' (CPU smoke-run FAKEs)"
     )
     image_encoder: str | None = knob(None, "CLIP vision model folder (ViT-H/14); default <base-model>/image_encoder")
     dataset: str = knob("", "curated dataset folder (dynamicid-curate output), read with datasets.load_dataset")
@@ -108,7 +108,7 @@ class ReconfigureConfig(TrainConfig):
 ConfigT = TypeVar("ConfigT", bound=TrainConfig)
 
 # With the tiny-random FAKE base, settings not given default to sizes that fit it (smoke files of a few MB,
-# steps in a fraction of a second) instead of SD 1.5's; "tiny-random" is models.base.TINY_RANDOM.
+# steps in a fraction of a second) instead of SD 1.5's; the names are models.base.TINY_BASES.
 SMOKE_DEFAULTS = {
     "resolution": 64,
     "lora_rank": 4,
@@ -140,11 +140,11 @@ def resolve_config(
             raise ValueError(f"--config {path}: unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("base_model") == "tiny-random":
+    if values.get("base_model") in ("tiny-random", "tiny-random-sdxl"):  # models.base.TINY_BASES, without torch
         smoke = {k: v for k, v in SMOKE_DEFAULTS.items() if k in names and k not in values}
         if smoke and announce is not None:
             announce(
-                f"tiny-random base: {' '.join(f'{flag(k)} {v}' for k, v in smoke.items())} (give them to override)"
+                f"{values['base_model']} base: {' '.join(f'{flag(k)} {v}' for k, v in smoke.items())} (give them to override)"
             )
         values = {**smoke, **values}
     config = cls(**values)

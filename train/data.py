@@ -2,7 +2,7 @@
 
 Every label comes from the dataset's columns (never recomputed here): the identity embedding (`embedding`),
 the 5 keypoints (`kps5`), the dense landmarks, the caption and the face prompt. Images leave the loader as
-uint8 (4x less to copy); they are scaled and normalised on the device (`dynamicid.train.conditioning`).
+uint8 (4x less to copy); they are scaled and normalised on the device (`dynamicid.models.conditioning`).
 
 The CLIP image encoder sees `arcface_align(crop, kps5, size=224)`: the 512 crop's face aligned by its 5 keypoints
 onto the ArcFace template at 224x224, then CLIP's mean/std normalisation with no further resize or crop. Inference
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from dynamicid.models.base import CLIP_IMAGE_SIZE
 
 ANCHOR_COLUMNS = ("image", "kps5", "embedding", "embedding_model", "caption")
 TOKEN_CACHE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "embedding_model")
-RECONFIGURE_COLUMNS = ("identity", "source_sha256", "image", "landmarks", "face_prompt")
+# kps5 and embedding: the sample images go through the pipeline, which encodes the source face itself.
+RECONFIGURE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "landmarks", "face_prompt")
 
 
 def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
@@ -106,27 +108,25 @@ def landmark_map(landmarks: Any, crop_size: int) -> torch.Tensor:
 
 
 class Tokenize:
-    """Caption -> padded token ids, memoised (a dataset has few distinct captions)."""
+    """Caption -> padded token ids of the base family (`Conditioner.token_ids`), memoised (few distinct captions)."""
 
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
+    def __init__(self, token_ids: Callable[[list[str]], torch.Tensor]):
+        self.token_ids = token_ids
         self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, text: str) -> torch.Tensor:
         if text not in self.cache:
-            ids = self.tokenizer(
-                text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-            ).input_ids
-            self.cache[text] = torch.tensor(ids, dtype=torch.long)
+            self.cache[text] = self.token_ids([text])[0].long()
         return self.cache[text]
 
 
 class AnchorSamples(torch.utils.data.Dataset):
     """One curated row -> the anchoring stage's tensors."""
 
-    def __init__(self, dataset: Any, tokenizer: Any, resolution: int):
+    def __init__(self, dataset: Any, token_ids: Callable[[list[str]], torch.Tensor], resolution: int):
+        """`token_ids`: the base family's tokenization, `Conditioner.from_parts(base).token_ids`."""
         self.dataset = dataset
-        self.tokenize = Tokenize(tokenizer)
+        self.tokenize = Tokenize(token_ids)
         self.resolution = resolution
 
     def __len__(self) -> int:

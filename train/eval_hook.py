@@ -19,9 +19,9 @@ from dynamicid.evaluate import Case, FaceScorer, measure, write_scores
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline
 from dynamicid.infer.manifest import ManifestRow, read_manifest
-from dynamicid.models import configure_saa
 from dynamicid.models.base import BaseModel
 from dynamicid.train.config import TrainConfig
+from dynamicid.train.validation import training_pipeline
 
 GROUPS = ("all", "single_id", "multi_id")
 
@@ -29,10 +29,9 @@ GROUPS = ("all", "single_id", "multi_id")
 class ManifestEvaluation:
     """Generates and scores a benchmark manifest on the main process; the others get no figures."""
 
-    def __init__(self, config: TrainConfig, base: BaseModel, accelerator: Any, training_saa: dict[str, Any]):
-        """`training_saa`: the stage's own `configure_saa` settings, restored after generating."""
+    def __init__(self, config: TrainConfig, base: BaseModel, accelerator: Any):
         self.rows: list[ManifestRow] = read_manifest(config.eval_manifest)
-        self.config, self.base, self.accelerator, self.training_saa = config, base, accelerator, training_saa
+        self.config, self.base, self.accelerator = config, base, accelerator
         self.analyzer = FaceAnalyzer("auto") if accelerator.is_main_process else None
 
     @torch.no_grad()
@@ -47,20 +46,9 @@ class ManifestEvaluation:
             return {}
         folder = Path(self.config.output_dir) / "eval" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        modules = [m for m in (face_encoder, imr, keypoint_encoder) if m is not None]
-        modes = [m.training for m in modules]
-        for module in modules:
-            module.eval()
-        try:
-            pipe = DynamicIDPipeline.from_base(self.base)
-            pipe.set_progress_bar_config(disable=True)
-            pipe.set_dynamicid(face_encoder, imr, keypoint_encoder, face_analyzer=self.analyzer)
-            with self.accelerator.autocast():
-                cases = [self._generate(pipe, row, folder, can_edit=imr is not None) for row in self.rows]
-        finally:
-            configure_saa(self.base.unet, **self.training_saa)
-            for module, mode in zip(modules, modes, strict=True):
-                module.train(mode)
+        modules = (face_encoder, imr, keypoint_encoder)
+        with training_pipeline(self.base, self.accelerator, *modules, face_analyzer=self.analyzer) as pipe:
+            cases = [self._generate(pipe, row, folder, can_edit=imr is not None) for row in self.rows]
         scores = measure(cases, FaceScorer(self.analyzer))
         write_scores(scores, cases, folder)
         return {

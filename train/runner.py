@@ -1,4 +1,10 @@
-"""What both stages share: the Accelerator, the run state, data order, checkpoints, metrics.
+"""The one training loop both stages plug into (`run_stage(Stage)`), and what it is made of: the Accelerator,
+the run state, data order, checkpoints, metrics, the fixed evaluation.
+
+A stage (`train/anchor.py`, `train/reconfigure.py`) builds its models and hands over a `Stage`: the module that
+holds what is trained, its samples, the batch -> losses function, and how its weights are saved and loaded. The
+accelerate sequence (prepare, save/load hooks, resume, evaluation cadence, sample images, checkpoints, final
+weights) is written here once.
 
 A run folder holds `config.yaml` (resolved settings), `checkpoints/checkpoint-<step>/` (accelerate state:
 optimizer, scheduler, run state; plus `weights.safetensors` in the project's format), `weights.safetensors`
@@ -12,7 +18,9 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynamicid.models import load_dynamicid, save_dynamicid
+from dynamicid.models.base import BaseModel, load_base_model
+from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import TrainConfig, write_config
 
 CHECKPOINTS = "checkpoints"
@@ -272,6 +283,27 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch.dtype, BaseModel]:
+    """(Accelerator, the frozen parts' dtype, the base) once the stage's inputs are checked: seeds, loads the base
+    unless given, then makes the run folder (only once the inputs and the base model are fine)."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    accelerator.print(accelerator.state)
+    set_seed(config.seed)
+    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    start_run(accelerator, config)
+    return accelerator, weight_dtype(accelerator), base
+
+
+def cast_frozen(base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32."""
+    for module in (base.unet, base.vae, base.text_encoder, base.image_encoder):
+        module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
+    for p in trainable_parameters(model):
+        p.data = p.data.float()
+
+
 def clip_and_step(accelerator: Any, config: TrainConfig, parameters, optimizer, scheduler) -> None:
     if accelerator.sync_gradients and config.max_grad_norm > 0:
         accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -282,3 +314,166 @@ def clip_and_step(accelerator: Any, config: TrainConfig, parameters, optimizer, 
 
 def mean_over_processes(accelerator: Any, value: torch.Tensor) -> float:
     return float(accelerator.gather(value.detach().float()[None]).mean())
+
+
+Losses = Callable[[nn.Module, Any, torch.Generator, bool], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Stage:
+    """What a training stage plugs into `run_stage`.
+
+    Args:
+        name: the stage's name (trackers, progress bar).
+        model: the module whose `requires_grad` parameters are trained; the losses call it.
+        samples: the training samples; `collate_fn` batches them (None: torch's default).
+        losses: (model, batch, generator, training) -> named scalar losses; "loss" is the one optimised, all are
+            logged. `training` is False for the fixed evaluation (no condition drops).
+        eval_samples: the samples the fixed evaluation takes its first `eval_samples` from.
+        metadata: the weights' metadata (`dynamicid.models.save_dynamicid`).
+        saved_parts: the modules of `model` that are saved, by `save_dynamicid` argument (face_encoder, unet for
+            SAA, imr, keypoint_encoder); checkpoints and the final weights hold them, resumes load them strictly.
+        batch_rows: the dataset rows of a batch (--record-samples).
+        sample_images: images of the model as it is (main process, every --validation-steps).
+        bench: --eval-manifest figures of the model at a step (main process; {} elsewhere).
+    """
+
+    name: str
+    model: nn.Module
+    samples: torch.utils.data.Dataset
+    losses: Losses
+    eval_samples: torch.utils.data.Dataset
+    metadata: CheckpointMetadata
+    saved_parts: Callable[[nn.Module], dict[str, nn.Module]]
+    batch_rows: Callable[[Any], torch.Tensor]
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    sample_images: Callable[[nn.Module], list[Any]] | None = None
+    bench: Callable[[int, nn.Module], dict[str, float]] | None = None
+
+    def save(self, model: nn.Module, path: Path) -> Path:
+        return save_dynamicid(path, metadata=self.metadata, **self.saved_parts(model))
+
+    def load(self, model: nn.Module, path: Path) -> None:
+        load_dynamicid(path).load_into(**self.saved_parts(model))
+
+
+class FixedEvaluation:
+    """The stage's losses on fixed samples with fixed noise and timesteps (seed + 7919), no drops, eval mode:
+    comparable across steps and runs, and independent of the training randomness (resumes stay exact)."""
+
+    def __init__(self, losses: Losses, batch: Any, seed: int):
+        self.losses, self.batch, self.seed = losses, batch, seed + 7919
+
+    @classmethod
+    def first(cls, stage: Stage, count: int, seed: int, device: torch.device) -> FixedEvaluation:
+        from accelerate.utils import send_to_device
+        from torch.utils.data import default_collate
+
+        samples = [stage.eval_samples[i] for i in range(min(count, len(stage.eval_samples)))]
+        batch = (stage.collate_fn or default_collate)(samples)
+        return cls(stage.losses, send_to_device(batch, device), seed)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        with eval_mode(model):  # BatchNorm on its running statistics
+            values = self.losses(model, self.batch, torch.Generator().manual_seed(self.seed), False)
+        return {f"eval_{name}": float(value) for name, value in values.items()}
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """The modules in eval mode for the block; afterwards every submodule gets its own mode back (frozen parts
+    inside a trained model stay in eval mode)."""
+    modes = {m: m.training for module in modules if module is not None for m in module.modules()}
+    for module in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def run_stage(accelerator: Any, config: TrainConfig, stage: Stage) -> Path:
+    """Train `stage` (or resume it) to config.max_steps; returns RUN/weights.safetensors.
+
+    The order of diffusers' training examples: optimizer, data, prepare, save/load hooks, resume, loop (log,
+    evaluate, sample images, checkpoint), final evaluation and weights.
+    """
+    parameters = trainable_parameters(stage.model)
+    optimizer, scheduler = make_optimizer(config, parameters, accelerator.num_processes)
+    loader = make_loader(stage.samples, config, accelerator.num_processes, stage.collate_fn)
+    model, optimizer, loader, scheduler = accelerator.prepare(stage.model, optimizer, loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def save_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()  # the project's weights file replaces accelerate's model file
+        if accelerator.is_main_process:
+            stage.save(accelerator.unwrap_model(models[0]), Path(output_dir) / WEIGHTS)
+
+    def load_weights(models: list, input_dir: str) -> None:
+        stage.load(accelerator.unwrap_model(models.pop()), Path(input_dir) / WEIGHTS)
+
+    accelerator.register_save_state_pre_hook(save_weights)
+    accelerator.register_load_state_pre_hook(load_weights)
+    state = RunState(accelerator, config.seed)
+    accelerator.register_for_checkpointing(state)
+    resume = resume_dir(config)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+
+    metrics = Metrics(accelerator, config, stage.name)
+    evaluation = FixedEvaluation.first(stage, config.eval_samples, config.seed, accelerator.device)
+
+    def evaluate(step: int) -> dict[str, float]:
+        return evaluation(unwrapped) | (stage.bench(step, unwrapped) if stage.bench else {})
+
+    if state.step == 0:
+        metrics.log(evaluate(0), 0)
+    progress = Progress(accelerator, config, stage.name, state.step)
+    sampling = stage.sample_images is not None and config.validation_steps > 0 and accelerator.is_main_process
+    for batch in epochs(accelerator, loader, state):
+        if state.step >= config.max_steps:
+            break
+        with accelerator.accumulate(model):
+            losses = stage.losses(model, batch, state.generator, True)
+            accelerator.backward(losses["loss"])
+            clip_and_step(accelerator, config, parameters, optimizer, scheduler)
+        metrics.record(state.step + 1, stage.batch_rows(batch))
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        values = {name: mean_over_processes(accelerator, value) for name, value in losses.items()}
+        values["lr"] = scheduler.get_last_lr()[0]
+        metrics.log(values, state.step)
+        progress.update(values)
+        if config.eval_steps and state.step % config.eval_steps == 0:
+            metrics.log(evaluate(state.step), state.step)
+        if sampling and state.step % config.validation_steps == 0:
+            save_samples(accelerator, stage.sample_images(unwrapped), config.output_dir, state.step)
+        if state.step % config.checkpointing_steps == 0:
+            progress.note(f"step {state.step}: checkpoint {save_checkpoint(accelerator, config, state.step)}")
+
+    if not config.eval_steps or state.step % config.eval_steps:
+        metrics.log(evaluate(state.step), state.step)
+    progress.close()
+    accelerator.wait_for_everyone()
+    out = Path(config.output_dir) / WEIGHTS
+    if accelerator.is_main_process:
+        stage.save(unwrapped, out)
+    accelerator.end_training()
+    return out
+
+
+def save_samples(accelerator: Any, images: list[Any], output_dir: str | Path, step: int) -> Path:
+    """PNG files under samples/step-<N>/ and, with TensorBoard, an image grid in the logs."""
+    folder = Path(output_dir) / "samples" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:02d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("samples", stacked, step, dataformats="NHWC")
+    return folder

@@ -1,67 +1,73 @@
-"""Sample images during training: a small DDIM loop with classifier-free guidance, on the main process.
+"""Images made during training by `DynamicIDPipeline` with the modules being trained, as diffusers' training
+examples call their pipeline in `log_validation`: the sample images (--validation-steps) and the benchmark
+manifest (--eval-manifest) go through the conditioning, boxes, boost and IMR path of inference, so they show
+what these weights give a user.
 
-Fixed references (the dataset's first rows) and a fixed seed, so the images of successive steps compare.
+References are curated rows (`Reference.from_crop`: the crop, its keypoints, landmarks, ID embedding and face
+prompt, no face analysis) and the seed is fixed, so the images of successive steps compare.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
+from dynamicid.infer import DynamicIDPipeline, Person, pipeline_for
+from dynamicid.infer.references import Reference
 from dynamicid.models.base import BaseModel
+from dynamicid.schemas import parse_face_prompt
+from dynamicid.train.config import TrainConfig
+from dynamicid.train.data import decode_image
+from dynamicid.train.runner import eval_mode
 
 
-@torch.no_grad()
-def sample_images(
+@contextmanager
+def training_pipeline(
     base: BaseModel,
-    unet: Any,
-    text: torch.Tensor,
-    uncond_text: torch.Tensor,
-    id_tokens: torch.Tensor,
-    uncond_id_tokens: torch.Tensor,
-    *,
-    size: int,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-) -> list[Image.Image]:
-    """One image per row of `text` (B, 77, C) / `id_tokens` (B, tokens, C); SAA must be configured already."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
-    scheduler.set_timesteps(steps)
-    count = text.shape[0]
-    dtype = next(unet.parameters()).dtype
-    device = text.device
-    shape = (count, unet.config.in_channels, size // base.vae_scale_factor, size // base.vae_scale_factor)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-    latents = latents * scheduler.init_noise_sigma
-    cond = torch.cat([text, id_tokens.to(text.dtype)], dim=1)
-    uncond = torch.cat([uncond_text.expand(count, -1, -1), uncond_id_tokens.to(text.dtype).expand(count, -1, -1)], 1)
-    states = torch.cat([uncond, cond]).to(dtype)
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise_uncond, noise_cond = unet(model_input, t, encoder_hidden_states=states).sample.chunk(2)
-        noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise, t, latents).prev_sample
-    vae = base.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(image)) for image in images]
+    accelerator: Any,
+    face_encoder: nn.Module,
+    imr: nn.Module | None = None,
+    keypoint_encoder: nn.Module | None = None,
+    face_analyzer: Any | None = None,
+) -> Iterator[DynamicIDPipeline]:
+    """A pipeline over the base and the given modules, in eval mode and the run's mixed precision; afterwards
+    the modules' modes are restored."""
+    pipe = pipeline_for(base)  # the base family's sibling (DynamicIDPipeline, DynamicIDXLPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_dynamicid(face_encoder, imr, keypoint_encoder, face_analyzer=face_analyzer)
+    # Trained parts are float32, frozen ones in the run's mixed-precision type.
+    with eval_mode(face_encoder, imr, keypoint_encoder), torch.no_grad(), accelerator.autocast():
+        yield pipe
 
 
-def save_samples(accelerator: Any, images: list[Image.Image], output_dir: str | Path, step: int) -> Path:
-    """PNG files under samples/step-<N>/ and, with TensorBoard, an image grid in the logs."""
-    folder = Path(output_dir) / "samples" / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(folder / f"{i:02d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])
-            tracker.writer.add_images("samples", stacked, step, dataformats="NHWC")
-    return folder
+def row_reference(row: dict[str, Any], index: int) -> Reference:
+    """A curated row (undecoded image column) as the pipeline's reference, labelled by its face prompt if any."""
+    expression, pose = parse_face_prompt(row["face_prompt"]) if row.get("face_prompt") else (None, None)
+    return Reference.from_crop(
+        decode_image(row["image"]),
+        kps5=row["kps5"],
+        embedding=row["embedding"],
+        landmarks=row.get("landmarks"),
+        expression=expression,
+        pose=pose,
+        source=f"dataset row {index}",
+    )
+
+
+def sample_image(pipe: DynamicIDPipeline, prompt: str, people: list[Person], config: TrainConfig) -> Image.Image:
+    """One square image at the training resolution with the run's validation settings and seed."""
+    size = config.resolution
+    return pipe(
+        prompt,
+        people,
+        height=size,
+        width=size,
+        num_inference_steps=config.validation_inference_steps,
+        guidance_scale=config.validation_guidance_scale,
+        generator=torch.Generator().manual_seed(config.seed),
+    ).images[0]

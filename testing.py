@@ -1,0 +1,314 @@
+"""FAKE models for smoke runs, tests and benchmarks: seeded, randomly initialised, tiny, never downloaded.
+
+- `build_tiny_random("tiny-random")`: a base with SD 1.5's structure (8x VAE, cross-attention UNet, one CLIP
+  text tower, CLIP vision tower) but tiny widths.
+- `build_tiny_random("tiny-random-sdxl")`: a base with SDXL's structure: two CLIP text towers (the second with
+  a projection) whose states are concatenated, a UNet with SDXL's block layout (no attention in the first block,
+  several transformer layers per attention block, linear projections) that also takes the pooled text and the
+  size ids (`added_cond_kwargs`).
+- `random_parts(base, analyzer)`: DynamicID modules (SAA in the base's UNet, face encoder, IMR, keypoint
+  encoder) with the widths of a base and a face backend; `save_random_weights` / `save_release_layout` /
+  `save_ip_adapter_faceid` write them in our format, the release's `.bin` layout, or IP-Adapter FaceID-PlusV2's
+  layout (`image_proj` + index-keyed `ip_adapter`, the layout of its SD 1.5 and SDXL files alike).
+
+They produce noise, never images of anyone; `load_base_model` builds a tiny base only when asked for by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, install_saa, saa_processors
+from dynamicid.models.base import CLIP_IMAGE_SIZE, TINY_BASES, TINY_RANDOM, TINY_RANDOM_SDXL, BaseModel
+from dynamicid.models.checkpoints import save_dynamicid
+from dynamicid.schemas import CheckpointMetadata
+
+# ---- tiny bases ----
+
+TINY_TEXT_WIDTH = 32
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode alphabet: one printable character per byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def build_tiny_tokenizer() -> Any:
+    """A CLIP tokenizer with a character-level vocabulary (no merges): real tokenization, no downloaded files."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_level_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def _tiny_unet(family: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    shared = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 8}
+    if family == TINY_RANDOM:
+        return UNet2DConditionModel(
+            **shared,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_TEXT_WIDTH,
+            attention_head_dim=8,
+        )
+    # SDXL's layout at tiny widths (diffusers' own SDXL test components): the states of both text encoders side
+    # by side, text_embeds (pooled, projected) + 6 size ids of addition_time_embed_dim each.
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        **shared,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * TINY_TEXT_WIDTH,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=TINY_TEXT_WIDTH + 6 * time_embed_dim,
+    )
+
+
+def _tiny_text_encoder(tokenizer: Any, with_projection: bool) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_TEXT_WIDTH,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TINY_TEXT_WIDTH,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def _tiny_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _tiny_image_encoder() -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            image_size=CLIP_IMAGE_SIZE,
+            patch_size=32,
+            projection_dim=32,
+        )
+    )
+
+
+def build_tiny_random(name: str = TINY_RANDOM, *, seed: int = 0, with_image_encoder: bool = True) -> BaseModel:
+    """The tiny-random FAKE base `name` ("tiny-random" or "tiny-random-sdxl"), seeded, global RNG untouched."""
+    from diffusers import DDPMScheduler
+
+    if name not in TINY_BASES:
+        raise ValueError(f"unknown tiny base {name!r}; expected one of {TINY_BASES}")
+    tokenizer = build_tiny_tokenizer()
+    sdxl = name == TINY_RANDOM_SDXL
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet(name)
+        vae = _tiny_vae()
+        text_encoder = _tiny_text_encoder(tokenizer, with_projection=False)
+        text_encoder_2 = _tiny_text_encoder(tokenizer, with_projection=True) if sdxl else None
+        image_encoder = _tiny_image_encoder() if with_image_encoder else None
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return BaseModel(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        image_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer if sdxl else None,
+        name=name,
+    )
+
+
+# ---- random DynamicID weights ----
+
+
+@dataclass
+class RandomParts:
+    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors."""
+
+    face_encoder: FaceEncoder
+    unet: nn.Module
+    imr: IMR
+    keypoint_encoder: KeypointEncoder
+    metadata: CheckpointMetadata
+
+
+def random_parts(
+    base: BaseModel, analyzer: Any, *, lora_rank: int = 4, imr_dim: int = 64, seed: int = 0
+) -> RandomParts:
+    """Install SAA on `base.unet` (LoRA `up` weights random, not zero, so the LoRA path is exercised) and build
+    the rest with the widths of `base` (pooled text, CLIP, cross-attention) and of `analyzer`'s ID embedding
+    (a `dynamicid.faces.FaceAnalyzer`).
+
+    The IMR uses 64-wide heads, as the release's files imply, so these parts also round-trip through the
+    release layout.
+    """
+    unet, clip_dim, cross_attention_dim = base.unet, base.clip_dim, base.cross_attention_dim
+    id_embed_dim, id_embed_model = analyzer.embedding_dim, analyzer.embedding_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        install_saa(unet, rank=lora_rank, num_tokens=4)
+        for processor in saa_processors(unet).values():
+            for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
+                nn.init.normal_(lora.up.weight, std=0.02)
+        face_encoder = FaceEncoder(
+            cross_attention_dim=cross_attention_dim,
+            id_embeddings_dim=id_embed_dim,
+            clip_embeddings_dim=clip_dim,
+            num_tokens=4,
+        )
+        imr = IMR(
+            dim=imr_dim,
+            dim_head=64,
+            heads=max(1, imr_dim // 64),
+            embedding_dim=cross_attention_dim,
+            txt_dim=base.pooled_dim,
+            ff_mult=2,
+            depth=1,
+        )
+        keypoint_encoder = KeypointEncoder(cross_attention_dim)
+    metadata = CheckpointMetadata(
+        base_family=base.family,
+        cross_attention_dim=cross_attention_dim,
+        lora_rank=lora_rank,
+        num_tokens=4,
+        id_embed_model=id_embed_model,
+        id_embed_dim=id_embed_dim,
+        clip_embed_dim=clip_dim,
+        imr_depth=1,
+        imr_dim=imr_dim,
+        keypoint_dim=cross_attention_dim,
+        source="random",
+    )
+    return RandomParts(face_encoder.eval(), unet, imr.eval(), keypoint_encoder.eval(), metadata)
+
+
+def save_random_weights(parts: RandomParts, path: str | Path) -> Path:
+    """Our safetensors format, all four parts in one file."""
+    return save_dynamicid(
+        path,
+        metadata=parts.metadata,
+        face_encoder=parts.face_encoder,
+        unet=parts.unet,
+        imr=parts.imr,
+        keypoint_encoder=parts.keypoint_encoder,
+    )
+
+
+def index_keyed_saa(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """SAA weights keyed `<i>.<param>` with i the position in `unet.attn_processors` (the release's and
+    IP-Adapter's `torch.nn.ModuleList(unet.attn_processors.values())` layout)."""
+    return {
+        f"{index}.{key}": tensor
+        for index, processor in enumerate(saa_processors(unet).values())
+        for key, tensor in processor.state_dict().items()
+    }
+
+
+def save_release_layout(parts: RandomParts, folder: str | Path) -> dict[str, Path]:
+    """The release's three `.bin` files: SAA (`SAA_module` index-keyed in attn_processors order + `proj_module`,
+    nested dicts), IMR (`IMR.` keys) and keypoint encoder (`key_point_encoder.` keys)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "saa": (
+            folder / "SAA.bin",
+            {"SAA_module": index_keyed_saa(parts.unet), "proj_module": parts.face_encoder.state_dict()},
+        ),
+        "imr": (folder / "IMR.bin", {f"IMR.{k}": v for k, v in parts.imr.state_dict().items()}),
+        "keypoint_encoder": (
+            folder / "KPE.bin",
+            {f"key_point_encoder.{k}": v for k, v in parts.keypoint_encoder.state_dict().items()},
+        ),
+    }
+    for path, state in files.values():
+        torch.save(state, path)
+    return {role: path for role, (path, _) in files.items()}
+
+
+def save_ip_adapter_faceid(unet: nn.Module, face_encoder: FaceEncoder, path: str | Path) -> Path:
+    """An IP-Adapter FaceID-Plus(V2) checkpoint of SAA-carrying `unet` and `face_encoder`: `image_proj.*` (the
+    ProjPlus model) and `ip_adapter.<i>.*` (LoRA + IP processors in attn_processors order), as its `.bin`
+    (nested dicts) or `.safetensors` (flat prefixed keys) files hold them. Its SDXL files have this layout with
+    the SDXL UNet's processors and cross_attention_dim 2048."""
+    path = Path(path)
+    image_proj = {k: v.detach().clone().contiguous() for k, v in face_encoder.state_dict().items()}
+    ip_adapter = {k: v.detach().clone().contiguous() for k, v in index_keyed_saa(unet).items()}
+    if path.suffix == ".safetensors":
+        flat = {f"image_proj.{k}": v for k, v in image_proj.items()} | {
+            f"ip_adapter.{k}": v for k, v in ip_adapter.items()
+        }
+        save_file(flat, str(path))
+    else:
+        torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
+    return path
+
+
+def plain_pipeline(base: BaseModel, scheduler: Any | None = None) -> Any:
+    """diffusers' own pipeline of `base`'s family over its parts, without DynamicID."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = base.components() | {"scheduler": scheduler or base.noise_scheduler}
+    if base.family == "sdxl":
+        return StableDiffusionXLPipeline(**parts)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def plain_images(
+    base: BaseModel, scheduler: Any, prompt: str, *, height: int, width: int, steps: int, seed: int
+) -> Any:
+    """Images (N, H, W, 3) of `plain_pipeline` at guidance 5 (the release's): what a DynamicID pipeline computes
+    with the ID branch off and the LoRA weights at zero."""
+    pipe = plain_pipeline(base, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    settings = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": 5.0}
+    return pipe(prompt, **settings, generator=generator, output_type="np").images

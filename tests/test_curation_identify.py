@@ -1,0 +1,48 @@
+"""Which face of each photo is the folder's person (`identify.folder_person`), on the real photos.
+
+Each folder is an identities/ folder with other people's photos salted in (as in test_curation_dataset) and the
+group photo of that person; every face of every photo is described by the embedded backend.
+"""
+
+import numpy as np
+import pytest
+
+from dynamicid.curation.identify import folder_person
+from dynamicid.curation.neighbors import cosine_threshold
+from dynamicid.faces import FaceAnalyzer, load_image
+
+FOLDERS = {
+    "Colin_Powell": ["Junichiro_Koizumi/Junichiro_Koizumi_0001.jpg"],
+    "biden": ["Hugo_Chavez/Hugo_Chavez_0001.jpg", "Hugo_Chavez/Hugo_Chavez_0002.jpg", "group:two_people.jpg"],
+    "kit_harington": ["Serena_Williams/Serena_Williams_0001.jpg", "group:kit_with_rose.jpg"],
+}
+GENUINE_OUTLIER = "Colin_Powell/Colin_Powell_0034.jpg"  # a soft, low-contrast LFW crop that matched 2 of 39
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return FaceAnalyzer("embedded")
+
+
+@pytest.mark.parametrize("identity", FOLDERS)
+def test_the_folders_person_is_kept_and_salted_people_are_not(shared_faces, analyzer, identity):
+    own = sorted(f"{identity}/{p.name}" for p in (shared_faces / "identities" / identity).iterdir())
+    files = own + FOLDERS[identity]
+    embeddings = []
+    for file in files:
+        path = shared_faces / "group_photos" / file[6:] if file.startswith("group:") else shared_faces / "identities"
+        image = load_image(path if file.startswith("group:") else path / file)
+        embeddings.append(np.stack([face.embedding for face in analyzer.analyze(image)]))
+    same_cos = cosine_threshold(analyzer.distance, analyzer.same_person_threshold, analyzer.embedding_dim)
+    verdicts = dict(zip(files, folder_person(embeddings, same_cos), strict=True))
+    for file, verdict in verdicts.items():
+        print(f"{file}: face {verdict.face}, mean similarity to the person's nearest {verdict.similarity:.4f}")
+    print(f"needed: {same_cos:.4f}")
+    assert all(verdicts[file].face is not None for file in own), identity  # GENUINE_OUTLIER among them
+    for file in FOLDERS[identity]:
+        if file.startswith("group:"):
+            assert verdicts[file].face is not None, file  # checked to be the right face in test_curation_dataset
+        else:
+            assert verdicts[file].face is None, file
+    if identity == "Colin_Powell":
+        assert verdicts[GENUINE_OUTLIER].face == 0
