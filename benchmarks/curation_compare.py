@@ -1,76 +1,121 @@
-"""End-to-end `dynamicid-curate build` of two checkouts side by side: interleaved runs, one core each, CPU and wall.
+"""End-to-end `dynamicid-curate build` of two checkouts (or worker counts) side by side: interleaved runs, CPU and wall.
 
     .venv/bin/python benchmarks/curation_compare.py --base "" --new ../pp-faces [--photos PHOTOS] [--repeats 2]
+    .venv/bin/python benchmarks/curation_compare.py --base ../pp-x --new ../pp-x --new-workers 2
 
 `--base` and `--new` are PYTHONPATH values ("" is the installed package) so the same interpreter runs two versions
-of the toolkit. Runs alternate base, new, base, new, ... each into a fresh output folder with `--workers 1
---no-resume`, pinned to one core (`taskset`). Printed per run: user+sys CPU seconds and wall seconds (children
-included); then each side's median images per CPU-second and per wall-second, and the ratios new / base. On a
-shared machine the CPU figure is the fair one: wall time also counts the other people's load.
+of the toolkit. Runs alternate base, new, base, new, ... each into a fresh output folder with `--no-resume` and
+that side's `--workers`, pinned with `taskset` to as many cores as it has workers. Printed per run: user+sys CPU
+seconds of the driver and of its worker processes, and wall seconds; then each side's median images per
+CPU-second, per wall-second, and per "critical-path second" (driver CPU + worker CPU / workers: the wall time
+on idle cores if the workers share the work evenly and the driver does not overlap them), and the ratios new /
+base. On a shared machine the CPU figures are the fair ones: wall time also counts the other people's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "identities"
 
+# Runs the CLI in the child and reports its own CPU time and that of its (waited-for) worker processes.
+WRAPPER = """
+import json, resource, sys
+from dynamicid.curation.cli import main
+def cpu(who):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+try:
+    main(sys.argv[1:])
+finally:
+    print(json.dumps({"driver": cpu(resource.RUSAGE_SELF), "workers": cpu(resource.RUSAGE_CHILDREN)}), file=sys.stderr)
+"""
 
-def run_build(pythonpath: str, photos: Path, out: Path, core: int) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one `dynamicid-curate build`."""
+
+@dataclass
+class Timing:
+    driver: float  # CPU seconds of the build's own process
+    workers: float  # CPU seconds of its worker processes
+    wall: float
+    count: int  # --workers
+
+    @property
+    def cpu(self) -> float:
+        return self.driver + self.workers
+
+    @property
+    def critical_path(self) -> float:
+        return self.driver + self.workers / self.count if self.workers else self.driver
+
+
+def run_build(pythonpath: str, photos: Path, out: Path, cores: list[int], workers: int) -> Timing:
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    command = ["taskset", "-c", str(core), sys.executable, "-m", "dynamicid.curation.cli", "build", str(photos)]
-    command += [str(out), "--workers", "1", "--no-resume", "--no-progress", "--json"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", WRAPPER, "build", str(photos)]
+    command += [str(out), "--workers", str(workers), "--no-resume", "--no-progress", "--json"]
     start = time.perf_counter()
     result = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         sys.exit(
             f"benchmarks/curation_compare.py: build with PYTHONPATH={pythonpath!r} failed:\n{result.stderr[-2000:]}"
         )
-    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, wall
+    usage = json.loads(result.stderr.strip().splitlines()[-1])
+    return Timing(usage["driver"], usage["workers"], wall, workers)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="", help="PYTHONPATH of the reference version ('' = installed)")
     parser.add_argument("--new", required=True, help="PYTHONPATH of the version to compare")
+    parser.add_argument("--base-workers", type=int, default=1, help="--workers of the base runs")
+    parser.add_argument("--new-workers", type=int, default=1, help="--workers of the new runs")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="PHOTOS_DIR of the build")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side")
-    parser.add_argument("--core", type=int, default=sorted(os.sched_getaffinity(0))[-1], help="CPU to pin to")
     args = parser.parse_args()
     if not args.photos.is_dir():
         parser.error(f"--photos {args.photos}: no such folder")
+    available = sorted(os.sched_getaffinity(0))
+    for flag, count in (("--base-workers", args.base_workers), ("--new-workers", args.new_workers)):
+        if not 1 <= count <= len(available):
+            parser.error(f"{flag} {count}: this machine lets the benchmark use 1 to {len(available)} cores")
     images = sum(1 for p in args.photos.rglob("*") if p.is_file())
-    times: dict[str, list[tuple[float, float]]] = {"base": [], "new": []}
+    sides = {"base": (args.base, args.base_workers), "new": (args.new, args.new_workers)}
+    times: dict[str, list[Timing]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="curation-compare-") as work:
         for repeat in range(args.repeats):
-            for side, pythonpath in (("base", args.base), ("new", args.new)):
-                cpu, wall = run_build(pythonpath, args.photos, Path(work) / f"{side}-{repeat}", args.core)
-                times[side].append((cpu, wall))
-                load = os.getloadavg()[0]
-                print(f"{side} run {repeat + 1}: {cpu:.1f} s CPU, {wall:.1f} s wall (load average {load:.1f})")
+            for side, (pythonpath, workers) in sides.items():
+                cores = available[-workers:]
+                timing = run_build(pythonpath, args.photos, Path(work) / f"{side}-{repeat}", cores, workers)
+                times[side].append(timing)
+                print(
+                    f"{side} run {repeat + 1} (--workers {workers}): {timing.driver:.1f} s CPU driver + "
+                    f"{timing.workers:.1f} s CPU workers, {timing.wall:.1f} s wall "
+                    f"(load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
     rates = {
-        side: (images / statistics.median(c for c, _ in runs), images / statistics.median(w for _, w in runs))
+        side: tuple(
+            images / statistics.median(getattr(t, name) for t in runs) for name in ("cpu", "wall", "critical_path")
+        )
         for side, runs in times.items()
     }
-    print(f"{images} files in {args.photos}, --workers 1, one core")
-    for side, (per_cpu, per_wall) in rates.items():
-        print(f"{side:<5}{per_cpu:>7.2f} images per CPU-second {per_wall:>7.2f} images per wall-second")
-    print(
-        f"ratio new / base: {rates['new'][0] / rates['base'][0]:.2f}x (CPU), {rates['new'][1] / rates['base'][1]:.2f}x "
-        "(wall)"
-    )
+    print(f"{images} files in {args.photos}")
+    for side, (per_cpu, per_wall, per_path) in rates.items():
+        print(
+            f"{side:<5}(--workers {sides[side][1]}) {per_cpu:7.2f} images per CPU-second {per_wall:7.2f} per "
+            f"wall-second {per_path:7.2f} per critical-path second"
+        )
+    ratio = [new / base for new, base in zip(rates["new"], rates["base"], strict=True)]
+    print(f"ratio new / base: {ratio[0]:.2f}x (CPU), {ratio[1]:.2f}x (wall), {ratio[2]:.2f}x (critical path)")
 
 
 if __name__ == "__main__":

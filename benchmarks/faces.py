@@ -6,11 +6,12 @@
 `embedded` (default): per-stage CPU milliseconds of the embedded backend on one core. Stages: decode
 (load_image), detect (MediaPipe passes + NMS), mesh (478 points on the crop), mirror mesh (the mirrored crop, for
 the mirror-averaged pose), pose (solvePnP), chip (dlib's 5 points + 150x150 chip), embed (the ResNet, the photo's faces
-as one batch), expression (crop + mini-Xception). The process is pinned to one core and torch/OpenCV use one
+as one batch), expression (crop + mini-Xception). The process is pinned to one core and the networks/OpenCV use one
 thread; times are process CPU time, so other people's load on a shared machine does not count.
 
 `insightface`: faces per second of the pack's ArcFace recognition model at batch 1, 8 and 32 with the chosen ONNX
-Runtime providers (on a machine without CUDA, CPUExecutionProvider), on ArcFace-aligned crops of the photos'
+Runtime providers (a provider this onnxruntime lacks, such as CUDA on a CPU machine, falls back to
+CPUExecutionProvider with a note; it prints the providers in use), on ArcFace-aligned crops of the photos'
 faces, plus the detector's images per second; wall-clock, since a GPU's time is not this process's CPU time.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
+import onnxruntime
 
 from dynamicid.faces import FaceAnalyzer, load_image
 from dynamicid.faces.mediapipe_face import MESH_POSE_POINTS
@@ -46,8 +47,7 @@ def photo_paths(root: Path, limit: int, folders: tuple[str, ...] = ("identities"
 
 def one_core() -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # the face networks run on one thread by themselves (faces.threads)
 
 
 def bench_embedded(paths: list[Path]) -> None:
@@ -82,7 +82,10 @@ def bench_embedded(paths: list[Path]) -> None:
             timed("expression", backend._expression.scores, rgb, face.kps5)
             faces += 1
 
-    print(f"machine: {platform.machine()} {os.cpu_count()}-CPU host, pinned to 1 core; torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()}-CPU host, pinned to 1 core; networks in "
+        f"{embedder.runtime} (onnxruntime {onnxruntime.__version__}); load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{images} photos, {faces} faces; process CPU time")
     print(f"{'stage':<14}{'ms/face':>10}{'ms/photo':>10}")
     for stage in EMBEDDED_STAGES:
@@ -122,6 +125,33 @@ def bench_insightface(paths: list[Path], pack: Path, providers: list[str], repea
         print(f"recognition batch {batch:>2}: {repeats * batch * len(batches) / seconds:.1f} faces/s")
 
 
+def insightface_providers(parser: argparse.ArgumentParser, pack: Path | None, providers: list[str]) -> list[str]:
+    """The providers to time: the requested ones this onnxruntime has, else the CPU (with a note on stderr).
+
+    A missing pack is a usage error (exit 2), named in one line."""
+    from dynamicid.faces.insightface_backend import find_pack_folder
+
+    if pack is None:
+        parser.error(
+            "--backend insightface needs --pack PACK_DIR: an unzipped insightface pack such as buffalo_l (or a "
+            "folder holding models/buffalo_l); this project never downloads one"
+        )
+    try:
+        find_pack_folder(pack)
+    except FileNotFoundError as error:
+        parser.error(f"--pack {pack}: {error}")
+    available = onnxruntime.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        print(
+            f"benchmarks/faces.py: {','.join(missing)} is not in this onnxruntime ({', '.join(available)}): timing "
+            "CPUExecutionProvider instead (for CUDAExecutionProvider install onnxruntime-gpu instead of onnxruntime)",
+            file=sys.stderr,
+        )
+        providers = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    return providers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="the shared faces folder")
@@ -139,20 +169,7 @@ def main() -> None:
         parser.error(f"--photos {args.photos}: no such folder")
     providers = args.providers.split(",")
     if args.backend == "insightface":
-        import onnxruntime
-
-        if args.pack is None:
-            parser.error(
-                "--backend insightface needs --pack PACK_DIR: an unzipped insightface pack such as buffalo_l (or a "
-                "folder holding models/buffalo_l); this project never downloads one"
-            )
-        available = onnxruntime.get_available_providers()
-        missing = [p for p in providers if p not in available]
-        if missing:
-            parser.error(
-                f"--providers {','.join(missing)}: not in this onnxruntime ({', '.join(available)}); "
-                "for CUDAExecutionProvider install onnxruntime-gpu instead of onnxruntime"
-            )
+        providers = insightface_providers(parser, args.pack, providers)
     paths = photo_paths(args.photos, args.limit)
     if args.backend == "embedded":
         bench_embedded(paths)

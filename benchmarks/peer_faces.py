@@ -23,7 +23,6 @@ import venv
 from pathlib import Path
 
 import cv2
-import torch
 
 from dynamicid.faces import FaceAnalyzer, load_image
 
@@ -89,8 +88,7 @@ def main() -> None:
 
     core = sorted(os.sched_getaffinity(0))[0]
     os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # the face networks run on one thread by themselves (faces.threads)
     python = peer_python(args.venv)
     peer = subprocess.Popen(
         [str(python), "-c", WORKER, str(core)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

@@ -8,7 +8,22 @@ align, label, select, write (`pipeline.py`). The stage classes between scan and 
 engine runs them by: `stages.py`; the engines (`--engine local|ray`): `engines/`.
 """
 
-from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.pipeline import STAGES, CurationError, build_dataset, open_run, run_stage
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["STAGES", "CurationConfig", "CurationError", "build_dataset", "open_run", "run_stage"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: a worker process that only unpickles a stage (and so imports this package) does not
+    # pay for the pipeline's imports (datasets, pandas: about half a CPU-second per process).
+    if name == "CurationConfig":
+        from dynamicid.curation.config import CurationConfig
+
+        return CurationConfig
+    if name in __all__:
+        from dynamicid.curation import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

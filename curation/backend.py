@@ -8,6 +8,7 @@ settings between runs never reuses results of the other models or settings.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 from pathlib import Path
@@ -63,11 +64,15 @@ def build_analyzer(name: str, root: str | None) -> Any:
     from dynamicid.faces import FaceAnalyzer
 
     try:
-        return FaceAnalyzer(backend=name, **({"insightface_root": root} if root else {}))
+        analyzer = FaceAnalyzer(backend=name, **({"insightface_root": root} if root else {}))
     except Exception as error:  # the backends raise FileNotFoundError, ValueError, ONNX and dlib errors
         where = f" (model folder {root})" if root else ""
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise StageSetupError(f"the {name} face backend cannot start{where}: {message}") from error
+    # The model libraries leave hundreds of thousands of objects that live as long as the process; every full
+    # garbage collection walked them all again (6 % of a build's CPU). Frozen, they are left out of collections.
+    gc.freeze()
+    return analyzer
 
 
 def resolve_backend(requested: str, dup_embedding_fraction: float) -> tuple[BackendInfo, Any]:

@@ -111,10 +111,11 @@ def ffhq_align(
     """
     kps5 = face_or_kps5.kps5 if isinstance(face_or_kps5, Face) else face_or_kps5
     matrix = ffhq_matrix(kps5, size)
+    pixels = _as_array(image)
     if border != "ffhq":
-        return Image.fromarray(warp(image, matrix, size, border=border)), matrix
-    crop = warp(image, matrix, size, border="reflect")
-    outside = _outside_mask(_as_array(image).shape[:2], matrix, size)
+        return Image.fromarray(warp(pixels, matrix, size, border=border)), matrix
+    crop = warp(pixels, matrix, size, border="reflect")
+    outside = _outside_mask(pixels.shape[:2], matrix, size)
     if not outside.any():
         return Image.fromarray(crop), matrix
     return Image.fromarray(_fade_padding(crop, outside)), matrix
@@ -131,14 +132,18 @@ def _outside_mask(source_shape: tuple[int, int], matrix: np.ndarray, size: int) 
 
 def _fade_padding(crop: np.ndarray, outside: np.ndarray) -> np.ndarray:
     size = crop.shape[0]
-    distance = cv2.distanceTransform(outside.astype(np.uint8), cv2.DIST_L2, 5)[..., None]  # px from the photo
+    distance = cv2.distanceTransform(outside.astype(np.uint8), cv2.DIST_L2, 5)  # px from the photo
     fade = np.clip(distance / (0.1 * size), 0.0, 1.0)
     pixels = crop.astype(np.float32)
     small = cv2.resize(pixels, (size // 4, size // 4), interpolation=cv2.INTER_AREA)  # a wide blur, made cheap
     blurred = cv2.resize(cv2.GaussianBlur(small, (0, 0), sigmaX=0.005 * size), (size, size))
-    pixels += (blurred - pixels) * (distance > 0)
-    pixels += (np.median(small.reshape(-1, 3), axis=0) - pixels) * fade
-    return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
+    median = np.median(small.reshape(-1, 3), axis=0)
+    planes = []  # one channel at a time: numpy is slow on a last axis of 3 (same values, 1.5x faster)
+    for channel, (plane, blurred_plane) in enumerate(zip(cv2.split(pixels), cv2.split(blurred), strict=True)):
+        np.add(plane, blurred_plane - plane, out=plane, where=outside)  # blurred outside the photo
+        plane += (median[channel] - plane) * fade
+        planes.append(plane)
+    return np.clip(cv2.merge(planes) + 0.5, 0, 255).astype(np.uint8)
 
 
 def render_landmark_map(points: np.ndarray, image_size: int = 512, map_size: int = 96) -> np.ndarray:

