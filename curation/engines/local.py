@@ -24,24 +24,22 @@ from dynamicid.curation.tables import TableWriter, contiguous_groups
 
 READ_ROWS = 1024  # rows per record batch read from a stage table
 
-_WORKER_STAGE: Stage | None = None
-_WORKER_ERROR: str | None = None
+# A worker process keeps every stage it has set up (and, through `analyzer_for`, the face models), so one pool
+# serves all the map steps of a run instead of a fresh pool re-importing and re-building models per step.
+_WORKER_STAGES: dict[str, Stage] = {}
+_WORKER_ERRORS: dict[str, str] = {}
 
 
-def _init_worker(stage: Stage) -> None:
-    global _WORKER_STAGE, _WORKER_ERROR
-    _WORKER_STAGE, _WORKER_ERROR = stage, None
-    try:
-        stage.setup()
-    except StageSetupError as error:
-        _WORKER_ERROR = str(error)  # reported with the first batch: a pool whose initializer raises never ends
-
-
-def _process_in_worker(batch: pa.Table) -> pa.Table:
-    if _WORKER_ERROR is not None:
-        raise StageSetupError(_WORKER_ERROR)
-    assert _WORKER_STAGE is not None
-    return _WORKER_STAGE.process(batch)
+def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
+    if key not in _WORKER_STAGES and key not in _WORKER_ERRORS:
+        try:
+            stage.setup()
+            _WORKER_STAGES[key] = stage
+        except StageSetupError as error:
+            _WORKER_ERRORS[key] = str(error)
+    if key in _WORKER_ERRORS:
+        raise StageSetupError(_WORKER_ERRORS[key])
+    return _WORKER_STAGES[key].process(batch)
 
 
 def candidate_batches(
@@ -114,6 +112,12 @@ class LocalEngine:
     def __init__(self, *, workers: int, progress: bool):
         self.workers = workers
         self.progress = progress
+        self._pool: ProcessPoolExecutor | None = None  # started by the first pooled step, kept until close()
+
+    def _worker_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         start = time.perf_counter()
@@ -129,7 +133,8 @@ class LocalEngine:
                     stage.setup()
                     outputs = (stage_output(stage, group, carried) for group in identity_groups(source, columns))
                 else:
-                    outputs = self._run_map(stage, candidate_batches(source, columns, stage.batch_size), carried)
+                    batches = candidate_batches(source, columns, stage.batch_size)
+                    outputs = self._run_map(stage, f"{stage.name}:{fingerprint}", batches, carried)
                 for table in outputs:
                     writer.write(stats.account(table).select(schema.names).cast(schema))
                     bar.update(table.num_rows)
@@ -157,32 +162,34 @@ class LocalEngine:
             yield with_carried(stage, batch, out.slice(offset, batch.num_rows), carried)
             offset += batch.num_rows
 
-    def _run_map(self, stage: Stage, batches: Iterator[pa.Table], carried: list[str]) -> Iterator[pa.Table]:
+    def _run_map(self, stage: Stage, key: str, batches: Iterator[pa.Table], carried: list[str]) -> Iterator[pa.Table]:
         inputs = list(stage.input_columns)
         if self.workers <= 1 or not stage.pooled:
             stage.setup()
             for batch in batches:
                 yield stage_output(stage, batch, carried)
             return
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker, initargs=(stage,)) as pool:
-            in_flight: list[tuple[pa.Table, Future]] = []
-            try:
-                for batch in batches:
-                    in_flight.append((batch, pool.submit(_process_in_worker, batch.select(inputs))))
-                    if len(in_flight) >= 2 * self.workers:
-                        done, future = in_flight.pop(0)
-                        yield with_carried(stage, done, future.result(), carried)
-                while in_flight:
+        pool = self._worker_pool()
+        in_flight: list[tuple[pa.Table, Future]] = []
+        try:
+            for batch in batches:
+                in_flight.append((batch, pool.submit(_process_in_worker, key, stage, batch.select(inputs))))
+                if len(in_flight) >= 2 * self.workers:
                     done, future = in_flight.pop(0)
                     yield with_carried(stage, done, future.result(), carried)
-            except BrokenProcessPool as error:
-                raise StageSetupError(
-                    f"a worker process of stage {stage.name} died ({error}); rerun with --workers 1 to see why"
-                ) from error
-            finally:
-                for _, future in in_flight:
-                    future.cancel()
+            while in_flight:
+                done, future = in_flight.pop(0)
+                yield with_carried(stage, done, future.result(), carried)
+        except BrokenProcessPool as error:
+            self.close()
+            raise StageSetupError(
+                f"a worker process of stage {stage.name} died ({error}); rerun with --workers 1 to see why"
+            ) from error
+        finally:
+            for _, future in in_flight:
+                future.cancel()
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
