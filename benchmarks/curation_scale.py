@@ -5,8 +5,10 @@
 Builds PHOTOS folders from the test identities (../shared/data/faces/identities, 249 photos): copy 0 is the
 folders as they are, every further copy re-encodes each photo (so its bytes differ) into a new identity
 folder `<identity>__cN`. Then runs `dynamicid-curate build` once per (size, engine, code) in a fresh OUT_DIR,
-sampling the RSS of the driver and all its worker processes (psutil, every 0.2 s) and summing them, and prints
-one line each plus the peak-RSS slope per photo between the smallest and the largest size.
+sampling the RSS of the driver and all its worker processes (psutil, every 0.2 s), and prints one line each:
+the driver's own peak, the largest workers' own peaks, and the peak of their sum (which also grows with a run's
+length for flat processes: more chances that they all peak at once). Then the peak-RSS slopes per photo
+between the smallest and the largest size, of each of the three.
 `--code NAME=PATH` (repeatable) runs the same build with PYTHONPATH=PATH, to compare two versions side by side
 (runs are interleaved: size by size, code by code); without it the installed `dynamicid` runs.
 
@@ -130,10 +132,18 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
         "cpu_s": round(cpu, 1),
         "images_per_s": round(summary["scanned"] / wall, 2),
         "peak_rss_mib": round(peak / 2**20, 1),
-        "process_peaks_mib": sorted((round(v / 2**20, 1) for v in peaks.values()), reverse=True)[:4],
+        "driver_peak_mib": round(peaks.get(process.pid, 0) / 2**20, 1),
+        "worker_peaks_mib": sorted(
+            (round(v / 2**20, 1) for pid, v in peaks.items() if pid != process.pid), reverse=True
+        )[:4],
         "work_mib": round(folder_bytes(out / ".work") / 2**20, 1),
         "dataset_mib": round(dataset / 2**20, 1),
     }
+
+
+def slope(small: dict, large: dict, pick) -> float:
+    """KiB of peak RSS per extra photo between two runs."""
+    return (pick(large) - pick(small)) * 1024 / (large["photos"] - small["photos"])
 
 
 def main() -> None:
@@ -172,11 +182,18 @@ def main() -> None:
                 )
                 if len(runs) >= 2:
                     small, large = runs[0], runs[-1]
-                    slope = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 1024 / (large["photos"] - small["photos"])
                     ratio = large["work_mib"] / max(large["dataset_mib"], 1e-9)
+                    slopes = ", ".join(
+                        f"{label} {slope(small, large, pick):.1f}"
+                        for label, pick in (
+                            ("driver peak", lambda r: r["driver_peak_mib"]),
+                            ("largest worker peak", lambda r: max(r["worker_peaks_mib"], default=0.0)),
+                            ("peak of the sum", lambda r: r["peak_rss_mib"]),
+                        )
+                    )
                     print(
-                        f"{name}/{engine}: peak-RSS slope {slope:.1f} KiB/photo between {small['photos']} and "
-                        f"{large['photos']} photos; work/dataset bytes {ratio:.2f} at {large['photos']}",
+                        f"{name}/{engine}: peak-RSS slope (KiB/photo) between {small['photos']} and "
+                        f"{large['photos']} photos: {slopes}; work/dataset bytes {ratio:.2f} at {large['photos']}",
                         flush=True,
                     )
     finally:

@@ -253,11 +253,12 @@ def _kept_batches(run: Run):
         if label_batch.column("source_path") != select_batch.column("source_path"):
             raise RuntimeError("select.parquet does not follow label.parquet: rerun the build")
         kept = label_batch.filter(pc.is_valid(select_batch.column("selection")))
-        if not kept.num_rows:
-            continue
-        _, pngs = crops.get(kept.column("crop_key").to_pylist())
-        pngs = pngs.column("png").to_pylist()
-        yield [dataset_row({**row, "png": png}) for row, png in zip(kept.to_pylist(), pngs, strict=True)]
+        # One shard row group at a time: the crops (~150 KB each) are what a batch of rows would pile up.
+        for start in range(0, kept.num_rows, run.config.rows_per_row_group):
+            chunk = kept.slice(start, run.config.rows_per_row_group)
+            _, pngs = crops.get(chunk.column("crop_key").to_pylist())
+            pngs = pngs.column("png").to_pylist()
+            yield [dataset_row({**row, "png": png}) for row, png in zip(chunk.to_pylist(), pngs, strict=True)]
 
 
 def write_outputs(run: Run) -> int:

@@ -48,7 +48,7 @@ class ResultStore:
         self.row_group_rows = row_group_rows
         self._parts: list[Path] = []
         self._hash = np.zeros(0, np.uint64)  # sorted
-        self._where = np.zeros((0, 2), np.int64)  # part number, row
+        self._where = np.zeros((0, 2), np.int32)  # part number, row (int32: 16 bytes a result with the hash)
         self._new_hash: list[np.ndarray] = []
         self._new_where: list[np.ndarray] = []
         self._open: tuple[int, pq.ParquetFile] | None = None
@@ -76,9 +76,9 @@ class ResultStore:
     @staticmethod
     def _sorted(hashes: list[np.ndarray], where: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if not hashes:
-            return np.zeros(0, np.uint64), np.zeros((0, 2), np.int64)
+            return np.zeros(0, np.uint64), np.zeros((0, 2), np.int32)
         h = np.concatenate(hashes).astype(np.uint64)
-        w = np.concatenate(where).astype(np.int64).reshape(-1, 2)
+        w = np.concatenate(where).astype(np.int32).reshape(-1, 2)
         order = np.argsort(h, kind="stable")  # stable: of equal keys, the earliest part wins
         return h[order], w[order]
 

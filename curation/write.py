@@ -119,7 +119,7 @@ class IdentityTally:
             self.kept[self._rows[0]["identity"]] = {
                 "num_images": len(self._rows),
                 "grid_cells_covered": grid_cells(self._rows),
-                "mean_embedding": (m / max(float(np.linalg.norm(m)), 1e-12)).tolist(),
+                "mean_embedding": m / max(float(np.linalg.norm(m)), 1e-12),  # float32 while held: 4 bytes a value
                 "embedding_model": self._rows[0]["embedding_model"],
             }
         self._rows = []
@@ -135,7 +135,7 @@ class IdentityTally:
                     "num_scanned": scanned.get(identity, 0),
                     "num_rejected": rejected.get(identity, 0),
                     "grid_cells_covered": kept["grid_cells_covered"] if kept else 0,
-                    "mean_embedding": kept["mean_embedding"] if kept else [],
+                    "mean_embedding": kept["mean_embedding"].tolist() if kept else [],
                     "embedding_model": kept["embedding_model"] if kept else embedding_model,
                 }
             )

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from dynamicid.curation.stages import COMPUTED, ORDER, Stage, StageKind, StageSetupError, StageStats
-from dynamicid.curation.tables import TableWriter, contiguous_groups
+from dynamicid.curation.tables import STAGE_ROW_GROUP, TableWriter, contiguous_groups
 
-READ_ROWS = 1024  # rows per record batch read from a stage table
+READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
 
 _WORKER_STAGE: Stage | None = None
 _WORKER_ERROR: str | None = None
