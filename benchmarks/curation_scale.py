@@ -5,8 +5,10 @@
 Builds PHOTOS folders from the test identities (../shared/data/faces/identities, 249 photos): copy 0 is the
 folders as they are, every further copy re-encodes each photo (so its bytes differ) into a new identity
 folder `<identity>__cN`. Then runs `dynamicid-curate build` once per (size, engine, code) in a fresh OUT_DIR,
-sampling the RSS of the driver and all its worker processes (psutil, every 0.2 s) and summing them, and prints
-one line each plus the peak-RSS slope per photo between the smallest and the largest size.
+sampling the RSS of the driver and all its worker processes (psutil, every 0.2 s), and prints one line each:
+the driver's own peak, the largest workers' own peaks, and the peak of their sum (which also grows with a run's
+length for flat processes: more chances that they all peak at once). Then the peak-RSS slopes per photo
+between the smallest and the largest size, of each of the three.
 `--code NAME=PATH` (repeatable) runs the same build with PYTHONPATH=PATH, to compare two versions side by side
 (runs are interleaved: size by size, code by code); without it the installed `dynamicid` runs.
 
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 from PIL import Image, PngImagePlugin
 
 SAMPLE_SECONDS = 0.2
@@ -111,14 +114,21 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watched = psutil.Process(process.pid)
     peak, cpu_by_pid, peaks = 0, {}, {}
+    driver_peak, driver_peak_at = 0, time.time()  # when the driver peaked: which stage holds its memory
     while process.poll() is None:
         peak = max(peak, sample_tree(watched, cpu_by_pid, peaks))
+        if peaks.get(process.pid, 0) > driver_peak:
+            driver_peak, driver_peak_at = peaks[process.pid], time.time()
         time.sleep(SAMPLE_SECONDS)
     stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"build failed ({process.returncode}): {stderr.strip()[-2000:]}")
-    summary = json.loads(stdout)
+    at = 0 if stdout.startswith("{") else stdout.find("\n{") + 1  # Ray may print lines of its own around it
+    try:
+        summary = json.JSONDecoder().raw_decode(stdout[at:])[0]
+    except json.JSONDecodeError:
+        raise RuntimeError(f"build printed no JSON summary: {stdout[-1500:]!r} {stderr[-1500:]!r}") from None
     cpu = sum(cpu_by_pid.values())  # as last sampled (every 0.2 s): a process's final fraction is missed
     dataset = sum(
         folder_bytes(out / p.name) if p.is_dir() else p.stat().st_size for p in out.iterdir() if p.name != ".work"
@@ -130,10 +140,40 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
         "cpu_s": round(cpu, 1),
         "images_per_s": round(summary["scanned"] / wall, 2),
         "peak_rss_mib": round(peak / 2**20, 1),
-        "process_peaks_mib": sorted((round(v / 2**20, 1) for v in peaks.values()), reverse=True)[:4],
+        "driver_peak_mib": round(peaks.get(process.pid, 0) / 2**20, 1),
+        "worker_peaks_mib": sorted(
+            (round(v / 2**20, 1) for pid, v in peaks.items() if pid != process.pid), reverse=True
+        )[:4],
+        "driver_peak_in": step_at(out / ".work", driver_peak_at),
         "work_mib": round(folder_bytes(out / ".work") / 2**20, 1),
         "dataset_mib": round(dataset / 2**20, 1),
+        "dataset_png_mib": round(png_bytes(out) / 2**20, 1),
     }
+
+
+def step_at(work: Path, moment: float) -> str:
+    """The stage that was running at `moment`: the first whose table was written after it (else `write`)."""
+    finished = sorted((p.stat().st_mtime, p.stem) for p in work.glob("*.parquet"))
+    return next((name for when, name in finished if when >= moment), "write")
+
+
+def png_bytes(out: Path) -> int:
+    """The crops' PNG bytes in the dataset shards before Parquet's encoding and compression (from the footers):
+    with the dataset's bytes, says how much Parquet saved on crops that repeat (copies with equal pixels)."""
+    total = 0
+    for shard in (out / "data").glob("*.parquet"):
+        meta = pq.read_metadata(shard)
+        for group in range(meta.num_row_groups):
+            for column in range(meta.num_columns):
+                chunk = meta.row_group(group).column(column)
+                if chunk.path_in_schema == "image.bytes":
+                    total += chunk.total_uncompressed_size
+    return total
+
+
+def slope(small: dict, large: dict, pick) -> float:
+    """KiB of peak RSS per extra photo between two runs."""
+    return (pick(large) - pick(small)) * 1024 / (large["photos"] - small["photos"])
 
 
 def main() -> None:
@@ -172,11 +212,18 @@ def main() -> None:
                 )
                 if len(runs) >= 2:
                     small, large = runs[0], runs[-1]
-                    slope = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 1024 / (large["photos"] - small["photos"])
                     ratio = large["work_mib"] / max(large["dataset_mib"], 1e-9)
+                    slopes = ", ".join(
+                        f"{label} {slope(small, large, pick):.1f}"
+                        for label, pick in (
+                            ("driver peak", lambda r: r["driver_peak_mib"]),
+                            ("largest worker peak", lambda r: max(r["worker_peaks_mib"], default=0.0)),
+                            ("peak of the sum", lambda r: r["peak_rss_mib"]),
+                        )
+                    )
                     print(
-                        f"{name}/{engine}: peak-RSS slope {slope:.1f} KiB/photo between {small['photos']} and "
-                        f"{large['photos']} photos; work/dataset bytes {ratio:.2f} at {large['photos']}",
+                        f"{name}/{engine}: peak-RSS slope (KiB/photo) between {small['photos']} and "
+                        f"{large['photos']} photos: {slopes}; work/dataset bytes {ratio:.2f} at {large['photos']}",
                         flush=True,
                     )
     finally:

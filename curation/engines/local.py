@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from dynamicid.curation.stages import COMPUTED, ORDER, Stage, StageKind, StageSetupError, StageStats
-from dynamicid.curation.tables import TableWriter, contiguous_groups
+from dynamicid.curation.tables import STAGE_ROW_GROUP, TableWriter, contiguous_groups
 
-READ_ROWS = 1024  # rows per record batch read from a stage table
+READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
 
 # A worker process keeps every stage it has set up (and, through `analyzer_for`, the face models), so one pool
 # serves all the map steps of a run instead of a fresh pool re-importing and re-building models per step.
