@@ -35,7 +35,7 @@ from dynamicid.models.release import (
 )
 from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata, family_label
+from dynamicid.schemas.checkpoint import BASE_FAMILIES, PART_FIELDS, PART_PREFIXES, CheckpointMetadata, family_label
 
 PARTS = tuple(PART_PREFIXES)
 IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
@@ -263,7 +263,7 @@ def check_base_family(file_family: str, base_family: str, where: str) -> None:
     if file_family != base_family:
         raise ValueError(
             f"{where} holds weights made for {family_label(file_family)} but the base model is "
-            f"{family_label(base_family)}; use weights trained on a {base_family} base"
+            f"{family_label(base_family)}; use weights trained on {BASE_FAMILIES.get(base_family, base_family)}"
         )
 
 
