@@ -4,7 +4,7 @@
 
 Builds PHOTOS folders from the test identities (../shared/data/faces/identities, 249 photos): copy 0 is the
 folders as they are, every further copy re-encodes each photo (so its bytes differ) into a new identity
-folder `<identity>__cN`. Then runs `dynamicid-curate build` once per (size, engine, code) in a fresh OUT_DIR,
+folder `<identity>__cN`, tinted by up to 3 % per channel so that its pixels differ too. Then runs `dynamicid-curate build` once per (size, engine, code) in a fresh OUT_DIR,
 sampling the RSS of the driver and all its worker processes (psutil, every 0.2 s), and prints one line each:
 the driver's own peak, the largest workers' own peaks, and the peak of their sum (which also grows with a run's
 length for flat processes: more chances that they all peak at once). Then the peak-RSS slopes per photo
@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow.parquet as pq
 from PIL import Image, PngImagePlugin
@@ -58,16 +59,25 @@ def make_photos(source: Path, target: Path, copies: int) -> int:
 
 
 def reencode(photo: Path, out: Path, copy: int) -> None:
-    """Decode and encode again, with the copy number inside the file, so every copy's bytes differ."""
+    """Decode, tint by up to 3 % per channel (seeded by the copy number) and encode again, so every copy's bytes
+    and pixels differ: equal crops would let Parquet's encoding and zstd store them once in a row group, which
+    distinct photos never allow."""
     with Image.open(photo) as image:
         image.load()
+        gains = 1.0 + np.random.default_rng(copy).uniform(-0.03, 0.03, 3)
+        pixels = np.asarray(image).astype(np.float32)
+        if pixels.ndim == 2:
+            pixels *= gains[0]
+        else:
+            pixels[..., :3] *= gains[: min(3, pixels.shape[2])]
+        tinted = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
         buffer = io.BytesIO()
         if image.format == "JPEG":
-            image.save(buffer, format="JPEG", quality=95, comment=f"copy {copy}", exif=image.info.get("exif", b""))
+            tinted.save(buffer, format="JPEG", quality=95, comment=f"copy {copy}", exif=image.info.get("exif", b""))
         else:
             info = PngImagePlugin.PngInfo()
             info.add_text("copy", str(copy))
-            image.save(buffer, format="PNG", pnginfo=info)
+            tinted.save(buffer, format="PNG", pnginfo=info)
     out.write_bytes(buffer.getvalue())
 
 
@@ -100,7 +110,9 @@ def fake_pack(folder: Path) -> Path:
     return make_fake_pack(folder)
 
 
-def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: str | None, pack: Path | None) -> dict:
+def run_build(
+    photos: Path, out: Path, engine: str, workers: int, pythonpath: str | None, pack: Path | None, per_identity: int
+) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -108,6 +120,7 @@ def run_build(photos: Path, out: Path, engine: str, workers: int, pythonpath: st
         env["DYNAMICID_INSIGHTFACE_ROOT"] = str(pack)
     command = [sys.executable, "-m", "dynamicid.curation.cli", "build", str(photos), str(out), "--face-backend"]
     command += ["insightface" if pack else "embedded", "--workers", str(workers), "--no-progress", "--json"]
+    command += ["--per-identity", str(per_identity)]
     if engine != "local":
         command += ["--engine", engine]
     start = time.perf_counter()
@@ -187,6 +200,9 @@ def main() -> None:
     parser.add_argument("--code", action="append", default=[], metavar="NAME=PYTHONPATH")
     parser.add_argument("--tmp", type=Path, default=None, help="where the photo folders and outputs go")
     parser.add_argument("--fake-pack", action="store_true", help="FAKE tiny insightface models (see above)")
+    parser.add_argument(
+        "--per-identity", type=int, default=35, help="build's --per-identity (smaller: more faces cut by select)"
+    )
     args = parser.parse_args()
     codes = [tuple(c.split("=", 1)) for c in args.code] or [("installed", None)]
     root = Path(tempfile.mkdtemp(prefix="curation-scale-", dir=args.tmp))
@@ -199,9 +215,10 @@ def main() -> None:
             for engine in args.engines.split(","):
                 for name, pythonpath in codes:
                     out = root / f"out_{copies}_{engine}_{name}"
-                    figures = run_build(photos, out, engine, args.workers, pythonpath, pack)
+                    figures = run_build(photos, out, engine, args.workers, pythonpath, pack, args.per_identity)
                     backend = "FAKE-insightface" if pack else "embedded"
-                    line = {"code": name, "engine": engine, "workers": args.workers, "backend": backend, **figures}
+                    line = {"code": name, "engine": engine, "workers": args.workers, "backend": backend}
+                    line = {**line, "per_identity": args.per_identity, **figures}
                     print(json.dumps(line), flush=True)
                     results.append(line)
                     shutil.rmtree(out)

@@ -1,7 +1,8 @@
-"""Stage `align`: the FFHQ-style crop with context of the chosen face, its transform, and crop quality.
+"""Stage `align`: the FFHQ-style crop with context of the chosen face: its transform and the crop's quality.
 
-Crops are written once, into the content-keyed crop store (key: the photo's bytes, the 5 keypoints and the
-crop size), and referenced by `crop_key` afterwards; `write` streams them into the dataset shards.
+The crop is measured here but not kept: only the faces `select` keeps are cropped again and encoded, by the
+`crop` stage (`curation/crop.py`), into the crop store. Both stores are keyed by `crop_key` (the photo's bytes,
+the 5 keypoints and the crop size).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from dynamicid.curation.store import ResultStore, fetch_or_compute
 from dynamicid.curation.tables import digest
 from dynamicid.schemas import RejectReason
 
-CROP_SCHEMA = pa.schema(
+ALIGN_STORE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
-        ("png", pa.binary()),
         ("matrix", pa.list_(pa.float32(), 6)),
         ("sharpness", pa.float32()),
         ("brightness", pa.float32()),
@@ -34,16 +34,20 @@ ALIGN_SCHEMA = photo_schema(
     ("crop_sharpness", pa.float32()),
     ("crop_brightness", pa.float32()),
 )
-CROP_ROW_GROUP = 4  # crops per Parquet row group: reading one crop back reads at most 4
 
 
-def crop_store(work_dir) -> ResultStore:
-    return ResultStore(work_dir / "stores" / "crops", CROP_SCHEMA, row_group_rows=CROP_ROW_GROUP)
+def align_store(work_dir) -> ResultStore:
+    return ResultStore(work_dir / "stores" / "align", ALIGN_STORE_SCHEMA)
 
 
 def crop_key(sha256: str, kps5: list[float], size: int) -> str:
-    """The crop store's key: the photo's bytes, the 5 keypoints the crop is aligned on, the crop size."""
-    return digest(sha256, json.dumps(kps5), str(size))
+    """The crop stores' key: the photo's bytes, the 5 keypoints the crop is aligned on, the crop size. It starts
+    with the size (`<size>-<digest>`), so the `crop` stage makes the crop at the size `align` measured it."""
+    return f"{size}-{digest(sha256, json.dumps(kps5), str(size))}"
+
+
+def crop_size_of(key: str) -> int:
+    return int(key.split("-", 1)[0])
 
 
 def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | None:
@@ -65,10 +69,10 @@ class AlignStage(Stage):
         return ALIGN_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
 
     def setup(self) -> None:
-        self.store = crop_store(self.context.work_dir)
+        self.store = align_store(self.context.work_dir)
 
     def finish(self) -> None:
-        crop_store(self.context.work_dir).compact()
+        align_store(self.context.work_dir).compact()
 
     def process(self, batch: pa.Table) -> pa.Table:
         photos = batch.to_pylist()

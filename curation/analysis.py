@@ -12,6 +12,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
@@ -27,7 +28,8 @@ def _load(path: str) -> np.ndarray:
     return np.asarray(load_image(path))
 
 
-def _load_error(error: Exception) -> tuple[str, str]:
+def load_error(error: Exception) -> tuple[str, str]:
+    """(reject reason, detail) of a photo that could not be loaded."""
     code = getattr(error, "code", RejectReason.UNDECODABLE)
     return str(code), getattr(error, "reason", str(error))
 
@@ -40,7 +42,7 @@ def detect_photo(analyzer: Any, key: str, path: str) -> dict:
     try:
         image = _load(path)
     except ImageLoadError as error:
-        row["reason"], row["detail"] = _load_error(error)
+        row["reason"], row["detail"] = load_error(error)
         return row
     row["height"], row["width"] = image.shape[:2]
     try:
@@ -133,22 +135,32 @@ def _describe_all(face_analyzer: Any, image: np.ndarray, detected: list[dict], f
 
 
 def align_face(key: str, path: str, kps5: list[float], size: int) -> dict:
-    """The FFHQ-style crop as PNG bytes, its matrix, quality figures."""
+    """The FFHQ-style crop's matrix and quality figures (the crop itself is made again, for the kept faces only,
+    by `crop_face`: encoding every candidate's crop would cost CPU and disk for faces `select` drops)."""
     from dynamicid.faces.align import ffhq_align
 
     try:
-        image = _load(path)
-        crop, matrix = ffhq_align(image, np.asarray(kps5, np.float32).reshape(5, 2), size=size)
+        crop, matrix = ffhq_align(_load(path), np.asarray(kps5, np.float32).reshape(5, 2), size=size)
     except Exception as error:  # the file changed since `detect`, or degenerate keypoints
-        return {"key": key, "png": b"", "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
+        return {"key": key, "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
     g = grey(crop)
-    buffer = io.BytesIO()
-    crop.save(buffer, format="PNG", **CROP_PNG)
     return {
         "key": key,
-        "png": buffer.getvalue(),
         "matrix": np.asarray(matrix, np.float32).ravel().tolist(),
         "sharpness": sharpness(g),
         "brightness": brightness(g),
         "error": None,
     }
+
+
+def crop_face(path: str, matrix: list[float], size: int) -> Image.Image:
+    """The crop `align_face` measured, made again from its matrix (the same pixels: the same warp and padding)."""
+    from dynamicid.faces.align import ffhq_crop
+
+    return ffhq_crop(_load(path), np.asarray(matrix, np.float32).reshape(2, 3), size)
+
+
+def png_bytes(crop: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    crop.save(buffer, format="PNG", **CROP_PNG)
+    return buffer.getvalue()

@@ -6,8 +6,8 @@ after it (the per-identity near-duplicate groups, quotas and `--min-per-identity
 summary, card, report) is decided again here: the shards' scan/detect/describe/identify/size tables are
 concatenated into a new work folder, and the pipeline's own `dedupe` ... `write` steps run on them with the
 shards' stores.
-No face model runs and no photo is read: the crops come from the shards' crop stores (a sharded build also
-crops the near-duplicates it drops, which a merge may keep: see `pipeline.crop_dropped_duplicates`).
+No face model runs and no photo is read: the crops come from the shards' crop stores (a sharded build crops
+every face it aligns and the near-duplicates it drops, which a merge may keep: see `pipeline.crop_for_merge`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynamicid.curation.align import crop_key, crop_store
+from dynamicid.curation.align import crop_key
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.crop import crop_store
 from dynamicid.curation.engines import make_engine
 from dynamicid.curation.engines.local import read_candidates
 from dynamicid.curation.pipeline import MARKER, TOOL, CurationError, Run, check_out_dir, run_stage
@@ -30,7 +31,7 @@ from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
 
 SHARED_TABLES = ("scan", "detect", "describe", "identify", "size")  # per photo or identity: final in the shards
-SHARED_STORES = ("describe-*", "crops")  # what the merged steps read: landmarks (label), crops (align, write)
+SHARED_STORES = ("describe-*", "align", "crops")  # what the merged steps read: landmarks, crop quality, crops
 MERGED_STEPS = ("dedupe", "align", "label", "select", "write")
 PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine", "ray_address")  # may differ by shard
 

@@ -1,7 +1,8 @@
 """The steps in order, the work-folder bookkeeping between them, and `build_dataset`.
 
-`scan` and `write` run here in the driver; the stages between them (`build_stages`) run on the engine
-(`--engine local|ray`), which reads each stage's input table and writes its output table in the work folder.
+`scan` and the dataset files of `write` are made here in the driver; the stages between them (`build_stages`,
+up to `crop`, the first part of the step `write`) run on the engine (`--engine local|ray`), which reads each
+stage's input table and writes its output table in the work folder.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,14 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynamicid.curation.align import AlignStage, crop_store
-from dynamicid.curation.backend import resolve_backend
+from dynamicid.curation.align import AlignStage
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.crop import CropStage, crop_store
 from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
 from dynamicid.curation.detect import DetectStage
 from dynamicid.curation.engines import Engine, EngineUnavailable, make_engine
-from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates
+from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import DescribeStage, IdentifyStage
 from dynamicid.curation.label import LabelStage, label_schema
@@ -35,7 +37,7 @@ from dynamicid.curation.select import SelectStage
 from dynamicid.curation.size import SizeStage
 from dynamicid.curation.stages import BackendInfo, Stage, StageContext, StageSetupError, StageStats
 from dynamicid.curation.store import ResultStore
-from dynamicid.curation.tables import WorkDir, digest, read_fingerprint, table_digest, write_parquet
+from dynamicid.curation.tables import RowReader, WorkDir, digest, read_fingerprint, table_digest, write_parquet
 from dynamicid.curation.write import (
     TALLY_COLUMNS,
     IdentityTally,
@@ -94,6 +96,7 @@ def build_stages(context: StageContext) -> list[Stage]:
             AlignStage,
             LabelStage,
             SelectStage,
+            CropStage,
         )
     ]
 
@@ -150,8 +153,12 @@ def open_run(
     pa.set_memory_pool(pa.system_memory_pool())
     try:
         engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
-        backend, _ = resolve_backend(config.face_backend, config.dup_embedding_fraction)
-    except (EngineUnavailable, StageSetupError) as error:
+    except EngineUnavailable as error:
+        raise CurationError(str(error)) from error
+    try:
+        backend = engine.resolve_backend(config.face_backend, config.dup_embedding_fraction)
+    except StageSetupError as error:
+        engine.close()
         raise CurationError(str(error)) from error
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
@@ -183,60 +190,78 @@ def run_scan(run: Run) -> int:
 def run_stage(run: Run, step: str) -> int:
     """Run one step (its stages, each from its predecessor's table; skipped when its inputs are unchanged).
 
-    Returns the number of rows of the step's last table.
+    Returns the number of rows of the step's last table (for `write`: the rows kept in the dataset).
     """
     if step == "scan":
         return run_scan(run)
-    if step == "write":
-        return write_outputs(run)
-    stages = run.stages
     stats = run.step_stats(step)
     ran = False
     previous, previous_step = "scan", "scan"
-    for stage in stages:
+    for stage in run.stages:
         if stage.step == step:
-            source = run.work.table_path(previous)
-            if not source.exists():
-                raise FileNotFoundError(
-                    f"{source} not found: run the stage '{previous_step}' before '{step}' first "
-                    "(or `dynamicid-curate build`)"
-                )
-            fingerprint = stage.fingerprint(read_fingerprint(source) or "")
-            if run.work.is_current(stage.name, fingerprint):
-                stats.reused += count_candidates(source)
-            else:
-                try:
-                    done = run.engine.run_stage(stage, source, run.work.table_path(stage.name), fingerprint)
-                except StageSetupError as error:
-                    raise CurationError(str(error)) from error
-                stage.finish()
-                pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages for reuse
-                ran = True
-                stats.computed += done.computed
-                stats.reused += done.reused
-                stats.seconds += done.seconds
+            ran = run_engine_stage(run, stage, run.work.table_path(previous), previous_step) or ran
         previous, previous_step = stage.name, stage.step
     stats.skipped = not ran
+    if step == "write":
+        return write_outputs(run)
     if step == "align" and run.config.shard_count > 1:
-        crop_dropped_duplicates(run)
-    last = [s.name for s in stages if s.step == step][-1]
+        crop_for_merge(run)
+    last = [s.name for s in run.stages if s.step == step][-1]
     return pq.read_metadata(run.work.table_path(last)).num_rows
 
 
-def crop_dropped_duplicates(run: Run) -> None:
-    """A shard also crops the near-duplicates it drops: `merge` may find the bytes of the copy they lost to in
-    another shard's folder, drop that copy and keep one of them, and must not need the photos to crop it."""
+def run_engine_stage(
+    run: Run, stage: Stage, source: Path, source_step: str, target: Path | None = None, step: str | None = None
+) -> bool:
+    """One stage on the engine, from the table at `source`, unless its table is current (always when `target`
+    is given); counted in the stats of `step` (default: the stage's). True if it ran."""
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source} not found: run the stage '{source_step}' before '{stage.step}' first "
+            "(or `dynamicid-curate build`)"
+        )
+    stats = run.step_stats(step or stage.step)
+    fingerprint = stage.fingerprint(read_fingerprint(source) or "")
+    if target is None:
+        target = run.work.table_path(stage.name)
+        if run.work.is_current(stage.name, fingerprint):
+            stats.reused += count_candidates(source)
+            return False
+    try:
+        done = run.engine.run_stage(stage, source, target, fingerprint)
+    except StageSetupError as error:
+        raise CurationError(str(error)) from error
+    stage.finish()
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages for reuse
+    stats.computed += done.computed
+    stats.reused += done.reused
+    stats.seconds += done.seconds
+    return True
+
+
+def crop_for_merge(run: Run) -> None:
+    """A shard crops every face it aligned, and the near-duplicates it drops: `merge` decides dedupe and select
+    again (identical bytes may sit in two shards' folders, and the copy a shard dropped may be the one kept), and
+    must then find every crop it may need in the shards' work folders, without the photos."""
+    columns = [*CropStage.input_columns[:4], "matrix"]  # align calls the crop's matrix `matrix`
+    aligned = read_candidates(run.work.table_path("align"), columns)
     table = pq.read_table(run.work.table_path("dedupe"))
     dropped = table.filter(pc.is_valid(table.column("reason")))
-    if not dropped.num_rows:
-        return
-    reason = dropped.schema.get_field_index("reason")
-    dropped = dropped.set_column(reason, dropped.schema.field(reason), pa.nulls(dropped.num_rows, pa.string()))
-    source = run.work.root / "dropped_duplicates.parquet"
-    write_parquet(dropped, source)
-    align = AlignStage(run.context)
-    run.engine.run_stage(align, source, run.work.root / "dropped_duplicates_align.parquet", "")
-    align.finish()
+    if dropped.num_rows:
+        reason = dropped.schema.get_field_index("reason")
+        dropped = dropped.set_column(reason, dropped.schema.field(reason), pa.nulls(dropped.num_rows, pa.string()))
+        write_parquet(dropped, run.work.root / "dropped_duplicates.parquet")
+        target = run.work.root / "dropped_duplicates_align.parquet"
+        run_engine_stage(run, AlignStage(run.context), run.work.root / "dropped_duplicates.parquet", "dedupe", target)
+        dropped = read_candidates(target, columns)
+        aligned = pa.concat_tables([aligned, dropped])
+    matrix = aligned.schema.get_field_index("matrix")
+    aligned = aligned.rename_columns([*aligned.column_names[:matrix], "crop_transform"])
+    source = run.work.root / "crop_for_merge.parquet"
+    write_parquet(aligned.append_column("reason", pa.nulls(aligned.num_rows, pa.string())), source)
+    run_engine_stage(
+        run, CropStage(run.context), source, "align", run.work.root / "crop_for_merge_crop.parquet", "align"
+    )
 
 
 def collect_rejects(run: Run) -> pa.Table:
@@ -249,17 +274,26 @@ def collect_rejects(run: Run) -> pa.Table:
     return resolve_identical_copies(pa.concat_tables(pieces)).sort_by("source_path")
 
 
-def _kept_batches(run: Run):
-    """The selected rows as dataset tables (crops read from the crop store), in (identity, source_path) order."""
+def _kept_batches(run: Run) -> Iterator[pa.Table]:
+    """The kept rows as dataset tables (crops read from the crop store), in (identity, source_path) order."""
     crops = crop_store(run.work.root)
     labels = candidate_batches(run.work.table_path("label"), label_schema().names, READ_ROWS)
     selected = candidate_batches(
         run.work.table_path("select"), ["source_path", "selection"], READ_ROWS, only_candidates=False
     )
+    cropped = RowReader(  # one row per selected row
+        candidate_batches(run.work.table_path("crop"), ["source_path", "reason"], READ_ROWS, only_candidates=False)
+    )
     for label_batch, select_batch in zip(labels, selected, strict=True):
         if label_batch.column("source_path") != select_batch.column("source_path"):
             raise RuntimeError("select.parquet does not follow label.parquet: rerun the build")
         kept = label_batch.filter(pc.is_valid(select_batch.column("selection")))
+        if not kept.num_rows:
+            continue
+        crop_rows = cropped.take(kept.num_rows)
+        if kept.column("source_path") != crop_rows.column("source_path"):
+            raise RuntimeError("crop.parquet does not follow select.parquet: rerun the build")
+        kept = kept.filter(pc.is_null(crop_rows.column("reason")))
         # One shard row group at a time: the crops (~150 KB each) are what a batch of rows would pile up.
         for start in range(0, kept.num_rows, run.config.rows_per_row_group):
             chunk = kept.slice(start, run.config.rows_per_row_group)
@@ -267,12 +301,18 @@ def _kept_batches(run: Run):
             yield dataset_table(chunk, pngs.column("png").combine_chunks())
 
 
+def _thumbnails(run: Run) -> Iterator[str]:
+    """report.html's thumbnails of the kept rows, made by the `crop` stage, in dataset order."""
+    for batch in candidate_batches(run.work.table_path("crop"), ["thumbnail"], READ_ROWS):
+        yield from batch.column("thumbnail").to_pylist()
+
+
 def write_outputs(run: Run) -> int:
     """The `write` step: dataset folder + summary (skipped when OUT_DIR already holds this exact result)."""
     fingerprint = digest(
         "write",
         WRITE_VERSION,
-        read_fingerprint(run.work.table_path("select")) or "",
+        read_fingerprint(run.work.table_path("crop")) or "",
         run.config.fingerprint(*WRITE_SETTINGS),
     )
     summary_path = run.out_dir / "summary.json"
@@ -284,9 +324,9 @@ def write_outputs(run: Run) -> int:
             write_summary(run.out_dir, {**previous, "stages": stage_stats(run)})
             return previous["kept"]
     stats = run.step_stats("write")
+    stats.skipped = False
     with _Timer(stats):
-        selection = pq.read_table(run.work.table_path("select"), columns=["selection"]).column("selection")
-        kept = len(selection) - selection.null_count
+        kept = count_candidates(run.work.table_path("crop"))
         rejects = collect_rejects(run)
         scanned = pq.read_metadata(run.work.table_path("scan")).num_rows
         if kept + rejects.num_rows != scanned:
@@ -316,8 +356,7 @@ def write_outputs(run: Run) -> int:
         )
         write_summary(run.out_dir, summary)
         write_card(run.out_dir, summary, data_bytes(run.out_dir))
-        build_report(run.out_dir)
-        stats.computed += kept
+        build_report(run.out_dir, _thumbnails(run))
     write_summary(run.out_dir, {**summary, "stages": stage_stats(run)})
     return kept
 

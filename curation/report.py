@@ -80,14 +80,12 @@ def _grid(cells: Counter) -> str:
     return f'<table class="grid"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
 
-def _dataset_by_identity(out_dir: Path) -> Iterator[tuple[str, list[dict]]]:
+def _dataset_by_identity(out_dir: Path, with_images: bool) -> Iterator[tuple[str, list[dict]]]:
+    columns = ["identity", "source_path", "expression", "expression_confidence", "pose_bin", "quality"]
     batches = (
         pa.Table.from_batches([b])
         for f in dataset_files(out_dir)
-        for b in pq.ParquetFile(f).iter_batches(
-            batch_size=64,
-            columns=["identity", "source_path", "image", "expression", "expression_confidence", "pose_bin", "quality"],
-        )
+        for b in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns + ["image"] * with_images)
     )
     for group in contiguous_groups(batches, "identity"):
         yield group.column("identity")[0].as_py(), group.to_pylist()
@@ -133,7 +131,7 @@ def _upscale_table(histogram: dict[str, int], limit: float | None) -> str:
     )
 
 
-def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
+def _kept_section(kept: list[dict], size: int, thumbnails: Iterator[str] | None) -> Iterator[str]:
     yield _grid(Counter((r["expression"], r["pose_bin"]) for r in kept))
     unsure = sum(unsure_expression(r["expression_confidence"]) for r in kept)
     if unsure:
@@ -143,7 +141,7 @@ def _kept_section(kept: list[dict], size: int) -> Iterator[str]:
         )
     yield "<div class='sheet'>"
     for r in kept:
-        uri = thumbnail_uri(Image.open(io.BytesIO(r["image"]["bytes"])), size)
+        uri = next(thumbnails) if thumbnails else thumbnail_uri(Image.open(io.BytesIO(r["image"]["bytes"])), size)
         flagged, expression = _expression_label(r)
         figure = '<figure class="unsure">' if flagged else "<figure>"
         yield (
@@ -169,7 +167,7 @@ def _reject_section(examples: list[dict], count: int, photos_dir: Path | None, s
     yield "</div>"
 
 
-def _page(out_dir: Path) -> Iterator[str]:
+def _page(out_dir: Path, thumbnails: Iterator[str] | None) -> Iterator[str]:
     summary = json.loads((out_dir / "summary.json").read_text())
     size = int(summary["config"].get("thumbnail_size", 96))
     photos_dir = (
@@ -177,7 +175,7 @@ def _page(out_dir: Path) -> Iterator[str]:
     )
     identities = pq.read_table(out_dir / "identities.parquet").to_pylist()  # one row per identity
     rejects, spans = _rejects_by_folder(out_dir)
-    groups = _dataset_by_identity(out_dir)
+    groups = _dataset_by_identity(out_dir, with_images=thumbnails is None)
     yield from (
         "<!doctype html><html><head><meta charset='utf-8'><title>dynamicid-curate report</title>",
         f"<style>{STYLE % {'t': size}}</style></head><body>",
@@ -210,7 +208,7 @@ def _page(out_dir: Path) -> Iterator[str]:
                 f"{meta['grid_cells_covered']} of 35 expression x pose cells covered.</p>"
             )
         if kept:
-            yield from _kept_section(kept, size)
+            yield from _kept_section(kept, size, thumbnails)
         if identity in spans:
             first, count = spans[identity]
             examples = rejects.slice(first, min(count, MAX_REJECT_EXAMPLES)).to_pylist()
@@ -218,12 +216,15 @@ def _page(out_dir: Path) -> Iterator[str]:
     yield "</body></html>"
 
 
-def build_report(out_dir: Path) -> Path:
-    """Write OUT_DIR/report.html from the dataset folder (and the source photos, for rejected examples)."""
+def build_report(out_dir: Path, thumbnails: Iterator[str] | None = None) -> Path:
+    """Write OUT_DIR/report.html from the dataset folder (and the source photos, for rejected examples).
+
+    `thumbnails`: the kept rows' thumbnails in dataset order, when they are made already (`build`'s crop stage);
+    else each is made from the row's image."""
     path = out_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for part in _page(out_dir):
+        for part in _page(out_dir, thumbnails):
             f.write(part)
             f.write("\n")
     tmp.replace(path)

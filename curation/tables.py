@@ -151,6 +151,27 @@ def contiguous_groups(batches: Iterable[pa.Table], column: str) -> Iterator[pa.T
         yield pa.concat_tables(pending).combine_chunks()
 
 
+class RowReader:
+    """The rows of a stream of tables, taken `n` at a time (to walk two tables whose batches do not line up)."""
+
+    def __init__(self, batches: Iterable[pa.Table]):
+        self._batches = iter(batches)
+        self._pending: pa.Table | None = None
+
+    def take(self, n: int) -> pa.Table:
+        pieces = []
+        while n:
+            if self._pending is None or not self._pending.num_rows:
+                self._pending = next(self._batches, None)
+                if self._pending is None:
+                    raise RuntimeError(f"the table ended {n} row(s) early")
+            piece = self._pending.slice(0, n)
+            pieces.append(piece)
+            n -= piece.num_rows
+            self._pending = self._pending.slice(piece.num_rows)
+        return pa.concat_tables(pieces) if pieces else pa.table({})
+
+
 class WorkDir:
     """Paths and table I/O of one run's work folder."""
 

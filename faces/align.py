@@ -111,14 +111,19 @@ def ffhq_align(
     """
     kps5 = face_or_kps5.kps5 if isinstance(face_or_kps5, Face) else face_or_kps5
     matrix = ffhq_matrix(kps5, size)
-    pixels = _as_array(image)
     if border != "ffhq":
-        return Image.fromarray(warp(pixels, matrix, size, border=border)), matrix
+        return Image.fromarray(warp(_as_array(image), matrix, size, border=border)), matrix
+    return ffhq_crop(image, matrix, size), matrix
+
+
+def ffhq_crop(image: Image.Image | np.ndarray, matrix: np.ndarray, size: int) -> Image.Image:
+    """`ffhq_align`'s crop for a matrix it returned (reflected, blurred and faded padding outside the photo)."""
+    pixels = _as_array(image)
     crop = warp(pixels, matrix, size, border="reflect")
     outside = _outside_mask(pixels.shape[:2], matrix, size)
     if not outside.any():
-        return Image.fromarray(crop), matrix
-    return Image.fromarray(_fade_padding(crop, outside)), matrix
+        return Image.fromarray(crop)
+    return Image.fromarray(_fade_padding(crop, outside))
 
 
 def _outside_mask(source_shape: tuple[int, int], matrix: np.ndarray, size: int) -> np.ndarray:

@@ -350,6 +350,24 @@ def test_report_shows_thumbnails_labels_grid_and_rejects(curated, rows):
         assert f"{EXPRESSIONS[row['expression']]} {row['expression_confidence']:.2f}" in text
 
 
+def test_work_folder_holds_the_crops_of_kept_faces_only(curated, rows, rejects):
+    """`align` measures every candidate's crop; only the kept faces' crops are made again and stored."""
+    crops = pq.read_table(curated["out"] / ".work" / "stores" / "crops", columns=["key"]).column("key").to_pylist()
+    assert len(crops) == len(set(crops)) == len(rows)
+    assert sum(r["reason"] == "over_quota" for r in rejects.values()) > 0  # aligned, labelled, then cut
+    aligned = pq.read_table(curated["out"] / ".work" / "stores" / "align", columns=["key"]).num_rows
+    assert aligned > len(rows)
+
+
+def test_report_thumbnails_made_by_the_workers_equal_the_datasets_images(curated, tmp_path):
+    """`build` writes report.html from the crop stage's thumbnails; `report` makes them from the dataset."""
+    built = (curated["out"] / "report.html").read_text()
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy, ignore=shutil.ignore_patterns(".work"))
+    assert CliRunner().invoke(main, ["report", str(copy)]).exit_code == 0
+    assert (copy / "report.html").read_text() == built
+
+
 def test_second_run_on_unchanged_input_does_no_work(curated):
     again = build_dataset(curated["photos"], curated["out"], progress=False, **SETTINGS)
     for stage, stats in again["stages"].items():

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dynamicid.curation import build_dataset
+from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.merge import merge_datasets
+from dynamicid.curation.pipeline import STAGES, open_run, run_stage
 
 IDENTITIES = ("obama", "kit_harington", "John_Salley")  # 19 photos: more than one cache batch (16)
 
@@ -95,6 +97,28 @@ def test_two_shards_merged_equal_one_run(photos, reference, tmp_path):
     assert merged["scanned"] == json.loads((reference / "summary.json").read_text())["scanned"]
     assert row_hashes(tmp_path / "merged") == row_hashes(reference)
     assert side_tables(tmp_path / "merged") == side_tables(reference)
+
+
+def test_a_kept_photo_gone_before_write_is_rejected_and_the_rest_written(identity_photos, reference, tmp_path):
+    """The crops are made again in `write`: a kept photo deleted after `select` costs only itself."""
+    photos = identity_photos(*IDENTITIES)
+    out = tmp_path / "out"
+    config = CurationConfig(face_backend="embedded")
+    run = open_run(photos, out, config, progress=False)
+    try:
+        for step in STAGES[:-1]:
+            run_stage(run, step)
+        selected = pq.read_table(run.work.table_path("select")).to_pylist()
+        kept = [r["source_path"] for r in selected if r["reason"] is None]
+        (photos / kept[0]).unlink()
+        assert run_stage(run, "write") == len(kept) - 1
+    finally:
+        run.engine.close()
+    summary = json.loads((out / "summary.json").read_text())
+    gone = {r["source_path"]: r for r in side_tables(out)[1]}[kept[0]]
+    assert gone["reason"] == "unreadable" and "vanished since it was aligned" in gone["detail"]
+    assert summary["rejected_by_stage"]["write"] == 1 and summary["kept"] + summary["rejected"] == summary["scanned"]
+    assert pq.read_table(out / "data").column("source_path").to_pylist() == kept[1:]
 
 
 def test_no_resume_recomputes_from_scratch(photos, reference, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from dynamicid.curation.stages import Stage, StageStats
+from dynamicid.curation.stages import BackendInfo, Stage, StageStats
 
 ENGINES = ("local", "ray")
 
@@ -23,6 +23,10 @@ class Engine(Protocol):
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         """Run `stage` on the candidate rows of the table at `source`; write its table to `target`."""
+        ...
+
+    def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
+        """`backend.resolve_backend` where the face models will run (a worker that keeps them, or this process)."""
         ...
 
     def close(self) -> None:

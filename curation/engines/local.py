@@ -19,7 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dynamicid.curation.stages import COMPUTED, ORDER, Stage, StageKind, StageSetupError, StageStats
+from dynamicid.curation.stages import (
+    COMPUTED,
+    ORDER,
+    BackendInfo,
+    Stage,
+    StageKind,
+    StageSetupError,
+    StageStats,
+)
 from dynamicid.curation.tables import STAGE_ROW_GROUP, TableWriter, contiguous_groups
 
 READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
@@ -40,6 +48,12 @@ def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
     if key in _WORKER_ERRORS:
         raise StageSetupError(_WORKER_ERRORS[key])
     return _WORKER_STAGES[key].process(batch)
+
+
+def _resolve_in_worker(requested: str, dup_embedding_fraction: float) -> BackendInfo:
+    from dynamicid.curation.backend import resolve_backend
+
+    return resolve_backend(requested, dup_embedding_fraction)[0]  # the worker keeps the analyzer it built
 
 
 def candidate_batches(
@@ -118,6 +132,22 @@ class LocalEngine:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
+
+    def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
+        """With workers, each worker resolves it (at once, in parallel) and keeps the face models it built for the
+        model stages; this process, which then runs no model, builds none (about 700 MB and 1.4 s less)."""
+        if self.workers <= 1:
+            return _resolve_in_worker(requested, dup_embedding_fraction)
+        pool = self._worker_pool()
+        futures = [pool.submit(_resolve_in_worker, requested, dup_embedding_fraction) for _ in range(self.workers)]
+        try:
+            resolved = {future.result() for future in futures}
+        except BrokenProcessPool as error:
+            self.close()
+            raise StageSetupError(f"a worker process died while loading the face models ({error})") from error
+        if len(resolved) != 1:
+            raise StageSetupError(f"the workers resolved different face backends: {sorted(map(str, resolved))}")
+        return resolved.pop()
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         start = time.perf_counter()

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from dynamicid.curation.engines import EngineUnavailable
 from dynamicid.curation.engines.local import LocalEngine, count_candidates, output_layout, stage_output
-from dynamicid.curation.stages import Stage, StageKind, StageSetupError, StageStats
+from dynamicid.curation.stages import BackendInfo, Stage, StageKind, StageSetupError, StageStats
 from dynamicid.curation.tables import TableWriter
 
 LOCAL_OBJECT_STORE = 1 << 30  # bytes, for a Ray started here: blocks stream through it, spilling to disk if needed
@@ -106,6 +106,9 @@ class RayEngine:
         context.enable_progress_bars = self.progress
         context.execution_options.preserve_order = True  # outputs in input order: no sort needed
         context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # groupby by sorting: tasks, no actors
+
+    def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
+        return self.driver.resolve_backend(requested, dup_embedding_fraction)  # actors build their own models
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         if stage.kind is StageKind.GLOBAL or (stage.kind is StageKind.MAP and not stage.pooled):

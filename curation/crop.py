@@ -1,0 +1,83 @@
+"""Stage `crop` (step `write`): the PNG crop of every kept face, and its report.html thumbnail.
+
+Only the faces `select` keeps are cropped and encoded (`align` measured every candidate's crop but kept none),
+so the work folder holds about one crop per dataset row. Crops go into the content-keyed crop store (key:
+`crop_key`), where `write` reads them in dataset order; a run killed here keeps the crops already made. The
+thumbnails are made here too, in the workers, so that writing the report decodes no crop in the driver.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+from PIL import Image
+
+from dynamicid.curation.align import crop_size_of
+from dynamicid.curation.analysis import crop_face, load_error, png_bytes
+from dynamicid.curation.report import thumbnail_uri
+from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
+from dynamicid.curation.store import ResultStore
+
+CROP_STORE_SCHEMA = pa.schema([("key", pa.string()), ("png", pa.binary())])
+CROP_ROW_GROUP = 4  # crops per Parquet row group: reading one crop back reads at most 4
+CROP_SCHEMA = photo_schema(("thumbnail", pa.string()))  # a data: URI, for report.html
+CROP_INPUTS = ("source_path", "identity", "sha256", "crop_key", "crop_transform")
+
+
+def crop_store(work_dir) -> ResultStore:
+    return ResultStore(work_dir / "stores" / "crops", CROP_STORE_SCHEMA, row_group_rows=CROP_ROW_GROUP)
+
+
+class CropStage(Stage):
+    name = "crop"
+    step = "write"
+    settings = ("thumbnail_size",)  # the crop size comes with each row's crop_key (the size align measured)
+    input_columns = CROP_INPUTS
+    pooled = True
+
+    def output_schema(self) -> pa.Schema:
+        return CROP_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
+
+    def setup(self) -> None:
+        self.store = crop_store(self.context.work_dir)
+
+    def finish(self) -> None:
+        crop_store(self.context.work_dir).compact()
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        photos = batch.to_pylist()
+        keys = list(dict.fromkeys(p["crop_key"] for p in photos))
+        _, stored = self.store.get(keys)
+        crops: dict[str, Image.Image | tuple[str, str]] = {}  # crop_key -> the crop, or (reason, detail)
+        for key, png in zip(stored.column("key").to_pylist(), stored.column("png").to_pylist(), strict=True):
+            crops[key] = Image.open(io.BytesIO(png))
+        new = []
+        for photo in photos:
+            key = photo["crop_key"]
+            if key in crops:
+                continue
+            try:
+                crops[key] = crop_face(self.source(photo["source_path"]), photo["crop_transform"], crop_size_of(key))
+            except Exception as error:  # the photo changed or vanished since `align` measured this crop
+                reason, detail = load_error(error)
+                crops[key] = (reason, f"the photo changed or vanished since it was aligned: {detail}")
+                continue
+            new.append({"key": key, "png": png_bytes(crops[key])})
+        self.store.put(pa.Table.from_pylist(new, schema=CROP_STORE_SCHEMA))
+        computed = {row["key"] for row in new}
+        rows = []
+        for photo in photos:
+            crop = crops[photo["crop_key"]]
+            failed = isinstance(crop, tuple)
+            rows.append(
+                {
+                    **{k: photo[k] for k in ("source_path", "identity", "sha256")},
+                    "reason": crop[0] if failed else None,
+                    "detail": crop[1] if failed else None,
+                    "thumbnail": None if failed else thumbnail_uri(crop, self.config.thumbnail_size),
+                    COMPUTED: photo["crop_key"] in computed,
+                }
+            )
+            computed.discard(photo["crop_key"])
+        return pa.Table.from_pylist(rows, schema=self.output_schema())
