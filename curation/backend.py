@@ -75,8 +75,11 @@ def build_analyzer(name: str, root: str | None) -> Any:
     return analyzer
 
 
-def resolve_backend(requested: str, dup_embedding_fraction: float) -> tuple[BackendInfo, Any]:
-    """Resolve `auto`, build the analyzer once here (so a bad model folder fails before any work) and describe it."""
+def resolve_backend(requested: str, dup_embedding_fraction: float, *, keep: bool = True) -> tuple[BackendInfo, Any]:
+    """Resolve `auto`, build the analyzer once here (so a bad model folder fails before any work) and describe it.
+
+    `keep`: this process will run the model stages, so `analyzer_for` returns this analyzer (else it is dropped
+    once this returns: a driver whose workers run the models should not hold ~400 MB of them)."""
     from dynamicid.faces.analyzer import find_insightface_root
 
     root = find_insightface_root({})
@@ -100,7 +103,8 @@ def resolve_backend(requested: str, dup_embedding_fraction: float) -> tuple[Back
             analyzer.distance, dup_embedding_fraction * analyzer.same_person_threshold, analyzer.embedding_dim
         ),
     )
-    _ANALYZERS[info] = analyzer
+    if keep:
+        _ANALYZERS[info] = analyzer
     return info, analyzer
 
 

@@ -108,7 +108,9 @@ class RayEngine:
         context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # groupby by sorting: tasks, no actors
 
     def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
-        return self.driver.resolve_backend(requested, dup_embedding_fraction)  # actors build their own models
+        from dynamicid.curation.backend import resolve_backend
+
+        return resolve_backend(requested, dup_embedding_fraction, keep=False)[0]  # the actors build their own
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         if stage.kind is StageKind.GLOBAL or (stage.kind is StageKind.MAP and not stage.pooled):
