@@ -1,11 +1,15 @@
 """MediaPipe 0.10.21 legacy solutions: face detection (short + full range) and the 478-point face mesh.
 
 Detection strategy (measured on ../shared/data/faces, see tests/test_faces_embedded.py):
-- The full-range model on the image, and on a 2x upscale of images whose long side is under
-  `upscale_below`, merged by non-maximum suppression: finds the small faces of group photos with no
-  false positives on the no-face photos. Its candidates under `sure_score` must be confirmed
-  (below): a 0.65 box on the hair of a tight crop (identities/Serena_Williams/Serena_Williams_0010.jpg)
-  is not, at the price of one 34-pixel group-photo face of 18.
+- The full-range model on the image and, when it has a candidate there, on a 2x upscale of images whose long
+  side is under `upscale_below`, merged by non-maximum suppression: finds the small faces of group photos with no
+  false positives on the no-face photos. Its candidates under `sure_score` must be confirmed (below): a 0.65 box
+  on the hair of a tight crop (identities/Serena_Williams/Serena_Williams_0010.jpg) is not, at the price of one
+  34-pixel group-photo face of 18. The model sees the whole image at 192 px either way, so the 2x pass is a second
+  look through another resampling: next to what the 1x pass sees it adds faces and better boxes (group photos;
+  77 of the 174 first-pass boxes of identities/ and expressions/), but where the 1x pass sees nothing it found a
+  face in 3 of the 100 such identities/ photos (two 92x112 ORL faces, a 150-pixel crop; the fallback below finds
+  them too) and in none of expressions/ or no_face/, so there it is skipped (5 ms).
 - Only when that confirms nothing (tight crops where the face fills the frame, tiny 92x112 faces): the
   short-range model on the image padded by 25 %; only when it confirms nothing, the full-range model on the
   image padded by half its size and the short-range model on the image, merged with it by NMS. These passes
@@ -49,7 +53,8 @@ MESH_EYE_OUTER = (33, 263)  # image-left, image-right outer eye corners
 MESH_MOUTH_CORNERS = (61, 291)  # image-left, image-right
 MESH_POSE_POINTS = (MESH_NOSE_TIP, MESH_CHIN, *MESH_EYE_OUTER, *MESH_MOUTH_CORNERS)  # pose.FACE_MODEL_3D order
 # Bumped whenever the passes above change which boxes a photo gets (part of the backend's settings, so curation's
-# caches of detections do not mix strategies). 2: the padded short-range pass first on tight crops.
+# caches of detections do not mix strategies). 2: the 2x pass only after a 1x candidate, and the padded short-range
+# pass first on tight crops.
 DETECTION_STRATEGY = 2
 # The detector's six keypoints from the mesh: eye corners (averaged), nose tip, inner lips (averaged), ear tragi.
 TILE_SOURCE = "mesh-tiles"  # `Detection.source` of the faces the tiled mesh pass adds
@@ -211,7 +216,7 @@ class MediaPipeFace:
         """Faces in an RGB uint8 image, highest score first."""
         cfg = self.config
         candidates = self._run_detector(self._full, rgb, 0.0, 1.0, "full-range")
-        if max(rgb.shape[:2]) < cfg.upscale_below:
+        if candidates and max(rgb.shape[:2]) < cfg.upscale_below:
             candidates += self._run_detector(self._full, rgb, 0.0, 2.0, "full-range-2x")
         found = [d for d in nms(candidates, cfg.nms_iou) if d.score >= cfg.sure_score or self._confirmed(rgb, d.box)]
         if len(found) >= cfg.crowd_min_faces:
