@@ -235,7 +235,7 @@ class MediaPipeFace:
             + self._run_detector(self._short, rgb, 0.0, 1.0, "short-range")
             + padded_short
         )
-        rejected = {id(d) for d in first}
+        rejected = {id(d) for d in first}  # confirmation already said no to these
         return [d for d in nms(candidates, cfg.nms_iou) if id(d) not in rejected and self._confirmed(rgb, d.box)]
 
     def _crowd(self, rgb: np.ndarray, found: list[Detection]) -> list[Detection]:
