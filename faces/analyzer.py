@@ -39,7 +39,7 @@ class FaceBackend(Protocol):
 def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """A contiguous uint8 (H, W, 3) RGB array from a PIL image or an RGB/grey array."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # convert() would copy RGB too
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"image arrays must be uint8 RGB, got dtype {array.dtype}")

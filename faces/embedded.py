@@ -18,6 +18,7 @@ from dynamicid.faces.expression import ExpressionClassifier, ExpressionCrop
 from dynamicid.faces.expression_calibration import shipped_calibration
 from dynamicid.faces.face import Face
 from dynamicid.faces.mediapipe_face import (
+    DETECTION_STRATEGY,
     MESH_POSE_POINTS,
     TILE_SOURCE,
     MediaPipeConfig,
@@ -54,7 +55,11 @@ class EmbeddedBackend:
         self.config = config or EmbeddedConfig()
         self.same_person_threshold = self.config.same_person_threshold
         # Everything that changes results besides the model files (curation keys its caches by it).
-        self.settings = {"detector": DETECTOR_MODEL, **dataclasses.asdict(self.config)}
+        self.settings = {
+            "detector": DETECTOR_MODEL,
+            "detection_strategy": DETECTION_STRATEGY,
+            **dataclasses.asdict(self.config),
+        }
         self._mediapipe = MediaPipeFace(self.config.mediapipe)
         self._embedder = DlibEmbedder()
         self._expression = ExpressionClassifier(self.config.expression_crop)

@@ -1,15 +1,26 @@
 """MediaPipe 0.10.21 legacy solutions: face detection (short + full range) and the 478-point face mesh.
 
 Detection strategy (measured on ../shared/data/faces, see tests/test_faces_embedded.py):
-- The full-range model on the image, and on a 2x upscale of images whose long side is under
-  `upscale_below`, merged by non-maximum suppression: finds the small faces of group photos with no
-  false positives on the no-face photos. Its candidates under `sure_score` must be confirmed by the mesh
-  (below): a 0.65 box on the hair of a tight crop (identities/Serena_Williams/Serena_Williams_0010.jpg)
-  is not, at the price of one 34-pixel group-photo face of 18.
+- The full-range model on the image and, when it has a candidate there, on a 2x upscale of images whose long
+  side is under `upscale_below`, merged by non-maximum suppression: finds the small faces of group photos with no
+  false positives on the no-face photos. Its candidates under `sure_score` must be confirmed (below): a 0.65 box
+  on the hair of a tight crop (identities/Serena_Williams/Serena_Williams_0010.jpg) is not, at the price of one
+  34-pixel group-photo face of 18. The model sees the whole image at 192 px either way, so the 2x pass is a second
+  look through another resampling: next to what the 1x pass sees it adds faces and better boxes (group photos;
+  77 of the 174 first-pass boxes of identities/ and expressions/), but where the 1x pass sees nothing it found a
+  face in 3 of the 100 such identities/ photos (two 92x112 ORL faces, a 150-pixel crop; the fallback below finds
+  them too) and in none of expressions/ or no_face/, so there it is skipped (5 ms).
 - Only when that confirms nothing (tight crops where the face fills the frame, tiny 92x112 faces): the
-  full-range model on the image padded by half its size, and the short-range model on the image and
-  on a 25 % padding. These passes also fire on flowers and toys, so each of their candidates must be
-  confirmed by the face mesh (its own detector at `confirm_score`) on the expanded crop.
+  short-range model on the image padded by 25 %; only when it confirms nothing, the full-range model on the
+  image padded by half its size and the short-range model on the image, merged with it by NMS. These passes
+  also fire on flowers and toys, so each of their candidates must be confirmed. The padded short-range pass
+  alone finds the face of all 98 identities/ photos that get this far, with the box that the three passes
+  merged gave in 86 (the other 12 and one expressions/ photo get its box of the same face; 2026-12-01). It
+  spares the other two passes (8 ms) on most tight crops.
+- Confirmation: the face mesh's own detector (the short-range model, the same graph options) finds a face at
+  `confirm_score` on the mesh crop of the candidate (its expanded box). It is run as the short-range detector
+  alone: the mesh's landmark model added nothing to the decision (the same verdict on all 349 candidate boxes
+  of the shared photos) and cost 2.6 ms per candidate.
 - Crowded photos (the first pass confirmed `crowd_min_faces` or more): the face mesh's own detector, which
   finds faces the two detectors miss when they are large, overlapping or cut off by the border, runs on 3 x 3
   overlapping half-size tiles, as they are and padded by `tile_pads`; a face it finds that does not overlap a
@@ -41,6 +52,10 @@ MESH_CHIN = 152
 MESH_EYE_OUTER = (33, 263)  # image-left, image-right outer eye corners
 MESH_MOUTH_CORNERS = (61, 291)  # image-left, image-right
 MESH_POSE_POINTS = (MESH_NOSE_TIP, MESH_CHIN, *MESH_EYE_OUTER, *MESH_MOUTH_CORNERS)  # pose.FACE_MODEL_3D order
+# Bumped whenever the passes above change which boxes a photo gets (part of the backend's settings, so curation's
+# caches of detections do not mix strategies). 2: the 2x pass only after a 1x candidate, and the padded short-range
+# pass first on tight crops.
+DETECTION_STRATEGY = 2
 # The detector's six keypoints from the mesh: eye corners (averaged), nose tip, inner lips (averaged), ear tragi.
 TILE_SOURCE = "mesh-tiles"  # `Detection.source` of the faces the tiled mesh pass adds
 MESH_AS_DETECTION = ((33, 133), (362, 263), (1,), (13, 14), (234,), (454,))
@@ -67,6 +82,37 @@ class Detection:
     score: float
     keypoints: np.ndarray  # (6, 2): subject's right eye, left eye, nose tip, mouth centre, right ear, left ear
     source: str  # which pass found it
+
+
+# A NormalizedLandmarkList as protobuf writes it when each landmark has x, y, z and nothing else: per landmark
+# the field tag and length, then each float's tag and little-endian value.
+_LANDMARK_RECORD = np.dtype(
+    [
+        ("tag", "u1"),
+        ("size", "u1"),
+        ("x_tag", "u1"),
+        ("x", "<f4"),
+        ("y_tag", "u1"),
+        ("y", "<f4"),
+        ("z_tag", "u1"),
+        ("z", "<f4"),
+    ]
+)
+_LANDMARK_TAGS = {"tag": 0x0A, "size": 15, "x_tag": 0x0D, "y_tag": 0x15, "z_tag": 0x1D}
+
+
+def landmark_array(landmarks) -> np.ndarray:
+    """(N, 3) float64 x, y, z of a MediaPipe NormalizedLandmarkList, the same values as reading each landmark.
+
+    Read from the serialized message in one numpy call (the per-landmark attribute loop cost about 0.25 ms per
+    mesh); any other layout (visibility or presence set) takes the loop.
+    """
+    data = landmarks.SerializeToString()
+    if len(data) == len(landmarks.landmark) * _LANDMARK_RECORD.itemsize:
+        records = np.frombuffer(data, _LANDMARK_RECORD)
+        if all(np.all(records[name] == value) for name, value in _LANDMARK_TAGS.items()):
+            return np.column_stack([records["x"], records["y"], records["z"]]).astype(np.float64)
+    return np.array([[p.x, p.y, p.z] for p in landmarks.landmark], dtype=np.float64)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,14 +181,13 @@ class MediaPipeFace:
                 )
 
             self._mesh = mesh(1, True, 0.5)
-            self._confirm_mesh = mesh(1, False, self.config.confirm_score)
             self._tile_mesh = mesh(4, False, self.config.tile_score)  # up to 4 faces on a tile
             for graph in self._graphs():
                 # Calculators open (and log) on the graphs' own threads: a first run waits until all have.
                 graph.graph.process(np.zeros((64, 64, 3), dtype=np.uint8))
 
     def _graphs(self) -> tuple[QuietGraph, ...]:
-        return self._short, self._full, self._mesh, self._confirm_mesh, self._tile_mesh
+        return self._short, self._full, self._mesh, self._tile_mesh
 
     # detection
 
@@ -171,19 +216,27 @@ class MediaPipeFace:
         """Faces in an RGB uint8 image, highest score first."""
         cfg = self.config
         candidates = self._run_detector(self._full, rgb, 0.0, 1.0, "full-range")
-        if max(rgb.shape[:2]) < cfg.upscale_below:
+        if candidates and max(rgb.shape[:2]) < cfg.upscale_below:
             candidates += self._run_detector(self._full, rgb, 0.0, 2.0, "full-range-2x")
         found = [d for d in nms(candidates, cfg.nms_iou) if d.score >= cfg.sure_score or self._confirmed(rgb, d.box)]
         if len(found) >= cfg.crowd_min_faces:
             return found + self._crowd(rgb, found)
         if found:
             return found
+        # Tight crops: the short-range model on the padded image finds the face of most of them alone, so the
+        # other two passes run only when it confirms nothing, and then as before (all three merged by NMS).
+        padded_short = self._run_detector(self._short, rgb, 0.25, 1.0, "short-range-padded")
+        first = nms(padded_short, cfg.nms_iou)
+        found = [d for d in first if self._confirmed(rgb, d.box)]
+        if found:
+            return found
         candidates = (
             self._run_detector(self._full, rgb, 0.5, 1.0, "full-range-padded")
             + self._run_detector(self._short, rgb, 0.0, 1.0, "short-range")
-            + self._run_detector(self._short, rgb, 0.25, 1.0, "short-range-padded")
+            + padded_short
         )
-        return [d for d in nms(candidates, cfg.nms_iou) if self._confirmed(rgb, d.box)]
+        rejected = {id(d) for d in first}  # confirmation already said no to these
+        return [d for d in nms(candidates, cfg.nms_iou) if id(d) not in rejected and self._confirmed(rgb, d.box)]
 
     def _crowd(self, rgb: np.ndarray, found: list[Detection]) -> list[Detection]:
         """Faces the mesh detector finds on overlapping tiles that are none of `found` (largest first)."""
@@ -208,15 +261,16 @@ class MediaPipeFace:
         height, width = image.shape[:2]
         faces = []
         for landmarks in self._tile_mesh.process(np.ascontiguousarray(image)).multi_face_landmarks or []:
-            points = np.array([[p.x * width, p.y * height] for p in landmarks.landmark]) - border + offset
+            points = landmark_array(landmarks)[:, :2] * [width, height] - border + offset
             keypoints = np.array([points[list(group)].mean(axis=0) for group in MESH_AS_DETECTION])
             box = np.r_[points.min(axis=0), points.max(axis=0)]
             faces.append(Detection(box, self.config.tile_score, keypoints, TILE_SOURCE))
         return faces
 
     def _confirmed(self, rgb: np.ndarray, box: np.ndarray) -> bool:
+        """The face mesh's own detector (the short-range model) finds a face at `confirm_score` on the mesh crop."""
         crop, _ = self.crop(rgb, box)
-        return self._confirm_mesh.process(crop).multi_face_landmarks is not None
+        return any(det.score[0] >= self.config.confirm_score for det in self._short.process(crop).detections or [])
 
     # mesh
 
@@ -240,7 +294,7 @@ class MediaPipeFace:
         if not result.multi_face_landmarks:
             return None
         size = self.config.mesh_size
-        points = np.array([[p.x * size, p.y * size, p.z * size] for p in result.multi_face_landmarks[0].landmark])
+        points = landmark_array(result.multi_face_landmarks[0]) * size
         if mirrored:
             points[:, 0] = size - points[:, 0]
         inverse = cv2.invertAffineTransform(matrix)

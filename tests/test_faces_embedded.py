@@ -14,7 +14,7 @@ import pytest
 from PIL import ImageOps
 
 from dynamicid.faces import Face, FaceAnalyzer, load_image
-from dynamicid.faces.mediapipe_face import box_iou
+from dynamicid.faces.mediapipe_face import box_iou, landmark_array
 from dynamicid.schemas.labels import EXPRESSIONS, POSE_NAMES
 
 
@@ -118,6 +118,21 @@ def test_largest_face_is_the_folders_person(identities, analyzer):
                 matched += min(analyzer.distance(embedding, other) for other in others) < analyzer.same_person_threshold
     print(f"largest face matches its folder in {matched}/{checked} photos")
     assert matched >= 0.98 * checked
+
+
+def test_landmark_array_reads_the_same_values_as_each_landmark(shared_faces, analyzer):
+    """The mesh read from the serialized message equals reading x, y, z landmark by landmark, also when a
+    landmark carries more fields (then the message has another layout and the loop runs)."""
+    mediapipe = analyzer._backend._mediapipe
+    rgb = np.asarray(load_image(shared_faces / "identities" / "obama" / "obama.jpg"))
+    face = analyzer.detect(rgb)[0]
+    crop, _ = mediapipe.crop(rgb, np.asarray(face.bbox))
+    landmarks = mediapipe._mesh.process(crop).multi_face_landmarks[0]
+    by_landmark = np.array([[p.x, p.y, p.z] for p in landmarks.landmark])
+    assert by_landmark.shape == (478, 3)
+    assert np.array_equal(landmark_array(landmarks), by_landmark)
+    landmarks.landmark[7].visibility = 0.5
+    assert np.array_equal(landmark_array(landmarks), by_landmark)
 
 
 def test_no_face_photos_give_no_face(shared_faces, analyzer):
