@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/curation_compare.py --base "" --new ../pp-faces [--photos PHOTOS] [--repeats 2]
     .venv/bin/python benchmarks/curation_compare.py --base ../pp-x --new ../pp-x --new-workers 2
+    .venv/bin/python benchmarks/curation_compare.py --base ../pp-0b1fd08 --new "" --new-args "--max-upscale 100"
 
 `--base` and `--new` are PYTHONPATH values ("" is the installed package) so the same interpreter runs two versions
 of the toolkit. Runs alternate base, new, base, new, ... each into a fresh output folder with `--no-resume` and
@@ -57,10 +58,10 @@ class Timing:
         return self.driver + self.workers / self.count if self.workers else self.driver
 
 
-def run_build(pythonpath: str, photos: Path, out: Path, cores: list[int], workers: int) -> Timing:
+def run_build(pythonpath: str, photos: Path, out: Path, cores: list[int], workers: int, extra: list[str]) -> Timing:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     command = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", WRAPPER, "build", str(photos)]
-    command += [str(out), "--workers", str(workers), "--no-resume", "--no-progress", "--json"]
+    command += [str(out), "--workers", str(workers), "--no-resume", "--no-progress", "--json", *extra]
     start = time.perf_counter()
     result = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--new-workers", type=int, default=1, help="--workers of the new runs")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="PHOTOS_DIR of the build")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side")
+    parser.add_argument(
+        "--new-args", default="", help="more build options for the new side only, e.g. a flag the base lacks"
+    )
     args = parser.parse_args()
     if not args.photos.is_dir():
         parser.error(f"--photos {args.photos}: no such folder")
@@ -88,13 +92,13 @@ def main() -> None:
         if not 1 <= count <= len(available):
             parser.error(f"{flag} {count}: this machine lets the benchmark use 1 to {len(available)} cores")
     images = sum(1 for p in args.photos.rglob("*") if p.is_file())
-    sides = {"base": (args.base, args.base_workers), "new": (args.new, args.new_workers)}
+    sides = {"base": (args.base, args.base_workers, []), "new": (args.new, args.new_workers, args.new_args.split())}
     times: dict[str, list[Timing]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="curation-compare-") as work:
         for repeat in range(args.repeats):
-            for side, (pythonpath, workers) in sides.items():
+            for side, (pythonpath, workers, extra) in sides.items():
                 cores = available[-workers:]
-                timing = run_build(pythonpath, args.photos, Path(work) / f"{side}-{repeat}", cores, workers)
+                timing = run_build(pythonpath, args.photos, Path(work) / f"{side}-{repeat}", cores, workers, extra)
                 times[side].append(timing)
                 print(
                     f"{side} run {repeat + 1} (--workers {workers}): {timing.driver:.1f} s CPU driver + "

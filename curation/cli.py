@@ -285,10 +285,10 @@ for _stage, _help in (
     ("detect", "Stage 2: decode photos and find faces (needs scan)."),
     ("identify", "Stage 3: describe faces, keep the folder's person if large enough for the crop (needs detect)."),
     ("dedupe", "Stage 4: drop identical and near-duplicate pictures (needs identify)."),
-    ("align", "Stage 5: FFHQ-style crops (--crop-size) and quality checks (needs dedupe)."),
+    ("align", "Stage 5: FFHQ-style crop transforms (--crop-size) and quality checks (needs dedupe)."),
     ("label", "Stage 6: landmarks, pose, expression, prompts in crop coordinates (needs align)."),
     ("select", "Stage 7: at most --per-identity images per identity (needs label)."),
-    ("write", "Stage 8: write the dataset folder (needs select)."),
+    ("write", "Stage 8: crop the kept faces and write the dataset folder (needs select)."),
 ):
     _stage_command(_stage, _help)
 

@@ -49,13 +49,13 @@ Engines
     candidate rows of the table at `source`, run `stage` according to its kind, write its output sorted by
     `ORDER` to `target` (Parquet, `fingerprint` in the schema metadata, `COMPUTED` dropped), and return the
     `StageStats`. The steps around the stages are shared by every engine and run in the driver: `scan` (walk
-    and hash PHOTOS_DIR into the first table) and `write` (stream the selected rows and their crops into the
-    dataset shards, rejects, identities, card, report).
+    and hash PHOTOS_DIR into the first table) and, after the `crop` stage, `write` (stream the kept rows and
+    their crops into the dataset shards, rejects, identities, card, report).
 
 The chain (`pipeline.build_stages(context)` returns it in order; table = <work>/<name>.parquet)
     scan (driver) -> detect MAP (models) -> describe MAP (models) -> identify GROUP (GLOBAL with --cluster)
-    -> size MAP -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crops into the crop store) -> label MAP
-    -> select GROUP -> write (driver)
+    -> size MAP -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crop transforms and quality) -> label MAP
+    -> select GROUP -> crop MAP (the kept faces' crops into the crop store) -> write (driver)
 
 Steps
     `step` is the user-facing stage the class belongs to (CLI command, rejects' `stage` column, summary
