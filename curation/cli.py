@@ -17,7 +17,7 @@ from dynamicid.curation.config import MIN_CROP_SIZE
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Arrow's C++ code reads its default allocator from here once, at first use (pyarrow.set_memory_pool does not
-# reach it): the C library's allocator gives freed Parquet buffers back (`pipeline.return_freed_memory`).
+# reach it): the C library's allocator gives freed Parquet buffers back (see `pipeline.open_run`).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 BUILD_EPILOG = """\b

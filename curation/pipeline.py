@@ -128,21 +128,28 @@ class Run:
         return self.stats.setdefault(step, StageStats())
 
 
-def return_freed_memory() -> None:
-    """Make this process give freed buffers back to the system (the driver reads thousands of crops in `write`).
+@contextlib.contextmanager
+def large_buffers_given_back() -> Iterator[None]:
+    """Inside, every freed buffer above 128 KiB goes back to the system (around `write`).
 
-    Arrow's default allocator (mimalloc) keeps freed Parquet pages (+110 MB of RSS after `write` read 1,130 crops),
-    so Arrow should use the C library's: `dynamicid-curate` sets $ARROW_DEFAULT_MEMORY_POOL=system before pyarrow
-    loads, which is what Arrow's C++ code reads; `set_memory_pool` here covers only pyarrow's own calls (set the
-    variable before importing pyarrow when calling `build_dataset` from Python). glibc's malloc in turn raises its
-    mmap threshold to the size of each large block freed, after which crop-sized buffers come from the heap and
-    its free fragments pile up (250 MB after those 1,130 crops); a fixed threshold (glibc's default, 128 KiB)
-    keeps each such buffer in its own mapping, unmapped when freed.
+    glibc's malloc raises its mmap threshold to the size of each large block freed, after which crop-sized
+    buffers come from the heap, whose free fragments piled up to 250 MB while `write` read 1,130 crops; a fixed
+    threshold (glibc's default, 128 KiB) keeps each in its own mapping, unmapped when freed. Only around `write`:
+    the model steps (in this process with `--workers 1`) decode photos into such buffers, and mapping each afresh
+    cost them 11 CPU-seconds of page faults on 205 photos. Afterwards the threshold is glibc's upper bound
+    (32 MiB), where its own adjustment would have taken it.
     """
-    pa.set_memory_pool(pa.system_memory_pool())
+    mallopt = None
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to set
-            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
 
 
 def open_run(
@@ -169,7 +176,11 @@ def open_run(
                 f"{name} {folder} is inside PHOTOS_DIR {photos_dir}: its files would be scanned as photos"
             )
     check_out_dir(out_dir)
-    return_freed_memory()
+    # Arrow's default allocator (mimalloc) keeps freed Parquet pages (+110 MB of RSS after `write` read 1,130
+    # crops); the C library's gives them back. This covers pyarrow's own calls; Arrow's C++ code reads
+    # $ARROW_DEFAULT_MEMORY_POOL once, before this runs: `dynamicid-curate` sets it to `system` (set it before
+    # importing pyarrow to call `build_dataset` from Python with the same memory).
+    pa.set_memory_pool(pa.system_memory_pool())
     try:
         engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
     except EngineUnavailable as error:
@@ -344,7 +355,7 @@ def write_outputs(run: Run) -> int:
             return previous["kept"]
     stats = run.step_stats("write")
     stats.skipped = False
-    with _Timer(stats):
+    with _Timer(stats), large_buffers_given_back():
         kept = count_candidates(run.work.table_path("crop"))
         rejects = collect_rejects(run)
         scanned = pq.read_metadata(run.work.table_path("scan")).num_rows
