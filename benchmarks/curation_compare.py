@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--new-workers", type=int, default=1, help="--workers of the new runs")
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="PHOTOS_DIR of the build")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side")
+    parser.add_argument("--args", default="", help="more build options for both sides, e.g. '--max-upscale 100'")
     parser.add_argument(
         "--new-args", default="", help="more build options for the new side only, e.g. a flag the base lacks"
     )
@@ -92,7 +93,11 @@ def main() -> None:
         if not 1 <= count <= len(available):
             parser.error(f"{flag} {count}: this machine lets the benchmark use 1 to {len(available)} cores")
     images = sum(1 for p in args.photos.rglob("*") if p.is_file())
-    sides = {"base": (args.base, args.base_workers, []), "new": (args.new, args.new_workers, args.new_args.split())}
+    both = args.args.split()
+    sides = {
+        "base": (args.base, args.base_workers, both),
+        "new": (args.new, args.new_workers, [*both, *args.new_args.split()]),
+    }
     times: dict[str, list[Timing]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="curation-compare-") as work:
         for repeat in range(args.repeats):
