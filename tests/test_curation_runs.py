@@ -79,6 +79,22 @@ def test_sigkilled_build_resumes_without_redoing_work_and_matches(photos, refere
     assert all(s["computed"] == 0 for s in again["stages"].values())
 
 
+def test_with_workers_the_driver_builds_no_face_models_and_arrow_gives_memory_back(photos, reference, tmp_path):
+    """The workers resolve the backend and keep the models; the CLI puts Arrow's C++ code on the C allocator."""
+    out = tmp_path / "out"
+    code = (  # the pool is read before the build, which also sets pyarrow's own default
+        "import dynamicid.curation.cli, pyarrow; from dynamicid.curation import build_dataset, backend; "
+        "pool = pyarrow.default_memory_pool().backend_name; "
+        f"build_dataset({str(photos)!r}, {str(out)!r}, face_backend='embedded', workers=2, progress=False); "
+        "print(len(backend._ANALYZERS), pool)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "system"]
+    assert row_hashes(out) == row_hashes(reference)
+
+
 def test_two_workers_give_the_same_rows_as_one(photos, reference, tmp_path):
     out = tmp_path / "out"
     summary = build_dataset(photos, out, face_backend="embedded", workers=2, progress=False)
