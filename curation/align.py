@@ -1,22 +1,21 @@
 """Stage `align`: the FFHQ-style crop with context of the chosen face: its transform and the crop's quality.
 
-The crop is measured here but not kept: only the faces `select` keeps are cropped again and encoded, by the
-`crop` stage (`curation/crop.py`), into the crop store. Both stores are keyed by `crop_key` (the photo's bytes,
-the 5 keypoints and the crop size).
+Each crop is measured here (transform, quality: the align store), but kept only when its face is sure to be in
+the dataset: it passes here and its identity fits its quota (dedupe's `all_kept`). The other kept faces, of
+identities `select` cuts, are cropped again by the `crop` stage (`curation/crop.py`) once `select` has chosen,
+so the crop store holds about the dataset's crops. Both stores are keyed by `crop_key`.
 """
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
-from dynamicid.curation.analysis import align_face
+from dynamicid.curation.analysis import align_face, png_bytes
 from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.crop import CROP_STORE_SCHEMA, crop_key, crop_store
 from dynamicid.curation.dedupe import CARRIED
 from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute
-from dynamicid.curation.tables import digest
 from dynamicid.schemas import RejectReason
 
 ALIGN_STORE_SCHEMA = pa.schema(
@@ -40,16 +39,6 @@ def align_store(work_dir) -> ResultStore:
     return ResultStore(work_dir / "stores" / "align", ALIGN_STORE_SCHEMA)
 
 
-def crop_key(sha256: str, kps5: list[float], size: int) -> str:
-    """The crop stores' key: the photo's bytes, the 5 keypoints the crop is aligned on, the crop size. It starts
-    with the size (`<size>-<digest>`), so the `crop` stage makes the crop at the size `align` measured it."""
-    return f"{size}-{digest(sha256, json.dumps(kps5), str(size))}"
-
-
-def crop_size_of(key: str) -> int:
-    return int(key.split("-", 1)[0])
-
-
 def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | None:
     if sharp < c.min_sharpness:
         return f"blurred: crop sharpness {sharp:.1f} < {c.min_sharpness}"
@@ -61,7 +50,7 @@ def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | Non
 class AlignStage(Stage):
     name = step = "align"
     settings = ("crop_size", "min_sharpness", "min_brightness", "max_brightness")
-    input_columns = ("source_path", "identity", "sha256", "face")
+    input_columns = ("source_path", "identity", "sha256", "face", "all_kept")
     carry_columns = CARRIED
     pooled = True
 
@@ -70,6 +59,7 @@ class AlignStage(Stage):
 
     def setup(self) -> None:
         self.store = align_store(self.context.work_dir)
+        self.crops = crop_store(self.context.work_dir)
 
     def finish(self) -> None:
         align_store(self.context.work_dir).compact()
@@ -82,9 +72,14 @@ class AlignStage(Stage):
             kps5 = p["face"]["kps5"]
             p["crop_key"] = crop_key(p["sha256"], kps5, size)
             job.setdefault(p["crop_key"], (self.source(p["source_path"]), kps5))
-        found, computed = fetch_or_compute(
-            self.store, [p["crop_key"] for p in photos], lambda k: align_face(k, *job[k], size)
-        )
+        made = {}  # crops made here of faces that may be sure to be kept
+
+        def measure(key: str) -> dict:
+            row, crop = align_face(key, *job[key], size)
+            made[key] = crop
+            return row
+
+        found, computed = fetch_or_compute(self.store, [p["crop_key"] for p in photos], measure)
         rows = []
         for p in photos:
             crop = found[p["crop_key"]]
@@ -108,4 +103,9 @@ class AlignStage(Stage):
                 }
             )
             computed.discard(p["crop_key"])
+        # Faces that pass here in an identity that `select` keeps whole: their crops are stored now, so that `crop`
+        # does not make them again.
+        sure = [r["crop_key"] for r, p in zip(rows, photos, strict=True) if r["reason"] is None and p["all_kept"]]
+        pngs = [{"key": key, "png": png_bytes(made[key])} for key in dict.fromkeys(sure) if key in made]
+        self.crops.put(pa.Table.from_pylist(pngs, schema=CROP_STORE_SCHEMA))
         return pa.Table.from_pylist(rows, schema=self.output_schema())

@@ -134,23 +134,28 @@ def _describe_all(face_analyzer: Any, image: np.ndarray, detected: list[dict], f
         return described
 
 
-def align_face(key: str, path: str, kps5: list[float], size: int) -> dict:
-    """The FFHQ-style crop's matrix and quality figures (the crop itself is made again, for the kept faces only,
-    by `crop_face`: encoding every candidate's crop would cost CPU and disk for faces `select` drops)."""
+def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict, Image.Image | None]:
+    """The FFHQ-style crop's matrix and quality figures, and the crop itself (None when it could not be made).
+
+    The row is what the align store keeps; the crop is kept only when its face is sure to be in the dataset
+    (else `crop_face` makes it again for the kept faces: encoding every candidate's crop would cost CPU and disk
+    for faces `select` drops)."""
     from dynamicid.faces.align import ffhq_align
 
     try:
         crop, matrix = ffhq_align(_load(path), np.asarray(kps5, np.float32).reshape(5, 2), size=size)
     except Exception as error:  # the file changed since `detect`, or degenerate keypoints
-        return {"key": key, "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
+        row = {"key": key, "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
+        return row, None
     g = grey(crop)
-    return {
+    row = {
         "key": key,
         "matrix": np.asarray(matrix, np.float32).ravel().tolist(),
         "sharpness": sharpness(g),
         "brightness": brightness(g),
         "error": None,
     }
+    return row, crop
 
 
 def crop_face(path: str, matrix: list[float], size: int) -> Image.Image:

@@ -1,28 +1,40 @@
 """Stage `crop` (step `write`): the PNG crop of every kept face, and its report.html thumbnail.
 
-Only the faces `select` keeps are cropped and encoded (`align` measured every candidate's crop but kept none),
-so the work folder holds about one crop per dataset row. Crops go into the content-keyed crop store (key:
-`crop_key`), where `write` reads them in dataset order; a run killed here keeps the crops already made. The
+Only the faces `select` keeps are cropped and encoded (`align` measured every candidate's crop and stored only
+those of identities that fit their quota; the others are made here), so the work folder holds about one crop per
+dataset row. Crops go into the content-keyed crop store (key: `crop_key`), where `write` reads them in dataset
+order; a run killed here keeps the crops already made. The
 thumbnails are made here too, in the workers, so that writing the report decodes no crop in the driver.
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import pyarrow as pa
 from PIL import Image
 
-from dynamicid.curation.align import crop_size_of
 from dynamicid.curation.analysis import crop_face, load_error, png_bytes
 from dynamicid.curation.report import thumbnail_uri
 from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
 from dynamicid.curation.store import ResultStore
+from dynamicid.curation.tables import digest
 
 CROP_STORE_SCHEMA = pa.schema([("key", pa.string()), ("png", pa.binary())])
 CROP_ROW_GROUP = 4  # crops per Parquet row group: reading one crop back reads at most 4
 CROP_SCHEMA = photo_schema(("thumbnail", pa.string()))  # a data: URI, for report.html
 CROP_INPUTS = ("source_path", "identity", "sha256", "crop_key", "crop_transform")
+
+
+def crop_key(sha256: str, kps5: list[float], size: int) -> str:
+    """The crop and align stores' key: the photo's bytes, the 5 keypoints the crop is aligned on, the crop size. It starts
+    with the size (`<size>-<digest>`), so the `crop` stage makes the crop at the size `align` measured it."""
+    return f"{size}-{digest(sha256, json.dumps(kps5), str(size))}"
+
+
+def crop_size_of(key: str) -> int:
+    return int(key.split("-", 1)[0])
 
 
 def crop_store(work_dir) -> ResultStore:

@@ -75,18 +75,24 @@ class ExactDedupeStage(Stage):
         )
 
 
+DEDUPE_SCHEMA = photo_schema(("all_kept", pa.bool_()))
+
+
 class NearDedupeStage(Stage):
-    """Perceptual-hash and embedding near-duplicates inside one identity (GROUP); the best copy stays."""
+    """Perceptual-hash and embedding near-duplicates inside one identity (GROUP); the best copy stays.
+
+    `all_kept`: the identity's remaining photos fit its quota (between --min-per-identity and --per-identity), so
+    `select` will keep every one that passes `align`, which may then store their crops at once."""
 
     name = "dedupe"
     step = "dedupe"
     kind = StageKind.GROUP
-    settings = ("phash_max_distance", "dup_embedding_fraction")
+    settings = ("phash_max_distance", "dup_embedding_fraction", "per_identity", "min_per_identity")
     input_columns = ("source_path", "identity", "sha256", "face", "detection")
     carry_columns = CARRIED
 
     def output_schema(self) -> pa.Schema:
-        return photo_schema()
+        return DEDUPE_SCHEMA
 
     def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -100,7 +106,11 @@ class NearDedupeStage(Stage):
                 copy["detail"] = (
                     "same picture as the kept copy (perceptual hash and embedding), which is larger or sharper"
                 )
-        return pa.Table.from_pylist(rows, schema=photo_schema())
+        remaining = sum(r["reason"] is None for r in rows)
+        fits = self.config.min_per_identity <= remaining <= self.config.per_identity
+        for row in rows:
+            row["all_kept"] = fits and row["reason"] is None
+        return pa.Table.from_pylist(rows, schema=DEDUPE_SCHEMA)
 
 
 def resolve_identical_copies(rejects: pa.Table) -> pa.Table:

@@ -19,10 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynamicid.curation.align import crop_key
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.crop import crop_store
+from dynamicid.curation.crop import crop_key, crop_store
 from dynamicid.curation.engines import make_engine
 from dynamicid.curation.engines.local import read_candidates
 from dynamicid.curation.pipeline import MARKER, TOOL, CurationError, Run, check_out_dir, run_stage

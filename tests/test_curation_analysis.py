@@ -34,9 +34,10 @@ def test_detect_and_align_read_the_photo_as_a_person_sees_it(analyzer, shared_fa
     row = detect_photo(analyzer, "key", str(path))
     width, height = load_image(path).size
     assert (row["width"], row["height"]) == (width, height) and row["faces"]
-    aligned = align_face("key", str(path), row["faces"][0]["kps5"], 512)
+    aligned, measured = align_face("key", str(path), row["faces"][0]["kps5"], 512)
     assert aligned["error"] is None
     # `crop` makes the kept faces' crops again from align's matrix: the very crop align measured.
     crop = crop_face(str(path), aligned["matrix"], 512)
+    assert np.array_equal(np.asarray(crop), np.asarray(measured))
     assert aligned["sharpness"] == sharpness(grey(crop)) and aligned["brightness"] == brightness(grey(crop))
     assert png_bytes(crop).startswith(b"\x89PNG") and crop.size == (512, 512)

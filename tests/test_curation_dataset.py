@@ -351,10 +351,12 @@ def test_report_shows_thumbnails_labels_grid_and_rejects(curated, rows):
 
 
 def test_work_folder_holds_the_crops_of_kept_faces_only(curated, rows, rejects):
-    """`align` measures every candidate's crop; only the kept faces' crops are made again and stored."""
+    """`align` measures every candidate's crop and keeps those of identities within their quota; the kept faces of
+    the others (cut by `select`) are cropped in `write`: each kept face is cropped once, and only those."""
     crops = pq.read_table(curated["out"] / ".work" / "stores" / "crops", columns=["key"]).column("key").to_pylist()
     assert len(crops) == len(set(crops)) == len(rows)
-    assert sum(r["reason"] == "over_quota" for r in rejects.values()) > 0  # aligned, labelled, then cut
+    over = {p.split("/")[0] for p, r in rejects.items() if r["reason"] == "over_quota"}  # aligned, labelled, cut
+    assert over and curated["summary"]["stages"]["write"]["computed"] == sum(r["identity"] in over for r in rows)
     aligned = pq.read_table(curated["out"] / ".work" / "stores" / "align", columns=["key"]).num_rows
     assert aligned > len(rows)
 

@@ -116,25 +116,27 @@ def test_two_shards_merged_equal_one_run(photos, reference, tmp_path):
 
 
 def test_a_kept_photo_gone_before_write_is_rejected_and_the_rest_written(identity_photos, reference, tmp_path):
-    """The crops are made again in `write`: a kept photo deleted after `select` costs only itself."""
+    """Kept faces of identities over their quota are cropped in `write`: one whose photo was deleted after
+    `select` costs only itself."""
     photos = identity_photos(*IDENTITIES)
     out = tmp_path / "out"
-    config = CurationConfig(face_backend="embedded")
-    run = open_run(photos, out, config, progress=False)
+    run = open_run(photos, out, CurationConfig(face_backend="embedded", per_identity=2), progress=False)
     try:
         for step in STAGES[:-1]:
             run_stage(run, step)
         selected = pq.read_table(run.work.table_path("select")).to_pylist()
+        over = {r["identity"] for r in selected if r["reason"] == "over_quota"}
         kept = [r["source_path"] for r in selected if r["reason"] is None]
-        (photos / kept[0]).unlink()
+        lost = next(r["source_path"] for r in selected if r["reason"] is None and r["identity"] in over)
+        (photos / lost).unlink()
         assert run_stage(run, "write") == len(kept) - 1
     finally:
         run.engine.close()
     summary = json.loads((out / "summary.json").read_text())
-    gone = {r["source_path"]: r for r in side_tables(out)[1]}[kept[0]]
+    gone = {r["source_path"]: r for r in side_tables(out)[1]}[lost]
     assert gone["reason"] == "unreadable" and "vanished since it was aligned" in gone["detail"]
     assert summary["rejected_by_stage"]["write"] == 1 and summary["kept"] + summary["rejected"] == summary["scanned"]
-    assert pq.read_table(out / "data").column("source_path").to_pylist() == kept[1:]
+    assert pq.read_table(out / "data").column("source_path").to_pylist() == [p for p in kept if p != lost]
 
 
 def test_no_resume_recomputes_from_scratch(photos, reference, tmp_path):
