@@ -72,11 +72,13 @@ class AlignStage(Stage):
             kps5 = p["face"]["kps5"]
             p["crop_key"] = crop_key(p["sha256"], kps5, size)
             job.setdefault(p["crop_key"], (self.source(p["source_path"]), kps5))
-        made = {}  # crops made here of faces that may be sure to be kept
+        wanted = {p["crop_key"] for p in photos if p["all_kept"]}
+        made = {}  # crops made here of faces in identities `select` keeps whole (stored if they pass below)
 
         def measure(key: str) -> dict:
             row, crop = align_face(key, *job[key], size)
-            made[key] = crop
+            if crop is not None and key in wanted:
+                made[key] = crop
             return row
 
         found, computed = fetch_or_compute(self.store, [p["crop_key"] for p in photos], measure)
