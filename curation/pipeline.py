@@ -7,11 +7,8 @@ stage's input table and writes its output table in the work folder.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynamicid.curation.align import AlignStage
+from dynamicid.curation.allocator import large_buffers_given_back
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import CropStage, crop_store
@@ -58,7 +56,6 @@ STAGES: tuple[str, ...] = ("scan", "detect", "identify", "dedupe", "align", "lab
 WRITE_VERSION = "2"  # bump when the dataset folder's layout or content changes for the same tables
 WRITE_SETTINGS = ("rows_per_file", "rows_per_row_group", "thumbnail_size")
 REJECT_COLUMNS = ["source_path", "identity", "reason", "detail"]
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 class CurationError(Exception):
@@ -126,30 +123,6 @@ class Run:
 
     def step_stats(self, step: str) -> StageStats:
         return self.stats.setdefault(step, StageStats())
-
-
-@contextlib.contextmanager
-def large_buffers_given_back() -> Iterator[None]:
-    """Inside, every freed buffer above 128 KiB goes back to the system (around `write`).
-
-    glibc's malloc raises its mmap threshold to the size of each large block freed, after which crop-sized
-    buffers come from the heap, whose free fragments piled up to 250 MB while `write` read 1,130 crops; a fixed
-    threshold (glibc's default, 128 KiB) keeps each in its own mapping, unmapped when freed. Only around `write`:
-    the model steps (in this process with `--workers 1`) decode photos into such buffers, and mapping each afresh
-    cost them 11 CPU-seconds of page faults on 205 photos. Afterwards the threshold is glibc's upper bound
-    (32 MiB), where its own adjustment would have taken it.
-    """
-    mallopt = None
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to set
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    try:
-        yield
-    finally:
-        if mallopt is not None:
-            mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
 
 
 def open_run(

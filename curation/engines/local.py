@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from dynamicid.curation.allocator import keep_freed_buffers
 from dynamicid.curation.stages import (
     COMPUTED,
     ORDER,
@@ -32,14 +33,18 @@ from dynamicid.curation.tables import STAGE_ROW_GROUP, TableWriter, contiguous_g
 
 READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
 
-# A worker process keeps every stage it has set up (and, through `analyzer_for`, the face models), so one pool
-# serves all the map steps of a run instead of a fresh pool re-importing and re-building models per step.
+# A worker process (a local pool's, or a Ray worker running tasks) keeps every stage it has set up, keyed by
+# stage name and fingerprint, and (through `analyzer_for`) the face models: one process serves all the steps of a
+# run instead of importing and building models again per step.
 _WORKER_STAGES: dict[str, Stage] = {}
 _WORKER_ERRORS: dict[str, str] = {}
 
 
-def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
+def worker_stage(key: str, stage: Stage) -> Stage:
+    """This process's set-up copy of `stage` (set up on first use; a setup that failed fails again at once)."""
     if key not in _WORKER_STAGES and key not in _WORKER_ERRORS:
+        if not _WORKER_STAGES and not _WORKER_ERRORS:  # this process's first stage
+            keep_freed_buffers()
         try:
             stage.setup()
             _WORKER_STAGES[key] = stage
@@ -47,7 +52,15 @@ def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
             _WORKER_ERRORS[key] = str(error)
     if key in _WORKER_ERRORS:
         raise StageSetupError(_WORKER_ERRORS[key])
-    return _WORKER_STAGES[key].process(batch)
+    return _WORKER_STAGES[key]
+
+
+def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
+    return worker_stage(key, stage).process(batch)
+
+
+def stage_key(stage: Stage, fingerprint: str) -> str:
+    return f"{stage.name}:{fingerprint}"
 
 
 def _resolve_in_worker(requested: str, dup_embedding_fraction: float) -> BackendInfo:
@@ -164,7 +177,7 @@ class LocalEngine:
                     outputs = (stage_output(stage, group, carried) for group in identity_groups(source, columns))
                 else:
                     batches = candidate_batches(source, columns, stage.batch_size)
-                    outputs = self._run_map(stage, f"{stage.name}:{fingerprint}", batches, carried)
+                    outputs = self._run_map(stage, stage_key(stage, fingerprint), batches, carried)
                 for table in outputs:
                     writer.write(stats.account(table).select(schema.names).cast(schema))
                     bar.update(table.num_rows)

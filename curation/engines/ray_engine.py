@@ -1,72 +1,130 @@
 """The Ray Data engine (`--engine ray`): the stage classes of `curation.stages` as Ray Data operators.
 
-- MAP stages that are worth workers (`pooled`: the face models, image decoding) -> `map_batches` on an actor
-  pool of `--workers` actors; each actor runs the stage's `setup()` once (one FaceAnalyzer per actor) and asks
-  for the stage's CPUs and, when the cluster has GPUs, its GPU fraction.
+- MAP stages that are worth workers (`pooled`: the face models, image decoding) -> `map_batches` as Ray tasks,
+  at most `--workers` at a time, each asking for the stage's CPUs and, when the cluster has GPUs, its GPU
+  fraction. A worker process sets a stage up once (`setup()`, the FaceAnalyzer) and keeps it and its models
+  for the whole run, as a local pool worker does: Ray reuses its worker processes for tasks, so detect, describe,
+  align and crop share the models and imports of a process, where an actor pool per step started processes and
+  built models again at every step (30 s of fixed cost on 2 CPUs).
 - GROUP stages (identify, near-duplicate dedupe, select) -> `groupby("identity").map_groups` (Ray tasks, a
-  sort-based shuffle: each task sets the stage up once and gets whole identities, in identity order).
+  sort-based shuffle: each task gets whole identities, in identity order).
 - GLOBAL stages (exact-bytes dedupe, `--cluster`) and cheap MAP stages run in the driver exactly as the local
   engine runs them: one call on small columns is no work for a cluster.
 
-The driver writes every output table itself, sorted by (identity, source_path), so the work tables and the
-dataset equal the local engine's. Actors read the photos and write the result stores, so on a cluster
-PHOTOS_DIR and the work folder must be at the same path on every node (a shared file system), and every node
-needs this package installed (`pip install dynamicid[ray]`).
+Inputs are read by read tasks that each know their rows (`CandidateRows`). The driver writes every output table
+itself, sorted by (identity, source_path), so the work tables and the dataset equal the local engine's. Tasks
+read the photos and the work tables and write the result stores, so on a cluster PHOTOS_DIR and the work folder
+must be at the same path on every node (a shared file system), and every node needs this package installed
+(`pip install dynamicid[ray]`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import socket
 import time
-import weakref
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dynamicid.curation.engines import EngineUnavailable
-from dynamicid.curation.engines.local import LocalEngine, count_candidates, output_layout, stage_output
+
+try:
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+except ImportError as missing:
+    raise EngineUnavailable(
+        f"--engine ray needs Ray Data ({missing}): pip install 'dynamicid[ray]' (or the pinned requirements/lock.txt)"
+    ) from None
+from dynamicid.curation.engines.local import (
+    LocalEngine,
+    count_candidates,
+    output_layout,
+    stage_key,
+    stage_output,
+    worker_stage,
+)
 from dynamicid.curation.stages import BackendInfo, Stage, StageKind, StageSetupError, StageStats
 from dynamicid.curation.tables import TableWriter
 
 LOCAL_OBJECT_STORE = 1 << 30  # bytes, for a Ray started here: blocks stream through it, spilling to disk if needed
-_SET_UP: weakref.WeakSet[Stage] = weakref.WeakSet()  # GROUP stages set up in this worker process
+GROUP_READ_ROWS = 4096  # candidate rows per read task of a per-identity step (small columns; the sort splits them)
 _SETUP_LINE = re.compile(r"StageSetupError: (.+)")
 
 
-class _StageActor:
-    """One actor of a MAP stage's pool: the stage set up once (its models built once), then batches through it."""
-
-    def __init__(self, stage: Stage, carried: list[str]):
-        stage.setup()  # a StageSetupError here ends the run with its one line (see `run_stage`)
-        self.stage, self.carried = stage, carried
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return stage_output(self.stage, batch.filter(pc.is_null(batch.column("reason"))), self.carried)
+def _process_batch(batch: pa.Table, key: str, stage: Stage, carried: list[str]) -> pa.Table:
+    """A MAP stage on one batch (a Ray task; the worker process sets the stage up once for the whole run)."""
+    return stage_output(worker_stage(key, stage), batch.filter(pc.is_null(batch.column("reason"))), carried)
 
 
-def _process_group(rows: pa.Table, stage: Stage, carried: list[str]) -> pa.Table:
-    """One identity's candidate rows through a GROUP stage (in a Ray task, set up once per task)."""
-    if stage not in _SET_UP:
-        stage.setup()
-        _SET_UP.add(stage)
+def _process_group(rows: pa.Table, key: str, stage: Stage, carried: list[str]) -> pa.Table:
+    """One identity's candidate rows through a GROUP stage (a Ray task; set up once per worker process)."""
     rows = rows.filter(pc.is_null(rows.column("reason"))).sort_by("source_path")
-    return stage_output(stage, rows, carried)
+    return stage_output(worker_stage(key, stage), rows, carried)
+
+
+def _read_rows(source: Path, columns: list[str], start: int, stop: int) -> list[pa.Table]:
+    """The candidate rows among rows [start, stop) of a stage table (only the row groups that hold them)."""
+    file = pq.ParquetFile(source)
+    groups, first, offset = [], None, 0
+    for index in range(file.metadata.num_row_groups):
+        size = file.metadata.row_group(index).num_rows
+        if offset < stop and offset + size > start:
+            groups.append(index)
+            first = offset if first is None else first
+        offset += size
+    rows = file.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+    return [rows.filter(pc.is_null(rows.column("reason")))]
+
+
+class CandidateRows(Datasource):
+    """A stage table's candidate rows as read tasks of about `rows` candidates each, in table order.
+
+    Ray's `read_parquet` reads footers in actors of their own and makes one block per file, which then needs a
+    repartition (a task per block) before the map: about 2 s per step. These read tasks know their rows up front
+    (from the `reason` column, read once here), so Ray fuses each into the map task that processes its rows.
+    """
+
+    def __init__(self, source: Path, columns: list[str], rows: int):
+        self.source, self.columns = source, columns
+        candidates = pc.indices_nonzero(pc.is_null(pq.read_table(source, columns=["reason"]).column("reason")))
+        positions = candidates.to_numpy()
+        self.ranges = [(int(chunk[0]), int(chunk[-1]) + 1) for chunk in _chunks(positions, rows)]
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
+        return [
+            ReadTask(
+                functools.partial(_read_rows, self.source, self.columns, start, stop),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(self.source),)),
+            )
+            for start, stop in self.ranges
+        ]
+
+
+def _read(rows: CandidateRows, **options):
+    """One block per read task: without `override_num_blocks` Ray splits small reads into 200 blocks of a row or
+    two (its default parallelism), and the sort behind `groupby` then runs 200 map and reduce tasks (35 s)."""
+    import ray.data
+
+    return ray.data.read_datasource(rows, override_num_blocks=len(rows.ranges), **options)
+
+
+def _chunks(positions, size: int) -> list:
+    return [positions[i : i + size] for i in range(0, len(positions), size)]
 
 
 class RayEngine:
     name = "ray"
 
     def __init__(self, *, workers: int, progress: bool, address: str | None = None):
-        try:
-            import ray.data  # noqa: F401
-        except ImportError as error:
-            raise EngineUnavailable(
-                f"--engine ray needs Ray Data ({error}): pip install 'dynamicid[ray]' (or the pinned requirements/lock.txt)"
-            ) from None
         self.workers = workers
         self.progress = progress
         self.address = address or os.environ.get("RAY_ADDRESS") or None
@@ -122,9 +180,8 @@ class RayEngine:
         with TableWriter(target, schema, fingerprint) as writer:
             if count_candidates(source):
                 try:
-                    for block in self._dataset(stage, source, columns, carried).iter_batches(
-                        batch_size=None, batch_format="pyarrow"
-                    ):
+                    data = self._dataset(stage, stage_key(stage, fingerprint), source, columns, carried)
+                    for block in data.iter_batches(batch_size=None, batch_format="pyarrow"):
                         writer.write(stats.account(block).select(schema.names).cast(schema))
                 except Exception as error:  # Ray wraps a worker's error in its own: find the one line again
                     found = _SETUP_LINE.findall(str(error))
@@ -134,32 +191,39 @@ class RayEngine:
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def _dataset(self, stage: Stage, source: Path, columns: list[str], carried: list[str]):
+    def _dataset(self, stage: Stage, key: str, source: Path, columns: list[str], carried: list[str]):
         import ray
         import ray.data
-        from ray.data import ActorPoolStrategy
+        from ray.data import TaskPoolStrategy
 
-        data = ray.data.read_parquet(str(source)).select_columns(list(dict.fromkeys([*columns, "reason"])))
-        if stage.kind is StageKind.GROUP:
-            # A sort-based groupby: groups come out in identity order, so the table needs no further sort.
-            return data.groupby("identity").map_groups(_process_group, fn_args=(stage, carried), batch_format="pyarrow")
         cluster = ray.cluster_resources()
         cpus, gpus = float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0))
         wanted = stage.resources
-        # Leave a CPU to Ray Data's own read and repartition tasks: actors holding every CPU would starve them.
-        num_cpus = min(wanted.cpus, max(cpus - 1, cpus / 2) / self.workers)
+        num_cpus = min(wanted.cpus, cpus / self.workers)
         # Model stages share the cluster's GPUs (when it has any) in fractions, unless they ask for their own.
         num_gpus = (wanted.gpus or (min(1.0, gpus / self.workers) if stage.uses_models else 0.0)) if gpus else 0.0
-        # Blocks of one batch each, so that every actor of the pool gets work.
-        data = data.repartition(target_num_rows_per_block=stage.batch_size)
-        return data.map_batches(
-            _StageActor,
-            fn_constructor_args=(stage, carried),
-            compute=ActorPoolStrategy(size=self.workers),
+        wanted_columns = list(dict.fromkeys([*columns, "reason"]))
+        if stage.kind is StageKind.GROUP:
+            data = _read(CandidateRows(source, wanted_columns, GROUP_READ_ROWS), num_cpus=num_cpus)
+            # A sort-based groupby: groups come out in identity order, so the table needs no further sort.
+            return data.groupby("identity").map_groups(
+                _process_group, fn_args=(key, stage, carried), batch_format="pyarrow"
+            )
+        # A task per block: about 4 blocks per worker keeps every worker busy to the end, and blocks of up to
+        # 8 batches spread Ray's per-task cost (tens of ms) over seconds of model work.
+        rows = min(8 * stage.batch_size, max(stage.batch_size, -(-count_candidates(source) // (4 * self.workers))))
+        blocks = CandidateRows(source, wanted_columns, rows)
+        compute = TaskPoolStrategy(size=min(self.workers, len(blocks.ranges)))
+        # Same resources and strategy as the map: Ray fuses the read into it, so a task reads its own rows.
+        return _read(blocks, num_cpus=num_cpus, compute=compute).map_batches(
+            _process_batch,
+            fn_args=(key, stage, carried),
+            compute=compute,
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            max_calls=0,  # a worker process keeps its models for the whole run (Ray's default for GPU tasks is 1 call)
         )
 
     def close(self) -> None:
