@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,22 @@ def build_analyzer(name: str, root: str | None) -> Any:
     return analyzer
 
 
-def resolve_backend(requested: str, dup_embedding_fraction: float, *, keep: bool = True) -> tuple[BackendInfo, Any]:
+def resolve_backend(
+    requested: str, dup_embedding_fraction: float, *, keep: bool = True, environment: Mapping[str, str] | None = None
+) -> tuple[BackendInfo, Any]:
     """Resolve `auto`, build the analyzer once here (so a bad model folder fails before any work) and describe it.
 
     `keep`: this process will run the model stages, so `analyzer_for` returns this analyzer (else it is dropped
-    once this returns: a driver whose workers run the models should not hold ~400 MB of them)."""
-    from dynamicid.faces.analyzer import find_insightface_root
+    once this returns: a driver whose workers run the models should not hold ~400 MB of them).
+    `environment`: whose $DYNAMICID_INSIGHTFACE_ROOT counts (default this process's; a Ray worker resolving for
+    the driver gets the driver's, since a cluster's workers have their own environment)."""
+    from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV, find_insightface_root
 
-    root = find_insightface_root({})
+    if environment is None:
+        root = find_insightface_root({})
+    else:
+        value = environment.get(INSIGHTFACE_ROOT_ENV)
+        root = Path(value).expanduser() if value else None
     name = requested
     if requested == "auto":
         name = "insightface" if root is not None and root.is_dir() else "embedded"

@@ -63,10 +63,13 @@ def stage_key(stage: Stage, fingerprint: str) -> str:
     return f"{stage.name}:{fingerprint}"
 
 
-def _resolve_in_worker(requested: str, dup_embedding_fraction: float) -> BackendInfo:
+def resolve_in_worker(
+    requested: str, dup_embedding_fraction: float, environment: dict[str, str] | None = None
+) -> BackendInfo:
+    """`backend.resolve_backend` in a worker, which keeps the analyzer it built for the model stages."""
     from dynamicid.curation.backend import resolve_backend
 
-    return resolve_backend(requested, dup_embedding_fraction)[0]  # the worker keeps the analyzer it built
+    return resolve_backend(requested, dup_embedding_fraction, environment=environment)[0]
 
 
 def candidate_batches(
@@ -150,9 +153,9 @@ class LocalEngine:
         """With workers, each worker resolves it (at once, in parallel) and keeps the face models it built for the
         model stages; this process, which then runs no model, builds none (about 700 MB and 1.4 s less)."""
         if self.workers <= 1:
-            return _resolve_in_worker(requested, dup_embedding_fraction)
+            return resolve_in_worker(requested, dup_embedding_fraction)
         pool = self._worker_pool()
-        futures = [pool.submit(_resolve_in_worker, requested, dup_embedding_fraction) for _ in range(self.workers)]
+        futures = [pool.submit(resolve_in_worker, requested, dup_embedding_fraction) for _ in range(self.workers)]
         try:
             resolved = {future.result() for future in futures}
         except BrokenProcessPool as error:

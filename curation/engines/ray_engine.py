@@ -20,12 +20,14 @@ must be at the same path on every node (a shared file system), and every node ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,6 +47,7 @@ from dynamicid.curation.engines.local import (
     LocalEngine,
     count_candidates,
     output_layout,
+    resolve_in_worker,
     stage_key,
     stage_output,
     worker_stage,
@@ -166,9 +169,22 @@ class RayEngine:
         context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # groupby by sorting: tasks, no actors
 
     def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
-        from dynamicid.curation.backend import resolve_backend
+        """In `--workers` Ray tasks at once, each in its own worker process, which keeps the face models it built
+        for the model steps (as a local pool worker does); the driver builds none."""
+        import ray
 
-        return resolve_backend(requested, dup_embedding_fraction, keep=False)[0]  # the actors build their own
+        from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
+
+        self._connect()
+        driver = {k: v for k, v in os.environ.items() if k == INSIGHTFACE_ROOT_ENV}  # the driver's setting counts
+        resolve = ray.remote(num_cpus=self._cpus_per_worker(), max_calls=0)(resolve_in_worker)
+        with _one_line_errors():
+            resolved = set(
+                ray.get([resolve.remote(requested, dup_embedding_fraction, driver) for _ in range(self.workers)])
+            )
+        if len(resolved) != 1:
+            raise StageSetupError(f"the workers resolved different face backends: {sorted(map(str, resolved))}")
+        return resolved.pop()
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         if stage.kind is StageKind.GLOBAL or (stage.kind is StageKind.MAP and not stage.pooled):
@@ -179,15 +195,10 @@ class RayEngine:
         stats = StageStats()
         with TableWriter(target, schema, fingerprint) as writer:
             if count_candidates(source):
-                try:
+                with _one_line_errors():
                     data = self._dataset(stage, stage_key(stage, fingerprint), source, columns, carried)
                     for block in data.iter_batches(batch_size=None, batch_format="pyarrow"):
                         writer.write(stats.account(block).select(schema.names).cast(schema))
-                except Exception as error:  # Ray wraps a worker's error in its own: find the one line again
-                    found = _SETUP_LINE.findall(str(error))
-                    if not found:
-                        raise
-                    raise StageSetupError(found[-1].strip()) from None
         stats.seconds = time.perf_counter() - start
         return stats
 
@@ -196,10 +207,9 @@ class RayEngine:
         import ray.data
         from ray.data import TaskPoolStrategy
 
-        cluster = ray.cluster_resources()
-        cpus, gpus = float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0))
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
         wanted = stage.resources
-        num_cpus = min(wanted.cpus, cpus / self.workers)
+        num_cpus = min(wanted.cpus, self._cpus_per_worker())
         # Model stages share the cluster's GPUs (when it has any) in fractions, unless they ask for their own.
         num_gpus = (wanted.gpus or (min(1.0, gpus / self.workers) if stage.uses_models else 0.0)) if gpus else 0.0
         wanted_columns = list(dict.fromkeys([*columns, "reason"]))
@@ -226,12 +236,29 @@ class RayEngine:
             max_calls=0,  # a worker process keeps its models for the whole run (Ray's default for GPU tasks is 1 call)
         )
 
+    def _cpus_per_worker(self) -> float:
+        import ray
+
+        return float(ray.cluster_resources().get("CPU", 1.0)) / self.workers
+
     def close(self) -> None:
         if self.connected:
             import ray
 
             ray.shutdown()  # stops a Ray this engine started; only disconnects from a cluster
             self.connected = False
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A worker's StageSetupError reaches the driver wrapped in Ray's own error: raise its one line again."""
+    try:
+        yield
+    except Exception as error:
+        found = _SETUP_LINE.findall(str(error))
+        if not found:
+            raise
+        raise StageSetupError(found[-1].strip()) from None
 
 
 def _check_reachable(address: str) -> None:
