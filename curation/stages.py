@@ -19,7 +19,7 @@ What a stage receives and returns
 
 Kinds (`stage.kind`; an engine maps each to its own operator)
     MAP     row-independent: any batching gives the same rows (engines use `batch_size`). May run models
-            (`uses_models`); the local engine runs it in a process pool, Ray in an actor pool (`map_batches`).
+            (`uses_models`); the local engine runs it in a process pool, Ray as tasks (`map_batches`).
     GROUP   one call per identity with all of that identity's candidate rows (sorted by source_path): the
             quadratic work of identify / near-duplicate dedupe / select stays inside one identity
             (local: streamed group by group; Ray: `groupby("identity").map_groups`).
@@ -28,7 +28,7 @@ Kinds (`stage.kind`; an engine maps each to its own operator)
 
 Lifecycle and resources
     A stage object is built in the driver from a picklable `StageContext` and shipped to workers as is.
-    `setup()` runs once per worker (process or actor) before its first batch: it builds the FaceAnalyzer (for
+    `setup()` runs once per worker process (a pool's or Ray's) before its first batch: it builds the FaceAnalyzer (for
     the *resolved* backend in `context.backend`) and opens the stores. A setup that cannot succeed (a bad
     model folder) raises `StageSetupError` with one line saying what to fix; engines stop the run with it.
     `resources` declares cpus and a gpus fraction per worker (gpus only for model stages, when CUDA is there).
@@ -147,7 +147,7 @@ class Stage:
     # (process() never needs to see them; for GLOBAL stages this is how large columns skip the global step).
     carry_columns: ClassVar[tuple[str, ...]] = ()
     uses_models: ClassVar[bool] = False  # setup() builds a FaceAnalyzer: one per worker
-    pooled: ClassVar[bool] = False  # worth worker processes/actors (models, image decoding); else the driver runs it
+    pooled: ClassVar[bool] = False  # worth worker processes (models, image decoding); else the driver runs it
     batch_size: ClassVar[int] = 16  # rows per MAP batch (also the store's flush unit: a kill loses one batch)
 
     def __init__(self, context: StageContext):

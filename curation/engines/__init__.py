@@ -30,7 +30,7 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None:
-        """Release workers (pools, Ray actors)."""
+        """Release workers (a process pool; a Ray this engine started)."""
         ...
 
 
