@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from dynamicid.curation.analysis import align_face, png_bytes
+from dynamicid.curation.analysis import align_face
 from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.crop import CROP_STORE_SCHEMA, crop_key, crop_store
+from dynamicid.curation.crop import CROP_STORE_SCHEMA, crop_key, crop_store, stored_crop
 from dynamicid.curation.dedupe import CARRIED
 from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute
@@ -108,6 +108,7 @@ class AlignStage(Stage):
         # Faces that pass here in an identity that `select` keeps whole: their crops are stored now, so that `crop`
         # does not make them again.
         sure = [r["crop_key"] for r, p in zip(rows, photos, strict=True) if r["reason"] is None and p["all_kept"]]
-        pngs = [{"key": key, "png": png_bytes(made[key])} for key in dict.fromkeys(sure) if key in made]
-        self.crops.put(pa.Table.from_pylist(pngs, schema=CROP_STORE_SCHEMA))
+        size = self.config.thumbnail_size
+        stored = [stored_crop(key, made[key], size) for key in dict.fromkeys(sure) if key in made]
+        self.crops.put(pa.Table.from_pylist(stored, schema=CROP_STORE_SCHEMA))
         return pa.Table.from_pylist(rows, schema=self.output_schema())
