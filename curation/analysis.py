@@ -173,7 +173,8 @@ def crop_face(path: str, matrix: list[float], size: int) -> Image.Image:
 
 
 def png_bytes(crop: Image.Image) -> bytes:
-    done, png = cv2.imencode(".png", cv2.cvtColor(np.asarray(crop.convert("RGB")), cv2.COLOR_RGB2BGR), CROP_PNG)
+    rgb = np.asarray(crop if crop.mode == "RGB" else crop.convert("RGB"))
+    done, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), CROP_PNG)
     if not done:
         raise RuntimeError("OpenCV could not encode a crop as PNG")
     return png.tobytes()
