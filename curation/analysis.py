@@ -30,9 +30,9 @@ CROP_PNG = [
 
 def _load(path: str) -> np.ndarray:
     """The photo as an (H, W, 3) uint8 RGB array: the face models and warps take it without another copy."""
-    from dynamicid.faces import load_image
+    from dynamicid.faces import load_array
 
-    return np.asarray(load_image(path))
+    return load_array(path)
 
 
 def load_error(error: Exception) -> tuple[str, str]:
