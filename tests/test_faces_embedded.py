@@ -408,3 +408,24 @@ assert drawing_utils.plt.figure is matplotlib.pyplot.figure
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_quiet_graphs_give_mediapipes_own_results(shared_faces):
+    """QuietGraph drives MediaPipe's graphs itself (faces/quiet.py): the same outputs as `SolutionBase.process`."""
+    from dynamicid.faces.mediapipe_face import MediaPipeFace
+
+    mediapipe = MediaPipeFace()
+    photos = sorted((shared_faces / "identities").rglob("*.jpg"))[::20] + sorted(
+        (shared_faces / "group_photos").glob("*.jpg")
+    )
+    outputs = 0
+    for path in photos:
+        rgb = np.ascontiguousarray(np.asarray(load_image(path)))
+        for graph in mediapipe._graphs():
+            ours, theirs = graph.process(rgb), graph.graph.process(rgb)
+            for name in ("detections", "multi_face_landmarks"):
+                if hasattr(theirs, name):
+                    assert getattr(ours, name) == getattr(theirs, name), (path, name)
+                    outputs += getattr(theirs, name) is not None
+    mediapipe.close()
+    assert outputs >= 2 * len(photos)  # faces were found, not only None compared with None
