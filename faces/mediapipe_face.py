@@ -323,7 +323,7 @@ class MediaPipeFace:
         """
         crop, matrix = self.crop(rgb, box)
         if mirrored:
-            crop = np.ascontiguousarray(crop[:, ::-1])
+            crop = cv2.flip(crop, 1)  # left-right, into a new contiguous array
         result = self._mesh.process(crop)
         if not result.multi_face_landmarks:
             return None
