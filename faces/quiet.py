@@ -62,7 +62,10 @@ class QuietGraph:
         ((stream, kind),) = graph._input_stream_type_info.items()
         graph._graph_outputs.clear()
         graph._simulated_timestamp += 33333  # as `process`: a 30 fps video
-        packet = graph._make_packet(kind, image).at(graph._simulated_timestamp)
+        # MediaPipe copies a writable array into its packet and wraps a read-only one: the graph only reads it.
+        frame = np.ascontiguousarray(image).view()
+        frame.flags.writeable = False
+        packet = graph._make_packet(kind, frame).at(graph._simulated_timestamp)
         with quiet_native_logs():
             graph._graph.add_packet_to_input_stream(stream=stream, packet=packet)
             graph._graph.wait_until_idle()

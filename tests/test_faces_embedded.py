@@ -420,7 +420,7 @@ def test_quiet_graphs_give_mediapipes_own_results(shared_faces):
     )
     outputs = 0
     for path in photos:
-        rgb = np.ascontiguousarray(np.asarray(load_image(path)))
+        rgb = np.array(load_image(path))  # writable: MediaPipe copies it, QuietGraph hands it over read-only
         for graph in mediapipe._graphs():
             ours, theirs = graph.process(rgb), graph.graph.process(rgb)
             for name in ("detections", "multi_face_landmarks"):
