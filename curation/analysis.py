@@ -7,6 +7,7 @@ Results are plain dicts in the layout of the stages' result stores. Each worker 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -41,8 +42,11 @@ def load_error(error: Exception) -> tuple[str, str]:
     return str(code), getattr(error, "reason", str(error))
 
 
-def detect_photo(analyzer: Any, key: str, path: str) -> dict:
-    """Image size and the faces found (boxes, 5 keypoints, scores), largest first."""
+def detect_photo(analyzer: Any, key: str, path: str, then: Callable[[dict, np.ndarray], None] | None = None) -> dict:
+    """Image size and the faces found (boxes, 5 keypoints, scores), largest first.
+
+    `then(row, photo)`, if given, runs on the decoded photo once its faces are found: more work on the same decode.
+    """
     from dynamicid.faces import ImageLoadError
 
     row: dict[str, Any] = {"key": key, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
@@ -66,6 +70,8 @@ def detect_photo(analyzer: Any, key: str, path: str) -> dict:
         }
         for f in faces
     ]
+    if then is not None:
+        then(row, image)
     return row
 
 
@@ -73,8 +79,11 @@ def _maybe_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]) -> dict:
-    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness.
+def describe_photo(
+    face_analyzer: Any, key: str, path: str, detected: list[dict], image: np.ndarray | None = None
+) -> dict:
+    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness (of `image`, the photo at
+    `path` if the caller has it decoded already).
 
     A face the models fail on is left out (and named in `detail`); the others still count.
     """
@@ -82,7 +91,7 @@ def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]
     from dynamicid.faces.align import arcface_align
 
     try:
-        image = _load(path)
+        image = _load(path) if image is None else image
     except ImageLoadError as error:  # the file changed or vanished since `detect`
         return {"key": key, "faces": [], "detail": str(error)}
     faces, failures = [], []
