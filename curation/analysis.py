@@ -18,7 +18,7 @@ from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash
 from dynamicid.schemas import EXPRESSIONS, RejectReason
 
 # Each row filtered by the one above ("up") and zlib's run-length strategy at level 1: half the CPU of Pillow's
-# adaptive filters with the same zlib settings, for about 5 % more bytes; lossless either way (BENCHMARKS.md).
+# adaptive filters with the same zlib settings, for about as many bytes (-3 to +1.5 %); lossless (BENCHMARKS.md).
 CROP_PNG = [
     cv2.IMWRITE_PNG_FILTER,
     cv2.IMWRITE_PNG_FILTER_UP,

@@ -84,7 +84,7 @@ class DetectStage(Stage):
             path_of.setdefault(photo["sha256"], self.source(photo["source_path"]))
 
         def detect(sha256: str) -> dict:
-            def describe(row: dict, image) -> None:  # while the photo is decoded: the faces `describe` will get
+            def describe(row: dict, image: np.ndarray) -> None:  # while it is decoded: the faces `describe` gets
                 self.describe.describe(sha256, path_of[sha256], self.verdict(row)["faces"], image)
 
             return detect_photo(self.analyzer, sha256, path_of[sha256], then=describe)

@@ -81,7 +81,7 @@ def summary(face: dict) -> dict:
 class DescribeAhead:
     """The describe stage's work on photos the `detect` stage has just decoded, into the describe store.
 
-    The describe stage then finds them there: a photo is decoded once for both (a quarter of a build's decoding).
+    The describe stage then finds them there: a photo is decoded once for both (one of three decodes per photo).
     The faces are those `detect` writes to its table, as the describe stage reads them back (float32), so the
     key and the description are the ones it would make.
     """

@@ -133,8 +133,8 @@ class _Deferred(types.ModuleType):
 def import_mediapipe() -> types.ModuleType:
     """`import mediapipe`, without importing matplotlib.pyplot for its drawing helpers (never called here).
 
-    `mediapipe.solutions` imports `drawing_utils`, which imports matplotlib.pyplot at the top: 0.3-0.4 CPU-seconds
-    of every process that builds the face models. While mediapipe imports, stand-ins take matplotlib's places in
+    `mediapipe.solutions` imports `drawing_utils`, which imports matplotlib.pyplot at the top: most of the cost of
+    importing mediapipe, in every process that builds the face models. While mediapipe imports, stand-ins take matplotlib's places in
     `sys.modules` (only where it is not imported yet); `drawing_utils` keeps its stand-in, which imports the real
     pyplot if it is ever used, and later imports of matplotlib get the real one.
     """

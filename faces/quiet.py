@@ -55,9 +55,9 @@ class QuietGraph:
 
     def process(self, image: np.ndarray) -> SimpleNamespace:
         """`SolutionBase.process` of one RGB image, with the same outputs as attributes, minus the namedtuple class
-        that it defines for every call (a quarter of a millisecond; 0.2 CPU-seconds of 205 photos' detections and
-        meshes). It drives the graph through the attributes that `process` uses in the pinned mediapipe 0.10.21
-        (tests/test_faces_embedded.py checks both give the same results)."""
+        that it defines (with `eval`) for every call, several per photo. It drives the graph through the attributes
+        that `process` uses in the pinned mediapipe 0.10.21 (tests/test_faces_embedded.py checks both give the same
+        results)."""
         graph = self.graph
         ((stream, kind),) = graph._input_stream_type_info.items()
         graph._graph_outputs.clear()
