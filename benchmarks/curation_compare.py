@@ -11,6 +11,8 @@ seconds of the driver and of its worker processes, and wall seconds; then each s
 CPU-second, per wall-second, and per "critical-path second" (driver CPU + worker CPU / workers: the wall time
 on idle cores if the workers share the work evenly and the driver does not overlap them), and the ratios new /
 base. On a shared machine the CPU figures are the fair ones: wall time also counts the other people's load.
+`--same-dataset` then checks that the first run of each side wrote the same dataset: the same rows in every column,
+crops with the same pixels (their PNG bytes may differ), the same rejects and identities.
 """
 
 from __future__ import annotations
@@ -73,6 +75,30 @@ def run_build(pythonpath: str, photos: Path, out: Path, cores: list[int], worker
     return Timing(usage["driver"], usage["workers"], wall, workers)
 
 
+def same_dataset(base: Path, new: Path) -> str:
+    """'' if the two OUT_DIRs hold the same dataset (crops compared by pixels), else what differs."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    a, b = pq.read_table(base / "data"), pq.read_table(new / "data")
+    if a.schema != b.schema or a.num_rows != b.num_rows:
+        return f"rows or columns: {a.num_rows} rows vs {b.num_rows}"
+    for name in (n for n in a.column_names if n != "image"):
+        if not a.column(name).equals(b.column(name)):
+            return f"column {name}"
+    for x, y in zip(a.column("image").to_pylist(), b.column("image").to_pylist(), strict=True):
+        pixels = (np.asarray(Image.open(io.BytesIO(image["bytes"]))) for image in (x, y))
+        if x["path"] != y["path"] or not np.array_equal(*pixels):
+            return f"crop of {x['path']}"
+    for name in ("rejects.parquet", "identities.parquet"):
+        if not pq.read_table(base / name).equals(pq.read_table(new / name)):
+            return name
+    return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="", help="PYTHONPATH of the reference version ('' = installed)")
@@ -84,6 +110,9 @@ def main() -> None:
     parser.add_argument("--args", default="", help="more build options for both sides, e.g. '--max-upscale 100'")
     parser.add_argument(
         "--new-args", default="", help="more build options for the new side only, e.g. a flag the base lacks"
+    )
+    parser.add_argument(
+        "--same-dataset", action="store_true", help="check that both sides wrote the same dataset (first runs)"
     )
     args = parser.parse_args()
     if not args.photos.is_dir():
@@ -111,6 +140,7 @@ def main() -> None:
                     f"(load average {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
+        difference = same_dataset(Path(work) / "base-0", Path(work) / "new-0") if args.same_dataset else ""
     rates = {
         side: tuple(
             images / statistics.median(getattr(t, name) for t in runs) for name in ("cpu", "wall", "critical_path")
@@ -125,6 +155,8 @@ def main() -> None:
         )
     ratio = [new / base for new, base in zip(rates["new"], rates["base"], strict=True)]
     print(f"ratio new / base: {ratio[0]:.2f}x (CPU), {ratio[1]:.2f}x (wall), {ratio[2]:.2f}x (critical path)")
+    if args.same_dataset:
+        print(f"same dataset: {'no, ' + difference + ' differs' if difference else 'yes'}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from dynamicid.curation.analysis import align_face, png_bytes
+from dynamicid.curation.analysis import align_face
 from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.crop import CROP_STORE_SCHEMA, crop_key, crop_store
+from dynamicid.curation.crop import CropStores, crop_key
 from dynamicid.curation.dedupe import CARRIED
 from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute
@@ -59,7 +59,7 @@ class AlignStage(Stage):
 
     def setup(self) -> None:
         self.store = align_store(self.context.work_dir)
-        self.crops = crop_store(self.context.work_dir)
+        self.crops = CropStores(self.context.work_dir, self.config.thumbnail_size)
 
     def finish(self) -> None:
         align_store(self.context.work_dir).compact()
@@ -108,6 +108,5 @@ class AlignStage(Stage):
         # Faces that pass here in an identity that `select` keeps whole: their crops are stored now, so that `crop`
         # does not make them again.
         sure = [r["crop_key"] for r, p in zip(rows, photos, strict=True) if r["reason"] is None and p["all_kept"]]
-        pngs = [{"key": key, "png": png_bytes(made[key])} for key in dict.fromkeys(sure) if key in made]
-        self.crops.put(pa.Table.from_pylist(pngs, schema=CROP_STORE_SCHEMA))
+        self.crops.put({key: made[key] for key in sure if key in made})
         return pa.Table.from_pylist(rows, schema=self.output_schema())

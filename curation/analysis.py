@@ -6,26 +6,34 @@ Results are plain dicts in the layout of the stages' result stores. Each worker 
 
 from __future__ import annotations
 
-import io
 import json
-import zlib
+from collections.abc import Callable
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
 
-# zlib's run-length strategy: 30 % less CPU than level 3's default for 6-14 % more bytes (BENCHMARKS.md).
-CROP_PNG = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+# Each row filtered by the one above ("up") and zlib's run-length strategy at level 1: half the CPU of Pillow's
+# adaptive filters with the same zlib settings, for about as many bytes (-3 to +1.5 %); lossless (BENCHMARKS.md).
+CROP_PNG = [
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+    cv2.IMWRITE_PNG_COMPRESSION,
+    1,
+]
 
 
 def _load(path: str) -> np.ndarray:
     """The photo as an (H, W, 3) uint8 RGB array: the face models and warps take it without another copy."""
-    from dynamicid.faces import load_image
+    from dynamicid.faces import load_array
 
-    return np.asarray(load_image(path))
+    return load_array(path)
 
 
 def load_error(error: Exception) -> tuple[str, str]:
@@ -34,8 +42,11 @@ def load_error(error: Exception) -> tuple[str, str]:
     return str(code), getattr(error, "reason", str(error))
 
 
-def detect_photo(analyzer: Any, key: str, path: str) -> dict:
-    """Image size and the faces found (boxes, 5 keypoints, scores), largest first."""
+def detect_photo(analyzer: Any, key: str, path: str, then: Callable[[dict, np.ndarray], None] | None = None) -> dict:
+    """Image size and the faces found (boxes, 5 keypoints, scores), largest first.
+
+    `then(row, photo)`, if given, runs on the decoded photo once its faces are found: more work on the same decode.
+    """
     from dynamicid.faces import ImageLoadError
 
     row: dict[str, Any] = {"key": key, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
@@ -59,6 +70,8 @@ def detect_photo(analyzer: Any, key: str, path: str) -> dict:
         }
         for f in faces
     ]
+    if then is not None:
+        then(row, image)
     return row
 
 
@@ -66,8 +79,11 @@ def _maybe_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]) -> dict:
-    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness.
+def describe_photo(
+    face_analyzer: Any, key: str, path: str, detected: list[dict], image: np.ndarray | None = None
+) -> dict:
+    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness (of `image`, the photo at
+    `path` if the caller has it decoded already).
 
     A face the models fail on is left out (and named in `detail`); the others still count.
     """
@@ -75,7 +91,7 @@ def describe_photo(face_analyzer: Any, key: str, path: str, detected: list[dict]
     from dynamicid.faces.align import arcface_align
 
     try:
-        image = _load(path)
+        image = _load(path) if image is None else image
     except ImageLoadError as error:  # the file changed or vanished since `detect`
         return {"key": key, "faces": [], "detail": str(error)}
     faces, failures = [], []
@@ -166,6 +182,8 @@ def crop_face(path: str, matrix: list[float], size: int) -> Image.Image:
 
 
 def png_bytes(crop: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    crop.save(buffer, format="PNG", **CROP_PNG)
-    return buffer.getvalue()
+    rgb = np.asarray(crop if crop.mode == "RGB" else crop.convert("RGB"))
+    done, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), CROP_PNG)
+    if not done:
+        raise RuntimeError("OpenCV could not encode a crop as PNG")
+    return png.tobytes()

@@ -1,4 +1,9 @@
-"""Stage `detect`: decode each distinct photo once and find its faces (boxes, 5 keypoints, scores)."""
+"""Stage `detect`: decode each distinct photo once and find its faces (boxes, 5 keypoints, scores).
+
+The faces it keeps are described right away, on the same decoded photo, into the describe stage's store
+(`identify.DescribeAhead`): the `describe` stage then finds them there (counted as reused in the run's stats) and
+decodes only the photos whose detections came from the store.
+"""
 
 from __future__ import annotations
 
@@ -63,8 +68,11 @@ class DetectStage(Stage):
         return ResultStore(self.context.work_dir / "stores" / f"detect-{self.context.backend.digest}", STORE_SCHEMA)
 
     def setup(self) -> None:
+        from dynamicid.curation.identify import DescribeAhead  # identify imports this module
+
         self.store = self._store()
         self.analyzer = analyzer_for(self.context.backend)
+        self.describe = DescribeAhead(self, self.analyzer)
 
     def finish(self) -> None:
         self._store().compact()
@@ -74,9 +82,15 @@ class DetectStage(Stage):
         path_of: dict[str, str] = {}
         for photo in photos:
             path_of.setdefault(photo["sha256"], self.source(photo["source_path"]))
-        found, computed = fetch_or_compute(
-            self.store, [p["sha256"] for p in photos], lambda sha: detect_photo(self.analyzer, sha, path_of[sha])
-        )
+
+        def detect(sha256: str) -> dict:
+            def describe(row: dict, image: np.ndarray) -> None:  # while it is decoded: the faces `describe` gets
+                self.describe.describe(sha256, path_of[sha256], self.verdict(row)["faces"], image)
+
+            return detect_photo(self.analyzer, sha256, path_of[sha256], then=describe)
+
+        found, computed = fetch_or_compute(self.store, [p["sha256"] for p in photos], detect)
+        self.describe.flush()
         rows = []
         for photo in photos:
             row = {**photo, **self.verdict(found[photo["sha256"]]), COMPUTED: photo["sha256"] in computed}

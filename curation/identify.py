@@ -78,8 +78,33 @@ def summary(face: dict) -> dict:
     return {**{k: v for k, v in face.items() if k != "landmarks"}, "has_landmarks": bool(face["landmarks"])}
 
 
+class DescribeAhead:
+    """The describe stage's work on photos the `detect` stage has just decoded, into the describe store.
+
+    The describe stage then finds them there: a photo is decoded once for both (one of three decodes per photo).
+    The faces are those `detect` writes to its table, as the describe stage reads them back (float32), so the
+    key and the description are the ones it would make.
+    """
+
+    def __init__(self, stage: Stage, analyzer):
+        self.store = describe_store(stage)
+        self.analyzer = analyzer
+        self.described: dict[str, dict] = {}
+
+    def describe(self, sha256: str, path: str, faces: list[dict], image: np.ndarray) -> None:
+        faces = pa.array(faces, FACE_BOX).to_pylist()
+        key = describe_key(sha256, faces)
+        if faces and key not in self.described and self.store.locate([key])[0, 0] < 0:
+            self.described[key] = describe_photo(self.analyzer, key, path, faces, image)
+
+    def flush(self) -> None:
+        self.store.put(pa.Table.from_pylist(list(self.described.values()), schema=STORE_SCHEMA))
+        self.described.clear()
+
+
 class DescribeStage(Stage):
-    """Embedding, landmarks, pose, expression and crop hashes of every detected face (into the describe store)."""
+    """Embedding, landmarks, pose, expression and crop hashes of every detected face (into the describe store;
+    `detect` has already put there those of the photos it decoded)."""
 
     name = "describe"
     step = "identify"

@@ -15,7 +15,7 @@ from dynamicid.faces.align import (
 )
 from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV, FaceAnalyzer
 from dynamicid.faces.face import Face
-from dynamicid.faces.io import ImageLoadError, load_image
+from dynamicid.faces.io import ImageLoadError, load_array, load_image
 
 __all__ = [
     "INSIGHTFACE_ROOT_ENV",
@@ -26,6 +26,7 @@ __all__ = [
     "arcface_matrix",
     "ffhq_align",
     "invert_affine",
+    "load_array",
     "load_image",
     "render_landmark_map",
     "transform_points",

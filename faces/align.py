@@ -137,18 +137,19 @@ def _outside_mask(source_shape: tuple[int, int], matrix: np.ndarray, size: int) 
 
 def _fade_padding(crop: np.ndarray, outside: np.ndarray) -> np.ndarray:
     size = crop.shape[0]
-    distance = cv2.distanceTransform(outside.astype(np.uint8), cv2.DIST_L2, 5)  # px from the photo
+    mask = outside.astype(np.uint8)
+    distance = cv2.distanceTransform(mask, cv2.DIST_L2, 5)  # px from the photo
     fade = np.clip(distance / (0.1 * size), 0.0, 1.0)
     pixels = crop.astype(np.float32)
     small = cv2.resize(pixels, (size // 4, size // 4), interpolation=cv2.INTER_AREA)  # a wide blur, made cheap
     blurred = cv2.resize(cv2.GaussianBlur(small, (0, 0), sigmaX=0.005 * size), (size, size))
     median = np.median(small.reshape(-1, 3), axis=0)
-    planes = []  # one channel at a time: numpy is slow on a last axis of 3 (same values, 1.5x faster)
-    for channel, (plane, blurred_plane) in enumerate(zip(cv2.split(pixels), cv2.split(blurred), strict=True)):
-        np.add(plane, blurred_plane - plane, out=plane, where=outside)  # blurred outside the photo
-        plane += (median[channel] - plane) * fade
-        planes.append(plane)
-    return np.clip(cv2.merge(planes) + 0.5, 0, 255).astype(np.uint8)
+    # OpenCV's element-wise float32 arithmetic: the same values as numpy's, without numpy's slow last axis of 3.
+    cv2.add(pixels, cv2.subtract(blurred, pixels), dst=pixels, mask=mask)  # blurred outside the photo
+    towards = cv2.subtract((*map(float, median), 0.0), pixels)  # a 4-tuple is a per-channel scalar
+    cv2.add(pixels, cv2.multiply(towards, cv2.merge((fade, fade, fade))), dst=pixels)  # faded to the median
+    pixels += 0.5
+    return np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
 
 
 def render_landmark_map(points: np.ndarray, image_size: int = 512, map_size: int = 96) -> np.ndarray:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dynamicid.schemas.rejects import RejectReason
+
+T = TypeVar("T")
 
 
 class ImageLoadError(ValueError):
@@ -41,6 +45,16 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ima
     `max_pixels` (default `PIL.Image.MAX_IMAGE_PIXELS`) refuses images whose declared size is larger,
     before their pixels are decoded (decompression bombs).
     """
+    return _decode(path, max_pixels, Image.Image.copy)  # a copy outlives the decoder's image, closed on return
+
+
+def load_array(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
+    """`load_image` as a read-only (H, W, 3) uint8 array, made without the PIL image copy in between."""
+    return _decode(path, max_pixels, np.asarray)
+
+
+def _decode(path: str | os.PathLike, max_pixels: int | None, keep: Callable[[Image.Image], T]) -> T:
+    """The decoded, oriented RGB image of `path`, passed to `keep` before the decoder's image is closed."""
     path = Path(path)
     data = _read_bytes(path)
     if not data:
@@ -55,8 +69,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ima
                     "(possible decompression bomb); resize it or raise max_pixels",
                 )
             image.load()  # Image.open sits on the first frame of animations (GIF, WebP, TIFF) and PSD's composite
-            oriented = ImageOps.exif_transpose(image)
-            return _to_rgb(oriented)
+            ImageOps.exif_transpose(image, in_place=True)
+            return keep(_to_rgb(image))
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as error:

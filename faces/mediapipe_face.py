@@ -37,6 +37,9 @@ finds 104/204 identities (it misses tight crops), 94 % of group faces; full-rang
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from dataclasses import dataclass
 
 import cv2
@@ -115,6 +118,38 @@ def landmark_array(landmarks) -> np.ndarray:
     return np.array([[p.x, p.y, p.z] for p in landmarks.landmark], dtype=np.float64)
 
 
+class _Deferred(types.ModuleType):
+    """Stands in for a module in `sys.modules`; the first attribute asked of it imports the real one."""
+
+    def __getattr__(self, attribute: str):
+        child = sys.modules.get(f"{self.__name__}.{attribute}")
+        if isinstance(child, _Deferred):  # `import package.module as name` asks the package for the module
+            return child
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attribute)
+
+
+def import_mediapipe() -> types.ModuleType:
+    """`import mediapipe`, without importing matplotlib.pyplot for its drawing helpers (never called here).
+
+    `mediapipe.solutions` imports `drawing_utils`, which imports matplotlib.pyplot at the top: most of the cost of
+    importing mediapipe, in every process that builds the face models. While mediapipe imports, stand-ins take matplotlib's places in
+    `sys.modules` (only where it is not imported yet); `drawing_utils` keeps its stand-in, which imports the real
+    pyplot if it is ever used, and later imports of matplotlib get the real one.
+    """
+    names = [name for name in ("matplotlib", "matplotlib.pyplot") if name not in sys.modules]
+    stand_ins = {name: _Deferred(name) for name in names}
+    sys.modules.update(stand_ins)
+    try:
+        import mediapipe
+    finally:
+        for name, stand_in in stand_ins.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+    return mediapipe
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     x0, y0 = max(a[0], b[0]), max(a[1], b[1])
     x1, y1 = min(a[2], b[2]), min(a[3], b[3])
@@ -154,8 +189,7 @@ class MediaPipeFace:
     """The detectors and the mesh, created once (each holds a MediaPipe graph)."""
 
     def __init__(self, config: MediaPipeConfig | None = None):
-        import mediapipe as mp  # heavy; imported only when the embedded backend is built
-
+        mp = import_mediapipe()  # heavy; imported only when the embedded backend is built
         self.config = config or MediaPipeConfig()
         solutions = mp.solutions
         with quiet_native_logs():
@@ -289,7 +323,7 @@ class MediaPipeFace:
         """
         crop, matrix = self.crop(rgb, box)
         if mirrored:
-            crop = np.ascontiguousarray(crop[:, ::-1])
+            crop = cv2.flip(crop, 1)  # left-right, into a new contiguous array
         result = self._mesh.process(crop)
         if not result.multi_face_landmarks:
             return None

@@ -52,6 +52,15 @@ def test_rerun_with_other_settings_equals_a_fresh_run(reused, tmp_path, settings
     assert again["stages"]["detect"]["computed"] == 0  # the face models' results were reused, not recomputed
 
 
+def test_rerun_with_another_thumbnail_size_makes_the_thumbnails_from_the_stored_crops(reused, tmp_path):
+    photos, reused = reused
+    again = build_dataset(photos, reused, face_backend="embedded", progress=False, thumbnail_size=64)
+    assert again["stages"]["write"]["computed"] == 0  # no crop made again, only thumbnails of the stored ones
+    build_dataset(photos, tmp_path / "fresh", face_backend="embedded", progress=False, thumbnail_size=64)
+    assert (reused / "report.html").read_text() == (tmp_path / "fresh" / "report.html").read_text()
+    assert_same_dataset(reused, tmp_path / "fresh")
+
+
 def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(reused, tmp_path, monkeypatch):
     """`auto` with $DYNAMICID_INSIGHTFACE_ROOT set between runs: no result of the other models is reused."""
     photos, reused = reused

@@ -46,3 +46,41 @@ def test_the_folders_person_is_kept_and_salted_people_are_not(shared_faces, anal
             assert verdicts[file].face is None, file
     if identity == "Colin_Powell":
         assert verdicts[GENUINE_OUTLIER].face == 0
+
+
+def test_detect_describes_the_photos_it_decodes_as_the_describe_stage_would(identity_photos, tmp_path):
+    """`detect` describes each photo it decodes (DescribeAhead); `describe` then finds every description in the
+    store, under the key it computes, equal to the one it would make by decoding the photo itself."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dynamicid.curation.analysis import describe_photo
+    from dynamicid.curation.config import CurationConfig
+    from dynamicid.curation.detect import DetectStage
+    from dynamicid.curation.identify import STORE_SCHEMA, DescribeStage, describe_key, describe_store
+    from dynamicid.curation.pipeline import open_run, run_stage
+    from dynamicid.curation.stages import COMPUTED
+
+    photos = identity_photos("obama", "John_Salley", "orl_s01")
+    run = open_run(photos, tmp_path / "out", CurationConfig(face_backend="embedded"), progress=False)
+    try:
+        run_stage(run, "scan")
+    finally:
+        run.engine.close()
+    scanned = pq.read_table(run.work.table_path("scan"), columns=list(DetectStage.input_columns))
+    detect, describe = DetectStage(run.context), DescribeStage(run.context)
+    detect.setup()
+    detected = detect.process(scanned)
+    candidates = detected.filter(pc.is_null(detected.column("reason"))).select(list(DescribeStage.input_columns))
+    assert candidates.num_rows >= 0.9 * scanned.num_rows
+    describe.setup()
+    described = describe.process(candidates)
+    assert not any(described.column(COMPUTED).to_pylist())  # all made by detect, none decoded again
+    assert described.column("reason").null_count == described.num_rows
+    store = describe_store(describe)
+    for photo in candidates.to_pylist():
+        key = describe_key(photo["sha256"], photo["faces"])
+        fresh = describe_photo(detect.analyzer, key, str(photos / photo["source_path"]), photo["faces"])
+        _, stored = store.get([key])
+        assert stored.to_pylist() == pa.Table.from_pylist([fresh], schema=STORE_SCHEMA).to_pylist(), photo

@@ -6,6 +6,8 @@ runs the real models about 230 times. Expression labels: tests/test_faces_expres
 
 import csv
 import itertools
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -391,3 +393,39 @@ def test_five_point_pose_fallback_agrees_with_the_mesh_pose(identities):
                 assert np.sign(kps5_pose[0]) == np.sign(mesh_pose[0])
     print(f"5-point vs mesh yaw: median {np.median(yaw_differences):.1f}, max {np.max(yaw_differences):.1f} degrees")
     assert np.median(yaw_differences) < 4.0
+
+
+def test_building_the_models_leaves_matplotlib_unimported_but_usable():
+    """mediapipe's drawing helpers import pyplot: building the models must not, yet the helpers still find it."""
+    script = """
+import sys
+from dynamicid.faces.mediapipe_face import MediaPipeFace
+MediaPipeFace().close()
+assert "matplotlib" not in sys.modules and "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+from mediapipe.python.solutions import drawing_utils
+import matplotlib.pyplot
+assert drawing_utils.plt.figure is matplotlib.pyplot.figure
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_quiet_graphs_give_mediapipes_own_results(shared_faces):
+    """QuietGraph drives MediaPipe's graphs itself (faces/quiet.py): the same outputs as `SolutionBase.process`."""
+    from dynamicid.faces.mediapipe_face import MediaPipeFace
+
+    mediapipe = MediaPipeFace()
+    photos = sorted((shared_faces / "identities").rglob("*.jpg"))[::20] + sorted(
+        (shared_faces / "group_photos").glob("*.jpg")
+    )
+    outputs = 0
+    for path in photos:
+        rgb = np.array(load_image(path))  # writable: MediaPipe copies it, QuietGraph hands it over read-only
+        for graph in mediapipe._graphs():
+            ours, theirs = graph.process(rgb), graph.graph.process(rgb)
+            for name in ("detections", "multi_face_landmarks"):
+                if hasattr(theirs, name):
+                    assert getattr(ours, name) == getattr(theirs, name), (path, name)
+                    outputs += getattr(theirs, name) is not None
+    mediapipe.close()
+    assert outputs >= 2 * len(photos)  # faces were found, not only None compared with None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynamicid.faces import ImageLoadError, load_image
+from dynamicid.faces import ImageLoadError, load_array, load_image
 from dynamicid.schemas.rejects import RejectReason
 
 # Pillow cannot decode these on purpose (MANIFEST.md): they must get a typed error.
@@ -53,6 +53,23 @@ def test_every_broken_file_gets_a_typed_error_naming_it(shared_faces):
     truncated = next(n for n in files if "truncated" in n)
     with pytest.raises(ImageLoadError, match="truncated"):
         load_image(folder / truncated)
+
+
+def test_load_array_is_load_image_as_an_array(shared_faces):
+    """The curation stages' decoder (no PIL copy) gives load_image's pixels, or its error, for every shared file."""
+    files = sorted(p for p in shared_faces.rglob("*") if p.is_file() and p.suffix not in (".csv", ".md"))
+    assert len(files) >= 250
+    for path in files:
+        try:
+            expected = np.asarray(load_image(path))
+        except ImageLoadError as error:
+            with pytest.raises(ImageLoadError) as again:
+                load_array(path)
+            assert (again.value.code, again.value.reason) == (error.code, error.reason), path
+            continue
+        pixels = load_array(path)
+        assert pixels.dtype == np.uint8 and pixels.shape == expected.shape and pixels.shape[2] == 3, path
+        assert np.array_equal(pixels, expected), path
 
 
 def test_formats_decode_to_the_same_pixels(shared_faces):
