@@ -44,7 +44,7 @@ def worker_stage(key: str, stage: Stage) -> Stage:
     """This process's set-up copy of `stage` (set up on first use; a setup that failed fails again at once)."""
     if key not in _WORKER_STAGES and key not in _WORKER_ERRORS:
         if not _WORKER_STAGES and not _WORKER_ERRORS:  # this process's first stage
-            keep_freed_buffers()
+            _settle_worker_process()
         try:
             stage.setup()
             _WORKER_STAGES[key] = stage
@@ -53,6 +53,13 @@ def worker_stage(key: str, stage: Stage) -> Stage:
     if key in _WORKER_ERRORS:
         raise StageSetupError(_WORKER_ERRORS[key])
     return _WORKER_STAGES[key]
+
+
+def _settle_worker_process() -> None:
+    import cv2
+
+    keep_freed_buffers()
+    cv2.setNumThreads(1)  # the workers are the parallelism: OpenCV's own threads would only compete with them
 
 
 def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
