@@ -232,7 +232,7 @@ class RayEngine:
         # rows (a separate read task would wait for a CPU that the map tasks hold). max_calls=0: a worker process
         # keeps its models for the whole run (Ray's default for GPU tasks is 1 call).
         task = {"compute": TaskPoolStrategy(size=min(self.workers, len(blocks.ranges)))}
-        task |= {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_calls": 0, "scheduling_strategy": "SPREAD"}
+        task |= {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_calls": 0}
         return _read(blocks, **task).map_batches(
             _process_block, fn_args=(key, stage, carried), batch_size=None, batch_format="pyarrow", **task
         )
