@@ -77,12 +77,12 @@ def build_analyzer(name: str, root: str | None) -> Any:
 
 
 def resolve_backend(
-    requested: str, dup_embedding_fraction: float, *, keep: bool = True, environment: Mapping[str, str] | None = None
-) -> tuple[BackendInfo, Any]:
+    requested: str, dup_embedding_fraction: float, *, environment: Mapping[str, str] | None = None
+) -> BackendInfo:
     """Resolve `auto`, build the analyzer once here (so a bad model folder fails before any work) and describe it.
 
-    `keep`: this process will run the model stages, so `analyzer_for` returns this analyzer (else it is dropped
-    once this returns: a driver whose workers run the models should not hold ~400 MB of them).
+    The process that resolves runs the model stages (a worker, or the driver with one worker): `analyzer_for`
+    returns the analyzer built here.
     `environment`: whose $DYNAMICID_INSIGHTFACE_ROOT counts (default this process's; a Ray worker resolving for
     the driver gets the driver's, since a cluster's workers have their own environment)."""
     from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV, find_insightface_root
@@ -112,9 +112,8 @@ def resolve_backend(
             analyzer.distance, dup_embedding_fraction * analyzer.same_person_threshold, analyzer.embedding_dim
         ),
     )
-    if keep:
-        _ANALYZERS[info] = analyzer
-    return info, analyzer
+    _ANALYZERS[info] = analyzer
+    return info
 
 
 def analyzer_for(info: BackendInfo) -> Any:

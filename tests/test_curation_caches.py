@@ -163,3 +163,16 @@ def test_errors_of_the_backend_are_curation_errors(identity_photos, tmp_path, mo
     monkeypatch.setenv(INSIGHTFACE_ROOT_ENV, str(tmp_path / "missing"))
     with pytest.raises(CurationError, match="insightface"):
         build_dataset(photos, tmp_path / "out", face_backend="insightface", progress=False)
+
+
+def test_a_worker_resolves_the_backend_with_the_drivers_model_folder_setting(tmp_path, monkeypatch):
+    """A Ray worker on a cluster has its own environment: the driver's $DYNAMICID_INSIGHTFACE_ROOT must decide."""
+    from dynamicid.curation.backend import resolve_backend
+
+    worker_folder = tmp_path / "worker_pack"  # the worker's own setting: a model folder without models
+    worker_folder.mkdir()
+    monkeypatch.setenv(INSIGHTFACE_ROOT_ENV, str(worker_folder))
+    with pytest.raises(StageSetupError, match="worker_pack"):
+        resolve_backend("auto", CurationConfig().dup_embedding_fraction)  # this process's setting counts
+    driver_unset = resolve_backend("auto", CurationConfig().dup_embedding_fraction, environment={})
+    assert driver_unset.name == "embedded" and driver_unset.root is None

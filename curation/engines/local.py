@@ -76,7 +76,14 @@ def resolve_in_worker(
     """`backend.resolve_backend` in a worker, which keeps the analyzer it built for the model stages."""
     from dynamicid.curation.backend import resolve_backend
 
-    return resolve_backend(requested, dup_embedding_fraction, environment=environment)[0]
+    return resolve_backend(requested, dup_embedding_fraction, environment=environment)
+
+
+def one_backend(resolved: list[BackendInfo]) -> BackendInfo:
+    """The backend every worker resolved (workers that disagree, e.g. different model folders, stop the run)."""
+    if len(set(resolved)) != 1:
+        raise StageSetupError(f"the workers resolved different face backends: {sorted(map(str, set(resolved)))}")
+    return resolved[0]
 
 
 def candidate_batches(
@@ -164,13 +171,11 @@ class LocalEngine:
         pool = self._worker_pool()
         futures = [pool.submit(resolve_in_worker, requested, dup_embedding_fraction) for _ in range(self.workers)]
         try:
-            resolved = {future.result() for future in futures}
+            resolved = [future.result() for future in futures]
         except BrokenProcessPool as error:
             self.close()
             raise StageSetupError(f"a worker process died while loading the face models ({error})") from error
-        if len(resolved) != 1:
-            raise StageSetupError(f"the workers resolved different face backends: {sorted(map(str, resolved))}")
-        return resolved.pop()
+        return one_backend(resolved)
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         start = time.perf_counter()

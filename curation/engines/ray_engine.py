@@ -46,6 +46,7 @@ except ImportError as missing:
 from dynamicid.curation.engines.local import (
     LocalEngine,
     count_candidates,
+    one_backend,
     output_layout,
     resolve_in_worker,
     stage_key,
@@ -71,8 +72,7 @@ def _process_block(block: pa.Table, key: str, stage: Stage, carried: list[str]) 
 
 def _process_group(rows: pa.Table, key: str, stage: Stage, carried: list[str]) -> pa.Table:
     """One identity's candidate rows through a GROUP stage (a Ray task; set up once per worker process)."""
-    rows = rows.filter(pc.is_null(rows.column("reason"))).sort_by("source_path")
-    return stage_output(worker_stage(key, stage), rows, carried)
+    return stage_output(worker_stage(key, stage), rows.sort_by("source_path"), carried)
 
 
 def _read_rows(source: Path, columns: list[str], start: int, stop: int) -> list[pa.Table]:
@@ -180,15 +180,12 @@ class RayEngine:
         from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
 
         self._connect()
-        driver = {k: v for k, v in os.environ.items() if k == INSIGHTFACE_ROOT_ENV}  # the driver's setting counts
+        driver = {INSIGHTFACE_ROOT_ENV: os.environ.get(INSIGHTFACE_ROOT_ENV, "")}  # the driver's setting counts
         resolve = ray.remote(num_cpus=self._cpus_per_worker(), max_calls=0)(resolve_in_worker)
         with _one_line_errors():
-            resolved = set(
+            return one_backend(
                 ray.get([resolve.remote(requested, dup_embedding_fraction, driver) for _ in range(self.workers)])
             )
-        if len(resolved) != 1:
-            raise StageSetupError(f"the workers resolved different face backends: {sorted(map(str, resolved))}")
-        return resolved.pop()
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         if stage.kind is StageKind.GLOBAL or (stage.kind is StageKind.MAP and not stage.pooled):
