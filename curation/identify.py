@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dynamicid.curation.analysis import describe_photo
 from dynamicid.curation.backend import analyzer_for
@@ -72,10 +73,6 @@ def describe_store(stage: Stage) -> ResultStore:
 def describe_key(sha256: str, faces: list[dict]) -> str:
     """The photo's bytes and the faces handed to the models (they change with --min-face-size)."""
     return digest(sha256, json.dumps(faces, sort_keys=True))
-
-
-def summary(face: dict) -> dict:
-    return {**{k: v for k, v in face.items() if k != "landmarks"}, "has_landmarks": bool(face["landmarks"])}
 
 
 class DescribeAhead:
@@ -148,15 +145,47 @@ class DescribeStage(Stage):
         return pa.Table.from_pylist(rows, schema=self.output_schema())
 
 
-def described_faces(store: ResultStore, keys: list[str]) -> Iterator[list[dict]]:
-    """Per key, its described faces in face-index order (read from the store a chunk at a time)."""
+def _described_lists(store: ResultStore, keys: list[str]) -> Iterator[pa.ListArray]:
+    """The `faces` lists of `keys`, in their order, a chunk of the store at a time."""
     for start in range(0, len(keys), LOOKUP_ROWS):
-        chunk = keys[start : start + LOOKUP_ROWS]
-        found, table = store.get(chunk)
+        found, table = store.get(keys[start : start + LOOKUP_ROWS])
         if not found.all():
             raise RuntimeError(f"{store.folder} lost descriptions since `describe` ran; rerun the build")
-        for row in table.column("faces").to_pylist():
+        yield table.column("faces").combine_chunks()
+
+
+def face_summaries(store: ResultStore, keys: list[str]) -> Iterator[list[dict]]:
+    """Per key, its described faces as `FACE_SUMMARY` dicts, in face-index order.
+
+    The 478 dense landmarks are left in Arrow: as Python lists they were most of identify's cost in the driver.
+    """
+    for faces in _described_lists(store, keys):
+        values = dict(zip(FACE_DESCRIPTION.names, faces.flatten().flatten(), strict=True))
+        landmarks = values.pop("landmarks")
+        values["has_landmarks"] = pc.fill_null(pc.greater(pc.list_value_length(landmarks), 0), False)
+        summaries = pa.StructArray.from_arrays([values[f.name] for f in FACE_SUMMARY], fields=list(FACE_SUMMARY))
+        lengths = pc.fill_null(pc.list_value_length(faces), 0).to_numpy()
+        offsets = pa.array(np.r_[0, np.cumsum(lengths)], pa.int32())
+        for row in pa.ListArray.from_arrays(offsets, summaries).to_pylist():
             yield sorted(row, key=lambda f: f["face_index"])
+
+
+def face_landmarks(store: ResultStore, keys: list[str], face_indices: list[int]) -> Iterator[np.ndarray | None]:
+    """Per key, the (478, 2) source-pixel landmarks of its face `face_indices[i]` (None where the mesh failed)."""
+    for start, faces in zip(range(0, len(keys), LOOKUP_ROWS), _described_lists(store, keys), strict=True):
+        wanted = np.asarray(face_indices[start : start + LOOKUP_ROWS], np.int64)
+        values = dict(zip(FACE_DESCRIPTION.names, faces.flatten().flatten(), strict=True))
+        parent = pc.list_parent_indices(faces).to_numpy()
+        face_index = values["face_index"].to_numpy(zero_copy_only=False)
+        chosen = np.nonzero(face_index == wanted[parent])[0]
+        if len(chosen) != len(wanted) or np.any(parent[chosen] != np.arange(len(wanted))):
+            raise RuntimeError(f"{store.folder} does not hold the chosen faces of every photo; rerun the build")
+        landmarks = values["landmarks"].take(pa.array(chosen))
+        lengths = pc.fill_null(pc.list_value_length(landmarks), 0).to_numpy()
+        points = landmarks.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 2)
+        ends = np.cumsum(lengths)
+        for end, length in zip(ends.tolist(), lengths.tolist(), strict=True):
+            yield points[end - length : end] if length else None
 
 
 NEAREST = 3  # a face is compared with this many of the person's faces: its most similar ones
@@ -254,7 +283,7 @@ class IdentifyStage(Stage):
         if self.config.cluster:
             return self._cluster(batch)
         rows = batch.to_pylist()
-        faces = list(described_faces(self.store, [r["describe_key"] for r in rows]))
+        faces = list(face_summaries(self.store, [r["describe_key"] for r in rows]))
         embeddings = [np.stack([np.asarray(f["embedding"], np.float32) for f in fs]) for fs in faces]
         same_cos = self.context.backend.same_person_cos
         for row, photo_faces, verdict in zip(rows, faces, folder_person(embeddings, same_cos), strict=True):
@@ -273,7 +302,7 @@ class IdentifyStage(Stage):
     @staticmethod
     def _choose(row: dict, face: dict) -> None:
         row["face_index"] = face["face_index"]
-        row["face"] = summary(face)
+        row["face"] = face
         row["detection"] = row["detections"][face["face_index"]]
 
     def _cluster(self, batch: pa.Table) -> pa.Table:
@@ -281,7 +310,7 @@ class IdentifyStage(Stage):
         chunks, embeddings = [], []
         for start in range(0, batch.num_rows, LOOKUP_ROWS):
             rows = batch.slice(start, LOOKUP_ROWS).to_pylist()
-            for row, faces in zip(rows, described_faces(self.store, [r["describe_key"] for r in rows]), strict=True):
+            for row, faces in zip(rows, face_summaries(self.store, [r["describe_key"] for r in rows]), strict=True):
                 self._choose(row, faces[0])
             embeddings.append(np.stack([np.asarray(r["face"]["embedding"], np.float32) for r in rows]))
             chunks.append(pa.Table.from_pylist(rows, schema=IDENTIFY_SCHEMA))
