@@ -62,12 +62,12 @@ def arrange_demo_photos(target: Path) -> list[str]:
 
 def run_demo(out_dir: Path, **build_options) -> dict:
     """Arrange the sample photos in OUT_DIR/.demo-photos (kept, so `report` can show rejects) and build."""
-    from dynamicid.curation.pipeline import MARKER, TOOL, build_dataset, check_out_dir
+    from dynamicid.curation.inputs import check_out_dir, mark_out_dir
+    from dynamicid.curation.pipeline import build_dataset
 
     out_dir = Path(out_dir).absolute()
     check_out_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
+    mark_out_dir(out_dir)
     photos = out_dir / ".demo-photos"
     if photos.exists():
         shutil.rmtree(photos)

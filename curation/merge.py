@@ -24,7 +24,8 @@ from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import crop_key, crop_store
 from dynamicid.curation.engines import make_engine
 from dynamicid.curation.engines.local import read_candidates
-from dynamicid.curation.pipeline import MARKER, TOOL, CurationError, Run, check_out_dir, run_stage
+from dynamicid.curation.inputs import TOOL, CurationError, check_out_dir, mark_out_dir
+from dynamicid.curation.pipeline import Run, run_stage
 from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
@@ -131,8 +132,7 @@ def merge_datasets(shard_dirs: list[Path], out_dir: Path, *, progress: bool = Tr
     _check_shards(summaries)
     works = [_shard_work(d) for d in shard_dirs]
     check_out_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
+    mark_out_dir(out_dir)
 
     first = summaries[0]
     config = CurationConfig(**{**first["config"], "shard_index": 0, "shard_count": 1})

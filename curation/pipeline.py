@@ -27,10 +27,11 @@ from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import CropStage, crop_store
 from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
 from dynamicid.curation.detect import DetectStage
-from dynamicid.curation.engines import Engine, EngineUnavailable, make_engine
+from dynamicid.curation.engines import Engine, EngineUnavailable, start_engine
 from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import DescribeStage, IdentifyStage
+from dynamicid.curation.inputs import TOOL, CurationError, check_folders, mark_out_dir
 from dynamicid.curation.label import LabelStage, label_schema
 from dynamicid.curation.report import build_report
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
@@ -50,16 +51,10 @@ from dynamicid.curation.write import (
 )
 from dynamicid.schemas import rejects_arrow_schema
 
-MARKER = ".dynamicid-curate"  # written into OUT_DIR first: later runs may overwrite a folder that has it
-TOOL = "dynamicid-curate"
 STAGES: tuple[str, ...] = ("scan", "detect", "identify", "dedupe", "align", "label", "select", "write")
 WRITE_VERSION = "2"  # bump when the dataset folder's layout or content changes for the same tables
 WRITE_SETTINGS = ("rows_per_file", "rows_per_row_group", "thumbnail_size")
 REJECT_COLUMNS = ["source_path", "identity", "reason", "detail"]
-
-
-class CurationError(Exception):
-    """A problem with the inputs the user gave (exit code 2 on the command line)."""
 
 
 def _package_version() -> str:
@@ -67,20 +62,6 @@ def _package_version() -> str:
         return version("dynamicid")
     except PackageNotFoundError:
         return "unknown"
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """OUT_DIR must be new, empty, or an earlier output of this tool; anything else is refused, never overwritten."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise CurationError(f"OUT_DIR {out_dir} exists and is not a folder; choose another path")
-    if (out_dir / MARKER).exists() or not any(out_dir.iterdir()):
-        return
-    raise CurationError(
-        f"OUT_DIR {out_dir} already holds files that dynamicid-curate did not write; "
-        "choose a new or empty folder (nothing was changed)"
-    )
 
 
 def build_stages(context: StageContext) -> list[Stage]:
@@ -133,38 +114,34 @@ def open_run(
     work_dir: Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> Run:
-    """Check the folders and settings, resolve the face backend, and prepare OUT_DIR and the work folder."""
-    photos_dir, out_dir = Path(photos_dir).absolute(), Path(out_dir).absolute()
-    if not photos_dir.is_dir():
-        raise CurationError(f"PHOTOS_DIR {photos_dir} does not exist or is not a folder")
+    """Check the folders and settings, resolve the face backend, and prepare OUT_DIR and the work folder.
+
+    `engine`: the engine `start_engine` made for this config earlier, its workers loading the face models
+    meanwhile (the caller closes it, also when this raises); by default the run starts its own.
+    """
+    photos_dir, out_dir, work_root = check_folders(photos_dir, out_dir, work_dir)
     try:
         config.check()
     except ValueError as error:
         raise CurationError(str(error)) from error
-    work_root = Path(work_dir).absolute() if work_dir else out_dir / ".work"
-    for name, folder in (("OUT_DIR", out_dir), ("--work-dir", work_root)):
-        if folder == photos_dir or photos_dir in folder.parents:
-            raise CurationError(
-                f"{name} {folder} is inside PHOTOS_DIR {photos_dir}: its files would be scanned as photos"
-            )
-    check_out_dir(out_dir)
     # Arrow's default allocator (mimalloc) keeps freed Parquet pages (+110 MB of RSS after `write` read 1,130
     # crops); the C library's gives them back. This covers pyarrow's own calls; Arrow's C++ code reads
     # $ARROW_DEFAULT_MEMORY_POOL once, before this runs: `dynamicid-curate` sets it to `system` (set it before
     # importing pyarrow to call `build_dataset` from Python with the same memory).
     pa.set_memory_pool(pa.system_memory_pool())
+    if engine is None:
+        try:
+            engine = start_engine(config, progress=progress)
+        except EngineUnavailable as error:
+            raise CurationError(str(error)) from error
     try:
-        engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
-    except EngineUnavailable as error:
-        raise CurationError(str(error)) from error
-    try:
-        backend = engine.resolve_backend(config.face_backend, config.dup_embedding_fraction)
+        backend = engine.resolved_backend()
     except StageSetupError as error:
         engine.close()
         raise CurationError(str(error)) from error
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text(f"{TOOL} output folder; safe for dynamicid-curate to overwrite\n")
+    mark_out_dir(out_dir)
     if not resume and work_root.exists():
         shutil.rmtree(work_root)
     return Run(photos_dir, out_dir, WorkDir(work_root), config, backend, engine, progress)

@@ -7,8 +7,8 @@ import pytest
 from test_curation_runs import row_hashes, side_tables
 
 from dynamicid.curation import CurationError, build_dataset
+from dynamicid.curation.inputs import MARKER
 from dynamicid.curation.merge import merge_datasets
-from dynamicid.curation.pipeline import MARKER
 from dynamicid.curation.scan import shard_of
 
 # Keys of summary.json that describe the run rather than the result (see the README).

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.stages import BackendInfo, Stage, StageStats
 
 ENGINES = ("local", "ray")
@@ -25,8 +26,13 @@ class Engine(Protocol):
         """Run `stage` on the candidate rows of the table at `source`; write its table to `target`."""
         ...
 
-    def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
-        """`backend.resolve_backend` where the face models will run (a worker that keeps them, or this process)."""
+    def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
+        """Begin `backend.resolve_backend` where the face models will run (workers that keep them, or this
+        process); returns at once where it can, so that the driver's own start-up overlaps the workers'."""
+        ...
+
+    def resolved_backend(self) -> BackendInfo:
+        """The backend `start_backend` resolved (waits for the workers)."""
         ...
 
     def close(self) -> None:
@@ -44,3 +50,10 @@ def make_engine(name: str, *, workers: int, progress: bool, ray_address: str | N
 
         return RayEngine(workers=workers, progress=progress, address=ray_address)
     raise EngineUnavailable(f"unknown --engine {name!r}; valid: {', '.join(ENGINES)}")
+
+
+def start_engine(config: CurationConfig, *, progress: bool) -> Engine:
+    """The run's engine, already resolving the face backend (`Engine.start_backend`)."""
+    engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
+    engine.start_backend(config.face_backend, config.dup_embedding_fraction)
+    return engine

@@ -156,22 +156,32 @@ class LocalEngine:
     def __init__(self, *, workers: int, progress: bool):
         self.workers = workers
         self.progress = progress
-        self._pool: ProcessPoolExecutor | None = None  # started by the first pooled step, kept until close()
+        self._pool: ProcessPoolExecutor | None = None  # started by start_backend, kept until close()
+        self._backend_request: tuple[str, float] | None = None  # set by start_backend
+        self._resolving: list[Future] = []
 
     def _worker_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
-    def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
+    def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
         """With workers, each worker resolves it (at once, in parallel) and keeps the face models it built for the
-        model stages; this process, which then runs no model, builds none (about 700 MB and 1.4 s less)."""
+        model stages; this process, which then runs no model, builds none (about 700 MB and 1.4 s less). The
+        workers start here: what the driver does until `resolved_backend` (its imports, its checks) overlaps
+        their imports and model building."""
+        self._backend_request = (requested, dup_embedding_fraction)
+        if self.workers > 1:
+            pool = self._worker_pool()
+            self._resolving = [pool.submit(resolve_in_worker, *self._backend_request) for _ in range(self.workers)]
+
+    def resolved_backend(self) -> BackendInfo:
+        if self._backend_request is None:
+            raise RuntimeError("call start_backend before resolved_backend")
         if self.workers <= 1:
-            return resolve_in_worker(requested, dup_embedding_fraction)
-        pool = self._worker_pool()
-        futures = [pool.submit(resolve_in_worker, requested, dup_embedding_fraction) for _ in range(self.workers)]
+            return resolve_in_worker(*self._backend_request)
         try:
-            resolved = [future.result() for future in futures]
+            resolved = [future.result() for future in self._resolving]
         except BrokenProcessPool as error:
             self.close()
             raise StageSetupError(f"a worker process died while loading the face models ({error})") from error

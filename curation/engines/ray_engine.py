@@ -145,6 +145,7 @@ class RayEngine:
                 ) from None
         self.connected = False  # this engine started or joined Ray (and leaves it on close)
         self.driver = LocalEngine(workers=1, progress=progress)
+        self._backend_request: tuple[str, float] | None = None  # set by start_backend
 
     def _connect(self) -> None:
         """Join the running Ray (this process's, or the cluster at --ray-address / $RAY_ADDRESS), else start one."""
@@ -172,20 +173,25 @@ class RayEngine:
         context.execution_options.preserve_order = True  # outputs in input order: no sort needed
         context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # groupby by sorting: tasks, no actors
 
-    def resolve_backend(self, requested: str, dup_embedding_fraction: float) -> BackendInfo:
+    def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
+        """Ray starts (or is joined) when the backend is asked for: starting it takes seconds, which must not come
+        before the run's input checks."""
+        self._backend_request = (requested, dup_embedding_fraction)
+
+    def resolved_backend(self) -> BackendInfo:
         """In `--workers` Ray tasks at once, each in its own worker process, which keeps the face models it built
         for the model steps (as a local pool worker does); the driver builds none."""
         import ray
 
         from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
 
+        if self._backend_request is None:
+            raise RuntimeError("call start_backend before resolved_backend")
         self._connect()
         driver = {INSIGHTFACE_ROOT_ENV: os.environ.get(INSIGHTFACE_ROOT_ENV, "")}  # the driver's setting counts
         resolve = ray.remote(num_cpus=self._cpus_per_worker(), max_calls=0)(resolve_in_worker)
         with _one_line_errors():
-            return one_backend(
-                ray.get([resolve.remote(requested, dup_embedding_fraction, driver) for _ in range(self.workers)])
-            )
+            return one_backend(ray.get([resolve.remote(*self._backend_request, driver) for _ in range(self.workers)]))
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         if stage.kind is StageKind.GLOBAL or (stage.kind is StageKind.MAP and not stage.pooled):
