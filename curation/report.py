@@ -63,7 +63,7 @@ def _source_thumbnail(photos_dir: Path | None, reject: dict, size: int) -> str |
     try:
         if not path.is_file():
             return None
-        return thumbnail_uri(load_image(path), size)
+        return thumbnail_uri(load_image(path, at_least=size), size)
     except (ValueError, OSError):
         return None
 

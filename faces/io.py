@@ -39,13 +39,14 @@ class ImageLoadError(ValueError):
         return (type(self), (self.path, self.reason, self.code))
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = None, at_least: int | None = None) -> Image.Image:
     """Decode `path` into an 8-bit RGB PIL image with its EXIF orientation applied.
 
     `max_pixels` (default `PIL.Image.MAX_IMAGE_PIXELS`) refuses images whose declared size is larger,
-    before their pixels are decoded (decompression bombs).
+    before their pixels are decoded (decompression bombs). `at_least`: a JPEG may be decoded at 1/2, 1/4 or 1/8
+    scale while both sides stay at least this many pixels (for thumbnails: several times faster).
     """
-    return _decode(path, max_pixels, Image.Image.copy)  # a copy outlives the decoder's image, closed on return
+    return _decode(path, max_pixels, Image.Image.copy, at_least)  # a copy outlives the decoder's image
 
 
 def load_array(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
@@ -53,7 +54,9 @@ def load_array(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
     return _decode(path, max_pixels, np.asarray)
 
 
-def _decode(path: str | os.PathLike, max_pixels: int | None, keep: Callable[[Image.Image], T]) -> T:
+def _decode(
+    path: str | os.PathLike, max_pixels: int | None, keep: Callable[[Image.Image], T], at_least: int | None = None
+) -> T:
     """The decoded, oriented RGB image of `path`, passed to `keep` before the decoder's image is closed."""
     path = Path(path)
     data = _read_bytes(path)
@@ -68,6 +71,8 @@ def _decode(path: str | os.PathLike, max_pixels: int | None, keep: Callable[[Ima
                     f"{image.width}x{image.height} pixels is over the {limit}-pixel limit "
                     "(possible decompression bomb); resize it or raise max_pixels",
                 )
+            if at_least:
+                image.draft("RGB", (at_least, at_least))  # JPEG's DCT scaling; other formats ignore it
             image.load()  # Image.open sits on the first frame of animations (GIF, WebP, TIFF) and PSD's composite
             ImageOps.exif_transpose(image, in_place=True)
             return keep(_to_rgb(image))

@@ -164,3 +164,22 @@ def test_permission_denied_is_typed(tmp_path):
     locked.chmod(0)
     with pytest.raises(ImageLoadError, match="permission"):
         load_image(locked)
+
+
+def test_at_least_decodes_every_odd_format_at_a_reduced_scale_that_keeps_the_requested_size(shared_faces):
+    """Thumbnails (report.html) decode JPEGs by DCT scaling: both sides stay >= the size asked, the picture's
+    orientation and colours are those of the full decode, and other formats decode as without it."""
+    folder = shared_faces / "odd_formats"
+    reduced = 0
+    for name in _labelled_files(folder):
+        if name in UNDECODABLE_ODD_FORMATS:
+            continue
+        full, small = load_image(folder / name), load_image(folder / name, at_least=64)
+        assert small.mode == "RGB", name
+        assert min(small.size) >= min(64, *full.size), name
+        assert abs(small.width / small.height - full.width / full.height) < 0.05, name  # EXIF orientation kept
+        if small.size != full.size:
+            reduced += 1
+            resized = np.asarray(full.resize(small.size, Image.Resampling.BOX), np.float32)
+            assert np.abs(resized - np.asarray(small, np.float32)).mean() < 6, name  # 0.5-2.9 measured
+    assert reduced >= 3
