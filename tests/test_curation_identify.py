@@ -84,3 +84,45 @@ def test_detect_describes_the_photos_it_decodes_as_the_describe_stage_would(iden
         fresh = describe_photo(detect.analyzer, key, str(photos / photo["source_path"]), photo["faces"])
         _, stored = store.get([key])
         assert stored.to_pylist() == pa.Table.from_pylist([fresh], schema=STORE_SCHEMA).to_pylist(), photo
+
+
+def test_the_arrow_readers_return_the_stored_descriptions(identity_photos, shared_faces, tmp_path):
+    """`face_summaries` (identify) and `face_landmarks` (label) read the describe store without turning the
+    landmarks into Python lists; on real photos with several faces they return what the store holds, as
+    pyarrow's own `to_pylist` reads it."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from dynamicid.curation.config import CurationConfig
+    from dynamicid.curation.identify import DescribeStage, describe_store, face_landmarks, face_summaries
+    from dynamicid.curation.pipeline import open_run, run_stage
+
+    photos = identity_photos("obama")
+    for name in ("two_people.jpg", "obama_and_biden.jpg", "selfie-many-people.jpg"):
+        shutil.copy(shared_faces / "group_photos" / name, photos / "obama" / name)
+    run = open_run(photos, tmp_path / "out", CurationConfig(face_backend="embedded"), progress=False)
+    try:
+        for step in ("scan", "detect", "identify"):
+            run_stage(run, step)
+    finally:
+        run.engine.close()
+    described = pq.read_table(run.work.table_path("describe"), columns=["describe_key", "reason"])
+    keys = [k for k, r in zip(*described.to_pydict().values(), strict=True) if r is None]
+    store = describe_store(DescribeStage(run.context))
+    stored = [sorted(faces, key=lambda f: f["face_index"]) for faces in store.get(keys)[1].column("faces").to_pylist()]
+    assert max(len(faces) for faces in stored) >= 3  # the group photos' faces are all described
+
+    for faces, summaries in zip(stored, face_summaries(store, keys), strict=True):
+        expected = [
+            {**{k: v for k, v in f.items() if k != "landmarks"}, "has_landmarks": bool(f["landmarks"])} for f in faces
+        ]
+        assert summaries == expected
+
+    pairs = [(key, face) for key, faces in zip(keys, stored, strict=True) for face in faces]
+    found = face_landmarks(store, [key for key, _ in pairs], [face["face_index"] for _, face in pairs])
+    for (key, face), points in zip(pairs, found, strict=True):
+        if face["landmarks"]:
+            np.testing.assert_array_equal(points, np.asarray(face["landmarks"], np.float32), err_msg=key)
+        else:
+            assert points is None, key
