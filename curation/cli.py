@@ -49,7 +49,6 @@ Examples:
 def _errors_as_exit_2(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-
         try:
             return func(*args, **kwargs)
         except CurationError as error:
