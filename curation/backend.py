@@ -85,13 +85,9 @@ def resolve_backend(
     returns the analyzer built here.
     `environment`: whose $DYNAMICID_INSIGHTFACE_ROOT counts (default this process's; a Ray worker resolving for
     the driver gets the driver's, since a cluster's workers have their own environment)."""
-    from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV, find_insightface_root
+    from dynamicid.faces.analyzer import find_insightface_root
 
-    if environment is None:
-        root = find_insightface_root({})
-    else:
-        value = environment.get(INSIGHTFACE_ROOT_ENV)
-        root = Path(value).expanduser() if value else None
+    root = find_insightface_root({}, environment)
     name = requested
     if requested == "auto":
         name = "insightface" if root is not None and root.is_dir() else "embedded"

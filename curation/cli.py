@@ -218,11 +218,14 @@ def main() -> None:
 @_errors_as_exit_2
 def build(**kwargs) -> None:
     """Run every stage: PHOTOS_DIR/<identity>/... -> OUT_DIR (dataset, card, report, summary)."""
+    from dynamicid.curation.engines import start_engine
+
     config = _config(kwargs)
     check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])  # before any worker starts
-    engine = _start_engine(config, kwargs["progress"])
+    # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
+    engine = start_engine(config, progress=kwargs["progress"])
     try:
-        from dynamicid.curation.pipeline import STAGES, open_run, run_stage  # meanwhile the workers start
+        from dynamicid.curation.pipeline import STAGES, open_run, run_stage
 
         run = open_run(
             kwargs["photos_dir"],
@@ -238,18 +241,6 @@ def build(**kwargs) -> None:
     finally:
         engine.close()
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
-
-
-def _start_engine(config, progress: bool):
-    """The engine, its workers already loading the face models while this process imports the pipeline (about
-    2 s of a start-up that two workers would otherwise wait out)."""
-    from dynamicid.curation.engines import EngineUnavailable, start_engine
-
-    try:
-        config.check()
-        return start_engine(config, progress=progress)
-    except (ValueError, EngineUnavailable) as error:
-        raise CurationError(str(error)) from error
 
 
 # Options only some stages read (build reads them all).

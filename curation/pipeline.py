@@ -27,7 +27,7 @@ from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import CropStage, crop_store
 from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
 from dynamicid.curation.detect import DetectStage
-from dynamicid.curation.engines import Engine, EngineUnavailable, start_engine
+from dynamicid.curation.engines import Engine, start_engine
 from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import DescribeStage, IdentifyStage
@@ -122,20 +122,12 @@ def open_run(
     meanwhile (the caller closes it, also when this raises); by default the run starts its own.
     """
     photos_dir, out_dir, work_root = check_folders(photos_dir, out_dir, work_dir)
-    try:
-        config.check()
-    except ValueError as error:
-        raise CurationError(str(error)) from error
+    engine = engine or start_engine(config, progress=progress)  # checks the settings first
     # Arrow's default allocator (mimalloc) keeps freed Parquet pages (+110 MB of RSS after `write` read 1,130
     # crops); the C library's gives them back. This covers pyarrow's own calls; Arrow's C++ code reads
     # $ARROW_DEFAULT_MEMORY_POOL once, before this runs: `dynamicid-curate` sets it to `system` (set it before
     # importing pyarrow to call `build_dataset` from Python with the same memory).
     pa.set_memory_pool(pa.system_memory_pool())
-    if engine is None:
-        try:
-            engine = start_engine(config, progress=progress)
-        except EngineUnavailable as error:
-            raise CurationError(str(error)) from error
     try:
         backend = engine.resolved_backend()
     except StageSetupError as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,9 +50,11 @@ def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def find_insightface_root(options: dict[str, Any]) -> Path | None:
-    """The insightface model folder named by the `insightface_root`/`root` option or $DYNAMICID_INSIGHTFACE_ROOT."""
-    value = options.get("insightface_root") or options.get("root") or os.environ.get(INSIGHTFACE_ROOT_ENV)
+def find_insightface_root(options: dict[str, Any], environment: Mapping[str, str] | None = None) -> Path | None:
+    """The insightface model folder named by the `insightface_root`/`root` option or $DYNAMICID_INSIGHTFACE_ROOT
+    (in `environment`, default this process's)."""
+    environment = os.environ if environment is None else environment
+    value = options.get("insightface_root") or options.get("root") or environment.get(INSIGHTFACE_ROOT_ENV)
     return Path(value).expanduser() if value else None
 
 

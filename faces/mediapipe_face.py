@@ -134,9 +134,9 @@ def import_mediapipe() -> types.ModuleType:
     """`import mediapipe`, without importing matplotlib.pyplot for its drawing helpers (never called here).
 
     `mediapipe.solutions` imports `drawing_utils`, which imports matplotlib.pyplot at the top: most of the cost of
-    importing mediapipe, in every process that builds the face models. While mediapipe imports, stand-ins take matplotlib's places in
-    `sys.modules` (only where it is not imported yet); `drawing_utils` keeps its stand-in, which imports the real
-    pyplot if it is ever used, and later imports of matplotlib get the real one.
+    importing mediapipe, in every process that builds the face models. While mediapipe imports, stand-ins take
+    matplotlib's places in `sys.modules` (only where it is not imported yet); `drawing_utils` keeps its stand-in,
+    which imports the real pyplot if it is ever used, and later imports of matplotlib get the real one.
     """
     names = [name for name in ("matplotlib", "matplotlib.pyplot") if name not in sys.modules]
     stand_ins = {name: _Deferred(name) for name in names}

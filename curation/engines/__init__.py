@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.inputs import CurationError
 from dynamicid.curation.stages import BackendInfo, Stage, StageStats
 
 ENGINES = ("local", "ray")
@@ -53,7 +54,12 @@ def make_engine(name: str, *, workers: int, progress: bool, ray_address: str | N
 
 
 def start_engine(config: CurationConfig, *, progress: bool) -> Engine:
-    """The run's engine, already resolving the face backend (`Engine.start_backend`)."""
-    engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
+    """The run's engine, already resolving the face backend (`Engine.start_backend`). Settings it cannot run
+    (a bad value, an engine that is not installed) raise `CurationError` before any worker starts."""
+    try:
+        config.check()
+        engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
+    except (ValueError, EngineUnavailable) as error:
+        raise CurationError(str(error)) from error
     engine.start_backend(config.face_backend, config.dup_embedding_fraction)
     return engine
