@@ -24,10 +24,10 @@ from dynamicid.curation.align import AlignStage
 from dynamicid.curation.allocator import large_buffers_given_back
 from dynamicid.curation.card import write_card
 from dynamicid.curation.config import CurationConfig
-from dynamicid.curation.crop import CropStage, crop_store
+from dynamicid.curation.crop import CropStage
 from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
 from dynamicid.curation.detect import DetectStage
-from dynamicid.curation.engines import Engine, start_engine
+from dynamicid.curation.engines import Call, Engine, start_engine
 from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import DescribeStage, IdentifyStage
@@ -36,6 +36,7 @@ from dynamicid.curation.label import LabelStage, label_schema
 from dynamicid.curation.report import build_report
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
 from dynamicid.curation.select import SelectStage
+from dynamicid.curation.shards import write_shard
 from dynamicid.curation.size import SizeStage
 from dynamicid.curation.stages import BackendInfo, Stage, StageContext, StageSetupError, StageStats
 from dynamicid.curation.store import ResultStore
@@ -43,10 +44,11 @@ from dynamicid.curation.tables import RowReader, WorkDir, digest, read_fingerpri
 from dynamicid.curation.write import (
     TALLY_COLUMNS,
     IdentityTally,
-    ShardWriter,
+    clear_shards,
     data_bytes,
     dataset_table,
     reason_code,
+    shard_names,
     write_summary,
 )
 from dynamicid.schemas import rejects_arrow_schema
@@ -246,9 +248,8 @@ def collect_rejects(run: Run) -> pa.Table:
     return resolve_identical_copies(pa.concat_tables(pieces)).sort_by("source_path")
 
 
-def _kept_batches(run: Run) -> Iterator[pa.Table]:
-    """The kept rows as dataset tables (crops read from the crop store), in (identity, source_path) order."""
-    crops = crop_store(run.work.root)
+def _kept_rows(run: Run) -> Iterator[pa.Table]:
+    """The kept rows' labels (with their `crop_key`), in (identity, source_path) order."""
     labels = candidate_batches(run.work.table_path("label"), label_schema().names, READ_ROWS)
     selected = candidate_batches(
         run.work.table_path("select"), ["source_path", "selection"], READ_ROWS, only_candidates=False
@@ -265,12 +266,19 @@ def _kept_batches(run: Run) -> Iterator[pa.Table]:
         crop_rows = cropped.take(kept.num_rows)
         if kept.column("source_path") != crop_rows.column("source_path"):
             raise RuntimeError("crop.parquet does not follow select.parquet: rerun the build")
-        kept = kept.filter(pc.is_null(crop_rows.column("reason")))
-        # One shard row group at a time: the crops (~150 KB each) are what a batch of rows would pile up.
-        for start in range(0, kept.num_rows, run.config.rows_per_row_group):
-            chunk = kept.slice(start, run.config.rows_per_row_group)
-            _, pngs = crops.get(chunk.column("crop_key").to_pylist())
-            yield dataset_table(chunk, pngs.column("png").combine_chunks())
+        yield kept.filter(pc.is_null(crop_rows.column("reason")))
+
+
+def _shard_calls(run: Run, kept: int, tally: IdentityTally) -> Iterator[Call]:
+    """A `write_shard` call per shard file, made as the workers take them; the driver tallies each shard's rows."""
+    rows = RowReader(_kept_rows(run))
+    for name in shard_names(kept, run.config.rows_per_file):
+        labels = rows.take(min(run.config.rows_per_file, kept)) if kept else label_schema().empty_table()
+        kept -= labels.num_rows
+        table = dataset_table(labels)
+        tally.add(table.select(TALLY_COLUMNS).to_pylist())
+        crop_keys = labels.column("crop_key").to_pylist()
+        yield write_shard, (run.out_dir / name, table, crop_keys, run.work.root, run.config.rows_per_row_group)
 
 
 def _thumbnails(run: Run) -> Iterator[str]:
@@ -303,14 +311,12 @@ def write_outputs(run: Run) -> int:
         scanned = pq.read_metadata(run.work.table_path("scan")).num_rows
         if kept + rejects.num_rows != scanned:
             raise RuntimeError(f"accounting bug: {kept} kept + {rejects.num_rows} rejected != {scanned} scanned")
-        c = run.config
-        shards = ShardWriter(run.out_dir, kept, c.rows_per_file, c.rows_per_row_group)
+        clear_shards(run.out_dir)
         tally = IdentityTally()
-        for table in _kept_batches(run):
-            shards.write(table)
-            tally.add(table.select(TALLY_COLUMNS).to_pylist())
-        files = shards.close()
+        for _ in run.engine.map_calls(_shard_calls(run, kept, tally), "writing the dataset's shards"):
+            pass
         tally.finish()
+        files = shard_names(kept, run.config.rows_per_file)
         named = rejects.filter(pc.not_equal(rejects.column("identity"), ""))
         rejected_by_identity = Counter(_counts(named, "identity"))
         kept_by_identity = Counter({k: v["num_images"] for k, v in tally.kept.items()})

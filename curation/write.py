@@ -28,17 +28,19 @@ from dynamicid.schemas import (
 
 CLASS_NAMES = {"expression": list(EXPRESSIONS), "pose_bin": [p.name for p in POSE_BINS]}  # ClassLabel names
 SHARD_GLOB = "train-*-of-*.parquet"
+SHARD_COMPRESSION = "zstd"  # of the shards' columns other than the images (see tables.parquet_options)
 TALLY_COLUMNS = ["identity", "embedding", "embedding_model", "expression", "pose_bin"]  # what IdentityTally reads
 
 
-def dataset_table(labels: pa.Table, pngs: pa.Array) -> pa.Table:
-    """Dataset rows from `label` rows and their crops' PNG bytes, built in Arrow: a Python bytes object per
-    crop (~150 KB, the bulk of the bytes) would leave the process's heap fragmented and growing."""
+def dataset_table(labels: pa.Table, pngs: pa.Array | None = None) -> pa.Table:
+    """Dataset rows from `label` rows and their crops' PNG bytes (without them: rows whose `image` is null, to be
+    filled by `with_images`), built in Arrow: a Python bytes object per crop (~150 KB, the bulk of the bytes)
+    would leave the process's heap fragmented and growing."""
     schema = dataset_arrow_schema()
     columns = []
     for field in schema:
         if field.name == "image":
-            column = pa.StructArray.from_arrays([pngs, pa.nulls(len(pngs), pa.string())], fields=list(field.type))
+            column = _images(pngs, field.type) if pngs is not None else pa.nulls(labels.num_rows, field.type)
         elif field.name == "source_sha256":
             column = labels.column("sha256")
         elif field.name in CLASS_NAMES:
@@ -53,25 +55,51 @@ def dataset_table(labels: pa.Table, pngs: pa.Array) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def with_images(rows: pa.Table, pngs: pa.Array) -> pa.Table:
+    """`dataset_table` rows with their crops' PNG bytes in `image`."""
+    index = rows.schema.get_field_index("image")
+    field = rows.schema.field(index)
+    return rows.set_column(index, field, _images(pngs, field.type))
+
+
+def _images(pngs: pa.Array, image_type: pa.DataType) -> pa.Array:
+    """The `datasets.Image` struct (bytes, path) of encoded crops."""
+    return pa.StructArray.from_arrays([pngs, pa.nulls(len(pngs), pa.string())], fields=list(image_type))
+
+
+def shard_names(total_rows: int, rows_per_file: int) -> list[str]:
+    """data/train-XXXXX-of-YYYYY.parquet for `total_rows` rows, `rows_per_file` a file (one file for no rows)."""
+    count = max(1, math.ceil(total_rows / rows_per_file))
+    return [f"data/train-{index:05d}-of-{count:05d}.parquet" for index in range(count)]
+
+
+def clear_shards(out_dir: Path) -> None:
+    """Remove an earlier run's shards (their count may differ) before new ones are written."""
+    data = out_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for old in data.glob(SHARD_GLOB):
+        old.unlink()
+
+
 class ShardWriter:
-    """data/train-XXXXX-of-YYYYY.parquet from rows streamed in (already sorted); old shards are removed first."""
+    """The shard files from rows streamed in (already sorted); old shards are removed first."""
 
     def __init__(self, out_dir: Path, total_rows: int, rows_per_file: int, rows_per_row_group: int):
-        self.data = out_dir / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
-        for old in self.data.glob(SHARD_GLOB):
-            old.unlink()
+        clear_shards(out_dir)
+        self.out_dir = out_dir
         self.schema = dataset_arrow_schema()
-        self.count = max(1, math.ceil(total_rows / rows_per_file))
+        self.planned = shard_names(total_rows, rows_per_file)
         self.rows_per_file = rows_per_file
         self.rows_per_row_group = rows_per_row_group
         self.names: list[str] = []
         self._writer: TableWriter | None = None
 
     def _open_next(self) -> TableWriter:
-        name = f"train-{len(self.names):05d}-of-{self.count:05d}.parquet"
-        self.names.append(f"data/{name}")
-        writer = TableWriter(self.data / name, self.schema, row_group_rows=self.rows_per_row_group, compression="zstd")
+        name = self.planned[len(self.names)]
+        self.names.append(name)
+        writer = TableWriter(
+            self.out_dir / name, self.schema, row_group_rows=self.rows_per_row_group, compression=SHARD_COMPRESSION
+        )
         return writer.__enter__()
 
     def write(self, table: pa.Table) -> None:
@@ -92,7 +120,7 @@ class ShardWriter:
 
     def close(self) -> list[str]:
         self._close_current()
-        while len(self.names) < self.count:  # no rows at all: one shard without a row group
+        while len(self.names) < len(self.planned):  # no rows at all: one shard without a row group
             self._open_next().__exit__(None, None, None)
         return self.names
 
@@ -100,7 +128,8 @@ class ShardWriter:
 def write_shards(
     out_dir: Path, rows: Iterable[dict] | pa.Table, rows_per_file: int, rows_per_row_group: int
 ) -> list[str]:
-    """All rows at once (already sorted): `merge` uses it; `build` streams through `ShardWriter`."""
+    """All rows at once (already sorted): `merge` uses it; `build` writes its shards in the workers
+    (`curation.shards`)."""
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=dataset_arrow_schema())
     writer = ShardWriter(out_dir, table.num_rows, rows_per_file, rows_per_row_group)
     for batch in table.to_batches(max_chunksize=rows_per_row_group):

@@ -16,6 +16,7 @@ from dynamicid.curation import build_dataset
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.merge import merge_datasets
 from dynamicid.curation.pipeline import STAGES, open_run, run_stage
+from dynamicid.curation.shards import write_shard
 
 IDENTITIES = ("obama", "kit_harington", "John_Salley")  # 19 photos: more than one cache batch (16)
 
@@ -96,11 +97,44 @@ def test_with_workers_the_driver_builds_no_face_models_and_arrow_gives_memory_ba
 
 
 def test_two_workers_give_the_same_rows_as_one(photos, reference, tmp_path):
+    """Also when the workers write the shards: several files, several row groups each, written two at a time."""
     out = tmp_path / "out"
-    summary = build_dataset(photos, out, face_backend="embedded", workers=2, progress=False)
+    summary = build_dataset(
+        photos, out, face_backend="embedded", workers=2, progress=False, rows_per_file=3, rows_per_row_group=2
+    )
     assert summary["stages"]["detect"]["computed"] > 0
     assert row_hashes(out) == row_hashes(reference)
     assert side_tables(out) == side_tables(reference)
+    count = -(-summary["kept"] // 3)
+    assert count >= 2
+    names = [f"data/train-{index:05d}-of-{count:05d}.parquet" for index in range(count)]
+    assert summary["files"] == [*names, "identities.parquet", "rejects.parquet"]
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "data").iterdir()) == names
+    for name in names:
+        metadata = pq.read_metadata(out / name)
+        rows = 3 if name != names[-1] else summary["kept"] - 3 * (count - 1)
+        assert metadata.num_rows == rows
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        assert groups == [min(2, rows - start) for start in range(0, rows, 2)]
+
+
+def test_shards_store_the_crops_as_they_are_and_compress_the_rest(reference):
+    """PNG bytes neither compress nor repeat: no compression, dictionary or statistics for them."""
+    metadata = pq.read_metadata(next((reference / "data").glob("train-*.parquet")))
+    columns = {c.path_in_schema: c for c in map(metadata.row_group(0).column, range(metadata.num_columns))}
+    image = columns.pop("image.bytes")
+    assert image.compression == "UNCOMPRESSED" and image.statistics is None
+    assert "RLE_DICTIONARY" not in image.encodings
+    assert {c.compression for c in columns.values()} == {"ZSTD"}
+    assert "RLE_DICTIONARY" in columns["identity"].encodings
+
+
+def test_a_shard_whose_crop_is_missing_names_it_and_leaves_no_file(reference, tmp_path):
+    rows = pq.read_table(next((reference / "data").glob("train-*.parquet"))).slice(0, 2)
+    path = tmp_path / "train-00000-of-00001.parquet"
+    with pytest.raises(RuntimeError, match=r"512-missing.*--no-resume"):
+        write_shard(path, rows, ["512-missing", "512-also-missing"], reference / ".work", 64)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_shards_merged_equal_one_run(photos, reference, tmp_path):

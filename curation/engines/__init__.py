@@ -6,14 +6,16 @@ whatever the photo count. `ray`: Ray Data operators (optional extra `dynamicid[r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.inputs import CurationError
 from dynamicid.curation.stages import BackendInfo, Stage, StageStats
 
 ENGINES = ("local", "ray")
+Call = tuple[Callable[..., Any], tuple]  # (a module-level function, its arguments): work an engine can ship
 
 
 class EngineUnavailable(RuntimeError):
@@ -25,6 +27,11 @@ class Engine(Protocol):
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         """Run `stage` on the candidate rows of the table at `source`; write its table to `target`."""
+        ...
+
+    def map_calls(self, calls: Iterable[Call], what: str) -> Iterator[Any]:
+        """`function(*arguments)` of each call, results in call order; the calls are taken as results come back.
+        `what` names the work in an error message."""
         ...
 
     def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:

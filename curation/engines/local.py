@@ -8,11 +8,13 @@ in the input's order, so any number of workers gives the same table.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from dynamicid.curation.allocator import keep_freed_buffers
+from dynamicid.curation.engines import Call
 from dynamicid.curation.stages import (
     COMPUTED,
     ORDER,
@@ -31,6 +34,7 @@ from dynamicid.curation.stages import (
 )
 from dynamicid.curation.tables import STAGE_ROW_GROUP, TableWriter, contiguous_groups
 
+T = TypeVar("T")
 READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
 
 # A worker process (a local pool's, or a Ray worker running tasks) keeps every stage it has set up, keyed by
@@ -60,6 +64,28 @@ def _settle_worker_process() -> None:
 
     keep_freed_buffers()
     cv2.setNumThreads(1)  # the workers are the parallelism: OpenCV's own threads would only compete with them
+
+
+def worker_cores(workers: int) -> list[int]:
+    """The core each worker keeps to, when `workers` processes fill every core this process may run on; else none.
+
+    Each worker on a core of its own ran the model steps 3-5 % faster on 2 cores (BENCHMARKS.md): the caches stay
+    warm and the workers' threads do not trade places. Batches go to whichever worker is free, so a core slowed by
+    other work only gives its worker fewer batches. With fewer workers than cores the system places them.
+    """
+    if not hasattr(os, "sched_getaffinity"):  # Linux only
+        return []
+    cores = sorted(os.sched_getaffinity(0))
+    return cores if workers > 1 and len(cores) == workers else []
+
+
+def _keep_to_a_core(cores: multiprocessing.queues.Queue | None) -> None:
+    """Pool initializer: this worker (every thread it has, and the model threads it starts later) on one core."""
+    if cores is None:
+        return
+    core = cores.get()
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), {core})
 
 
 def _process_in_worker(key: str, stage: Stage, batch: pa.Table) -> pa.Table:
@@ -162,7 +188,15 @@ class LocalEngine:
 
     def _worker_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            context = multiprocessing.get_context("spawn")
+            cores = None
+            if chosen := worker_cores(self.workers):
+                cores = context.Queue()
+                for core in chosen:
+                    cores.put(core)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_keep_to_a_core, initargs=(cores,)
+            )
         return self._pool
 
     def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
@@ -237,24 +271,40 @@ class LocalEngine:
             for batch in batches:
                 yield stage_output(stage, batch, carried)
             return
+        calls = ((_process_in_worker, (key, stage, batch.select(inputs)), batch) for batch in batches)
+        for result, batch in self._in_pool(calls, f"stage {stage.name}"):
+            yield with_carried(stage, batch, result, carried)
+
+    def map_calls(self, calls: Iterable[Call], what: str) -> Iterator[Any]:
+        """`function(*arguments)` of each call in the worker processes (in this process with one worker); the
+        results in call order. At most two calls per worker are in flight, so `calls` may be made as they go."""
+        if self.workers <= 1:
+            for function, arguments in calls:
+                yield function(*arguments)
+            return
+        for result, _ in self._in_pool(((function, arguments, None) for function, arguments in calls), what):
+            yield result
+
+    def _in_pool(self, calls: Iterable[tuple[Callable, tuple, T]], what: str) -> Iterator[tuple[Any, T]]:
+        """(result, tag) of each (function, arguments, tag), run in the pool, in order."""
         pool = self._worker_pool()
-        in_flight: list[tuple[pa.Table, Future]] = []
+        in_flight: list[tuple[Future, T]] = []
         try:
-            for batch in batches:
-                in_flight.append((batch, pool.submit(_process_in_worker, key, stage, batch.select(inputs))))
+            for function, arguments, tag in calls:
+                in_flight.append((pool.submit(function, *arguments), tag))
                 if len(in_flight) >= 2 * self.workers:
-                    done, future = in_flight.pop(0)
-                    yield with_carried(stage, done, future.result(), carried)
+                    future, done = in_flight.pop(0)
+                    yield future.result(), done
             while in_flight:
-                done, future = in_flight.pop(0)
-                yield with_carried(stage, done, future.result(), carried)
+                future, done = in_flight.pop(0)
+                yield future.result(), done
         except BrokenProcessPool as error:
             self.close()
             raise StageSetupError(
-                f"a worker process of stage {stage.name} died ({error}); rerun with --workers 1 to see why"
+                f"a worker process running {what} died ({error}); rerun with --workers 1 to see why"
             ) from error
         finally:
-            for _, future in in_flight:
+            for future, _ in in_flight:
                 future.cancel()
 
     def close(self) -> None:

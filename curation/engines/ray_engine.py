@@ -27,14 +27,15 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynamicid.curation.engines import EngineUnavailable
+from dynamicid.curation.engines import Call, EngineUnavailable
 
 try:
     from ray.data import Datasource, ReadTask
@@ -192,6 +193,11 @@ class RayEngine:
         resolve = ray.remote(num_cpus=self._cpus_per_worker(), max_calls=0)(resolve_in_worker)
         with _one_line_errors():
             return one_backend(ray.get([resolve.remote(*self._backend_request, driver) for _ in range(self.workers)]))
+
+    def map_calls(self, calls: Iterable[Call], what: str) -> Iterator[Any]:
+        """In the driver: the calls write OUT_DIR (the dataset's shards), which, unlike the work folder, need not
+        be on a file system the cluster's nodes share."""
+        return self.driver.map_calls(calls, what)
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         if stage.kind is StageKind.GLOBAL or (stage.kind is StageKind.MAP and not stage.pooled):

@@ -1,0 +1,32 @@
+"""The dataset's shard files, each written by one call where the workers run (`Engine.map_calls`).
+
+The driver walks the kept rows' labels (a few KB a row) and hands each shard's rows to a worker, which reads
+their crops from the crop store a row group at a time (the bulk of the bytes) and writes the file. With
+`--workers N` the shards are written N at a time while the driver goes on with the next shard's rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from dynamicid.curation.crop import crop_store
+from dynamicid.curation.tables import TableWriter
+from dynamicid.curation.write import SHARD_COMPRESSION, with_images
+
+
+def write_shard(path: Path, rows: pa.Table, crop_keys: list[str], work_dir: Path, rows_per_row_group: int) -> int:
+    """One shard file from `dataset_table` rows without their images and those rows' crop keys; returns its rows."""
+    crops = crop_store(work_dir)
+    with TableWriter(path, rows.schema, row_group_rows=rows_per_row_group, compression=SHARD_COMPRESSION) as writer:
+        for start in range(0, rows.num_rows, rows_per_row_group):
+            keys = crop_keys[start : start + rows_per_row_group]
+            found, pngs = crops.get(keys)
+            if not found.all():
+                missing = keys[found.tolist().index(False)]
+                raise RuntimeError(
+                    f"the crop {missing} is missing from {crops.folder}: rerun the build with --no-resume"
+                )
+            writer.write(with_images(rows.slice(start, len(keys)), pngs.column("png").combine_chunks()))
+    return rows.num_rows
