@@ -334,7 +334,7 @@ def write_outputs(run: Run) -> int:
         )
         write_summary(run.out_dir, summary)
         write_card(run.out_dir, summary, data_bytes(run.out_dir))
-        build_report(run.out_dir, _thumbnails(run))
+        build_report(run.out_dir, _thumbnails(run), run.engine.map_calls)
     write_summary(run.out_dir, {**summary, "stages": stage_stats(run)})
     return kept
 

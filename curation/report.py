@@ -8,22 +8,27 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dynamicid.curation.engines import Call
 from dynamicid.curation.inspect_dataset import upscale_histogram
 from dynamicid.curation.tables import contiguous_groups
 from dynamicid.curation.write import dataset_files
 from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
 
 MAX_REJECT_EXAMPLES = 12  # per identity (and for files outside any identity)
+REJECTS_PER_CALL = 16  # rejected photos' thumbnails made per `map_calls` call
+MapCalls = Callable[[Iterable[Call], str], Iterator[Any]]  # `Engine.map_calls`
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -52,6 +57,16 @@ def thumbnail_uri(image: Image.Image, size: int) -> str:
 
 # Files rejected for these reasons are not opened again (they may be pipes, bombs or unreadable).
 NO_PREVIEW_REASONS = ("unreadable", "undecodable")
+
+
+def reject_thumbnails(photos_dir: Path | None, rejects: list[dict], size: int) -> list[str | None]:
+    """The thumbnails of rejected photos (None: no preview); a call `build_report` hands to the workers, as
+    decoding the photos is most of the report's work."""
+    return [_source_thumbnail(photos_dir, reject, size) for reject in rejects]
+
+
+def _in_this_process(calls: Iterable[Call], what: str) -> Iterator[Any]:
+    return (function(*arguments) for function, arguments in calls)
 
 
 def _source_thumbnail(photos_dir: Path | None, reject: dict, size: int) -> str | None:
@@ -152,10 +167,10 @@ def _kept_section(kept: list[dict], size: int, thumbnails: Iterator[str] | None)
     yield "</div>"
 
 
-def _reject_section(examples: list[dict], count: int, photos_dir: Path | None, size: int) -> Iterator[str]:
+def _reject_section(examples: list[dict], count: int, uris: Iterator[str | None]) -> Iterator[str]:
     yield f"<h3>Rejected ({count})</h3><div class='sheet'>"
     for r in examples:
-        uri = _source_thumbnail(photos_dir, r, size)
+        uri = next(uris)
         img = f"<img src='{uri}' alt=''>" if uri else "<img alt='(no preview)'>"
         yield (
             f"<figure class='reject'>{img}<figcaption><b>{html.escape(r['reason'])}</b> ({r['stage']})<br>"
@@ -167,7 +182,7 @@ def _reject_section(examples: list[dict], count: int, photos_dir: Path | None, s
     yield "</div>"
 
 
-def _page(out_dir: Path, thumbnails: Iterator[str] | None) -> Iterator[str]:
+def _page(out_dir: Path, thumbnails: Iterator[str] | None, map_calls: MapCalls) -> Iterator[str]:
     summary = json.loads((out_dir / "summary.json").read_text())
     size = int(summary["config"].get("thumbnail_size", 96))
     photos_dir = (
@@ -193,6 +208,16 @@ def _page(out_dir: Path, thumbnails: Iterator[str] | None) -> Iterator[str]:
         yield _upscale_table(histogram, summary["config"].get("max_upscale"))
     names = sorted({i["identity"] for i in identities} | set(spans) - {""}) + ([""] if "" in spans else [])
     info = {i["identity"]: i for i in identities}
+    examples = {
+        name: rejects.slice(first, min(count, MAX_REJECT_EXAMPLES)).to_pylist()
+        for name, (first, count) in spans.items()
+    }
+    shown = [row for name in names for row in examples.get(name, [])]  # in page order
+    calls = (
+        (reject_thumbnails, (photos_dir, shown[start : start + REJECTS_PER_CALL], size))
+        for start in range(0, len(shown), REJECTS_PER_CALL)
+    )
+    uris = itertools.chain.from_iterable(map_calls(calls, "making report.html's thumbnails of rejected photos"))
     group = next(groups, None)
     for identity in names:
         kept: list[dict] = []
@@ -210,21 +235,22 @@ def _page(out_dir: Path, thumbnails: Iterator[str] | None) -> Iterator[str]:
         if kept:
             yield from _kept_section(kept, size, thumbnails)
         if identity in spans:
-            first, count = spans[identity]
-            examples = rejects.slice(first, min(count, MAX_REJECT_EXAMPLES)).to_pylist()
-            yield from _reject_section(examples, count, photos_dir, size)
+            yield from _reject_section(examples[identity], spans[identity][1], uris)
     yield "</body></html>"
 
 
-def build_report(out_dir: Path, thumbnails: Iterator[str] | None = None) -> Path:
+def build_report(
+    out_dir: Path, thumbnails: Iterator[str] | None = None, map_calls: MapCalls = _in_this_process
+) -> Path:
     """Write OUT_DIR/report.html from the dataset folder (and the source photos, for rejected examples).
 
     `thumbnails`: the kept rows' thumbnails in dataset order, when they are made already (`build`'s crop stage);
-    else each is made from the row's image."""
+    else each is made from the row's image. `map_calls`: where the rejected photos' thumbnails are made (`build`
+    passes its engine's `map_calls`; by default in this process)."""
     path = out_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for part in _page(out_dir, thumbnails):
+        for part in _page(out_dir, thumbnails, map_calls):
             f.write(part)
             f.write("\n")
     tmp.replace(path)

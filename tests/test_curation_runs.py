@@ -105,6 +105,9 @@ def test_two_workers_give_the_same_rows_as_one(photos, reference, tmp_path):
     assert summary["stages"]["detect"]["computed"] > 0
     assert row_hashes(out) == row_hashes(reference)
     assert side_tables(out) == side_tables(reference)
+    report = (out / "report.html").read_text()  # the rejected photos' thumbnails made by the workers
+    assert report == (reference / "report.html").read_text()
+    assert report.count("<figure class='reject'><img src='data:image/jpeg") >= 1
     count = -(-summary["kept"] // 3)
     assert count >= 2
     names = [f"data/train-{index:05d}-of-{count:05d}.parquet" for index in range(count)]
