@@ -110,7 +110,12 @@ def run_options(func):
             help="Local insightface model pack folder (sets $DYNAMICID_INSIGHTFACE_ROOT for the run).",
         ),
         click.option(
-            "--workers", type=AtLeast(1), default=1, show_default=True, help="Processes running the face models."
+            "--workers",
+            type=AtLeast(1),
+            default=1,
+            show_default=True,
+            help="Processes running the face models and writing the dataset's files (one per core fills the "
+            "machine; then each keeps to a core of its own).",
         ),
         click.option(
             "--engine",
@@ -340,7 +345,13 @@ def inspect_command(out_dir: Path, as_json: bool) -> None:
 
 @main.command(epilog="\b\nExample:\n  dynamicid-curate demo demo_dataset && xdg-open demo_dataset/report.html")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--workers", type=AtLeast(1), default=1, show_default=True, help="Processes running the face models.")
+@click.option(
+    "--workers",
+    type=AtLeast(1),
+    default=1,
+    show_default=True,
+    help="Processes running the face models and writing the dataset's files.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_errors_as_exit_2

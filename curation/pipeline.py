@@ -1,8 +1,9 @@
 """The steps in order, the work-folder bookkeeping between them, and `build_dataset`.
 
-`scan` and the dataset files of `write` are made here in the driver; the stages between them (`build_stages`,
-up to `crop`, the first part of the step `write`) run on the engine (`--engine local|ray`), which reads each
-stage's input table and writes its output table in the work folder.
+`scan` and the dataset folder's tables, card and report are made here in the driver; the stages between them
+(`build_stages`, up to `crop`, the first part of the step `write`) run on the engine (`--engine local|ray`), which
+reads each stage's input table and writes its output table in the work folder, and so do the calls that write the
+dataset's shard files and the report's thumbnails of rejected photos (`Engine.map_calls`).
 """
 
 from __future__ import annotations
@@ -313,8 +314,9 @@ def write_outputs(run: Run) -> int:
             raise RuntimeError(f"accounting bug: {kept} kept + {rejects.num_rows} rejected != {scanned} scanned")
         clear_shards(run.out_dir)
         tally = IdentityTally()
-        for _ in run.engine.map_calls(_shard_calls(run, kept, tally), "writing the dataset's shards"):
-            pass
+        written = sum(run.engine.map_calls(_shard_calls(run, kept, tally), "writing the dataset's shards"))
+        if written != kept:
+            raise RuntimeError(f"accounting bug: {written} rows written to the shards, {kept} kept")
         tally.finish()
         files = shard_names(kept, run.config.rows_per_file)
         named = rejects.filter(pc.not_equal(rejects.column("identity"), ""))

@@ -1,7 +1,8 @@
 """Stage `write`: the dataset folder (Parquet shards, identities, rejects, card, summary, report).
 
-The selected rows are streamed into the shards with their crops read from the crop store a batch at a time;
-only per-identity figures (counts, mean embedding) are held, never the rows.
+The driver streams the selected rows' labels, a shard at a time, to the calls that write the shard files with
+their crops (`curation.shards`, in the workers); it holds only per-identity figures (counts, mean embedding),
+never the rows.
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from dynamicid.curation import build_dataset
 from dynamicid.curation.config import CurationConfig
+from dynamicid.curation.crop import crop_store
 from dynamicid.curation.merge import merge_datasets
 from dynamicid.curation.pipeline import STAGES, open_run, run_stage
 from dynamicid.curation.shards import write_shard
@@ -138,6 +140,19 @@ def test_a_shard_whose_crop_is_missing_names_it_and_leaves_no_file(reference, tm
     with pytest.raises(RuntimeError, match=r"512-missing.*--no-resume"):
         write_shard(path, rows, ["512-missing", "512-also-missing"], reference / ".work", 64)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_find_crops_stored_after_an_earlier_shard_was_written(reference, tmp_path):
+    """A worker keeps its crop store reader across shards, and reads the store again when its parts change."""
+    work = tmp_path / "work"
+    shutil.copytree(reference / ".work" / "stores" / "crops", work / "stores" / "crops")
+    rows = pq.read_table(next((reference / "data").glob("train-*.parquet"))).slice(0, 1)
+    stored = pq.read_table(next((work / "stores" / "crops").glob("part-*.parquet"))).slice(0, 1)
+    assert write_shard(tmp_path / "a.parquet", rows, stored.column("key").to_pylist(), work, 64) == 1
+    crop_store(work).put(pa.table({"key": ["512-new"], "png": stored.column("png")}))
+    assert write_shard(tmp_path / "b.parquet", rows, ["512-new"], work, 64) == 1
+    image = pq.read_table(tmp_path / "b.parquet").column("image").to_pylist()
+    assert image == [{"bytes": stored.column("png")[0].as_py(), "path": None}]
 
 
 def test_two_shards_merged_equal_one_run(photos, reference, tmp_path):
