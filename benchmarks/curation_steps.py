@@ -1,6 +1,6 @@
 """Where a `build` goes, step by step: wall time, the driver's CPU and the worker processes' CPU of each step.
 
-    .venv/bin/python benchmarks/curation_steps.py [--photos PHOTOS] [--workers 2]
+    .venv/bin/python benchmarks/curation_steps.py [--photos PHOTOS] [--workers 2] [--rewrite OUT_DIR]
 
 Runs the steps of `build_dataset` one by one (`open_run`, then `run_stage` per step, into a fresh OUT_DIR with
 `resume=False`, no progress bars) in this process, and prints, per step: its wall seconds, this process's CPU
@@ -8,6 +8,9 @@ seconds, and the CPU seconds of its worker processes (psutil, summed over the ch
 the local engine keeps one pool for the run, so none is missed). "start" is `open_run`: the workers import the
 toolkit and build the face models. A step's wall time close to driver CPU + workers CPU / workers means the
 workers were busy; the driver's CPU with idle workers is what `--workers N` cannot divide.
+
+`--rewrite OUT_DIR`: a finished build of PHOTOS_DIR into OUT_DIR; its summary.json is removed and `write` alone runs
+again (every other step is reused, untimed): to compare two checkouts' `write` on the same work folder.
 """
 
 from __future__ import annotations
@@ -48,16 +51,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=Path, default=Path("../shared/data/faces/identities"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rewrite", type=Path, help="time only `write` again, on this finished build's OUT_DIR")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
         rows = []
         start = (time.perf_counter(), driver_cpu(), workers_cpu())
-        run = open_run(
-            args.photos, Path(out) / "dataset", CurationConfig(workers=args.workers), resume=False, progress=False
-        )
+        config = CurationConfig(workers=args.workers)
+        out_dir = args.rewrite or Path(out) / "dataset"
+        run = open_run(args.photos, out_dir, config, resume=args.rewrite is not None, progress=False)
         try:
-            rows.append(("start", start, (time.perf_counter(), driver_cpu(), workers_cpu())))
-            for step in STAGES:
+            if args.rewrite:
+                for step in STAGES[:-1]:
+                    run_stage(run, step)
+                (out_dir / "summary.json").unlink()
+            else:
+                rows.append(("start", start, (time.perf_counter(), driver_cpu(), workers_cpu())))
+            for step in STAGES[-1:] if args.rewrite else STAGES:
                 before = (time.perf_counter(), driver_cpu(), workers_cpu())
                 run_stage(run, step)
                 rows.append((step, before, (time.perf_counter(), driver_cpu(), workers_cpu())))
