@@ -65,6 +65,12 @@ def reject_thumbnails(photos_dir: Path | None, rejects: list[dict], size: int) -
     return [_source_thumbnail(photos_dir, reject, size) for reject in rejects]
 
 
+def _batches(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    rows = iter(rows)
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+
 def _in_this_process(calls: Iterable[Call], what: str) -> Iterator[Any]:
     return (function(*arguments) for function, arguments in calls)
 
@@ -208,15 +214,13 @@ def _page(out_dir: Path, thumbnails: Iterator[str] | None, map_calls: MapCalls) 
         yield _upscale_table(histogram, summary["config"].get("max_upscale"))
     names = sorted({i["identity"] for i in identities} | set(spans) - {""}) + ([""] if "" in spans else [])
     info = {i["identity"]: i for i in identities}
-    examples = {
-        name: rejects.slice(first, min(count, MAX_REJECT_EXAMPLES)).to_pylist()
-        for name, (first, count) in spans.items()
-    }
-    shown = [row for name in names for row in examples.get(name, [])]  # in page order
-    calls = (
-        (reject_thumbnails, (photos_dir, shown[start : start + REJECTS_PER_CALL], size))
-        for start in range(0, len(shown), REJECTS_PER_CALL)
-    )
+
+    def examples_of(name: str) -> list[dict]:
+        first, count = spans[name]
+        return rejects.slice(first, min(count, MAX_REJECT_EXAMPLES)).to_pylist()
+
+    shown = (row for name in names if name in spans for row in examples_of(name))  # in page order, as needed
+    calls = ((reject_thumbnails, (photos_dir, batch, size)) for batch in _batches(shown, REJECTS_PER_CALL))
     uris = itertools.chain.from_iterable(map_calls(calls, "making report.html's thumbnails of rejected photos"))
     group = next(groups, None)
     for identity in names:
@@ -235,7 +239,7 @@ def _page(out_dir: Path, thumbnails: Iterator[str] | None, map_calls: MapCalls) 
         if kept:
             yield from _kept_section(kept, size, thumbnails)
         if identity in spans:
-            yield from _reject_section(examples[identity], spans[identity][1], uris)
+            yield from _reject_section(examples_of(identity), spans[identity][1], uris)
     yield "</body></html>"
 
 

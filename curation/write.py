@@ -33,16 +33,12 @@ SHARD_COMPRESSION = "zstd"  # of the shards' columns other than the images (see 
 TALLY_COLUMNS = ["identity", "embedding", "embedding_model", "expression", "pose_bin"]  # what IdentityTally reads
 
 
-def dataset_table(labels: pa.Table, pngs: pa.Array | None = None) -> pa.Table:
-    """Dataset rows from `label` rows and their crops' PNG bytes (without them: rows whose `image` is null, to be
-    filled by `with_images`), built in Arrow: a Python bytes object per crop (~150 KB, the bulk of the bytes)
-    would leave the process's heap fragmented and growing."""
+def dataset_table(labels: pa.Table) -> pa.Table:
+    """Dataset rows from `label` rows, their `image` still null: `with_images` fills it where the shard is written."""
     schema = dataset_arrow_schema()
     columns = []
     for field in schema:
-        if field.name == "image":
-            column = _images(pngs, field.type) if pngs is not None else pa.nulls(labels.num_rows, field.type)
-        elif field.name == "source_sha256":
+        if field.name == "source_sha256":
             column = labels.column("sha256")
         elif field.name in CLASS_NAMES:
             column = pc.index_in(labels.column(field.name), value_set=pa.array(CLASS_NAMES[field.name]))
@@ -57,15 +53,12 @@ def dataset_table(labels: pa.Table, pngs: pa.Array | None = None) -> pa.Table:
 
 
 def with_images(rows: pa.Table, pngs: pa.Array) -> pa.Table:
-    """`dataset_table` rows with their crops' PNG bytes in `image`."""
+    """`dataset_table` rows with their crops' PNG bytes in `image` (the `datasets.Image` struct: bytes, path), in
+    Arrow: a Python bytes object per crop (~150 KB, the bulk of the bytes) would leave the heap fragmented."""
     index = rows.schema.get_field_index("image")
     field = rows.schema.field(index)
-    return rows.set_column(index, field, _images(pngs, field.type))
-
-
-def _images(pngs: pa.Array, image_type: pa.DataType) -> pa.Array:
-    """The `datasets.Image` struct (bytes, path) of encoded crops."""
-    return pa.StructArray.from_arrays([pngs, pa.nulls(len(pngs), pa.string())], fields=list(image_type))
+    images = pa.StructArray.from_arrays([pngs, pa.nulls(len(pngs), pa.string())], fields=list(field.type))
+    return rows.set_column(index, field, images)
 
 
 def shard_names(total_rows: int, rows_per_file: int) -> list[str]:
