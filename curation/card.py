@@ -1,28 +1,43 @@
-"""The dataset card (OUT_DIR/README.md): YAML `configs` + `dataset_info` made by `datasets`' own helpers."""
+"""The dataset card (OUT_DIR/README.md): YAML `configs` + `dataset_info` as `datasets` writes them, from the schema."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dynamicid.schemas import DATASET_COLUMNS, EXPRESSIONS, FACE_PROMPT_TEMPLATE, POSE_BINS, dataset_features
+from dynamicid.schemas import DATASET_COLUMNS, EXPRESSIONS, FACE_PROMPT_TEMPLATE, POSE_BINS, dataset_feature_dicts
 
 
 def card_metadata(num_examples: int, num_bytes: int) -> dict:
-    import datasets
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCardData
+    """The card's YAML header: what `DatasetCardData`, `MetadataConfigs` and `DatasetInfo._to_yaml_dict` make of
+    the schema (tests/test_curation_dataset.py holds it equal to theirs), written without importing `datasets`:
+    that import was half a CPU-second of every build's serial end."""
+    features = [{"name": name, **_yaml_feature(feature)} for name, feature in dataset_feature_dicts().items()]
+    return {
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "dataset_info": {
+            "features": features,
+            "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": num_examples}],
+        },
+        "tags": ["faces", "dynamicid"],
+    }
 
-    info = datasets.DatasetInfo(
-        features=dataset_features(),
-        splits=datasets.SplitDict(
-            {"train": datasets.SplitInfo("train", num_bytes=num_bytes, num_examples=num_examples)}
-        ),
-    )
-    card_data = DatasetCardData()
-    MetadataConfigs({"default": {"data_files": [{"split": "train", "path": "data/train-*"}]}}).to_dataset_card_data(
-        card_data
-    )
-    return {**card_data.to_dict(), "dataset_info": info._to_yaml_dict(), "tags": ["faces", "dynamicid"]}
+
+def _yaml_feature(feature: dict) -> dict:
+    """One serialised feature (`Features.to_dict` form) in the card's YAML form (`Features._to_yaml_list`)."""
+    kind = feature.get("_type")
+    if kind is None:  # a struct: a plain dict of fields
+        return {"struct": [{"name": name, **_yaml_feature(field)} for name, field in feature.items()]}
+    if kind == "Value":
+        return {"dtype": feature["dtype"]}
+    if kind == "Image":
+        return {"dtype": "image"}
+    if kind == "ClassLabel":
+        return {"dtype": {"class_label": {"names": {str(i): name for i, name in enumerate(feature["names"])}}}}
+    if kind == "List":
+        item = _yaml_feature(feature["feature"])
+        listed = {"list": item["dtype"] if list(item) == ["dtype"] else item}
+        return {**listed, "length": feature["length"]} if "length" in feature else listed
+    raise ValueError(f"no YAML form for feature type {kind!r}")
 
 
 def _grouping_note(summary: dict) -> str:

@@ -2,8 +2,8 @@
 
 Each column is declared here with a small type word; `dataset_features()` turns the declaration into
 `datasets.Features` (the dataset card and `load_dataset` typing come from it) and `dataset_arrow_schema()`
-into the pyarrow schema the writer uses (`Features.arrow_schema`, which carries the features as metadata so
-Parquet files reload with Image and ClassLabel intact).
+into the pyarrow schema the writer uses: the same as `Features.arrow_schema` (tested), which carries the
+features as metadata so Parquet files reload with Image and ClassLabel intact, but made with pyarrow alone.
 
 Type words: "string", "int32", "float32", "image", "float32[]" (any length), "float32[N]" (fixed length),
 "float32[][2]" (list of points), "class:expression", "class:pose", "struct:quality".
@@ -11,8 +11,9 @@ Type words: "string", "int32", "float32", "image", "float32[]" (any length), "fl
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dynamicid.schemas.labels import EXPRESSIONS, POSE_NAMES
 
@@ -94,47 +95,70 @@ REJECT_COLUMNS: tuple[Column, ...] = (
 )
 
 
-def _feature(type_word: str) -> Any:
-    import datasets as ds
+def _value(dtype: str) -> dict:
+    return {"dtype": dtype, "_type": "Value"}
 
+
+def _column_type(type_word: str) -> tuple[pa.DataType, dict]:
+    """A type word's pyarrow type and its `datasets` feature, serialised as `Features.to_dict` writes it."""
+    import pyarrow as pa
+
+    float32 = (pa.float32(), _value("float32"))
     if type_word in ("string", "int32", "float32"):
-        return ds.Value(type_word)
+        return getattr(pa, type_word)(), _value(type_word)
     if type_word == "image":
-        return ds.Image()
+        return pa.struct([("bytes", pa.binary()), ("path", pa.string())]), {"_type": "Image"}
     if type_word == "float32[]":
-        return ds.List(ds.Value("float32"))
+        return pa.list_(float32[0]), {"feature": float32[1], "_type": "List"}
     if type_word == "float32[][2]":
-        return ds.List(ds.List(ds.Value("float32"), length=2))
+        point = {"feature": float32[1], "length": 2, "_type": "List"}
+        return pa.list_(pa.list_(float32[0], 2)), {"feature": point, "_type": "List"}
     if type_word.startswith("float32[") and type_word.endswith("]"):
-        return ds.List(ds.Value("float32"), length=int(type_word[len("float32[") : -1]))
-    if type_word == "class:expression":
-        return ds.ClassLabel(names=list(EXPRESSIONS))
-    if type_word == "class:pose":
-        return ds.ClassLabel(names=list(POSE_NAMES))
+        length = int(type_word[len("float32[") : -1])
+        return pa.list_(float32[0], length), {"feature": float32[1], "length": length, "_type": "List"}
+    if type_word in ("class:expression", "class:pose"):
+        names = EXPRESSIONS if type_word == "class:expression" else POSE_NAMES
+        return pa.int64(), {"names": list(names), "_type": "ClassLabel"}
     if type_word == "struct:quality":
-        return {name: ds.Value("float32") for name, _ in QUALITY_FIELDS}
+        return pa.struct([(name, float32[0]) for name, _ in QUALITY_FIELDS]), {
+            name: float32[1] for name, _ in QUALITY_FIELDS
+        }
     raise ValueError(f"unknown column type word {type_word!r}")
 
 
-def _features(columns: tuple[Column, ...]) -> Features:
-    import datasets as ds
+def _feature_dicts(columns: tuple[Column, ...]) -> dict[str, dict]:
+    return {c.name: _column_type(c.type)[1] for c in columns}
 
-    return ds.Features({c.name: _feature(c.type) for c in columns})
+
+def _arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
+    """What `Features.arrow_schema` gives for these columns, made without importing `datasets` (about half a
+    CPU-second per process: the curation workers and driver need the schema, not the library)."""
+    import pyarrow as pa
+
+    metadata = {"huggingface": json.dumps({"info": {"features": _feature_dicts(columns)}})}
+    return pa.schema([(c.name, _column_type(c.type)[0]) for c in columns], metadata=metadata)
+
+
+def dataset_feature_dicts() -> dict[str, dict]:
+    """The features of a curated dataset row as `datasets.Features.to_dict()` writes them (no `datasets` import)."""
+    return _feature_dicts(DATASET_COLUMNS)
 
 
 def dataset_features() -> Features:
     """`datasets.Features` of a curated dataset row."""
-    return _features(DATASET_COLUMNS)
+    import datasets as ds
+
+    return ds.Features.from_dict(dataset_feature_dicts())
 
 
 def dataset_arrow_schema() -> pa.Schema:
     """The pyarrow schema of the dataset's Parquet shards, with the HF features in its metadata."""
-    return dataset_features().arrow_schema
+    return _arrow_schema(DATASET_COLUMNS)
 
 
 def identities_arrow_schema() -> pa.Schema:
-    return _features(IDENTITY_COLUMNS).arrow_schema
+    return _arrow_schema(IDENTITY_COLUMNS)
 
 
 def rejects_arrow_schema() -> pa.Schema:
-    return _features(REJECT_COLUMNS).arrow_schema
+    return _arrow_schema(REJECT_COLUMNS)

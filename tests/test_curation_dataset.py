@@ -21,6 +21,7 @@ import yaml
 from click.testing import CliRunner
 
 from dynamicid.curation import build_dataset
+from dynamicid.curation.card import card_metadata
 from dynamicid.curation.cli import main
 from dynamicid.curation.imagehash import face_thumbnail, hamming, phash_pair
 from dynamicid.curation.select import grid_cells
@@ -179,6 +180,26 @@ def test_dataset_card_yaml_comes_from_the_schema(curated):
     assert front["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
     assert front["dataset_info"]["features"] == dataset_features()._to_yaml_list()
     assert front["dataset_info"]["splits"][0]["num_examples"] == curated["summary"]["kept"]
+
+
+def test_card_header_is_what_the_hugging_face_helpers_write():
+    """The card's YAML is made without `datasets`; it must be what `datasets`' and `huggingface_hub`'s own card
+    helpers make of the same features, configs and split."""
+    import datasets
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    info = datasets.DatasetInfo(
+        features=dataset_features(),
+        splits=datasets.SplitDict({"train": datasets.SplitInfo("train", num_bytes=98765, num_examples=321)}),
+    )
+    card_data = DatasetCardData()
+    MetadataConfigs({"default": {"data_files": [{"split": "train", "path": "data/train-*"}]}}).to_dataset_card_data(
+        card_data
+    )
+    theirs = {**card_data.to_dict(), "dataset_info": info._to_yaml_dict(), "tags": ["faces", "dynamicid"]}
+    assert card_metadata(321, 98765) == theirs
+    assert yaml.safe_dump(card_metadata(321, 98765), sort_keys=False) == yaml.safe_dump(theirs, sort_keys=False)
 
 
 def test_kept_faces_are_the_folders_person(curated, rows, rejects, analyzer):
