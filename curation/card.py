@@ -10,7 +10,7 @@ from dynamicid.schemas import DATASET_COLUMNS, EXPRESSIONS, FACE_PROMPT_TEMPLATE
 def card_metadata(num_examples: int, num_bytes: int) -> dict:
     """The card's YAML header: what `DatasetCardData`, `MetadataConfigs` and `DatasetInfo._to_yaml_dict` make of
     the schema (tests/test_curation_dataset.py holds it equal to theirs), written without importing `datasets`:
-    that import was half a CPU-second of every build's serial end."""
+    that import cost every build's driver about half a CPU-second."""
     features = [{"name": name, **_yaml_feature(feature)} for name, feature in dataset_feature_dicts().items()]
     return {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynamicid.curation.select import grid_cells
-from dynamicid.curation.tables import TableWriter
 from dynamicid.schemas import (
     EXPRESSIONS,
     POSE_BINS,
@@ -73,62 +71,6 @@ def clear_shards(out_dir: Path) -> None:
     data.mkdir(parents=True, exist_ok=True)
     for old in data.glob(SHARD_GLOB):
         old.unlink()
-
-
-class ShardWriter:
-    """The shard files from rows streamed in (already sorted); old shards are removed first."""
-
-    def __init__(self, out_dir: Path, total_rows: int, rows_per_file: int, rows_per_row_group: int):
-        clear_shards(out_dir)
-        self.out_dir = out_dir
-        self.schema = dataset_arrow_schema()
-        self.planned = shard_names(total_rows, rows_per_file)
-        self.rows_per_file = rows_per_file
-        self.rows_per_row_group = rows_per_row_group
-        self.names: list[str] = []
-        self._writer: TableWriter | None = None
-
-    def _open_next(self) -> TableWriter:
-        name = self.planned[len(self.names)]
-        self.names.append(name)
-        writer = TableWriter(
-            self.out_dir / name, self.schema, row_group_rows=self.rows_per_row_group, compression=SHARD_COMPRESSION
-        )
-        return writer.__enter__()
-
-    def write(self, table: pa.Table) -> None:
-        """Append rows (in order); a new file starts every `rows_per_file` rows."""
-        table = table.cast(self.schema)
-        while table.num_rows:
-            if self._writer is None or self._writer.rows == self.rows_per_file:
-                self._close_current()
-                self._writer = self._open_next()
-            room = self.rows_per_file - self._writer.rows
-            self._writer.write(table.slice(0, room))
-            table = table.slice(room)
-
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.__exit__(None, None, None)
-            self._writer = None
-
-    def close(self) -> list[str]:
-        self._close_current()
-        while len(self.names) < len(self.planned):  # no rows at all: one shard without a row group
-            self._open_next().__exit__(None, None, None)
-        return self.names
-
-
-def write_shards(
-    out_dir: Path, rows: Iterable[dict] | pa.Table, rows_per_file: int, rows_per_row_group: int
-) -> list[str]:
-    """All rows at once (already sorted): `merge` uses it; `build` writes its shards in the workers
-    (`curation.shards`)."""
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=dataset_arrow_schema())
-    writer = ShardWriter(out_dir, table.num_rows, rows_per_file, rows_per_row_group)
-    for batch in table.to_batches(max_chunksize=rows_per_row_group):
-        writer.write(pa.Table.from_batches([batch]))
-    return writer.close()
 
 
 class IdentityTally:

@@ -135,8 +135,9 @@ def _arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
     CPU-second per process: the curation workers and driver need the schema, not the library)."""
     import pyarrow as pa
 
-    metadata = {"huggingface": json.dumps({"info": {"features": _feature_dicts(columns)}})}
-    return pa.schema([(c.name, _column_type(c.type)[0]) for c in columns], metadata=metadata)
+    types = {c.name: _column_type(c.type) for c in columns}
+    metadata = {"huggingface": json.dumps({"info": {"features": {name: t[1] for name, t in types.items()}}})}
+    return pa.schema([(name, t[0]) for name, t in types.items()], metadata=metadata)
 
 
 def dataset_feature_dicts() -> dict[str, dict]:
