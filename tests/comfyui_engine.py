@@ -153,7 +153,10 @@ def register_tiny_model_types() -> None:
 
     tiny_clip = functools.partial(
         sd1_clip.SD1ClipModel,
-        clip_model=functools.partial(sd1_clip.SDClipModel, textmodel_json_config=TINY_CLIP),
+        # as SD 1.5's checkpoint CLIP: the pooled output unprojected (the checkpoint has no text projection)
+        clip_model=functools.partial(
+            sd1_clip.SDClipModel, textmodel_json_config=TINY_CLIP, return_projected_pooled=False
+        ),
     )
 
     class TinySD15(supported_models.SD15):
