@@ -6,8 +6,7 @@ from dynamicid.infer import DynamicIDPipeline, Person
 The names are imported on first use, so the `dynamicid-infer` command can quiet the libraries before they load.
 """
 
-from importlib import import_module
-from typing import Any
+from dynamicid import lazy_exports
 
 _EXPORTS = {
     "DynamicIDPipeline": "dynamicid.infer.pipeline",
@@ -19,9 +18,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dynamicid.infer' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

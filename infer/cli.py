@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
+from dynamicid.models.families import tiny_names
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 EPILOG = """\b
@@ -56,7 +57,7 @@ model_options = _options(
     click.option(
         "--base-model",
         required=True,
-        help="SD 1.5 or SDXL folder (diffusers layout), or tiny-random / tiny-random-sdxl.",
+        help=f"Base model folder (diffusers layout), or {' / '.join(tiny_names())}.",
     ),
     click.option(
         "--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s)."
