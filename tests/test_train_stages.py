@@ -665,3 +665,40 @@ def test_whole_path_on_tiny_random_sdxl(curated, anchor_run, shared_faces, tmp_p
     with pytest.raises(ValueError, match=r"'sd15'.*'sdxl'") as error:
         train_anchor(config)
     assert str(anchor_run["weights"]) in str(error.value) and "\n" not in str(error.value)
+
+
+class _Payload:
+    """A FAKE attacker's object: unpickling it creates the file `marker` (what a tampered checkpoint would run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_runs_no_code_from_a_tampered_checkpoint(planted, curated, tmp_path):
+    run = tmp_path / "run"
+    settings = {**TINY, "dataset": str(curated), "train_batch_size": 2, "lora_rank": 4, "eval_samples": 2}
+    train_anchor(AnchorConfig(**settings, output_dir=str(run), max_steps=2, checkpointing_steps=2))
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "generators.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "run_state.json",
+        "scheduler.bin",
+        "weights.safetensors",
+    ]
+    marker = tmp_path / "PWNED"
+    torch.save({"state": _Payload(marker)}, checkpoint / planted)
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(run)]
+    arguments += ["--resolution", "64", "--train-batch-size", "2", "--max-steps", "4", "--resume", "latest"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --resume: "), result.output
+    assert str(checkpoint / planted) in errors[0]
+    assert not marker.exists()
+    assert checkpoint_dirs(run) == [checkpoint]  # nothing trained on
