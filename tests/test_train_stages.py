@@ -702,3 +702,46 @@ def test_resume_runs_no_code_from_a_tampered_checkpoint(planted, curated, tmp_pa
     assert str(checkpoint / planted) in errors[0]
     assert not marker.exists()
     assert checkpoint_dirs(run) == [checkpoint]  # nothing trained on
+
+
+def test_failed_fresh_run_leaves_no_run_folder(curated, tmp_path):
+    run = tmp_path / "run"
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(run)]
+    arguments += ["--resolution", "64", "--lora-rank", "4", "--eval-samples", "2", "--max-steps", "1"]
+    result = CliRunner().invoke(main, [*arguments, "--train-batch-size", "1000"])
+    assert result.exit_code == 2 and "lower --train-batch-size" in result.stderr, result.output
+    assert not run.exists()  # made for the run (config.yaml, logs), removed with it
+    assert CliRunner().invoke(main, [*arguments, "--train-batch-size", "2"]).exit_code == 0  # no --overwrite needed
+
+
+def test_second_command_on_a_run_folder_stops_at_once_naming_the_holder(curated, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from dynamicid.locks import hold_folder\nwith hold_folder({str(run)!r}, 'x'):\n"
+         "    print('held', flush=True)\n    input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(run)]
+        arguments += ["--resolution", "64", "--lora-rank", "4", "--eval-samples", "2", "--max-steps", "1"]
+        arguments += ["--train-batch-size", "2"]
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == [
+            f"error: --output-dir {run} is in use by another command (pid {holder.pid} on {socket.gethostname()}, "
+            f"started {_lock_info(run)['started']}: -c); wait for it to end, or stop it and rerun "
+            "(a killed command's lock is taken over)"
+        ]
+        assert sorted(p.name for p in run.iterdir()) == [".dynamicid.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert CliRunner().invoke(main, arguments).exit_code == 0  # the killed holder's lock is taken over
+    assert (run / "weights.safetensors").is_file() and (run / ".dynamicid.lock").read_text() == ""
+
+
+def _lock_info(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / ".dynamicid.lock").read_text())

@@ -15,7 +15,9 @@ in the project's format: nothing there is unpickled with code execution on resum
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import re
 import shutil
 import sys
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from dynamicid.clitools import one_line
+from dynamicid.locks import hold_folder
 from dynamicid.models import load_dynamicid, save_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
 from dynamicid.schemas import CheckpointMetadata
@@ -313,14 +316,44 @@ def check_output_dir(config: TrainConfig) -> None:
         )
 
 
+def one_writer(train: Callable[..., Path]) -> Callable[..., Path]:
+    """Decorates a stage's `train_*(config, ...)`: the run folder is locked while it runs (a second command on
+    it stops at once, naming the holder), and a fresh run that fails before its first checkpoint leaves no run
+    files behind, so the corrected command needs no --overwrite. Only the first process of a multi-process
+    launch (RANK 0) locks and cleans."""
+
+    @functools.wraps(train)
+    def locked(config: TrainConfig, *args: Any, **kwargs: Any) -> Path:
+        folder = Path(config.output_dir)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(config, *args, **kwargs)
+        made = not folder.exists()
+        fresh = not any((folder / name).exists() for name in RUN_FILES)  # (never remove an older run)
+        with hold_folder(folder, f"--output-dir {folder}"):
+            try:
+                return train(config, *args, **kwargs)
+            except BaseException:
+                if fresh and not checkpoint_dirs(folder):
+                    remove_run_files(folder)
+                    if made:
+                        shutil.rmtree(folder, ignore_errors=True)
+                raise
+
+    return locked
+
+
+def remove_run_files(folder: Path) -> None:
+    for name in RUN_FILES:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def start_run(accelerator: Any, config: TrainConfig) -> None:
     """Create the run folder (emptied of an old run with --overwrite) and write the resolved configuration."""
     if accelerator.is_main_process:
         folder = Path(config.output_dir)
         if config.overwrite:
-            for name in RUN_FILES:
-                path = folder / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_run_files(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_config(config, folder / "config.yaml")
     accelerator.wait_for_everyone()
