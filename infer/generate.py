@@ -180,8 +180,10 @@ def weight_files(weights: WeightsSource) -> list[Path]:
 
 
 def check_size(width: int, height: int, name: str = "size") -> tuple[int, int]:
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise ValueError(f"{name} {width}x{height}: width and height must be positive multiples of 8")
+    from dynamicid.infer.outputs import MAX_IMAGE_SIDE
+
+    if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE) or width % 8 or height % 8:
+        raise ValueError(f"{name} {width}x{height}: width and height must be multiples of 8 in 8..{MAX_IMAGE_SIDE}")
     return width, height
 
 

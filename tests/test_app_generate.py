@@ -66,7 +66,7 @@ def test_random_seed_is_returned_and_several_faces_warn(tab, photos):
     [
         ("empty-box", "box of person 2 (0.0, 0.5, 0.0, 1.0) is empty"),
         ("no-photo", "person 2 has no reference photo: upload one"),
-        ("size", "size 60x64: width and height must be positive multiples of 8"),
+        ("size", "size 60x64: width and height must be multiples of 8 in 8..4096"),
     ],
 )
 def test_bad_requests_answer_one_line_and_write_nothing(tab, photos, case, message):
