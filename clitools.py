@@ -36,6 +36,19 @@ def one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal to the tool's own lines: library info logs off (MediaPipe's C++ start-up lines remain).
+    Call before the model libraries are first used; diffusers and transformers are imported here."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+
+
 class InputError(click.ClickException):
     """A problem with the user's input: one line `error: ...`, exit code 2."""
 
