@@ -737,8 +737,13 @@ def test_second_command_on_a_run_folder_stops_at_once_naming_the_holder(curated,
     finally:
         holder.kill()
         holder.wait()
-    assert CliRunner().invoke(main, arguments).exit_code == 0  # the killed holder's lock is taken over
+    stale = run / "checkpoints" / "checkpoint-7.partial"  # as a run killed while saving a checkpoint leaves it
+    stale.mkdir(parents=True)
+    (stale / "optimizer.bin").write_bytes(b"half")
+    result = CliRunner().invoke(main, [*arguments, "--resume", "latest"])
+    assert result.exit_code == 0, result.output  # the killed holder's lock is taken over
     assert (run / "weights.safetensors").is_file() and (run / ".dynamicid.lock").read_text() == ""
+    assert [p.name for p in (run / "checkpoints").iterdir()] == []
 
 
 def _lock_info(folder: Path) -> dict:
