@@ -328,7 +328,6 @@ def one_writer(train: Callable[..., Path]) -> Callable[..., Path]:
         folder = Path(config.output_dir)
         if int(os.environ.get("RANK", "0")) != 0:
             return train(config, *args, **kwargs)
-        made = not folder.exists()
         fresh = not any((folder / name).exists() for name in RUN_FILES)  # (never remove an older run)
         with hold_folder(folder, f"--output-dir {folder}"):
             for partial in [*folder.glob("*.partial"), *folder.glob(f"{CHECKPOINTS}/*.partial")]:
@@ -337,9 +336,7 @@ def one_writer(train: Callable[..., Path]) -> Callable[..., Path]:
                 return train(config, *args, **kwargs)
             except BaseException:
                 if fresh and not checkpoint_dirs(folder):
-                    remove_run_files(folder)
-                    if made:
-                        shutil.rmtree(folder, ignore_errors=True)
+                    remove_run_files(folder)  # and `hold_folder` removes the folder if it made it
                 raise
 
     return locked
