@@ -244,6 +244,9 @@ def test_bad_manifest_rows_stop_with_one_line_naming_the_row(tmp_path, shared_fa
     [
         ({"id": "a b", "prompt": "p"}, "'id' must be a string of letters"),
         ({"id": "s", "prompt": "p", "size": "100x64"}, "'size' '100x64' must be WIDTHxHEIGHT in multiples of 8"),
+        ({"id": "s", "prompt": "p", "size": "100000x8"}, "must be WIDTHxHEIGHT in multiples of 8 up to 4096"),
+        ({"id": "s", "prompt": "p", "id_scale": float("nan")}, "'id_scale' must be a finite number >= 0, got nan"),
+        ({"id": "s", "prompt": "p", "guidance_scale": float("inf")}, "'guidance_scale' must be a finite number"),
         ({"id": "s", "prompt": "", "people": []}, "'prompt' must be a non-empty string"),
         ({"id": "s", "prompt": "p", "people": []}, "'people' must be a non-empty list"),
     ],
