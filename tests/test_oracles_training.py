@@ -26,6 +26,7 @@ from dynamicid.train.anchor import AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
+from dynamicid.train.noise import noised
 from dynamicid.train.reconfigure import train_reconfigure
 from dynamicid.train.runner import read_metrics
 
@@ -448,6 +449,21 @@ def test_anchoring_loss_is_the_epsilon_mse_with_text_then_id_tokens(dataset_dir,
     logged = next(row for row in read_metrics(config.output_dir) if "loss" in row)["loss"]
     assert logged == pytest.approx(float(expected), rel=1e-4)
     assert 0.5 < float(noise.std()) < 1.5, "the recovered noise is standard normal"
+
+
+def test_timesteps_are_uniform_over_the_training_schedule():
+    """Both stages noise at t drawn uniformly from {0, ..., 999} (SD 1.5's DDPM schedule): each tenth of the range
+    gets its binomial share of 20,000 draws, and x_t = sqrt(a_t) z + sqrt(1 - a_t) noise with a_t computed here."""
+    base = load_base_model("tiny-random")
+    latents = torch.randn(20000, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    noisy, noise, timesteps = noised(base, latents, torch.Generator().manual_seed(1))
+    assert int(timesteps.min()) == 0 and int(timesteps.max()) == 999
+    lo, hi = oracles.binomial_interval(len(timesteps), 0.1)
+    counts = torch.bincount(timesteps // 100, minlength=10)
+    assert len(counts) == 10 and all(lo <= int(c) <= hi for c in counts), counts
+    alpha = oracles.sd15_alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
+    expected = alpha.sqrt() * latents.double() + (1 - alpha).sqrt() * noise.double()
+    torch.testing.assert_close(noisy.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- the CLIP image input, training and inference ----
