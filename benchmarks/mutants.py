@@ -128,8 +128,8 @@ MUTANTS = [
     mutant(
         "api-id-scale-default",
         "infer/pipeline.py",
-        "        id_scale: float = 1.0,",
-        "        id_scale: float = 0.8,",
+        "        id_scale: float = 1.0,\n        gating: bool = True,",
+        "        id_scale: float = 0.8,\n        gating: bool = True,",
         INFERENCE,
         "-k",
         "id_scale",
