@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from dynamicid.clitools import INPUT_ERRORS, InputError
+from dynamicid.clitools import INPUT_ERRORS, InputError, flags_for_arguments
 from dynamicid.infer.cli import model_options
 
 EPILOG = """\b
@@ -45,7 +45,7 @@ def main(**options: Any) -> None:
     try:
         demo, output_dir = build(options)
     except INPUT_ERRORS as error:  # the shared convention (dynamicid.clitools): one `error:` line, exit code 2
-        raise InputError(str(error)) from error
+        raise InputError(flags_for_arguments(str(error), click.get_current_context().command)) from error
     click.echo(f"outputs go to {output_dir}")
     from dynamicid.app.ui import launch
 
