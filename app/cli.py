@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from dynamicid.clitools import INPUT_ERRORS, AtLeast, InputError, sigterm_as_interrupt
+from dynamicid.clitools import INPUT_ERRORS, AtLeast, InputError, flags_for_arguments, sigterm_as_interrupt
 from dynamicid.infer.flags import load_options, model_options
 
 EPILOG = """\b
@@ -57,7 +57,7 @@ def main(**options: Any) -> None:
             try:
                 demo, output_dir = build(options)
             except INPUT_ERRORS as error:  # the shared convention (dynamicid.clitools): one `error:` line, exit 2
-                raise InputError(str(error)) from error
+                raise InputError(flags_for_arguments(str(error), click.get_current_context().command)) from error
             click.echo(f"outputs go to {output_dir}")
             from dynamicid.app.ui import launch
 
