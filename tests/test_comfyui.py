@@ -43,7 +43,7 @@ def build_weights(family: str, folder, embedding_dim: int = 128):
     """Random DynamicID weights (our format) for the tiny `family` UNet with ComfyUI's norm groups; returns the
     diffusers UNet carrying them (SAA installed), its base weights before SAA, and the weights file."""
     base = build_tiny_random("tiny-random" if family == "sd15" else "tiny-random-sdxl")
-    base = dataclasses.replace(base, unet=tiny_unet(family))
+    base = dataclasses.replace(base, denoiser=tiny_unet(family))
     plain = {k: v.clone() for k, v in base.unet.state_dict().items()}
     analyzer = SimpleNamespace(embedding_dim=embedding_dim, embedding_model="dlib-resnet-128")
     parts = random_parts(base, analyzer)
