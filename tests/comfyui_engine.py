@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import importlib
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +59,14 @@ def make_torchvision_importable() -> None:
     if works:
         return
     if not (TORCHVISION_DIR / "torchvision").is_dir():
+        TORCHVISION_DIR.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="torchvision-", dir=TORCHVISION_DIR.parent))
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
-        subprocess.run([*pip, "--target", str(TORCHVISION_DIR), "-r", str(TORCHVISION_REQUIREMENT)], check=True)
+        subprocess.run([*pip, "--target", str(staging), "-r", str(TORCHVISION_REQUIREMENT)], check=True)
+        try:
+            staging.rename(TORCHVISION_DIR)  # whole or not at all: a parallel test run may have been first
+        except OSError:
+            shutil.rmtree(staging)
     if not _TORCHVISION_SCHEMAS:
         schemas = torch.library.Library("torchvision", "DEF")  # kept alive: the definitions last as long as it does
         schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -74,12 +83,21 @@ class Engine:
     base: Path
     pack: ModuleType
     modules: dict[str, ModuleType] = field(default_factory=dict)
+    safe_globals: list[Any] = field(default_factory=list)  # torch.load's allow-list before ComfyUI extended it
 
     def __getattr__(self, name: str) -> ModuleType:
         try:
             return self.modules[name]
         except KeyError:
             raise AttributeError(name) from None
+
+    def close(self) -> None:
+        """Free the models, take ComfyUI off sys.path, and give torch.load its allow-list back."""
+        self.model_management.unload_all_models()
+        gc.collect()
+        sys.path.remove(str(self.root))
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(self.safe_globals)
 
     def pack_module(self, name: str) -> ModuleType:
         return importlib.import_module(f"{self.pack.__name__}.{name}")
@@ -111,6 +129,7 @@ class StubServer:
 def start(workdir: Path) -> Engine:
     """Unpack ComfyUI under `workdir`, import it (CPU), register the tiny model types, load the node pack."""
     make_torchvision_importable()
+    safe_globals = torch.serialization.get_safe_globals()
     with tarfile.open(VENDOR_TARBALL) as archive:
         archive.extractall(workdir, filter="data")
     root, base = workdir / "ComfyUI", workdir / "base"
@@ -130,7 +149,7 @@ def start(workdir: Path) -> Engine:
     pack_path = str(base / "custom_nodes" / "dynamicid")
     if not asyncio.run(modules["nodes"].load_custom_node(pack_path)):
         raise RuntimeError(f"ComfyUI could not load the node pack {PACK}")
-    return Engine(root, base, sys.modules[pack_path.replace(".", "_x_")], modules)
+    return Engine(root, base, sys.modules[pack_path.replace(".", "_x_")], modules, safe_globals)
 
 
 def import_comfy(root: Path) -> None:

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import shutil
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,8 +22,8 @@ from comfyui_engine import PACK, TINY_CLIP, comfy_unet_state_dict, start, tiny_u
 from safetensors.torch import save_file
 
 from dynamicid.infer.weights import DynamicIDModules
-from dynamicid.models import SAACall, load_dynamicid
-from dynamicid.testing import build_tiny_random, random_parts, save_random_weights
+from dynamicid.models import SAACall, load_dynamicid, load_release_checkpoint
+from dynamicid.testing import build_tiny_random, random_parts, save_random_weights, save_release_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +35,7 @@ SIGMAS = torch.tensor([14.6, 9.0, 5.0, 2.5, 1.0, 0.0])  # a sampler's schedule: 
 def engine(tmp_path_factory):
     engine = start(tmp_path_factory.mktemp("comfyui"))
     yield engine
-    sys.path.remove(str(engine.root))
+    engine.close()
 
 
 def build_weights(family: str, folder, embedding_dim: int = 128):
@@ -57,17 +56,21 @@ def build_weights(family: str, folder, embedding_dim: int = 128):
     return SimpleNamespace(unet=base.unet, plain=plain, path=path, parts=parts, base=base)
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd15-release"])
 def unet_pair(request, engine, tmp_path_factory):
-    """(the diffusers UNet with SAA, the ComfyUI MODEL of the same base weights, the pack's SAA processors)."""
-    family = request.param
+    """(the diffusers UNet with SAA, the ComfyUI MODEL of the same base weights, the pack's SAA processors), the
+    weights read from our file, or from the release's layout (SAA index-keyed in attn_processors order)."""
+    family, _, layout = request.param.partition("-")
     made = build_weights(family, tmp_path_factory.mktemp(family))
     plain_unet = tiny_unet(family)
     plain_unet.load_state_dict(made.plain)
     model = engine.sd.load_diffusion_model_state_dict(comfy_unet_state_dict(engine, plain_unet))
     identity = engine.pack_module("identity")
     modules = DynamicIDModules(made.parts.face_encoder, None, None, "dlib-resnet-128")
-    parts = identity.DynamicIDParts(load_dynamicid(made.path), modules, None, None, made.path.name)
+    weights = load_dynamicid(made.path)
+    if layout == "release":
+        weights = load_release_checkpoint(save_release_layout(made.parts, made.path.parent / "release")["saa"])
+    parts = identity.DynamicIDParts(weights, modules, None, None, made.path.name)
     return SimpleNamespace(family=family, unet=made.unet, model=model, processors=parts.processors(model))
 
 
