@@ -152,9 +152,7 @@ class DynamicIDMixin:
         if image_encoder is not None:
             self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
-            raise ValueError(
-                "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
-            )
+            raise ValueError("no CLIP image encoder: pass image_encoder=DIR (a CLIP vision model folder)")
         modules = load_modules(weights, self.unet)
         modules.to(self.device, self.unet.dtype)
         self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))

@@ -81,7 +81,7 @@ class BaseModel:
     @property
     def clip_dim(self) -> int:
         if self.image_encoder is None:
-            raise ValueError("no CLIP image encoder loaded: pass --image-encoder DIR (a CLIP vision model folder)")
+            raise ValueError("no CLIP image encoder loaded: pass image_encoder=DIR (a CLIP vision model folder)")
         return int(self.image_encoder.config.hidden_size)
 
     @property

@@ -135,7 +135,7 @@ class Conditioner:
 
     def _image_encoder(self) -> Any:
         if self.image_encoder is None:
-            raise ValueError("no CLIP image encoder loaded: pass --image-encoder DIR (a CLIP vision model folder)")
+            raise ValueError("no CLIP image encoder loaded: pass image_encoder=DIR (a CLIP vision model folder)")
         return self.image_encoder
 
 
