@@ -12,26 +12,25 @@ The names are imported on first use, so the `dynamicid-infer` command can quiet 
 (`generate` itself is not re-exported: `dynamicid.infer.generate` is its module.)
 """
 
-from importlib import import_module
-from typing import Any
+from dynamicid import lazy_exports
 
-_EXPORTS = {
-    "DynamicIDPipeline": "dynamicid.infer.pipeline",
-    "DynamicIDPipelineOutput": "dynamicid.infer.pipeline",
-    "DynamicIDXLPipeline": "dynamicid.infer.pipeline",
-    "pipeline_for": "dynamicid.infer.pipeline",
-    "GenerateRequest": "dynamicid.infer.generate",
-    "Generated": "dynamicid.infer.generate",
-    "ModelOptions": "dynamicid.infer.generate",
-    "load_pipeline": "dynamicid.infer.generate",
-    "Person": "dynamicid.infer.people",
-    "ReleaseFiles": "dynamicid.infer.weights",
+_MODULES = {
+    "dynamicid.infer.pipeline": (
+        "DynamicIDPipeline",
+        "DynamicIDPipelineOutput",
+        "DynamicIDXLPipeline",
+        "pipeline_for",
+    ),
+    "dynamicid.infer.generate": (
+        "GenerateRequest",
+        "Generated",
+        "ModelOptions",
+        "load_pipeline",
+    ),
+    "dynamicid.infer.people": ("Person",),
+    "dynamicid.infer.weights": ("ReleaseFiles",),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dynamicid.infer' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("dynamicid.infer", _MODULES)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dynamicid.clitools import AtLeast, InputError
+from dynamicid.faces.backends import BACKEND_CHOICES
 from dynamicid.infer.generate import (
     DTYPES,
     OFFLOAD_MODES,
@@ -54,9 +55,7 @@ model_options = option_group(
         "--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa)."
     ),
     click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder)."),
-    click.option(
-        "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
-    ),
+    click.option("--face-backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True),
     click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
     click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present)."),
     click.option(

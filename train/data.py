@@ -23,6 +23,7 @@ import torch
 
 from dynamicid.faces.align import arcface_align, render_landmark_map
 from dynamicid.models.base import CLIP_IMAGE_SIZE
+from dynamicid.schemas.dataset_folder import dataset_files
 
 ANCHOR_COLUMNS = ("image", "kps5", "embedding", "embedding_model", "caption")
 TOKEN_CACHE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "embedding_model")
@@ -38,14 +39,12 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist (make it with `dynamicid-curate build`)")
-    shards = sorted(folder.glob("data/*.parquet"))
-    if not shards:
-        raise ValueError(
-            f"--dataset {folder} is not a dynamicid-curate output folder (it has no data/*.parquet); "
-            f"make one with `dynamicid-curate build PHOTOS_DIR OUT_DIR`"
-        )
+    try:
+        shards = dataset_files(folder)
+    except FileNotFoundError as error:
+        raise ValueError(f"--dataset {error}") from None
     if sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards) == 0:
-        raise ValueError(f"dataset {folder} is empty: no rows in data/*.parquet (did curation keep any photo?)")
+        raise ValueError(f"dataset {folder} is empty: no rows in its shards (did curation keep any photo?)")
     dataset = datasets.load_dataset(str(folder), split="train")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
