@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
-from dynamicid.clitools import INPUT_ERRORS, InputError
+from dynamicid.clitools import INPUT_ERRORS, AtLeast, InputError, flags_for_arguments, sigterm_as_interrupt
 from dynamicid.infer.flags import load_options, model_options
 
 EPILOG = """\b
@@ -37,17 +38,32 @@ Examples:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=int, default=7860, show_default=True, help="Port to listen on.")
 @click.option("--share/--no-share", default=False, show_default=True, help="Also open a public Gradio share link.")
+@click.option(
+    "--max-upload-mb",
+    type=AtLeast(1),
+    default=64,
+    show_default=True,
+    help="Largest file a browser may upload (a 108 MP phone photo is about 30 MB); larger ones are refused.",
+)
 def main(**options: Any) -> None:
     """Open the DynamicID app in the browser: put 1-4 people in a picture, each with an expression and a box."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unless --share
+    # Uploads go to a folder of this app's own (under $GRADIO_TEMP_DIR or the system's temporary folder), removed
+    # when it stops: on Ctrl-C and on SIGTERM alike. Set before Gradio is imported, which reads it then.
+    uploads = Path(tempfile.mkdtemp(prefix="dynamicid-app-uploads-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     try:
-        demo, output_dir = build(options)
-    except INPUT_ERRORS as error:  # the shared convention (dynamicid.clitools): one `error:` line, exit code 2
-        raise InputError(str(error)) from error
-    click.echo(f"outputs go to {output_dir}")
-    from dynamicid.app.ui import launch
+        with sigterm_as_interrupt():
+            try:
+                demo, output_dir = build(options)
+            except INPUT_ERRORS as error:  # the shared convention (dynamicid.clitools): one `error:` line, exit 2
+                raise InputError(flags_for_arguments(str(error), click.get_current_context().command)) from error
+            click.echo(f"outputs go to {output_dir}")
+            from dynamicid.app.ui import launch
 
-    launch(demo, options["host"], options["port"], options["share"], output_dir)
+            launch(demo, options["host"], options["port"], options["share"], output_dir, options["max_upload_mb"])
+    finally:
+        shutil.rmtree(uploads, ignore_errors=True)
 
 
 def build(options: dict[str, Any]) -> tuple[Any, Path]:

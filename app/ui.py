@@ -40,12 +40,13 @@ def build_app(pipe: Any, output_dir: Path, dataset: Any = None) -> gr.Blocks:
     return demo
 
 
-def launch(demo: gr.Blocks, host: str, port: int, share: bool, output_dir: Path) -> None:
+def launch(demo: gr.Blocks, host: str, port: int, share: bool, output_dir: Path, max_upload_mb: int) -> None:
     demo.launch(
         server_name=host,
         server_port=port,
         share=share,
         allowed_paths=[str(output_dir)],
+        max_file_size=f"{max_upload_mb}mb",
         theme=THEME,
         css=CSS,
         ssr_mode=False,

@@ -31,7 +31,7 @@ from dynamicid.curation.dedupe import resolve_identical_copies
 from dynamicid.curation.engines import Call, Engine, start_engine
 from dynamicid.curation.engines.shared import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
-from dynamicid.curation.inputs import TOOL, CurationError, check_folders, mark_out_dir
+from dynamicid.curation.inputs import TOOL, CurationError, check_folders, mark_out_dir, writing
 from dynamicid.curation.label import label_schema
 from dynamicid.curation.report import build_report
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
@@ -49,7 +49,6 @@ from dynamicid.curation.write import (
     shard_names,
     write_summary,
 )
-from dynamicid.locks import hold_folder
 from dynamicid.schemas import rejects_arrow_schema
 
 STAGES = STEPS  # the steps in order (`curation.chain`)
@@ -430,7 +429,7 @@ def build_dataset(
         **settings,
     )
     _, out, _ = check_folders(Path(photos_dir), Path(out_dir), Path(work_dir) if work_dir else None)
-    with hold_folder(out, f"OUT_DIR {out}"):
+    with writing(out):
         run = open_run(
             Path(photos_dir),
             Path(out_dir),

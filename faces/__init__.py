@@ -12,25 +12,20 @@ command line can read `backends` without loading the image libraries.
 
 from dynamicid import lazy_exports
 
-_MODULES = {
-    "dynamicid.faces.align": (
-        "arcface_align",
-        "arcface_matrix",
-        "ffhq_align",
-        "invert_affine",
-        "render_landmark_map",
-        "transform_points",
-    ),
-    "dynamicid.faces.analyzer": ("FaceAnalyzer",),
-    "dynamicid.faces.backends": ("INSIGHTFACE_ROOT_ENV",),
-    "dynamicid.faces.face": ("Face",),
-    "dynamicid.faces.io": (
-        "ImageLoadError",
-        "load_array",
-        "load_image",
-    ),
+_EXPORTS = {
+    "arcface_align": "dynamicid.faces.align",
+    "arcface_matrix": "dynamicid.faces.align",
+    "ffhq_align": "dynamicid.faces.align",
+    "invert_affine": "dynamicid.faces.align",
+    "render_landmark_map": "dynamicid.faces.align",
+    "transform_points": "dynamicid.faces.align",
+    "FaceAnalyzer": "dynamicid.faces.analyzer",
+    "INSIGHTFACE_ROOT_ENV": "dynamicid.faces.backends",
+    "Face": "dynamicid.faces.face",
+    "ImageLoadError": "dynamicid.faces.io",
+    "load_array": "dynamicid.faces.io",
+    "load_image": "dynamicid.faces.io",
 }
 
-__all__ = sorted(name for names in _MODULES.values() for name in names)
-
-__getattr__ = lazy_exports("dynamicid.faces", _MODULES)
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

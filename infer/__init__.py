@@ -14,23 +14,18 @@ The names are imported on first use, so the `dynamicid-infer` command can quiet 
 
 from dynamicid import lazy_exports
 
-_MODULES = {
-    "dynamicid.infer.pipeline": (
-        "DynamicIDPipeline",
-        "DynamicIDPipelineOutput",
-        "DynamicIDXLPipeline",
-        "pipeline_for",
-    ),
-    "dynamicid.infer.generate": (
-        "GenerateRequest",
-        "Generated",
-        "ModelOptions",
-        "load_pipeline",
-    ),
-    "dynamicid.infer.people": ("Person",),
-    "dynamicid.infer.weights": ("ReleaseFiles",),
+_EXPORTS = {
+    "DynamicIDPipeline": "dynamicid.infer.pipeline",
+    "DynamicIDPipelineOutput": "dynamicid.infer.pipeline",
+    "DynamicIDXLPipeline": "dynamicid.infer.pipeline",
+    "pipeline_for": "dynamicid.infer.pipeline",
+    "GenerateRequest": "dynamicid.infer.generate",
+    "Generated": "dynamicid.infer.generate",
+    "ModelOptions": "dynamicid.infer.generate",
+    "load_pipeline": "dynamicid.infer.generate",
+    "Person": "dynamicid.infer.people",
+    "ReleaseFiles": "dynamicid.infer.weights",
 }
 
-__all__ = sorted(name for names in _MODULES.values() for name in names)
-
-__getattr__ = lazy_exports("dynamicid.infer", _MODULES)
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

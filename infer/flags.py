@@ -19,6 +19,7 @@ from dynamicid.infer.generate import (
     ModelOptions,
     check_size,
 )
+from dynamicid.models.families import tiny_names
 
 if TYPE_CHECKING:
     from dynamicid.infer.people import Person
@@ -44,7 +45,7 @@ model_options = option_group(
     click.option(
         "--base-model",
         required=True,
-        help="SD 1.5 or SDXL folder (diffusers layout), or tiny-random / tiny-random-sdxl.",
+        help=f"Base model folder (diffusers layout), or {' / '.join(tiny_names())}.",
     ),
     click.option(
         "--weights", type=click.Path(path_type=Path), multiple=True, help="Our DynamicID .safetensors file(s)."

@@ -41,7 +41,7 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
         raise FileNotFoundError(f"dataset folder {folder} does not exist (make it with `dynamicid-curate build`)")
     try:
         shards = dataset_files(folder)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # no shards, or one of them missing
         raise ValueError(f"--dataset {error}") from None
     if sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards) == 0:
         raise ValueError(f"dataset {folder} is empty: no rows in its shards (did curation keep any photo?)")
