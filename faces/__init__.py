@@ -13,18 +13,26 @@ command line can read `backends` without loading the image libraries.
 from dynamicid import lazy_exports
 
 _EXPORTS = {
-    "arcface_align": "dynamicid.faces.align",
-    "arcface_matrix": "dynamicid.faces.align",
-    "ffhq_align": "dynamicid.faces.align",
-    "invert_affine": "dynamicid.faces.align",
-    "render_landmark_map": "dynamicid.faces.align",
-    "transform_points": "dynamicid.faces.align",
-    "FaceAnalyzer": "dynamicid.faces.analyzer",
-    "INSIGHTFACE_ROOT_ENV": "dynamicid.faces.backends",
-    "Face": "dynamicid.faces.face",
-    "ImageLoadError": "dynamicid.faces.io",
-    "load_array": "dynamicid.faces.io",
-    "load_image": "dynamicid.faces.io",
+    name: module
+    for module, names in {
+        "dynamicid.faces.align": (
+            "arcface_align",
+            "arcface_matrix",
+            "ffhq_align",
+            "invert_affine",
+            "render_landmark_map",
+            "transform_points",
+        ),
+        "dynamicid.faces.analyzer": ("FaceAnalyzer",),
+        "dynamicid.faces.backends": ("INSIGHTFACE_ROOT_ENV",),
+        "dynamicid.faces.face": ("Face",),
+        "dynamicid.faces.io": (
+            "ImageLoadError",
+            "load_array",
+            "load_image",
+        ),
+    }.items()
+    for name in names
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,6 +24,7 @@ from dynamicid.models.families import tiny_names
 if TYPE_CHECKING:
     from dynamicid.infer.people import Person
 
+OFFLOAD_HELP = "Keep models in CPU memory and move each to --device when used (model), or layer by layer (sequential)."
 KEEP = "keep"  # --expression/--pose value (and the app's choice) that keeps the reference's own label
 RELEASE_FLAGS = ("saa", "imr", "keypoint_encoder")
 # Flags that are `GenerateRequest` fields of the same name.
@@ -62,13 +63,7 @@ model_options = option_group(
     click.option(
         "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="The models' compute dtype."
     ),
-    click.option(
-        "--offload",
-        type=click.Choice(OFFLOAD_MODES),
-        default="none",
-        show_default=True,
-        help="Keep models in CPU memory and move each to --device when used (model), or layer by layer (sequential).",
-    ),
+    click.option("--offload", type=click.Choice(OFFLOAD_MODES), default="none", show_default=True, help=OFFLOAD_HELP),
     click.option(
         "--weights-dtype",
         type=click.Choice(list(WEIGHTS_DTYPES)),
