@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from dynamicid.clitools import INPUT_ERRORS, AtLeast, InputError, sigterm_as_interrupt
-from dynamicid.infer.cli import model_options
+from dynamicid.clitools import INPUT_ERRORS, AtLeast, InputError, flags_for_arguments, sigterm_as_interrupt
+from dynamicid.infer.flags import load_options, model_options
 
 EPILOG = """\b
 Examples:
@@ -25,8 +25,6 @@ Examples:
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dynamicid", prog_name="dynamicid-app")
 @model_options
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
-@click.option("--fp16", is_flag=True, help="Run the models in float16 (GPU).")
 @click.option(
     "--dataset",
     type=click.Path(path_type=Path, file_okay=False),
@@ -59,7 +57,7 @@ def main(**options: Any) -> None:
             try:
                 demo, output_dir = build(options)
             except INPUT_ERRORS as error:  # the shared convention (dynamicid.clitools): one `error:` line, exit 2
-                raise InputError(str(error)) from error
+                raise InputError(flags_for_arguments(str(error), click.get_current_context().command)) from error
             click.echo(f"outputs go to {output_dir}")
             from dynamicid.app.ui import launch
 
@@ -70,18 +68,12 @@ def main(**options: Any) -> None:
 
 def build(options: dict[str, Any]) -> tuple[Any, Path]:
     """Check the flags, load the models once, and lay the app out."""
-    from dynamicid.infer.cli import _load_pipeline, _weights
-
-    weights = _weights(options)  # flag errors come before anything heavy is imported
-    import torch
-
+    model = load_options(options)  # flag errors come before anything heavy is imported
     from dynamicid.app.dataset_tab import DatasetBrowser
     from dynamicid.app.ui import build_app
+    from dynamicid.infer.generate import load_pipeline
 
     dataset = DatasetBrowser.open(options["dataset"]) if options["dataset"] is not None else None
     output_dir = options["output_dir"] or Path(tempfile.mkdtemp(prefix="dynamicid-app-"))
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_keys = ("base_model", "weights", "saa", "imr", "keypoint_encoder", "image_encoder", "face_backend")
-    load_options = {k: options[k] for k in (*model_keys, "insightface_root", "device", "fp16")}
-    pipe = _load_pipeline(load_options, weights, torch)
-    return build_app(pipe, load_options, output_dir, dataset), output_dir
+    return build_app(load_pipeline(model), output_dir, dataset), output_dir

@@ -206,10 +206,9 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(
-        f"{summary['kept']} images of {summary['identities']} identities kept, {summary['rejected']} rejected, "
-        f"of {summary['scanned']} files scanned -> {summary['out_dir']}"
-    )
+    from dynamicid.curation.report import counts_line
+
+    click.echo(f"{counts_line(summary)} -> {summary['out_dir']}")
     for reason, count in summary["rejected_by_reason"].items():
         click.echo(f"  rejected {reason}: {count}")
     click.echo(f"see {Path(summary['out_dir']) / 'report.html'} and rejects.parquet")
