@@ -70,7 +70,8 @@ def walk(photos_dir: Path, *, follow_links: bool = False, fenced: Iterable[Path]
     time: memory holds the folders being walked, not the files found.
     """
     root = Path(os.path.realpath(photos_dir))
-    fenced = [Path(os.path.realpath(f)) for f in fenced]
+    # A fenced folder that holds PHOTOS_DIR (the demo's OUT_DIR/.demo-photos) fences only its other contents.
+    fenced = [f for f in map(Path, map(os.path.realpath, fenced)) if f != root and f not in root.parents]
     seen_dirs: set[tuple[int, int]] = set()
 
     def refused(path: Path) -> str | None:
