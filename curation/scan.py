@@ -85,7 +85,7 @@ def walk(photos_dir: Path, *, follow_links: bool = False, fenced: Iterable[Path]
 
     def visit(folder: Path) -> Iterator[ScannedFile]:
         relative = _relative(folder, photos_dir)
-        if why := refused(folder):  # PHOTOS_DIR itself, or OUT_DIR reached by --follow-links
+        if why := refused(folder):  # OUT_DIR or the work folder, reached inside a followed link
             yield ScannedFile(folder, relative, why, RejectReason.OUTSIDE_PHOTOS_DIR)
             return
         try:
