@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from dynamicid.clitools import AtLeast, InputError, ToolGroup
+from dynamicid.clitools import AtLeast, InputError, ToolGroup, progress_options
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 EPILOG = """\b
@@ -353,6 +353,7 @@ def _load_pipeline(options: dict[str, Any], weights: Any, torch: Any) -> Any:
     )
     pipe.to(device)
     pipe.dynamicid.to(pipe.device, dtype)
+    pipe.set_progress_bar_config(**progress_options())  # a line per update when stderr is not a terminal
     return pipe
 
 
