@@ -21,6 +21,7 @@ class CurationConfig:
     engine: str = "local"  # curation.engines: local (streaming, this machine) or ray (Ray Data)
     ray_address: str | None = None  # --engine ray: the cluster to join (else $RAY_ADDRESS, else a local Ray)
     cluster: bool = False  # PHOTOS_DIR is a flat folder: group faces into identities by embedding
+    follow_links: bool = False  # scan: read links whose target is outside PHOTOS_DIR (never into OUT_DIR)
     shard_index: int = 0  # this run handles the identities whose shard is shard_index ...
     shard_count: int = 1  # ... out of shard_count (see scan.shard_of)
     crop_size: int = 512  # FFHQ-style aligned crop, pixels: the training resolution (SD 1.5: 512)
