@@ -524,8 +524,6 @@ class DynamicIDMixin:
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        if self.dynamicid.format != "memory":  # loaded modules follow pipe.to(...); a trainer's stay as they are
-            self.dynamicid.to(device, self.unet.dtype)
         num_people = len(people)
         if boost is None or boost_steps is None:
             default_boost = MULTI_PERSON_BOOST if num_people > 1 else SINGLE_PERSON_BOOST
