@@ -12,7 +12,7 @@ import click
 
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.curation.config import MIN_CROP_SIZE
-from dynamicid.curation.inputs import CurationError, check_folders
+from dynamicid.curation.inputs import CurationError, check_folders, writing
 
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -146,6 +146,12 @@ def run_options(func):
             "backend's same-person distance threshold).",
         ),
         click.option(
+            "--follow-links",
+            is_flag=True,
+            help="Also read symbolic links whose target is outside PHOTOS_DIR (by default they are rejected as "
+            "outside_photos_dir, unread); links into OUT_DIR or the work folder stay rejected.",
+        ),
+        click.option(
             "--min-face-size",
             type=AtLeast(0, float),
             default=40.0,
@@ -187,6 +193,7 @@ def _config(kwargs: dict):
         engine=kwargs["engine"],
         ray_address=kwargs["ray_address"],
         cluster=kwargs["cluster"],
+        follow_links=kwargs["follow_links"],
         shard_index=index,
         shard_count=count,
         min_face_size=kwargs["min_face_size"],
@@ -199,10 +206,9 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(
-        f"{summary['kept']} images of {summary['identities']} identities kept, {summary['rejected']} rejected, "
-        f"of {summary['scanned']} files scanned -> {summary['out_dir']}"
-    )
+    from dynamicid.curation.report import counts_line
+
+    click.echo(f"{counts_line(summary)} -> {summary['out_dir']}")
     for reason, count in summary["rejected_by_reason"].items():
         click.echo(f"  rejected {reason}: {count}")
     click.echo(f"see {Path(summary['out_dir']) / 'report.html'} and rejects.parquet")
@@ -226,25 +232,26 @@ def build(**kwargs) -> None:
     from dynamicid.curation.engines import start_engine
 
     config = _config(kwargs)
-    check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])  # before any worker starts
-    # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
-    engine = start_engine(config, progress=kwargs["progress"])
-    try:
-        from dynamicid.curation.pipeline import STAGES, open_run, run_stage
+    _, out_dir, _ = check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])  # before any worker
+    with writing(out_dir):
+        # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
+        engine = start_engine(config, progress=kwargs["progress"])
+        try:
+            from dynamicid.curation.pipeline import STAGES, open_run, run_stage
 
-        run = open_run(
-            kwargs["photos_dir"],
-            kwargs["out_dir"],
-            config,
-            work_dir=kwargs["work_dir"],
-            resume=kwargs["resume"],
-            progress=kwargs["progress"],
-            engine=engine,
-        )
-        for stage in STAGES:
-            run_stage(run, stage)
-    finally:
-        engine.close()
+            run = open_run(
+                kwargs["photos_dir"],
+                kwargs["out_dir"],
+                config,
+                work_dir=kwargs["work_dir"],
+                resume=kwargs["resume"],
+                progress=kwargs["progress"],
+                engine=engine,
+            )
+            for stage in STAGES:
+                run_stage(run, stage)
+        finally:
+            engine.close()
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
 
 
@@ -253,6 +260,7 @@ OPTION_STAGES = {
     "per_identity": ("select",),
     "min_per_identity": ("select",),
     "cluster": ("scan", "identify"),
+    "follow_links": ("scan",),
     "crop_size": ("identify", "align"),
     "max_upscale": ("identify",),
 }
@@ -264,20 +272,22 @@ def _stage_command(stage: str, help_text: str) -> None:
     def command(**kwargs) -> None:
         from dynamicid.curation.pipeline import open_run, run_stage
 
-        run = open_run(
-            kwargs["photos_dir"],
-            kwargs["out_dir"],
-            _config(kwargs),
-            work_dir=kwargs["work_dir"],
-            resume=True,
-            progress=kwargs["progress"],
-        )
-        try:
-            rows = run_stage(run, stage)
-        except FileNotFoundError as error:
-            raise InputError(str(error)) from error
-        finally:
-            run.engine.close()
+        _, out_dir, _ = check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])
+        with writing(out_dir):
+            run = open_run(
+                kwargs["photos_dir"],
+                kwargs["out_dir"],
+                _config(kwargs),
+                work_dir=kwargs["work_dir"],
+                resume=True,
+                progress=kwargs["progress"],
+            )
+            try:
+                rows = run_stage(run, stage)
+            except FileNotFoundError as error:
+                raise InputError(str(error)) from error
+            finally:
+                run.engine.close()
         where = run.out_dir if stage == "write" else run.work.table_path(stage)
         result = {"stage": stage, "rows": rows, "written": str(where)}
         result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}

@@ -24,7 +24,7 @@ from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import crop_key, crop_store
 from dynamicid.curation.engines import make_engine
 from dynamicid.curation.engines.local import read_candidates
-from dynamicid.curation.inputs import TOOL, CurationError, check_out_dir, mark_out_dir
+from dynamicid.curation.inputs import TOOL, CurationError, check_out_dir, mark_out_dir, writing
 from dynamicid.curation.pipeline import Run, run_stage
 from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
@@ -122,8 +122,13 @@ def _check_crops(run: Run) -> None:
 
 def merge_datasets(shard_dirs: list[Path], out_dir: Path, *, progress: bool = True) -> dict:
     """Merge the shard output folders into OUT_DIR, equal to a single build; returns the merged summary."""
-    shard_dirs = [Path(d).absolute() for d in shard_dirs]
     out_dir = Path(out_dir).absolute()
+    with writing(out_dir):
+        return _merge(shard_dirs, out_dir, progress)
+
+
+def _merge(shard_dirs: list[Path], out_dir: Path, progress: bool) -> dict:
+    shard_dirs = [Path(d).absolute() for d in shard_dirs]
     if not shard_dirs:
         raise CurationError("merge needs at least one shard output folder")
     if out_dir in shard_dirs:

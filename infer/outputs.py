@@ -1,4 +1,4 @@
-"""What `dynamicid-infer generate` writes: images, activation-map overlays and the JSON sidecar, all or nothing."""
+"""What `dynamicid.infer.generate` writes: images, activation-map overlays and the JSON sidecar, all or nothing."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from PIL import Image, ImageDraw
 # One colour per person for the overlays (cycled beyond six people).
 PERSON_COLORS = ((255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 32), (200, 96, 255), (32, 220, 220))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The largest width or height generated: twice the largest native size of the supported bases (Flux, 2048). A
+# larger size is a typo that would only run until memory is gone (a 100000x100000 latent is 2.5 GB per channel).
+MAX_IMAGE_SIDE = 4096
 
 
 def overlay_activation(
@@ -32,6 +35,15 @@ def overlay_activation(
         w, h = result.size
         ImageDraw.Draw(result).rectangle((x0 * w, y0 * h, x1 * w - 1, y1 * h - 1), outline=color, width=1)
     return result
+
+
+def check_output_path(out: Path, name: str = "out") -> Path:
+    """An image path in an existing folder (`name`: the argument or flag named in the error)."""
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{name} {out}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if not out.parent.resolve().is_dir():
+        raise ValueError(f"{name} {out}: folder {out.parent} does not exist")
+    return out
 
 
 def output_names(out: Path, num_images: int, num_people: int, activation_maps: bool) -> dict[str, Any]:

@@ -7,6 +7,7 @@ of a loaded base model."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,15 +32,16 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
+from dynamicid.infer.outputs import MAX_IMAGE_SIDE
 from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
 from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
 from dynamicid.models.adapter import DynamicIDAdapter
-from dynamicid.models.base import BaseModel, folder_family, load_image_encoder
+from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
+from dynamicid.models.families import family_named, folder_family
 from dynamicid.schemas import face_prompt
-from dynamicid.schemas.checkpoint import BASE_FAMILIES, family_label
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
 # boosted (infer_scale 2) during the first 12 denoising steps, one person none.
@@ -124,12 +126,14 @@ class DynamicIDMixin:
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"base model folder {folder} does not exist (expected {BASE_FAMILIES[cls.family]} in diffusers layout)"
+                f"base model folder {folder} does not exist (expected {family_named(cls.family).label} in "
+                f"diffusers layout)"
             )
-        if folder_family(folder) != cls.family:
+        found = folder_family(folder)
+        if found.name != cls.family:
             raise ValueError(
-                f"{folder} holds {family_label(folder_family(folder))}, not {family_label(cls.family)}: "
-                f"use {PIPELINES[folder_family(folder)].__name__}"
+                f"{folder} holds {found.describe()}, not {family_named(cls.family).describe()}: "
+                f"use {found.pipeline_class().__name__}"
             )
         index = folder / "model_index.json"
         entries = json.loads(index.read_text()) if index.is_file() else {}
@@ -156,7 +160,7 @@ class DynamicIDMixin:
         """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also the tiny-random FAKEs)."""
         if base.family != cls.family:
             raise ValueError(
-                f"base model {base.name} is {family_label(base.family)}: use {PIPELINES[base.family].__name__}, "
+                f"base model {base.name} is {base.base_family.describe()}: use {base.base_family.pipeline_class().__name__}, "
                 f"not {cls.__name__} (or `pipeline_for(base)`)"
             )
         return cls(
@@ -220,9 +224,7 @@ class DynamicIDMixin:
         if image_encoder is not None:
             self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
-            raise ValueError(
-                "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
-            )
+            raise ValueError("no CLIP image encoder: pass image_encoder=DIR (a CLIP vision model folder)")
         modules = load_modules(weights, self.unet)
         modules.to(self.device, self.unet.dtype)
         self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))
@@ -293,6 +295,7 @@ class DynamicIDMixin:
         cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         num_images_per_prompt: int = 1,
+        id_scale: float = 1.0,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
         if self.dynamicid is None:
@@ -332,14 +335,17 @@ class DynamicIDMixin:
             )
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
+        if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
+            raise ValueError(f"`height` and `width` must be in 8..{MAX_IMAGE_SIDE}, got {height} and {width}")
         # DDIM's leading timesteps are offset by `steps_offset`: one step per training timestep would index past them.
         most_steps = self.scheduler.config.num_train_timesteps - self.scheduler.config.get("steps_offset", 0)
         if not 1 <= num_inference_steps <= most_steps:
             raise ValueError(f"`num_inference_steps` (--steps) must be in 1..{most_steps}, got {num_inference_steps}")
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
+        for name, value in (("guidance_scale", guidance_scale), ("id_scale", id_scale)):
+            if not (isinstance(value, int | float) and 0 <= value < math.inf):  # NaN fails this too
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
         if not people or not all(isinstance(p, Person) for p in people):
             raise ValueError("`people` must be a non-empty list of dynamicid.infer.Person")
         for i, person in enumerate(people):
@@ -517,6 +523,7 @@ class DynamicIDMixin:
             cross_attention_kwargs,
             tensor_inputs,
             num_images_per_prompt,
+            id_scale,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -831,12 +838,9 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
         return image, None  # SDXL ships no safety checker
 
 
-PIPELINES: dict[str, type[DynamicIDMixin]] = {"sd15": DynamicIDPipeline, "sdxl": DynamicIDXLPipeline}
-
-
 def pipeline_for(base: BaseModel) -> DynamicIDMixin:
-    """The DynamicID pipeline of `base`'s family over its parts."""
-    return PIPELINES[base.family].from_base(base)
+    """The DynamicID pipeline of `base`'s family (`dynamicid.models.families`) over its parts."""
+    return base.base_family.pipeline_class().from_base(base)
 
 
 def denoising_step(call: int, num_calls: int, num_steps: int) -> int:

@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dynamicid.models.base import unet_family
 from dynamicid.models.face_encoder import FaceEncoder
+from dynamicid.models.families import denoiser_family, family_label, family_named
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
 from dynamicid.models.release import (
@@ -35,7 +35,7 @@ from dynamicid.models.release import (
 )
 from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import BASE_FAMILIES, PART_FIELDS, PART_PREFIXES, CheckpointMetadata, family_label
+from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata
 
 PARTS = tuple(PART_PREFIXES)
 IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
@@ -263,12 +263,12 @@ def check_base_family(file_family: str, base_family: str, where: str) -> None:
     if file_family != base_family:
         raise ValueError(
             f"{where} holds weights made for {family_label(file_family)} but the base model is "
-            f"{family_label(base_family)}; use weights trained on {BASE_FAMILIES.get(base_family, base_family)}"
+            f"{family_label(base_family)}; use weights trained on {family_named(base_family).label}"
         )
 
 
 def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
-    check_base_family(metadata.base_family, unet_family(unet), where)
+    check_base_family(metadata.base_family, denoiser_family(unet).name, where)
     if int(unet.config.cross_attention_dim) != metadata.cross_attention_dim:
         raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, unet.config.cross_attention_dim, where)
     installed = [p for p in unet.attn_processors.values() if isinstance(p, SAAProcessor)]
@@ -526,7 +526,7 @@ def convert_release(
 
     parts: dict[str, dict[str, torch.Tensor]] = {"saa": saa}
     metadata = CheckpointMetadata(
-        base_family=unet_family(unet),
+        base_family=denoiser_family(unet).name,
         cross_attention_dim=int(unet.config.cross_attention_dim),
         lora_rank=release.lora_rank,
         num_tokens=num_tokens,

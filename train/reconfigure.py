@@ -22,16 +22,17 @@ from torch import nn
 
 from dynamicid.infer import Person
 from dynamicid.models import IMR, KeypointEncoder, load_dynamicid
-from dynamicid.models.base import BaseModel, base_model_family
+from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, encoder_states, landmark_vectors
+from dynamicid.models.families import detect_family
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.cache_tokens import file_digest, read_tokens
 from dynamicid.train.config import ReconfigureConfig
 from dynamicid.train.data import RECONFIGURE_COLUMNS, IdentitySamples, collate_identities, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.noise import noised, vae_latents
-from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, run_stage, start_stage
+from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, one_writer, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
@@ -102,6 +103,7 @@ class ReconfigureObjective:
         return {"loss": total, "dfm": dfm, "ldc": ldc}
 
 
+@one_writer
 def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) -> Path:
     """Run (or resume) the reconfiguration stage; returns RUN/weights.safetensors (IMR + keypoint encoder).
 
@@ -114,7 +116,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     for part in ("saa", "face_encoder"):
         if part not in anchor.metadata.parts:
             raise ValueError(f"--anchor {config.anchor} holds no {part}: give the anchoring run's weights.safetensors")
-    family = base.family if base is not None else base_model_family(config.base_model)
+    family = base.family if base is not None else detect_family(config.base_model).name
     check_base_family(anchor.metadata.base_family, family, f"--anchor {config.anchor}")
     tokens = read_tokens(config.tokens, dataset, config.anchor)
 
