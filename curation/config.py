@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from dynamicid.faces.backends import DEVICES
+
 MIN_CROP_SIZE = 64  # the smallest training resolution in use (the tiny-random smoke runs)
 
 
@@ -17,6 +19,7 @@ class CurationConfig:
     per_identity: int = 35  # at most this many images per identity
     min_per_identity: int = 1  # identities with fewer kept images are rejected (too_few_images)
     face_backend: str = "auto"  # dynamicid.faces.FaceAnalyzer backend
+    device: str = "auto"  # where the networks run: cpu, cuda, or auto (CUDA where a worker sees it); not in keys
     workers: int = 1  # processes running the face models
     engine: str = "local"  # curation.engines: local (streaming, this machine) or ray (Ray Data)
     ray_address: str | None = None  # --engine ray: the cluster to join (else $RAY_ADDRESS, else a local Ray)
@@ -76,6 +79,8 @@ class CurationConfig:
             raise ValueError(f"--crop-size must be >= {MIN_CROP_SIZE}, got {self.crop_size}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.engine not in ("local", "ray"):
             raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
         if not 0 <= self.shard_index < self.shard_count:

@@ -116,10 +116,11 @@ class BackendInfo:
     same_person_threshold: float  # in the backend's own distance (for messages)
     same_person_cos: float  # the backend's same-person threshold as a cosine similarity (unit embeddings)
     duplicate_cos: float  # near-duplicate threshold (dup_embedding_fraction of the same-person distance)
+    device: str = "auto"  # as requested (auto, cpu, cuda): each worker process picks its own (not in `digest`)
 
     def options(self) -> dict[str, str]:
         """Keyword options for `FaceAnalyzer` that pin this resolution (no `auto`, no environment lookup)."""
-        return {"insightface_root": self.root} if self.root else {}
+        return {"device": self.device, **({"insightface_root": self.root} if self.root else {})}
 
 
 @dataclass(frozen=True)
