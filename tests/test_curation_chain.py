@@ -14,6 +14,7 @@ RUN_WIDE = {
     "photos_dir",
     "out_dir",
     "face_backend",
+    "device",
     "insightface_root",
     "workers",
     "engine",

@@ -218,15 +218,9 @@ class RayEngine:
         return stats
 
     def _dataset(self, stage: Stage, key: str, source: Path, columns: list[str], carried: list[str]):
-        import ray
-        import ray.data
         from ray.data import TaskPoolStrategy
 
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        wanted = stage.resources
-        num_cpus = min(wanted.cpus, self._cpus_per_worker())
-        # Model stages share the cluster's GPUs (when it has any) in fractions, unless they ask for their own.
-        num_gpus = (wanted.gpus or (min(1.0, gpus / self.workers) if stage.uses_models else 0.0)) if gpus else 0.0
+        num_cpus, num_gpus = self.task_resources(stage)
         wanted_columns = list(dict.fromkeys([*columns, "reason"]))
         if stage.kind is StageKind.GROUP:
             data = _read(CandidateRows(source, wanted_columns, GROUP_READ_ROWS), num_cpus=num_cpus)
@@ -247,6 +241,12 @@ class RayEngine:
         return _read(blocks, **task).map_batches(
             _process_block, fn_args=(key, stage, carried), batch_size=None, batch_format="pyarrow", **task
         )
+
+    def task_resources(self, stage: Stage) -> tuple[float, float]:
+        """(num_cpus, num_gpus) of a stage's tasks: its declared `resources`, within each worker's share of the
+        cluster (a GPU share only where the cluster has GPUs and the stage asks for one)."""
+        wanted = stage.resources
+        return min(wanted.cpus, self._cpus_per_worker()), min(wanted.gpus, self._gpus_per_worker())
 
     def _gpus_per_worker(self) -> float:
         """The cluster's GPUs shared out over the workers (at most one each); 0 on a cluster without GPUs."""
