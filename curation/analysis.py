@@ -87,20 +87,40 @@ def _maybe_float(value: float | None) -> float | None:
 def describe_photo(
     face_analyzer: Any, key: str, path: str, detected: list[dict], image: np.ndarray | None = None
 ) -> dict:
-    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness (of `image`, the photo at
-    `path` if the caller has it decoded already).
+    """`describe_photos` of one photo (`image`: the photo at `path` if the caller has it decoded already)."""
+    return describe_photos(face_analyzer, [(key, path, detected, image)])[0]
 
-    A face the models fail on is left out (and named in `detail`); the others still count.
+
+def describe_photos(face_analyzer: Any, jobs: list[tuple[str, str, list[dict], np.ndarray | None]]) -> list[dict]:
+    """Per job (key, path, detected faces, the photo decoded or None): per detected face, its embedding,
+    landmarks, pose, expression, crop hash and sharpness. The photos' faces go through the face models as one
+    batch (`FaceAnalyzer.describe_batch`: one ResNet / ArcFace batch, what a GPU wants).
+
+    A photo that cannot be loaded gets no faces (its error in `detail`); a face the models fail on is left out
+    (and named in `detail`); the others still count.
     """
     from dynamicid.faces import ImageLoadError
+
+    images: dict[int, np.ndarray] = {}
+    results: list[dict | None] = []
+    for index, (key, path, _, image) in enumerate(jobs):
+        try:
+            images[index] = _load(path) if image is None else image
+            results.append(None)
+        except ImageLoadError as error:  # the file changed or vanished since `detect`
+            results.append({"key": key, "faces": [], "detail": str(error)})
+    failures: dict[int, list[str]] = {index: [] for index in images}
+    described = _describe_all(face_analyzer, images, {i: jobs[i][2] for i in images}, failures)
+    for index, faces in described.items():
+        results[index] = _face_rows(face_analyzer, jobs[index][0], images[index], faces, failures[index])
+    return results
+
+
+def _face_rows(face_analyzer: Any, key: str, image: np.ndarray, described: list[Any], failures: list[str]) -> dict:
     from dynamicid.faces.align import arcface_align
 
-    try:
-        image = _load(path) if image is None else image
-    except ImageLoadError as error:  # the file changed or vanished since `detect`
-        return {"key": key, "faces": [], "detail": str(error)}
-    faces, failures = [], []
-    for index, face in enumerate(_describe_all(face_analyzer, image, detected, failures)):
+    faces = []
+    for index, face in enumerate(described):
         if face is None:
             continue
         if face.embedding is None:
@@ -133,25 +153,33 @@ def describe_photo(
     return {"key": key, "faces": faces, "detail": "; ".join(failures) or None}
 
 
-def _describe_all(face_analyzer: Any, image: np.ndarray, detected: list[dict], failures: list[str]) -> list[Any]:
-    """The photo's faces described in one call (one embedding batch); if that fails, face by face, so that one
+def _describe_all(
+    face_analyzer: Any, images: dict[int, np.ndarray], detected: dict[int, list[dict]], failures: dict[int, list[str]]
+) -> dict[int, list[Any]]:
+    """Every photo's faces described in one call (one embedding batch); if that fails, face by face, so that one
     odd face does not cost the others (its failure is named in `failures` and its place is None)."""
     from dynamicid.faces import Face
 
-    faces = [
-        Face(bbox=tuple(f["bbox"]), score=f["score"], kps5=np.asarray(f["kps5"], np.float32).reshape(5, 2))
-        for f in detected
-    ]
+    faces = {
+        index: [
+            Face(bbox=tuple(f["bbox"]), score=f["score"], kps5=np.asarray(f["kps5"], np.float32).reshape(5, 2))
+            for f in found
+        ]
+        for index, found in detected.items()
+    }
     try:
-        return face_analyzer.describe_many(image, faces)
+        batch = face_analyzer.describe_batch(list(images.values()), list(faces.values()))
+        return dict(zip(images, batch, strict=True))
     except Exception:  # find the face the models fail on
-        described = []
-        for index, face in enumerate(faces):
-            try:
-                described.append(face_analyzer.describe(image, face))
-            except Exception as error:
-                failures.append(f"face {index}: {type(error).__name__}: {error}")
-                described.append(None)
+        described: dict[int, list[Any]] = {}
+        for index, image in images.items():
+            described[index] = []
+            for number, face in enumerate(faces[index]):
+                try:
+                    described[index].append(face_analyzer.describe(image, face))
+                except Exception as error:
+                    failures[index].append(f"face {number}: {type(error).__name__}: {error}")
+                    described[index].append(None)
         return described
 
 

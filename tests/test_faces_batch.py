@@ -69,9 +69,12 @@ def test_embedded_batches_equal_one_image_on_every_photo():
 def test_insightface_batches_equal_one_image(tmp_path):
     make_fake_pack(tmp_path / "models" / "tinypack")
     analyzer = FaceAnalyzer("insightface", insightface_root=tmp_path, pack="tinypack", device="cpu")
-    images = [_test_image(), np.zeros((480, 640, 3), np.uint8), np.ascontiguousarray(_test_image()[::-1])]
+    rng = np.random.default_rng(0)
+    textured = [np.maximum(_test_image(), rng.integers(0, 120, (640, 640, 3), dtype=np.uint8)) for _ in range(2)]
+    images = [textured[0], np.zeros((480, 640, 3), np.uint8), np.ascontiguousarray(textured[1][::-1])]
     batched = analyzer.analyze_batch(images)
-    assert sum(map(len, batched)) > 1
+    embeddings = np.stack([face.embedding for faces in batched for face in faces])
+    assert len(embeddings) > 1 and np.ptp(embeddings, axis=0).max() > 1e-3  # faces that differ, in a batch
     for image, faces in zip(images, batched, strict=True):
         _assert_same(faces, analyzer.analyze(image))
 
