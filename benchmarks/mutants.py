@@ -21,8 +21,9 @@ The mutants of issue 33 (all surviving the tests before it):
   6. evaluate/face_metrics.py: ID confusion against the least similar other person (id-confused-min).
   7. evaluate/stats.py: 5th/95th percentiles as the 95 % interval (interval-5-95); a paired delta from unpaired
      draws (paired-delta-unpaired).
-  8. train/anchor.py: prediction_type ignored (a v-prediction base trained on the noise). PENDING: the
-     `registry` helper adds prediction_type to training in parallel; its mutant belongs here once that is on main.
+  8. prediction_type: ignored, a v-prediction base trained on the noise (v-target-is-noise, in
+     models/objectives.py); not recorded in the anchoring weights (prediction-type-unrecorded); an unknown type
+     accepted (unknown-prediction-type-accepted).
 The two tests the issue found missing, and the overlap rule decided with it:
   imr-targets-any-identity (reconfiguration targets drawn from every identity: the IMR stops keeping identity),
   edit-uses-first-person (every person edited towards the first person's target), overlap-hides-everyone (the
@@ -196,15 +197,43 @@ MUTANTS = [
         "-k",
         "inside",
     ),
+    mutant(
+        "v-target-is-noise",
+        "models/objectives.py",
+        'target = noise if self.name == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)',
+        "target = noise",
+        TRAINING,
+        "tests/test_models_objectives.py",
+        "-k",
+        "objectives_mse or ddpm_objectives",
+    ),
+    mutant(
+        "prediction-type-unrecorded",
+        "train/anchor.py",
+        "prediction_type=base.base_family.objective(base.noise_scheduler).name,",
+        'prediction_type="epsilon",',
+        TRAINING,
+        "-k",
+        "objectives_mse",
+    ),
+    mutant(
+        "unknown-prediction-type-accepted",
+        "models/objectives.py",
+        "if prediction_type not in DDPM_PREDICTION_TYPES:",
+        "if False:",
+        "tests/test_models_objectives.py",
+        "-k",
+        "unknown_prediction_type",
+    ),
     # ---- the audit's killed mutants, reconstructed ----
     mutant(
         "anchor-loss-on-latents",
         "train/anchor.py",
-        'return {"loss": F.mse_loss(model(**inputs).float(), noise.float())}',
+        'return {"loss": F.mse_loss(model(**inputs).float(), target.float())}',
         'return {"loss": F.mse_loss(model(**inputs).float(), inputs["noisy_latents"].float())}',
         TRAINING,
         "-k",
-        "epsilon_mse",
+        "objectives_mse",
     ),
     mutant(
         "id-tokens-before-text",
@@ -213,7 +242,7 @@ MUTANTS = [
         "return torch.cat([id_tokens, text], dim=1)",
         TRAINING,
         "-k",
-        "epsilon_mse",
+        "objectives_mse",
     ),
     mutant(
         "dfm-against-source",
@@ -227,8 +256,8 @@ MUTANTS = [
     mutant(
         "ldc-reference-from-prediction",
         "train/reconfigure.py",
-        "states = encoder_states(text, targets.to(self.dtype))",
-        "states = encoder_states(text, predicted.detach().to(self.dtype))",
+        "reference = family.denoise(denoiser, *inputs, targets.to(self.dtype),",
+        "reference = family.denoise(denoiser, *inputs, predicted.detach().to(self.dtype),",
         TRAINING,
         "-k",
         "dfm_and_ldc",
@@ -355,9 +384,9 @@ MUTANTS = [
     ),
     mutant(
         "timesteps-uniform-half",
-        "train/noise.py",
-        "timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)",
-        "timesteps = torch.randint(0, scheduler.config.num_train_timesteps // 2, (latents.shape[0],), generator=generator)",
+        "models/objectives.py",
+        "timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)",
+        "timesteps = torch.randint(0, steps // 2, (latents.shape[0],), generator=generator)",
         TRAINING,
         "-k",
         "timesteps",
