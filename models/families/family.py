@@ -113,17 +113,10 @@ class BaseFamily:
         raise NotImplementedError
 
     def denoise(
-        self,
-        denoiser: Any,
-        noisy_latents: Any,
-        timesteps: Any,
-        text: Any,
-        id_tokens: Any,
-        condition: Any,
-        saa: Any,
+        self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
     ) -> Any:
-        """The denoiser's training prediction, shaped like `noisy_latents` (what the objective's target is
-        compared with): `text` the text states (B, L, C), `id_tokens` the persons' ID tokens (B or 1, N_id, C),
+        """The denoiser's training prediction from the noised latents `noisy`, shaped like them (what the
+        objective's target is compared with): `text` the text states (B, L, C), `id_tokens` the persons' ID tokens (B or 1, N_id, C),
         `condition` the second value of the conditioner's `text_condition` (SDXL's added_cond_kwargs, None for
         SD 1.5), `saa` the per-call SAA inputs (`SAACall`)."""
         raise NotImplementedError

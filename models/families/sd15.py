@@ -77,19 +77,12 @@ class SD15Family(BaseFamily):
         install_saa(denoiser, rank=rank, num_tokens=num_tokens)
 
     def denoise(
-        self,
-        denoiser: Any,
-        noisy_latents: Any,
-        timesteps: Any,
-        text: Any,
-        id_tokens: Any,
-        condition: Any,
-        saa: Any,
+        self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
     ) -> Any:
         from dynamicid.models.conditioning import encoder_states
 
         return denoiser(
-            noisy_latents,
+            noisy,
             timesteps,
             encoder_hidden_states=encoder_states(text, id_tokens),  # [text ; ID tokens], persons in order
             added_cond_kwargs=condition,
