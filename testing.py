@@ -224,6 +224,7 @@ def random_parts(
         keypoint_encoder = KeypointEncoder(cross_attention_dim)
     metadata = CheckpointMetadata(
         base_family=base.family,
+        prediction_type=base.base_family.objective(base.noise_scheduler).name,
         cross_attention_dim=cross_attention_dim,
         lora_rank=lora_rank,
         num_tokens=4,
