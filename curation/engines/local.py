@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from dynamicid.clitools import progress_options
 from dynamicid.curation.engines import Call
 from dynamicid.curation.engines.shared import (
     READ_ROWS,
@@ -148,7 +149,14 @@ class LocalEngine:
         stats = StageStats()
         schema, carried, columns = output_layout(stage, source)
         total = count_candidates(source)
-        bar = tqdm(total=total, desc=stage.name, unit="photo", disable=not self.progress or not total, leave=False)
+        bar = tqdm(
+            total=total,
+            desc=stage.name,
+            unit="photo",
+            disable=not self.progress or not total,
+            leave=False,
+            **progress_options(),
+        )
         try:
             with TableWriter(target, schema, fingerprint) as writer:
                 if stage.kind is StageKind.GLOBAL:
