@@ -146,6 +146,12 @@ def run_options(func):
             "backend's same-person distance threshold).",
         ),
         click.option(
+            "--max-pixels",
+            type=AtLeast(1),
+            help="Photos declaring more pixels than this are rejected as undecodable before they are decoded "
+            "(decompression bombs) [default: 200,000,000: every phone camera's photos].",
+        ),
+        click.option(
             "--follow-links",
             is_flag=True,
             help="Also read symbolic links whose target is outside PHOTOS_DIR (by default they are rejected as "
@@ -194,6 +200,7 @@ def _config(kwargs: dict):
         ray_address=kwargs["ray_address"],
         cluster=kwargs["cluster"],
         follow_links=kwargs["follow_links"],
+        max_pixels=kwargs["max_pixels"],
         shard_index=index,
         shard_count=count,
         min_face_size=kwargs["min_face_size"],

@@ -92,7 +92,7 @@ class DescribeAhead:
         faces = pa.array(faces, FACE_BOX).to_pylist()
         key = describe_key(sha256, faces)
         if faces and key not in self.described and self.store.locate([key])[0, 0] < 0:
-            self.described[key] = describe_photo(self.analyzer, key, path, faces, image)
+            self.described[key] = describe_photo(self.analyzer, key, path, faces, image)  # decoded: no limit to apply
 
     def flush(self) -> None:
         self.store.put(pa.Table.from_pylist(list(self.described.values()), schema=STORE_SCHEMA))
@@ -126,7 +126,9 @@ class DescribeStage(Stage):
             photo["describe_key"] = describe_key(photo["sha256"], photo["faces"])
             job.setdefault(photo["describe_key"], (self.source(photo["source_path"]), photo["faces"]))
         found, computed = fetch_or_compute(
-            self.store, [p["describe_key"] for p in photos], lambda k: describe_photo(self.analyzer, k, *job[k])
+            self.store,
+            [p["describe_key"] for p in photos],
+            lambda k: describe_photo(self.analyzer, k, *job[k], max_pixels=self.config.max_pixels),
         )
         rows = []
         for photo in photos:
