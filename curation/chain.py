@@ -86,7 +86,7 @@ CHAIN: tuple[Step, ...] = (
         (
             StageEntry(
                 "dynamicid.curation.detect:DetectStage",
-                ("min_face_size", "min_border_margin", "max_faces_per_photo"),
+                ("min_face_size", "min_border_margin", "max_faces_per_photo", "max_pixels"),
                 MODEL,
             ),
         ),

@@ -69,7 +69,7 @@ class DescribeStage(Stage):
         found, computed = fetch_or_compute_many(
             self.store,
             [p["describe_key"] for p in photos],
-            lambda keys: describe_photos(self.analyzer, [(k, *job[k], None) for k in keys]),
+            lambda keys: describe_photos(self.analyzer, [(k, *job[k], None) for k in keys], self.config.max_pixels),
         )
         rows = []
         for photo in photos:

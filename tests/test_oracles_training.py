@@ -26,7 +26,6 @@ from dynamicid.train.anchor import AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
-from dynamicid.train.noise import noised
 from dynamicid.train.reconfigure import train_reconfigure
 from dynamicid.train.runner import read_metrics
 
@@ -463,7 +462,8 @@ def test_timesteps_are_uniform_over_the_training_schedule():
     gets its binomial share of 20,000 draws, and x_t = sqrt(a_t) z + sqrt(1 - a_t) noise with a_t computed here."""
     base = load_base_model("tiny-random")
     latents = torch.randn(20000, 4, 1, 1, generator=torch.Generator().manual_seed(0))
-    noisy, noise, timesteps = noised(base, latents, torch.Generator().manual_seed(1))
+    drawn = base.base_family.objective(base.noise_scheduler).noised(latents, torch.Generator().manual_seed(1))
+    noisy, noise, timesteps = drawn.noisy, drawn.noise, drawn.timesteps
     assert int(timesteps.min()) == 0 and int(timesteps.max()) == 999
     lo, hi = oracles.binomial_interval(len(timesteps), 0.1)
     counts = torch.bincount(timesteps // 100, minlength=10)
