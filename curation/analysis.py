@@ -7,6 +7,7 @@ Results are plain dicts in the layout of the stages' result stores. Each worker 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from PIL import Image
 
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
+
+LOG = logging.getLogger(__name__)
+_SAID: set[str] = set()  # the batch failures this process has already reported (said once)
 
 # A detected face, as the detect stage's table and store hold it (source pixels).
 FACE_BOX = pa.struct(
@@ -184,7 +188,11 @@ def _describe_all(
     try:
         batch = face_analyzer.describe_batch(list(images.values()), list(faces.values()))
         return dict(zip(images, batch, strict=True))
-    except Exception:  # find the face the models fail on
+    except Exception as error:  # a GPU out of memory, or one odd face: face by face, nothing lost
+        kind = type(error).__name__
+        if len(images) > 1 and kind not in _SAID:
+            _SAID.add(kind)
+            LOG.warning("the face models failed on a batch of %d photos (%s); going on face by face", len(images), kind)
         described: dict[int, list[Any]] = {}
         for index, image in images.items():
             described[index] = []

@@ -77,3 +77,39 @@ def test_model_steps_get_gpus_on_a_cluster_that_has_them_and_cpu_steps_never():
     assert {name for name, share in with_gpus.items() if share > 0} == model_stages
     assert all(with_gpus[name] == 1.0 for name in model_stages)  # 2 GPUs over 2 workers: one each
     assert set(without.values()) == {0.0}
+
+
+class FakeOutOfMemory:
+    """FAKE: a GPU that runs out of memory on any batch of several photos (no GPU here); else the real models."""
+
+    def __init__(self, analyzer):
+        self.analyzer = analyzer
+        self.embedding_model = analyzer.embedding_model
+
+    def describe_batch(self, images, faces):
+        if len(images) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.analyzer.describe_batch(images, faces)
+
+    def describe(self, image, face):
+        return self.analyzer.describe(image, face)
+
+
+def test_a_batch_the_gpu_cannot_hold_goes_on_face_by_face_and_says_so_once(shared_faces, caplog):
+    from dynamicid.curation.analysis import describe_photos, detect_photo
+    from dynamicid.faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer("embedded", device="cpu")
+    paths = [str(shared_faces / "group_photos" / name) for name in ("two_people.jpg", "obama_and_biden.jpg")]
+    jobs = [(str(i), path, detect_photo(analyzer, str(i), path)["faces"], None) for i, path in enumerate(paths)]
+    expected = describe_photos(analyzer, jobs)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            got = describe_photos(FakeOutOfMemory(analyzer), jobs)
+            for row, want in zip(got, expected, strict=True):  # the same faces, embeddings within 1e-5
+                assert [f["face_index"] for f in row["faces"]] == [f["face_index"] for f in want["faces"]]
+                for face, wanted in zip(row["faces"], want["faces"], strict=True):
+                    assert max(abs(a - b) for a, b in zip(face["embedding"], wanted["embedding"], strict=True)) < 1e-5
+    said = [r.getMessage() for r in caplog.records if "failed on a batch" in r.getMessage()]
+    assert said == ["the face models failed on a batch of 2 photos (RuntimeError); going on face by face"]
+    assert sum(len(row["faces"]) for row in expected) >= 3
