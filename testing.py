@@ -6,6 +6,9 @@
   a projection) whose states are concatenated, a UNet with SDXL's block layout (no attention in the first block,
   several transformer layers per attention block, linear projections) that also takes the pooled text and the
   size ids (`added_cond_kwargs`).
+- `build_tiny_random_flux()`: a base with FLUX.1-dev's structure (`dynamicid.models.flux_base.FluxBase`): a
+  Flux transformer with double- and single-stream blocks and guidance embeds, CLIP (pooled) and T5 text towers
+  with tokenizers built in code, a 16-channel VAE, the flow-matching scheduler.
 - `random_parts(base, analyzer)`: DynamicID modules (SAA in the base's UNet, face encoder, IMR, keypoint
   encoder) with the widths of a base and a face backend; `save_random_weights` / `save_release_layout` /
   `save_ip_adapter_faceid` write them in our format, the release's `.bin` layout, or IP-Adapter FaceID-PlusV2's
@@ -27,6 +30,7 @@ from torch import nn
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, install_saa, saa_processors
 from dynamicid.models.base import CLIP_IMAGE_SIZE, TINY_BASES, TINY_RANDOM, TINY_RANDOM_SDXL, BaseModel
 from dynamicid.models.checkpoints import save_dynamicid
+from dynamicid.models.flux_base import T5_MAX_LENGTH, TINY_RANDOM_FLUX, FluxBase
 from dynamicid.schemas import CheckpointMetadata
 
 # ---- tiny bases ----
@@ -99,7 +103,7 @@ def _tiny_text_encoder(tokenizer: Any, with_projection: bool) -> nn.Module:
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _tiny_vae() -> nn.Module:
+def _tiny_vae(**overrides: Any) -> nn.Module:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -108,10 +112,10 @@ def _tiny_vae() -> nn.Module:
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
-        latent_channels=4,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=64,
+        **({"latent_channels": 4} | overrides),
     )
 
 
@@ -165,6 +169,85 @@ def build_tiny_random(name: str = TINY_RANDOM, *, seed: int = 0, with_image_enco
         tokenizer_2=tokenizer if sdxl else None,
         name=name,
     )
+
+
+def build_tiny_t5_tokenizer() -> Any:
+    """A T5 tokenizer (Unigram, as T5's) over single characters, built in code: no downloaded files."""
+    from transformers import T5Tokenizer
+
+    pieces = ["▁", *(chr(c) for c in range(ord("!"), ord("~") + 1))]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((p, -1.0) for p in pieces)]
+    vocab += [("▁" + p, -1.5) for p in pieces[1:]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) -> FluxBase:
+    """The tiny-random-flux FAKE: FLUX.1-dev's structure (double- and single-stream blocks, guidance embeds,
+    CLIP pooled + T5 text, 16-channel VAE with shift/scaling factors, flow-matching scheduler with dynamic
+    shifting) at tiny widths; seeded, global RNG untouched."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            in_channels=64,  # 16 latent channels packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TINY_TEXT_WIDTH,
+            pooled_projection_dim=TINY_TEXT_WIDTH,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = _tiny_vae(
+            latent_channels=16,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = _tiny_text_encoder(tokenizer, with_projection=False)
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=TINY_TEXT_WIDTH,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+            )
+        )
+        image_encoder = _tiny_image_encoder() if with_image_encoder else None
+    # FLUX.1-dev's scheduler config.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    base = FluxBase(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        image_encoder=image_encoder,
+        name=TINY_RANDOM_FLUX,
+    )
+    for module in base.modules():
+        module.requires_grad_(False).eval()  # frozen, as load_base_model leaves every base (T5 has dropout)
+    return base
 
 
 # ---- random DynamicID weights ----
