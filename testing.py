@@ -30,7 +30,8 @@ from torch import nn
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, install_saa, saa_processors
 from dynamicid.models.base import CLIP_IMAGE_SIZE, TINY_BASES, TINY_RANDOM, TINY_RANDOM_SDXL, BaseModel
 from dynamicid.models.checkpoints import save_dynamicid
-from dynamicid.models.flux_base import T5_MAX_LENGTH, TINY_RANDOM_FLUX, FluxBase
+from dynamicid.models.flux_base import FLUX_FAMILY, T5_MAX_LENGTH, TINY_RANDOM_FLUX, FluxBase
+from dynamicid.models.saa_flux import flux_saa_processors, install_flux_saa
 from dynamicid.schemas import CheckpointMetadata
 
 # ---- tiny bases ----
@@ -255,7 +256,7 @@ def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) ->
 
 @dataclass
 class RandomParts:
-    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors."""
+    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors (a Flux base's transformer)."""
 
     face_encoder: FaceEncoder
     unet: nn.Module
@@ -267,19 +268,21 @@ class RandomParts:
 def random_parts(
     base: BaseModel, analyzer: Any, *, lora_rank: int = 4, imr_dim: int = 64, seed: int = 0
 ) -> RandomParts:
-    """Install SAA on `base.unet` (LoRA `up` weights random, not zero, so the LoRA path is exercised) and build
+    """Install SAA on `base.unet` (a Flux base: its transformer; LoRA `up` weights random, not zero, so the LoRA path is exercised) and build
     the rest with the widths of `base` (pooled text, CLIP, cross-attention) and of `analyzer`'s ID embedding
     (a `dynamicid.faces.FaceAnalyzer`).
 
     The IMR uses 64-wide heads, as the release's files imply, so these parts also round-trip through the
     release layout.
     """
-    unet, clip_dim, cross_attention_dim = base.unet, base.clip_dim, base.cross_attention_dim
+    clip_dim, cross_attention_dim = base.clip_dim, base.cross_attention_dim
     id_embed_dim, id_embed_model = analyzer.embedding_dim, analyzer.embedding_model
+    flux = base.family == FLUX_FAMILY  # SAA goes into the Flux transformer's double-stream blocks
+    unet = base.transformer if flux else base.unet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        install_saa(unet, rank=lora_rank, num_tokens=4)
-        for processor in saa_processors(unet).values():
+        (install_flux_saa if flux else install_saa)(unet, rank=lora_rank, num_tokens=4)
+        for processor in (flux_saa_processors if flux else saa_processors)(unet).values():
             for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
                 nn.init.normal_(lora.up.weight, std=0.02)
         face_encoder = FaceEncoder(

@@ -93,6 +93,7 @@ class DynamicIDMixin:
     """
 
     family: str  # the base family the sibling is made for ("sd15", "sdxl")
+    multi_person_boost = MULTI_PERSON_BOOST  # (boost, steps) with several people, for the family's step count
     dynamicid: DynamicIDModules | None = None  # set by load_dynamicid / set_dynamicid
     reference_analyzer: ReferenceAnalyzer | None = None
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
@@ -183,7 +184,7 @@ class DynamicIDMixin:
                 f"the face encoder takes {modules.face_encoder.clip_embeddings_dim}-d CLIP states but the image "
                 f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
             )
-        _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
+        _check_edit_modules(modules, self.id_token_width)
         references = face_analyzer
         if face_analyzer is not None and not isinstance(face_analyzer, ReferenceAnalyzer):
             references = ReferenceAnalyzer(face_analyzer)
@@ -194,6 +195,11 @@ class DynamicIDMixin:
                 f"({references.embedding_model}); choose the face backend the weights were trained with"
             )
         self.dynamicid, self.reference_analyzer = modules, references
+
+    @property
+    def id_token_width(self) -> int:
+        """The width of the face tokens the base takes (the UNet's cross-attention width)."""
+        return int(self.unet.config.cross_attention_dim)
 
     @property
     def conditioner(self) -> Conditioner:
@@ -315,6 +321,38 @@ class DynamicIDMixin:
             "landmark_image": describe_source(person.landmark_image) if target_ref is not None else None,
         }
 
+    # ---- step helpers (every family's __call__) ----
+
+    @torch.no_grad()
+    def identity_tokens(
+        self, people: list[Person], references: list[Reference], boxes: list[Box]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+        """Face tokens (n, tokens, C), rewritten by the IMR where a person asks for an expression / pose /
+        landmark target; the unconditional face's tokens (n, tokens, C); one report per person."""
+        tokens, uncond_tokens = self.encode_faces(references)
+        reports = []
+        for i, (person, reference) in enumerate(zip(people, references, strict=True)):
+            report = {"reference": reference.labels(), "box": list(boxes[i]), "edited": person.wants_edit}
+            if person.wants_edit:
+                report |= self.reconfigure(tokens[i : i + 1], reference, person, i)
+            reports.append(report)
+        return tokens, uncond_tokens, reports
+
+    def saa_settings(
+        self, boxes: list[Box], id_scale: float, gating: bool, boost: float | None, boost_steps: int | None
+    ) -> dict[str, Any]:
+        """The layout the SAA processors run with (reported in the output); a None boost setting takes the
+        family's reference value (`multi_person_boost` with several people, none for one)."""
+        default = self.multi_person_boost if len(boxes) > 1 else SINGLE_PERSON_BOOST
+        return {
+            "num_ids": len(boxes),
+            "id_scale": id_scale,
+            "gating": gating,
+            "boxes": [list(box) for box in boxes],
+            "boost": default[0] if boost is None else boost,
+            "boost_steps": default[1] if boost_steps is None else boost_steps,
+        }
+
     # ---- generation ----
 
     @torch.no_grad()
@@ -397,10 +435,6 @@ class DynamicIDMixin:
         if self.dynamicid.format != "memory":  # loaded modules follow pipe.to(...); a trainer's stay as they are
             self.dynamicid.to(device, self.unet.dtype)
         num_people = len(people)
-        if boost is None or boost_steps is None:
-            default_boost = MULTI_PERSON_BOOST if num_people > 1 else SINGLE_PERSON_BOOST
-            boost = default_boost[0] if boost is None else boost
-            boost_steps = default_boost[1] if boost_steps is None else boost_steps
 
         # 2. Analyse the references: the largest face of each
         references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
@@ -412,13 +446,7 @@ class DynamicIDMixin:
         )
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
-        tokens, uncond_tokens = self.encode_faces(references)
-        reports = []
-        for i, (person, reference) in enumerate(zip(people, references, strict=True)):
-            report = {"reference": reference.labels(), "box": list(boxes[i]), "edited": person.wants_edit}
-            if person.wants_edit:
-                report |= self.reconfigure(tokens[i : i + 1], reference, person, i)
-            reports.append(report)
+        tokens, uncond_tokens, reports = self.identity_tokens(people, references, boxes)
 
         # 5. Text tokens followed by every person's tokens, in person order
         prompt_embeds = encoder_states(prompt_embeds, tokens.reshape(1, -1, tokens.shape[-1]))
@@ -430,14 +458,7 @@ class DynamicIDMixin:
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
         # 6. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
-        saa_settings = {
-            "num_ids": num_people,
-            "id_scale": id_scale,
-            "gating": gating,
-            "boxes": [list(box) for box in boxes],
-            "boost": boost,
-            "boost_steps": boost_steps,
-        }
+        saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
         saa_per_step = saa_calls(
             **saa_settings,
             steps=num_inference_steps,

@@ -45,6 +45,8 @@ class FluxBase:
         """The transformer's token width (3072 for FLUX.1): the width of the face tokens."""
         return int(self.transformer.inner_dim)
 
+    cross_attention_dim = inner_dim  # the face tokens' width, under the SD families' name
+
     @property
     def pooled_dim(self) -> int:
         """The CLIP text encoder's pooled width (768 for FLUX.1): the IMR's text-vector width."""

@@ -16,7 +16,7 @@ PART_PREFIXES: dict[str, str] = {
 }
 
 # Base families weights can be made for (`base_family`), with the name a message gives them.
-BASE_FAMILIES: dict[str, str] = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL"}
+BASE_FAMILIES: dict[str, str] = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL", "flux": "FLUX.1"}
 
 
 def family_label(family: str) -> str:
