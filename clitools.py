@@ -3,7 +3,8 @@
 - Usage and input errors (a bad flag, a missing or unreadable file, a ValueError/OSError from the work): one
   line `error: ...` naming the flag or file, exit code 2. Flags are checked by their Click types (`AtLeast`)
   while parsing, so before anything is loaded or written.
-- Ctrl-C: one line saying how to resume (each command's `interrupted=` text), exit code 130.
+- Ctrl-C: one line saying how to resume (each command's `interrupted=` text), exit code 130; SIGTERM (`timeout`,
+  `docker stop`, systemd, job schedulers) the same, exit code 143.
 - Anything else is a bug: one line, exit code 1; the traceback only with `--verbose`, which every command
   takes and which also lets the face libraries' native log lines through (`VERBOSE_ENV`).
 
@@ -13,8 +14,12 @@ Use `@click.group(cls=ToolGroup)`; its commands are `ToolCommand`s. Imports only
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -89,6 +94,27 @@ class ToolCommand(click.Command):
         )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread for the block (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _close_progress_bars() -> None:
     """Bars an exception left open would redraw below its message when collected: finish them first."""
     tqdm = sys.modules.get("tqdm")
@@ -103,7 +129,8 @@ class ToolGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, InputError):
             _close_progress_bars()
             raise
@@ -112,11 +139,12 @@ class ToolGroup(click.Group):
         except click.ClickException as error:
             _close_progress_bars()
             raise InputError(error.format_message()) from error
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
             _close_progress_bars()
             command = self.get_command(ctx, ctx.invoked_subcommand or "")
-            click.echo(f"interrupted: {getattr(command, 'interrupted', 'rerun the command')}", err=True)
-            ctx.exit(130)
+            what = "terminated" if isinstance(error, Terminated) else "interrupted"
+            click.echo(f"{what}: {getattr(command, 'interrupted', 'rerun the command')}", err=True)
+            ctx.exit(143 if isinstance(error, Terminated) else 130)
         except INPUT_ERRORS as error:
             _close_progress_bars()
             raise InputError(str(error)) from error

@@ -13,6 +13,7 @@ import click
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.curation.config import MIN_CROP_SIZE
 from dynamicid.curation.inputs import CurationError, check_folders
+from dynamicid.locks import hold_folder
 
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -146,6 +147,12 @@ def run_options(func):
             "backend's same-person distance threshold).",
         ),
         click.option(
+            "--follow-links",
+            is_flag=True,
+            help="Also read symbolic links whose target is outside PHOTOS_DIR (by default they are rejected as "
+            "outside_photos_dir, unread); links into OUT_DIR or the work folder stay rejected.",
+        ),
+        click.option(
             "--min-face-size",
             type=AtLeast(0, float),
             default=40.0,
@@ -187,6 +194,7 @@ def _config(kwargs: dict):
         engine=kwargs["engine"],
         ray_address=kwargs["ray_address"],
         cluster=kwargs["cluster"],
+        follow_links=kwargs["follow_links"],
         shard_index=index,
         shard_count=count,
         min_face_size=kwargs["min_face_size"],
@@ -226,25 +234,26 @@ def build(**kwargs) -> None:
     from dynamicid.curation.engines import start_engine
 
     config = _config(kwargs)
-    check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])  # before any worker starts
-    # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
-    engine = start_engine(config, progress=kwargs["progress"])
-    try:
-        from dynamicid.curation.pipeline import STAGES, open_run, run_stage
+    _, out_dir, _ = check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])  # before any worker
+    with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+        # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
+        engine = start_engine(config, progress=kwargs["progress"])
+        try:
+            from dynamicid.curation.pipeline import STAGES, open_run, run_stage
 
-        run = open_run(
-            kwargs["photos_dir"],
-            kwargs["out_dir"],
-            config,
-            work_dir=kwargs["work_dir"],
-            resume=kwargs["resume"],
-            progress=kwargs["progress"],
-            engine=engine,
-        )
-        for stage in STAGES:
-            run_stage(run, stage)
-    finally:
-        engine.close()
+            run = open_run(
+                kwargs["photos_dir"],
+                kwargs["out_dir"],
+                config,
+                work_dir=kwargs["work_dir"],
+                resume=kwargs["resume"],
+                progress=kwargs["progress"],
+                engine=engine,
+            )
+            for stage in STAGES:
+                run_stage(run, stage)
+        finally:
+            engine.close()
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
 
 
@@ -253,6 +262,7 @@ OPTION_STAGES = {
     "per_identity": ("select",),
     "min_per_identity": ("select",),
     "cluster": ("scan", "identify"),
+    "follow_links": ("scan",),
     "crop_size": ("identify", "align"),
     "max_upscale": ("identify",),
 }
@@ -264,20 +274,22 @@ def _stage_command(stage: str, help_text: str) -> None:
     def command(**kwargs) -> None:
         from dynamicid.curation.pipeline import open_run, run_stage
 
-        run = open_run(
-            kwargs["photos_dir"],
-            kwargs["out_dir"],
-            _config(kwargs),
-            work_dir=kwargs["work_dir"],
-            resume=True,
-            progress=kwargs["progress"],
-        )
-        try:
-            rows = run_stage(run, stage)
-        except FileNotFoundError as error:
-            raise InputError(str(error)) from error
-        finally:
-            run.engine.close()
+        _, out_dir, _ = check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])
+        with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+            run = open_run(
+                kwargs["photos_dir"],
+                kwargs["out_dir"],
+                _config(kwargs),
+                work_dir=kwargs["work_dir"],
+                resume=True,
+                progress=kwargs["progress"],
+            )
+            try:
+                rows = run_stage(run, stage)
+            except FileNotFoundError as error:
+                raise InputError(str(error)) from error
+            finally:
+                run.engine.close()
         where = run.out_dir if stage == "write" else run.work.table_path(stage)
         result = {"stage": stage, "rows": rows, "written": str(where)}
         result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}

@@ -25,7 +25,7 @@ from dynamicid.curation.analysis import describe_photo
 from dynamicid.curation.backend import analyzer_for
 from dynamicid.curation.detect import FACE_BOX
 from dynamicid.curation.grouping import average_linkage
-from dynamicid.curation.imagehash import HASH_WORDS
+from dynamicid.curation.imagehash import HASH_VERSION, HASH_WORDS
 from dynamicid.curation.stages import COMPUTED, Stage, StageKind, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute
 from dynamicid.curation.tables import digest
@@ -71,8 +71,8 @@ def describe_store(stage: Stage) -> ResultStore:
 
 
 def describe_key(sha256: str, faces: list[dict]) -> str:
-    """The photo's bytes and the faces handed to the models (they change with --min-face-size)."""
-    return digest(sha256, json.dumps(faces, sort_keys=True))
+    """The photo's bytes, the faces handed to the models (they change with --min-face-size) and the hash's version."""
+    return digest(sha256, json.dumps(faces, sort_keys=True), HASH_VERSION)
 
 
 class DescribeAhead:
@@ -105,6 +105,7 @@ class DescribeStage(Stage):
 
     name = "describe"
     step = "identify"
+    version = HASH_VERSION  # the faces' hashes are part of its output
     input_columns = ("source_path", "identity", "sha256", "faces")
     uses_models = pooled = True
 

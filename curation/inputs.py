@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynamicid.locks import LOCK_NAME
+
 MARKER = ".dynamicid-curate"  # written into OUT_DIR first: later runs may overwrite a folder that has it
 TOOL = "dynamicid-curate"
 
@@ -20,7 +22,7 @@ def check_out_dir(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise CurationError(f"OUT_DIR {out_dir} exists and is not a folder; choose another path")
-    if (out_dir / MARKER).exists() or not any(out_dir.iterdir()):
+    if (out_dir / MARKER).exists() or not any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         return
     raise CurationError(
         f"OUT_DIR {out_dir} already holds files that dynamicid-curate did not write; "

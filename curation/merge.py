@@ -29,6 +29,7 @@ from dynamicid.curation.pipeline import Run, run_stage
 from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
+from dynamicid.locks import hold_folder
 
 SHARED_TABLES = ("scan", "detect", "describe", "identify", "size")  # per photo or identity: final in the shards
 SHARED_STORES = ("describe-*", "align", "crops")  # what the merged steps read: landmarks, crop quality, crops
@@ -122,8 +123,13 @@ def _check_crops(run: Run) -> None:
 
 def merge_datasets(shard_dirs: list[Path], out_dir: Path, *, progress: bool = True) -> dict:
     """Merge the shard output folders into OUT_DIR, equal to a single build; returns the merged summary."""
-    shard_dirs = [Path(d).absolute() for d in shard_dirs]
     out_dir = Path(out_dir).absolute()
+    with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+        return _merge(shard_dirs, out_dir, progress)
+
+
+def _merge(shard_dirs: list[Path], out_dir: Path, progress: bool) -> dict:
+    shard_dirs = [Path(d).absolute() for d in shard_dirs]
     if not shard_dirs:
         raise CurationError("merge needs at least one shard output folder")
     if out_dir in shard_dirs:

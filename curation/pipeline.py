@@ -52,6 +52,7 @@ from dynamicid.curation.write import (
     shard_names,
     write_summary,
 )
+from dynamicid.locks import hold_folder
 from dynamicid.schemas import rejects_arrow_schema
 
 STAGES: tuple[str, ...] = ("scan", "detect", "identify", "dedupe", "align", "label", "select", "write")
@@ -148,7 +149,13 @@ def run_scan(run: Run) -> int:
     with _Timer(stats):
         hashes = ResultStore(run.work.store_path("hashes"), HASH_STORE_SCHEMA)
         table, hashed = scan(
-            run.photos_dir, cluster=c.cluster, shard_index=c.shard_index, shard_count=c.shard_count, hash_store=hashes
+            run.photos_dir,
+            cluster=c.cluster,
+            shard_index=c.shard_index,
+            shard_count=c.shard_count,
+            hash_store=hashes,
+            follow_links=c.follow_links,
+            fenced=(run.out_dir, run.work.root),
         )
         hashes.compact()
         stats.computed += hashed
@@ -427,7 +434,7 @@ def build_dataset(
 
     Returns the content of OUT_DIR/summary.json. `settings` are further `CurationConfig` fields
     (e.g. min_face_size). Raises CurationError for a missing PHOTOS_DIR, a foreign OUT_DIR, bad settings
-    or face models that cannot start.
+    or face models that cannot start; `dynamicid.locks.FolderInUse` while another run writes OUT_DIR.
     """
     config = CurationConfig(
         per_identity=per_identity,
@@ -440,17 +447,19 @@ def build_dataset(
         shard_count=shard[1],
         **settings,
     )
-    run = open_run(
-        Path(photos_dir),
-        Path(out_dir),
-        config,
-        work_dir=Path(work_dir) if work_dir else None,
-        resume=resume,
-        progress=progress,
-    )
-    try:
-        for step in STAGES:
-            run_stage(run, step)
-    finally:
-        run.engine.close()
+    _, out, _ = check_folders(Path(photos_dir), Path(out_dir), Path(work_dir) if work_dir else None)
+    with hold_folder(out, f"OUT_DIR {out}"):
+        run = open_run(
+            Path(photos_dir),
+            Path(out_dir),
+            config,
+            work_dir=Path(work_dir) if work_dir else None,
+            resume=resume,
+            progress=progress,
+        )
+        try:
+            for step in STAGES:
+                run_stage(run, step)
+        finally:
+            run.engine.close()
     return json.loads((run.out_dir / "summary.json").read_text())

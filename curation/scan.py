@@ -2,6 +2,11 @@
 
 Every file found is one row of the scan table; the later stages only ever remove rows from the set of
 candidates by writing a reject, so `kept + rejected == scanned` holds by construction.
+
+The scan never leaves PHOTOS_DIR: a symbolic link (to a file or a folder) whose target lies outside it is an
+`outside_photos_dir` reject and is not read (`follow_links` allows such targets), and nothing inside OUT_DIR or
+the work folder is read either way. A name that is not UTF-8 (or holds control characters) is a
+`bad_file_name` reject, shown with backslash escapes (`x_\\xff.jpg`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +45,9 @@ CHUNK = 4096  # files looked up and hashed at a time
 @dataclass(frozen=True)
 class ScannedFile:
     path: Path
-    relative: str
-    error: str | None  # why the file cannot even be listed/stat'ed (symlink loop, permission)
+    relative: str  # readable: escaped when the name is not (see `readable_name`)
+    error: str | None  # why the file cannot be read (symlink loop, permission, a link out of PHOTOS_DIR, its name)
+    reason: RejectReason = RejectReason.UNREADABLE  # the reject reason that goes with `error`
 
 
 def shard_of(identity: str, shard_count: int) -> int:
@@ -48,18 +55,42 @@ def shard_of(identity: str, shard_count: int) -> int:
     return int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) % shard_count
 
 
-def walk(photos_dir: Path) -> Iterator[ScannedFile]:
+def readable_name(name: str) -> str:
+    """A file name as text that any table, report or terminal shows: bytes that are not UTF-8 (decoded by Python
+    as surrogates) and control characters as backslash escapes (`\\xff`, `\\n`); other names unchanged."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" else c for c in text)
+
+
+def walk(photos_dir: Path, *, follow_links: bool = False, fenced: Iterable[Path] = ()) -> Iterator[ScannedFile]:
     """All files under `photos_dir` (following folder links once each); unlistable folders are reported.
 
-    One folder's entries at a time: memory holds the folders being walked, not the files found.
+    Links whose target is outside `photos_dir` are reported, not followed (followed with `follow_links`); nothing
+    under a `fenced` folder (OUT_DIR, the work folder) is read, however it is reached. One folder's entries at a
+    time: memory holds the folders being walked, not the files found.
     """
+    root = Path(os.path.realpath(photos_dir))
+    fenced = [Path(os.path.realpath(f)) for f in fenced]
     seen_dirs: set[tuple[int, int]] = set()
 
+    def refused(path: Path) -> str | None:
+        """Why the target of `path` (a link, or a folder reached through links) may not be read, or None."""
+        target = Path(os.path.realpath(path))
+        if any(target == f or f in target.parents for f in fenced):
+            return "leads into OUT_DIR or the work folder: not read"
+        if not follow_links and target != root and root not in target.parents:
+            return "symbolic link to a target outside PHOTOS_DIR: not read (give --follow-links to include it)"
+        return None
+
     def visit(folder: Path) -> Iterator[ScannedFile]:
+        relative = _relative(folder, photos_dir)
+        if why := refused(folder):  # PHOTOS_DIR itself, or OUT_DIR reached by --follow-links
+            yield ScannedFile(folder, relative, why, RejectReason.OUTSIDE_PHOTOS_DIR)
+            return
         try:
             st = folder.stat()
         except OSError as e:
-            yield ScannedFile(folder, _relative(folder, photos_dir), _os_reason(e))
+            yield ScannedFile(folder, relative, _os_reason(e))
             return
         if (st.st_dev, st.st_ino) in seen_dirs:
             return  # a folder link back to a folder already walked (a loop): its files are counted once
@@ -67,25 +98,34 @@ def walk(photos_dir: Path) -> Iterator[ScannedFile]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            yield ScannedFile(folder, _relative(folder, photos_dir) + "/", f"folder not listable: {_os_reason(e)}")
+            yield ScannedFile(folder, relative + "/", f"folder not listable: {_os_reason(e)}")
             return
         for entry in entries:
             path = Path(entry.path)
+            relative = _relative(path, photos_dir)
+            if entry.is_symlink() and (why := refused(path)):
+                yield ScannedFile(path, relative, why, RejectReason.OUTSIDE_PHOTOS_DIR)
+                continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError as e:
-                yield ScannedFile(path, _relative(path, photos_dir), _os_reason(e))
+                yield ScannedFile(path, relative, _os_reason(e))
                 continue
             if is_dir:
                 yield from visit(path)
+            elif relative != path.relative_to(photos_dir).as_posix():
+                yield ScannedFile(path, relative, BAD_NAME, RejectReason.BAD_FILE_NAME)
             else:
-                yield ScannedFile(path, _relative(path, photos_dir), None)
+                yield ScannedFile(path, relative, None)
 
-    yield from visit(photos_dir)
+    yield from visit(Path(photos_dir))
+
+
+BAD_NAME = "the file name is not UTF-8 or holds control characters (shown escaped): rename it, e.g. with convmv"
 
 
 def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    return readable_name(path.relative_to(root).as_posix()) if path != root else ""
 
 
 def _os_reason(error: OSError) -> str:
@@ -133,7 +173,7 @@ def _stat_row(item: ScannedFile, cluster: bool) -> dict:
     row = {"source_path": item.relative, "identity": identity or "", "sha256": None, "size": 0, "stat_key": None}
     reason, detail = None, None
     if item.error is not None:
-        reason, detail = RejectReason.UNREADABLE.value, item.error
+        reason, detail = item.reason.value, item.error
     else:
         try:
             st = item.path.stat()
@@ -148,13 +188,21 @@ def _stat_row(item: ScannedFile, cluster: bool) -> dict:
 
 
 def scan(
-    photos_dir: Path, *, cluster: bool, shard_index: int, shard_count: int, hash_store: ResultStore
+    photos_dir: Path,
+    *,
+    cluster: bool,
+    shard_index: int,
+    shard_count: int,
+    hash_store: ResultStore,
+    follow_links: bool = False,
+    fenced: Iterable[Path] = (),
 ) -> tuple[pa.Table, int]:
     """The scan table (one row per file of this shard, with its sha256 or a reject reason; sorted by identity,
-    then path) and how many files were hashed (the others' hashes came from `hash_store`)."""
+    then path) and how many files were hashed (the others' hashes came from `hash_store`). `follow_links` and
+    `fenced` (OUT_DIR, the work folder): see `walk`."""
     hashed = 0
     tables = []
-    for chunk in _chunks(walk(photos_dir), CHUNK):
+    for chunk in _chunks(walk(photos_dir, follow_links=follow_links, fenced=fenced), CHUNK):
         rows = []
         for item in chunk:
             identity = identity_of(item.relative, cluster)

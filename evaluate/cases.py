@@ -37,28 +37,43 @@ def cases_from_sidecars(folder: str | Path, references_dir: str | Path | None = 
     for path in sorted(folder.glob("*.json")):
         try:
             sidecar = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue  # not a sidecar (e.g. a summary written next to the images)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ManifestError(
+                f"{path}: not readable JSON ({error}); a sidecar cut short? generate the image again, or move the "
+                "file out of the folder"
+            ) from None
         if not isinstance(sidecar, dict) or not str(sidecar.get("tool", "")).startswith("dynamicid-infer"):
-            continue
-        row = parse_row(sidecar.get("row") or _row_of_generate(sidecar, path), base, str(path))
-        people = tuple(
-            ManifestPerson(
-                p.references, p.held_out, p.identity, p.expression, p.pose, tuple(used["box"]), p.landmark_image
-            )
-            for p, used in zip(row.people, sidecar["people"], strict=True)
-        )
-        for image in sidecar["outputs"]["images"]:
-            image_path = path.parent / Path(image).name
-            if not image_path.is_file():
-                raise ManifestError(f"{path}: image {image_path} listed in the sidecar is missing")
-            cases.append(Case(image_path.stem, image_path, row.prompt, people))
+            continue  # not a sidecar (e.g. a summary written next to the images)
+        try:
+            cases += _sidecar_cases(sidecar, path, base)
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # fields missing or of the wrong type
+            raise ManifestError(
+                f"{path}: not a valid dynamicid-infer sidecar ({type(error).__name__}: {error}); generate the image "
+                "again"
+            ) from None
     if not cases:
         raise ManifestError(
             f"{folder} holds no dynamicid-infer sidecars; for images made elsewhere give --manifest M "
             "with images named <id>.png / <id>.jpg"
         )
     return sorted(cases, key=lambda c: c.id)
+
+
+def _sidecar_cases(sidecar: dict[str, Any], path: Path, base: Path) -> list[Case]:
+    row = parse_row(sidecar.get("row") or _row_of_generate(sidecar, path), base, str(path))
+    people = tuple(
+        ManifestPerson(p.references, p.held_out, p.identity, p.expression, p.pose, tuple(used["box"]), p.landmark_image)
+        for p, used in zip(row.people, sidecar["people"], strict=True)
+    )
+    cases = []
+    for image in sidecar["outputs"]["images"]:
+        image_path = path.parent / Path(image).name
+        if not image_path.is_file():
+            raise ManifestError(f"{path}: image {image_path} listed in the sidecar is missing")
+        cases.append(Case(image_path.stem, image_path, row.prompt, people))
+    return cases
 
 
 def _row_of_generate(sidecar: dict[str, Any], path: Path) -> dict[str, Any]:

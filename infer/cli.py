@@ -277,14 +277,16 @@ def _generate(
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    from dynamicid.infer.outputs import MAX_IMAGE_SIDE
+
     if size is None:
         return None, None
     try:
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise InputError(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 768x512") from None
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise InputError(f"--size {size}: width and height must be positive multiples of 8")
+    if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE) or width % 8 or height % 8:
+        raise InputError(f"--size {size}: width and height must be multiples of 8 in 8..{MAX_IMAGE_SIDE}")
     return width, height
 
 

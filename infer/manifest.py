@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynamicid.infer.outputs import MAX_IMAGE_SIDE
 from dynamicid.infer.people import Box, Person, check_box, check_person_labels
 
 ROW_SETTINGS: dict[str, type | tuple[type, ...]] = {
@@ -143,9 +145,16 @@ def parse_row(data: Any, base: Path, where: str) -> ManifestRow:
             settings[key] = data[key]
     if "steps" in settings and settings["steps"] < 1:
         raise ManifestError(f"{where}: 'steps' must be at least 1")
+    for key in ("guidance_scale", "id_scale"):
+        if key in settings and not 0 <= settings[key] < math.inf:  # json reads NaN and Infinity
+            raise ManifestError(f"{where}: {key!r} must be a finite number >= 0, got {settings[key]}")
     size = settings.get("size")
-    if size is not None and not (SIZE.match(size) and all(int(v) % 8 == 0 for v in size.split("x"))):
-        raise ManifestError(f"{where}: 'size' {size!r} must be WIDTHxHEIGHT in multiples of 8, e.g. 768x512")
+    if size is not None and not (
+        SIZE.match(size) and all(8 <= int(v) <= MAX_IMAGE_SIDE and int(v) % 8 == 0 for v in size.split("x"))
+    ):
+        raise ManifestError(
+            f"{where}: 'size' {size!r} must be WIDTHxHEIGHT in multiples of 8 up to {MAX_IMAGE_SIDE}, e.g. 768x512"
+        )
     people = data.get("people")
     if not isinstance(people, list) or not people:
         raise ManifestError(f"{where}: 'people' must be a non-empty list of objects")

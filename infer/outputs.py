@@ -17,6 +17,9 @@ from PIL import Image, ImageDraw
 # One colour per person for the overlays (cycled beyond six people).
 PERSON_COLORS = ((255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 32), (200, 96, 255), (32, 220, 220))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The largest width or height generated: twice the largest native size of the supported bases (Flux, 2048). A
+# larger size is a typo that would only run until memory is gone (a 100000x100000 latent is 2.5 GB per channel).
+MAX_IMAGE_SIDE = 4096
 
 
 def overlay_activation(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dynamicid.models.saa import default_boxes
+from dynamicid.models.saa import covered_box, default_boxes
 from dynamicid.schemas.labels import check_expression, check_pose
 
 ImageSource = str | Path | Image.Image
@@ -81,12 +81,19 @@ def resolve_boxes(people: list[Person]) -> list[Box]:
             f"{len(given)} box(es) for {len(people)} people: give one box per person, or none for equal strips"
         )
     boxes = [check_box(p.box, i) for i, p in enumerate(people)]  # type: ignore[arg-type]
+    covered = covered_box(boxes)
+    if covered is not None:
+        i, j = covered
+        raise ValueError(
+            f"the box of person {i + 1} {boxes[i]} lies inside the box of person {j + 1} {boxes[j]}, who is in front: "
+            f"person {i + 1} would not appear; list people back to front (the later one is in front)"
+        )
     for i in range(len(boxes)):
         for j in range(i + 1, len(boxes)):
             if overlap_area(boxes[i], boxes[j]) > 0:
                 warnings.warn(
                     f"boxes of person {i + 1} {boxes[i]} and person {j + 1} {boxes[j]} overlap; "
-                    "the identities compete where they overlap",
+                    f"person {j + 1} is in front where they overlap (later people are in front)",
                     DynamicIDWarning,
                     stacklevel=3,
                 )

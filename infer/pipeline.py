@@ -6,6 +6,7 @@ of a loaded base model."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
+from dynamicid.infer.outputs import MAX_IMAGE_SIDE
 from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
@@ -219,6 +221,7 @@ class DynamicIDMixin:
         negative_prompt: str | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         num_images_per_prompt: int = 1,
+        id_scale: float = 1.0,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
         if self.dynamicid is None:
@@ -229,14 +232,17 @@ class DynamicIDMixin:
             raise ValueError(f"`negative_prompt` must be a string or None, got {type(negative_prompt).__name__}")
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
+        if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
+            raise ValueError(f"`height` and `width` must be in 8..{MAX_IMAGE_SIDE}, got {height} and {width}")
         # DDIM's leading timesteps are offset by `steps_offset`: one step per training timestep would index past them.
         most_steps = self.scheduler.config.num_train_timesteps - self.scheduler.config.get("steps_offset", 0)
         if not 1 <= num_inference_steps <= most_steps:
             raise ValueError(f"`num_inference_steps` (--steps) must be in 1..{most_steps}, got {num_inference_steps}")
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
+        for name, value in (("guidance_scale", guidance_scale), ("id_scale", id_scale)):
+            if not (isinstance(value, int | float) and 0 <= value < math.inf):  # NaN fails this too
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
         if not people or not all(isinstance(p, Person) for p in people):
             raise ValueError("`people` must be a non-empty list of dynamicid.infer.Person")
         for i, person in enumerate(people):
@@ -425,6 +431,7 @@ class DynamicIDMixin:
             negative_prompt,
             tensor_inputs,
             num_images_per_prompt,
+            id_scale,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = 0.0

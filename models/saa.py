@@ -4,6 +4,15 @@
 changes per call (persons, boxes, gating, this step's boost) comes as `cross_attention_kwargs={"saa": SAACall(...)}`.
 Cross-attention layers receive the encoder states `[text tokens ; ID tokens]`, the last `num_tokens * num_ids`
 positions being the ID tokens, persons in order.
+
+Overlapping boxes: people are listed back to front, and where boxes overlap the later person is in front. A query
+cell inside several boxes attends only to the tokens of the last person whose box holds it (every other person's
+tokens are hidden there), so the person in front shows their own face over the overlap, not a blend of both, and
+the person behind shows in the rest of their box, as if partly hidden. (Read literally, METHOD.md's "every other
+person's tokens set to -inf in each box" hides every person's tokens in an overlap, a softmax over nothing.)
+A box lying wholly inside a later person's box (identical boxes included) would leave its person no cell at all:
+refused (`covered_box`); list that person later to put them in front, or blend persons in one box with
+`mix_scale`.
 """
 
 from __future__ import annotations
@@ -342,7 +351,7 @@ def _routing(call: SAACall, grid: tuple[int, int], num_tokens: int, device: torc
         return _Routing(gate_scale, gate_offset, None, weights)
     owner = torch.full((cells.shape[1],), -1, dtype=torch.long, device=device)
     for person, inside in enumerate(cells):
-        owner[inside] = person  # where boxes overlap, the later person owns the cell
+        owner[inside] = person  # where boxes overlap, the later person is in front (module docstring)
     token_person = torch.arange(num_id_tokens, device=device) // num_tokens
     hidden = (owner[None, :] >= 0) & (owner[None, :] != token_person[:, None])
     return _Routing(gate_scale, gate_offset, hidden if bool(hidden.any()) else None, None)
@@ -393,6 +402,16 @@ def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
     unet.set_attn_processor(processors)
 
 
+def covered_box(boxes: Sequence[Box]) -> tuple[int, int] | None:
+    """(i, j) for the first box i lying wholly inside a later box j (whose person is in front of all of it), else None."""
+    for i, inner in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            outer = boxes[j]
+            if outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]:
+                return i, j
+    return None
+
+
 def _check_boxes(boxes: Sequence[Sequence[float]], expected: int) -> tuple[Box, ...]:
     if len(boxes) != expected:
         raise ValueError(f"got {len(boxes)} boxes for {expected} person(s); give one (y0, x0, y1, x1) box per person")
@@ -406,6 +425,13 @@ def _check_boxes(boxes: Sequence[Sequence[float]], expected: int) -> tuple[Box, 
         if not (y0 < y1 and x0 < x1):
             raise ValueError(f"box {i} {list(box)} is empty: need y0 < y1 and x0 < x1 (order is y0, x0, y1, x1)")
         checked.append((y0, x0, y1, x1))
+    covered = covered_box(checked) if expected > 1 else None
+    if covered is not None:
+        i, j = covered
+        raise ValueError(
+            f"box {i} {list(checked[i])} lies inside box {j} {list(checked[j])}, whose person is in front: person {i} "
+            "would not appear; list persons back to front (the later one is in front), or use mix_scale to blend"
+        )
     return tuple(checked)
 
 

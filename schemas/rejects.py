@@ -8,6 +8,8 @@ from enum import Enum
 class RejectReason(str, Enum):
     UNDECODABLE = "undecodable"  # not an image, truncated, 0 bytes, decompression bomb
     UNREADABLE = "unreadable"  # permission error, symlink loop, I/O error
+    OUTSIDE_PHOTOS_DIR = "outside_photos_dir"  # a link leading out of PHOTOS_DIR (or into OUT_DIR): not read
+    BAD_FILE_NAME = "bad_file_name"  # a name that is not UTF-8 or holds control characters (shown escaped)
     TOO_SMALL = "too_small"  # the face is below the minimum size
     NO_FACE = "no_face"
     OTHER_PERSON = "other_person"  # faces found, none is the folder's person

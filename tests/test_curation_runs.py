@@ -214,3 +214,8 @@ def test_demo_curates_the_installed_sample_photos(tmp_path):
         assert (tmp_path / "demo" / name).exists(), name
     ds = datasets.load_dataset(str(tmp_path / "demo"), split="train")
     assert ds.num_rows == summary["kept"]
+    # The mirrored, smaller astronaut the demo adds is rejected as a duplicate of the original, which is kept.
+    rejects = {r["source_path"]: r for r in pq.read_table(tmp_path / "demo" / "rejects.parquet").to_pylist()}
+    copy = rejects["eileen_collins/astronaut_mirrored_small.jpg"]
+    assert (copy["stage"], copy["reason"]) == ("dedupe", "duplicate_of:eileen_collins/astronaut.png")
+    assert "eileen_collins/astronaut.png" in ds["source_path"]

@@ -53,6 +53,20 @@ def test_hash_pairs_match_brute_force_including_mirrors():
     assert found == brute
 
 
+def test_hamming_counts_the_bits_of_negative_words_too():
+    """Oracle: Python's own bit count of each word as 64 unsigned bits (numpy's bitwise_count on int64 counts the
+    absolute value's bits: words whose sign bits differ were miscounted, and mirrored copies were kept)."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(-(2**63), 2**63 - 1, size=(50, HASH_WORDS), dtype=np.int64)
+    b = rng.integers(-(2**63), 2**63 - 1, size=(50, HASH_WORDS), dtype=np.int64)
+    expected = [
+        sum(bin((int(x) ^ int(y)) & (2**64 - 1)).count("1") for x, y in zip(u, v, strict=True))
+        for u, v in zip(a, b, strict=True)
+    ]
+    assert hamming(a, b).tolist() == expected
+    assert hamming(np.array([-1, 0, 0, 0]), np.zeros(4, np.int64)) == 64
+
+
 def test_components_are_numbered_by_first_member():
     labels = components(6, np.array([[4, 5], [1, 3]]))
     assert labels.tolist() == [0, 1, 2, 1, 3, 3]

@@ -309,3 +309,25 @@ def test_shipped_prompt_lists():
     assert benchmark_prompt("{subject} in a cafe", 3) == "three people in a cafe"
     with pytest.raises(ValueError, match="valid: single, multi"):
         benchmark_prompts("sports")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda text: text[: len(text) // 2], "not readable JSON"),
+        (
+            lambda text: json.dumps({**json.loads(text), "outputs": {"images": 5}}),
+            "not a valid dynamicid-infer sidecar",
+        ),
+        (lambda text: json.dumps({**json.loads(text), "people": "everyone"}), "not a valid dynamicid-infer sidecar"),
+    ],
+)
+def test_score_refuses_a_damaged_sidecar_naming_it(generated, tmp_path, damage, message):
+    folder = tmp_path / "generated"
+    shutil.copytree(generated, folder)
+    sidecar = folder / "solo.json"
+    sidecar.write_text(damage(sidecar.read_text()))
+    result = CliRunner().invoke(eval_main, ["score", str(folder), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {sidecar}: {message}") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "s").exists()

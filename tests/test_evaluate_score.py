@@ -244,6 +244,9 @@ def test_bad_manifest_rows_stop_with_one_line_naming_the_row(tmp_path, shared_fa
     [
         ({"id": "a b", "prompt": "p"}, "'id' must be a string of letters"),
         ({"id": "s", "prompt": "p", "size": "100x64"}, "'size' '100x64' must be WIDTHxHEIGHT in multiples of 8"),
+        ({"id": "s", "prompt": "p", "size": "100000x8"}, "must be WIDTHxHEIGHT in multiples of 8 up to 4096"),
+        ({"id": "s", "prompt": "p", "id_scale": float("nan")}, "'id_scale' must be a finite number >= 0, got nan"),
+        ({"id": "s", "prompt": "p", "guidance_scale": float("inf")}, "'guidance_scale' must be a finite number"),
         ({"id": "s", "prompt": "", "people": []}, "'prompt' must be a non-empty string"),
         ({"id": "s", "prompt": "p", "people": []}, "'people' must be a non-empty list"),
     ],
@@ -295,3 +298,33 @@ def test_write_scores_replaces_a_previous_run(tmp_path, shared_faces, scorer):
     ]
     (row,) = pq.read_table(tmp_path / "per_person.parquet").to_pylist()
     assert row["face_sim"] == pytest.approx(1.0, abs=1e-5)  # the photo scored against itself
+
+
+def test_id_confusion_compares_with_the_most_similar_other_person(shared_faces, scorer, analyzer, pair):
+    """Three people, two faces: a stranger takes the obama face (biden keeps his), and is confused when some other
+    person's references are closer to that face than the stranger's own. Cosines recomputed with numpy here; the
+    people are chosen so that the most and the least similar other person disagree."""
+    identities = shared_faces / "identities"
+    references = {
+        "stranger": identities / "Colin_Powell" / "Colin_Powell_0001.jpg",
+        "other_stranger": identities / "John_Savage" / "000264_01099001.jpg",
+        "biden": identities / "biden" / "Joseph_Biden_0001.jpg",
+    }
+    people = tuple(ManifestPerson((path,), identity=name) for name, path in references.items())
+    records, found = scorer.score(Case("three", pair["path"], "three men", people))
+    assert found == 2
+
+    def unit(vector):
+        return np.asarray(vector, np.float64) / np.linalg.norm(vector)
+
+    embeddings = {name: unit(analyzer.analyze(load_image(path))[0].embedding) for name, path in references.items()}
+    face = pair["faces"]["obama"]
+    record = records[0]
+    assert record["face_bbox"] == pytest.approx(list(face.bbox))
+    cosines = {name: float(e @ unit(face.embedding)) for name, e in embeddings.items()}
+    own, others = cosines["stranger"], [cosines["other_stranger"], cosines["biden"]]
+    assert min(others) < own < max(others), cosines  # the case tells the most similar from the least similar
+    assert record["face_sim"] == pytest.approx(own, abs=1e-6)
+    assert record["max_other_sim"] == pytest.approx(max(others), abs=1e-6)
+    assert record["id_confused"] is True
+    assert records[2]["id_confused"] is False and records[1]["face_found"] is False

@@ -218,7 +218,9 @@ def test_release_files(tmp_path, weights, refs):
         ("other-base", r"cross_attention_dim=768, but the target has cross_attention_dim=32"),
         ("expression", r"unknown expression 'smug'; valid: afraid, angry, disgusted, happy, neutral, sad, surprised"),
         ("no-weights", r"no weights: give --weights FILE"),
-        ("size", r"--size 60x64: width and height must be positive multiples of 8"),
+        ("size", r"--size 60x64: width and height must be multiples of 8 in 8\.\.4096"),
+        ("huge-size", r"--size 100000x100000: width and height must be multiples of 8 in 8\.\.4096"),
+        ("id-scale-nan", r"`id_scale` must be a finite number >= 0, got nan"),
     ],
 )
 def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, weights, refs, case, message):
@@ -235,6 +237,8 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, weights, refs, c
         "expression": [*person, "--expression", "smug"],
         "no-weights": person,
         "size": [*person, "--size", "60x64"],
+        "huge-size": [*person, "--size", "100000x100000"],
+        "id-scale-nan": [*person, "--id-scale", "nan"],
     }[case]
     if case == "other-base":
         weights_args = ["--weights", str(weights["other_base"])]

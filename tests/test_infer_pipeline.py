@@ -184,7 +184,7 @@ def test_several_faces_warn_and_the_largest_is_used(pipe, photos):
 
 def test_overlapping_boxes_warn(pipe, photos):
     people = [Person(photos["obama"], box=(0, 0, 1, 0.6)), Person(photos["biden"], box=(0, 0.4, 1, 1))]
-    with pytest.warns(DynamicIDWarning, match="overlap"):
+    with pytest.warns(DynamicIDWarning, match="overlap; person 2 is in front"):
         generate(pipe, people)
 
 
@@ -201,10 +201,11 @@ def _refuses_before_denoising(pipe, people, error, match, **kwargs):
         ([("obama", (0.1, 0.1, 1.2, 0.5))], {}, ValueError, r"outside \[0, 1\]"),
         ([("obama", (0.1, 0.1, 0.9, 0.5)), ("biden", None)], {}, ValueError, "1 box.* for 2 people"),
         ([("obama", None)], {"height": 60}, ValueError, "divisible by 8"),
+        ([("obama", (0.2, 0.2, 0.6, 0.6)), ("biden", (0.1, 0.1, 0.9, 0.9))], {}, ValueError, "person 1 would not"),
         ([("dog", None)], {}, NoFaceError, "no face found in reference of person 1 .*dog.jpg"),
         ([("zero_bytes", None)], {}, ImageLoadError, "zero_bytes.jpg"),
     ],
-    ids=["box-outside", "fewer-boxes", "size", "no-face", "unreadable"],
+    ids=["box-outside", "fewer-boxes", "size", "box-hidden", "no-face", "unreadable"],
 )
 def test_bad_inputs_are_refused_before_denoising(pipe, photos, people_spec, kwargs, error, match):
     people = [Person(photos[name], box=box) for name, box in people_spec]

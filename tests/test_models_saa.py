@@ -186,6 +186,59 @@ def test_queries_in_a_box_give_the_other_person_zero_attention(two_person_unet, 
             assert torch.all(maps[name].flatten(1)[:, cells] >= 2.0)
 
 
+def literal_box_mask(box, side: int) -> torch.Tensor:
+    """(side*side,) bool: METHOD.md's rows int(y0*H) .. int(y1*H), columns int(x0*W) .. int(x1*W), end-exclusive."""
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[int(box[0] * side) : int(box[2] * side), int(box[1] * side) : int(box[3] * side)] = True
+    return mask.flatten()
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [(0.0, 0.0, 1.0, 0.75), (0.0, 0.25, 1.0, 1.0)],  # side by side, overlapping over the middle half
+        [(0.0, 0.0, 1.0, 1.0), (0.25, 0.25, 0.75, 0.75)],  # the second person wholly inside the first one's box
+    ],
+    ids=["side-by-side", "nested"],
+)
+@torch.no_grad()
+def test_where_boxes_overlap_the_later_person_is_in_front(two_person_unet, boxes):
+    """In the overlap only the later person's tokens are attended (their face, not a blend, and never nobody's);
+    in the rest of the earlier person's box only the earlier person's."""
+    unet, states = two_person_unet
+    call = saa(num_ids=2, boxes=boxes, boost=2.0, return_activation_maps=True)
+    output = unet(torch.randn(2, 4, 16, 16), 500, encoder_hidden_states=states, cross_attention_kwargs=call).sample
+    assert torch.isfinite(output).all()
+    probs = saa_id_attention_probs(unet)
+    assert len(probs) == 7
+    for layer_probs in probs.values():
+        side = int(layer_probs.shape[2] ** 0.5)
+        behind, front = (literal_box_mask(box, side) for box in boxes)
+        overlap, behind_only = behind & front, behind & ~front
+        assert overlap.any() and behind_only.any()
+        expected = torch.zeros(side * side, 2)
+        expected[front, 1] = 1.0
+        expected[behind_only, 0] = 1.0
+        per_person = layer_probs.unflatten(-1, (2, NUM_TOKENS)).sum(-1)  # (B, heads, Q, persons)
+        inside = behind | front
+        torch.testing.assert_close(
+            per_person[:, :, inside], expected[inside].expand_as(per_person[:, :, inside]), rtol=0, atol=1e-6
+        )
+
+
+def test_a_box_inside_a_later_persons_box_is_refused():
+    """Its person would get no cell at all; the same box twice counts too. Listed the other way round, it is fine."""
+    outer, inner = (0.0, 0.0, 1.0, 1.0), (0.25, 0.25, 0.75, 0.75)
+    with pytest.raises(ValueError, match=r"box 0 .* lies inside box 1 .*person 0 would not appear"):
+        SAACall(num_ids=2, boxes=[inner, outer])
+    with pytest.raises(ValueError, match="lies inside"):
+        SAACall(num_ids=2, boxes=[inner, inner])
+    with pytest.raises(ValueError, match=r"box 1 .* lies inside box 2"):
+        SAACall(num_ids=3, boxes=[(0.0, 0.0, 1.0, 0.3), inner, (0.2, 0.2, 0.8, 0.8)])
+    SAACall(num_ids=2, boxes=[outer, inner])
+    SAACall(num_ids=2, boxes=[inner], mix_scale=0.5)
+
+
 def test_box_cells_follow_rows_and_columns_on_a_non_square_grid():
     grid = query_grid(96 * 64, (768, 512))  # (height, width) 768x512 -> 96 rows x 64 columns
     assert grid == (96, 64)

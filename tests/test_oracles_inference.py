@@ -5,6 +5,8 @@ Tiny-random FAKE base, random FAKE DynamicID weights (`dynamicid.testing`), the 
 real photos of ../shared/data/faces. The images are noise; the layout, schedule and token plumbing are not.
 """
 
+import re
+
 import numpy as np
 import oracles
 import pytest
@@ -172,6 +174,19 @@ def test_defaults_are_50_ddim_steps_and_guidance_5(pipe, photos):
     assert not np.array_equal(default, generate(pipe, people, seed=4, guidance_scale=4.0).images)
 
 
+def test_the_python_apis_id_scale_defaults_to_the_release_setting(pipe, photos):
+    """METHOD.md "Reference settings of the release": id_scale 1. Called without it, the pipeline gives the images
+    of that value (the CLI's default is pinned in tests/test_infer_cli.py)."""
+    match = re.search(r"Reference settings of the release:.*?id_scale (\d+(?:\.\d+)?)", oracles.method_md(), re.S)
+    assert match, "METHOD.md names the release's id_scale"
+    release = float(match.group(1))
+    people = [Person(photos["obama"]), Person(photos["salley"])]
+    default = generate(pipe, people, seed=5)
+    assert default.saa["id_scale"] == release
+    np.testing.assert_array_equal(default.images, generate(pipe, people, seed=5, id_scale=release).images)
+    assert not np.array_equal(default.images, generate(pipe, people, seed=5, id_scale=0.8 * release).images)
+
+
 def test_id_scale_zero_ignores_the_reference_and_id_scale_one_does_not(pipe, photos):
     for people in ([Person(photos["obama"])], [Person(photos["obama"]), Person(photos["salley"])]):
         others = [Person(photos["biden"]), *people[1:]]
@@ -234,3 +249,33 @@ def test_an_edited_expression_reaches_the_unet_through_the_imr(pipe, parts, base
     finally:
         handle.remove()
     assert np.abs(shifted - out.images).max() > 1e-3
+
+
+def test_two_target_prompts_give_each_person_their_own_tokens(pipe, parts, base, photos):
+    """The same reference twice, edited to two expressions in one call: each person's IMR call gets its own target
+    face prompt (METHOD.md's template, pooled CLIP text recomputed here), and the UNet receives two different token
+    sets, each the output of that person's edit."""
+    reference = pipe.reference_analyzer.analyze(photos["obama"])
+    targets = [e for e in ("happy", "sad", "angry") if e != reference.expression][:2]
+    people = [Person(photos["obama"], expression=e, box=box) for e, box in zip(targets, RELEASE_BOXES, strict=True)]
+    edits, states = [], []
+    handles = [
+        parts.imr.register_forward_hook(lambda m, args, out: edits.append((args[4].clone(), out.clone()))),
+        pipe.unet.register_forward_pre_hook(
+            lambda m, args, kwargs: states.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+        ),
+    ]
+    try:
+        generate(pipe, people, num_inference_steps=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(edits) == 2
+    expected = oracles.pooled_text(
+        base.text_encoder, base.tokenizer, [oracles.face_prompt(e, reference.pose) for e in targets]
+    )
+    ids = states[0][1, -8:].unflatten(0, (2, 4))  # conditional half: [text ; person 1 ; person 2]
+    for person, (text, tokens) in enumerate(edits):
+        torch.testing.assert_close(text[0], expected[person], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ids[person], tokens[0], rtol=0, atol=0)
+    assert (ids[0] - ids[1]).abs().max() > 1e-3

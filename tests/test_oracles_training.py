@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dynamicid.faces import FaceAnalyzer, ffhq_align, load_image, transform_points
 from dynamicid.infer import DynamicIDPipeline, Person
-from dynamicid.models import IMR, FaceEncoder, KeypointEncoder
+from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, load_dynamicid
 from dynamicid.models.base import load_base_model
 from dynamicid.models.conditioning import Conditioner
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
@@ -126,6 +126,10 @@ class Recorder:
         raise AssertionError(f"incomplete training step: {sorted(step)}")
 
 
+# Unequal and not reciprocal, so a swapped or dropped weight shows (METHOD.md's 1:1 is the default, tested below).
+DFM_LDC_WEIGHTS = {"dfm_weight": 3.0, "ldc_weight": 0.5}
+
+
 @pytest.fixture(scope="module")
 def reconfigure_run(tmp_path_factory, dataset_dir, anchor_file):
     tokens_dir = tmp_path_factory.mktemp("tokens")
@@ -144,6 +148,7 @@ def reconfigure_run(tmp_path_factory, dataset_dir, anchor_file):
         imr_dim=64,
         imr_heads=1,
         imr_dim_head=64,
+        **DFM_LDC_WEIGHTS,
     )
     base = load_base_model("tiny-random")
     recorder = Recorder(base)
@@ -170,6 +175,30 @@ def reconfigure_run(tmp_path_factory, dataset_dir, anchor_file):
         "tokens": load_file(str(tokens_dir / "tokens.safetensors"))["tokens"],
         "metrics": next(row for row in read_metrics(config.output_dir) if "dfm" in row),
     }
+
+
+def test_cached_tokens_are_the_anchor_face_encoder_on_each_rows_face(reconfigure_run, anchor_file):
+    """Each row's cached tokens: the anchoring face encoder (no shortcut, METHOD.md's default) on the row's own ID
+    embedding and the CLIP penultimate states of its face aligned as tests/oracles.py writes it out."""
+    import datasets
+
+    base, rows, tokens = (reconfigure_run[k] for k in ("base", "rows", "tokens"))
+    encoder = load_dynamicid(anchor_file).build_face_encoder().eval()
+    raw = rows.cast_column("image", datasets.Image(decode=False))
+    expected = []
+    with torch.no_grad():
+        for i in range(len(rows)):
+            rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(raw[i]["image"]["bytes"], np.uint8), 1), cv2.COLOR_BGR2RGB)
+            clip = oracles.clip_penultimate(
+                base.image_encoder, oracles.clip_input(oracles.arcface_crop(rgb, np.array(rows[i]["kps5"]), 224))
+            )
+            embedding = torch.tensor([rows[i]["embedding"]], dtype=torch.float32)
+            expected.append(encoder(embedding, clip, shortcut=False)[0])
+    expected = torch.stack(expected)
+    assert tokens.shape == expected.shape == (len(rows), 4, 32)
+    # The CLIP input differs from the oracle's by bilinear rounding (one grey level at most; measured 5e-5).
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=5e-4)
+    assert (expected[0] - expected[1:]).abs().amax() > 0.05  # rows differ by far more than that
 
 
 def test_the_unet_prompt_is_methods_fixed_prompt():
@@ -208,7 +237,11 @@ def test_reconfiguration_inputs_come_from_the_dataset_rows(reconfigure_run):
 
 def test_dfm_and_ldc_follow_the_method(reconfigure_run):
     """DFM = MSE(IMR tokens, target tokens); LDC = MSE(UNet(x_t, t, text + IMR tokens), UNet(x_t, t, text + target
-    tokens)) with the fixed prompt; loss = DFM + LDC. Expected values from the inputs, recomputed here."""
+    tokens)) with the fixed prompt; loss = dfm_weight * DFM + ldc_weight * LDC (default 1:1, METHOD.md).
+    Expected values from the inputs, recomputed here."""
+    method = " ".join(oracles.method_md().split())
+    assert '("LDC"), weight 1:1' in method
+    assert (ReconfigureConfig.dfm_weight, ReconfigureConfig.ldc_weight) == (1.0, 1.0)
     base, step, tokens, logged = (reconfigure_run[k] for k in ("base", "step", "tokens", "metrics"))
     ref, pred = step["unet_ref"], step["unet_pred"]
     targets = tokens[reconfigure_run["targets"]]  # the frozen face encoder's tokens of the target rows
@@ -228,7 +261,8 @@ def test_dfm_and_ldc_follow_the_method(reconfigure_run):
     ldc = ((out_pred.double() - out_target.double()) ** 2).mean()
     assert logged["dfm"] == pytest.approx(float(dfm), rel=1e-5)
     assert logged["ldc"] == pytest.approx(float(ldc), rel=1e-4)
-    assert logged["loss"] == pytest.approx(float(dfm + ldc), rel=1e-4)  # weight 1:1
+    weighted = DFM_LDC_WEIGHTS["dfm_weight"] * dfm + DFM_LDC_WEIGHTS["ldc_weight"] * ldc
+    assert logged["loss"] == pytest.approx(float(weighted), rel=1e-4)
 
 
 # ---- anchoring: condition dropping ----
@@ -268,6 +302,48 @@ def test_condition_dropping_rates_over_many_seeded_steps(dataset_dir):
     for kind in ((True, False), (False, True), (True, True)):
         assert lo <= counts[kind] <= hi, (kind, counts, (lo, hi))
     assert counts[(False, False)] == n - sum(counts[k] for k in ((True, False), (False, True), (True, True)))
+
+
+@pytest.mark.parametrize("dropped", ["text", "id"])
+def test_anchoring_runs_drop_the_conditions_the_config_names(dataset_dir, tmp_path, dropped):
+    """train_anchor with one drop rate at 1 (the others 0): in its training step every sample has lost exactly that
+    condition (text -> the empty prompt's states; ID -> a zero embedding), so the run's rates reach the objective."""
+    base = load_base_model("tiny-random")
+    seen: dict[str, torch.Tensor] = {}
+
+    def observe(module, args, kwargs, output):
+        if torch.is_grad_enabled() and isinstance(module, FaceEncoder):
+            seen["id_embeds"] = args[0].detach().clone()
+        elif torch.is_grad_enabled() and module is base.unet:
+            seen["states"] = kwargs["encoder_hidden_states"].detach().clone()
+
+    drops = {"drop_text": float(dropped == "text"), "drop_id": float(dropped == "id"), "drop_both": 0.0}
+    config = AnchorConfig(
+        **{"base_model": "tiny-random", "dataset": str(dataset_dir), "output_dir": str(tmp_path / "run")},
+        **{"resolution": 32, "train_batch_size": 2, "max_steps": 1, "lora_rank": 4, "eval_samples": 1},
+        **{"report_to": "none", **drops},
+    )
+    handle = torch.nn.modules.module.register_module_forward_hook(observe, with_kwargs=True)
+    try:
+        train_anchor(config, base=base)
+    finally:
+        handle.remove()
+    import datasets
+
+    rows = datasets.load_dataset(str(dataset_dir), split="train")
+    text = seen["states"][:, :77]
+    empty = oracles.text_states(base.text_encoder, base.tokenizer, [""])[0]
+    id_embeds = seen["id_embeds"]
+    assert id_embeds.shape[0] == text.shape[0] == 2
+    for i in range(2):
+        if dropped == "text":
+            torch.testing.assert_close(text[i], empty, rtol=1e-5, atol=1e-5)
+            assert any(torch.equal(id_embeds[i], torch.tensor(e)) for e in rows["embedding"])
+        else:
+            assert not id_embeds[i].any()
+            captions = oracles.text_states(base.text_encoder, base.tokenizer, list(rows["caption"]))
+            assert any(torch.allclose(text[i], c, rtol=1e-5, atol=1e-5) for c in captions)
+            assert not torch.allclose(text[i], empty, atol=1e-3)
 
 
 # ---- anchoring: the epsilon objective ----

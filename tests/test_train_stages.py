@@ -665,3 +665,83 @@ def test_whole_path_on_tiny_random_sdxl(curated, anchor_run, shared_faces, tmp_p
     with pytest.raises(ValueError, match=r"'sd15'.*'sdxl'") as error:
         train_anchor(config)
     assert str(anchor_run["weights"]) in str(error.value) and "\n" not in str(error.value)
+
+
+class _Payload:
+    """A FAKE attacker's object: unpickling it creates the file `marker` (what a tampered checkpoint would run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_runs_no_code_from_a_tampered_checkpoint(planted, curated, tmp_path):
+    run = tmp_path / "run"
+    settings = {**TINY, "dataset": str(curated), "train_batch_size": 2, "lora_rank": 4, "eval_samples": 2}
+    train_anchor(AnchorConfig(**settings, output_dir=str(run), max_steps=2, checkpointing_steps=2))
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "generators.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "run_state.json",
+        "scheduler.bin",
+        "weights.safetensors",
+    ]
+    marker = tmp_path / "PWNED"
+    torch.save({"state": _Payload(marker)}, checkpoint / planted)
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(run)]
+    arguments += ["--resolution", "64", "--train-batch-size", "2", "--max-steps", "4", "--resume", "latest"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --resume: "), result.output
+    assert str(checkpoint / planted) in errors[0]
+    assert not marker.exists()
+    assert checkpoint_dirs(run) == [checkpoint]  # nothing trained on
+
+
+def test_failed_fresh_run_leaves_no_run_folder(curated, tmp_path):
+    run = tmp_path / "run"
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(run)]
+    arguments += ["--resolution", "64", "--lora-rank", "4", "--eval-samples", "2", "--max-steps", "1"]
+    result = CliRunner().invoke(main, [*arguments, "--train-batch-size", "1000"])
+    assert result.exit_code == 2 and "lower --train-batch-size" in result.stderr, result.output
+    assert not run.exists()  # made for the run (config.yaml, logs), removed with it
+    assert CliRunner().invoke(main, [*arguments, "--train-batch-size", "2"]).exit_code == 0  # no --overwrite needed
+
+
+def test_second_command_on_a_run_folder_stops_at_once_naming_the_holder(curated, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from dynamicid.locks import hold_folder\nwith hold_folder({str(run)!r}, 'x'):\n"
+         "    print('held', flush=True)\n    input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(run)]
+        arguments += ["--resolution", "64", "--lora-rank", "4", "--eval-samples", "2", "--max-steps", "1"]
+        arguments += ["--train-batch-size", "2"]
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == [
+            f"error: --output-dir {run} is in use by another command (pid {holder.pid} on {socket.gethostname()}, "
+            f"started {_lock_info(run)['started']}: -c); wait for it to end, or stop it and rerun "
+            "(a killed command's lock is taken over)"
+        ]
+        assert sorted(p.name for p in run.iterdir()) == [".dynamicid.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert CliRunner().invoke(main, arguments).exit_code == 0  # the killed holder's lock is taken over
+    assert (run / "weights.safetensors").is_file() and (run / ".dynamicid.lock").read_text() == ""
+
+
+def _lock_info(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / ".dynamicid.lock").read_text())

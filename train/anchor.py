@@ -34,7 +34,7 @@ from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.noise import noised, vae_latents
-from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, run_stage, start_stage
+from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, one_writer, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
@@ -191,6 +191,7 @@ class AnchorObjective:
         return {"loss": F.mse_loss(model(**inputs).float(), noise.float())}
 
 
+@one_writer
 def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     """Run (or resume) the anchoring stage; returns RUN/weights.safetensors.
 

@@ -31,7 +31,7 @@ from dynamicid.train.config import ReconfigureConfig
 from dynamicid.train.data import RECONFIGURE_COLUMNS, IdentitySamples, collate_identities, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
 from dynamicid.train.noise import noised, vae_latents
-from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, run_stage, start_stage
+from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, one_writer, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
@@ -102,6 +102,7 @@ class ReconfigureObjective:
         return {"loss": total, "dfm": dfm, "ldc": ldc}
 
 
+@one_writer
 def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) -> Path:
     """Run (or resume) the reconfiguration stage; returns RUN/weights.safetensors (IMR + keypoint encoder).
 

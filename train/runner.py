@@ -6,15 +6,18 @@ holds what is trained, its samples, the batch -> losses function, and how its we
 accelerate sequence (prepare, save/load hooks, resume, evaluation cadence, sample images, checkpoints, final
 weights) is written here once.
 
-A run folder holds `config.yaml` (resolved settings), `checkpoints/checkpoint-<step>/` (accelerate state:
-optimizer, scheduler, run state; plus `weights.safetensors` in the project's format), `weights.safetensors`
+A run folder holds `config.yaml` (resolved settings), `checkpoints/checkpoint-<step>/` (accelerate's optimizer,
+scheduler and RNG states; the run state as `run_state.json` + `generators.safetensors`; `weights.safetensors`
+in the project's format: nothing there is unpickled with code execution on resume), `weights.safetensors`
 (the final weights), `logs/metrics.jsonl` (every logged value) and TensorBoard events under `logs/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import re
 import shutil
 import sys
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynamicid.clitools import one_line
+from dynamicid.locks import hold_folder
 from dynamicid.models import load_dynamicid, save_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
 from dynamicid.schemas import CheckpointMetadata
@@ -35,7 +40,13 @@ from dynamicid.train.config import TrainConfig, write_config
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
+RUN_STATE = "run_state.json"
+GENERATORS = "generators.safetensors"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# What a checkpoint folder may hold: ours (JSON, safetensors) and accelerate's torch.save pickles, which it loads
+# with weights_only=True and `check_checkpoint` scans first. Anything else is refused on resume.
+_OURS = {WEIGHTS, RUN_STATE, GENERATORS}
+_ACCELERATE_PICKLES = re.compile(r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt)$")
 
 
 def make_accelerator(config: TrainConfig) -> Any:
@@ -57,7 +68,8 @@ def weight_dtype(accelerator: Any) -> torch.dtype:
 
 
 class RunState:
-    """Step, data position and the training randomness (noise, timesteps, drops), saved in every checkpoint.
+    """Step, data position and the training randomness (noise, timesteps, drops), saved in every checkpoint as
+    JSON + safetensors (never pickled, so a resume runs no code from the checkpoint folder).
 
     Each process has its own generator (seed + process index); a checkpoint holds all of them.
     """
@@ -69,23 +81,61 @@ class RunState:
         self.batch_in_epoch = 0
         self.generator = torch.Generator().manual_seed(seed * 1000 + accelerator.process_index)
 
-    def state_dict(self) -> dict[str, Any]:
-        # Called on every process by save_state (only the main one writes): gather all generators.
+    def save(self, folder: Path) -> None:
+        """Called on every process (the generators are gathered); the main one writes."""
         from accelerate.utils import gather
+        from safetensors.torch import save_file
 
-        state = self.generator.get_state().to(self.accelerator.device)
-        generators = gather(state[None]).cpu()
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "generators": generators}
+        generators = gather(self.generator.get_state().to(self.accelerator.device)[None]).cpu()
+        if self.accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+            (folder / RUN_STATE).write_text(json.dumps(position) + "\n")
+            save_file({"generators": generators.contiguous()}, str(folder / GENERATORS))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        generators = state["generators"]
+    def load(self, folder: Path) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            position = json.loads((folder / RUN_STATE).read_text())
+            self.step, self.epoch, self.batch_in_epoch = (int(position[k]) for k in ("step", "epoch", "batch_in_epoch"))
+            generators = load_file(str(folder / GENERATORS))["generators"]
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            raise ValueError(
+                f"--resume {folder}: its run state cannot be read ({one_line(error)}); resume from another checkpoint"
+            ) from None
         if len(generators) != self.accelerator.num_processes:
             raise ValueError(
                 f"the checkpoint was written by {len(generators)} process(es), this run has "
                 f"{self.accelerator.num_processes}; resume with the same number of processes"
             )
         self.generator.set_state(generators[self.accelerator.process_index].clone())
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Refuse (one line naming the file) anything in a checkpoint folder that dynamicid-train does not write, and
+    any of accelerate's pickles that holds more than tensors, numbers and numpy arrays: checkpoints are copied
+    between machines and shared, and a pickle can run code when loaded."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
+
+    for path in sorted(folder.iterdir()):
+        refuse = f"--resume: {path} is not a file dynamicid-train writes into a checkpoint; remove it, or resume from another checkpoint"
+        if path.name in _OURS and path.is_file():
+            continue
+        if not (_ACCELERATE_PICKLES.match(path.name) and path.is_file()):
+            raise ValueError(refuse)
+        try:
+            with safe_globals(TORCH_SAFE_GLOBALS):
+                unsafe = get_unsafe_globals_in_checkpoint(str(path))
+        except (ValueError, RuntimeError, OSError) as error:
+            raise ValueError(f"--resume: {path} is not a torch checkpoint file ({one_line(error)})") from None
+        if unsafe:
+            raise ValueError(
+                f"--resume: {path} holds Python objects that would run code when loaded ({', '.join(unsafe[:3])}); "
+                "it was not written by dynamicid-train: remove the checkpoint or resume from another"
+            )
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -266,14 +316,44 @@ def check_output_dir(config: TrainConfig) -> None:
         )
 
 
+def one_writer(train: Callable[..., Path]) -> Callable[..., Path]:
+    """Decorates a stage's `train_*(config, ...)`: the run folder is locked while it runs (a second command on
+    it stops at once, naming the holder), and a fresh run that fails before its first checkpoint leaves no run
+    files behind, so the corrected command needs no --overwrite. Only the first process of a multi-process
+    launch (RANK 0) locks and cleans."""
+
+    @functools.wraps(train)
+    def locked(config: TrainConfig, *args: Any, **kwargs: Any) -> Path:
+        folder = Path(config.output_dir)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(config, *args, **kwargs)
+        made = not folder.exists()
+        fresh = not any((folder / name).exists() for name in RUN_FILES)  # (never remove an older run)
+        with hold_folder(folder, f"--output-dir {folder}"):
+            try:
+                return train(config, *args, **kwargs)
+            except BaseException:
+                if fresh and not checkpoint_dirs(folder):
+                    remove_run_files(folder)
+                    if made:
+                        shutil.rmtree(folder, ignore_errors=True)
+                raise
+
+    return locked
+
+
+def remove_run_files(folder: Path) -> None:
+    for name in RUN_FILES:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def start_run(accelerator: Any, config: TrainConfig) -> None:
     """Create the run folder (emptied of an old run with --overwrite) and write the resolved configuration."""
     if accelerator.is_main_process:
         folder = Path(config.output_dir)
         if config.overwrite:
-            for name in RUN_FILES:
-                path = folder / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_run_files(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_config(config, folder / "config.yaml")
     accelerator.wait_for_everyone()
@@ -406,20 +486,23 @@ def run_stage(accelerator: Any, config: TrainConfig, stage: Stage) -> Path:
     model, optimizer, loader, scheduler = accelerator.prepare(stage.model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
-    def save_weights(models: list, weights: list, output_dir: str) -> None:
+    state = RunState(accelerator, config.seed)
+
+    def save_own_state(models: list, weights: list, output_dir: str) -> None:
         weights.clear()  # the project's weights file replaces accelerate's model file
         if accelerator.is_main_process:
             stage.save(accelerator.unwrap_model(models[0]), Path(output_dir) / WEIGHTS)
+        state.save(Path(output_dir))
 
-    def load_weights(models: list, input_dir: str) -> None:
+    def load_own_state(models: list, input_dir: str) -> None:
         stage.load(accelerator.unwrap_model(models.pop()), Path(input_dir) / WEIGHTS)
+        state.load(Path(input_dir))
 
-    accelerator.register_save_state_pre_hook(save_weights)
-    accelerator.register_load_state_pre_hook(load_weights)
-    state = RunState(accelerator, config.seed)
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_save_state_pre_hook(save_own_state)
+    accelerator.register_load_state_pre_hook(load_own_state)
     resume = resume_dir(config)
     if resume is not None:
+        check_checkpoint(resume)
         accelerator.load_state(str(resume))
         accelerator.print(f"resumed from {resume} at step {state.step}")
 

@@ -8,8 +8,11 @@ in the input's order, so any number of workers gives the same table.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -36,6 +39,7 @@ from dynamicid.curation.stages import (
 from dynamicid.curation.tables import STAGE_ROW_GROUP, TableWriter, contiguous_groups
 
 T = TypeVar("T")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
 
 # A worker process (a local pool's, or a Ray worker running tasks) keeps every stage it has set up, keyed by
@@ -81,8 +85,25 @@ def worker_cores(workers: int) -> list[int]:
     return cores if workers > 1 and len(cores) == workers else []
 
 
+def _start_worker(driver: int, cores: multiprocessing.queues.Queue | None) -> None:
+    """Pool initializer: the worker ends with its driver, and keeps to a core when given one."""
+    _end_with_driver(driver)
+    _keep_to_a_core(cores)
+
+
+def _end_with_driver(driver: int) -> None:
+    """Have the kernel kill this worker when the driver process `driver` dies, however it dies (SIGKILL, OOM): a
+    pool process otherwise lives on, holding its face models (about 0.45 GB), waiting for work forever."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        with contextlib.suppress(AttributeError):  # a libc without prctl: the driver's shutdown still ends us
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != driver:  # the driver died before the line above took effect
+        os._exit(1)
+
+
 def _keep_to_a_core(cores: multiprocessing.queues.Queue | None) -> None:
-    """Pool initializer: this worker (every thread it has, and the model threads it starts later) on one core."""
+    """This worker (every thread it has, and the model threads it starts later) on one core."""
     if cores is None:
         return
     core = cores.get()
@@ -198,7 +219,7 @@ class LocalEngine:
                 for core in chosen:
                     cores.put(core)
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_keep_to_a_core, initargs=(cores,)
+                self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), cores)
             )
         return self._pool
 
