@@ -179,6 +179,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         negative_prompt: str | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         num_images_per_prompt: int = 1,
+        id_scale: float = 1.0,
         max_sequence_length: int = T5_MAX_LENGTH,
     ) -> list[tuple[float, float, float, float]]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
@@ -201,6 +202,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             negative_prompt,
             callback_on_step_end_tensor_inputs,
             num_images_per_prompt,
+            id_scale,
         )
 
     # ---- generation ----
@@ -273,6 +275,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             negative_prompt,
             tensor_inputs,
             num_images_per_prompt,
+            id_scale,
             max_sequence_length,
         )
         self._guidance_scale = guidance_scale
