@@ -199,3 +199,48 @@ def test_wrong_id_token_count_names_the_argument(block_attn):
     with pytest.raises(ValueError, match=r"expects 8 ID tokens.*id_tokens"):
         block_attn(image, text, saa=SAACall(num_ids=2, image_size=IMAGE_SIZE), id_tokens=ids)
     assert isinstance(block_attn.processor, FluxSAAProcessor)
+
+
+def test_tiny_random_flux_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    first, second = build_tiny_random_flux(seed=4), build_tiny_random_flux(seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for a, b in zip(first.modules(), second.modules(), strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(
+        build_tiny_random_flux(seed=5).transformer.x_embedder.weight, first.transformer.x_embedder.weight
+    )
+    assert first.transformer.config.guidance_embeds and first.vae.config.latent_channels == 16
+    ids = first.tokenizer_2(["a smiling face"]).input_ids[0]
+    assert ids[-1] == first.tokenizer_2.eos_token_id and first.tokenizer_2.unk_token_id not in ids
+
+
+def test_id_projections_and_lora_train_through_a_checkpointed_transformer():
+    """Gradients reach the SAA weights (and only the ID / LoRA weights are trained) with gradient checkpointing."""
+    base = build_tiny_random_flux(seed=2, with_image_encoder=False)
+    transformer = base.transformer
+    install_flux_saa(transformer, rank=4)
+    transformer.enable_gradient_checkpointing()
+    trainable = [p for processor in flux_saa_processors(transformer).values() for p in processor.parameters()]
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    out = transformer(
+        hidden_states=torch.randn(1, 24, 64, generator=generator),
+        encoder_hidden_states=torch.randn(1, 7, 32, generator=generator),
+        pooled_projections=torch.randn(1, 32, generator=generator),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(24, 3),
+        txt_ids=torch.zeros(7, 3),
+        joint_attention_kwargs={
+            "saa": SAACall(num_ids=1, image_size=IMAGE_SIZE, boxes=((0.0, 0.0, 1.0, 1.0),)),
+            "id_tokens": torch.randn(1, 4, 32, generator=generator),
+        },
+        return_dict=False,
+    )[0]
+    out.square().mean().backward()
+    processor = flux_saa_processors(transformer)["transformer_blocks.0.attn.processor"]
+    for parameter in (processor.to_k_id.weight, processor.to_v_id.weight, processor.to_q_lora.up.weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in transformer.transformer_blocks[0].attn.to_q.parameters())
