@@ -1,5 +1,6 @@
-"""Inference: `DynamicIDPipeline` / `DynamicIDXLPipeline` (diffusers; SD 1.5 / SDXL) for several people with a
-layout and per-person expressions; `pipeline_for(base)` picks the one of a loaded base model.
+"""Inference: `DynamicIDPipeline` / `DynamicIDXLPipeline` / `DynamicIDFluxPipeline` (diffusers; SD 1.5 / SDXL /
+FLUX.1) for several people with a layout and per-person expressions; `pipeline_for(base)` picks the one of a
+loaded SD 1.5 / SDXL base model.
 
 from dynamicid.infer import DynamicIDPipeline, Person
 
@@ -13,6 +14,7 @@ _EXPORTS = {
     "DynamicIDPipeline": "dynamicid.infer.pipeline",
     "DynamicIDPipelineOutput": "dynamicid.infer.pipeline",
     "DynamicIDXLPipeline": "dynamicid.infer.pipeline",
+    "DynamicIDFluxPipeline": "dynamicid.infer.pipeline_flux",
     "pipeline_for": "dynamicid.infer.pipeline",
     "Person": "dynamicid.infer.people",
     "ReleaseFiles": "dynamicid.infer.weights",

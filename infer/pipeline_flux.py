@@ -38,8 +38,7 @@ DEFAULT_GUIDANCE = 3.5
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
-        >>> from dynamicid.infer import Person
-        >>> from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
+        >>> from dynamicid.infer import DynamicIDFluxPipeline, Person
 
         >>> pipe = DynamicIDFluxPipeline.from_pretrained("models/FLUX.1-dev", torch_dtype=torch.bfloat16)
         >>> pipe.load_dynamicid("dynamicid-flux.safetensors", image_encoder="models/image_encoder")
