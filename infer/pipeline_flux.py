@@ -292,12 +292,14 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         timings["analysis"] = _lap(clock)
 
         # 3. Encode the prompt: T5 states, CLIP's pooled vector, text position ids
-        conditioner = self.conditioner
-        prompts = [prompt] + ([negative_prompt] if do_true_cfg else [])
-        prompt_embeds, text_inputs = conditioner.text_condition(conditioner.token_ids(prompts))
-        prompt_embeds = prompt_embeds.to(device, self.text_encoder_2.dtype)
-        pooled = text_inputs["pooled_projections"].to(device, self.text_encoder.dtype)
-        text_ids = text_inputs["txt_ids"].to(device)
+        # (each prompt on its own, as FluxPipeline encodes them: batching could change the last bits)
+        conditioner, batch = self.conditioner, num_images_per_prompt
+        encoded = []
+        for text in [prompt] + ([negative_prompt] if do_true_cfg else []):
+            states, inputs = conditioner.text_condition(conditioner.token_ids([text]))
+            pooled = inputs["pooled_projections"].to(device, self.text_encoder.dtype).expand(batch, -1)
+            encoded.append((states.to(device, self.text_encoder_2.dtype).expand(batch, -1, -1), pooled))
+        (prompt_embeds, pooled), text_ids = encoded[0], inputs["txt_ids"].to(device)
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
         tokens, uncond_tokens, reports = self.identity_tokens(people, references, boxes)
@@ -306,7 +308,6 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
         # 5. Packed initial noise and the image position ids
-        batch = num_images_per_prompt
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(
             batch, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
@@ -343,22 +344,22 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                     continue
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                calls = [(prompt_embeds[:1], pooled[:1], id_tokens)]
+                calls = [(prompt_embeds, pooled, id_tokens)]
                 if do_true_cfg:
-                    calls.append((prompt_embeds[1:], pooled[1:], uncond_id_tokens))
+                    calls.append((*encoded[1], uncond_id_tokens))
                 predictions = [
                     self.transformer(
                         hidden_states=latents,
                         timestep=timestep / 1000,
                         guidance=guidance,
-                        pooled_projections=pooled_half.expand(batch, -1),
-                        encoder_hidden_states=states.expand(batch, -1, -1),
+                        pooled_projections=pooled_states,
+                        encoder_hidden_states=states,
                         txt_ids=text_ids,
                         img_ids=latent_image_ids,
                         joint_attention_kwargs={"saa": saa_per_step[i], "id_tokens": ids},
                         return_dict=False,
                     )[0]
-                    for states, pooled_half, ids in calls
+                    for states, pooled_states, ids in calls
                 ]
                 noise_pred = predictions[0]
                 if do_true_cfg:

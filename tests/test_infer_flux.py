@@ -55,21 +55,26 @@ def pipe(weights, analyzer):
     return pipe
 
 
-def _plain_flux_images(seed: int) -> np.ndarray:
+def _plain_flux_images(seed: int, **options) -> np.ndarray:
     plain = FluxPipeline(**build_tiny_random_flux().components())
     plain.set_progress_bar_config(disable=True)
-    return plain(
-        "a photo of two people", generator=torch.Generator().manual_seed(seed), output_type="np", **SETTINGS
-    ).images
+    generator = torch.Generator().manual_seed(seed)
+    return plain("a photo of two people", generator=generator, output_type="np", **SETTINGS, **options).images
 
 
-def test_id_scale_zero_with_zero_lora_equals_diffusers_flux_pipeline_pixel_for_pixel(weights, analyzer, photos):
+def _pipe_with_zero_lora(weights, analyzer) -> DynamicIDFluxPipeline:
+    """The pipeline whose SAA LoRA updates are zero: at id_scale 0 it computes what Flux computes."""
     pipe = DynamicIDFluxPipeline.from_base(build_tiny_random_flux())
     pipe.load_dynamicid(weights, face_analyzer=analyzer)
     pipe.set_progress_bar_config(disable=True)
     for processor in flux_saa_processors(pipe.transformer).values():
         for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
             torch.nn.init.zeros_(lora.up.weight)
+    return pipe
+
+
+def test_id_scale_zero_with_zero_lora_equals_diffusers_flux_pipeline_pixel_for_pixel(weights, analyzer, photos):
+    pipe = _pipe_with_zero_lora(weights, analyzer)
     expected = _plain_flux_images(seed=3)
     people = [Person(photos["obama"], box=(0.1, 0.0, 0.9, 0.5)), Person(photos["biden"], box=(0.1, 0.5, 0.9, 1.0))]
     got = pipe(
@@ -82,6 +87,19 @@ def test_id_scale_zero_with_zero_lora_equals_diffusers_flux_pipeline_pixel_for_p
     ).images
     assert got.shape == expected.shape == (1, 64, 96, 3)
     assert np.array_equal(got, expected)
+
+
+def test_true_cfg_with_id_scale_zero_and_zero_lora_equals_flux_pipeline_and_guides(weights, analyzer, photos):
+    pipe = _pipe_with_zero_lora(weights, analyzer)
+    guided = {"negative_prompt": "blurry", "true_cfg_scale": 4.0, "num_images_per_prompt": 2}
+    expected = _plain_flux_images(seed=2, **guided)
+    generator = torch.Generator().manual_seed(2)
+    people = [Person(photos["obama"])]
+    got = pipe(
+        "a photo of two people", people, id_scale=0.0, generator=generator, output_type="np", **guided, **SETTINGS
+    )
+    assert got.images.shape == (2, 64, 96, 3) and np.array_equal(got.images, expected)
+    assert not np.allclose(expected, _plain_flux_images(seed=2, num_images_per_prompt=2), atol=1e-3)
 
 
 def test_two_people_in_boxes_with_two_expressions_generate(pipe, photos):
