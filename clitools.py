@@ -1,7 +1,8 @@
 """The one convention of the three command lines (dynamicid-curate, dynamicid-train, dynamicid-infer).
 
 - Usage and input errors (a bad flag, a missing or unreadable file, a ValueError/OSError from the work): one
-  line `error: ...` naming the flag or file, exit code 2. Flags are checked by their Click types (`AtLeast`)
+  line `error: ...` naming the flag or file, exit code 2. The work's messages name Python arguments
+  (`image_encoder=DIR`); those of the command's own options are shown as its flags (`--image-encoder DIR`). Flags are checked by their Click types (`AtLeast`)
   while parsing, so before anything is loaded or written.
 - Ctrl-C: one line saying how to resume (each command's `interrupted=` text), exit code 130; SIGTERM (`timeout`,
   `docker stop`, systemd, job schedulers) the same, exit code 143.
@@ -14,6 +15,7 @@ Use `@click.group(cls=ToolGroup)`; its commands are `ToolCommand`s. Imports only
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,6 +36,19 @@ def verbose() -> bool:
 
 def one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to the tool's own lines: library info logs off (MediaPipe's C++ start-up lines remain).
+    Call before the model libraries are first used; diffusers and transformers are imported here."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
 
 
 class InputError(click.ClickException):
@@ -69,6 +84,15 @@ def _usage_line(error: click.UsageError) -> str:
         message = error.format_message()
     command = error.ctx.command_path if error.ctx is not None else ""
     return f"{one_line(message)} (see {command} --help)"
+
+
+def flags_for_arguments(message: str, command: click.Command | None) -> str:
+    """`name=` of an API argument that is one of the command's options, as the option's flag: `image_encoder=DIR`
+    -> `--image-encoder DIR` (the API names its arguments; a command line user knows the flags)."""
+    for param in getattr(command, "params", ()):
+        if isinstance(param, click.Option) and param.name:
+            message = re.sub(rf"(?<![\w-]){param.name}=", f"{max(param.opts, key=len)} ", message)
+    return message
 
 
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -147,7 +171,9 @@ class ToolGroup(click.Group):
             ctx.exit(143 if isinstance(error, Terminated) else 130)
         except INPUT_ERRORS as error:
             _close_progress_bars()
-            raise InputError(str(error)) from error
+            raise InputError(
+                flags_for_arguments(str(error), self.get_command(ctx, ctx.invoked_subcommand or ""))
+            ) from error
         except Exception as error:  # a bug: say so on one line, the traceback only when asked
             _close_progress_bars()
             if verbose():

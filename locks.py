@@ -7,7 +7,8 @@ over by the next one without any guess about whether the holder still runs. The 
 host, command, start time) for the message a second command stops with. The file stays (emptied on release):
 removing it would let a third command lock a new file while a second still waits on the old one.
 
-Locking is per process and re-entrant: a process that holds a folder may lock it again (nested calls of the
+A folder the lock created is removed again when the command leaves nothing else in it (it stopped on bad
+input). Locking is per process and re-entrant: a process that holds a folder may lock it again (nested calls of the
 Python API), the lock is released when the outermost holder finishes.
 """
 
@@ -45,6 +46,7 @@ def hold_folder(folder: str | Path, what: str) -> Iterator[None]:
     """Hold `folder`'s lock for the block (creating the folder); `FolderInUse` at once when another process
     holds it. `what` names the folder in the message (`OUT_DIR dataset/`, `--output-dir runs/a`)."""
     folder = Path(folder).absolute()
+    made = not folder.exists()
     if folder in _held:
         fd, depth = _held[folder]
         _held[folder] = (fd, depth + 1)
@@ -74,6 +76,9 @@ def hold_folder(folder: str | Path, what: str) -> Iterator[None]:
         else:
             del _held[folder]
             os.ftruncate(fd, 0)  # while still locked: nobody reads a stale holder
+            if made and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # a command that wrote nothing
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
             os.close(fd)  # releases the lock
 
 

@@ -1,12 +1,14 @@
 """FAKE models for smoke runs, tests and benchmarks: seeded, randomly initialised, tiny, never downloaded.
 
+- `build_tiny_random(name)`: the tiny-random base of the family whose `tiny_name` is `name` (each family's
+  `build_tiny` composes it from the pieces here, e.g. `tiny_unet_base` with `TINY_SD15_UNET`).
 - `build_tiny_random("tiny-random")`: a base with SD 1.5's structure (8x VAE, cross-attention UNet, one CLIP
   text tower, CLIP vision tower) but tiny widths.
 - `build_tiny_random("tiny-random-sdxl")`: a base with SDXL's structure: two CLIP text towers (the second with
   a projection) whose states are concatenated, a UNet with SDXL's block layout (no attention in the first block,
   several transformer layers per attention block, linear projections) that also takes the pooled text and the
   size ids (`added_cond_kwargs`).
-- `build_tiny_random_flux()`: a base with FLUX.1-dev's structure (`dynamicid.models.flux_base.FluxBase`): a
+- `build_tiny_random_flux()` (`tiny-random-flux`): a base with FLUX.1-dev's structure: a
   Flux transformer with double- and single-stream blocks and guidance embeds, CLIP (pooled) and T5 text towers
   with tokenizers built in code, a 16-channel VAE, the flow-matching scheduler.
 - `random_parts(base, analyzer)`: DynamicID modules (SAA in the base's UNet, face encoder, IMR, keypoint
@@ -27,11 +29,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, install_saa, saa_processors
-from dynamicid.models.base import CLIP_IMAGE_SIZE, TINY_BASES, TINY_RANDOM, TINY_RANDOM_SDXL, BaseModel
-from dynamicid.models.checkpoints import save_dynamicid
-from dynamicid.models.flux_base import FLUX_FAMILY, T5_MAX_LENGTH, TINY_RANDOM_FLUX, FluxBase
-from dynamicid.models.saa_flux import flux_saa_processors, install_flux_saa
+from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, saa_processors
+from dynamicid.models.base import CLIP_IMAGE_SIZE, BaseModel
+from dynamicid.models.checkpoints import identity_processors, save_dynamicid
+from dynamicid.models.families import FAMILIES, tiny_names
+from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH
 from dynamicid.schemas import CheckpointMetadata
 
 # ---- tiny bases ----
@@ -55,35 +57,31 @@ def build_tiny_tokenizer() -> Any:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
-def _tiny_unet(family: str) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    shared = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 8}
-    if family == TINY_RANDOM:
-        return UNet2DConditionModel(
-            **shared,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TINY_TEXT_WIDTH,
-            attention_head_dim=8,
-        )
-    # SDXL's layout at tiny widths (diffusers' own SDXL test components): the states of both text encoders side
-    # by side, text_embeds (pooled, projected) + 6 size ids of addition_time_embed_dim each.
-    time_embed_dim = 8
-    return UNet2DConditionModel(
-        **shared,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        cross_attention_dim=2 * TINY_TEXT_WIDTH,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=TINY_TEXT_WIDTH + 6 * time_embed_dim,
-    )
+# The tiny UNets (diffusers `UNet2DConditionModel` arguments) of the UNet families' FAKEs.
+_TINY_UNET_SHARED = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 8}
+TINY_SD15_UNET: dict[str, Any] = {
+    **_TINY_UNET_SHARED,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": TINY_TEXT_WIDTH,
+    "attention_head_dim": 8,
+}
+# SDXL's layout at tiny widths (diffusers' own SDXL test components): the states of both text encoders side by
+# side, text_embeds (pooled, projected) + 6 size ids of addition_time_embed_dim (8) each.
+TINY_SDXL_UNET: dict[str, Any] = {
+    **_TINY_UNET_SHARED,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": 2 * TINY_TEXT_WIDTH,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": TINY_TEXT_WIDTH + 6 * 8,
+}
 
 
 def _tiny_text_encoder(tokenizer: Any, with_projection: bool) -> nn.Module:
@@ -136,20 +134,28 @@ def _tiny_image_encoder() -> nn.Module:
     )
 
 
-def build_tiny_random(name: str = TINY_RANDOM, *, seed: int = 0, with_image_encoder: bool = True) -> BaseModel:
-    """The tiny-random FAKE base `name` ("tiny-random" or "tiny-random-sdxl"), seeded, global RNG untouched."""
-    from diffusers import DDPMScheduler
+def build_tiny_random(name: str = "tiny-random", *, seed: int = 0, with_image_encoder: bool = True) -> BaseModel:
+    """The tiny-random FAKE base `name` (one per family, `families.tiny_names()`), seeded, global RNG untouched."""
+    for family in FAMILIES.values():
+        if family.tiny_name == name:
+            return family.build_tiny(seed=seed, with_image_encoder=with_image_encoder)
+    raise ValueError(f"unknown tiny base {name!r}; expected one of {tiny_names()}")
 
-    if name not in TINY_BASES:
-        raise ValueError(f"unknown tiny base {name!r}; expected one of {TINY_BASES}")
+
+def tiny_unet_base(
+    name: str, unet_config: dict[str, Any], *, two_text_encoders: bool, seed: int = 0, with_image_encoder: bool = True
+) -> BaseModel:
+    """A tiny UNet-family base: `unet_config`'s UNet, the tiny 8x VAE, one or two tiny CLIP text encoders (the
+    second with a projection), the DDPM training scheduler of SD 1.5 / SDXL."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
     tokenizer = build_tiny_tokenizer()
-    sdxl = name == TINY_RANDOM_SDXL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _tiny_unet(name)
+        unet = UNet2DConditionModel(**unet_config)
         vae = _tiny_vae()
         text_encoder = _tiny_text_encoder(tokenizer, with_projection=False)
-        text_encoder_2 = _tiny_text_encoder(tokenizer, with_projection=True) if sdxl else None
+        text_encoder_2 = _tiny_text_encoder(tokenizer, with_projection=True) if two_text_encoders else None
         image_encoder = _tiny_image_encoder() if with_image_encoder else None
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -167,7 +173,7 @@ def build_tiny_random(name: str = TINY_RANDOM, *, seed: int = 0, with_image_enco
         scheduler,
         image_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer if sdxl else None,
+        tokenizer_2=tokenizer if two_text_encoders else None,
         name=name,
     )
 
@@ -182,7 +188,7 @@ def build_tiny_t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) -> FluxBase:
+def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) -> BaseModel:
     """The tiny-random-flux FAKE: FLUX.1-dev's structure (double- and single-stream blocks, guidance embeds,
     CLIP pooled + T5 text, 16-channel VAE with shift/scaling factors, flow-matching scheduler with dynamic
     shifting) at tiny widths; seeded, global RNG untouched."""
@@ -235,16 +241,16 @@ def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) ->
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    base = FluxBase(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+    base = BaseModel(
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        image_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
-        scheduler=scheduler,
-        image_encoder=image_encoder,
-        name=TINY_RANDOM_FLUX,
+        name=FLUX.tiny_name,
     )
     for module in base.modules():
         module.requires_grad_(False).eval()  # frozen, as load_base_model leaves every base (T5 has dropout)
@@ -256,7 +262,7 @@ def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) ->
 
 @dataclass
 class RandomParts:
-    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors (a Flux base's transformer)."""
+    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors (the base's denoiser)."""
 
     face_encoder: FaceEncoder
     unet: nn.Module
@@ -275,14 +281,12 @@ def random_parts(
     The IMR uses 64-wide heads, as the release's files imply, so these parts also round-trip through the
     release layout.
     """
-    clip_dim, cross_attention_dim = base.clip_dim, base.cross_attention_dim
+    unet, clip_dim, cross_attention_dim = base.denoiser, base.clip_dim, base.cross_attention_dim
     id_embed_dim, id_embed_model = analyzer.embedding_dim, analyzer.embedding_model
-    flux = base.family == FLUX_FAMILY  # SAA goes into the Flux transformer's double-stream blocks
-    unet = base.transformer if flux else base.unet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        (install_flux_saa if flux else install_saa)(unet, rank=lora_rank, num_tokens=4)
-        for processor in (flux_saa_processors if flux else saa_processors)(unet).values():
+        base.base_family.install_identity_attention(unet, rank=lora_rank, num_tokens=4)
+        for processor in identity_processors(unet).values():
             for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
                 nn.init.normal_(lora.up.weight, std=0.02)
         face_encoder = FaceEncoder(
@@ -380,12 +384,7 @@ def save_ip_adapter_faceid(unet: nn.Module, face_encoder: FaceEncoder, path: str
 
 def plain_pipeline(base: BaseModel, scheduler: Any | None = None) -> Any:
     """diffusers' own pipeline of `base`'s family over its parts, without DynamicID."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = base.components() | {"scheduler": scheduler or base.noise_scheduler}
-    if base.family == "sdxl":
-        return StableDiffusionXLPipeline(**parts)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return base.base_family.plain_pipeline(base.components() | {"scheduler": scheduler or base.noise_scheduler})
 
 
 def plain_images(

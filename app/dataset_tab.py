@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dynamicid.curation.report import counts_line
 from dynamicid.curation.write import SHARD_GLOB
 from dynamicid.schemas import EXPRESSIONS
 from dynamicid.schemas.labels import POSE_NAMES
@@ -100,10 +101,11 @@ class DatasetBrowser:
         return self.rejects[self.rejects["source_path"].str.startswith(identity + "/")]
 
     def summary(self) -> str:
-        return (
-            f"`{self.folder}`: {len(self.labels)} faces of {len(self.identities)} identities, "
-            f"{len(self.rejects)} files rejected."
-        )
+        """The CLI's and report.html's counts line; identities with no image kept (all rejected) do not count."""
+        kept, rejected = len(self.labels), len(self.rejects)
+        identities = int((self.identities["num_images"] > 0).sum())
+        counts = {"kept": kept, "identities": identities, "rejected": rejected, "scanned": kept + rejected}
+        return f"`{self.folder}`: {counts_line(counts)}."
 
     # ---- page ----
 

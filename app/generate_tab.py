@@ -6,7 +6,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,9 @@ import gradio as gr
 from dynamicid.app.layout_canvas import CSS_COLORS, layout_editor, layout_value
 from dynamicid.app.references import preview_reference
 from dynamicid.clitools import INPUT_ERRORS, InputError, one_line
-from dynamicid.infer import Person
-from dynamicid.infer.cli import KEEP, _generate
-from dynamicid.infer.people import DynamicIDWarning
-from dynamicid.infer.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from dynamicid.infer import GenerateRequest, Person
+from dynamicid.infer.flags import KEEP
+from dynamicid.infer.generate import generate, sampler_defaults
 from dynamicid.schemas import EXPRESSIONS
 from dynamicid.schemas.labels import POSE_NAMES
 
@@ -50,9 +48,8 @@ class PersonInputs:
 class GenerateTab:
     """Holds the loaded pipeline; `build()` lays the tab out inside an open `gr.Blocks`."""
 
-    def __init__(self, pipe: Any, load_options: dict[str, Any], output_dir: Path):
+    def __init__(self, pipe: Any, output_dir: Path):
         self.pipe = pipe
-        self.load_options = load_options  # the model flags of `dynamicid-infer generate`, for its sidecar
         self.output_dir = output_dir
         self.native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
@@ -80,8 +77,9 @@ class GenerateTab:
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed", minimum=0, maximum=2**31 - 1)
                     random_seed = gr.Checkbox(True, label="Random seed (the seed used is shown)", elem_id="random-seed")
-                steps = gr.Slider(1, 150, DEFAULT_STEPS, step=1, label="Steps (DDIM)", elem_id="steps")
-                guidance = gr.Slider(0, 20, DEFAULT_GUIDANCE, step=0.5, label="Guidance scale", elem_id="guidance")
+                default_steps, default_guidance = sampler_defaults(self.pipe)
+                steps = gr.Slider(1, 150, default_steps, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, default_guidance, step=0.5, label="Guidance scale", elem_id="guidance")
                 id_scale = gr.Slider(0, 2, 1.0, step=0.05, label="ID scale", elem_id="id-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
@@ -183,22 +181,18 @@ class GenerateTab:
             people = _people(int(count), layout, person_values)
             seed = secrets.randbelow(2**31) if random_seed or seed is None else int(seed)
             run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=self.output_dir))
-            options = {
-                **self.load_options,
-                "prompt": prompt,
-                "negative_prompt": negative or "",
-                "seed": seed,
-                "steps": int(steps),
-                "guidance_scale": float(guidance),
-                "id_scale": float(id_scale),
-                "size": f"{int(width)}x{int(height)}",
-                "num_images": 1,
-                "activation_maps": True,
-                "out": run_dir / OUT_NAME.format(seed=seed),
-            }
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", DynamicIDWarning)
-                sidecar = _generate(options, caught, self.pipe, people, on_step=on_step)
+            request = GenerateRequest(
+                prompt,
+                people,
+                negative_prompt=negative or "",
+                size=(int(width), int(height)),
+                steps=int(steps),
+                guidance_scale=float(guidance),
+                seed=seed,
+                id_scale=float(id_scale),
+                activation_maps=True,
+            )
+            sidecar = generate(self.pipe, request, on_step=on_step).save(run_dir / OUT_NAME.format(seed=seed))
         except (InputError, *INPUT_ERRORS) as error:
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a failed request leaves nothing behind

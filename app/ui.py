@@ -22,16 +22,17 @@ CSS = """
 """
 
 
-def build_app(pipe: Any, load_options: dict[str, Any], output_dir: Path, dataset: Any = None) -> gr.Blocks:
+def build_app(pipe: Any, output_dir: Path, dataset: Any = None) -> gr.Blocks:
+    """The page over a pipeline from `dynamicid.infer.load_pipeline`."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(
             f"## {TITLE}: several people in one picture, each with an expression\n"
-            f"Base model `{load_options['base_model']}`. Upload a reference photo per person, choose their "
+            f"Base model `{pipe.model_options.base_model}`. Upload a reference photo per person, choose their "
             "expression and pose, place their boxes, then Generate."
         )
         with gr.Tabs():
             with gr.Tab("Generate", id="generate-tab"):
-                GenerateTab(pipe, load_options, output_dir).build()
+                GenerateTab(pipe, output_dir).build()
             if dataset is not None:
                 with gr.Tab("Dataset", id="dataset-tab"):
                     dataset.build()
@@ -39,12 +40,13 @@ def build_app(pipe: Any, load_options: dict[str, Any], output_dir: Path, dataset
     return demo
 
 
-def launch(demo: gr.Blocks, host: str, port: int, share: bool, output_dir: Path) -> None:
+def launch(demo: gr.Blocks, host: str, port: int, share: bool, output_dir: Path, max_upload_mb: int) -> None:
     demo.launch(
         server_name=host,
         server_port=port,
         share=share,
         allowed_paths=[str(output_dir)],
+        max_file_size=f"{max_upload_mb}mb",
         theme=THEME,
         css=CSS,
         ssr_mode=False,

@@ -12,8 +12,7 @@ import click
 
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.curation.config import MIN_CROP_SIZE
-from dynamicid.curation.inputs import CurationError, check_folders
-from dynamicid.locks import hold_folder
+from dynamicid.curation.inputs import CurationError, check_folders, writing
 
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -207,10 +206,9 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(
-        f"{summary['kept']} images of {summary['identities']} identities kept, {summary['rejected']} rejected, "
-        f"of {summary['scanned']} files scanned -> {summary['out_dir']}"
-    )
+    from dynamicid.curation.report import counts_line
+
+    click.echo(f"{counts_line(summary)} -> {summary['out_dir']}")
     for reason, count in summary["rejected_by_reason"].items():
         click.echo(f"  rejected {reason}: {count}")
     click.echo(f"see {Path(summary['out_dir']) / 'report.html'} and rejects.parquet")
@@ -235,7 +233,7 @@ def build(**kwargs) -> None:
 
     config = _config(kwargs)
     _, out_dir, _ = check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])  # before any worker
-    with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+    with writing(out_dir):
         # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
         engine = start_engine(config, progress=kwargs["progress"])
         try:
@@ -275,7 +273,7 @@ def _stage_command(stage: str, help_text: str) -> None:
         from dynamicid.curation.pipeline import open_run, run_stage
 
         _, out_dir, _ = check_folders(kwargs["photos_dir"], kwargs["out_dir"], kwargs["work_dir"])
-        with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+        with writing(out_dir):
             run = open_run(
                 kwargs["photos_dir"],
                 kwargs["out_dir"],

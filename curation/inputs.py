@@ -4,9 +4,12 @@ catches the error, before it imports the pipeline."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from dynamicid.locks import LOCK_NAME
+from dynamicid.locks import LOCK_NAME, hold_folder
 
 MARKER = ".dynamicid-curate"  # written into OUT_DIR first: later runs may overwrite a folder that has it
 TOOL = "dynamicid-curate"
@@ -49,3 +52,15 @@ def check_folders(photos_dir: Path, out_dir: Path, work_dir: Path | None) -> tup
             )
     check_out_dir(out_dir)
     return photos_dir, out_dir, work_root
+
+
+@contextmanager
+def writing(out_dir: Path) -> Iterator[None]:
+    """Hold OUT_DIR for the block (`dynamicid.locks`: one writer at a time), after clearing the temporary files
+    (`*.tmp`) that a killed run left in it: with the lock held, no other process is writing them."""
+    with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+        for folder, _, files in os.walk(out_dir):
+            for name in files:
+                if name.endswith(".tmp"):
+                    Path(folder, name).unlink(missing_ok=True)
+        yield

@@ -24,12 +24,11 @@ from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import crop_key, crop_store
 from dynamicid.curation.engines import make_engine
 from dynamicid.curation.engines.local import read_candidates
-from dynamicid.curation.inputs import TOOL, CurationError, check_out_dir, mark_out_dir
+from dynamicid.curation.inputs import TOOL, CurationError, check_out_dir, mark_out_dir, writing
 from dynamicid.curation.pipeline import Run, run_stage
 from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
-from dynamicid.locks import hold_folder
 
 SHARED_TABLES = ("scan", "detect", "describe", "identify", "size")  # per photo or identity: final in the shards
 SHARED_STORES = ("describe-*", "align", "crops")  # what the merged steps read: landmarks, crop quality, crops
@@ -124,7 +123,7 @@ def _check_crops(run: Run) -> None:
 def merge_datasets(shard_dirs: list[Path], out_dir: Path, *, progress: bool = True) -> dict:
     """Merge the shard output folders into OUT_DIR, equal to a single build; returns the merged summary."""
     out_dir = Path(out_dir).absolute()
-    with hold_folder(out_dir, f"OUT_DIR {out_dir}"):
+    with writing(out_dir):
         return _merge(shard_dirs, out_dir, progress)
 
 

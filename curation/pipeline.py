@@ -32,7 +32,7 @@ from dynamicid.curation.engines import Call, Engine, start_engine
 from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
 from dynamicid.curation.identify import DescribeStage, IdentifyStage
-from dynamicid.curation.inputs import TOOL, CurationError, check_folders, mark_out_dir
+from dynamicid.curation.inputs import TOOL, CurationError, check_folders, mark_out_dir, writing
 from dynamicid.curation.label import LabelStage, label_schema
 from dynamicid.curation.report import build_report
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
@@ -52,7 +52,6 @@ from dynamicid.curation.write import (
     shard_names,
     write_summary,
 )
-from dynamicid.locks import hold_folder
 from dynamicid.schemas import rejects_arrow_schema
 
 STAGES: tuple[str, ...] = ("scan", "detect", "identify", "dedupe", "align", "label", "select", "write")
@@ -448,7 +447,7 @@ def build_dataset(
         **settings,
     )
     _, out, _ = check_folders(Path(photos_dir), Path(out_dir), Path(work_dir) if work_dir else None)
-    with hold_folder(out, f"OUT_DIR {out}"):
+    with writing(out):
         run = open_run(
             Path(photos_dir),
             Path(out_dir),

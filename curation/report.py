@@ -47,6 +47,14 @@ table.hist td{padding:1px 6px;font-size:11px}
 """
 
 
+def counts_line(summary: dict) -> str:
+    """The run's counts in the words the CLI, report.html and the app's Dataset tab all use (from summary.json)."""
+    return (
+        f"{summary['kept']} images of {summary['identities']} identities kept, {summary['rejected']} rejected, "
+        f"of {summary['scanned']} files scanned"
+    )
+
+
 def thumbnail_uri(image: Image.Image, size: int) -> str:
     image = image.convert("RGB")
     image.thumbnail((size, size))
@@ -201,8 +209,7 @@ def _page(out_dir: Path, thumbnails: Iterator[str] | None, map_calls: MapCalls) 
         "<!doctype html><html><head><meta charset='utf-8'><title>dynamicid-curate report</title>",
         f"<style>{STYLE % {'t': size}}</style></head><body>",
         "<h1>Curated face dataset</h1>",
-        f"<p>{summary['kept']} images of {summary['identities']} identities from {summary['scanned']} files "
-        f"scanned in <code>{html.escape(str(summary['photos_dir']))}</code>; {summary['rejected']} rejected. "
+        f"<p>{html.escape(counts_line(summary))} in <code>{html.escape(str(summary['photos_dir']))}</code>. "
         f"Backend <code>{html.escape(str(summary['backend']))}</code>, embeddings "
         f"<code>{html.escape(str(summary['embedding_model']))}</code>.</p>",
         "<p>Rejected by reason: "

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from dynamicid.clitools import AtLeast, ToolGroup
-from dynamicid.infer.cli import _quiet_libraries
+from dynamicid.clitools import AtLeast, ToolGroup, quiet_libraries
 
 EPILOG = """\b
 The whole loop:
@@ -43,7 +42,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json on stdout.")
 def score(folder, out, manifest, face_backend, insightface_root, clip_model, references_dir, as_json) -> None:
     """Score the images (and sidecars) of FOLDER: FaceSim, ID confusion, Expr, Pose, CLIP-T, per person."""
-    _quiet_libraries()
+    quiet_libraries()
     from dynamicid.evaluate import FaceScorer, cases_from_manifest, cases_from_sidecars, measure, write_scores
     from dynamicid.evaluate.clip_t import ClipScorer
     from dynamicid.faces import FaceAnalyzer

@@ -95,7 +95,9 @@ class _Reader:
 
 # The network, from the input up, as dlib's template aliases spell it. `tag`/`skip`/`add_prev` carry dlib's tag id.
 @dataclass(frozen=True)
-class _Spec:
+class LayerSpec:
+    """One layer of the network: what it is and its sizes."""
+
     kind: str  # con, affine, relu, max_pool, avg_pool, tag, skip, add_prev, fc
     channels: int = 0  # con / fc outputs
     size: int = 0  # con / pool window (0: the whole input)
@@ -103,37 +105,37 @@ class _Spec:
     tag: int = 0
 
 
-def _block(channels: int, stride: int) -> list[_Spec]:
+def _block(channels: int, stride: int) -> list[LayerSpec]:
     return [
-        _Spec("con", channels, 3, stride),
-        _Spec("affine"),
-        _Spec("relu"),
-        _Spec("con", channels, 3, 1),
-        _Spec("affine"),
+        LayerSpec("con", channels, 3, stride),
+        LayerSpec("affine"),
+        LayerSpec("relu"),
+        LayerSpec("con", channels, 3, 1),
+        LayerSpec("affine"),
     ]
 
 
-def _ares(channels: int) -> list[_Spec]:
-    return [_Spec("tag", tag=1), *_block(channels, 1), _Spec("add_prev", tag=1), _Spec("relu")]
+def _ares(channels: int) -> list[LayerSpec]:
+    return [LayerSpec("tag", tag=1), *_block(channels, 1), LayerSpec("add_prev", tag=1), LayerSpec("relu")]
 
 
-def _ares_down(channels: int) -> list[_Spec]:
+def _ares_down(channels: int) -> list[LayerSpec]:
     return [
-        _Spec("tag", tag=1),
+        LayerSpec("tag", tag=1),
         *_block(channels, 2),
-        _Spec("tag", tag=2),
-        _Spec("skip", tag=1),
-        _Spec("avg_pool", size=2, stride=2),
-        _Spec("add_prev", tag=2),
-        _Spec("relu"),
+        LayerSpec("tag", tag=2),
+        LayerSpec("skip", tag=1),
+        LayerSpec("avg_pool", size=2, stride=2),
+        LayerSpec("add_prev", tag=2),
+        LayerSpec("relu"),
     ]
 
 
-ANET_TYPE: tuple[_Spec, ...] = (
-    _Spec("con", 32, 7, 2),
-    _Spec("affine"),
-    _Spec("relu"),
-    _Spec("max_pool", size=3, stride=2),
+ANET_TYPE: tuple[LayerSpec, ...] = (
+    LayerSpec("con", 32, 7, 2),
+    LayerSpec("affine"),
+    LayerSpec("relu"),
+    LayerSpec("max_pool", size=3, stride=2),
     *(_ares(32) * 3),  # alevel4
     *_ares_down(64),  # alevel3
     *(_ares(64) * 3),
@@ -142,15 +144,15 @@ ANET_TYPE: tuple[_Spec, ...] = (
     *_ares_down(256),  # alevel1
     *(_ares(256) * 2),
     *_ares_down(256),  # alevel0
-    _Spec("avg_pool", size=0, stride=1),  # avg_pool_everything
-    _Spec("fc", 128),
+    LayerSpec("avg_pool", size=0, stride=1),  # avg_pool_everything
+    LayerSpec("fc", 128),
 )
 _WRAPPERS = frozenset({"tag", "skip"})  # dlib writes no details for these, only a version
 
 
 @dataclass
 class _Layer:
-    spec: _Spec
+    spec: LayerSpec
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     padding: int = 0
@@ -162,7 +164,7 @@ class DlibResNetWeights:
     layers: list[_Layer] = field(default_factory=list)
 
 
-def _read_details(reader: _Reader, spec: _Spec) -> _Layer:
+def _read_details(reader: _Reader, spec: LayerSpec) -> _Layer:
     """One layer's details (its own serialize()), checked against the expected network."""
     kind = spec.kind
     if kind == "con":

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dynamicid.faces.dlib_resnet import DlibResNetWeights, fold_affine
 
 if TYPE_CHECKING:
-    from dynamicid.faces.dlib_resnet import _Spec
+    from dynamicid.faces.dlib_resnet import LayerSpec
 
 
 class DlibResNet(torch.nn.Module):
@@ -18,7 +18,7 @@ class DlibResNet(torch.nn.Module):
 
     def __init__(self, weights: DlibResNetWeights):
         super().__init__()
-        self._ops: list[tuple[_Spec, int]] = []  # (spec, index into self.convs or -1)
+        self._ops: list[tuple[LayerSpec, int]] = []  # (spec, index into self.convs or -1)
         self.convs = torch.nn.ModuleList()
         for layer in fold_affine(weights):
             conv = -1

@@ -20,6 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dynamicid.schemas.rejects import RejectReason
 
 T = TypeVar("T")
+# The default pixel limit: photos of every phone camera (up to 200 MP; a 108 MP one is 12000x9000) decode, a
+# file declaring more is refused before any pixel is decoded (a decompression bomb). Pillow's smaller check
+# (89 MP) would refuse those phone photos.
+MAX_PIXELS = 200_000_000
 
 
 class ImageLoadError(ValueError):
@@ -42,8 +46,8 @@ class ImageLoadError(ValueError):
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = None, at_least: int | None = None) -> Image.Image:
     """Decode `path` into an 8-bit RGB PIL image with its EXIF orientation applied.
 
-    `max_pixels` (default `PIL.Image.MAX_IMAGE_PIXELS`) refuses images whose declared size is larger,
-    before their pixels are decoded (decompression bombs). `at_least`: a JPEG may be decoded at 1/2, 1/4 or 1/8
+    `max_pixels` (default `MAX_PIXELS`, 200 million) refuses images whose declared size is larger, before
+    their pixels are decoded (decompression bombs). `at_least`: a JPEG may be decoded at 1/2, 1/4 or 1/8
     scale while both sides stay at least this many pixels (for thumbnails: several times faster).
     """
     return _decode(path, max_pixels, Image.Image.copy, at_least)  # a copy outlives the decoder's image
@@ -62,7 +66,9 @@ def _decode(
     data = _read_bytes(path)
     if not data:
         raise ImageLoadError(path, "the file is empty (0 bytes)")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # Pillow checks (inside Image.open) first: it must not refuse what we allow
     try:
         with Image.open(io.BytesIO(data)) as image:
             if limit is not None and image.width * image.height > limit:

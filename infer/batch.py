@@ -11,7 +11,7 @@ from typing import Any
 from dynamicid.infer.manifest import ManifestRow
 
 # Options of `generate` that do not change what is written (left out of the settings hash).
-NOT_HASHED = ("as_json", "device")
+NOT_HASHED = ("as_json", "device", "offload")
 WEIGHT_OPTIONS = ("weights", "saa", "imr", "keypoint_encoder")
 
 

@@ -1,4 +1,4 @@
-"""What `dynamicid-infer generate` writes: images, activation-map overlays and the JSON sidecar, all or nothing."""
+"""What `dynamicid.infer.generate` writes: images, activation-map overlays and the JSON sidecar, all or nothing."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def overlay_activation(
         w, h = result.size
         ImageDraw.Draw(result).rectangle((x0 * w, y0 * h, x1 * w - 1, y1 * h - 1), outline=color, width=1)
     return result
+
+
+def check_output_path(out: Path, name: str = "out") -> Path:
+    """An image path in an existing folder (`name`: the argument or flag named in the error)."""
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{name} {out}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if not out.parent.resolve().is_dir():
+        raise ValueError(f"{name} {out}: folder {out.parent} does not exist")
+    return out
 
 
 def output_names(out: Path, num_images: int, num_people: int, activation_maps: bool) -> dict[str, Any]:

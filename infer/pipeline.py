@@ -26,10 +26,10 @@ from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
 from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
-from dynamicid.models.base import BaseModel, folder_family, load_image_encoder
+from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
+from dynamicid.models.families import family_named, folder_family
 from dynamicid.schemas import face_prompt
-from dynamicid.schemas.checkpoint import BASE_FAMILIES, family_label
 
 # Reference settings of the release (METHOD.md): 50 DDIM steps, guidance 5; several people get the gate
 # boosted (infer_scale 2) during the first 12 denoising steps, one person none.
@@ -108,12 +108,14 @@ class DynamicIDMixin:
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"base model folder {folder} does not exist (expected {BASE_FAMILIES[cls.family]} in diffusers layout)"
+                f"base model folder {folder} does not exist (expected {family_named(cls.family).label} in "
+                f"diffusers layout)"
             )
-        if folder_family(folder) != cls.family:
+        found = folder_family(folder)
+        if found.name != cls.family:
             raise ValueError(
-                f"{folder} holds {family_label(folder_family(folder))}, not {family_label(cls.family)}: "
-                f"use {PIPELINES[folder_family(folder)].__name__}"
+                f"{folder} holds {found.describe()}, not {family_named(cls.family).describe()}: "
+                f"use {found.pipeline_class().__name__}"
             )
         if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
             kwargs["scheduler"] = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -125,7 +127,7 @@ class DynamicIDMixin:
         """A pipeline over `dynamicid.models.base.load_base_model(...)`'s parts (also the tiny-random FAKEs)."""
         if base.family != cls.family:
             raise ValueError(
-                f"base model {base.name} is {family_label(base.family)}: use {PIPELINES[base.family].__name__}, "
+                f"base model {base.name} is {base.base_family.describe()}: use {base.base_family.pipeline_class().__name__}, "
                 f"not {cls.__name__} (or `pipeline_for(base)`)"
             )
         return cls(**base.components(), scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
@@ -151,9 +153,7 @@ class DynamicIDMixin:
         if image_encoder is not None:
             self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
         if self.image_encoder is None:
-            raise ValueError(
-                "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
-            )
+            raise ValueError("no CLIP image encoder: pass image_encoder=DIR (a CLIP vision model folder)")
         modules = load_modules(weights, self.unet)
         modules.to(self.device, self.unet.dtype)
         self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))
@@ -647,12 +647,9 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
         return image, None  # SDXL ships no safety checker
 
 
-PIPELINES: dict[str, type[DynamicIDMixin]] = {"sd15": DynamicIDPipeline, "sdxl": DynamicIDXLPipeline}
-
-
 def pipeline_for(base: BaseModel) -> DynamicIDMixin:
-    """The DynamicID pipeline of `base`'s family over its parts."""
-    return PIPELINES[base.family].from_base(base)
+    """The DynamicID pipeline of `base`'s family (`dynamicid.models.families`) over its parts."""
+    return base.base_family.pipeline_class().from_base(base)
 
 
 def _lap(start: float) -> float:

@@ -25,11 +25,12 @@ from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.people import Person
 from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput
 from dynamicid.infer.weights import DynamicIDModules
-from dynamicid.models.base import load_image_encoder
+from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid
 from dynamicid.models.conditioning import saa_calls
 from dynamicid.models.conditioning_flux import FluxConditioner
-from dynamicid.models.flux_base import FLUX_FAMILY, T5_MAX_LENGTH, FluxBase, is_flux_folder, load_flux_transformer
+from dynamicid.models.families import folder_family
+from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
 from dynamicid.models.saa_flux import flux_saa_processors, install_flux_saa, load_flux_saa_state_dict
 
 DEFAULT_STEPS = 28  # FLUX.1-dev's usual sampling: 28 flow-matching Euler steps, guidance 3.5
@@ -65,7 +66,7 @@ def load_flux_modules(weights: str | Path | Sequence[str | Path], transformer: t
         raise ValueError("a Flux base loads this project's safetensors weights only (the release is SD 1.5)")
     loaded = load_dynamicid(weights)
     where = ", ".join(map(str, loaded.paths))
-    check_base_family(loaded.metadata.base_family, FLUX_FAMILY, where)
+    check_base_family(loaded.metadata.base_family, FLUX.name, where)
     missing = [p for p in ("face_encoder", "saa") if p not in loaded.state_dicts]
     if missing:
         raise ValueError(
@@ -91,7 +92,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     encoder. Face analysis, face tokens and IMR edits are `DynamicIDMixin`'s, shared with SD 1.5 and SDXL.
     """
 
-    family = FLUX_FAMILY
+    family = FLUX.name
     multi_person_boost = (2.0, 7)  # the release's boost over its first 12 of 50 steps, as a share of 28 steps
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
 
@@ -106,10 +107,10 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             raise FileNotFoundError(f"base model folder {folder} does not exist (expected FLUX.1 in diffusers layout)")
-        if not is_flux_folder(folder):
+        family = folder_family(folder)
+        if family is not FLUX:
             raise ValueError(
-                f"{folder} holds no FLUX.1 pipeline (model_index.json); use DynamicIDPipeline or "
-                "DynamicIDXLPipeline for Stable Diffusion 1.5 / SDXL folders"
+                f"{folder} holds {family.describe()}, not {FLUX.describe()}: use {family.pipeline_class().__name__}"
             )
         if isinstance(transformer, (str, Path)):
             transformer = load_flux_transformer(transformer, folder)
@@ -119,11 +120,14 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         return super(DynamicIDMixin, cls).from_pretrained(folder, **kwargs)
 
     @classmethod
-    def from_base(cls, base: FluxBase):
-        """A pipeline over a `FluxBase`'s parts (also the tiny-random-flux FAKE)."""
-        if getattr(base, "family", None) != FLUX_FAMILY:
-            raise ValueError(f"base model {base.name} is not FLUX.1: use pipeline_for(base), not {cls.__name__}")
-        return cls(**base.components())
+    def from_base(cls, base: BaseModel):
+        """A pipeline over a Flux base's parts (`load_base_model`, also the tiny-random-flux FAKE), sampling with
+        the flow-matching scheduler of its config."""
+        if base.base_family is not FLUX:
+            raise ValueError(
+                f"base model {base.name} is {base.base_family.describe()}: use pipeline_for(base), not {cls.__name__}"
+            )
+        return cls(**base.components(), scheduler=base.noise_scheduler)
 
     def load_dynamicid(
         self,

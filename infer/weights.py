@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder
-from dynamicid.models.base import unet_family
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid, load_release_checkpoint
+from dynamicid.models.families import denoiser_family
 
 
 @dataclass
@@ -80,7 +80,7 @@ def load_modules(weights: WeightsSource, unet: nn.Module) -> DynamicIDModules:
 def _load_ours(paths: str | Path | Sequence[str | Path], unet: nn.Module) -> DynamicIDModules:
     loaded = load_dynamicid(paths)
     where = ", ".join(map(str, loaded.paths))
-    check_base_family(loaded.metadata.base_family, unet_family(unet), where)
+    check_base_family(loaded.metadata.base_family, denoiser_family(unet).name, where)
     loaded.check(cross_attention_dim=int(unet.config.cross_attention_dim))
     missing = [p for p in ("face_encoder", "saa") if p not in loaded.state_dicts]
     if missing:

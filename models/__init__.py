@@ -1,67 +1,56 @@
-"""DynamicID's modules: face encoder, IMR, keypoint encoder, SAA attention processors, checkpoint I/O.
+"""DynamicID's modules and the base families they plug into.
 
-Parameter names follow the authors' release (../shared/spec/METHOD.md), so its checkpoints and IP-Adapter
-FaceID-Plus's load strictly; `dynamicid.models.base` (base-model loading) and `dynamicid.models.conditioning`
-(faces and prompts -> the UNet's inputs, shared by training and inference) are imported on their own.
+```
+families/   one module per base family (sd15, sdxl; flux next) and one registry, FAMILIES: each family
+            recognises its folder / single-file checkpoint / denoiser, loads its parts, builds its tiny FAKE,
+            gives its Conditioner, installs the identity attention (SAA) in its denoiser, names its pipeline
+base        BaseModel (the frozen parts: denoiser, VAE, text encoders, image encoder) and load_base_model
+conditioning  faces and prompts -> the denoiser's inputs, shared by training and inference
+saa, face_encoder, imr, keypoint_encoder, blocks, lora   the method's modules
+checkpoints, release, state_dicts   weights I/O (ours, the release's, IP-Adapter FaceID-Plus)
+```
+
+Nothing outside `families/` branches on the base family: it asks the registry (`detect_family(source)`,
+`denoiser_family(module)`, `family_named(name)`). Parameter names follow the authors' release
+(../shared/spec/METHOD.md), so its checkpoints and IP-Adapter FaceID-Plus's load strictly. The names below are
+imported on first use, so torch-free code (the training CLI, the registry) can import `dynamicid.models.families`
+without loading torch.
 """
 
-from dynamicid.models.blocks import FeedForward, MultAttention, PerceiverAttention
-from dynamicid.models.checkpoints import (
-    SD15_UNET_CONFIG,
-    SDXL_UNET_CONFIG,
-    DynamicIDWeights,
-    ReleaseCheckpoint,
-    WeightsFileError,
-    convert_release,
-    load_dynamicid,
-    load_ip_adapter_faceid,
-    load_release_checkpoint,
-    save_dynamicid,
-)
-from dynamicid.models.face_encoder import FaceEncoder
-from dynamicid.models.imr import IMR
-from dynamicid.models.keypoint_encoder import KeypointEncoder
-from dynamicid.models.lora import LoRALinear
-from dynamicid.models.release import from_release, load_release_saa
-from dynamicid.models.saa import (
-    SAACall,
-    SAAProcessor,
-    boost_for_step,
-    install_saa,
-    load_saa_state_dict,
-    saa_activation_maps,
-    saa_id_attention_probs,
-    saa_processors,
-    saa_state_dict,
-)
+from dynamicid import lazy_exports
 
-__all__ = [
-    "IMR",
-    "SD15_UNET_CONFIG",
-    "SDXL_UNET_CONFIG",
-    "DynamicIDWeights",
-    "FaceEncoder",
-    "FeedForward",
-    "KeypointEncoder",
-    "LoRALinear",
-    "MultAttention",
-    "PerceiverAttention",
-    "ReleaseCheckpoint",
-    "SAACall",
-    "SAAProcessor",
-    "WeightsFileError",
-    "boost_for_step",
-    "convert_release",
-    "from_release",
-    "install_saa",
-    "load_dynamicid",
-    "load_ip_adapter_faceid",
-    "load_release_checkpoint",
-    "load_release_saa",
-    "load_saa_state_dict",
-    "saa_activation_maps",
-    "saa_id_attention_probs",
-    "saa_processors",
-    "saa_state_dict",
-    "save_dynamicid",
-]
+_MODULES = {
+    "blocks": ("FeedForward", "MultAttention", "PerceiverAttention"),
+    "checkpoints": (
+        "SD15_UNET_CONFIG",
+        "SDXL_UNET_CONFIG",
+        "DynamicIDWeights",
+        "ReleaseCheckpoint",
+        "WeightsFileError",
+        "convert_release",
+        "load_dynamicid",
+        "load_ip_adapter_faceid",
+        "load_release_checkpoint",
+        "save_dynamicid",
+    ),
+    "face_encoder": ("FaceEncoder",),
+    "imr": ("IMR",),
+    "keypoint_encoder": ("KeypointEncoder",),
+    "lora": ("LoRALinear",),
+    "release": ("from_release", "load_release_saa"),
+    "saa": (
+        "SAACall",
+        "SAAProcessor",
+        "boost_for_step",
+        "install_saa",
+        "load_saa_state_dict",
+        "saa_activation_maps",
+        "saa_id_attention_probs",
+        "saa_processors",
+        "saa_state_dict",
+    ),
+}
+_EXPORTS = {name: f"dynamicid.models.{module}" for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dynamicid.models.base import unet_family
 from dynamicid.models.face_encoder import FaceEncoder
+from dynamicid.models.families import denoiser_family, family_label, family_named
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
 from dynamicid.models.release import (
@@ -42,7 +42,7 @@ from dynamicid.models.saa import (
     saa_state_dict,
 )
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import BASE_FAMILIES, PART_FIELDS, PART_PREFIXES, CheckpointMetadata, family_label
+from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata
 
 PARTS = tuple(PART_PREFIXES)
 IMR_CONFIG_KEY = "imr_config"  # extra header entry: the IMR's full constructor arguments (JSON)
@@ -135,28 +135,25 @@ def _part_dims(part: str, module: nn.Module) -> dict[str, Any]:
             "num_tokens": module.num_tokens,
         }
     if part == "saa":
-        processor = next(iter(_identity_processors(module).values()))
+        processor = next(iter(identity_processors(module).values()))
         return {
             "lora_rank": processor.rank,
             "num_tokens": processor.num_tokens,
-            "cross_attention_dim": processor.id_dim if _is_flux(module) else int(module.config.cross_attention_dim),
+            "cross_attention_dim": denoiser_family(module).token_dim(module),
         }
     if part == "imr":
         return {"imr_depth": module.depth, "imr_dim": module.dim, "cross_attention_dim": module.embedding_dim}
     return {"keypoint_dim": module.embedding_dim}
 
 
-def _is_flux(model: nn.Module) -> bool:
-    return hasattr(model, "single_transformer_blocks")
-
-
-def _identity_processors(model: nn.Module) -> dict[str, nn.Module]:
-    """The SAA processors of a UNet or of a Flux transformer (its double-stream blocks)."""
-    if not _is_flux(model):
-        return saa_processors(model)
+def identity_processors(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """The SAA processors of a base family's denoiser: a UNet's attention layers, or a Flux transformer's
+    double-stream blocks."""
+    if denoiser_family(denoiser).denoiser_name == "unet":
+        return saa_processors(denoiser)
     from dynamicid.models.saa_flux import flux_saa_processors  # imports diffusers' Flux model: only when needed
 
-    return flux_saa_processors(model)
+    return flux_saa_processors(denoiser)
 
 
 def _write(path: str | Path, metadata: CheckpointMetadata, parts: dict[str, dict[str, torch.Tensor]], **extra: str):
@@ -196,7 +193,7 @@ def save_dynamicid(
                     f"save_dynamicid({path}): metadata says {name}={getattr(metadata, name)!r} "
                     f"but the {part} has {name}={value!r}"
                 )
-        parts[part] = processors_state_dict(_identity_processors(module)) if part == "saa" else module.state_dict()
+        parts[part] = processors_state_dict(identity_processors(module)) if part == "saa" else module.state_dict()
     extra = {IMR_CONFIG_KEY: json.dumps(imr.config)} if imr is not None else {}
     return _write(path, metadata, parts, **extra)
 
@@ -284,12 +281,12 @@ def check_base_family(file_family: str, base_family: str, where: str) -> None:
     if file_family != base_family:
         raise ValueError(
             f"{where} holds weights made for {family_label(file_family)} but the base model is "
-            f"{family_label(base_family)}; use weights trained on {BASE_FAMILIES.get(base_family, base_family)}"
+            f"{family_label(base_family)}; use weights trained on {family_named(base_family).label}"
         )
 
 
 def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
-    check_base_family(metadata.base_family, unet_family(unet), where)
+    check_base_family(metadata.base_family, denoiser_family(unet).name, where)
     if int(unet.config.cross_attention_dim) != metadata.cross_attention_dim:
         raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, unet.config.cross_attention_dim, where)
     installed = [p for p in unet.attn_processors.values() if isinstance(p, SAAProcessor)]
@@ -547,7 +544,7 @@ def convert_release(
 
     parts: dict[str, dict[str, torch.Tensor]] = {"saa": saa}
     metadata = CheckpointMetadata(
-        base_family=unet_family(unet),
+        base_family=denoiser_family(unet).name,
         cross_attention_dim=int(unet.config.cross_attention_dim),
         lora_rank=release.lora_rank,
         num_tokens=num_tokens,

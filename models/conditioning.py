@@ -16,7 +16,7 @@ into tensors; the anchoring stage, the reconfiguration stage, `cache-tokens` and
 training stages also use for their sample images) all call it. SD 1.5 has one CLIP text encoder and no extra
 UNet inputs; SDXL (`SDXLConditioner`: two text encoders, `added_cond_kwargs`) subclasses it and overrides
 `token_ids`, `text_states`, `text_condition` (its `added_cond_kwargs`) and `face_prompt_vectors`;
-`Conditioner.from_parts(base_or_pipeline)` picks the family's class.
+`Conditioner.from_parts(base_or_pipeline)` asks the base family (`dynamicid.models.families`) for its class.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynamicid.models.base import CLIP_IMAGE_SIZE, unet_family
+from dynamicid.models.base import CLIP_IMAGE_SIZE
+from dynamicid.models.families import parts_family
 from dynamicid.models.saa import SAACall, boost_for_step
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,15 +66,8 @@ class Conditioner:
     @staticmethod
     def from_parts(parts: Any) -> Conditioner:
         """The conditioner of the base family of `parts` (anything holding the base's parts as attributes: a
-        `BaseModel` or a pipeline): `Conditioner` for SD 1.5, `SDXLConditioner` for SDXL (by its UNet)."""
-        encoders = {
-            "tokenizer": parts.tokenizer,
-            "text_encoder": parts.text_encoder,
-            "image_encoder": parts.image_encoder,
-        }
-        if unet_family(parts.unet) == "sdxl":
-            return SDXLConditioner(**encoders, tokenizer_2=parts.tokenizer_2, text_encoder_2=parts.text_encoder_2)
-        return Conditioner(**encoders)
+        `BaseModel` or a pipeline): `Conditioner` for SD 1.5, `SDXLConditioner` for SDXL (by its denoiser)."""
+        return parts_family(parts).conditioner(parts)
 
     # ---- text (base-family specific) ----
 
@@ -141,7 +135,7 @@ class Conditioner:
 
     def _image_encoder(self) -> Any:
         if self.image_encoder is None:
-            raise ValueError("no CLIP image encoder loaded: pass --image-encoder DIR (a CLIP vision model folder)")
+            raise ValueError("no CLIP image encoder loaded: pass image_encoder=DIR (a CLIP vision model folder)")
         return self.image_encoder
 
 

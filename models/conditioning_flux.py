@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dynamicid.models.conditioning import Conditioner, padded_ids
-from dynamicid.models.flux_base import T5_MAX_LENGTH
+from dynamicid.models.families.flux import T5_MAX_LENGTH
 
 TEXT_ID_AXES = 3  # Flux's rotary position ids: (modality, row, column); all zero for text
 
@@ -45,7 +45,7 @@ class FluxConditioner(Conditioner):
 
     @classmethod
     def from_parts(cls, parts: Any, max_sequence_length: int = T5_MAX_LENGTH) -> FluxConditioner:
-        """The conditioner over a `FluxBase`'s or a Flux pipeline's parts."""
+        """The conditioner over a Flux `BaseModel`'s or a Flux pipeline's parts."""
         return cls(
             tokenizer=parts.tokenizer,
             text_encoder=parts.text_encoder,

@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynamicid.models.base import unet_family
 from dynamicid.models.face_encoder import FaceEncoder
+from dynamicid.models.families import denoiser_family
 from dynamicid.models.imr import IMR
 from dynamicid.models.keypoint_encoder import KeypointEncoder
 from dynamicid.models.saa import saa_processors
 from dynamicid.models.state_dicts import load_strict
-from dynamicid.schemas.checkpoint import family_label
 
 RELEASE_KINDS = ("face_encoder", "imr", "keypoint_encoder")
 
@@ -129,7 +128,7 @@ def load_release_saa(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     if sorted(by_index) != list(range(len(processors))):
         raise ValueError(
             f"the release SAA weights hold {len(by_index)} processors (indices {min(by_index, default=None)}.."
-            f"{max(by_index, default=None)}) but this {family_label(unet_family(unet))} UNet has "
+            f"{max(by_index, default=None)}) but this {denoiser_family(unet).describe()} UNet has "
             f"{len(processors)} attention layers: they were made for another base model"
         )
     for index, (name, processor) in enumerate(processors):

@@ -15,15 +15,6 @@ PART_PREFIXES: dict[str, str] = {
     "keypoint_encoder": "keypoint_encoder.",
 }
 
-# Base families weights can be made for (`base_family`), with the name a message gives them.
-BASE_FAMILIES: dict[str, str] = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL", "flux": "FLUX.1"}
-
-
-def family_label(family: str) -> str:
-    """e.g. "SDXL (base_family 'sdxl')"; an unknown family is shown as it is."""
-    return f"{BASE_FAMILIES.get(family, family)} (base_family {family!r})"
-
-
 # Metadata fields that describe one part; the others (base_family, cross_attention_dim) describe the whole file.
 # When the files of several stages are merged, a part's fields come from the file that holds that part.
 PART_FIELDS: dict[str, tuple[str, ...]] = {
@@ -40,7 +31,7 @@ class CheckpointMetadata:
 
     format_version: int = CHECKPOINT_FORMAT_VERSION
     parts: list[str] = field(default_factory=list)  # subset of PART_PREFIXES
-    base_family: str = "sd15"
+    base_family: str = "sd15"  # a name in dynamicid.models.families.FAMILIES
     cross_attention_dim: int = 768
     lora_rank: int = 128
     num_tokens: int = 4

@@ -11,7 +11,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="dynamicid-hf-"))
 
-SHARED_FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_FACES = SHARED / "data" / "faces"
+# What the tests read beside the clone (README "Running the tests"): photos, golden vectors, spec files, vendored
+# third-party sources.
+SHARED_NEEDED = ("data/faces", "golden/official", "spec/METHOD.md", "spec/official-keys-sd15.tsv", "vendor")
+
+
+def pytest_configure(config):
+    """One line before collection when a shared folder is missing, instead of many failures later."""
+    missing = [name for name in SHARED_NEEDED if not (SHARED / name).exists()]
+    if missing:
+        raise pytest.UsageError(
+            f"the tests read {SHARED} beside the clone; missing there: {', '.join(missing)} "
+            "(README.md, 'Running the tests')"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,15 @@ weights, real reference photos. The app runs as its own process on a free localh
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,35 +56,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(weights, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("app")
+def start_app(weights, folder) -> tuple[subprocess.Popen, str]:
+    """`dynamicid-app` on a free port, its log in folder/app.log, uploads under folder/gradio; once it answers."""
     port = free_port()
     command = [sys.executable, "-m", "dynamicid.app", "--base-model", "tiny-random", "--weights", str(weights)]
     command += ["--face-backend", "embedded", "--port", str(port), "--output-dir", str(folder / "outputs")]
-    log = (folder / "app.log").open("w")
     env = {**os.environ, **APP_ENV, "GRADIO_TEMP_DIR": str(folder / "gradio")}  # uploads stay in the test's folder
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    (folder / "gradio").mkdir(exist_ok=True)
+    with (folder / "app.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"dynamicid-app exited with {process.returncode}:\n{(folder / 'app.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return process, url
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"dynamicid-app did not answer on {url} in {START_TIMEOUT_S} s")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def app_url(weights, tmp_path_factory):
+    process, url = start_app(weights, tmp_path_factory.mktemp("app"))
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"dynamicid-app exited with {process.returncode}:\n{(folder / 'app.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"dynamicid-app did not answer on {url} in {START_TIMEOUT_S} s")
-                time.sleep(0.5)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +238,39 @@ def test_no_face_shows_the_error_and_the_next_request_works(page, shared_faces):
     seed = int(status.removeprefix("Done: seed ").split(",")[0])
     assert page.locator("#seed input").input_value() == str(seed)  # the random seed used is shown
     assert page.locator("#result-image img").count() == 1 and page.locator("#activation-maps img").count() == 1
+
+
+def post_upload(url: str, size: int) -> list[str]:
+    """Upload `size` bytes as Gradio's file fields do; the paths the app stored them at."""
+    boundary = "dynamicid-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="photo.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + b"\0" * size
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow  # starts its own app (imports, models: about a minute on a busy 2-core machine)
+def test_uploads_are_limited_kept_in_the_apps_folder_and_removed_when_it_stops(weights, tmp_path):
+    process, url = start_app(weights, tmp_path)
+    try:
+        stored = post_upload(url, 1000)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post_upload(url, 65 << 20)  # over the default --max-upload-mb 64
+        assert refused.value.code == 413
+        uploads = [p for p in (tmp_path / "gradio").iterdir() if p.name.startswith("dynamicid-app-uploads-")]
+        assert len(uploads) == 1 and Path(stored[0]).is_relative_to(uploads[0]) and Path(stored[0]).is_file()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        assert list((tmp_path / "gradio").iterdir()) == []  # the upload and its folder removed
+    finally:
+        process.kill()
+        process.wait()

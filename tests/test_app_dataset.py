@@ -74,3 +74,23 @@ def test_cli_errors_exit_2_before_loading_models(tmp_path):
     result = CliRunner().invoke(main, ["--base-model", "tiny-random", "--weights", str(weights), "--dataset", "."])
     assert result.exit_code == 2, result.output
     assert "error: --dataset .: not a dynamicid-curate output folder" in result.stderr
+
+
+def test_the_tab_counts_as_the_cli_and_the_report_do(tmp_path):
+    """The demo has an identity with every photo rejected (masked_woman): it is scanned, not counted as kept."""
+    import json
+
+    from dynamicid.curation.cli import main as curate
+
+    result = CliRunner().invoke(curate, ["demo", str(tmp_path / "demo"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    counts = (
+        f"{summary['kept']} images of {summary['identities']} identities kept, {summary['rejected']} rejected, "
+        f"of {summary['scanned']} files scanned"
+    )
+    assert result.output.startswith(counts + " -> ")
+    assert counts in (tmp_path / "demo" / "report.html").read_text()
+    browser = DatasetBrowser.open(tmp_path / "demo")
+    assert counts in browser.summary()
+    assert len(browser.identities) > summary["identities"]  # the tab still lists the all-rejected identity

@@ -4,28 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dynamicid.app.generate_tab import MAX_PEOPLE, GenerateTab
 from dynamicid.app.layout_canvas import layout_value
 from dynamicid.faces import FaceAnalyzer
-from dynamicid.infer.cli import _load_pipeline
+from dynamicid.infer import ModelOptions, load_pipeline
 from dynamicid.models.base import load_base_model
 from dynamicid.testing import random_parts, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-LOAD = {
-    "base_model": "tiny-random",
-    "saa": None,
-    "imr": None,
-    "keypoint_encoder": None,
-    "image_encoder": None,
-    "face_backend": "embedded",
-    "insightface_root": None,
-    "device": "cpu",
-    "fp16": False,
-}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +20,8 @@ def tab(tmp_path_factory):
     parts = random_parts(load_base_model("tiny-random"), FaceAnalyzer("embedded"))
     weights = save_random_weights(parts, tmp_path_factory.mktemp("tab-weights") / "w.safetensors")
     output_dir = tmp_path_factory.mktemp("tab-outputs")
-    load = {**LOAD, "weights": (weights,)}
-    return GenerateTab(_load_pipeline(load, [weights], torch), load, output_dir)
+    options = ModelOptions("tiny-random", [weights], face_backend="embedded", device="cpu")
+    return GenerateTab(load_pipeline(options), output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +66,7 @@ def test_random_seed_is_returned_and_several_faces_warn(tab, photos):
     [
         ("empty-box", "box of person 2 (0.0, 0.5, 0.0, 1.0) is empty"),
         ("no-photo", "person 2 has no reference photo: upload one"),
-        ("size", "--size 60x64: width and height must be positive multiples of 8"),
+        ("size", "size 60x64: width and height must be multiples of 8 in 8..4096"),
     ],
 )
 def test_bad_requests_answer_one_line_and_write_nothing(tab, photos, case, message):

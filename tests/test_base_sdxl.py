@@ -16,8 +16,9 @@ from dynamicid.models import (
     load_ip_adapter_faceid,
     saa_processors,
 )
-from dynamicid.models.base import load_base_model, unet_family
+from dynamicid.models.base import load_base_model
 from dynamicid.models.conditioning import Conditioner, SDXLConditioner
+from dynamicid.models.families import denoiser_family
 from dynamicid.models.saa import SAACall
 from dynamicid.testing import (
     build_tiny_random,
@@ -47,7 +48,11 @@ def test_tiny_random_sdxl_has_sdxl_structure(sdxl):
     assert config.down_block_types[0] == "DownBlock2D" and config.addition_embed_type == "text_time"
     assert max(config.transformer_layers_per_block) > 1 and config.use_linear_projection
     # The UNet's text width is both encoders side by side; its added embedding takes the pooled vector + 6 ids.
-    assert sdxl.cross_attention_dim == sdxl.text_dim == sum(e.config.hidden_size for _, e in sdxl.text_encoders)
+    assert (
+        sdxl.cross_attention_dim
+        == sdxl.text_dim
+        == sum(e.config.hidden_size for e in (sdxl.text_encoder, sdxl.text_encoder_2))
+    )
     assert config.projection_class_embeddings_input_dim == sdxl.pooled_dim + 6 * config.addition_time_embed_dim
     assert all(not p.requires_grad for module in sdxl.modules() for p in module.parameters())
 
@@ -143,7 +148,7 @@ def test_saa_on_full_size_unets_has_ip_adapters_widths_per_layer(config):
         unet = UNet2DConditionModel(**config)
     install_saa(unet, rank=128, num_tokens=4)
     processors = saa_processors(unet)
-    assert len(processors) == {"sd15": 32, "sdxl": 140}[unet_family(unet)]
+    assert len(processors) == {"sd15": 32, "sdxl": 140}[denoiser_family(unet).name]
     for name, processor in processors.items():
         assert processor.hidden_size == _ip_adapter_hidden_size(name, config["block_out_channels"])
         if name.endswith("attn2.processor"):
@@ -151,7 +156,7 @@ def test_saa_on_full_size_unets_has_ip_adapters_widths_per_layer(config):
             assert processor.to_k_lora.down.weight.shape == (128, config["cross_attention_dim"])
         else:
             assert not processor.is_cross_attention
-    if unet_family(unet) == "sdxl":
+    if denoiser_family(unet).name == "sdxl":
         assert {p.hidden_size for p in processors.values()} == {640, 1280}
 
 

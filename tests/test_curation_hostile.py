@@ -144,7 +144,10 @@ def test_workers_end_with_a_killed_or_terminated_build(signum, identity_photos, 
     command = [*BUILD, str(photos), str(out), "--workers", "2", "--no-progress"]
     process, workers = _start_with_workers(command)
     try:
-        time.sleep(1.0)  # the workers loading the face models
+        deadline = time.monotonic() + 120  # the workers have loaded the face models, OUT_DIR is marked as ours
+        while not (out / ".dynamicid-curate").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the build ended before it could be stopped"
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
         deadline = time.monotonic() + 10
@@ -161,10 +164,16 @@ def test_workers_end_with_a_killed_or_terminated_build(signum, identity_photos, 
         ]
     else:
         assert process.returncode == -signal.SIGKILL
-    # The rerun takes over the lock the ended build held, and finishes.
+    # The rerun takes over the lock the ended build held, finishes, and clears the temporary files of writers
+    # killed mid-write (named as `curation.tables` names them).
+    stale = [out / ".work" / ".detect.parquet.99999.tmp", out / "data" / ".train-00000-of-00001.parquet.99998.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PAR1")
     rerun = subprocess.run([*command[:-3], "--no-progress"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((out / "summary.json").read_text())["kept"] > 0
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_second_build_into_one_out_dir_stops_at_once_naming_the_first(identity_photos, tmp_path):

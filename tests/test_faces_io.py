@@ -183,3 +183,14 @@ def test_at_least_decodes_every_odd_format_at_a_reduced_scale_that_keeps_the_req
             resized = np.asarray(full.resize(small.size, Image.Resampling.BOX), np.float32)
             assert np.abs(resized - np.asarray(small, np.float32)).mean() < 6, name  # 0.5-2.9 measured
     assert reduced >= 3
+
+
+def test_a_108_megapixel_photo_is_not_taken_for_a_bomb(tmp_path):
+    """12000x9000 (a 108 MP phone camera) is over Pillow's 89 MP check, within ours: the file below gets as far
+    as decoding its (absent) pixels, where a bomb is refused before."""
+    phone = tmp_path / "phone.png"
+    phone.write_bytes(_png_header_only(12000, 9000))
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        load_image(phone)
+    with pytest.raises(ImageLoadError, match="over the 100000000-pixel limit"):
+        load_image(phone, max_pixels=100_000_000)

@@ -33,7 +33,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 def block_attn():
     """A random double-stream attention of the tiny Flux (2 heads of 16) with an SAA processor, LoRA rank 4."""
     base = build_tiny_random_flux(seed=3, with_image_encoder=False)
-    transformer = base.transformer
+    transformer = base.denoiser
     install_flux_saa(transformer, rank=4, num_tokens=NUM_TOKENS)
     attn = transformer.transformer_blocks[0].attn
     _randomise(attn, seed=7)  # every weight random: Flux's, the ID projections and both LoRA factors
@@ -101,11 +101,11 @@ def test_id_branch_gating_routing_and_boost_match_the_naive_oracle(block_attn, b
 def test_flux_attention_itself_is_unchanged_by_the_id_branch():
     """Fresh LoRA (up = 0): the image and text outputs are FluxAttnProcessor's, bit for bit, with or without IDs."""
     base = build_tiny_random_flux(seed=3, with_image_encoder=False)
-    attn = base.transformer.transformer_blocks[0].attn
+    attn = base.denoiser.transformer_blocks[0].attn
     image, text, ids = _inputs(seed=2)
     with torch.no_grad():
         reference = FluxAttnProcessor()(attn, image, text)
-        install_flux_saa(base.transformer, rank=4)
+        install_flux_saa(base.denoiser, rank=4)
         with_ids = attn(image, text, saa=SAACall(num_ids=2, image_size=IMAGE_SIZE), id_tokens=ids)
     assert torch.equal(with_ids[0], reference[0]) and torch.equal(with_ids[1], reference[1])
 
@@ -148,7 +148,7 @@ def test_person_1_tokens_reach_person_2_box_only_through_the_global_gate(block_a
 )
 def test_transformer_equals_flux_with_id_scale_0_or_no_people(kwargs):
     base = build_tiny_random_flux(seed=5, with_image_encoder=False)
-    transformer = base.transformer
+    transformer = base.denoiser
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "hidden_states": torch.randn(1, 24, 64, generator=generator),
@@ -172,26 +172,24 @@ def test_transformer_equals_flux_with_id_scale_0_or_no_people(kwargs):
 
 def test_install_copies_the_text_key_value_projections_and_round_trips_its_weights():
     base = build_tiny_random_flux(seed=1, with_image_encoder=False)
-    install_flux_saa(base.transformer, rank=4)
-    processors = flux_saa_processors(base.transformer)
+    install_flux_saa(base.denoiser, rank=4)
+    processors = flux_saa_processors(base.denoiser)
     assert list(processors) == ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]
-    attn = base.transformer.transformer_blocks[1].attn
+    attn = base.denoiser.transformer_blocks[1].attn
     assert torch.equal(processors["transformer_blocks.1.attn.processor"].to_v_id.bias, attn.add_v_proj.bias)
-    install_flux_saa(base.transformer, rank=4)  # same settings: nothing happens
+    install_flux_saa(base.denoiser, rank=4)  # same settings: nothing happens
     with pytest.raises(ValueError, match="already installed"):
-        install_flux_saa(base.transformer, rank=8)
+        install_flux_saa(base.denoiser, rank=8)
 
     for processor in processors.values():
         _randomise(processor, seed=2)
-    saved = flux_saa_state_dict(base.transformer)
+    saved = flux_saa_state_dict(base.denoiser)
     other = build_tiny_random_flux(seed=1, with_image_encoder=False)
-    install_flux_saa(other.transformer, rank=4)
-    load_flux_saa_state_dict(other.transformer, saved)
-    assert all(torch.equal(v, flux_saa_state_dict(other.transformer)[k]) for k, v in saved.items())
+    install_flux_saa(other.denoiser, rank=4)
+    load_flux_saa_state_dict(other.denoiser, saved)
+    assert all(torch.equal(v, flux_saa_state_dict(other.denoiser)[k]) for k, v in saved.items())
     with pytest.raises(ValueError, match="name no double-stream attention"):
-        load_flux_saa_state_dict(
-            other.transformer, {"transformer_blocks.9.attn.processor.to_k_id.weight": torch.zeros(1)}
-        )
+        load_flux_saa_state_dict(other.denoiser, {"transformer_blocks.9.attn.processor.to_k_id.weight": torch.zeros(1)})
 
 
 def test_wrong_id_token_count_names_the_argument(block_attn):
@@ -207,10 +205,8 @@ def test_tiny_random_flux_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     for a, b in zip(first.modules(), second.modules(), strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert not torch.equal(
-        build_tiny_random_flux(seed=5).transformer.x_embedder.weight, first.transformer.x_embedder.weight
-    )
-    assert first.transformer.config.guidance_embeds and first.vae.config.latent_channels == 16
+    assert not torch.equal(build_tiny_random_flux(seed=5).denoiser.x_embedder.weight, first.denoiser.x_embedder.weight)
+    assert first.denoiser.config.guidance_embeds and first.vae.config.latent_channels == 16
     ids = first.tokenizer_2(["a smiling face"]).input_ids[0]
     assert ids[-1] == first.tokenizer_2.eos_token_id and first.tokenizer_2.unk_token_id not in ids
 
@@ -218,7 +214,7 @@ def test_tiny_random_flux_is_seeded_and_leaves_the_global_rng_alone():
 def test_id_projections_and_lora_train_through_a_checkpointed_transformer():
     """Gradients reach the SAA weights (and only the ID / LoRA weights are trained) with gradient checkpointing."""
     base = build_tiny_random_flux(seed=2, with_image_encoder=False)
-    transformer = base.transformer
+    transformer = base.denoiser
     install_flux_saa(transformer, rank=4)
     transformer.enable_gradient_checkpointing()
     trainable = [p for processor in flux_saa_processors(transformer).values() for p in processor.parameters()]

@@ -15,11 +15,13 @@ import torch
 from diffusers import FluxPipeline
 
 from dynamicid.faces import FaceAnalyzer
-from dynamicid.infer import Person
+from dynamicid.infer import Person, pipeline_for
 from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
 from dynamicid.infer.references import ReferenceAnalyzer
+from dynamicid.models.base import load_base_model
 from dynamicid.models.conditioning_flux import FluxConditioner
-from dynamicid.models.flux_base import is_flux_folder, load_flux_base
+from dynamicid.models.families import detect_family
+from dynamicid.models.families.flux import FLUX
 from dynamicid.models.saa_flux import flux_saa_processors
 from dynamicid.testing import build_tiny_random_flux, random_parts, save_random_weights
 
@@ -49,14 +51,19 @@ def weights(tmp_path_factory, analyzer):
 
 @pytest.fixture(scope="module")
 def pipe(weights, analyzer):
-    pipe = DynamicIDFluxPipeline.from_base(build_tiny_random_flux())
+    pipe = pipeline_for(load_base_model("tiny-random-flux"))  # through the base-family registry
+    assert isinstance(pipe, DynamicIDFluxPipeline)
     pipe.load_dynamicid(weights, face_analyzer=analyzer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def plain_flux(base) -> FluxPipeline:
+    return FluxPipeline(**base.components(), scheduler=base.noise_scheduler)
+
+
 def _plain_flux_images(seed: int, **options) -> np.ndarray:
-    plain = FluxPipeline(**build_tiny_random_flux().components())
+    plain = plain_flux(build_tiny_random_flux())
     plain.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     return plain("a photo of two people", generator=generator, output_type="np", **SETTINGS, **options).images
@@ -118,7 +125,7 @@ def test_two_people_in_boxes_with_two_expressions_generate(pipe, photos):
 
 def test_conditioner_encodes_text_as_flux_pipeline_does():
     base = build_tiny_random_flux(with_image_encoder=False)
-    plain = FluxPipeline(**base.components())
+    plain = plain_flux(base)
     prompt_embeds, pooled, text_ids = plain.encode_prompt("a cat", None, max_sequence_length=32)
     conditioner = FluxConditioner.from_parts(base, max_sequence_length=32)
     states, inputs = conditioner.text_condition(conditioner.token_ids(["a cat"]))
@@ -129,23 +136,21 @@ def test_conditioner_encodes_text_as_flux_pipeline_does():
 
 def test_from_pretrained_loads_a_saved_flux_folder_and_a_single_file_transformer(tmp_path):
     base = build_tiny_random_flux(with_image_encoder=False)
-    FluxPipeline(**base.components()).save_pretrained(tmp_path / "flux")
-    assert is_flux_folder(tmp_path / "flux")
+    plain_flux(base).save_pretrained(tmp_path / "flux")
+    assert detect_family(tmp_path / "flux") is FLUX
     pipe = DynamicIDFluxPipeline.from_pretrained(tmp_path / "flux")
-    assert torch.equal(pipe.transformer.proj_out.weight, base.transformer.proj_out.weight)
+    assert torch.equal(pipe.transformer.proj_out.weight, base.denoiser.proj_out.weight)
     single = tmp_path / "flux" / "transformer" / "diffusion_pytorch_model.safetensors"
-    loaded = load_flux_base(tmp_path / "flux", transformer=single)
-    assert torch.equal(loaded.transformer.x_embedder.weight, base.transformer.x_embedder.weight)
+    loaded = FLUX.load(tmp_path / "flux", transformer=single)
+    assert torch.equal(loaded.denoiser.x_embedder.weight, base.denoiser.x_embedder.weight)
     index = json.loads((tmp_path / "flux" / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionPipeline"
     (tmp_path / "flux" / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"holds no FLUX\.1 pipeline"):
+    with pytest.raises(ValueError, match=r"holds Stable Diffusion 1\.5 .*not FLUX\.1.*DynamicIDPipeline"):
         DynamicIDFluxPipeline.from_pretrained(tmp_path / "flux")
 
 
 def test_weights_of_another_family_are_refused_in_one_line(analyzer, tmp_path):
-    from dynamicid.models.base import load_base_model
-
     sd_weights = save_random_weights(
         random_parts(load_base_model("tiny-random"), analyzer), tmp_path / "sd.safetensors"
     )

@@ -737,11 +737,31 @@ def test_second_command_on_a_run_folder_stops_at_once_naming_the_holder(curated,
     finally:
         holder.kill()
         holder.wait()
-    assert CliRunner().invoke(main, arguments).exit_code == 0  # the killed holder's lock is taken over
+    stale = run / "checkpoints" / "checkpoint-7.partial"  # as a run killed while saving a checkpoint leaves it
+    stale.mkdir(parents=True)
+    (stale / "optimizer.bin").write_bytes(b"half")
+    result = CliRunner().invoke(main, [*arguments, "--resume", "latest"])
+    assert result.exit_code == 0, result.output  # the killed holder's lock is taken over
     assert (run / "weights.safetensors").is_file() and (run / ".dynamicid.lock").read_text() == ""
+    assert [p.name for p in (run / "checkpoints").iterdir()] == []
 
 
 def _lock_info(folder: Path) -> dict:
     import json
 
     return json.loads((folder / ".dynamicid.lock").read_text())
+
+
+def test_a_deleted_dataset_file_is_named(curated, tmp_path):
+    """A dataset of two files, the first deleted (what remains is the second, as curation names it)."""
+    broken = tmp_path / "ds"
+    shutil.copytree(curated, broken)
+    (broken / "data" / "train-00000-of-00001.parquet").rename(broken / "data" / "train-00001-of-00002.parquet")
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(broken), "--output-dir", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"error: --dataset {broken}: data/train-00000-of-00002.parquet is missing (1 of 2 files); restore it or "
+        "curate the dataset again"
+    )
+    assert not (tmp_path / "r").exists()

@@ -21,14 +21,14 @@ from torch import nn
 from dynamicid.infer import Person
 from dynamicid.models import (
     FaceEncoder,
-    install_saa,
     load_dynamicid,
     load_ip_adapter_faceid,
     load_release_checkpoint,
 )
-from dynamicid.models.base import BaseModel, base_model_family
+from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family, read_safetensors
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, encoder_states
+from dynamicid.models.families import detect_family
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
@@ -117,7 +117,7 @@ def check_init_metadata(init: StartingWeights, config: AnchorConfig, id_dim: int
     metadata = getattr(init.loader, "metadata", None)
     if metadata is None:
         return
-    check_base_family(metadata.base_family, base_model_family(config.base_model), f"--init-from {config.init_from}")
+    check_base_family(metadata.base_family, detect_family(config.base_model).name, f"--init-from {config.init_from}")
     if "face_encoder" in init.parts and metadata.id_embed_dim != id_dim:
         raise ValueError(
             f"--init-from weights were made for id_embed_dim={metadata.id_embed_dim} ({metadata.id_embed_model}), "
@@ -214,7 +214,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         if rank != config.lora_rank:
             raise ValueError(f"--init-from SAA weights have LoRA rank {rank}, the run --lora-rank {config.lora_rank}")
     else:
-        install_saa(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
+        base.base_family.install_identity_attention(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -13,9 +13,10 @@ import torch
 from tqdm import tqdm
 
 from dynamicid.models import load_dynamicid
-from dynamicid.models.base import base_model_family, load_base_model
+from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import check_base_family, read_safetensors, write_safetensors
 from dynamicid.models.conditioning import Conditioner
+from dynamicid.models.families import detect_family
 from dynamicid.train.data import (
     TOKEN_CACHE_COLUMNS,
     clip_tensor,
@@ -64,7 +65,7 @@ def cache_tokens(
     id_model, id_dim = embedding_info(rows, dataset)
     weights = load_dynamicid(anchor)
     check_anchor_fits(weights, dataset, id_model, id_dim)
-    check_base_family(weights.metadata.base_family, base_model_family(base_model), str(anchor))
+    check_base_family(weights.metadata.base_family, detect_family(base_model).name, str(anchor))
     base = load_base_model(base_model, image_encoder)
     if base.clip_dim != weights.metadata.clip_embed_dim:
         raise ValueError(

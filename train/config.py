@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dynamicid.models.families import tiny_names
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -33,7 +35,7 @@ class TrainConfig:
     """Settings both stages share (the diffusers training-example knobs)."""
 
     base_model: str = knob(
-        "", "SD 1.5 or SDXL folder (diffusers layout), or 'tiny-random' / 'tiny-random-sdxl' (CPU smoke-run FAKEs)"
+        "", f"base model folder (diffusers layout), or {' / '.join(tiny_names())} (CPU smoke-run FAKEs)"
     )
     image_encoder: str | None = knob(None, "CLIP vision model folder (ViT-H/14); default <base-model>/image_encoder")
     dataset: str = knob("", "curated dataset folder (dynamicid-curate output), read with datasets.load_dataset")
@@ -108,7 +110,7 @@ class ReconfigureConfig(TrainConfig):
 ConfigT = TypeVar("ConfigT", bound=TrainConfig)
 
 # With the tiny-random FAKE base, settings not given default to sizes that fit it (smoke files of a few MB,
-# steps in a fraction of a second) instead of SD 1.5's; the names are models.base.TINY_BASES.
+# steps in a fraction of a second) instead of SD 1.5's; the names are models.families.tiny_names().
 SMOKE_DEFAULTS = {
     "resolution": 64,
     "lora_rank": 4,
@@ -140,7 +142,7 @@ def resolve_config(
             raise ValueError(f"--config {path}: unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("base_model") in ("tiny-random", "tiny-random-sdxl"):  # models.base.TINY_BASES, without torch
+    if values.get("base_model") in tiny_names():
         smoke = {k: v for k, v in SMOKE_DEFAULTS.items() if k in names and k not in values}
         if smoke and announce is not None:
             announce(

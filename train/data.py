@@ -12,6 +12,7 @@ does the same from the reference photo and its detected keypoints.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
             f"--dataset {folder} is not a dynamicid-curate output folder (it has no data/*.parquet); "
             f"make one with `dynamicid-curate build PHOTOS_DIR OUT_DIR`"
         )
+    check_shards_complete(folder, shards)
     if sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards) == 0:
         raise ValueError(f"dataset {folder} is empty: no rows in data/*.parquet (did curation keep any photo?)")
     dataset = datasets.load_dataset(str(folder), split="train")
@@ -57,6 +59,24 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
     if "image" in columns:  # decoded here with OpenCV, faster than PIL for the PNG crops
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
     return dataset
+
+
+def check_shards_complete(folder: Path, shards: list[Path]) -> None:
+    """The `train-XXXXX-of-YYYYY.parquet` files curation wrote are all there (a deleted or renamed one would
+    otherwise surface as datasets' NonMatchingSplitsSizesError)."""
+    names = {shard.name for shard in shards}
+    counts = {int(m.group(1)) for name in names if (m := re.fullmatch(r"train-\d{5}-of-(\d{5})\.parquet", name))}
+    for count in counts:
+        missing = [
+            f"train-{i:05d}-of-{count:05d}.parquet"
+            for i in range(count)
+            if f"train-{i:05d}-of-{count:05d}.parquet" not in names
+        ]
+        if missing:
+            raise ValueError(
+                f"--dataset {folder}: data/{missing[0]} is missing ({len(missing)} of {count} files); restore it "
+                "or curate the dataset again"
+            )
 
 
 def embedding_info(dataset: Any, folder: str | Path) -> tuple[str, int]:

@@ -18,10 +18,11 @@ from torch import nn
 from dynamicid.evaluate import Case, FaceScorer, measure, write_scores
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline
+from dynamicid.infer.generate import generate
 from dynamicid.infer.manifest import ManifestRow, read_manifest
 from dynamicid.models.base import BaseModel
 from dynamicid.train.config import TrainConfig
-from dynamicid.train.validation import training_pipeline
+from dynamicid.train.validation import training_pipeline, validation_request
 
 GROUPS = ("all", "single_id", "multi_id")
 
@@ -62,19 +63,17 @@ class ManifestEvaluation:
         people = row.people
         if not can_edit:
             people = tuple(dataclasses.replace(p, expression=None, pose=None, landmark_image=None) for p in people)
-        size = self.config.resolution
-        result = pipe(
+        request = validation_request(
+            self.config,
             row.prompt,
             [p.to_person() for p in people],
+            row.seed if row.seed is not None else self.config.seed,
             negative_prompt=row.settings.get("negative_prompt", ""),
-            height=size,
-            width=size,
-            num_inference_steps=self.config.validation_inference_steps,
-            guidance_scale=self.config.validation_guidance_scale,
             id_scale=row.settings.get("id_scale", 1.0),
-            generator=torch.Generator().manual_seed(row.seed if row.seed is not None else self.config.seed),
         )
+        generated = generate(pipe, request)
         path = folder / f"{row.id}.png"
-        result.images[0].save(path)
-        used = tuple(dataclasses.replace(p, box=tuple(r["box"])) for p, r in zip(people, result.people, strict=True))
+        generated.images[0].save(path)
+        reports = generated.sidecar["people"]
+        used = tuple(dataclasses.replace(p, box=tuple(r["box"])) for p, r in zip(people, reports, strict=True))
         return Case(row.id, path, row.prompt, used)

@@ -22,9 +22,10 @@ from torch import nn
 
 from dynamicid.infer import Person
 from dynamicid.models import IMR, KeypointEncoder, load_dynamicid
-from dynamicid.models.base import BaseModel, base_model_family
+from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, encoder_states, landmark_vectors
+from dynamicid.models.families import detect_family
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.cache_tokens import file_digest, read_tokens
 from dynamicid.train.config import ReconfigureConfig
@@ -115,7 +116,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     for part in ("saa", "face_encoder"):
         if part not in anchor.metadata.parts:
             raise ValueError(f"--anchor {config.anchor} holds no {part}: give the anchoring run's weights.safetensors")
-    family = base.family if base is not None else base_model_family(config.base_model)
+    family = base.family if base is not None else detect_family(config.base_model).name
     check_base_family(anchor.metadata.base_family, family, f"--anchor {config.anchor}")
     tokens = read_tokens(config.tokens, dataset, config.anchor)
 

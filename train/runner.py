@@ -318,8 +318,9 @@ def check_output_dir(config: TrainConfig) -> None:
 
 def one_writer(train: Callable[..., Path]) -> Callable[..., Path]:
     """Decorates a stage's `train_*(config, ...)`: the run folder is locked while it runs (a second command on
-    it stops at once, naming the holder), and a fresh run that fails before its first checkpoint leaves no run
-    files behind, so the corrected command needs no --overwrite. Only the first process of a multi-process
+    it stops at once, naming the holder), the `.partial` files and checkpoints a killed run left are removed,
+    and a fresh run that fails before its first checkpoint leaves no run files behind, so the corrected command
+    needs no --overwrite. Only the first process of a multi-process
     launch (RANK 0) locks and cleans."""
 
     @functools.wraps(train)
@@ -327,16 +328,15 @@ def one_writer(train: Callable[..., Path]) -> Callable[..., Path]:
         folder = Path(config.output_dir)
         if int(os.environ.get("RANK", "0")) != 0:
             return train(config, *args, **kwargs)
-        made = not folder.exists()
         fresh = not any((folder / name).exists() for name in RUN_FILES)  # (never remove an older run)
         with hold_folder(folder, f"--output-dir {folder}"):
+            for partial in [*folder.glob("*.partial"), *folder.glob(f"{CHECKPOINTS}/*.partial")]:
+                shutil.rmtree(partial) if partial.is_dir() else partial.unlink()  # left by a killed run
             try:
                 return train(config, *args, **kwargs)
             except BaseException:
                 if fresh and not checkpoint_dirs(folder):
-                    remove_run_files(folder)
-                    if made:
-                        shutil.rmtree(folder, ignore_errors=True)
+                    remove_run_files(folder)  # and `hold_folder` removes the folder if it made it
                 raise
 
     return locked

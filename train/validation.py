@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dynamicid.infer import DynamicIDPipeline, Person, pipeline_for
+from dynamicid.infer import DynamicIDPipeline, GenerateRequest, Person, pipeline_for
+from dynamicid.infer.generate import generate
 from dynamicid.infer.references import Reference
 from dynamicid.models.base import BaseModel
 from dynamicid.schemas import parse_face_prompt
@@ -61,13 +62,13 @@ def row_reference(row: dict[str, Any], index: int) -> Reference:
 
 def sample_image(pipe: DynamicIDPipeline, prompt: str, people: list[Person], config: TrainConfig) -> Image.Image:
     """One square image at the training resolution with the run's validation settings and seed."""
-    size = config.resolution
-    return pipe(
-        prompt,
-        people,
-        height=size,
-        width=size,
-        num_inference_steps=config.validation_inference_steps,
-        guidance_scale=config.validation_guidance_scale,
-        generator=torch.Generator().manual_seed(config.seed),
-    ).images[0]
+    return generate(pipe, validation_request(config, prompt, people, config.seed)).images[0]
+
+
+def validation_request(
+    config: TrainConfig, prompt: str, people: list[Person], seed: int, **settings: Any
+) -> GenerateRequest:
+    """A request at the training resolution with the run's validation steps and guidance."""
+    size = (config.resolution, config.resolution)
+    steps, guidance = config.validation_inference_steps, config.validation_guidance_scale
+    return GenerateRequest(prompt, people, size=size, steps=steps, guidance_scale=guidance, seed=seed, **settings)

@@ -1,0 +1,118 @@
+"""FLUX.1: a transformer of double- and single-stream blocks over T5 states (512 x 4096) and CLIP's pooled vector.
+
+A FLUX.1-dev folder in diffusers layout holds `transformer/` (FluxTransformer2DModel, guidance embeds on), `vae/`
+(16 latent channels, with a shift and a scaling factor), `text_encoder/` + `tokenizer/` (CLIP: its pooled output
+conditions the transformer and is the IMR's face-prompt vector), `text_encoder_2/` + `tokenizer_2/` (T5: the
+prompt states) and `scheduler/` (FlowMatchEulerDiscreteScheduler with dynamic shifting). SAA sits on the
+double-stream blocks' joint attention (`joint_attention_kwargs`; `dynamicid.models.saa_flux`), the face tokens as
+wide as the transformer (3072). A transformer alone may come from one `.safetensors` file (BFL's layout or
+diffusers') through diffusers' `from_single_file` (`load_flux_transformer`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dynamicid.models.families.family import BaseFamily
+
+T5_MAX_LENGTH = 512  # FLUX.1-dev's prompt length in T5 tokens (schnell uses 256)
+
+
+class FluxFamily(BaseFamily):
+    """FLUX.1 dev / schnell and their fine-tunes (diffusers layout)."""
+
+    name = "flux"
+    label = "FLUX.1"
+    tiny_name = "tiny-random-flux"
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    pipeline_classes = ("FluxPipeline", "DynamicIDFluxPipeline")
+    markers = frozenset({"transformer", "text_encoder_2"})
+    checkpoint_keys = ("double_blocks.0.img_attn.qkv.weight",)  # BFL's flux1-dev.safetensors layout
+    denoiser_name = "transformer"
+    attention_kwargs = "joint_attention_kwargs"
+
+    def recognises_denoiser(self, denoiser: Any) -> bool:
+        return hasattr(denoiser, "single_transformer_blocks") and hasattr(denoiser, "transformer_blocks")
+
+    def load(self, folder: Path, transformer: str | Path | None = None) -> Any:
+        """The parts of a FLUX.1 diffusers folder; `transformer` replaces its transformer (a file or folder)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+        from dynamicid.models.base import BaseModel
+
+        if transformer is None:
+            self.check_folder(folder)
+        local = {"local_files_only": True}
+        return BaseModel(
+            load_flux_transformer(transformer or folder / "transformer", folder),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local),
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **local),
+            image_encoder=None,
+            text_encoder_2=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **local),
+            tokenizer_2=T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local),
+            name=str(folder),
+        )
+
+    def build_tiny(self, *, seed: int = 0, with_image_encoder: bool = True) -> Any:
+        from dynamicid.testing import build_tiny_random_flux
+
+        return build_tiny_random_flux(seed=seed, with_image_encoder=with_image_encoder)
+
+    def conditioner(self, parts: Any) -> Any:
+        from dynamicid.models.conditioning_flux import FluxConditioner
+
+        return FluxConditioner.from_parts(parts)
+
+    def token_dim(self, denoiser: Any) -> int:
+        """The installed SAA processors' token width, else the transformer's (3072 for FLUX.1)."""
+        from dynamicid.models.saa_flux import FluxSAAProcessor
+
+        installed = [p for p in denoiser.attn_processors.values() if isinstance(p, FluxSAAProcessor)]
+        return installed[0].id_dim if installed else int(denoiser.inner_dim)
+
+    def text_dim(self, base: Any) -> int:
+        return int(base.text_encoder_2.config.d_model)
+
+    def pooled_dim(self, base: Any) -> int:
+        return int(base.text_encoder.config.hidden_size)
+
+    def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
+        from dynamicid.models.saa_flux import install_flux_saa
+
+        install_flux_saa(denoiser, rank=rank, num_tokens=num_tokens)
+
+    def pipeline_class(self) -> type:
+        from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
+
+        return DynamicIDFluxPipeline
+
+    def plain_pipeline(self, components: dict[str, Any]) -> Any:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(**components)
+
+
+def load_flux_transformer(source: str | Path, config_folder: str | Path | None = None) -> Any:
+    """A FluxTransformer2DModel from a diffusers folder or from one `.safetensors` file (BFL's or diffusers' key
+    layout, through diffusers' `from_single_file`; `config_folder`'s transformer/ config is used when given, so
+    no config is looked up online)."""
+    from diffusers import FluxTransformer2DModel
+
+    path = Path(source)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"transformer file {path} must be a .safetensors file (pickled weights are refused)")
+        options: dict[str, Any] = {"local_files_only": True}
+        if config_folder is not None:
+            options |= {"config": str(config_folder), "subfolder": "transformer"}
+        return FluxTransformer2DModel.from_single_file(str(path), **options)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"transformer {path} is neither a .safetensors file nor a folder with config.json")
+    return FluxTransformer2DModel.from_pretrained(path, local_files_only=True)
+
+
+FLUX = FluxFamily()

@@ -1,0 +1,92 @@
+"""Stable Diffusion 1.5: a cross-attention UNet over one CLIP text encoder's last hidden states (77 x 768)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dynamicid.models.families.family import BaseFamily
+
+
+class SD15Family(BaseFamily):
+    """SD 1.5 and its fine-tunes (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+    SAA sits on every UNet attention layer (`cross_attention_kwargs={"saa": SAACall}`); the face prompt's text
+    vector is the CLIP text encoder's pooled output.
+    """
+
+    name = "sd15"
+    label = "Stable Diffusion 1.5"
+    tiny_name = "tiny-random"
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DynamicIDPipeline")
+    markers = frozenset({"unet"})
+    checkpoint_keys = ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",)
+
+    def recognises_denoiser(self, denoiser: Any) -> bool:
+        config = getattr(denoiser, "config", {})
+        return "cross_attention_dim" in config and config.get("addition_embed_type") != "text_time"
+
+    def load(self, folder: Path) -> Any:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from dynamicid.models.base import BaseModel
+
+        self.check_folder(folder)
+        return BaseModel(
+            UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", model_max_length=77),
+            noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            image_encoder=None,
+            name=str(folder),
+            **self._second_text_encoder(folder),
+        )
+
+    def _second_text_encoder(self, folder: Path) -> dict[str, Any]:
+        return {}
+
+    def build_tiny(self, *, seed: int = 0, with_image_encoder: bool = True) -> Any:
+        from dynamicid.testing import TINY_SD15_UNET, tiny_unet_base
+
+        return tiny_unet_base(
+            self.tiny_name, TINY_SD15_UNET, two_text_encoders=False, seed=seed, with_image_encoder=with_image_encoder
+        )
+
+    def conditioner(self, parts: Any) -> Any:
+        from dynamicid.models.conditioning import Conditioner
+
+        return Conditioner(
+            tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, image_encoder=parts.image_encoder
+        )
+
+    def token_dim(self, denoiser: Any) -> int:
+        return int(denoiser.config.cross_attention_dim)
+
+    def text_dim(self, base: Any) -> int:
+        return int(base.text_encoder.config.hidden_size)
+
+    def pooled_dim(self, base: Any) -> int:
+        return int(base.text_encoder.config.hidden_size)
+
+    def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
+        from dynamicid.models.saa import install_saa
+
+        install_saa(denoiser, rank=rank, num_tokens=num_tokens)
+
+    def pipeline_class(self) -> type:
+        from dynamicid.infer.pipeline import DynamicIDPipeline
+
+        return DynamicIDPipeline
+
+    def plain_pipeline(self, components: dict[str, Any]) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+
+
+SD15 = SD15Family()
