@@ -488,7 +488,7 @@ class DynamicIDMixin:
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         maps = (
-            _MapAccumulator(num_people, self.dynamicid.num_tokens, num_images_per_prompt)
+            MapAccumulator(num_people, self.dynamicid.num_tokens, num_images_per_prompt)
             if return_activation_maps
             else None
         )
@@ -656,8 +656,9 @@ def _lap(start: float) -> float:
     return time.perf_counter() - start
 
 
-class _MapAccumulator:
-    """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only)."""
+class MapAccumulator:
+    """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only):
+    the activation maps step helper of every family's pipeline."""
 
     def __init__(self, num_people: int, num_tokens: int, num_images: int):
         self.num_people, self.num_tokens, self.num_images = num_people, num_tokens, num_images

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from diffusers.utils import replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.people import Person
-from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput
+from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, MapAccumulator
 from dynamicid.infer.weights import DynamicIDModules
 from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid
@@ -31,7 +32,13 @@ from dynamicid.models.conditioning import saa_calls
 from dynamicid.models.conditioning_flux import FluxConditioner
 from dynamicid.models.families import folder_family
 from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
-from dynamicid.models.saa_flux import flux_saa_processors, install_flux_saa, load_flux_saa_state_dict
+from dynamicid.models.saa_flux import (
+    flux_saa_activation_maps,
+    flux_saa_id_attention_probs,
+    flux_saa_processors,
+    install_flux_saa,
+    load_flux_saa_state_dict,
+)
 
 DEFAULT_STEPS = 28  # FLUX.1-dev's usual sampling: 28 flow-matching Euler steps, guidance 3.5
 DEFAULT_GUIDANCE = 3.5
@@ -232,6 +239,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         max_sequence_length: int = T5_MAX_LENGTH,
         output_type: str = "pil",
         return_dict: bool = True,
+        return_activation_maps: bool = False,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> DynamicIDPipelineOutput | tuple:
@@ -251,6 +259,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                 of 28 steps' share with several people, none for one.
             max_sequence_length: T5 tokens of the prompt (512).
             output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images,).
+            return_activation_maps: also return per-person SAA activation maps (see the output class).
             callback_on_step_end: fn(pipe, step, timestep, tensors) after each step; it may replace the tensors
                 named in `callback_on_step_end_tensor_inputs`.
 
@@ -338,7 +347,13 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
 
         # 7. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
-        saa_per_step = saa_calls(**saa_settings, steps=num_inference_steps, image_size=(height, width))
+        saa_per_step = saa_calls(
+            **saa_settings,
+            steps=num_inference_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
+        )
+        maps = MapAccumulator(len(people), self.dynamicid.num_tokens, batch) if return_activation_maps else None
 
         # 8. Denoising loop
         self.scheduler.set_begin_index(0)
@@ -348,23 +363,29 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                     continue
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                calls = [(prompt_embeds, pooled, id_tokens)]
-                if do_true_cfg:
-                    calls.append((*encoded[1], uncond_id_tokens))
-                predictions = [
-                    self.transformer(
-                        hidden_states=latents,
-                        timestep=timestep / 1000,
-                        guidance=guidance,
-                        pooled_projections=pooled_states,
-                        encoder_hidden_states=states,
-                        txt_ids=text_ids,
-                        img_ids=latent_image_ids,
-                        joint_attention_kwargs={"saa": saa_per_step[i], "id_tokens": ids},
-                        return_dict=False,
-                    )[0]
-                    for states, pooled_states, ids in calls
-                ]
+                calls = [(prompt_embeds, pooled, id_tokens, saa_per_step[i])]
+                if do_true_cfg:  # the negative call: the unconditional face, no maps recorded
+                    calls.append(
+                        (*encoded[1], uncond_id_tokens, replace(saa_per_step[i], return_activation_maps=False))
+                    )
+                predictions = []
+                for states, pooled_states, ids, call in calls:
+                    predictions.append(
+                        self.transformer(
+                            hidden_states=latents,
+                            timestep=timestep / 1000,
+                            guidance=guidance,
+                            pooled_projections=pooled_states,
+                            encoder_hidden_states=states,
+                            txt_ids=text_ids,
+                            img_ids=latent_image_ids,
+                            joint_attention_kwargs={"saa": call, "id_tokens": ids},
+                            return_dict=False,
+                        )[0]
+                    )
+                    if maps is not None and call.return_activation_maps:
+                        transformer = self.transformer
+                        maps.add(flux_saa_activation_maps(transformer), flux_saa_id_attention_probs(transformer))
                 noise_pred = predictions[0]
                 if do_true_cfg:
                     noise_pred = predictions[1] + true_cfg_scale * (predictions[0] - predictions[1])
@@ -389,6 +410,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.vae.decode(latents, return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
+        activation_maps = maps.result((height, width)) if maps is not None else None
         timings["decode"] = _lap(clock) - sum(timings.values())
         timings["total"] = _lap(clock)
         self.maybe_free_model_hooks()
@@ -396,7 +418,11 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         if not return_dict:
             return (image,)
         return DynamicIDPipelineOutput(
-            images=image, people=reports, timings={k: round(v, 4) for k, v in timings.items()}, saa=saa_settings
+            images=image,
+            people=reports,
+            activation_maps=activation_maps,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            saa=saa_settings,
         )
 
 

@@ -174,6 +174,17 @@ def flux_saa_processors(transformer: nn.Module) -> dict[str, FluxSAAProcessor]:
     return saa
 
 
+def flux_saa_activation_maps(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Gate maps (B, H, W) of each SAA processor's last call with SAACall(return_activation_maps=True)."""
+    return {n: p.activation_map for n, p in flux_saa_processors(transformer).items() if p.activation_map is not None}
+
+
+def flux_saa_id_attention_probs(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """ID attention probabilities (B, heads, Q, N_id) of the last call (as `flux_saa_activation_maps`)."""
+    processors = flux_saa_processors(transformer).items()
+    return {n: p.id_attention_probs for n, p in processors if p.id_attention_probs is not None}
+
+
 def install_flux_saa(transformer: nn.Module, *, rank: int = 0, num_tokens: int = 4, id_dim: int | None = None) -> None:
     """Put a `FluxSAAProcessor` on every double-stream block and a pass-through on every single-stream block.
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from PIL import Image
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import Person, pipeline_for
@@ -114,13 +115,18 @@ def test_two_people_in_boxes_with_two_expressions_generate(pipe, photos):
         Person(photos["obama"], expression="happy", box=(0.0, 0.0, 1.0, 0.5)),
         Person(photos["biden"], expression="surprised", pose="front view", box=(0.0, 0.5, 1.0, 1.0)),
     ]
-    out = pipe("two friends", people, generator=torch.Generator().manual_seed(1), output_type="np", **SETTINGS)
+    generator = torch.Generator().manual_seed(1)
+    out = pipe("two friends", people, generator=generator, output_type="np", return_activation_maps=True, **SETTINGS)
     plain = _plain_flux_images(seed=1)
     assert out.images.shape == (1, 64, 96, 3) and np.isfinite(out.images).all()
     assert np.abs(out.images - plain).max() > 1e-3  # the identity branch reaches the image
     assert [p["edited"] for p in out.people] == [True, True]
     assert out.people[1]["target_face_prompt"] == "the expression is surprised, the face is front view"
     assert out.saa["boost"] == 2.0 and out.saa["num_ids"] == 2
+    maps = out.activation_maps  # each person's tokens are hidden in the other's box: their map lies in their half
+    assert maps.shape == (1, 2, 64, 96)
+    assert maps[0, 0, :, :40].mean() > 5 * maps[0, 0, :, 56:].mean()
+    assert maps[0, 1, :, 56:].mean() > 5 * maps[0, 1, :, :40].mean()
 
 
 def test_conditioner_encodes_text_as_flux_pipeline_does():
@@ -160,3 +166,25 @@ def test_weights_of_another_family_are_refused_in_one_line(analyzer, tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="no SAA processors"):
         flux_saa_processors(pipe.transformer)  # nothing was installed before the refusal
+
+
+def test_cli_generates_two_people_on_tiny_random_flux(tmp_path, weights, photos):
+    from click.testing import CliRunner
+
+    from dynamicid.infer.cli import main
+
+    out = tmp_path / "friends.png"
+    args = ["generate", "--base-model", "tiny-random-flux", "--weights", str(weights), "--face-backend", "embedded"]
+    args += ["--prompt", "two friends", "--steps", "2", "--size", "96x64", "--seed", "7", "--activation-maps"]
+    for photo, expression, box in ((photos["obama"], "happy", "0,0,1,0.5"), (photos["biden"], "sad", "0,0.5,1,1")):
+        args += ["--person", str(photo), "--expression", expression, "--box", box]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(result.stdout)
+    settings = sidecar["settings"]
+    assert settings["guidance_scale"] == 3.5 and settings["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert settings["saa"]["boost_steps"] == 7 and [p["target_expression"] for p in sidecar["people"]] == [
+        "happy",
+        "sad",
+    ]
+    assert Image.open(out).size == (96, 64) and len(list(tmp_path.glob("*.saa.png"))) == 2
