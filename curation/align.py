@@ -48,8 +48,7 @@ def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | Non
 
 
 class AlignStage(Stage):
-    name = step = "align"
-    settings = ("crop_size", "min_sharpness", "min_brightness", "max_brightness")
+    name = "align"
     input_columns = ("source_path", "identity", "sha256", "face", "all_kept")
     carry_columns = CARRIED
     pooled = True

@@ -12,11 +12,16 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
 
+# A detected face, as the detect stage's table and store hold it (source pixels).
+FACE_BOX = pa.struct(
+    [("bbox", pa.list_(pa.float32(), 4)), ("kps5", pa.list_(pa.float32(), 10)), ("score", pa.float32())]
+)
 # Each row filtered by the one above ("up") and zlib's run-length strategy at level 1: half the CPU of Pillow's
 # adaptive filters with the same zlib settings, for about as many bytes (-3 to +1.5 %); lossless (BENCHMARKS.md).
 CROP_PNG = [

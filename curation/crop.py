@@ -96,8 +96,6 @@ def _decode_png(png: bytes) -> Image.Image:
 
 class CropStage(Stage):
     name = "crop"
-    step = "write"
-    settings = ("thumbnail_size",)  # the crop size comes with each row's crop_key (the size align measured)
     input_columns = CROP_INPUTS
     pooled = True
 

@@ -6,6 +6,7 @@ of a loaded base model."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -17,8 +18,18 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, replace_example_docstring
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from dynamicid.faces import FaceAnalyzer, render_landmark_map
 from dynamicid.infer.outputs import MAX_IMAGE_SIDE
@@ -26,6 +37,7 @@ from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
 from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
+from dynamicid.models.adapter import DynamicIDAdapter
 from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
 from dynamicid.models.families import family_named, folder_family
@@ -90,21 +102,28 @@ class DynamicIDMixin:
     person's box. A sibling per base family (`DynamicIDPipeline` for SD 1.5, `DynamicIDXLPipeline` for SDXL)
     combines this mixin with diffusers' pipeline of that family and supplies what differs:
     `encode_text` (the UNet's text condition, and for SDXL its `added_cond_kwargs`) and `safety_check`.
-    DynamicID's own modules and the SAA processors come from `load_dynamicid` (or `set_dynamicid`), the face
-    analysis from `dynamicid.faces.FaceAnalyzer`. The scheduler defaults to DDIM, the release's sampler.
+
+    DynamicID's weights are the `id_adapter` component (`dynamicid.models.adapter.DynamicIDAdapter`: face
+    encoder, IMR, keypoint encoder and the SAA processors it puts on the UNet), from `load_dynamicid` (or
+    `set_dynamicid`, or a folder written by `save_pretrained`); the face analysis comes from
+    `dynamicid.faces.FaceAnalyzer`. `from_pretrained` keeps the folder's scheduler, `from_base` uses DDIM
+    (the release's sampler); any scheduler diffusers ships for SD 1.5 / SDXL works.
     """
 
     family: str  # the base family the sibling is made for ("sd15", "sdxl")
     multi_person_boost = MULTI_PERSON_BOOST  # (boost, steps) with several people, for the family's step count
-    dynamicid: DynamicIDModules | None = None  # set by load_dynamicid / set_dynamicid
+    dynamicid: DynamicIDModules | None = None  # the adapter's modules and where they were loaded from
     reference_analyzer: ReferenceAnalyzer | None = None
-    _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012 (diffusers)
+    # Components DynamicID cannot generate without are required; only these may be None.
+    _optional_components = ["safety_checker", "feature_extractor"]  # noqa: RUF012 (diffusers' convention)
 
     # ---- construction ----
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
-        """Load the base from a local diffusers folder (nothing is downloaded); DDIM unless a scheduler is given."""
+        """Load a local diffusers folder (nothing is downloaded) with its own scheduler: a base model, whose
+        `image_encoder` and `id_adapter` are then None until `load_dynamicid`, or a saved DynamicID pipeline."""
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -117,10 +136,25 @@ class DynamicIDMixin:
                 f"{folder} holds {found.describe()}, not {family_named(cls.family).describe()}: "
                 f"use {found.pipeline_class().__name__}"
             )
-        if "scheduler" not in kwargs and (folder / "scheduler").is_dir():
-            kwargs["scheduler"] = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        index = folder / "model_index.json"
+        entries = json.loads(index.read_text()) if index.is_file() else {}
+        for name in ("image_encoder", "id_adapter"):
+            if name not in kwargs and not (entries.get(name) or [None])[0]:
+                kwargs[name] = None
         kwargs.setdefault("local_files_only", True)
         return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any):
+        """A DynamicID pipeline over another pipeline's components (e.g. a `StableDiffusionPipeline`'s), without
+        copying them; `image_encoder` and `id_adapter` are None where that pipeline has none."""
+        for name in ("image_encoder", "id_adapter"):
+            if name not in kwargs and getattr(pipeline, name, None) is None:
+                kwargs[name] = None
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if pipe.id_adapter is not None and pipe.id_adapter is getattr(pipeline, "id_adapter", None):
+            pipe.dynamicid, pipe.reference_analyzer = pipeline.dynamicid, pipeline.reference_analyzer
+        return pipe
 
     @classmethod
     def from_base(cls, base: BaseModel):
@@ -130,7 +164,45 @@ class DynamicIDMixin:
                 f"base model {base.name} is {base.base_family.describe()}: use {base.base_family.pipeline_class().__name__}, "
                 f"not {cls.__name__} (or `pipeline_for(base)`)"
             )
-        return cls(**base.components(), scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
+        return cls(
+            **base.components(), id_adapter=None, scheduler=DDIMScheduler.from_config(base.noise_scheduler.config)
+        )
+
+    def _adopt(self, id_adapter: DynamicIDAdapter | None) -> None:
+        """Put a given `id_adapter`'s SAA on the UNet (construction, from_pretrained)."""
+        if id_adapter is None:
+            return
+        id_adapter.attach(self.unet)
+        self.dynamicid = DynamicIDModules(
+            id_adapter.face_encoder,
+            id_adapter.imr,
+            id_adapter.keypoint_encoder,
+            id_adapter.config.id_embed_model,
+            {},
+            "dynamicid",
+        )
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`; DynamicID's weights go to `id_adapter/` only, the UNet is written without
+        SAA (the base UNet's own weights), so the folder reloads with `from_pretrained` as it was."""
+        if self.id_adapter is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        processors = self.unet.attn_processors
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.unet.set_attn_processor(processors)
+
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """diffusers' QKV fusion with SAA kept on the UNet: SAA reads the fused projections
+        (`dynamicid.models.saa_unet`); diffusers' own pipeline would put its fused processor in SAA's place."""
+        if self.id_adapter is None:
+            return super().fuse_qkv_projections(unet=unet, vae=vae)
+        super().fuse_qkv_projections(unet=False, vae=vae)
+        if unet:
+            self.unet.fuse_qkv_projections()
+            self.fusing_unet = True
 
     def load_dynamicid(
         self,
@@ -140,7 +212,7 @@ class DynamicIDMixin:
         face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None = None,
         **face_options: Any,
     ) -> None:
-        """Load DynamicID's weights, the CLIP image encoder and the face analysis.
+        """Load DynamicID's weights (as the `id_adapter` component), the CLIP image encoder and the face analysis.
 
         Args:
             weights: our safetensors file(s) (`dynamicid.models.save_dynamicid`), or the release's `.bin` files
@@ -196,12 +268,33 @@ class DynamicIDMixin:
                 f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
                 f"({references.embedding_model}); choose the face backend the weights were trained with"
             )
+        self.attach_identity(modules)
         self.dynamicid, self.reference_analyzer = modules, references
+
+    # ---- what a family's sibling may override (the UNet families' here) ----
 
     @property
     def id_token_width(self) -> int:
         """The width of the face tokens the base takes (the UNet's cross-attention width)."""
         return int(self.unet.config.cross_attention_dim)
+
+    def attach_identity(self, modules: DynamicIDModules) -> None:
+        """Keep the modules as the `id_adapter` component and put its SAA on the UNet."""
+        adapter = DynamicIDAdapter.from_modules(
+            modules.face_encoder, self.unet, modules.imr, modules.keypoint_encoder, modules.id_embed_model
+        )
+        self.register_modules(id_adapter=adapter)
+        adapter.attach(self.unet)
+
+    def check_identity_attention(self) -> None:
+        """Refuse to generate when the UNet's SAA processors were replaced."""
+        if not self.id_adapter.attached_to(self.unet):
+            found = sorted({type(p).__name__ for p in self.unet.attn_processors.values()})
+            raise ValueError(
+                f"the UNet's attention processors were replaced ({', '.join(found)}), so SAA would not inject the "
+                "identities; use the pipeline's enable_attention_slicing / fuse_qkv_projections (they keep SAA) "
+                "and put SAA back with pipe.id_adapter.attach(pipe.unet)"
+            )
 
     @property
     def conditioner(self) -> Conditioner:
@@ -212,13 +305,16 @@ class DynamicIDMixin:
 
     def check_inputs(
         self,
-        prompt: str,
-        people: list[Person],
+        prompt: str | list[str] | None,
+        people: list[Person] | None,
         height: int,
         width: int,
         num_inference_steps: int,
         guidance_scale: float,
-        negative_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         num_images_per_prompt: int = 1,
         id_scale: float = 1.0,
@@ -226,10 +322,33 @@ class DynamicIDMixin:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
         if self.dynamicid is None:
             raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
-        if not isinstance(prompt, str):
-            raise ValueError(f"`prompt` must be one string, got {type(prompt).__name__}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"`negative_prompt` must be a string or None, got {type(negative_prompt).__name__}")
+        self.check_identity_attention()
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give either `prompt` or `prompt_embeds`, not both and not neither")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+        ):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give either `negative_prompt` or `negative_prompt_embeds`, not both")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(
+                f"`negative_prompt` must be a string, a list or None, got {type(negative_prompt).__name__}"
+            )
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+        if cross_attention_kwargs is not None and "saa" in cross_attention_kwargs:
+            raise ValueError(
+                "`cross_attention_kwargs` must not hold 'saa': the pipeline makes each step's SAA inputs from "
+                "people, id_scale, gating, boost and boost_steps"
+            )
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
         if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
@@ -365,17 +484,25 @@ class DynamicIDMixin:
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: str,
-        people: list[Person],
-        negative_prompt: str | None = None,
+        prompt: str | list[str] | None = None,
+        people: list[Person] | None = None,
+        negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = DEFAULT_STEPS,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
         id_scale: float = 1.0,
         gating: bool = True,
         boost: float | None = None,
@@ -389,19 +516,29 @@ class DynamicIDMixin:
         r"""Generate images of `people` as described by `prompt`.
 
         Args:
-            prompt: the scene, e.g. "two friends laughing in a cafe".
+            prompt: the scene, e.g. "two friends laughing in a cafe"; a list generates one batch entry per prompt,
+                every one with the same people.
             people: one `Person` per identity, in order (reference photo, optional target expression / pose /
                 landmark image, optional box (y0, x0, y1, x1) in [0, 1]; no boxes = equal vertical strips).
-            negative_prompt: what to steer away from (classifier-free guidance); None = "".
+            negative_prompt: what to steer away from (classifier-free guidance); None = ""; a list: one per prompt.
             height, width: image size in pixels, multiples of 8 (default: the UNet's sample size x 8).
-            num_inference_steps: denoising steps (reference: 50 DDIM steps).
-            guidance_scale: classifier-free guidance weight (reference: 5.0); <= 1 turns guidance off.
-            num_images_per_prompt: images generated in one batch.
+            num_inference_steps: denoising steps (reference: 50 DDIM steps). timesteps, sigmas: custom schedules
+                for schedulers that take them (as `StableDiffusionPipeline`).
+            guidance_scale: classifier-free guidance weight (reference: 5.0); <= 1 turns guidance off. Read at
+                every step, so a `callback_on_step_end` may change `pipe._guidance_scale`.
+            num_images_per_prompt: images generated per prompt.
             eta: DDIM eta. generator: torch generator(s) for reproducible noise. latents: preset noise.
+            prompt_embeds, negative_prompt_embeds: text states instead of `prompt` / `negative_prompt` (the
+                people's face tokens are appended to them); pooled_prompt_embeds, negative_pooled_prompt_embeds:
+                SDXL's pooled text with them.
+            cross_attention_kwargs: passed to the attention processors with this step's SAA inputs (e.g.
+                {"scale": 0.5} for a loaded LoRA's weight).
+            guidance_rescale: rescales the guided noise (Common Diffusion Noise Schedules, section 3.4).
             id_scale: weight of the identity branch (0 = the LoRA-adapted base model alone).
             gating: SAA's query-level activation gating and box routing.
             boost, boost_steps: gate boost inside the boxes and for how many denoising steps; None = the reference
-                settings (2.0 for 12 steps with several people, none for one).
+                settings (2.0 for 12 steps with several people, none for one). A step is one scheduler step, so
+                samplers that call the UNet more than once per step (Heun, KDPM2, PNDM) boost the same share.
             output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images, nsfw flags).
             return_activation_maps: also return per-person SAA activation maps (see the output class).
             callback_on_step_end: called as fn(pipe, step, timestep, tensors) after each step; it may return
@@ -429,19 +566,22 @@ class DynamicIDMixin:
             num_inference_steps,
             guidance_scale,
             negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            cross_attention_kwargs,
             tensor_inputs,
             num_images_per_prompt,
             id_scale,
         )
         self._guidance_scale = guidance_scale
-        self._guidance_rescale = 0.0
+        self._guidance_rescale = guidance_rescale
         self._clip_skip = None
-        self._cross_attention_kwargs = None
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        if self.dynamicid.format != "memory":  # loaded modules follow pipe.to(...); a trainer's stay as they are
-            self.dynamicid.to(device, self.unet.dtype)
         num_people = len(people)
+        batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
+        num_images = batch_size * num_images_per_prompt
 
         # 2. Analyse the references: the largest face of each
         references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
@@ -449,35 +589,35 @@ class DynamicIDMixin:
 
         # 3. Encode the input prompt (and the family's extra UNet inputs, e.g. SDXL's pooled text and size ids)
         prompt_embeds, negative_prompt_embeds, added_cond_kwargs = self.encode_text(
-            prompt, negative_prompt, device, num_images_per_prompt, (height, width)
+            prompt,
+            negative_prompt,
+            device,
+            num_images_per_prompt,
+            (height, width),
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"),
         )
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
         tokens, uncond_tokens, reports = self.identity_tokens(people, references, boxes)
 
-        # 5. Text tokens followed by every person's tokens, in person order
+        # 5. Text tokens followed by every person's tokens, in person order, for every prompt of the batch
         prompt_embeds = encoder_states(prompt_embeds, tokens.reshape(1, -1, tokens.shape[-1]))
         if self.do_classifier_free_guidance:
             negative_prompt_embeds = encoder_states(
                 negative_prompt_embeds, uncond_tokens.reshape(1, -1, uncond_tokens.shape[-1])
             )
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         timings["tokens"] = _lap(clock) - timings["analysis"]
 
-        # 6. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
-        saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
-        saa_per_step = saa_calls(
-            **saa_settings,
-            steps=num_inference_steps,
-            image_size=(height, width),
-            return_activation_maps=return_activation_maps,
+        # 6. Timesteps and initial noise
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
-
-        # 7. Timesteps and initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(
-            num_images_per_prompt,
+            num_images,
             self.unet.config.in_channels,
             height,
             width,
@@ -487,43 +627,59 @@ class DynamicIDMixin:
             latents,
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        maps = (
-            MapAccumulator(num_people, self.dynamicid.num_tokens, num_images_per_prompt)
-            if return_activation_maps
-            else None
+
+        # 7. SAA inputs for this layout, one per denoising step (the boost lasts the first `boost_steps` steps);
+        # each UNet call takes its step's (`denoising_step`), however many calls a step makes.
+        saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
+        saa_per_step = saa_calls(
+            **saa_settings,
+            steps=num_inference_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
         )
+        maps = MapAccumulator(num_people, self.dynamicid.num_tokens, num_images) if return_activation_maps else None
 
         # 8. Denoising loop
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                cfg = self.do_classifier_free_guidance
+                states = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+                latent_model_input = torch.cat([latents] * 2) if cfg else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                step = denoising_step(i, len(timesteps), num_inference_steps)
                 noise_pred = self.unet(
                     latent_model_input,
                     t,
-                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states=states,
                     added_cond_kwargs=added_cond_kwargs,
-                    cross_attention_kwargs={"saa": saa_per_step[i]},
+                    cross_attention_kwargs={**(cross_attention_kwargs or {}), "saa": saa_per_step[step]},
                     return_dict=False,
                 )[0]
                 if maps is not None:
                     maps.add(saa_activation_maps(self.unet), saa_id_attention_probs(self.unet))
-                if self.do_classifier_free_guidance:
+                if cfg:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, self.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    callback_outputs = (
-                        callback_on_step_end(self, i, t, {k: callback_kwargs[k] for k in tensor_inputs}) or {}
-                    )
+                    tensors = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in tensor_inputs}) or {}
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                progress_bar.update()
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
         timings["denoise"] = _lap(clock) - timings["analysis"] - timings["tokens"]
 
         # 9. Decode
@@ -555,22 +711,24 @@ class DynamicIDMixin:
 class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):
     r"""DynamicID on Stable Diffusion 1.5 (see `DynamicIDMixin`).
 
-    Components are those of [`StableDiffusionPipeline`]; `image_encoder` is the CLIP vision tower (ViT-H/14)
-    whose penultimate states feed the face encoder.
+    Components are those of [`StableDiffusionPipeline`] plus `id_adapter` (DynamicID's weights); `image_encoder`
+    is the CLIP vision tower (ViT-H/14) whose penultimate states feed the face encoder. Both are required to
+    generate; `from_pretrained` on a base folder leaves them None until `load_dynamicid`.
     """
 
     family = "sd15"
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None,
+        id_adapter: DynamicIDAdapter | None,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
         requires_safety_checker: bool = False,
     ):
         super().__init__(
@@ -584,18 +742,35 @@ class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
+        self.register_modules(id_adapter=id_adapter)
+        self._adopt(id_adapter)
 
     def encode_text(
         self,
-        prompt: str,
-        negative_prompt: str | None,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
         device: torch.device,
         num_images_per_prompt: int,
         size: tuple[int, int],
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """(prompt states, negative states or None without guidance, no added UNet inputs)."""
+        if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
+            raise ValueError("pooled_prompt_embeds / negative_pooled_prompt_embeds are SDXL's; SD 1.5 takes none")
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
         )
         return prompt_embeds, negative_prompt_embeds, None
 
@@ -607,28 +782,75 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
     r"""DynamicID on SDXL (see `DynamicIDMixin`).
 
     Components are those of [`StableDiffusionXLPipeline`] (two text encoders; the UNet also takes the pooled
-    text and the size ids); `image_encoder` is the CLIP vision tower whose penultimate states feed the face
-    encoder. The IMR's text vector of a face prompt is the pooled, projected output of `text_encoder_2`.
+    text and the size ids) plus `id_adapter`; `image_encoder` is the CLIP vision tower whose penultimate states
+    feed the face encoder. The IMR's text vector of a face prompt is the pooled, projected output of
+    `text_encoder_2`, so both text encoders are required here (diffusers' SDXL pipeline lets them be None).
     """
 
     family = "sdxl"
+    _optional_components = ["feature_extractor"]  # noqa: RUF012 (diffusers' convention)
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None,
+        id_adapter: DynamicIDAdapter | None,
+        feature_extractor: Any = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        self.register_modules(id_adapter=id_adapter)
+        self._adopt(id_adapter)
 
     def encode_text(
         self,
-        prompt: str,
-        negative_prompt: str | None,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
         device: torch.device,
         num_images_per_prompt: int,
         size: tuple[int, int],
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """(prompt states, negative states or None, `added_cond_kwargs`): the pooled text and the size ids
         (original = target = `size`, no crop), negative half first under guidance, as SDXL's pipeline does."""
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("SDXL's `prompt_embeds` need `pooled_prompt_embeds` too (encode_prompt returns both)")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("SDXL's `negative_prompt_embeds` need `negative_pooled_prompt_embeds` too")
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
             prompt,
             device=device,
             num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=self.do_classifier_free_guidance,
             negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale,
         )
         time_ids = self._get_add_time_ids(
             size, (0, 0), size, dtype=prompt_embeds.dtype, text_encoder_projection_dim=pooled.shape[-1]
@@ -650,6 +872,16 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
 def pipeline_for(base: BaseModel) -> DynamicIDMixin:
     """The DynamicID pipeline of `base`'s family (`dynamicid.models.families`) over its parts."""
     return base.base_family.pipeline_class().from_base(base)
+
+
+def denoising_step(call: int, num_calls: int, num_steps: int) -> int:
+    """The denoising step (0 .. num_steps - 1) of the `call`-th of `num_calls` UNet calls.
+
+    Samplers that call the UNet more than once per step (Heun and KDPM2: twice; PNDM's Runge-Kutta warm-up:
+    four times) list more timesteps than steps; as diffusers' pipelines place ControlNet windows, a call belongs
+    to the step at the same fraction of the schedule: floor(call * num_steps / num_calls).
+    """
+    return min(call * num_steps // num_calls, num_steps - 1)
 
 
 def _lap(start: float) -> float:

@@ -102,6 +102,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     family = FLUX.name
     multi_person_boost = (2.0, 7)  # the release's boost over its first 12 of 50 steps, as a share of 28 steps
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
+    _optional_components = ["image_encoder", "feature_extractor"]  # noqa: RUF012 (FluxPipeline's)
 
     # ---- construction ----
 
@@ -165,6 +166,19 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
         self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
 
+    def attach_identity(self, modules: DynamicIDModules) -> None:
+        """Nothing to attach: SAA lives in the transformer's processors (installed by `load_flux_modules`)."""
+
+    def check_identity_attention(self) -> None:
+        """Refuse to generate when a double-stream block's SAA processor was replaced."""
+        processors = flux_saa_processors(self.transformer)
+        blocks = [name for name in self.transformer.attn_processors if name.startswith("transformer_blocks.")]
+        if len(processors) != len(blocks):
+            raise ValueError(
+                f"only {len(processors)} of the transformer's {len(blocks)} double-stream attention layers run SAA "
+                "(their processors were replaced); load the DynamicID weights again"
+            )
+
     @property
     def id_token_width(self) -> int:
         """The face tokens' width: the SAA processors' (the transformer's width unless installed otherwise)."""
@@ -209,10 +223,10 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             width,
             num_inference_steps,
             guidance_scale,
-            negative_prompt,
-            callback_on_step_end_tensor_inputs,
-            num_images_per_prompt,
-            id_scale,
+            negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            num_images_per_prompt=num_images_per_prompt,
+            id_scale=id_scale,
         )
 
     # ---- generation ----

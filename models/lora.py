@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,19 +23,16 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The LoRA weights may be kept in float32 under a half-precision base model.
-        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+        # The LoRA weights may be kept in float32 under a half-precision base model. Under layerwise casting
+        # they are stored in a 1-byte float and cast for the call by diffusers' hook: then compute in x's dtype.
+        dtype = self.down.weight.dtype
+        dtype = x.dtype if dtype.itemsize == 1 else dtype
+        return self.up(self.down(x.to(dtype))).to(x.dtype)
 
-    def adapt(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """base(x) + up(down(x)), computed the cheaper way.
+    def adapt(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + up(down(x)).
 
-        Over many tokens, when no gradient is wanted for the LoRA weights, the update is merged into the base
-        weight first (one matmul per token instead of three); the result is the same up to float rounding.
+        `base` is called as a module, never read through its `.weight`, so whatever wraps it takes part: a user's
+        PEFT LoRA on the same projection, diffusers' layerwise casting (fp8 storage), quantized weights.
         """
-        in_features, out_features = base.in_features, base.out_features
-        tokens = x.numel() // in_features
-        wants_grad = torch.is_grad_enabled() and self.up.weight.requires_grad
-        if wants_grad or tokens * (in_features + out_features) <= in_features * out_features:
-            return base(x) + self(x)
-        delta = (self.up.weight @ self.down.weight).to(base.weight.dtype)
-        return F.linear(x, base.weight + delta, base.bias)
+        return base(x) + self(x)

@@ -162,6 +162,10 @@ class SAAProcessor(nn.Module):
         # Recorded outputs of the last call that asked for them (SAACall.return_activation_maps), else None.
         self.activation_map: torch.Tensor | None = None
         self.id_attention_probs: torch.Tensor | None = None
+        # How the layer's own projections are run (`keep_saa`): attention heads per slice of the text branch
+        # (None = all at once), and whether q/k/v come from the layer's fused to_qkv / to_kv.
+        self.slice_size: int | None = None
+        self.fused = False
 
     @property
     def is_cross_attention(self) -> bool:
@@ -202,21 +206,21 @@ class SAAProcessor(nn.Module):
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
-        query = self.to_q_lora.adapt(attn.to_q, hidden_states)
-        key = self.to_k_lora.adapt(attn.to_k, encoder_hidden_states)
-        value = self.to_v_lora.adapt(attn.to_v, encoder_hidden_states)
+        query, key, value = self._projections(attn, hidden_states, encoder_hidden_states)
         query, key, value = (rearrange(t, "b n (h d) -> b h n d", h=attn.heads) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # Text branch: one fused attention call.
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        # Text branch: one fused attention call (or one per slice of heads).
+        hidden_states = self._text_attention(attn, query, key, value, attention_mask)
         if self.is_cross_attention:
             self.activation_map = self.id_attention_probs = None
         if id_states is not None and (call.id_scale != 0 or call.return_activation_maps):
-            hidden_states = self._add_id_branch(attn, query, id_states, call, hidden_states)
+            hidden_states = self.add_id_branch(
+                query, id_states, call, hidden_states, heads=attn.heads, scale=attn.scale
+            )
         hidden_states = rearrange(hidden_states, "b h n d -> b n (h d)").to(query.dtype)
 
         hidden_states = self.to_out_lora.adapt(attn.to_out[0], hidden_states)
@@ -228,6 +232,46 @@ class SAAProcessor(nn.Module):
         if attn.rescale_output_factor != 1:
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    def _projections(
+        self, attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LoRA-adapted q, k, v: the layer's projections called as modules (fused ones when `fused`)."""
+        if self.fused and not self.is_cross_attention and getattr(attn, "to_qkv", None) is not None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        elif self.fused and self.is_cross_attention and getattr(attn, "to_kv", None) is not None:
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_kv(context).chunk(2, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        return (
+            query + self.to_q_lora(hidden_states),
+            key + self.to_k_lora(context),
+            value + self.to_v_lora(context),
+        )
+
+    def _text_attention(
+        self,
+        attn: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """SDPA over (b, heads, n, d), in slices of `slice_size` heads when set (attention slicing)."""
+        step = self.slice_size or query.shape[1]
+        outputs = []
+        for start in range(0, query.shape[1], step):
+            heads = slice(start, start + step)
+            mask = attention_mask
+            if mask is not None and mask.shape[1] > 1:
+                mask = mask[:, heads]
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    query[:, heads], key[:, heads], value[:, heads], attn_mask=mask, scale=attn.scale
+                )
+            )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _split_id_tokens(
         self, encoder_hidden_states: torch.Tensor, num_ids: int
@@ -245,17 +289,28 @@ class SAAProcessor(nn.Module):
         text, ids = encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
         return text.contiguous(), ids.contiguous()
 
-    def _add_id_branch(
-        self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor, call: SAACall, text: torch.Tensor
+    def add_id_branch(
+        self,
+        query: torch.Tensor,
+        id_states: torch.Tensor,
+        call: SAACall,
+        text: torch.Tensor,
+        *,
+        heads: int,
+        scale: float,
     ) -> torch.Tensor:
         """text + id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
+
+        Public for front ends that run the text branch with their own attention (the ComfyUI pack): `query` and
+        `text` (b, heads, Q, d), `id_states` (b, N_id, C), `heads` and `scale` (head_dim^-0.5) of the layer.
+        Without gradients the result is written over `query`.
 
         Logits are kept as (b, heads, N_id, Q), one small matmul per batch element on the queries as they are
         laid out (no copy); a softmax over that short leading axis is far faster on CPU than over a last axis
         of 4 or 8 entries.
         """
-        key = rearrange(self.to_k_ip(id_states) * attn.scale, "b n (h d) -> b h n d", h=attn.heads)
-        value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
+        key = rearrange(self.to_k_ip(id_states) * scale, "b n (h d) -> b h n d", h=heads)
+        value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=heads)
         logits = torch.stack([torch.bmm(k, q.transpose(1, 2)) for k, q in zip(key, query, strict=True)]).float()
 
         logits, gate = route_id_logits(logits, call, self.num_tokens)
@@ -374,13 +429,16 @@ def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
 
     `to_k_ip`/`to_v_ip` start as copies of the layer's to_k/to_v, LoRA `up` weights at zero, so a freshly
     installed UNet called with `SAACall(id_scale=0)` computes what it computed before. Calling it again with the same rank
-    and token count does nothing; with others it fails.
+    and token count does nothing; with others it fails. The UNet's attention switches then keep SAA (`keep_saa`).
     """
+    from dynamicid.models.saa_unet import keep_saa  # imports this module
+
     current = unet.attn_processors
     installed = [p for p in current.values() if isinstance(p, SAAProcessor)]
     if installed:
         found = {(p.rank, p.num_tokens) for p in installed}
         if len(installed) == len(current) and found == {(rank, num_tokens)}:
+            keep_saa(unet)
             return
         raise ValueError(
             f"SAA is already installed on this UNet with (rank, num_tokens) {sorted(found)}; "
@@ -400,6 +458,7 @@ def install_saa(unet: nn.Module, rank: int = 128, num_tokens: int = 4) -> None:
                 processor.to_v_ip.weight.copy_(attn.to_v.weight)
         processors[name] = processor
     unet.set_attn_processor(processors)
+    keep_saa(unet)
 
 
 def covered_box(boxes: Sequence[Box]) -> tuple[int, int] | None:

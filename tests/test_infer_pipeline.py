@@ -8,7 +8,7 @@ any denoising. The face analysis is the real embedded backend on the real photos
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from dynamicid.faces import FaceAnalyzer, ImageLoadError
 from dynamicid.infer import DynamicIDPipeline, Person, ReleaseFiles
@@ -231,21 +231,22 @@ def test_weights_for_another_base_are_refused(tmp_path, analyzer):
         pipe.load_dynamicid(path, face_analyzer=analyzer)
 
 
-def test_from_pretrained_reads_a_diffusers_folder_with_ddim(tmp_path, weights, analyzer, photos):
+def test_from_pretrained_reads_a_diffusers_folder_with_its_scheduler(tmp_path, weights, analyzer, photos):
     base = load_base_model("tiny-random")
     StableDiffusionPipeline(
         vae=base.vae,
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,
         unet=base.unet,
-        scheduler=base.noise_scheduler,
+        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         image_encoder=base.image_encoder,
         requires_safety_checker=False,
     ).save_pretrained(tmp_path / "sd")
     pipe = DynamicIDPipeline.from_pretrained(tmp_path / "sd")
-    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.id_adapter is None
     pipe.load_dynamicid(weights["ours"], face_analyzer=analyzer)
     pipe.set_progress_bar_config(disable=True)
     assert generate(pipe, [Person(photos["obama"])]).images[0].size == (64, 64)

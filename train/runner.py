@@ -281,8 +281,11 @@ class Progress:
     def __init__(self, accelerator: Any, config: TrainConfig, stage: str, step: int):
         from tqdm import tqdm
 
+        from dynamicid.clitools import progress_options
+
         self.main = accelerator.is_local_main_process
-        self.bar = tqdm(total=config.max_steps, initial=step, desc=stage, disable=not (self.main and config.progress))
+        disable = not (self.main and config.progress)
+        self.bar = tqdm(total=config.max_steps, initial=step, desc=stage, disable=disable, **progress_options())
 
     def update(self, values: dict[str, float]) -> None:
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)

@@ -112,6 +112,11 @@ class BaseFamily:
         """Put SAA processors on the denoiser's attention layers (a no-op when installed with the same settings)."""
         raise NotImplementedError
 
+    def objective(self, scheduler: Any) -> Any:
+        """The training objective over the base's training scheduler (`dynamicid.models.objectives`: epsilon,
+        v_prediction or flow_matching); a scheduler the objective cannot train with is refused with one line."""
+        raise NotImplementedError
+
     def pipeline_class(self) -> type:
         """The DynamicID pipeline class of the family (from `dynamicid.infer.pipeline`)."""
         raise NotImplementedError

@@ -85,6 +85,11 @@ class FluxFamily(BaseFamily):
 
         install_flux_saa(denoiser, rank=rank, num_tokens=num_tokens)
 
+    def objective(self, scheduler: Any) -> Any:
+        from dynamicid.models.objectives import FlowMatchingObjective
+
+        return FlowMatchingObjective.from_scheduler(scheduler)  # rectified flow, as FLUX.1 is trained
+
     def pipeline_class(self) -> type:
         from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
 

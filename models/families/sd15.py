@@ -76,6 +76,11 @@ class SD15Family(BaseFamily):
 
         install_saa(denoiser, rank=rank, num_tokens=num_tokens)
 
+    def objective(self, scheduler: Any) -> Any:
+        from dynamicid.models.objectives import DDPMObjective
+
+        return DDPMObjective(scheduler)  # epsilon, or v_prediction when the scheduler says so
+
     def pipeline_class(self) -> type:
         from dynamicid.infer.pipeline import DynamicIDPipeline
 

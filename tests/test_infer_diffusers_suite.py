@@ -1,0 +1,73 @@
+"""diffusers' own pipeline test mixins against DynamicIDPipeline and DynamicIDXLPipeline (issue: they behave as
+diffusers pipelines), with the plain diffusers pipelines of both families on the same tiny parts as controls.
+
+The mixins import from diffusers' test tree, so the vendored suite (../shared/vendor) is unpacked into a temporary
+folder, `tests/diffusers_suite/dynamicid_mixins.py` is placed in it as `tests/pipelines/dynamicid/`, and pytest
+runs there in a subprocess; its JUnit report says what passed, failed and was skipped, and why.
+"""
+
+import os
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+VENDORED = Path(__file__).resolve().parents[1].parent / "shared" / "vendor" / "diffusers-tests-v0.40.0.tar.gz"
+ADAPTER = Path(__file__).parent / "diffusers_suite" / "dynamicid_mixins.py"
+PAIRS = {"TestDynamicIDPipeline": "TestControlStableDiffusionPipeline"} | {
+    "TestDynamicIDXLPipeline": "TestControlStableDiffusionXLPipeline"
+}
+# Skips that may differ from nothing: the mixins' own accelerator guards, and the one out-of-tree test.
+ALLOWED_SKIPS = ("CUDA", "accelerator", "GPU", "xformers", "XFormers", "out-of-tree", "optional components")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, shared_faces):
+    """{class: {test: ("passed" | "failed" | "skipped", message)}} of one run of the suite."""
+    if not VENDORED.is_file():
+        pytest.fail(f"vendored diffusers tests not found at {VENDORED}")
+    root = tmp_path_factory.mktemp("diffusers-suite")
+    with tarfile.open(VENDORED) as archive:
+        archive.extractall(root, filter="data")
+    package = root / "diffusers-tests" / "tests" / "pipelines" / "dynamicid"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "test_dynamicid.py").write_text(ADAPTER.read_text())
+    report = root / "report.xml"
+    env = os.environ | {"DYNAMICID_REFERENCE": str(shared_faces / "identities" / "obama" / "obama.jpg")}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(package)],
+        cwd=root / "diffusers-tests",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if not report.is_file():
+        pytest.fail(f"the suite did not run:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    results: dict[str, dict[str, tuple[str, str]]] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            node = case.find(kind)
+            if node is not None:
+                outcome = "skipped" if kind == "skipped" else "failed"
+                message = (node.get("message") or "") + "\n" + (node.text or "")[-1500:]
+        results.setdefault(case.get("classname").rsplit(".", 1)[-1], {})[case.get("name")] = (outcome, message)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", list(PAIRS))
+def test_every_applicable_mixin_test_passes_as_for_the_plain_pipeline(outcomes, pipeline):
+    ours, control = outcomes[pipeline], outcomes[PAIRS[pipeline]]
+    failed = {name: message for name, (outcome, message) in {**ours, **control}.items() if outcome == "failed"}
+    assert not failed, f"{pipeline} / {PAIRS[pipeline]} failures:\n" + "\n".join(f"{k}: {v}" for k, v in failed.items())
+    assert {n for n, (o, _) in ours.items() if o == "passed"} >= {n for n, (o, _) in control.items() if o == "passed"}
+    for name, (outcome, message) in ours.items():
+        if outcome == "skipped":
+            assert any(word in message for word in ALLOWED_SKIPS), f"{name} skipped: {message}"
+    assert len(ours) >= 40  # the four mixins' tests, all collected
