@@ -188,3 +188,31 @@ def test_cli_generates_two_people_on_tiny_random_flux(tmp_path, weights, photos)
         "sad",
     ]
     assert Image.open(out).size == (96, 64) and len(list(tmp_path.glob("*.saa.png"))) == 2
+
+
+def test_cli_batch_runs_a_manifest_on_tiny_random_flux(tmp_path, weights, photos):
+    from click.testing import CliRunner
+
+    from dynamicid.infer.cli import main
+
+    rows = [
+        {"id": "solo", "prompt": "a portrait", "seed": 3, "people": [{"references": [str(photos["obama"])]}]},
+        {
+            "id": "duo",
+            "prompt": "two friends",
+            "seed": 4,
+            "people": [
+                {"references": [str(photos["obama"])], "expression": "happy", "box": [0, 0, 1, 0.5]},
+                {"references": [str(photos["biden"])], "box": [0, 0.5, 1, 1]},
+            ],
+        },
+    ]
+    manifest = tmp_path / "bench.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    args = ["batch", "--manifest", str(manifest), "--out-dir", str(tmp_path / "out"), "--weights", str(weights)]
+    args += ["--base-model", "tiny-random-flux", "--face-backend", "embedded", "--steps", "2", "--size", "96x64"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("wrote ") == 2
+    images = sorted((tmp_path / "out").rglob("*.png"))
+    assert images and all(Image.open(p).size == (96, 64) for p in images)
