@@ -69,7 +69,8 @@ CHAIN: tuple[Step, ...] = (
         "Stage 2: decode photos and find faces (needs scan).",
         (
             StageEntry(
-                "dynamicid.curation.detect:DetectStage", ("min_face_size", "min_border_margin", "max_faces_per_photo")
+                "dynamicid.curation.detect:DetectStage",
+                ("min_face_size", "min_border_margin", "max_faces_per_photo", "max_pixels"),
             ),
         ),
         merge=SHARED,

@@ -148,6 +148,12 @@ def run_options(func):
             "backend's same-person distance threshold).",
         ),
         click.option(
+            "--max-pixels",
+            type=AtLeast(1),
+            help="Photos declaring more pixels than this are rejected as undecodable before they are decoded "
+            "(decompression bombs) [default: 200,000,000: every phone camera's photos].",
+        ),
+        click.option(
             "--follow-links",
             is_flag=True,
             help="Also read symbolic links whose target is outside PHOTOS_DIR (by default they are rejected as "
@@ -196,6 +202,7 @@ CONFIG_OPTIONS: dict[str, tuple[str, ...]] = {
             "ray_address",
             "cluster",
             "follow_links",
+            "max_pixels",
             "min_face_size",
             "crop_size",
             "max_upscale",

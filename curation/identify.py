@@ -67,7 +67,9 @@ class DescribeStage(Stage):
             photo["describe_key"] = describe_key(photo["sha256"], photo["faces"])
             job.setdefault(photo["describe_key"], (self.source(photo["source_path"]), photo["faces"]))
         found, computed = fetch_or_compute(
-            self.store, [p["describe_key"] for p in photos], lambda k: describe_photo(self.analyzer, k, *job[k])
+            self.store,
+            [p["describe_key"] for p in photos],
+            lambda k: describe_photo(self.analyzer, k, *job[k], max_pixels=self.config.max_pixels),
         )
         rows = []
         for photo in photos:

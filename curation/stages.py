@@ -109,17 +109,13 @@ class Resources:
 class BackendInfo:
     """The face backend as resolved once in the driver; workers build exactly this one."""
 
-    name: str  # "embedded" or "insightface" (never "auto")
-    root: str | None  # the insightface model folder, resolved to an absolute path
+    name: str  # a name of `dynamicid.faces.backends.BACKENDS` (never "auto")
+    root: str | None  # its model folder (insightface's pack), resolved to an absolute path
     digest: str  # of the backend name and its model files (names, sizes, mtimes): a changed model = new results
     embedding_model: str
     same_person_threshold: float  # in the backend's own distance (for messages)
     same_person_cos: float  # the backend's same-person threshold as a cosine similarity (unit embeddings)
     duplicate_cos: float  # near-duplicate threshold (dup_embedding_fraction of the same-person distance)
-
-    def options(self) -> dict[str, str]:
-        """Keyword options for `FaceAnalyzer` that pin this resolution (no `auto`, no environment lookup)."""
-        return {"insightface_root": self.root} if self.root else {}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ SETS = {
     "follow_links": {"follow_links"},
     "shard": {"shard_index", "shard_count"},
     "min_face_size": {"min_face_size"},
+    "max_pixels": {"max_pixels"},
     "crop_size": {"crop_size"},
     "max_upscale": {"max_upscale"},
 }

@@ -20,7 +20,6 @@ from dynamicid.infer import DynamicIDPipeline, Person
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, load_dynamicid
 from dynamicid.models.base import load_base_model
 from dynamicid.models.conditioning import Conditioner
-from dynamicid.models.objectives import DDPMObjective
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.testing import random_parts, save_random_weights
 from dynamicid.train.anchor import AnchorObjective, train_anchor
@@ -463,7 +462,7 @@ def test_timesteps_are_uniform_over_the_training_schedule():
     gets its binomial share of 20,000 draws, and x_t = sqrt(a_t) z + sqrt(1 - a_t) noise with a_t computed here."""
     base = load_base_model("tiny-random")
     latents = torch.randn(20000, 4, 1, 1, generator=torch.Generator().manual_seed(0))
-    drawn = DDPMObjective(base.noise_scheduler).noised(latents, torch.Generator().manual_seed(1))
+    drawn = base.base_family.objective(base.noise_scheduler).noised(latents, torch.Generator().manual_seed(1))
     noisy, noise, timesteps = drawn.noisy, drawn.noise, drawn.timesteps
     assert int(timesteps.min()) == 0 and int(timesteps.max()) == 999
     lo, hi = oracles.binomial_interval(len(timesteps), 0.1)
