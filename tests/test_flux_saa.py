@@ -240,3 +240,36 @@ def test_id_projections_and_lora_train_through_a_checkpointed_transformer():
     for parameter in (processor.to_k_id.weight, processor.to_v_id.weight, processor.to_q_lora.up.weight):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in transformer.transformer_blocks[0].attn.to_q.parameters())
+
+
+def test_family_denoise_packs_calls_the_transformer_and_unpacks():
+    """FLUX's training prediction: latents (B, 16, h, w) in and out; equal to the transformer on the packed latents."""
+    from diffusers import FluxPipeline
+
+    from dynamicid.models.families.flux import FLUX
+
+    base = build_tiny_random_flux(seed=6, with_image_encoder=False)
+    transformer = base.denoiser
+    install_flux_saa(transformer, rank=4)
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 16, 8, 12, generator=generator)
+    text = torch.randn(2, 7, 32, generator=generator)
+    condition = {"pooled_projections": torch.randn(2, 32, generator=generator), "txt_ids": torch.zeros(7, 3)}
+    ids = torch.randn(1, 4, 32, generator=generator)
+    call = SAACall(num_ids=1, boxes=((0.0, 0.0, 1.0, 1.0),), image_size=(64, 96))
+    with torch.no_grad():
+        prediction = FLUX.denoise(transformer, noisy, torch.tensor([300.0, 700.0]), text, ids, condition, call)
+        packed = transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, 2, 16, 8, 12),
+            timestep=torch.tensor([0.3, 0.7]),
+            guidance=torch.tensor([3.5, 3.5]),
+            pooled_projections=condition["pooled_projections"],
+            encoder_hidden_states=text,
+            txt_ids=condition["txt_ids"],
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 6, noisy.device, noisy.dtype),
+            joint_attention_kwargs={"saa": call, "id_tokens": ids},
+            return_dict=False,
+        )[0]
+    assert prediction.shape == noisy.shape
+    # patch (row 1, column 2) of the packed prediction is latents [:, :, 2:4, 4:6], channels laid out (c, 2, 2)
+    assert torch.allclose(prediction[:, :, 2:4, 4:6].flatten(1), packed[:, 1 * 6 + 2], atol=1e-6)

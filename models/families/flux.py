@@ -17,6 +17,7 @@ from typing import Any
 from dynamicid.models.families.family import BaseFamily
 
 T5_MAX_LENGTH = 512  # FLUX.1-dev's prompt length in T5 tokens (schnell uses 256)
+TRAINING_GUIDANCE = 3.5  # FLUX.1-dev's guidance embedding while training (diffusers' Flux training examples)
 
 
 class FluxFamily(BaseFamily):
@@ -84,6 +85,35 @@ class FluxFamily(BaseFamily):
         from dynamicid.models.saa_flux import install_flux_saa
 
         install_flux_saa(denoiser, rank=rank, num_tokens=num_tokens)
+
+    def denoise(
+        self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
+    ) -> Any:
+        """The transformer's flow prediction for VAE latents `noisy` (B, 16, h, w): packed into 2x2 patches, the
+        ID tokens and SAA inputs in `joint_attention_kwargs`, the guidance embedding at FLUX.1-dev's 3.5, as
+        diffusers' Flux training examples set it; unpacked back to the latents' shape."""
+        import torch
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full((batch,), TRAINING_GUIDANCE, device=noisy.device, dtype=torch.float32)
+        prediction = denoiser(
+            hidden_states=packed,
+            timestep=timesteps.to(noisy.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=condition["pooled_projections"],
+            encoder_hidden_states=text,
+            txt_ids=condition["txt_ids"],
+            img_ids=image_ids,
+            joint_attention_kwargs={"saa": saa, "id_tokens": id_tokens},
+            return_dict=False,
+        )[0]
+        # _unpack_latents takes the pixel size: latent side x the VAE's 8
+        return FluxPipeline._unpack_latents(prediction, height * 8, width * 8, 8)
 
     def objective(self, scheduler: Any) -> Any:
         from dynamicid.models.objectives import FlowMatchingObjective
