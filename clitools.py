@@ -6,6 +6,8 @@
   while parsing, so before anything is loaded or written.
 - Ctrl-C: one line saying how to resume (each command's `interrupted=` text), exit code 130; SIGTERM (`timeout`,
   `docker stop`, systemd, job schedulers) the same, exit code 143.
+- Progress bars (`progress_options()`) redraw in place on a terminal; on a pipe or file each redraw is a line of
+  its own, at most every `PIPED_PROGRESS_INTERVAL` seconds, so a log holds readable lines, not one long line.
 - Anything else is a bug: one line, exit code 1; the traceback only with `--verbose`, which every command
   takes and which also lets the face libraries' native log lines through (`VERBOSE_ENV`).
 
@@ -28,6 +30,31 @@ import click
 
 VERBOSE_ENV = "DYNAMICID_VERBOSE"  # "1": native library logs and tracebacks are shown (inherited by workers)
 INPUT_ERRORS = (ValueError, OSError)  # raised by the work for bad input; anything else is a bug
+
+
+PIPED_PROGRESS_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
+
+
+class LineWriter:
+    """tqdm's redraws (`\\r` + bar + padding) as one line each, for a stderr that is not a terminal."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_options() -> dict[str, Any]:
+    """Keyword arguments for tqdm (and diffusers' `set_progress_bar_config`): none on a terminal."""
+    if sys.stderr.isatty():
+        return {}
+    return {"file": LineWriter(sys.stderr), "mininterval": PIPED_PROGRESS_INTERVAL}
 
 
 def verbose() -> bool:

@@ -45,7 +45,7 @@ def _holder(fd: int) -> str:
 def hold_folder(folder: str | Path, what: str) -> Iterator[None]:
     """Hold `folder`'s lock for the block (creating the folder); `FolderInUse` at once when another process
     holds it. `what` names the folder in the message (`OUT_DIR dataset/`, `--output-dir runs/a`)."""
-    folder = Path(folder).absolute()
+    folder = Path(os.path.realpath(folder))  # one key for every spelling of the folder
     made = not folder.exists()
     if folder in _held:
         fd, depth = _held[folder]
@@ -76,7 +76,7 @@ def hold_folder(folder: str | Path, what: str) -> Iterator[None]:
         else:
             del _held[folder]
             os.ftruncate(fd, 0)  # while still locked: nobody reads a stale holder
-            if made and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # a command that wrote nothing
+            if made and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # nothing written
                 (folder / LOCK_NAME).unlink()
                 folder.rmdir()
             os.close(fd)  # releases the lock

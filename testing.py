@@ -224,6 +224,7 @@ def random_parts(
         keypoint_encoder = KeypointEncoder(cross_attention_dim)
     metadata = CheckpointMetadata(
         base_family=base.family,
+        prediction_type=base.base_family.objective(base.noise_scheduler).name,
         cross_attention_dim=cross_attention_dim,
         lora_rank=lora_rank,
         num_tokens=4,
@@ -314,3 +315,16 @@ def plain_images(
     generator = torch.Generator().manual_seed(seed)
     settings = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": 5.0}
     return pipe(prompt, **settings, generator=generator, output_type="np").images
+
+
+if __name__ == "__main__":  # python -m dynamicid.testing OUT.safetensors [tiny-random|tiny-random-sdxl|...]
+    import sys
+
+    from dynamicid.faces import FaceAnalyzer
+    from dynamicid.models.base import load_base_model
+
+    if len(sys.argv) not in (2, 3) or (sys.argv[2:] and sys.argv[2] not in tiny_names()):
+        sys.exit(f"usage: python -m dynamicid.testing OUT.safetensors [{'|'.join(tiny_names())}]")
+    name = sys.argv[2] if len(sys.argv) == 3 else tiny_names()[0]
+    out = save_random_weights(random_parts(load_base_model(name), FaceAnalyzer("embedded")), sys.argv[1])
+    print(f"wrote {out}: random FAKE DynamicID weights for --base-model {name} (smoke runs; images are noise)")

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dynamicid.curation.report import counts_line
-from dynamicid.curation.write import SHARD_GLOB
 from dynamicid.schemas import EXPRESSIONS
+from dynamicid.schemas.dataset_folder import DATA_DIR, IDENTITIES_FILE, REJECTS_FILE, SHARD_GLOB
 from dynamicid.schemas.labels import POSE_NAMES
 
 ALL = "all"
@@ -42,11 +42,11 @@ class DatasetBrowser:
 
     @classmethod
     def open(cls, folder: Path) -> DatasetBrowser:
-        shards = sorted((folder / "data").glob(SHARD_GLOB))
-        needed = [folder / "identities.parquet", folder / "rejects.parquet"]
+        shards = sorted((folder / DATA_DIR).glob(SHARD_GLOB))
+        needed = [folder / IDENTITIES_FILE, folder / REJECTS_FILE]
         if not shards or not all(p.is_file() for p in needed):
             raise ValueError(
-                f"--dataset {folder}: not a dynamicid-curate output folder (expected data/{SHARD_GLOB}, "
+                f"--dataset {folder}: not a dynamicid-curate output folder (expected {DATA_DIR}/{SHARD_GLOB}, "
                 "identities.parquet and rejects.parquet)"
             )
         frames = []

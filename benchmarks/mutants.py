@@ -21,8 +21,9 @@ The mutants of issue 33 (all surviving the tests before it):
   6. evaluate/face_metrics.py: ID confusion against the least similar other person (id-confused-min).
   7. evaluate/stats.py: 5th/95th percentiles as the 95 % interval (interval-5-95); a paired delta from unpaired
      draws (paired-delta-unpaired).
-  8. train/anchor.py: prediction_type ignored (a v-prediction base trained on the noise). PENDING: the
-     `registry` helper adds prediction_type to training in parallel; its mutant belongs here once that is on main.
+  8. prediction_type (added by the `registry` helper): a v-prediction base trained on the noise
+     (v-target-is-noise, models/objectives.py); the weights always recording epsilon (prediction-type-not-recorded,
+     train/anchor.py); an unknown type accepted (unknown-prediction-type-accepted).
 The two tests the issue found missing, and the overlap rule decided with it:
   imr-targets-any-identity (reconfiguration targets drawn from every identity: the IMR stops keeping identity),
   edit-uses-first-person (every person edited towards the first person's target), overlap-hides-everyone (the
@@ -33,7 +34,7 @@ these are the kinds it named: losses, CLIP input, inference defaults, checkpoint
   anchor-loss-on-latents, id-tokens-before-text, dfm-against-source, ldc-reference-from-prediction,
   clip-last-layer, clip-mean, ddim-steps-30, guidance-7.5, boost-10-steps, single-person-boost,
   horizontal-strips, gate-threshold-0.2, perceiver-scale, landmark-xy-swapped, face-prompt-order,
-  unet-prompt, id-drop-keeps-clip-image, faceid-prefix, timesteps-uniform-half.
+  unet-prompt, id-drop-keeps-clip-image, faceid-prefix, timesteps-lower-half.
 
 Provably equivalent mutants (run to show they survive; a survivor here is not a gap):
   owner-sentinel: the "no owner" value of a query cell, -1 -> -7. `owner` is only compared with `>= 0` and with
@@ -159,6 +160,33 @@ MUTANTS = [
         "deltas = _resampled_means(*arrays[1], rng.permutation(draws)) - _resampled_means(*arrays[0], draws)",
         "tests/test_evaluate_stats.py",
     ),
+    mutant(
+        "v-target-is-noise",
+        "models/objectives.py",
+        'target = noise if self.name == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)',
+        "target = noise",
+        TRAINING,
+        "-k",
+        "objectives_mse",
+    ),
+    mutant(
+        "prediction-type-not-recorded",
+        "train/anchor.py",
+        "prediction_type=base.base_family.objective(base.noise_scheduler).name,",
+        'prediction_type="epsilon",',
+        TRAINING,
+        "-k",
+        "objectives_mse",
+    ),
+    mutant(
+        "unknown-prediction-type-accepted",
+        "models/objectives.py",
+        "if prediction_type not in DDPM_PREDICTION_TYPES:",
+        "if False:",
+        "tests/test_models_objectives.py",
+        "-k",
+        "unknown",
+    ),
     # ---- the missing tests and the overlap rule ----
     mutant(
         "imr-targets-any-identity",
@@ -200,11 +228,11 @@ MUTANTS = [
     mutant(
         "anchor-loss-on-latents",
         "train/anchor.py",
-        'return {"loss": F.mse_loss(model(**inputs).float(), noise.float())}',
+        'return {"loss": F.mse_loss(model(**inputs).float(), target.float())}',
         'return {"loss": F.mse_loss(model(**inputs).float(), inputs["noisy_latents"].float())}',
         TRAINING,
         "-k",
-        "epsilon_mse",
+        "objectives_mse",
     ),
     mutant(
         "id-tokens-before-text",
@@ -213,7 +241,7 @@ MUTANTS = [
         "return torch.cat([id_tokens, text], dim=1)",
         TRAINING,
         "-k",
-        "epsilon_mse",
+        "objectives_mse",
     ),
     mutant(
         "dfm-against-source",
@@ -354,10 +382,10 @@ MUTANTS = [
         "loads_strictly",
     ),
     mutant(
-        "timesteps-uniform-half",
-        "train/noise.py",
-        "timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)",
-        "timesteps = torch.randint(0, scheduler.config.num_train_timesteps // 2, (latents.shape[0],), generator=generator)",
+        "timesteps-lower-half",
+        "models/objectives.py",
+        "timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)",
+        "timesteps = torch.randint(0, steps // 2, (latents.shape[0],), generator=generator)",
         TRAINING,
         "-k",
         "timesteps",
@@ -370,7 +398,7 @@ MUTANTS = [
         "owner = torch.full((cells.shape[1],), -7, dtype=torch.long, device=device)",
         SAA_TESTS,
         "-k",
-        "overlap or inside or box",
+        "overlap or inside",
         equivalent="owner is only compared with >= 0 and with person indices >= 0",
     ),
     mutant(
@@ -442,6 +470,22 @@ def run_pytest(args: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
     return done.returncode, time.perf_counter() - start, re.sub(r"\s+", " ", summary)
 
 
+def baseline_selections(chosen: list[Mutant]) -> list[tuple[str, ...]]:
+    """One pytest run per test file: the union of its mutants' -k expressions (the whole file if one has none)."""
+    expressions: dict[str, set[str] | None] = {}
+    for m in chosen:
+        file, *rest = m.tests
+        known = expressions.setdefault(file, set())
+        if not rest:
+            expressions[file] = None
+        elif known is not None:
+            known.add(rest[1])
+    return [
+        (file, "-k", " or ".join(f"({e})" for e in sorted(ks))) if ks else (file,)
+        for file, ks in sorted(expressions.items())
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="run the mutants whose name contains this text")
@@ -459,8 +503,8 @@ def main() -> int:
     if leftovers:
         print(f"restored originals left by a killed run: {', '.join(leftovers)}")
 
-    selections = sorted({m.tests for m in chosen})
-    print(f"baseline: {len(selections)} test selections unmutated")
+    selections = baseline_selections(chosen)
+    print(f"baseline: the {len(selections)} test files' selections, unmutated")
     for tests in selections:
         status, seconds, summary = run_pytest(tests, args.timeout)
         if status != 0:

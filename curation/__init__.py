@@ -4,8 +4,12 @@
     summary = build_dataset("photos/", "dataset/", per_identity=35)
 
 Steps (each reads the previous table in the work folder and writes its own): scan, detect, identify, dedupe,
-align, label, select, write (`pipeline.py`). The stage classes between scan and write and the contract every
-engine runs them by: `stages.py`; the engines (`--engine local|ray`): `engines/`.
+align, label, select, write, declared once in `chain.py` (each step's command, stage classes, the settings they
+depend on, and `merge`'s role); `pipeline.py` runs them. The stage contract every engine runs: `stages.py`; the
+engines (`--engine local|ray`) and their shared helpers: `engines/`.
+
+To add a stage: its class (`stages.Stage`) in a module of its own, one `StageEntry` in its step in `chain.py`
+(the settings it depends on), and its tests; the pipeline, the command line's options and `merge` follow.
 """
 
 from __future__ import annotations

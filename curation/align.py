@@ -48,8 +48,7 @@ def quality_problem(c: CurationConfig, sharp: float, bright: float) -> str | Non
 
 
 class AlignStage(Stage):
-    name = step = "align"
-    settings = ("crop_size", "min_sharpness", "min_brightness", "max_brightness")
+    name = "align"
     input_columns = ("source_path", "identity", "sha256", "face", "all_kept")
     carry_columns = CARRIED
     pooled = True
@@ -76,7 +75,7 @@ class AlignStage(Stage):
         made = {}  # crops made here of faces in identities `select` keeps whole (stored if they pass below)
 
         def measure(key: str) -> dict:
-            row, crop = align_face(key, *job[key], size)
+            row, crop = align_face(key, *job[key], size, self.config.max_pixels)
             if crop is not None and key in wanted:
                 made[key] = crop
             return row

@@ -12,11 +12,16 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
 
+# A detected face, as the detect stage's table and store hold it (source pixels).
+FACE_BOX = pa.struct(
+    [("bbox", pa.list_(pa.float32(), 4)), ("kps5", pa.list_(pa.float32(), 10)), ("score", pa.float32())]
+)
 # Each row filtered by the one above ("up") and zlib's run-length strategy at level 1: half the CPU of Pillow's
 # adaptive filters with the same zlib settings, for about as many bytes (-3 to +1.5 %); lossless (BENCHMARKS.md).
 CROP_PNG = [
@@ -29,11 +34,11 @@ CROP_PNG = [
 ]
 
 
-def _load(path: str) -> np.ndarray:
+def _load(path: str, max_pixels: int | None) -> np.ndarray:
     """The photo as an (H, W, 3) uint8 RGB array: the face models and warps take it without another copy."""
     from dynamicid.faces import load_array
 
-    return load_array(path)
+    return load_array(path, max_pixels=max_pixels)
 
 
 def load_error(error: Exception) -> tuple[str, str]:
@@ -42,7 +47,13 @@ def load_error(error: Exception) -> tuple[str, str]:
     return str(code), getattr(error, "reason", str(error))
 
 
-def detect_photo(analyzer: Any, key: str, path: str, then: Callable[[dict, np.ndarray], None] | None = None) -> dict:
+def detect_photo(
+    analyzer: Any,
+    key: str,
+    path: str,
+    then: Callable[[dict, np.ndarray], None] | None = None,
+    max_pixels: int | None = None,
+) -> dict:
     """Image size and the faces found (boxes, 5 keypoints, scores), largest first.
 
     `then(row, photo)`, if given, runs on the decoded photo once its faces are found: more work on the same decode.
@@ -51,7 +62,7 @@ def detect_photo(analyzer: Any, key: str, path: str, then: Callable[[dict, np.nd
 
     row: dict[str, Any] = {"key": key, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
     try:
-        image = _load(path)
+        image = _load(path, max_pixels)
     except ImageLoadError as error:
         row["reason"], row["detail"] = load_error(error)
         return row
@@ -80,7 +91,12 @@ def _maybe_float(value: float | None) -> float | None:
 
 
 def describe_photo(
-    face_analyzer: Any, key: str, path: str, detected: list[dict], image: np.ndarray | None = None
+    face_analyzer: Any,
+    key: str,
+    path: str,
+    detected: list[dict],
+    image: np.ndarray | None = None,
+    max_pixels: int | None = None,
 ) -> dict:
     """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness (of `image`, the photo at
     `path` if the caller has it decoded already).
@@ -91,7 +107,7 @@ def describe_photo(
     from dynamicid.faces.align import arcface_align
 
     try:
-        image = _load(path) if image is None else image
+        image = _load(path, max_pixels) if image is None else image
     except ImageLoadError as error:  # the file changed or vanished since `detect`
         return {"key": key, "faces": [], "detail": str(error)}
     faces, failures = [], []
@@ -150,7 +166,9 @@ def _describe_all(face_analyzer: Any, image: np.ndarray, detected: list[dict], f
         return described
 
 
-def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict, Image.Image | None]:
+def align_face(
+    key: str, path: str, kps5: list[float], size: int, max_pixels: int | None = None
+) -> tuple[dict, Image.Image | None]:
     """The FFHQ-style crop's matrix and quality figures, and the crop itself (None when it could not be made).
 
     The row is what the align store keeps; the crop is kept only when its face is sure to be in the dataset
@@ -159,7 +177,7 @@ def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict,
     from dynamicid.faces.align import ffhq_align
 
     try:
-        crop, matrix = ffhq_align(_load(path), np.asarray(kps5, np.float32).reshape(5, 2), size=size)
+        crop, matrix = ffhq_align(_load(path, max_pixels), np.asarray(kps5, np.float32).reshape(5, 2), size=size)
     except Exception as error:  # the file changed since `detect`, or degenerate keypoints
         row = {"key": key, "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
         return row, None
@@ -174,11 +192,11 @@ def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict,
     return row, crop
 
 
-def crop_face(path: str, matrix: list[float], size: int) -> Image.Image:
+def crop_face(path: str, matrix: list[float], size: int, max_pixels: int | None = None) -> Image.Image:
     """The crop `align_face` measured, made again from its matrix (the same pixels: the same warp and padding)."""
     from dynamicid.faces.align import ffhq_crop
 
-    return ffhq_crop(_load(path), np.asarray(matrix, np.float32).reshape(2, 3), size)
+    return ffhq_crop(_load(path, max_pixels), np.asarray(matrix, np.float32).reshape(2, 3), size)
 
 
 def png_bytes(crop: Image.Image) -> bytes:

@@ -9,7 +9,6 @@ settings between runs never reuses results of the other models or settings.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,30 +18,6 @@ from dynamicid.curation.neighbors import cosine_threshold
 from dynamicid.curation.stages import BackendInfo, StageSetupError, digest
 
 _ANALYZERS: dict[BackendInfo, Any] = {}
-
-
-def _package_files(package: str, patterns: tuple[str, ...]) -> list[Path]:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return sorted(p for pattern in patterns for p in root.glob(pattern))
-
-
-def model_files(name: str, root: Path | None) -> list[Path]:
-    """The files whose content decides the backend's results (for the digest; not a loader)."""
-    from dynamicid.faces.model_files import dlib_model, fer_model
-
-    expression = [fer_model()]
-    if name == "insightface":
-        from dynamicid.faces.insightface_backend import find_pack_folder
-
-        return [*sorted(find_pack_folder(root).glob("*.onnx")), *expression]
-    mediapipe = _package_files("mediapipe", ("modules/face_detection/*.tflite", "modules/face_landmark/*.tflite"))
-    dlib = [
-        dlib_model(n) for n in ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
-    ]
-    return [*mediapipe, *dlib, *expression]
 
 
 def files_digest(files: list[Path]) -> str:
@@ -63,9 +38,10 @@ def backend_digest(name: str, analyzer: Any, files: list[Path]) -> str:
 def build_analyzer(name: str, root: str | None) -> Any:
     """A FaceAnalyzer for exactly this backend; a missing or broken model folder is a StageSetupError."""
     from dynamicid.faces import FaceAnalyzer
+    from dynamicid.faces.backends import backend_spec
 
     try:
-        analyzer = FaceAnalyzer(backend=name, **({"insightface_root": root} if root else {}))
+        analyzer = FaceAnalyzer(backend=name, **({backend_spec(name).folder_option: root} if root else {}))
     except Exception as error:  # the backends raise FileNotFoundError, ValueError, ONNX and dlib errors
         where = f" (model folder {root})" if root else ""
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -85,16 +61,14 @@ def resolve_backend(
     returns the analyzer built here.
     `environment`: whose $DYNAMICID_INSIGHTFACE_ROOT counts (default this process's; a Ray worker resolving for
     the driver gets the driver's, since a cluster's workers have their own environment)."""
-    from dynamicid.faces.analyzer import find_insightface_root
+    from dynamicid.faces.backends import resolve
 
-    root = find_insightface_root({}, environment)
-    name = requested
-    if requested == "auto":
-        name = "insightface" if root is not None and root.is_dir() else "embedded"
-    root_text = str(root.absolute()) if name == "insightface" and root is not None else None
+    spec = resolve(requested, {}, environment)[0]
+    name, root = spec.name, None if spec.model_folder is None else spec.model_folder({}, environment)
+    root_text = None if root is None else str(root.absolute())
     analyzer = build_analyzer(name, root_text)
     try:
-        files = model_files(name, Path(root_text) if root_text else None)
+        files = spec.model_files(Path(root_text) if root_text else None)
     except FileNotFoundError as error:
         raise StageSetupError(f"the {name} face backend cannot start: {error}") from error
     info = BackendInfo(

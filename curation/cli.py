@@ -11,8 +11,10 @@ from pathlib import Path
 import click
 
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
+from dynamicid.curation.chain import CHAIN, STEPS, Step
 from dynamicid.curation.config import MIN_CROP_SIZE
 from dynamicid.curation.inputs import CurationError, check_folders, writing
+from dynamicid.faces.backends import BACKEND_CHOICES
 
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -71,7 +73,7 @@ def _parse_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 def _set_insightface_root(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
     if value is not None:  # through the environment, so that worker processes see it too
-        from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
+        from dynamicid.faces.backends import INSIGHTFACE_ROOT_ENV
 
         os.environ[INSIGHTFACE_ROOT_ENV] = str(value.resolve())
 
@@ -97,7 +99,7 @@ def run_options(func):
         ),
         click.option(
             "--face-backend",
-            type=click.Choice(["auto", "embedded", "insightface"]),
+            type=click.Choice(BACKEND_CHOICES),
             default="auto",
             show_default=True,
             help="Face models: embedded (in the wheels), insightface (local pack via $DYNAMICID_INSIGHTFACE_ROOT), auto.",
@@ -146,6 +148,12 @@ def run_options(func):
             "backend's same-person distance threshold).",
         ),
         click.option(
+            "--max-pixels",
+            type=AtLeast(1),
+            help="Photos declaring more pixels than this are rejected as undecodable before they are decoded "
+            "(decompression bombs) [default: 200,000,000: every phone camera's photos].",
+        ),
+        click.option(
             "--follow-links",
             is_flag=True,
             help="Also read symbolic links whose target is outside PHOTOS_DIR (by default they are rejected as "
@@ -181,25 +189,43 @@ def run_options(func):
     return func
 
 
+# The options that set `CurationConfig` fields: option -> its fields (`--shard I/N` sets two).
+CONFIG_OPTIONS: dict[str, tuple[str, ...]] = {
+    **{
+        name: (name,)
+        for name in (
+            "per_identity",
+            "min_per_identity",
+            "face_backend",
+            "workers",
+            "engine",
+            "ray_address",
+            "cluster",
+            "follow_links",
+            "max_pixels",
+            "min_face_size",
+            "crop_size",
+            "max_upscale",
+        )
+    },
+    "shard": ("shard_index", "shard_count"),
+}
+
+
 def _config(kwargs: dict):
     from dynamicid.curation.config import CurationConfig
 
     index, count = kwargs["shard"]
-    return CurationConfig(
-        per_identity=kwargs["per_identity"],
-        min_per_identity=kwargs["min_per_identity"],
-        face_backend=kwargs["face_backend"],
-        workers=kwargs["workers"],
-        engine=kwargs["engine"],
-        ray_address=kwargs["ray_address"],
-        cluster=kwargs["cluster"],
-        follow_links=kwargs["follow_links"],
-        shard_index=index,
-        shard_count=count,
-        min_face_size=kwargs["min_face_size"],
-        crop_size=kwargs["crop_size"],
-        max_upscale=kwargs["max_upscale"],
-    )
+    fields = {name: kwargs[name] for name in CONFIG_OPTIONS if name != "shard"}
+    return CurationConfig(**fields, shard_index=index, shard_count=count)
+
+
+def shown_on(option: str, step: Step) -> bool:
+    """Whether a step's command shows `option`: run-wide options always; a setting only when the step's output
+    depends on it (`curation.chain`). The others are still accepted, as `build` takes them all."""
+    fields = set(CONFIG_OPTIONS.get(option, ()))
+    chain_settings = {s for other in CHAIN for s in other.all_settings}
+    return not fields & chain_settings or bool(fields & set(step.all_settings))
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
@@ -237,7 +263,7 @@ def build(**kwargs) -> None:
         # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
         engine = start_engine(config, progress=kwargs["progress"])
         try:
-            from dynamicid.curation.pipeline import STAGES, open_run, run_stage
+            from dynamicid.curation.pipeline import open_run, run_stage
 
             run = open_run(
                 kwargs["photos_dir"],
@@ -248,25 +274,16 @@ def build(**kwargs) -> None:
                 progress=kwargs["progress"],
                 engine=engine,
             )
-            for stage in STAGES:
-                run_stage(run, stage)
+            for step in STEPS:
+                run_stage(run, step)
         finally:
             engine.close()
     _print_summary(json.loads((run.out_dir / "summary.json").read_text()), kwargs["as_json"])
 
 
-# Options only some stages read (build reads them all).
-OPTION_STAGES = {
-    "per_identity": ("select",),
-    "min_per_identity": ("select",),
-    "cluster": ("scan", "identify"),
-    "follow_links": ("scan",),
-    "crop_size": ("identify", "align"),
-    "max_upscale": ("identify",),
-}
+def _stage_command(step: Step) -> None:
+    stage = step.name
 
-
-def _stage_command(stage: str, help_text: str) -> None:
     @run_options
     @_errors_as_exit_2
     def command(**kwargs) -> None:
@@ -293,25 +310,16 @@ def _stage_command(stage: str, help_text: str) -> None:
         result["stats"] = {k: v.__dict__ for k, v in run.stats.items()}
         click.echo(json.dumps(result, indent=2) if kwargs["as_json"] else f"{stage}: {rows} rows -> {where}")
 
-    command.__doc__ = help_text
+    command.__doc__ = step.help
     for param in command.__click_params__:  # options of other stages stay accepted, but out of this --help
-        param.hidden = stage not in OPTION_STAGES.get(param.name, (stage,))
+        param.hidden = not shown_on(param.name, step)
     main.command(name=stage, epilog=f"\b\nExample:\n  dynamicid-curate {stage} photos/ dataset/", interrupted=RESUME)(
         command
     )
 
 
-for _stage, _help in (
-    ("scan", "Stage 1: list and hash every file (work table scan.parquet)."),
-    ("detect", "Stage 2: decode photos and find faces (needs scan)."),
-    ("identify", "Stage 3: describe faces, keep the folder's person if large enough for the crop (needs detect)."),
-    ("dedupe", "Stage 4: drop identical and near-duplicate pictures (needs identify)."),
-    ("align", "Stage 5: FFHQ-style crop transforms (--crop-size) and quality checks (needs dedupe)."),
-    ("label", "Stage 6: landmarks, pose, expression, prompts in crop coordinates (needs align)."),
-    ("select", "Stage 7: at most --per-identity images per identity (needs label)."),
-    ("write", "Stage 8: crop the kept faces and write the dataset folder (needs select)."),
-):
-    _stage_command(_stage, _help)
+for _step in CHAIN:
+    _stage_command(_step)
 
 
 @main.command(epilog="\b\nExample:\n  dynamicid-curate merge part0/ part1/ dataset/")

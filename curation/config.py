@@ -31,6 +31,7 @@ class CurationConfig:
     # 150x150 crops and faces in group shots (2.2x..4x; no limit kept 180). Relative to crop_size: a 1024 dataset
     # asks for larger faces by itself, and a smaller --crop-size keeps small photos instead.
     max_upscale: float = 2.0
+    max_pixels: int | None = None  # photos declaring more pixels are undecodable (None: faces.io.MAX_PIXELS, 200 M)
     min_face_size: float = 40.0  # faces whose box short side is below this (source pixels) are too_small
     # Keypoints nearer a side border than this many eye distances: the face is cut off. A half face at a photo's
     # edge measured 0.29; tight portrait crops (ORL, LFW) 0.42 and up.

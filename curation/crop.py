@@ -96,8 +96,6 @@ def _decode_png(png: bytes) -> Image.Image:
 
 class CropStage(Stage):
     name = "crop"
-    step = "write"
-    settings = ("thumbnail_size",)  # the crop size comes with each row's crop_key (the size align measured)
     input_columns = CROP_INPUTS
     pooled = True
 
@@ -120,7 +118,8 @@ class CropStage(Stage):
             if key in made or key in new:
                 continue
             try:
-                new[key] = crop_face(self.source(photo["source_path"]), photo["crop_transform"], crop_size_of(key))
+                path = self.source(photo["source_path"])
+                new[key] = crop_face(path, photo["crop_transform"], crop_size_of(key), self.config.max_pixels)
             except Exception as error:  # the photo changed or vanished since `align` measured this crop
                 reason, detail = load_error(error)
                 made[key] = (reason, f"the photo changed or vanished since it was aligned: {detail}")

@@ -52,7 +52,6 @@ class ExactDedupeStage(Stage):
     """Identical bytes anywhere in the run (GLOBAL over paths and hashes): the first path (sorted) stays."""
 
     name = "exact_dedupe"
-    step = "dedupe"
     kind = StageKind.GLOBAL
     carry_columns = CARRIED
 
@@ -85,9 +84,7 @@ class NearDedupeStage(Stage):
     `select` will keep every one that passes `align`, which may then store their crops at once."""
 
     name = "dedupe"
-    step = "dedupe"
     kind = StageKind.GROUP
-    settings = ("phash_max_distance", "dup_embedding_fraction", "per_identity", "min_per_identity")
     input_columns = ("source_path", "identity", "sha256", "face", "detection")
     carry_columns = CARRIED
 

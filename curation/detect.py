@@ -1,7 +1,7 @@
 """Stage `detect`: decode each distinct photo once and find its faces (boxes, 5 keypoints, scores).
 
 The faces it keeps are described right away, on the same decoded photo, into the describe stage's store
-(`identify.DescribeAhead`): the `describe` stage then finds them there (counted as reused in the run's stats) and
+(`describe_store.DescribeAhead`): the `describe` stage then finds them there (counted as reused in the run's stats) and
 decodes only the photos whose detections came from the store.
 """
 
@@ -12,15 +12,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.analysis import detect_photo
+from dynamicid.curation.analysis import FACE_BOX, detect_photo
 from dynamicid.curation.backend import analyzer_for
+from dynamicid.curation.describe_store import DescribeAhead
 from dynamicid.curation.stages import COMPUTED, Stage, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute
 from dynamicid.schemas import RejectReason
 
-FACE_BOX = pa.struct(
-    [("bbox", pa.list_(pa.float32(), 4)), ("kps5", pa.list_(pa.float32(), 10)), ("score", pa.float32())]
-)
 STORE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # the photo's sha256
@@ -57,19 +55,20 @@ def border_margin(face: dict, width: int, height: int) -> float:
 class DetectStage(Stage):
     """Per photo: its size and faces at least `min_face_size` big, or undecodable / no_face / too_small."""
 
-    name = step = "detect"
-    settings = ("min_face_size", "min_border_margin", "max_faces_per_photo")
+    name = "detect"
     uses_models = pooled = True
 
     def output_schema(self) -> pa.Schema:
         return DETECT_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
 
     def _store(self) -> ResultStore:
-        return ResultStore(self.context.work_dir / "stores" / f"detect-{self.context.backend.digest}", STORE_SCHEMA)
+        # A photo refused at one --max-pixels may decode at another: the limit is part of what a result depends on.
+        limit = "" if self.config.max_pixels is None else f"-px{self.config.max_pixels}"
+        return ResultStore(
+            self.context.work_dir / "stores" / f"detect-{self.context.backend.digest}{limit}", STORE_SCHEMA
+        )
 
     def setup(self) -> None:
-        from dynamicid.curation.identify import DescribeAhead  # identify imports this module
-
         self.store = self._store()
         self.analyzer = analyzer_for(self.context.backend)
         self.describe = DescribeAhead(self, self.analyzer)
@@ -87,7 +86,7 @@ class DetectStage(Stage):
             def describe(row: dict, image: np.ndarray) -> None:  # while it is decoded: the faces `describe` gets
                 self.describe.describe(sha256, path_of[sha256], self.verdict(row)["faces"], image)
 
-            return detect_photo(self.analyzer, sha256, path_of[sha256], then=describe)
+            return detect_photo(self.analyzer, sha256, path_of[sha256], describe, self.config.max_pixels)
 
         found, computed = fetch_or_compute(self.store, [p["sha256"] for p in photos], detect)
         self.describe.flush()

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynamicid.curation.write import dataset_files, read_dataset
 from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
+from dynamicid.schemas.dataset_folder import dataset_files, open_dataset
 
 UNSURE_EXAMPLES = 20  # the least confident labels listed by name
 
@@ -69,7 +69,7 @@ def upscale_histogram(out_dir: Path) -> dict[str, int]:
 def inspect_dataset(out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     columns = ["identity", "source_path", "expression", "expression_confidence", "pose_bin"]
-    rows = read_dataset(out_dir, columns).to_pylist()
+    rows = open_dataset(out_dir, columns).to_pylist()
     identities = pq.read_table(out_dir / "identities.parquet").to_pylist()
     rejects = pq.read_table(out_dir / "rejects.parquet").column("reason").to_pylist()
     summary = json.loads((out_dir / "summary.json").read_text())

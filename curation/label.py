@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.identify import describe_store, face_landmarks
+from dynamicid.curation.describe_store import describe_store, face_landmarks
 from dynamicid.curation.size import upscale_factor
 from dynamicid.curation.stages import Stage, photo_schema
 from dynamicid.faces.align import transform_points
@@ -80,7 +80,7 @@ def label_row(photo: dict, matrix: np.ndarray) -> dict:
 class LabelStage(Stage):
     """Labels in crop coordinates (the dense landmarks come back from the describe store), prompt, caption."""
 
-    name = step = "label"
+    name = "label"
     input_columns = (
         "source_path",
         "identity",

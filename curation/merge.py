@@ -20,19 +20,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamicid.curation.card import write_card
+from dynamicid.curation.chain import CHAIN, RERUN, SHARED
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import crop_key, crop_store
 from dynamicid.curation.engines import make_engine
-from dynamicid.curation.engines.local import read_candidates
+from dynamicid.curation.engines.shared import read_candidates
 from dynamicid.curation.inputs import TOOL, CurationError, check_out_dir, mark_out_dir, writing
 from dynamicid.curation.pipeline import Run, run_stage
 from dynamicid.curation.stages import ORDER, BackendInfo
 from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
 
-SHARED_TABLES = ("scan", "detect", "describe", "identify", "size")  # per photo or identity: final in the shards
+SHARED_TABLES = tuple(table for step in CHAIN if step.merge == SHARED for table in step.tables())  # final per shard
 SHARED_STORES = ("describe-*", "align", "crops")  # what the merged steps read: landmarks, crop quality, crops
-MERGED_STEPS = ("dedupe", "align", "label", "select", "write")
+MERGED_STEPS = tuple(step.name for step in CHAIN if step.merge == RERUN)
 PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine", "ray_address")  # may differ by shard
 
 
@@ -150,10 +151,10 @@ def _merge(shard_dirs: list[Path], out_dir: Path, progress: bool) -> dict:
     engine = make_engine("local", workers=config.workers, progress=progress)
     run = Run(Path(photos_dirs[0]), out_dir, work, config, backend, engine, progress)
     try:
-        run_stage(run, "dedupe")
-        _check_crops(run)
-        for step in MERGED_STEPS[1:]:
+        for step in MERGED_STEPS:
             run_stage(run, step)
+            if step == "dedupe":  # the faces it keeps need their crops from the shards' stores
+                _check_crops(run)
     finally:
         engine.close()
 

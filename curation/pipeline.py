@@ -24,21 +24,18 @@ import pyarrow.parquet as pq
 from dynamicid.curation.align import AlignStage
 from dynamicid.curation.allocator import large_buffers_given_back
 from dynamicid.curation.card import write_card
+from dynamicid.curation.chain import CHAIN, STEPS, step_named
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.crop import CropStage
-from dynamicid.curation.dedupe import ExactDedupeStage, NearDedupeStage, resolve_identical_copies
-from dynamicid.curation.detect import DetectStage
+from dynamicid.curation.dedupe import resolve_identical_copies
 from dynamicid.curation.engines import Call, Engine, start_engine
-from dynamicid.curation.engines.local import READ_ROWS, candidate_batches, count_candidates, read_candidates
+from dynamicid.curation.engines.shared import READ_ROWS, candidate_batches, count_candidates, read_candidates
 from dynamicid.curation.grouping import grouping_summary
-from dynamicid.curation.identify import DescribeStage, IdentifyStage
 from dynamicid.curation.inputs import TOOL, CurationError, check_folders, mark_out_dir, writing
-from dynamicid.curation.label import LabelStage, label_schema
+from dynamicid.curation.label import label_schema
 from dynamicid.curation.report import build_report
 from dynamicid.curation.scan import HASH_STORE_SCHEMA, scan
-from dynamicid.curation.select import SelectStage
 from dynamicid.curation.shards import write_shard
-from dynamicid.curation.size import SizeStage
 from dynamicid.curation.stages import BackendInfo, Stage, StageContext, StageSetupError, StageStats
 from dynamicid.curation.store import ResultStore
 from dynamicid.curation.tables import RowReader, WorkDir, digest, read_fingerprint, table_digest, write_parquet
@@ -54,9 +51,8 @@ from dynamicid.curation.write import (
 )
 from dynamicid.schemas import rejects_arrow_schema
 
-STAGES: tuple[str, ...] = ("scan", "detect", "identify", "dedupe", "align", "label", "select", "write")
+STAGES = STEPS  # the steps in order (`curation.chain`)
 WRITE_VERSION = "2"  # bump when the dataset folder's layout or content changes for the same tables
-WRITE_SETTINGS = ("rows_per_file", "rows_per_row_group", "thumbnail_size")
 REJECT_COLUMNS = ["source_path", "identity", "reason", "detail"]
 
 
@@ -68,22 +64,8 @@ def _package_version() -> str:
 
 
 def build_stages(context: StageContext) -> list[Stage]:
-    """The stages between scan and write, in order (see `curation.stages`)."""
-    return [
-        stage(context)
-        for stage in (
-            DetectStage,
-            DescribeStage,
-            IdentifyStage,
-            SizeStage,
-            ExactDedupeStage,
-            NearDedupeStage,
-            AlignStage,
-            LabelStage,
-            SelectStage,
-            CropStage,
-        )
-    ]
+    """The stages between scan and write, in order (`curation.chain`; see `curation.stages`)."""
+    return [entry.load()(context) for step in CHAIN for entry in step.stages]
 
 
 @dataclass
@@ -161,7 +143,7 @@ def run_scan(run: Run) -> int:
         stats.reused += len(table) - hashed
         fingerprint = digest(
             table_digest(table, ("source_path", "identity", "sha256", "reason")),
-            c.fingerprint("cluster", "shard_index", "shard_count"),
+            c.fingerprint(*step_named("scan").settings),
         )
         if not run.work.is_current("scan", fingerprint):
             run.work.write("scan", table, fingerprint)
@@ -300,7 +282,7 @@ def write_outputs(run: Run) -> int:
         "write",
         WRITE_VERSION,
         read_fingerprint(run.work.table_path("crop")) or "",
-        run.config.fingerprint(*WRITE_SETTINGS),
+        run.config.fingerprint(*step_named("write").settings),
     )
     summary_path = run.out_dir / "summary.json"
     if summary_path.exists() and (run.out_dir / "report.html").exists():

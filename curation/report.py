@@ -23,8 +23,8 @@ from PIL import Image
 from dynamicid.curation.engines import Call
 from dynamicid.curation.inspect_dataset import upscale_histogram
 from dynamicid.curation.tables import contiguous_groups
-from dynamicid.curation.write import dataset_files
 from dynamicid.schemas import EXPRESSION_CONFIDENCE_LOW, EXPRESSIONS, POSE_BINS, unsure_expression
+from dynamicid.schemas.dataset_folder import dataset_files
 
 MAX_REJECT_EXAMPLES = 12  # per identity (and for files outside any identity)
 REJECTS_PER_CALL = 16  # rejected photos' thumbnails made per `map_calls` call

@@ -70,7 +70,8 @@ def walk(photos_dir: Path, *, follow_links: bool = False, fenced: Iterable[Path]
     time: memory holds the folders being walked, not the files found.
     """
     root = Path(os.path.realpath(photos_dir))
-    fenced = [Path(os.path.realpath(f)) for f in fenced]
+    # A fenced folder that holds PHOTOS_DIR (the demo's OUT_DIR/.demo-photos) fences only its other contents.
+    fenced = [f for f in map(Path, map(os.path.realpath, fenced)) if f != root and f not in root.parents]
     seen_dirs: set[tuple[int, int]] = set()
 
     def refused(path: Path) -> str | None:
@@ -84,7 +85,7 @@ def walk(photos_dir: Path, *, follow_links: bool = False, fenced: Iterable[Path]
 
     def visit(folder: Path) -> Iterator[ScannedFile]:
         relative = _relative(folder, photos_dir)
-        if why := refused(folder):  # PHOTOS_DIR itself, or OUT_DIR reached by --follow-links
+        if why := refused(folder):  # OUT_DIR or the work folder, reached inside a followed link
             yield ScannedFile(folder, relative, why, RejectReason.OUTSIDE_PHOTOS_DIR)
             return
         try:

@@ -60,9 +60,8 @@ def grid_cells(rows: list[dict]) -> int:
 
 
 class SelectStage(Stage):
-    name = step = "select"
+    name = "select"
     kind = StageKind.GROUP
-    settings = ("per_identity", "min_per_identity")
     carry_columns = ("crop_key", "crop_transform")  # what `crop` needs to make the kept faces' crops
     input_columns = (
         "source_path",

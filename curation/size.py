@@ -51,8 +51,6 @@ class SizeStage(Stage):
     """Per photo (cheap, in the driver): too_small when the chosen face's crop would be enlarged too much."""
 
     name = "size"
-    step = "identify"
-    settings = ("crop_size", "max_upscale")
     input_columns = ("source_path", "identity", "sha256", "face")
     carry_columns = CARRIED
 

@@ -52,7 +52,8 @@ Engines
     and hash PHOTOS_DIR into the first table) and, after the `crop` stage, `write` (stream the kept rows and
     their crops into the dataset shards, rejects, identities, card, report).
 
-The chain (`pipeline.build_stages(context)` returns it in order; table = <work>/<name>.parquet)
+The chain (declared in `curation.chain`; `pipeline.build_stages(context)` returns it in order; table =
+<work>/<name>.parquet)
     scan (driver) -> detect MAP (models) -> describe MAP (models) -> identify GROUP (GLOBAL with --cluster)
     -> size MAP -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crop transforms and quality) -> label MAP
     -> select GROUP -> crop MAP (the kept faces' crops into the crop store) -> write (driver)
@@ -73,6 +74,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dynamicid.curation.chain import entry_of
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.tables import digest
 
@@ -107,17 +109,13 @@ class Resources:
 class BackendInfo:
     """The face backend as resolved once in the driver; workers build exactly this one."""
 
-    name: str  # "embedded" or "insightface" (never "auto")
-    root: str | None  # the insightface model folder, resolved to an absolute path
+    name: str  # a name of `dynamicid.faces.backends.BACKENDS` (never "auto")
+    root: str | None  # its model folder (insightface's pack), resolved to an absolute path
     digest: str  # of the backend name and its model files (names, sizes, mtimes): a changed model = new results
     embedding_model: str
     same_person_threshold: float  # in the backend's own distance (for messages)
     same_person_cos: float  # the backend's same-person threshold as a cosine similarity (unit embeddings)
     duplicate_cos: float  # near-duplicate threshold (dup_embedding_fraction of the same-person distance)
-
-    def options(self) -> dict[str, str]:
-        """Keyword options for `FaceAnalyzer` that pin this resolution (no `auto`, no environment lookup)."""
-        return {"insightface_root": self.root} if self.root else {}
 
 
 @dataclass(frozen=True)
@@ -138,10 +136,8 @@ class Stage:
     """Base class of every curation stage (see the module docstring for the contract)."""
 
     name: ClassVar[str]  # unique; also the work table's file name (<work>/<name>.parquet)
-    step: ClassVar[str]  # the user-facing stage it belongs to
     kind: StageKind = StageKind.MAP  # an instance attribute may override it (identify: GROUP or GLOBAL)
     version: ClassVar[str] = "1"  # bump when the stage's output changes for the same inputs
-    settings: ClassVar[tuple[str, ...]] = ()  # CurationConfig fields its result depends on
     input_columns: ClassVar[tuple[str, ...]] = ("source_path", "identity", "sha256")
     # Columns of the input table that the engine copies into the output next to process()'s own columns
     # (process() never needs to see them; for GLOBAL stages this is how large columns skip the global step).
@@ -153,6 +149,16 @@ class Stage:
     def __init__(self, context: StageContext):
         self.context = context
         self.config = context.config
+
+    @property
+    def step(self) -> str:
+        """The user-facing step it belongs to (`curation.chain`)."""
+        return entry_of(type(self))[0].name
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The `CurationConfig` fields its output depends on (`curation.chain`): part of its fingerprint."""
+        return entry_of(type(self))[1].settings
 
     @property
     def resources(self) -> Resources:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dynamicid.curation.select import grid_cells
 from dynamicid.schemas import (
@@ -24,9 +23,9 @@ from dynamicid.schemas import (
     dataset_arrow_schema,
     identities_arrow_schema,
 )
+from dynamicid.schemas.dataset_folder import DATA_DIR, SHARD_GLOB, shard_name
 
 CLASS_NAMES = {"expression": list(EXPRESSIONS), "pose_bin": [p.name for p in POSE_BINS]}  # ClassLabel names
-SHARD_GLOB = "train-*-of-*.parquet"
 SHARD_COMPRESSION = "zstd"  # of the shards' columns other than the images (see tables.parquet_options)
 TALLY_COLUMNS = ["identity", "embedding", "embedding_model", "expression", "pose_bin"]  # what IdentityTally reads
 
@@ -62,12 +61,12 @@ def with_images(rows: pa.Table, pngs: pa.Array) -> pa.Table:
 def shard_names(total_rows: int, rows_per_file: int) -> list[str]:
     """data/train-XXXXX-of-YYYYY.parquet for `total_rows` rows, `rows_per_file` a file (one file for no rows)."""
     count = max(1, math.ceil(total_rows / rows_per_file))
-    return [f"data/train-{index:05d}-of-{count:05d}.parquet" for index in range(count)]
+    return [shard_name(index, count) for index in range(count)]
 
 
 def clear_shards(out_dir: Path) -> None:
     """Remove an earlier run's shards (their count may differ) before new ones are written."""
-    data = out_dir / "data"
+    data = out_dir / DATA_DIR
     data.mkdir(parents=True, exist_ok=True)
     for old in data.glob(SHARD_GLOB):
         old.unlink()
@@ -123,20 +122,8 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def dataset_files(out_dir: Path) -> list[Path]:
-    files = sorted((out_dir / "data").glob(SHARD_GLOB))
-    if not files:
-        raise FileNotFoundError(f"{out_dir} holds no data/{SHARD_GLOB}: is it a dynamicid-curate output folder?")
-    return files
-
-
-def read_dataset(out_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a written dataset folder (only `columns`, when given: leave the images out), in file order."""
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in dataset_files(out_dir)])
-
-
 def data_bytes(out_dir: Path) -> int:
-    return sum(f.stat().st_size for f in (out_dir / "data").glob(SHARD_GLOB))
+    return sum(f.stat().st_size for f in (out_dir / DATA_DIR).glob(SHARD_GLOB))
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:

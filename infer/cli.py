@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from dynamicid.clitools import AtLeast, InputError, ToolGroup, quiet_libraries
+from dynamicid.clitools import AtLeast, InputError, ToolGroup, progress_options, quiet_libraries
 from dynamicid.infer.flags import (
     KEEP,
     load_options,
@@ -99,6 +99,7 @@ def generate(**options: Any) -> None:
     model = load_options(options)
     clock = time.perf_counter()
     pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(**progress_options())  # a line per update when stderr is not a terminal
     load_seconds = round(time.perf_counter() - clock, 4)
     generated = run(pipe, request)
     generated.sidecar["timings"] = {"load": load_seconds, **generated.sidecar["timings"]}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dynamicid.clitools import AtLeast, InputError
+from dynamicid.faces.backends import BACKEND_CHOICES
 from dynamicid.infer.generate import (
     DTYPES,
     OFFLOAD_MODES,
@@ -23,6 +24,7 @@ from dynamicid.models.families import tiny_names
 if TYPE_CHECKING:
     from dynamicid.infer.people import Person
 
+OFFLOAD_HELP = "Keep models in CPU memory and move each to --device when used (model), or layer by layer (sequential)."
 KEEP = "keep"  # --expression/--pose value (and the app's choice) that keeps the reference's own label
 RELEASE_FLAGS = ("saa", "imr", "keypoint_encoder")
 # Flags that are `GenerateRequest` fields of the same name.
@@ -55,21 +57,13 @@ model_options = option_group(
         "--keypoint-encoder", type=click.Path(path_type=Path), help="Release keypoint-encoder .bin (with --saa)."
     ),
     click.option("--image-encoder", help="CLIP vision model folder (default: BASE/image_encoder)."),
-    click.option(
-        "--face-backend", type=click.Choice(["auto", "embedded", "insightface"]), default="auto", show_default=True
-    ),
+    click.option("--face-backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True),
     click.option("--insightface-root", type=click.Path(path_type=Path), help="Local insightface model pack folder."),
     click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present)."),
     click.option(
         "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="The models' compute dtype."
     ),
-    click.option(
-        "--offload",
-        type=click.Choice(OFFLOAD_MODES),
-        default="none",
-        show_default=True,
-        help="Keep models in CPU memory and move each to --device when used (model), or layer by layer (sequential).",
-    ),
+    click.option("--offload", type=click.Choice(OFFLOAD_MODES), default="none", show_default=True, help=OFFLOAD_HELP),
     click.option(
         "--weights-dtype",
         type=click.Choice(list(WEIGHTS_DTYPES)),

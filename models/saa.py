@@ -218,7 +218,9 @@ class SAAProcessor(nn.Module):
         if self.is_cross_attention:
             self.activation_map = self.id_attention_probs = None
         if id_states is not None and (call.id_scale != 0 or call.return_activation_maps):
-            hidden_states = self._add_id_branch(attn, query, id_states, call, hidden_states)
+            hidden_states = self.add_id_branch(
+                query, id_states, call, hidden_states, heads=attn.heads, scale=attn.scale
+            )
         hidden_states = rearrange(hidden_states, "b h n d -> b n (h d)").to(query.dtype)
 
         hidden_states = self.to_out_lora.adapt(attn.to_out[0], hidden_states)
@@ -287,17 +289,28 @@ class SAAProcessor(nn.Module):
         text, ids = encoder_hidden_states[:, :-num_id_tokens], encoder_hidden_states[:, -num_id_tokens:]
         return text.contiguous(), ids.contiguous()
 
-    def _add_id_branch(
-        self, attn: nn.Module, query: torch.Tensor, id_states: torch.Tensor, call: SAACall, text: torch.Tensor
+    def add_id_branch(
+        self,
+        query: torch.Tensor,
+        id_states: torch.Tensor,
+        call: SAACall,
+        text: torch.Tensor,
+        *,
+        heads: int,
+        scale: float,
     ) -> torch.Tensor:
         """text + id_scale * gate * O_id (b, heads, Q, d): the LoRA-adapted queries attend to the ID tokens only.
+
+        Public for front ends that run the text branch with their own attention (the ComfyUI pack): `query` and
+        `text` (b, heads, Q, d), `id_states` (b, N_id, C), `heads` and `scale` (head_dim^-0.5) of the layer.
+        Without gradients the result is written over `query`.
 
         Logits are kept as (b, heads, N_id, Q), one small matmul per batch element on the queries as they are
         laid out (no copy); a softmax over that short leading axis is far faster on CPU than over a last axis
         of 4 or 8 entries.
         """
-        key = rearrange(self.to_k_ip(id_states) * attn.scale, "b n (h d) -> b h n d", h=attn.heads)
-        value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=attn.heads)
+        key = rearrange(self.to_k_ip(id_states) * scale, "b n (h d) -> b h n d", h=heads)
+        value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=heads)
         logits = torch.stack([torch.bmm(k, q.transpose(1, 2)) for k, q in zip(key, query, strict=True)]).float()
 
         gate = None

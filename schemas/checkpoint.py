@@ -32,6 +32,9 @@ class CheckpointMetadata:
     format_version: int = CHECKPOINT_FORMAT_VERSION
     parts: list[str] = field(default_factory=list)  # subset of PART_PREFIXES
     base_family: str = "sd15"  # a name in dynamicid.models.families.FAMILIES
+    # What the SAA UNet was trained to predict (dynamicid.models.objectives.PREDICTION_TYPES); files written
+    # before it was recorded were all trained with epsilon.
+    prediction_type: str = "epsilon"
     cross_attention_dim: int = 768
     lora_rank: int = 128
     num_tokens: int = 4

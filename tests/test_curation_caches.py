@@ -76,10 +76,11 @@ def test_rerun_after_the_auto_backend_resolves_elsewhere_equals_a_fresh_run(reus
 
 def test_the_cache_key_changes_with_the_detection_settings():
     """Detections and descriptions are stored under the backend's digest: other detection settings, other key."""
-    from dynamicid.curation.backend import backend_digest, model_files
+    from dynamicid.curation.backend import backend_digest
     from dynamicid.faces import FaceAnalyzer
+    from dynamicid.faces.backends import BACKENDS
 
-    files = model_files("embedded", None)
+    files = BACKENDS["embedded"].model_files(None)
     default = backend_digest("embedded", FaceAnalyzer("embedded"), files)
     assert backend_digest("embedded", FaceAnalyzer("embedded"), files) == default
     for option in ({"min_score": 0.6}, {"nms_iou": 0.5}, {"upscale_below": 500}, {"same_person_threshold": 0.4}):

@@ -57,8 +57,9 @@ def test_detect_describes_the_photos_it_decodes_as_the_describe_stage_would(iden
 
     from dynamicid.curation.analysis import describe_photo
     from dynamicid.curation.config import CurationConfig
+    from dynamicid.curation.describe_store import STORE_SCHEMA, describe_key, describe_store
     from dynamicid.curation.detect import DetectStage
-    from dynamicid.curation.identify import STORE_SCHEMA, DescribeStage, describe_key, describe_store
+    from dynamicid.curation.identify import DescribeStage
     from dynamicid.curation.pipeline import open_run, run_stage
     from dynamicid.curation.stages import COMPUTED
 
@@ -95,7 +96,8 @@ def test_the_arrow_readers_return_the_stored_descriptions(identity_photos, share
     import pyarrow.parquet as pq
 
     from dynamicid.curation.config import CurationConfig
-    from dynamicid.curation.identify import DescribeStage, describe_store, face_landmarks, face_summaries
+    from dynamicid.curation.describe_store import describe_store, face_landmarks, face_summaries
+    from dynamicid.curation.identify import DescribeStage
     from dynamicid.curation.pipeline import open_run, run_stage
 
     photos = identity_photos("obama")

@@ -19,7 +19,7 @@ from dynamicid.testing import random_parts, save_random_weights
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BASES = ("tiny-random", "tiny-random-sdxl")
-FLOAT8_MEAN_TOLERANCE = 8.0
+FLOAT8_MEAN_TOLERANCE = 4.0  # measured 2.06 (tiny-random) and 2.04 (tiny-random-sdxl), 2 steps
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from dynamicid.train.anchor import AnchorObjective, train_anchor
 from dynamicid.train.cache_tokens import cache_tokens
 from dynamicid.train.config import AnchorConfig, ReconfigureConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, load_curated
-from dynamicid.train.noise import noised
 from dynamicid.train.reconfigure import train_reconfigure
 from dynamicid.train.runner import read_metrics
 
@@ -398,15 +397,20 @@ def test_anchoring_runs_drop_the_conditions_the_config_names(dataset_dir, tmp_pa
             assert not torch.allclose(text[i], empty, atol=1e-3)
 
 
-# ---- anchoring: the epsilon objective ----
+# ---- anchoring: the epsilon and v-prediction objectives ----
 
 
-def test_anchoring_loss_is_the_epsilon_mse_with_text_then_id_tokens(dataset_dir, tmp_path):
-    """One anchoring step: the UNet sees [caption text ; face-encoder tokens] and the loss is MSE(prediction, noise)
-    with the noise recovered from x_t = sqrt(a_t) z + sqrt(1 - a_t) noise (SD 1.5's schedule, computed here)."""
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_anchoring_loss_is_the_objectives_mse_with_text_then_id_tokens(dataset_dir, tmp_path, prediction_type):
+    """One anchoring step: the UNet sees [caption text ; face-encoder tokens] and the loss is MSE(prediction,
+    target), the noise recovered from x_t = sqrt(a_t) z + sqrt(1 - a_t) noise (SD 1.5's schedule, computed here);
+    target: the noise (epsilon) or sqrt(a_t) noise - sqrt(1 - a_t) z (a base whose scheduler says v_prediction).
+    The weights record the prediction type."""
     import datasets
+    from diffusers import DDPMScheduler
 
     base = load_base_model("tiny-random")
+    base.noise_scheduler = DDPMScheduler.from_config(base.noise_scheduler.config, prediction_type=prediction_type)
     with torch.no_grad():  # a FAKE VAE whose posterior has std ~3e-7: z is its mean, which a hook sees
         base.vae.quant_conv.weight[4:] = 0
         base.vae.quant_conv.bias[4:] = -30
@@ -445,10 +449,12 @@ def test_anchoring_loss_is_the_epsilon_mse_with_text_then_id_tokens(dataset_dir,
 
     alpha = oracles.sd15_alphas_cumprod()[timesteps].view(-1, 1, 1, 1)
     noise = (noisy.double() - alpha.sqrt() * z.double()) / (1 - alpha).sqrt()
-    expected = ((prediction.double() - noise) ** 2).mean()
+    target = noise if prediction_type == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * z.double()
+    expected = ((prediction.double() - target) ** 2).mean()
     logged = next(row for row in read_metrics(config.output_dir) if "loss" in row)["loss"]
     assert logged == pytest.approx(float(expected), rel=1e-4)
     assert 0.5 < float(noise.std()) < 1.5, "the recovered noise is standard normal"
+    assert load_dynamicid(Path(config.output_dir) / "weights.safetensors").metadata.prediction_type == prediction_type
 
 
 def test_timesteps_are_uniform_over_the_training_schedule():
@@ -456,7 +462,8 @@ def test_timesteps_are_uniform_over_the_training_schedule():
     gets its binomial share of 20,000 draws, and x_t = sqrt(a_t) z + sqrt(1 - a_t) noise with a_t computed here."""
     base = load_base_model("tiny-random")
     latents = torch.randn(20000, 4, 1, 1, generator=torch.Generator().manual_seed(0))
-    noisy, noise, timesteps = noised(base, latents, torch.Generator().manual_seed(1))
+    drawn = base.base_family.objective(base.noise_scheduler).noised(latents, torch.Generator().manual_seed(1))
+    noisy, noise, timesteps = drawn.noisy, drawn.noise, drawn.timesteps
     assert int(timesteps.min()) == 0 and int(timesteps.max()) == 999
     lo, hi = oracles.binomial_interval(len(timesteps), 0.1)
     counts = torch.bincount(timesteps // 100, minlength=10)

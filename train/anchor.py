@@ -1,7 +1,8 @@
-"""Anchoring: train SAA + the face encoder on single-person images with the epsilon (diffusion) MSE.
+"""Anchoring: train SAA + the face encoder on single-person images with the base family's diffusion MSE.
 
 Everything else is frozen (UNet base weights, VAE, text encoder, CLIP image encoder). Gating is on with one box
-covering the image; per sample the text, the ID, or both are dropped (METHOD.md "Training"). The UNet's
+covering the image; per sample the text, the ID, or both are dropped (METHOD.md "Training"). The target is the
+base's objective's (`dynamicid.models.objectives`: the noise, v, or flow matching's noise - x0). The UNet's
 conditioning comes from `dynamicid.models.conditioning` (as at inference) and the run from
 `dynamicid.train.runner.run_stage`: this file says what is trained, the batch -> loss function and what is saved.
 """
@@ -27,24 +28,25 @@ from dynamicid.models import (
 )
 from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family, read_safetensors
-from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, encoder_states
-from dynamicid.models.families import detect_family
+from dynamicid.models.conditioning import TRAINING_SAA, Conditioner
+from dynamicid.models.families import denoiser_family, detect_family
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
-from dynamicid.train.noise import noised, vae_latents
+from dynamicid.train.noise import vae_latents
 from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, one_writer, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
 
 class AnchorModel(nn.Module):
-    """Face encoder -> ID tokens appended to the text states -> the SAA UNet's noise prediction."""
+    """Face encoder -> ID tokens beside the text states -> the SAA denoiser's prediction (`family.denoise`)."""
 
     def __init__(self, unet: nn.Module, face_encoder: FaceEncoder):
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # the family's denoiser (saved as the `unet` part: its SAA processors)
         self.face_encoder = face_encoder
+        self.family = denoiser_family(unet)
 
     def forward(
         self,
@@ -55,14 +57,10 @@ class AnchorModel(nn.Module):
         clip_embeds: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        states = encoder_states(text, self.face_encoder(id_embeds, clip_embeds))
-        return self.unet(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=states,
-            added_cond_kwargs=added_cond_kwargs,
-            cross_attention_kwargs={"saa": TRAINING_SAA},
-        ).sample
+        id_tokens = self.face_encoder(id_embeds, clip_embeds)
+        return self.family.denoise(
+            self.unet, noisy_latents, timesteps, text, id_tokens, added_cond_kwargs, TRAINING_SAA
+        )
 
 
 @dataclass
@@ -132,6 +130,7 @@ def check_init_metadata(init: StartingWeights, config: AnchorConfig, id_dim: int
 def anchor_metadata(base: BaseModel, config: AnchorConfig, id_model: str, id_dim: int, source: str):
     return CheckpointMetadata(
         base_family=base.family,
+        prediction_type=base.base_family.objective(base.noise_scheduler).name,
         cross_attention_dim=base.cross_attention_dim,
         lora_rank=config.lora_rank,
         num_tokens=config.num_tokens,
@@ -143,7 +142,8 @@ def anchor_metadata(base: BaseModel, config: AnchorConfig, id_model: str, id_dim
 
 
 class AnchorObjective:
-    """A batch -> the epsilon MSE of the SAA UNet conditioned on [caption ; face tokens].
+    """A batch -> the MSE between the SAA UNet's prediction, conditioned on [caption ; face tokens], and the base's
+    objective's target (the noise for epsilon, v for v_prediction).
 
     In training, per sample the text (-> the empty prompt), the ID (-> the unconditional face) or both are dropped
     with the probabilities `drops` = (text only, ID only, both).
@@ -151,17 +151,17 @@ class AnchorObjective:
 
     def __init__(self, base: BaseModel, dtype: torch.dtype, drops: tuple[float, float, float] = (0.0, 0.0, 0.0)):
         self.base, self.dtype, self.drops = base, dtype, drops
+        self.objective = base.base_family.objective(base.noise_scheduler)
         self.conditioner = Conditioner.from_parts(base)
         self.empty_ids = self.conditioner.token_ids([""])
 
     def inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool) -> dict[str, Any]:
-        """Noisy latents, noise, timesteps and the (in training partly dropped) conditions of one batch."""
-        latents = vae_latents(self.base, batch["pixel_values"], generator)
-        noisy, noise, timesteps = noised(self.base, latents, generator)
+        """Noisy latents, the target, timesteps and the (in training partly dropped) conditions of one batch."""
+        noised = self.objective.noised(vae_latents(self.base, batch["pixel_values"], generator), generator)
         input_ids, keep_id = batch["input_ids"], None
         if training and sum(self.drops) > 0:
             drop_text_p, drop_id_p, drop_both_p = self.drops
-            draw = torch.rand(latents.shape[0], generator=generator)
+            draw = torch.rand(len(input_ids), generator=generator)
             only_text = draw < drop_text_p
             only_id = (draw >= drop_text_p) & (draw < drop_text_p + drop_id_p)
             both = (draw >= drop_text_p + drop_id_p) & (draw < drop_text_p + drop_id_p + drop_both_p)
@@ -174,9 +174,9 @@ class AnchorObjective:
         size = tuple(batch["pixel_values"].shape[-2:])
         text, added_cond_kwargs = self.conditioner.text_condition(input_ids, size)
         return {
-            "noisy_latents": noisy,
-            "noise": noise,
-            "timesteps": timesteps,
+            "noisy_latents": noised.noisy,
+            "target": noised.target,
+            "timesteps": noised.timesteps,
             "text": text.to(self.dtype),
             "id_embeds": id_embeds,
             "clip_embeds": clip_embeds,
@@ -187,8 +187,8 @@ class AnchorObjective:
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool
     ) -> dict[str, torch.Tensor]:
         inputs = self.inputs(batch, generator, training)
-        noise = inputs.pop("noise")
-        return {"loss": F.mse_loss(model(**inputs).float(), noise.float())}
+        target = inputs.pop("target")
+        return {"loss": F.mse_loss(model(**inputs).float(), target.float())}
 
 
 @one_writer
@@ -207,7 +207,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 
     # 2. Accelerator and models (frozen base; SAA and face encoder trained).
     accelerator, dtype, base = start_stage(config, base)
-    unet = base.unet
+    unet = base.denoiser
     if init is not None and "saa" in init.parts:
         init.loader.load_saa_into(unet)
         rank = next(iter(unet.attn_processors.values())).rank

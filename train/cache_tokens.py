@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dynamicid.clitools import progress_options
 from dynamicid.models import load_dynamicid
 from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import check_base_family, read_safetensors, write_safetensors
@@ -77,7 +78,9 @@ def cache_tokens(
     face_encoder = weights.build_face_encoder().to(device).eval()
     conditioner = Conditioner.from_parts(base)
     tokens = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="cache-tokens", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(rows), batch_size), desc="cache-tokens", unit="batch", disable=not progress, **progress_options()
+    ):
         batch = rows.select(range(start, min(start + batch_size, len(rows))))
         clip = torch.stack([clip_tensor(decode_image(r["image"]), r["kps5"]) for r in batch])
         embeds = torch.tensor(list(batch["embedding"]), dtype=torch.float32, device=device)

@@ -78,7 +78,7 @@ class TrainConfig:
 
 @dataclass
 class AnchorConfig(TrainConfig):
-    """Anchoring: SAA + face encoder on single-person images, epsilon MSE; all else frozen."""
+    """Anchoring: SAA + face encoder on single-person images, the base objective's MSE; all else frozen."""
 
     lora_rank: int = knob(128, "LoRA rank of the SAA processors", 1)
     num_tokens: int = knob(4, "face tokens per person", 1)

@@ -12,7 +12,6 @@ does the same from the reference photo and its detected keypoints.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from dynamicid.faces.align import arcface_align, render_landmark_map
 from dynamicid.models.base import CLIP_IMAGE_SIZE
+from dynamicid.schemas.dataset_folder import dataset_files
 
 ANCHOR_COLUMNS = ("image", "kps5", "embedding", "embedding_model", "caption")
 TOKEN_CACHE_COLUMNS = ("identity", "source_sha256", "image", "kps5", "embedding", "embedding_model")
@@ -39,15 +39,12 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist (make it with `dynamicid-curate build`)")
-    shards = sorted(folder.glob("data/*.parquet"))
-    if not shards:
-        raise ValueError(
-            f"--dataset {folder} is not a dynamicid-curate output folder (it has no data/*.parquet); "
-            f"make one with `dynamicid-curate build PHOTOS_DIR OUT_DIR`"
-        )
-    check_shards_complete(folder, shards)
+    try:
+        shards = dataset_files(folder)
+    except (FileNotFoundError, ValueError) as error:  # no shards, or one of them missing
+        raise ValueError(f"--dataset {error}") from None
     if sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards) == 0:
-        raise ValueError(f"dataset {folder} is empty: no rows in data/*.parquet (did curation keep any photo?)")
+        raise ValueError(f"dataset {folder} is empty: no rows in its shards (did curation keep any photo?)")
     dataset = datasets.load_dataset(str(folder), split="train")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
@@ -59,24 +56,6 @@ def load_curated(path: str | Path, columns: tuple[str, ...]) -> Any:
     if "image" in columns:  # decoded here with OpenCV, faster than PIL for the PNG crops
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
     return dataset
-
-
-def check_shards_complete(folder: Path, shards: list[Path]) -> None:
-    """The `train-XXXXX-of-YYYYY.parquet` files curation wrote are all there (a deleted or renamed one would
-    otherwise surface as datasets' NonMatchingSplitsSizesError)."""
-    names = {shard.name for shard in shards}
-    counts = {int(m.group(1)) for name in names if (m := re.fullmatch(r"train-\d{5}-of-(\d{5})\.parquet", name))}
-    for count in counts:
-        missing = [
-            f"train-{i:05d}-of-{count:05d}.parquet"
-            for i in range(count)
-            if f"train-{i:05d}-of-{count:05d}.parquet" not in names
-        ]
-        if missing:
-            raise ValueError(
-                f"--dataset {folder}: data/{missing[0]} is missing ({len(missing)} of {count} files); restore it "
-                "or curate the dataset again"
-            )
 
 
 def embedding_info(dataset: Any, folder: str | Path) -> tuple[str, int]:

@@ -24,14 +24,14 @@ from dynamicid.infer import Person
 from dynamicid.models import IMR, KeypointEncoder, load_dynamicid
 from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family
-from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, encoder_states, landmark_vectors
+from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, landmark_vectors
 from dynamicid.models.families import detect_family
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.cache_tokens import file_digest, read_tokens
 from dynamicid.train.config import ReconfigureConfig
 from dynamicid.train.data import RECONFIGURE_COLUMNS, IdentitySamples, collate_identities, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
-from dynamicid.train.noise import noised, vae_latents
+from dynamicid.train.noise import vae_latents
 from dynamicid.train.runner import Stage, cast_frozen, check_output_dir, one_writer, run_stage, start_stage
 from dynamicid.train.validation import row_reference, sample_image, training_pipeline
 
@@ -59,6 +59,7 @@ class ReconfigureObjective:
 
     def __init__(self, base: BaseModel, config: ReconfigureConfig, dtype: torch.dtype):
         self.base, self.config, self.dtype = base, config, dtype
+        self.objective = base.base_family.objective(base.noise_scheduler)  # LDC's noisy latents and timesteps
         self.conditioner = Conditioner.from_parts(base)
         text, self.added_cond_kwargs = self.conditioner.text_condition(
             self.conditioner.token_ids([RECONFIGURE_UNET_PROMPT]), (config.resolution, config.resolution)
@@ -89,16 +90,15 @@ class ReconfigureObjective:
         dfm = F.mse_loss(predicted.float(), targets.float())
 
         pixels = torch.cat([item["pixel_values"] for item in items])
-        noisy, _, timesteps = noised(self.base, vae_latents(self.base, pixels, generator), generator)
+        noised = self.objective.noised(vae_latents(self.base, pixels, generator), generator)
+        noisy, timesteps = noised.noisy, noised.timesteps
         text = self.unet_text.expand(len(targets), -1, -1)
-        unet = self.base.unet
-        kwargs = {"added_cond_kwargs": self.added_cond_kwargs, "cross_attention_kwargs": {"saa": TRAINING_SAA}}
+        family, denoiser = self.base.base_family, self.base.denoiser
+        inputs = (noisy, timesteps, text)
         with torch.no_grad():
-            states = encoder_states(text, targets.to(self.dtype))
-            reference = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
-        states = encoder_states(text, predicted.to(self.dtype))
-        prediction = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
-        ldc = F.mse_loss(prediction.sample.float(), reference.sample.float())
+            reference = family.denoise(denoiser, *inputs, targets.to(self.dtype), self.added_cond_kwargs, TRAINING_SAA)
+        prediction = family.denoise(denoiser, *inputs, predicted.to(self.dtype), self.added_cond_kwargs, TRAINING_SAA)
+        ldc = F.mse_loss(prediction.float(), reference.float())
         total = self.config.dfm_weight * dfm + self.config.ldc_weight * ldc
         return {"loss": total, "dfm": dfm, "ldc": ldc}
 
@@ -122,10 +122,16 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
 
     # 2. Accelerator and models (UNet, SAA and face encoder frozen; IMR and keypoint encoder trained).
     accelerator, dtype, base = start_stage(config, base)
-    anchor.load_saa_into(base.unet)
-    base.unet.requires_grad_(False)
+    objective = base.base_family.objective(base.noise_scheduler).name
+    if anchor.metadata.prediction_type != objective:
+        raise ValueError(
+            f"--anchor {config.anchor} was trained with prediction_type {anchor.metadata.prediction_type!r} but "
+            f"the base model's scheduler says {objective!r}; anchor and reconfigure on the same base model"
+        )
+    anchor.load_saa_into(base.denoiser)
+    base.denoiser.requires_grad_(False)
     if config.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.denoiser.enable_gradient_checkpointing()
     md = anchor.metadata
     imr = IMR(
         dim=config.imr_dim,

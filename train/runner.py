@@ -281,8 +281,11 @@ class Progress:
     def __init__(self, accelerator: Any, config: TrainConfig, stage: str, step: int):
         from tqdm import tqdm
 
+        from dynamicid.clitools import progress_options
+
         self.main = accelerator.is_local_main_process
-        self.bar = tqdm(total=config.max_steps, initial=step, desc=stage, disable=not (self.main and config.progress))
+        disable = not (self.main and config.progress)
+        self.bar = tqdm(total=config.max_steps, initial=step, desc=stage, disable=disable, **progress_options())
 
     def update(self, values: dict[str, float]) -> None:
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
@@ -378,7 +381,7 @@ def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch
 
 def cast_frozen(base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32."""
-    for module in (base.unet, base.vae, base.text_encoder, base.image_encoder):
+    for module in base.modules():  # every frozen part, SDXL's second text encoder included
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     for p in trainable_parameters(model):
         p.data = p.data.float()

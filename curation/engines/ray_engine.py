@@ -44,8 +44,8 @@ except ImportError as missing:
     raise EngineUnavailable(
         f"--engine ray needs Ray Data ({missing}): pip install 'dynamicid[ray]' (or the pinned requirements/lock.txt)"
     ) from None
-from dynamicid.curation.engines.local import (
-    LocalEngine,
+from dynamicid.curation.engines.local import LocalEngine
+from dynamicid.curation.engines.shared import (
     count_candidates,
     one_backend,
     output_layout,
@@ -184,7 +184,7 @@ class RayEngine:
         for the model steps (as a local pool worker does); the driver builds none."""
         import ray
 
-        from dynamicid.faces.analyzer import INSIGHTFACE_ROOT_ENV
+        from dynamicid.faces.backends import INSIGHTFACE_ROOT_ENV
 
         if self._backend_request is None:
             raise RuntimeError("call start_backend before resolved_backend")

@@ -1,0 +1,293 @@
+"""The ComfyUI node pack (`comfyui/`) on the real ComfyUI engine (../shared/vendor), started once for this module.
+
+- One UNet call: the MODEL patched by the pack equals the project's diffusers UNet with SAA (same base weights,
+  latents, timestep, text and face tokens) within 1e-4, for SD 1.5 and SDXL layouts; the input MODEL gives the
+  same output bit for bit after the patched one ran.
+- Workflows through ComfyUI's executor: the shipped examples (one and two people) validate and run to an image
+  on a tiny FAKE checkpoint with real photos; bad input stops at the node with one line, and the next prompt runs.
+
+The models are tiny and random (FAKE): the images are noise; the tests check the math and the plumbing.
+"""
+
+import copy
+import dataclasses
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from comfyui_engine import PACK, TINY_CLIP, comfy_unet_state_dict, start, tiny_unet
+from safetensors.torch import save_file
+
+from dynamicid.infer.weights import DynamicIDModules
+from dynamicid.models import SAACall, load_dynamicid, load_release_checkpoint
+from dynamicid.testing import build_tiny_random, random_parts, save_random_weights, save_release_layout
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TWO_BOXES = ((0.1, 0.1, 0.5, 0.4), (0.1, 0.6, 0.5, 0.9))
+SIGMAS = torch.tensor([14.6, 9.0, 5.0, 2.5, 1.0, 0.0])  # a sampler's schedule: the boost is set by the step
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    engine = start(tmp_path_factory.mktemp("comfyui"))
+    yield engine
+    engine.close()
+
+
+def build_weights(family: str, folder, embedding_dim: int = 128):
+    """Random DynamicID weights (our format) for the tiny `family` UNet with ComfyUI's norm groups; returns the
+    diffusers UNet carrying them (SAA installed), its base weights before SAA, and the weights file."""
+    base = build_tiny_random("tiny-random" if family == "sd15" else "tiny-random-sdxl")
+    base = dataclasses.replace(base, denoiser=tiny_unet(family))
+    plain = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    analyzer = SimpleNamespace(embedding_dim=embedding_dim, embedding_model="dlib-resnet-128")
+    parts = random_parts(base, analyzer)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # ID projections unlike the layers' own to_k / to_v
+        torch.manual_seed(1)
+        for name, module in base.unet.attn_processors.items():
+            if name.endswith("attn2.processor"):
+                module.to_k_ip.weight.add_(torch.randn_like(module.to_k_ip.weight) * 0.1)
+                module.to_v_ip.weight.add_(torch.randn_like(module.to_v_ip.weight) * 0.1)
+    path = save_random_weights(parts, folder / f"tiny-{family}.safetensors")
+    return SimpleNamespace(unet=base.unet, plain=plain, path=path, parts=parts, base=base)
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd15-release"])
+def unet_pair(request, engine, tmp_path_factory):
+    """(the diffusers UNet with SAA, the ComfyUI MODEL of the same base weights, the pack's SAA processors), the
+    weights read from our file, or from the release's layout (SAA index-keyed in attn_processors order)."""
+    family, _, layout = request.param.partition("-")
+    made = build_weights(family, tmp_path_factory.mktemp(family))
+    plain_unet = tiny_unet(family)
+    plain_unet.load_state_dict(made.plain)
+    model = engine.sd.load_diffusion_model_state_dict(comfy_unet_state_dict(engine, plain_unet))
+    identity = engine.pack_module("identity")
+    modules = DynamicIDModules(made.parts.face_encoder, None, None, "dlib-resnet-128")
+    weights = load_dynamicid(made.path)
+    if layout == "release":
+        weights = load_release_checkpoint(save_release_layout(made.parts, made.path.parent / "release")["saa"])
+    parts = identity.DynamicIDParts(weights, modules, None, None, made.path.name)
+    return SimpleNamespace(family=family, unet=made.unet, model=model, processors=parts.processors(model))
+
+
+def unet_inputs(family: str, width: int, num_ids: int, cfg: bool, latent=(8, 8)):
+    generator = torch.Generator().manual_seed(3)
+    batch = 2 if cfg else 1
+    inputs = SimpleNamespace(
+        x=torch.randn(batch, 4, *latent, generator=generator),
+        t=torch.tensor([500.0] * batch),
+        text=torch.randn(batch, 77, width, generator=generator),
+        cond=torch.randn(1, 4 * num_ids, width, generator=generator),
+        uncond=torch.randn(1, 4 * num_ids, width, generator=generator),
+        added=None,
+        y=None,
+    )
+    if family == "sdxl":
+        pooled = torch.randn(batch, 32, generator=generator)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch)
+        inputs.added = {"text_embeds": pooled, "time_ids": time_ids}
+    return inputs
+
+
+def diffusers_output(unet, inputs, call: SAACall, cfg: bool) -> torch.Tensor:
+    ids = torch.cat([inputs.uncond, inputs.cond]) if cfg else inputs.cond
+    states = torch.cat([inputs.text, ids], dim=1)
+    with torch.no_grad():
+        return unet(
+            inputs.x, inputs.t, states, added_cond_kwargs=inputs.added, cross_attention_kwargs={"saa": call}
+        ).sample
+
+
+def comfy_output(engine, model, inputs, options: dict) -> torch.Tensor:
+    """One call of the MODEL's UNet as a sampler makes it, with its weight patches applied by ComfyUI."""
+    engine.model_management.load_models_gpu([model])
+    transformer_options = {**copy.copy(model.model_options["transformer_options"]), **options}
+    with torch.no_grad():
+        return model.model.diffusion_model(
+            inputs.x, timesteps=inputs.t, context=inputs.text, y=inputs.y, transformer_options=transformer_options
+        )
+
+
+CASES = {
+    "one-person": ({"num_ids": 1}, False, None),
+    "two-boxes-boost": ({"num_ids": 2, "boxes": TWO_BOXES}, True, 0),
+    "two-boxes-after-boost": ({"num_ids": 2, "boxes": TWO_BOXES}, True, 3),
+    "two-strips-gating-off": ({"num_ids": 2, "gating": False}, True, 0),
+    "two-boxes-wide": ({"num_ids": 2, "boxes": TWO_BOXES, "id_scale": 0.7}, True, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_patched_model_equals_diffusers_saa(engine, unet_pair, case):
+    layout, cfg, step = CASES[case]
+    family, unet = unet_pair.family, unet_pair.unet
+    latent = (8, 16) if case == "two-boxes-wide" else (8, 8)
+    width = int(unet.config.cross_attention_dim)
+    inputs = unet_inputs(family, width, layout["num_ids"], cfg, latent)
+    if inputs.added is not None:  # SDXL: ComfyUI's `y` is the pooled text and the size ids' embeddings side by side
+        time = unet.add_time_proj(inputs.added["time_ids"].flatten()).reshape(len(inputs.x), -1)
+        inputs.y = torch.cat([inputs.added["text_embeds"], time], dim=-1)
+    boost, boost_steps = (2.0, 2) if step is not None else (0.0, 0)
+    settings = SAACall(**layout)
+    image_size = (latent[0] * 8, latent[1] * 8)
+    reference_call = dataclasses.replace(
+        settings, image_size=image_size, boost=boost if step is not None and step < boost_steps else 0.0
+    )
+    options = {"cond_or_uncond": [1, 0] if cfg else [0]}
+    if step is not None:
+        options |= {"sample_sigmas": SIGMAS, "sigmas": SIGMAS[step : step + 1].expand(len(inputs.x))}
+
+    model_patch = engine.pack_module("model_patch")
+    faces = model_patch.Faces(inputs.cond, inputs.uncond)
+    before = comfy_output(engine, unet_pair.model, inputs, options)
+    patched = model_patch.patch_model(unet_pair.model, unet_pair.processors, faces, settings, boost, boost_steps)
+    got = comfy_output(engine, patched, inputs, options)
+    after = comfy_output(engine, unet_pair.model, inputs, options)
+    expected = diffusers_output(unet, inputs, reference_call, cfg)
+
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - before).abs().max().item() > 1e-3  # SAA changed the output: the comparison is not vacuous
+    assert torch.equal(before, after)
+    assert "patches_replace" not in unet_pair.model.model_options["transformer_options"]
+    assert not unet_pair.model.patches
+
+
+def test_every_cross_attention_layer_is_patched(engine, unet_pair):
+    """Every attn2 module of the MODEL has a replace patch under the key its transformer block looks up."""
+    model_patch = engine.pack_module("model_patch")
+    faces = model_patch.Faces(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1))
+    patched = model_patch.patch_model(unet_pair.model, unet_pair.processors, faces, SAACall(), 0.0, 0)
+    keys = set(patched.model_options["transformer_options"]["patches_replace"]["attn2"])
+    walked = []
+    for name, _ in unet_pair.model.model.diffusion_model.named_modules():
+        if name.endswith(".attn2"):
+            kind, block, *_ = name.split(".")
+            index = int(name.split("transformer_blocks.")[1].split(".")[0])
+            walked.append(({"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[kind],
+                           0 if kind == "middle_block" else int(block), index))  # fmt: skip
+    assert keys == set(walked)
+    assert len(patched.patches) == 4 * len(unet_pair.processors)
+
+
+# ---- workflows through ComfyUI's executor ----
+
+
+@pytest.fixture(scope="module")
+def workflow_files(engine, shared_faces, tmp_path_factory):
+    """A tiny SD 1.5 checkpoint (UNet, CLIP, TAESD-style VAE: ComfyUI's own small decoder), DynamicID weights for
+    it and for a tiny SDXL, the CLIP image encoder folder, and reference photos in ComfyUI's input folder."""
+    from comfy.taesd.taesd import TAESD
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dynamicid.faces import FaceAnalyzer
+
+    models = engine.base / "models"
+    analyzer = FaceAnalyzer("embedded")
+    sd15 = build_weights("sd15", models / "dynamicid", analyzer.embedding_dim)
+    build_weights("sdxl", models / "dynamicid", analyzer.embedding_dim)
+    sd15.base.image_encoder.save_pretrained(models / "dynamicid" / "image_encoder")
+
+    plain_unet = tiny_unet("sd15")
+    plain_unet.load_state_dict(sd15.plain)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        config = {k: v for k, v in TINY_CLIP.items() if k != "hidden_act"}
+        text = CLIPTextModel(CLIPTextConfig(**config, hidden_act="quick_gelu"))
+        vae = TAESD(latent_channels=4)
+        with torch.no_grad():  # small weights and a mid-grey bias: as built, it decodes to inf or NaN
+            for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)):
+                torch.nn.init.normal_(conv.weight, std=0.05)
+                if conv.bias is not None:
+                    conv.bias.zero_()
+            vae.taesd_decoder[-1].bias.fill_(0.5)
+    checkpoint = {f"model.diffusion_model.{k}": v for k, v in comfy_unet_state_dict(engine, plain_unet).items()}
+    checkpoint |= {f"cond_stage_model.transformer.{k}": v.contiguous() for k, v in text.state_dict().items()}
+    checkpoint |= {f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}
+    save_file(checkpoint, str(models / "checkpoints" / "tiny-sd15.safetensors"))
+
+    identities = shared_faces / "identities"
+    for name, source in {
+        "obama.jpg": identities / "obama" / "obama.jpg",
+        "biden.jpg": identities / "biden" / "biden.jpg",
+        "dog.jpg": shared_faces / "no_face" / "dog.jpg",
+    }.items():
+        shutil.copy(source, engine.base / "input" / name)
+    return engine.base
+
+
+def example(name: str, **changes) -> dict:
+    """A shipped example workflow on the tiny models: 64x64, 2 steps; `changes` set node inputs {node: {k: v}}."""
+    workflow = json.loads((PACK / "workflows" / name).read_text())
+    for node in workflow.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = "tiny-sd15.safetensors"
+        elif kind == "LoadDynamicID":
+            inputs |= {"weights": "tiny-sd15.safetensors", "image_encoder": "dynamicid/image_encoder"}
+            inputs["face_backend"] = "embedded"
+        elif kind == "LoadImage":
+            inputs["image"] = "obama.jpg" if inputs["image"] == "person1.png" else "biden.jpg"
+        elif kind == "EmptyLatentImage":
+            inputs |= {"width": 64, "height": 64}
+        elif kind == "KSampler":
+            inputs["steps"] = 2
+    for node, values in changes.items():
+        workflow[node]["inputs"] |= values
+    return workflow
+
+
+def saved_image(engine, outputs: dict) -> np.ndarray:
+    from PIL import Image
+
+    images = outputs["22"]["images"]
+    assert len(images) == 1
+    return np.asarray(Image.open(engine.base / "output" / images[0]["subfolder"] / images[0]["filename"]))
+
+
+@pytest.mark.parametrize("name", ["dynamicid_one_person.json", "dynamicid_two_people.json"])
+def test_example_workflows_validate_and_run(engine, workflow_files, name):
+    valid, error, outputs = engine.run(engine.executor(), example(name))
+    assert valid, error
+    assert error is None, error
+    image = saved_image(engine, outputs)
+    assert image.shape == (64, 64, 3)
+    assert image.std() > 1  # an image, not a constant
+    people = [n for n in example(name).values() if n["class_type"] == "DynamicIDPerson"]
+    person_previews = [outputs[k]["images"] for k, n in example(name).items() if n["class_type"] == "DynamicIDPerson"]
+    assert len(person_previews) == len(people) and all(len(p) == 1 for p in person_previews)
+
+
+def test_patched_workflow_differs_from_plain_model(engine, workflow_files):
+    """The two-person image with id_scale 0 (LoRA only) differs from the full SAA one: the faces reach the UNet."""
+    executor = engine.executor()
+    _, error, with_ids = engine.run(executor, example("dynamicid_two_people.json"))
+    assert error is None, error
+    first = saved_image(engine, with_ids).astype(int)
+    _, error, without = engine.run(executor, example("dynamicid_two_people.json", **{"6": {"id_scale": 0.0}}))
+    assert error is None, error
+    assert np.abs(first - saved_image(engine, without).astype(int)).max() > 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "node", "message"),
+    [
+        ({"12": {"image": "dog.jpg"}}, "13", "no face found in reference image"),
+        ({"2": {"weights": "tiny-sdxl.safetensors"}}, "6", "holds weights made for SDXL"),
+        ({"5": {"boxes": "0.1,0.1,0.5,0.4\n0.1,0.6,0.5,0.9\n0.6,0.1,0.9,0.9"}}, "6", "3 boxes for 2 people"),
+    ],
+    ids=["no-face", "other-family", "more-boxes-than-people"],
+)
+def test_bad_input_is_a_one_line_node_error_and_the_queue_goes_on(engine, workflow_files, changes, node, message):
+    executor = engine.executor()
+    valid, error, _ = engine.run(executor, example("dynamicid_two_people.json", **changes))
+    assert valid
+    assert error is not None and error["node_id"] == node
+    assert message in error["exception_message"]
+    assert "\n" not in error["exception_message"].strip()
+    _, error, outputs = engine.run(executor, example("dynamicid_two_people.json"))
+    assert error is None, error
+    assert saved_image(engine, outputs).shape == (64, 64, 3)
