@@ -117,6 +117,9 @@ class DynamicIDMixin:
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012 (diffusers)
     # Components DynamicID cannot generate without are required; only these may be None.
     _optional_components = ["safety_checker", "feature_extractor"]  # noqa: RUF012 (diffusers' convention)
+    # The face encoder, IMR and keypoint encoder are called directly, not through the component's forward, which
+    # model offloading hooks: the component stays on the execution device (its SAA part moves with the UNet).
+    _exclude_from_cpu_offload = ["safety_checker", "id_adapter"]  # noqa: RUF012 (diffusers' convention)
 
     # ---- construction ----
 
