@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from dynamicid.models.base import load_base_model
+from dynamicid.models.conditioning import Conditioner
 from dynamicid.models.families import (
     FAMILIES,
     denoiser_family,
@@ -33,6 +34,8 @@ def test_tiny_names_pick_their_family_and_build_it():
         assert base.components()[denoiser] is base.denoiser
         if denoiser == "unet":
             assert base.unet is base.denoiser
+        conditioner = {"sd15": "Conditioner", "sdxl": "SDXLConditioner", "flux": "FluxConditioner"}[family]
+        assert type(Conditioner.from_parts(base)).__name__ == conditioner  # found through base.denoiser
 
 
 def _index(folder, class_name, **components):

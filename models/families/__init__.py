@@ -57,7 +57,7 @@ def denoiser_family(denoiser: Any) -> BaseFamily:
 
 def parts_family(parts: Any) -> BaseFamily:
     """The family of anything that holds a base's parts as attributes (a `BaseModel`, a pipeline)."""
-    for name in dict.fromkeys(family.denoiser_name for family in FAMILIES.values()):
+    for name in dict.fromkeys(("denoiser", *(family.denoiser_name for family in FAMILIES.values()))):
         denoiser = getattr(parts, name, None)
         if denoiser is not None:
             return denoiser_family(denoiser)
