@@ -10,6 +10,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from scipy import stats
 
 from dynamicid.models.base import load_base_model
+from dynamicid.models.conditioning import Conditioner
 from dynamicid.models.families import FAMILIES
 from dynamicid.models.objectives import FlowMatchingObjective
 from dynamicid.schemas import CheckpointMetadata
@@ -106,3 +107,25 @@ def test_flow_matching_takes_the_schedulers_shift_unless_it_shifts_by_resolution
     assert FlowMatchingObjective.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0)).shift == 3.0
     dynamic = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)  # FLUX.1-dev's config
     assert FlowMatchingObjective.from_scheduler(dynamic).shift == 1.0
+
+
+def test_flux_anchoring_inputs_are_flow_matching_over_shifted_and_scaled_latents():
+    """tiny-random-flux: x0 = (VAE posterior sample - shift_factor) * scaling_factor, written out here; the
+    objective's noisy latents and target satisfy noisy = x0 + sigma * target (x = (1 - sigma) x0 + sigma noise,
+    target noise - x0) with sigma = timesteps / 1000, and the noise they imply is standard normal."""
+    base = load_base_model("tiny-random-flux")
+    assert base.vae.config.shift_factor and base.vae.config.latent_channels == 16
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    batch = {"pixel_values": pixels, "input_ids": Conditioner.from_parts(base).token_ids(["a photo", "a face"])}
+    batch |= {"clip_pixel_values": torch.zeros(2, 3, 224, 224, dtype=torch.uint8), "id_embeds": torch.randn(2, 128)}
+    inputs = AnchorObjective(base, torch.float32).inputs(batch, torch.Generator().manual_seed(9), training=False)
+
+    with torch.no_grad():
+        posterior = base.vae.encode(pixels.float() / 127.5 - 1).latent_dist
+    draw = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(9))
+    config = base.vae.config
+    x0 = (posterior.mean + posterior.std * draw - config.shift_factor) * config.scaling_factor
+    sigma = (inputs["timesteps"] / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(inputs["noisy_latents"] - sigma * inputs["target"], x0, rtol=1e-4, atol=1e-4)
+    noise = inputs["target"] + x0
+    assert 0.5 < float(noise.std()) < 1.5 and abs(float(noise.mean())) < 0.3
