@@ -8,6 +8,9 @@
   a projection) whose states are concatenated, a UNet with SDXL's block layout (no attention in the first block,
   several transformer layers per attention block, linear projections) that also takes the pooled text and the
   size ids (`added_cond_kwargs`).
+- `build_tiny_random_flux()` (`tiny-random-flux`): a base with FLUX.1-dev's structure: a
+  Flux transformer with double- and single-stream blocks and guidance embeds, CLIP (pooled) and T5 text towers
+  with tokenizers built in code, a 16-channel VAE, the flow-matching scheduler.
 - `random_parts(base, analyzer)`: DynamicID modules (SAA in the base's UNet, face encoder, IMR, keypoint
   encoder) with the widths of a base and a face backend; `save_random_weights` / `save_release_layout` /
   `save_ip_adapter_faceid` write them in our format, the release's `.bin` layout, or IP-Adapter FaceID-PlusV2's
@@ -28,8 +31,9 @@ from torch import nn
 
 from dynamicid.models import IMR, FaceEncoder, KeypointEncoder, saa_processors
 from dynamicid.models.base import CLIP_IMAGE_SIZE, BaseModel
-from dynamicid.models.checkpoints import save_dynamicid
+from dynamicid.models.checkpoints import identity_processors, save_dynamicid
 from dynamicid.models.families import FAMILIES, tiny_names
+from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH
 from dynamicid.schemas import CheckpointMetadata
 
 # ---- tiny bases ----
@@ -98,7 +102,7 @@ def _tiny_text_encoder(tokenizer: Any, with_projection: bool) -> nn.Module:
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _tiny_vae() -> nn.Module:
+def _tiny_vae(**overrides: Any) -> nn.Module:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -107,10 +111,10 @@ def _tiny_vae() -> nn.Module:
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
-        latent_channels=4,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=64,
+        **({"latent_channels": 4} | overrides),
     )
 
 
@@ -174,12 +178,91 @@ def tiny_unet_base(
     )
 
 
+def build_tiny_t5_tokenizer() -> Any:
+    """A T5 tokenizer (Unigram, as T5's) over single characters, built in code: no downloaded files."""
+    from transformers import T5Tokenizer
+
+    pieces = ["▁", *(chr(c) for c in range(ord("!"), ord("~") + 1))]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((p, -1.0) for p in pieces)]
+    vocab += [("▁" + p, -1.5) for p in pieces[1:]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) -> BaseModel:
+    """The tiny-random-flux FAKE: FLUX.1-dev's structure (double- and single-stream blocks, guidance embeds,
+    CLIP pooled + T5 text, 16-channel VAE with shift/scaling factors, flow-matching scheduler with dynamic
+    shifting) at tiny widths; seeded, global RNG untouched."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            in_channels=64,  # 16 latent channels packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TINY_TEXT_WIDTH,
+            pooled_projection_dim=TINY_TEXT_WIDTH,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = _tiny_vae(
+            latent_channels=16,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = _tiny_text_encoder(tokenizer, with_projection=False)
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=TINY_TEXT_WIDTH,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+            )
+        )
+        image_encoder = _tiny_image_encoder() if with_image_encoder else None
+    # FLUX.1-dev's scheduler config.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    base = BaseModel(
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        image_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        name=FLUX.tiny_name,
+    )
+    for module in base.modules():
+        module.requires_grad_(False).eval()  # frozen, as load_base_model leaves every base (T5 has dropout)
+    return base
+
+
 # ---- random DynamicID weights ----
 
 
 @dataclass
 class RandomParts:
-    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors."""
+    """Randomly initialised DynamicID modules; SAA lives in `unet`'s processors (the base's denoiser)."""
 
     face_encoder: FaceEncoder
     unet: nn.Module
@@ -191,19 +274,19 @@ class RandomParts:
 def random_parts(
     base: BaseModel, analyzer: Any, *, lora_rank: int = 4, imr_dim: int = 64, seed: int = 0
 ) -> RandomParts:
-    """Install SAA on `base.unet` (LoRA `up` weights random, not zero, so the LoRA path is exercised) and build
+    """Install SAA on `base.unet` (a Flux base: its transformer; LoRA `up` weights random, not zero, so the LoRA path is exercised) and build
     the rest with the widths of `base` (pooled text, CLIP, cross-attention) and of `analyzer`'s ID embedding
     (a `dynamicid.faces.FaceAnalyzer`).
 
     The IMR uses 64-wide heads, as the release's files imply, so these parts also round-trip through the
     release layout.
     """
-    unet, clip_dim, cross_attention_dim = base.unet, base.clip_dim, base.cross_attention_dim
+    unet, clip_dim, cross_attention_dim = base.denoiser, base.clip_dim, base.cross_attention_dim
     id_embed_dim, id_embed_model = analyzer.embedding_dim, analyzer.embedding_model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base.base_family.install_identity_attention(unet, rank=lora_rank, num_tokens=4)
-        for processor in saa_processors(unet).values():
+        for processor in identity_processors(unet).values():
             for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
                 nn.init.normal_(lora.up.weight, std=0.02)
         face_encoder = FaceEncoder(

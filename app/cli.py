@@ -50,7 +50,8 @@ def main(**options: Any) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine unless --share
     # Uploads go to a folder of this app's own (under $GRADIO_TEMP_DIR or the system's temporary folder), removed
     # when it stops: on Ctrl-C and on SIGTERM alike. Set before Gradio is imported, which reads it then.
-    uploads = Path(tempfile.mkdtemp(prefix="dynamicid-app-uploads-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+    parent = os.environ.get("GRADIO_TEMP_DIR")
+    uploads = Path(tempfile.mkdtemp(prefix="dynamicid-app-uploads-", dir=parent))
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     try:
         with sigterm_as_interrupt():
@@ -64,6 +65,11 @@ def main(**options: Any) -> None:
             launch(demo, options["host"], options["port"], options["share"], output_dir, options["max_upload_mb"])
     finally:
         shutil.rmtree(uploads, ignore_errors=True)
+        # A second run in this process (tests, a notebook) must not make its folder inside the removed one.
+        if parent is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = parent
 
 
 def build(options: dict[str, Any]) -> tuple[Any, Path]:

@@ -217,7 +217,9 @@ def patch_model(
     layers = attention_layers(model, list(processors))
     patched = model.clone()
     dtype = model.model.get_dtype()
-    patched.add_patches(lora_patches(processors, layers), 1.0)
+    loras = lora_patches(processors, layers)
+    if len(patched.add_patches(loras, 1.0)) != len(loras):
+        raise ValueError("some DynamicID LoRA weights name no weight of this MODEL; the weights fit another UNet")
     for name, processor in processors.items():
         if processor.is_cross_attention:
             patch = SAAPatch(processor.to(dtype=dtype), faces, layout, boost, boost_steps)

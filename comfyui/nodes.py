@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import folder_paths
+import torch
 from comfy_api.latest import ComfyExtension, io, ui
 from PIL import ImageDraw
 
@@ -202,9 +203,11 @@ class ApplyDynamicID(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, dynamicid: DynamicIDParts, face_1, face_2=None, face_3=None, face_4=None, layout=None,
-                id_scale=1.0, gating=True, boost=-1.0, boost_steps=-1) -> io.NodeOutput:  # fmt: skip
-        people: list[PersonTokens] = [f for f in (face_1, face_2, face_3, face_4) if f is not None]
+    def execute(cls, model, dynamicid: DynamicIDParts, face_1, layout=None, id_scale=1.0, gating=True, boost=-1.0,
+                boost_steps=-1, **more_faces) -> io.NodeOutput:  # fmt: skip
+        """face_2 .. face_4 arrive in `more_faces` when connected."""
+        optional = [more_faces.get(f"face_{i}") for i in range(2, MAX_PEOPLE + 1)]
+        people: list[PersonTokens] = [face_1, *(face for face in optional if face is not None)]
         if layout is not None and len(layout) != len(people):
             raise ValueError(f"the layout has {len(layout)} boxes for {len(people)} people: give one box per person")
         default_boost, default_steps = RELEASE_BOOST["several" if len(people) > 1 else "one"]
@@ -218,9 +221,7 @@ class ApplyDynamicID(io.ComfyNode):
         return io.NodeOutput(patch_model(model, processors, faces, settings, boost, boost_steps))
 
 
-def _tokens(per_person: list, parts: DynamicIDParts):
-    import torch
-
+def _tokens(per_person: list[torch.Tensor], parts: DynamicIDParts) -> torch.Tensor:
     width = parts.modules.face_encoder.cross_attention_dim
     if any(t.shape[-1] != width for t in per_person):
         raise ValueError("a face was encoded with other DynamicID weights: connect the same Load DynamicID node")

@@ -75,7 +75,7 @@ class AlignStage(Stage):
         made = {}  # crops made here of faces in identities `select` keeps whole (stored if they pass below)
 
         def measure(key: str) -> dict:
-            row, crop = align_face(key, *job[key], size)
+            row, crop = align_face(key, *job[key], size, self.config.max_pixels)
             if crop is not None and key in wanted:
                 made[key] = crop
             return row

@@ -7,6 +7,7 @@ Results are plain dicts in the layout of the stages' result stores. Each worker 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from PIL import Image
 
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
+
+LOG = logging.getLogger(__name__)
+_SAID: set[str] = set()  # the batch failures this process has already reported (said once)
 
 # A detected face, as the detect stage's table and store hold it (source pixels).
 FACE_BOX = pa.struct(
@@ -34,11 +38,11 @@ CROP_PNG = [
 ]
 
 
-def _load(path: str) -> np.ndarray:
+def _load(path: str, max_pixels: int | None) -> np.ndarray:
     """The photo as an (H, W, 3) uint8 RGB array: the face models and warps take it without another copy."""
     from dynamicid.faces import load_array
 
-    return load_array(path)
+    return load_array(path, max_pixels=max_pixels)
 
 
 def load_error(error: Exception) -> tuple[str, str]:
@@ -47,7 +51,13 @@ def load_error(error: Exception) -> tuple[str, str]:
     return str(code), getattr(error, "reason", str(error))
 
 
-def detect_photo(analyzer: Any, key: str, path: str, then: Callable[[dict, np.ndarray], None] | None = None) -> dict:
+def detect_photo(
+    analyzer: Any,
+    key: str,
+    path: str,
+    then: Callable[[dict, np.ndarray], None] | None = None,
+    max_pixels: int | None = None,
+) -> dict:
     """Image size and the faces found (boxes, 5 keypoints, scores), largest first.
 
     `then(row, photo)`, if given, runs on the decoded photo once its faces are found: more work on the same decode.
@@ -56,7 +66,7 @@ def detect_photo(analyzer: Any, key: str, path: str, then: Callable[[dict, np.nd
 
     row: dict[str, Any] = {"key": key, "width": 0, "height": 0, "faces": [], "reason": None, "detail": None}
     try:
-        image = _load(path)
+        image = _load(path, max_pixels)
     except ImageLoadError as error:
         row["reason"], row["detail"] = load_error(error)
         return row
@@ -85,22 +95,50 @@ def _maybe_float(value: float | None) -> float | None:
 
 
 def describe_photo(
-    face_analyzer: Any, key: str, path: str, detected: list[dict], image: np.ndarray | None = None
+    face_analyzer: Any,
+    key: str,
+    path: str,
+    detected: list[dict],
+    image: np.ndarray | None = None,
+    max_pixels: int | None = None,
 ) -> dict:
-    """Per detected face: embedding, landmarks, pose, expression, crop hash, sharpness (of `image`, the photo at
-    `path` if the caller has it decoded already).
+    """`describe_photos` of one photo (`image`: the photo at `path` if the caller has it decoded already)."""
+    return describe_photos(face_analyzer, [(key, path, detected, image)], max_pixels)[0]
 
-    A face the models fail on is left out (and named in `detail`); the others still count.
+
+def describe_photos(
+    face_analyzer: Any, jobs: list[tuple[str, str, list[dict], np.ndarray | None]], max_pixels: int | None = None
+) -> list[dict]:
+    """Per job (key, path, detected faces, the photo decoded or None, then loaded within `max_pixels`): per
+    detected face, its embedding,
+    landmarks, pose, expression, crop hash and sharpness. The photos' faces go through the face models as one
+    batch (`FaceAnalyzer.describe_batch`: one ResNet / ArcFace batch, what a GPU wants).
+
+    A photo that cannot be loaded gets no faces (its error in `detail`); a face the models fail on is left out
+    (and named in `detail`); the others still count.
     """
     from dynamicid.faces import ImageLoadError
+
+    images: dict[int, np.ndarray] = {}
+    results: list[dict | None] = []
+    for index, (key, path, _, image) in enumerate(jobs):
+        try:
+            images[index] = _load(path, max_pixels) if image is None else image
+            results.append(None)
+        except ImageLoadError as error:  # the file changed or vanished since `detect`
+            results.append({"key": key, "faces": [], "detail": str(error)})
+    failures: dict[int, list[str]] = {index: [] for index in images}
+    described = _describe_all(face_analyzer, images, {i: jobs[i][2] for i in images}, failures)
+    for index, faces in described.items():
+        results[index] = _face_rows(face_analyzer, jobs[index][0], images[index], faces, failures[index])
+    return results
+
+
+def _face_rows(face_analyzer: Any, key: str, image: np.ndarray, described: list[Any], failures: list[str]) -> dict:
     from dynamicid.faces.align import arcface_align
 
-    try:
-        image = _load(path) if image is None else image
-    except ImageLoadError as error:  # the file changed or vanished since `detect`
-        return {"key": key, "faces": [], "detail": str(error)}
-    faces, failures = [], []
-    for index, face in enumerate(_describe_all(face_analyzer, image, detected, failures)):
+    faces = []
+    for index, face in enumerate(described):
         if face is None:
             continue
         if face.embedding is None:
@@ -133,29 +171,43 @@ def describe_photo(
     return {"key": key, "faces": faces, "detail": "; ".join(failures) or None}
 
 
-def _describe_all(face_analyzer: Any, image: np.ndarray, detected: list[dict], failures: list[str]) -> list[Any]:
-    """The photo's faces described in one call (one embedding batch); if that fails, face by face, so that one
+def _describe_all(
+    face_analyzer: Any, images: dict[int, np.ndarray], detected: dict[int, list[dict]], failures: dict[int, list[str]]
+) -> dict[int, list[Any]]:
+    """Every photo's faces described in one call (one embedding batch); if that fails, face by face, so that one
     odd face does not cost the others (its failure is named in `failures` and its place is None)."""
     from dynamicid.faces import Face
 
-    faces = [
-        Face(bbox=tuple(f["bbox"]), score=f["score"], kps5=np.asarray(f["kps5"], np.float32).reshape(5, 2))
-        for f in detected
-    ]
+    faces = {
+        index: [
+            Face(bbox=tuple(f["bbox"]), score=f["score"], kps5=np.asarray(f["kps5"], np.float32).reshape(5, 2))
+            for f in found
+        ]
+        for index, found in detected.items()
+    }
     try:
-        return face_analyzer.describe_many(image, faces)
-    except Exception:  # find the face the models fail on
-        described = []
-        for index, face in enumerate(faces):
-            try:
-                described.append(face_analyzer.describe(image, face))
-            except Exception as error:
-                failures.append(f"face {index}: {type(error).__name__}: {error}")
-                described.append(None)
+        batch = face_analyzer.describe_batch(list(images.values()), list(faces.values()))
+        return dict(zip(images, batch, strict=True))
+    except Exception as error:  # a GPU out of memory, or one odd face: face by face, nothing lost
+        kind = type(error).__name__
+        if len(images) > 1 and kind not in _SAID:
+            _SAID.add(kind)
+            LOG.warning("the face models failed on a batch of %d photos (%s); going on face by face", len(images), kind)
+        described: dict[int, list[Any]] = {}
+        for index, image in images.items():
+            described[index] = []
+            for number, face in enumerate(faces[index]):
+                try:
+                    described[index].append(face_analyzer.describe(image, face))
+                except Exception as error:
+                    failures[index].append(f"face {number}: {type(error).__name__}: {error}")
+                    described[index].append(None)
         return described
 
 
-def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict, Image.Image | None]:
+def align_face(
+    key: str, path: str, kps5: list[float], size: int, max_pixels: int | None = None
+) -> tuple[dict, Image.Image | None]:
     """The FFHQ-style crop's matrix and quality figures, and the crop itself (None when it could not be made).
 
     The row is what the align store keeps; the crop is kept only when its face is sure to be in the dataset
@@ -164,7 +216,7 @@ def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict,
     from dynamicid.faces.align import ffhq_align
 
     try:
-        crop, matrix = ffhq_align(_load(path), np.asarray(kps5, np.float32).reshape(5, 2), size=size)
+        crop, matrix = ffhq_align(_load(path, max_pixels), np.asarray(kps5, np.float32).reshape(5, 2), size=size)
     except Exception as error:  # the file changed since `detect`, or degenerate keypoints
         row = {"key": key, "matrix": [0.0] * 6, "sharpness": 0.0, "brightness": 0.0, "error": str(error)}
         return row, None
@@ -179,11 +231,11 @@ def align_face(key: str, path: str, kps5: list[float], size: int) -> tuple[dict,
     return row, crop
 
 
-def crop_face(path: str, matrix: list[float], size: int) -> Image.Image:
+def crop_face(path: str, matrix: list[float], size: int, max_pixels: int | None = None) -> Image.Image:
     """The crop `align_face` measured, made again from its matrix (the same pixels: the same warp and padding)."""
     from dynamicid.faces.align import ffhq_crop
 
-    return ffhq_crop(_load(path), np.asarray(matrix, np.float32).reshape(2, 3), size)
+    return ffhq_crop(_load(path, max_pixels), np.asarray(matrix, np.float32).reshape(2, 3), size)
 
 
 def png_bytes(crop: Image.Image) -> bytes:

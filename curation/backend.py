@@ -35,13 +35,15 @@ def backend_digest(name: str, analyzer: Any, files: list[Path]) -> str:
     return digest(name, analyzer.embedding_model, analyzer.expression_model, settings, files_digest(files))
 
 
-def build_analyzer(name: str, root: str | None) -> Any:
-    """A FaceAnalyzer for exactly this backend; a missing or broken model folder is a StageSetupError."""
+def build_analyzer(name: str, root: str | None, device: str = "auto") -> Any:
+    """A FaceAnalyzer for exactly this backend on `device` (auto: CUDA when this process sees it); a missing or
+    broken model folder, or device cuda without CUDA, is a StageSetupError."""
     from dynamicid.faces import FaceAnalyzer
     from dynamicid.faces.backends import backend_spec
 
     try:
-        analyzer = FaceAnalyzer(backend=name, **({backend_spec(name).folder_option: root} if root else {}))
+        folder = {backend_spec(name).folder_option: root} if root else {}
+        analyzer = FaceAnalyzer(backend=name, device=device, **folder)
     except Exception as error:  # the backends raise FileNotFoundError, ValueError, ONNX and dlib errors
         where = f" (model folder {root})" if root else ""
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -53,7 +55,11 @@ def build_analyzer(name: str, root: str | None) -> Any:
 
 
 def resolve_backend(
-    requested: str, dup_embedding_fraction: float, *, environment: Mapping[str, str] | None = None
+    requested: str,
+    dup_embedding_fraction: float,
+    device: str = "auto",
+    *,
+    environment: Mapping[str, str] | None = None,
 ) -> BackendInfo:
     """Resolve `auto`, build the analyzer once here (so a bad model folder fails before any work) and describe it.
 
@@ -66,7 +72,7 @@ def resolve_backend(
     spec = resolve(requested, {}, environment)[0]
     name, root = spec.name, None if spec.model_folder is None else spec.model_folder({}, environment)
     root_text = None if root is None else str(root.absolute())
-    analyzer = build_analyzer(name, root_text)
+    analyzer = build_analyzer(name, root_text, device)
     try:
         files = spec.model_files(Path(root_text) if root_text else None)
     except FileNotFoundError as error:
@@ -74,6 +80,7 @@ def resolve_backend(
     info = BackendInfo(
         name=name,
         root=root_text,
+        device=device,
         digest=backend_digest(name, analyzer, files),
         embedding_model=str(analyzer.embedding_model),
         same_person_threshold=float(analyzer.same_person_threshold),
@@ -89,5 +96,5 @@ def resolve_backend(
 def analyzer_for(info: BackendInfo) -> Any:
     """This process's analyzer for the resolved backend (built once per process)."""
     if info not in _ANALYZERS:
-        _ANALYZERS[info] = build_analyzer(info.name, info.root)
+        _ANALYZERS[info] = build_analyzer(info.name, info.root, info.device)
     return _ANALYZERS[info]

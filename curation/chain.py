@@ -3,8 +3,8 @@ and the settings each depends on, and what `merge` does with it. `pipeline` buil
 `dynamicid-curate` makes one command per step and shows on each exactly the options its output depends on, and
 `merge` knows which tables it takes from the shards and which steps it runs again.
 
-To add a stage: write its class (`curation.stages.Stage`: name, kind, `process`), add a `StageEntry` (its class
-and the `CurationConfig` fields its output depends on) to its step below, and a test. A new step is a new `Step`.
+To add a stage: write its class (`curation.stages.Stage`: name, kind, `process`), add a `StageEntry` (its class,
+the `CurationConfig` fields its output depends on, its `Resources`) to its step below, and a test. A new step is a new `Step`.
 Only the standard library is imported here: the command line reads the chain without loading the stages.
 """
 
@@ -23,11 +23,27 @@ RERUN = "rerun"  # it crosses shards (identical bytes in two folders, quotas): i
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What each worker of a stage asks the engine for, as NeMo Curator's `ProcessingStage` declares it."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0  # at most this share of one GPU per worker, only where the cluster has GPUs
+    batch_size: int = 16  # rows per MAP batch (also the store's flush unit: a kill loses one batch)
+
+
+CPU = Resources()
+# The face networks: a GPU (shared out over the workers) where the cluster has one; on the CPU nothing changes.
+MODEL = Resources(gpus=1.0)
+
+
+@dataclass(frozen=True)
 class StageEntry:
-    """A stage class ("module:Class") and the `CurationConfig` fields its output depends on (its fingerprint)."""
+    """A stage class ("module:Class"), the `CurationConfig` fields its output depends on (its fingerprint) and
+    the resources each of its workers needs."""
 
     path: str
     settings: tuple[str, ...] = ()
+    resources: Resources = CPU
 
     def load(self) -> type[Stage]:
         module, name = self.path.split(":")
@@ -69,7 +85,9 @@ CHAIN: tuple[Step, ...] = (
         "Stage 2: decode photos and find faces (needs scan).",
         (
             StageEntry(
-                "dynamicid.curation.detect:DetectStage", ("min_face_size", "min_border_margin", "max_faces_per_photo")
+                "dynamicid.curation.detect:DetectStage",
+                ("min_face_size", "min_border_margin", "max_faces_per_photo", "max_pixels"),
+                MODEL,
             ),
         ),
         merge=SHARED,
@@ -78,7 +96,7 @@ CHAIN: tuple[Step, ...] = (
         "identify",
         "Stage 3: describe faces, keep the folder's person if large enough for the crop (needs detect).",
         (
-            StageEntry("dynamicid.curation.identify:DescribeStage"),
+            StageEntry("dynamicid.curation.identify:DescribeStage", resources=MODEL),
             StageEntry("dynamicid.curation.identify:IdentifyStage", ("cluster",)),
             StageEntry("dynamicid.curation.size:SizeStage", ("crop_size", "max_upscale")),
         ),

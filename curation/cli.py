@@ -14,7 +14,7 @@ from dynamicid.clitools import AtLeast, InputError, ToolGroup
 from dynamicid.curation.chain import CHAIN, STEPS, Step
 from dynamicid.curation.config import MIN_CROP_SIZE
 from dynamicid.curation.inputs import CurationError, check_folders, writing
-from dynamicid.faces.backends import BACKEND_CHOICES
+from dynamicid.faces.backends import BACKEND_CHOICES, DEVICES
 
 # MediaPipe/TFLite log through glog and absl; keep their start-up chatter off the user's terminal.
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -105,6 +105,13 @@ def run_options(func):
             help="Face models: embedded (in the wheels), insightface (local pack via $DYNAMICID_INSIGHTFACE_ROOT), auto.",
         ),
         click.option(
+            "--device",
+            type=click.Choice(DEVICES),
+            default="auto",
+            show_default=True,
+            help="Where the face networks run: cuda (a GPU; an error without one), cpu, or auto (CUDA when present).",
+        ),
+        click.option(
             "--insightface-root",
             type=click.Path(exists=True, file_okay=False, path_type=Path),
             callback=_set_insightface_root,
@@ -146,6 +153,12 @@ def run_options(func):
             is_flag=True,
             help="PHOTOS_DIR is a flat folder: group the largest faces into identities (average linkage at the "
             "backend's same-person distance threshold).",
+        ),
+        click.option(
+            "--max-pixels",
+            type=AtLeast(1),
+            help="Photos declaring more pixels than this are rejected as undecodable before they are decoded "
+            "(decompression bombs) [default: 200,000,000: every phone camera's photos].",
         ),
         click.option(
             "--follow-links",
@@ -191,11 +204,13 @@ CONFIG_OPTIONS: dict[str, tuple[str, ...]] = {
             "per_identity",
             "min_per_identity",
             "face_backend",
+            "device",
             "workers",
             "engine",
             "ray_address",
             "cluster",
             "follow_links",
+            "max_pixels",
             "min_face_size",
             "crop_size",
             "max_upscale",

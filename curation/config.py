@@ -7,6 +7,8 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from dynamicid.faces.backends import DEVICES
+
 MIN_CROP_SIZE = 64  # the smallest training resolution in use (the tiny-random smoke runs)
 
 
@@ -17,6 +19,7 @@ class CurationConfig:
     per_identity: int = 35  # at most this many images per identity
     min_per_identity: int = 1  # identities with fewer kept images are rejected (too_few_images)
     face_backend: str = "auto"  # dynamicid.faces.FaceAnalyzer backend
+    device: str = "auto"  # where the networks run: cpu, cuda, or auto (CUDA where a worker sees it); not in keys
     workers: int = 1  # processes running the face models
     engine: str = "local"  # curation.engines: local (streaming, this machine) or ray (Ray Data)
     ray_address: str | None = None  # --engine ray: the cluster to join (else $RAY_ADDRESS, else a local Ray)
@@ -31,6 +34,7 @@ class CurationConfig:
     # 150x150 crops and faces in group shots (2.2x..4x; no limit kept 180). Relative to crop_size: a 1024 dataset
     # asks for larger faces by itself, and a smaller --crop-size keeps small photos instead.
     max_upscale: float = 2.0
+    max_pixels: int | None = None  # photos declaring more pixels are undecodable (None: faces.io.MAX_PIXELS, 200 M)
     min_face_size: float = 40.0  # faces whose box short side is below this (source pixels) are too_small
     # Keypoints nearer a side border than this many eye distances: the face is cut off. A half face at a photo's
     # edge measured 0.29; tight portrait crops (ORL, LFW) 0.42 and up.
@@ -76,6 +80,8 @@ class CurationConfig:
             raise ValueError(f"--crop-size must be >= {MIN_CROP_SIZE}, got {self.crop_size}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.engine not in ("local", "ray"):
             raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
         if not 0 <= self.shard_index < self.shard_count:

@@ -118,7 +118,8 @@ class CropStage(Stage):
             if key in made or key in new:
                 continue
             try:
-                new[key] = crop_face(self.source(photo["source_path"]), photo["crop_transform"], crop_size_of(key))
+                path = self.source(photo["source_path"])
+                new[key] = crop_face(path, photo["crop_transform"], crop_size_of(key), self.config.max_pixels)
             except Exception as error:  # the photo changed or vanished since `align` measured this crop
                 reason, detail = load_error(error)
                 made[key] = (reason, f"the photo changed or vanished since it was aligned: {detail}")

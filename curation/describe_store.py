@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dynamicid.curation.analysis import FACE_BOX, describe_photo
+from dynamicid.curation.analysis import FACE_BOX, describe_photos
 from dynamicid.curation.imagehash import HASH_VERSION, HASH_WORDS
 from dynamicid.curation.stages import Stage
 from dynamicid.curation.store import ResultStore
@@ -62,22 +62,25 @@ class DescribeAhead:
     The describe stage then finds them there: a photo is decoded once for both (one of three decodes per photo).
     The faces are those `detect` writes to its table, as the describe stage reads them back (float32), so the
     key and the description are the ones it would make.
+    The photos of one detect batch are kept decoded until `flush`, which describes them as one model batch.
     """
 
     def __init__(self, stage: Stage, analyzer):
         self.store = describe_store(stage)
         self.analyzer = analyzer
-        self.described: dict[str, dict] = {}
+        self.pending: dict[str, tuple[str, str, list[dict], np.ndarray]] = {}
 
     def describe(self, sha256: str, path: str, faces: list[dict], image: np.ndarray) -> None:
+        """Queue the photo (kept decoded) for `flush`, which describes the batch's photos as one model batch."""
         faces = pa.array(faces, FACE_BOX).to_pylist()
         key = describe_key(sha256, faces)
-        if faces and key not in self.described and self.store.locate([key])[0, 0] < 0:
-            self.described[key] = describe_photo(self.analyzer, key, path, faces, image)
+        if faces and key not in self.pending and self.store.locate([key])[0, 0] < 0:
+            self.pending[key] = (key, path, faces, image)
 
     def flush(self) -> None:
-        self.store.put(pa.Table.from_pylist(list(self.described.values()), schema=STORE_SCHEMA))
-        self.described.clear()
+        described = describe_photos(self.analyzer, list(self.pending.values()))
+        self.store.put(pa.Table.from_pylist(described, schema=STORE_SCHEMA))
+        self.pending.clear()
 
 
 def _described_lists(store: ResultStore, keys: list[str]) -> Iterator[pa.ListArray]:

@@ -62,7 +62,11 @@ class DetectStage(Stage):
         return DETECT_SCHEMA.append(pa.field(COMPUTED, pa.bool_()))
 
     def _store(self) -> ResultStore:
-        return ResultStore(self.context.work_dir / "stores" / f"detect-{self.context.backend.digest}", STORE_SCHEMA)
+        # A photo refused at one --max-pixels may decode at another: the limit is part of what a result depends on.
+        limit = "" if self.config.max_pixels is None else f"-px{self.config.max_pixels}"
+        return ResultStore(
+            self.context.work_dir / "stores" / f"detect-{self.context.backend.digest}{limit}", STORE_SCHEMA
+        )
 
     def setup(self) -> None:
         self.store = self._store()
@@ -82,7 +86,7 @@ class DetectStage(Stage):
             def describe(row: dict, image: np.ndarray) -> None:  # while it is decoded: the faces `describe` gets
                 self.describe.describe(sha256, path_of[sha256], self.verdict(row)["faces"], image)
 
-            return detect_photo(self.analyzer, sha256, path_of[sha256], then=describe)
+            return detect_photo(self.analyzer, sha256, path_of[sha256], describe, self.config.max_pixels)
 
         found, computed = fetch_or_compute(self.store, [p["sha256"] for p in photos], detect)
         self.describe.flush()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from dynamicid.curation.analysis import FACE_BOX, describe_photo
+from dynamicid.curation.analysis import FACE_BOX, describe_photos
 from dynamicid.curation.backend import analyzer_for
 from dynamicid.curation.describe_store import (
     FACE_SUMMARY,
@@ -30,7 +30,7 @@ from dynamicid.curation.describe_store import (
 from dynamicid.curation.grouping import average_linkage
 from dynamicid.curation.imagehash import HASH_VERSION
 from dynamicid.curation.stages import COMPUTED, Stage, StageKind, photo_schema
-from dynamicid.curation.store import fetch_or_compute
+from dynamicid.curation.store import fetch_or_compute_many
 from dynamicid.schemas import RejectReason
 
 DESCRIBE_SCHEMA = photo_schema(("describe_key", pa.string()), ("detections", pa.list_(FACE_BOX)))
@@ -66,8 +66,10 @@ class DescribeStage(Stage):
         for photo in photos:
             photo["describe_key"] = describe_key(photo["sha256"], photo["faces"])
             job.setdefault(photo["describe_key"], (self.source(photo["source_path"]), photo["faces"]))
-        found, computed = fetch_or_compute(
-            self.store, [p["describe_key"] for p in photos], lambda k: describe_photo(self.analyzer, k, *job[k])
+        found, computed = fetch_or_compute_many(
+            self.store,
+            [p["describe_key"] for p in photos],
+            lambda keys: describe_photos(self.analyzer, [(k, *job[k], None) for k in keys], self.config.max_pixels),
         )
         rows = []
         for photo in photos:

@@ -31,7 +31,8 @@ Lifecycle and resources
     `setup()` runs once per worker process (a pool's or Ray's) before its first batch: it builds the FaceAnalyzer (for
     the *resolved* backend in `context.backend`) and opens the stores. A setup that cannot succeed (a bad
     model folder) raises `StageSetupError` with one line saying what to fix; engines stop the run with it.
-    `resources` declares cpus and a gpus fraction per worker (gpus only for model stages, when CUDA is there).
+    `resources` (declared in `curation.chain`) asks for cpus, a GPU share (model stages: the Ray engine gives
+    them GPUs where the cluster has some, CPU steps none) and the batch size per worker.
     `finish()` runs once in the driver after the engine is done with the stage (the pipeline calls it).
 
 Caching and resume
@@ -74,7 +75,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dynamicid.curation.chain import entry_of
+from dynamicid.curation.chain import Resources, entry_of
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.tables import digest
 
@@ -100,26 +101,17 @@ class StageSetupError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0  # a fraction of one GPU per worker (model stages, when CUDA is present)
-
-
-@dataclass(frozen=True)
 class BackendInfo:
     """The face backend as resolved once in the driver; workers build exactly this one."""
 
-    name: str  # "embedded" or "insightface" (never "auto")
-    root: str | None  # the insightface model folder, resolved to an absolute path
+    name: str  # a name of `dynamicid.faces.backends.BACKENDS` (never "auto")
+    root: str | None  # its model folder (insightface's pack), resolved to an absolute path
     digest: str  # of the backend name and its model files (names, sizes, mtimes): a changed model = new results
     embedding_model: str
     same_person_threshold: float  # in the backend's own distance (for messages)
     same_person_cos: float  # the backend's same-person threshold as a cosine similarity (unit embeddings)
     duplicate_cos: float  # near-duplicate threshold (dup_embedding_fraction of the same-person distance)
-
-    def options(self) -> dict[str, str]:
-        """Keyword options for `FaceAnalyzer` that pin this resolution (no `auto`, no environment lookup)."""
-        return {"insightface_root": self.root} if self.root else {}
+    device: str = "auto"  # as requested (auto, cpu, cuda): each worker process picks its own (not in `digest`)
 
 
 @dataclass(frozen=True)
@@ -148,7 +140,6 @@ class Stage:
     carry_columns: ClassVar[tuple[str, ...]] = ()
     uses_models: ClassVar[bool] = False  # setup() builds a FaceAnalyzer: one per worker
     pooled: ClassVar[bool] = False  # worth worker processes (models, image decoding); else the driver runs it
-    batch_size: ClassVar[int] = 16  # rows per MAP batch (also the store's flush unit: a kill loses one batch)
 
     def __init__(self, context: StageContext):
         self.context = context
@@ -166,7 +157,17 @@ class Stage:
 
     @property
     def resources(self) -> Resources:
-        return Resources(cpus=1.0, gpus=0.0)
+        """CPUs, GPU share and batch size per worker (`curation.chain`; the CPU defaults for a stage outside the
+        chain): the engines schedule by them."""
+        try:
+            return entry_of(type(self))[1].resources
+        except LookupError:
+            return Resources()
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per MAP batch (`resources`)."""
+        return self.resources.batch_size
 
     def output_schema(self) -> pa.Schema:
         raise NotImplementedError

@@ -192,11 +192,18 @@ def fetch_or_compute(
     store: ResultStore, keys: list[str], compute: Callable[[str], dict]
 ) -> tuple[dict[str, dict], set[str]]:
     """The rows of `keys` (one batch), computing and storing the missing ones; also which keys were computed."""
+    return fetch_or_compute_many(store, keys, lambda missing: [compute(key) for key in missing])
+
+
+def fetch_or_compute_many(
+    store: ResultStore, keys: list[str], compute_many: Callable[[list[str]], list[dict]]
+) -> tuple[dict[str, dict], set[str]]:
+    """`fetch_or_compute` with the missing keys computed in one call (a batch for the models)."""
     unique = list(dict.fromkeys(keys))
     found, table = store.get(unique)
     rows = {row[KEY]: row for row in table.to_pylist()}
     missing = [key for key, there in zip(unique, found.tolist(), strict=True) if not there]
-    new = [compute(key) for key in missing]
+    new = compute_many(missing) if missing else []
     store.put(pa.Table.from_pylist(new, schema=store.schema))
     rows.update({row[KEY]: row for row in new})
     return rows, set(missing)

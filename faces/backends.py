@@ -1,8 +1,8 @@
 """The face backends, declared once: each one's name, builder, options, model files and whether `auto` may pick
 it. `FaceAnalyzer`, the command lines' `--face-backend` choices and curation's cache digest all read this table.
 
-To add a backend: a class implementing `dynamicid.faces.analyzer.FaceBackend` (batched `detect`, `describe`,
-`describe_many`, `distance`), and one `BackendSpec` line in `BACKENDS` (in `auto`'s order of preference), plus its
+To add a backend: a class implementing `dynamicid.faces.analyzer.FaceBackend` (`detect_batch`, `describe_batch`,
+`distance`; a `device` option, "cpu" or "cuda"), and one `BackendSpec` line in `BACKENDS` (in `auto`'s order of preference), plus its
 tests. Only the standard library is imported here, so a command line's `--help` stays fast.
 """
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from dynamicid.faces.analyzer import FaceBackend
 
 AUTO = "auto"
+DEVICES = ("auto", "cpu", "cuda")  # the networks' `device`: auto = CUDA when this process can use it, else the CPU
 INSIGHTFACE_ROOT_ENV = "DYNAMICID_INSIGHTFACE_ROOT"
 
 
@@ -60,13 +61,22 @@ def find_insightface_root(options: Mapping[str, Any], environment: Mapping[str, 
     return Path(value).expanduser() if value else None
 
 
+def _device(options: dict[str, Any]) -> str:
+    """The `device` option ("cpu", "cuda", "auto"; default cpu) as "cpu" or "cuda"; unusable CUDA is a ValueError."""
+    from dynamicid.faces.threads import pick_device
+
+    return pick_device(str(options.pop("device", "cpu")))
+
+
 def _build_embedded(options: dict[str, Any]) -> FaceBackend:
     from dynamicid.faces.embedded import EmbeddedBackend, EmbeddedConfig
     from dynamicid.faces.expression import ExpressionCrop
     from dynamicid.faces.mediapipe_face import MediaPipeConfig
 
+    options = dict(options)
+    device = _device(options)
     mediapipe_fields = {f.name for f in dataclasses.fields(MediaPipeConfig)}
-    known = {*mediapipe_fields, "expression_zoom", "same_person_threshold"}
+    known = {*mediapipe_fields, "expression_zoom", "same_person_threshold", "device"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(
@@ -78,7 +88,7 @@ def _build_embedded(options: dict[str, Any]) -> FaceBackend:
         config.expression_crop = ExpressionCrop(zoom=float(options["expression_zoom"]))
     if "same_person_threshold" in options:
         config.same_person_threshold = float(options["same_person_threshold"])
-    return EmbeddedBackend(config)
+    return EmbeddedBackend(config, device=device)
 
 
 def _embedded_files(root: Path | None) -> list[Path]:
@@ -101,7 +111,7 @@ def _build_insightface(options: dict[str, Any]) -> FaceBackend:
             f"(CLI --insightface-root) or set ${INSIGHTFACE_ROOT_ENV}; nothing is ever downloaded"
         )
     rest = {k: v for k, v in options.items() if k not in ("insightface_root", "root")}
-    return InsightFaceBackend(root, **rest)
+    return InsightFaceBackend(root, device=_device(rest), **rest)
 
 
 def _insightface_files(root: Path | None) -> list[Path]:

@@ -25,25 +25,30 @@ DLIB_EMBEDDING_MODEL = "dlib-resnet-128"
 DLIB_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
 
-def _torch_net(weights: DlibResNetWeights) -> Callable[[np.ndarray], np.ndarray]:
+def _torch_net(weights: DlibResNetWeights, device: str) -> Callable[[np.ndarray], np.ndarray]:
     from dynamicid.faces.dlib_resnet_torch import DlibResNet
 
-    return torch_session(DlibResNet(weights))
+    return torch_session(DlibResNet(weights), device)
 
 
 class DlibEmbedder:
     """shape_predictor_5 places dlib's 5 points inside the detector box; the chip is aligned on them."""
 
-    def __init__(self, chip_padding: float = 0.25, runtime: str = "auto"):
-        """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch)."""
+    def __init__(self, chip_padding: float = 0.25, runtime: str = "auto", device: str = "cpu"):
+        """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch); device: "cpu"
+        or "cuda" (`threads.pick_device`)."""
         import dlib
 
         self.runtime = runtime = pick_runtime(runtime)
+        self.device = device
         self.chip_padding = chip_padding
         self._shape_predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_5_face_landmarks.dat")))
         weights = read_dlib_resnet(dlib_model(DLIB_RESNET_FILE))
         self._channel_means = weights.channel_means
-        self._net = onnxruntime_session(onnx_model(weights)) if runtime == "onnxruntime" else _torch_net(weights)
+        if runtime == "onnxruntime":
+            self._net = onnxruntime_session(onnx_model(weights), device)
+        else:
+            self._net = _torch_net(weights, device)
         self._rectangle = dlib.rectangle
         self._get_face_chip = dlib.get_face_chip
 
@@ -59,9 +64,13 @@ class DlibEmbedder:
 
     def embed_many(self, rgb: np.ndarray, boxes: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 (N, 128) descriptors of the faces in `boxes`, as one batch."""
-        if not len(boxes):
+        return self.embed_chips([self.chip(rgb, box) for box in boxes])
+
+    def embed_chips(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+        """L2-normalised float32 (N, 128) descriptors of `chip`s (of any photos), as one batch."""
+        if not len(chips):
             return np.zeros((0, 128), np.float32)
-        descriptors = self.descriptors(np.stack([self.chip(rgb, box) for box in boxes]))
+        descriptors = self.descriptors(np.stack(chips))
         return descriptors / np.maximum(np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-12)
 
     def embed(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:

@@ -51,8 +51,11 @@ class EmbeddedBackend:
     embedding_model = DLIB_EMBEDDING_MODEL
     embedding_dim = 128
 
-    def __init__(self, config: EmbeddedConfig | None = None):
+    def __init__(self, config: EmbeddedConfig | None = None, device: str = "cpu"):
+        """device: "cpu" or "cuda" (`threads.pick_device`) for the ResNet and the expression model; MediaPipe's
+        detector and mesh run on the CPU (its Python wheel has no GPU delegate on Linux)."""
         self.config = config or EmbeddedConfig()
+        self.device = device
         self.same_person_threshold = self.config.same_person_threshold
         # Everything that changes results besides the model files (curation keys its caches by it).
         self.settings = {
@@ -61,8 +64,8 @@ class EmbeddedBackend:
             **dataclasses.asdict(self.config),
         }
         self._mediapipe = MediaPipeFace(self.config.mediapipe)
-        self._embedder = DlibEmbedder()
-        self._expression = ExpressionClassifier(self.config.expression_crop)
+        self._embedder = DlibEmbedder(device=device)
+        self._expression = ExpressionClassifier(self.config.expression_crop, device=device)
         self._calibration = shipped_calibration()
         self.expression_model = self._calibration.version
 
@@ -81,13 +84,22 @@ class EmbeddedBackend:
             )
         return faces
 
-    def describe(self, rgb: np.ndarray, face: Face) -> Face:
-        return self.describe_many(rgb, [face])[0]
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        """`detect` per image: MediaPipe's graphs take one image at a time."""
+        return [self.detect(rgb) for rgb in images]
 
-    def describe_many(self, rgb: np.ndarray, faces: Sequence[Face]) -> list[Face]:
-        """Each face described; the embeddings of all the faces run as one batch."""
-        embeddings = self._embedder.embed_many(rgb, [np.asarray(face.bbox, dtype=np.float64) for face in faces])
-        return [self._describe(rgb, face, embedding) for face, embedding in zip(faces, embeddings, strict=True)]
+    def describe_batch(self, images: Sequence[np.ndarray], faces: Sequence[Sequence[Face]]) -> list[list[Face]]:
+        """Each face of each image described; the embeddings of all the images' faces run as one ResNet batch."""
+        chips = [
+            self._embedder.chip(rgb, np.asarray(face.bbox, dtype=np.float64))
+            for rgb, image_faces in zip(images, faces, strict=True)
+            for face in image_faces
+        ]
+        embeddings = iter(self._embedder.embed_chips(chips))
+        return [
+            [self._describe(rgb, face, next(embeddings)) for face in image_faces]
+            for rgb, image_faces in zip(images, faces, strict=True)
+        ]
 
     def _describe(self, rgb: np.ndarray, face: Face, embedding: np.ndarray) -> Face:
         box = np.asarray(face.bbox, dtype=np.float64)

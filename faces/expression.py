@@ -35,8 +35,9 @@ class ExpressionCrop:
 
 
 class ExpressionClassifier:
-    def __init__(self, crop: ExpressionCrop | None = None, runtime: str = "auto"):
-        """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch).
+    def __init__(self, crop: ExpressionCrop | None = None, runtime: str = "auto", device: str = "cpu"):
+        """runtime: "onnxruntime", "torch", or "auto" (ONNX Runtime when installed, else PyTorch); device: "cpu" or
+        "cuda" (`threads.pick_device`).
 
         float32 on one thread (faces.threads); both runtimes give the same probabilities within 1e-6.
         """
@@ -44,11 +45,11 @@ class ExpressionClassifier:
         self.runtime = pick_runtime(runtime)
         path = fer_model("emotion_model.hdf5")
         if self.runtime == "onnxruntime":
-            self._net = onnxruntime_session(onnx_model(read_keras(path)))
+            self._net = onnxruntime_session(onnx_model(read_keras(path)), device)
         else:
             from dynamicid.faces.keras_graph import KerasGraph
 
-            self._net = torch_session(KerasGraph(path))
+            self._net = torch_session(KerasGraph(path), device)
         # Column order of our vocabulary in the model's FER-2013 output.
         self._columns = [FER2013_CLASSES.index(_fer_name(e)) for e in EXPRESSIONS]
 

@@ -19,6 +19,7 @@ from dynamicid.faces.expression import ExpressionClassifier
 from dynamicid.faces.expression_calibration import shipped_calibration
 from dynamicid.faces.face import Face
 from dynamicid.faces.pose import solve_pose
+from dynamicid.faces.threads import CUDA_PROVIDER, onnxruntime_providers
 
 # Point groups of insightface's 106-point layout (alignment/coordinate_reg 2d106markup): face contour, the
 # two eyes, the mouth, the nose tip. The six pose points are picked geometrically inside the groups, so the
@@ -81,6 +82,7 @@ class InsightFaceBackend:
         *,
         pack: str = DEFAULT_PACK,
         providers: list[str] | None = None,
+        device: str = "cpu",
         det_size: tuple[int, int] = (640, 640),
         det_thresh: float = 0.5,
         same_person_threshold: float = 0.65,
@@ -99,7 +101,9 @@ class InsightFaceBackend:
         self.det_size = tuple(det_size)
         # Everything that changes results besides the model files (curation keys its caches by it).
         self.settings = {"det_size": list(det_size), "det_thresh": det_thresh, "same_person": same_person_threshold}
-        providers = providers or ["CPUExecutionProvider"]
+        # `providers` wins over `device` ("cpu" or "cuda", `threads.pick_device`): CUDA runs SCRFD, the landmarks
+        # and ArcFace on the GPU, the CPU provider takes the ops CUDA lacks.
+        providers = providers or onnxruntime_providers(device)
         self._detector = self._landmarks = self._recognition = None
         self.model_files: dict[str, str] = {}
         for path in sorted(self.folder.glob("*.onnx")):
@@ -119,7 +123,7 @@ class InsightFaceBackend:
                 f"insightface pack {self.folder} lacks a {', '.join(missing)} model "
                 "(SCRFD detector, 2d106det landmarks, ArcFace recognition .onnx files)"
             )
-        self._expression = ExpressionClassifier()
+        self._expression = ExpressionClassifier(device="cuda" if CUDA_PROVIDER in providers else "cpu")
         self._calibration = shipped_calibration()
         self.expression_model = self._calibration.version
 
@@ -141,13 +145,40 @@ class InsightFaceBackend:
             for box, kps in zip(boxes, keypoints, strict=True)
         ]
 
-    def describe(self, rgb: np.ndarray, face: Face) -> Face:
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        """`detect` per image: SCRFD's graph is exported for one image of `det_size`."""
+        return [self.detect(rgb) for rgb in images]
+
+    def describe_batch(self, images: Sequence[np.ndarray], faces: Sequence[Sequence[Face]]) -> list[list[Face]]:
+        """Each face of each image described; ArcFace embeds all the images' aligned faces as one batch (the
+        106-point model takes one face at a time, as insightface exports it)."""
+        from insightface.utils import face_align
+
+        crops = [
+            face_align.norm_crop(np.ascontiguousarray(rgb[:, :, ::-1]), face.kps5, self._recognition.input_size[0])
+            for rgb, image_faces in zip(images, faces, strict=True)
+            for face in image_faces
+        ]
+        embeddings = iter(self._embed(crops))
+        return [
+            [self._describe(rgb, face, next(embeddings)) for face in image_faces]
+            for rgb, image_faces in zip(images, faces, strict=True)
+        ]
+
+    def _embed(self, crops: list[np.ndarray]) -> np.ndarray:
+        """ArcFace on aligned BGR crops, as one batch (in batches of the graph's batch size where it fixes one)."""
+        fixed = self._recognition.session.get_inputs()[0].shape[0]
+        step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(crops), 1)
+        parts = [self._recognition.get_feat(crops[i : i + step]) for i in range(0, len(crops), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
+
+    def _describe(self, rgb: np.ndarray, face: Face, embedding: np.ndarray) -> Face:
         from insightface.app.common import Face as InsightFace
 
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         record = InsightFace(bbox=np.asarray(face.bbox, dtype=np.float32), kps=face.kps5, det_score=face.score)
         landmarks = np.asarray(self._landmarks.get(bgr, record), dtype=np.float32)
-        embedding = np.asarray(self._recognition.get(bgr, record), dtype=np.float32).ravel()
+        embedding = np.asarray(embedding, dtype=np.float32).ravel()
         embedding /= max(float(np.linalg.norm(embedding)), 1e-12)
         height, width = rgb.shape[:2]
         yaw, pitch, roll = solve_pose(pose_points_from_106(landmarks), (width, height))
@@ -172,9 +203,6 @@ class InsightFaceBackend:
             backend=self.name,
             models=models,
         )
-
-    def describe_many(self, rgb: np.ndarray, faces: Sequence[Face]) -> list[Face]:
-        return [self.describe(rgb, face) for face in faces]
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> float:
         """Cosine distance, 1 - cos(a, b)."""

@@ -1,4 +1,5 @@
-"""The face networks run on one thread, in ONNX Runtime when it is installed (the lock installs it), else PyTorch.
+"""The face networks run on one thread, in ONNX Runtime when it is installed (the lock installs it), else PyTorch,
+on the CPU or, with `device="cuda"`, on a CUDA GPU (ONNX Runtime's CUDAExecutionProvider, or torch's "cuda").
 
 float32 convolutions sum in an order that depends on the thread count (measured on the dlib ResNet in oneDNN:
 1 vs 2 threads differ by about 1e-6 at most batch sizes), so on one thread an embedding or an expression score does
@@ -16,7 +17,44 @@ from typing import Any
 
 import numpy as np
 
+from dynamicid.faces.backends import DEVICES
+
 RUNTIMES = ("auto", "onnxruntime", "torch")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def cuda_available() -> bool:
+    """Whether the face networks can run on CUDA here: onnxruntime-gpu's CUDA provider, or torch with CUDA."""
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        if CUDA_PROVIDER in onnxruntime.get_available_providers():
+            return True
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_device(device: str) -> str:
+    """ "cpu" or "cuda" for a `DEVICES` value; "cuda" where CUDA is not usable is a ValueError (one line)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} for the face networks; valid: {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    usable = cuda_available()
+    if device == "cuda" and not usable:
+        raise ValueError(
+            "device 'cuda' was asked for but this process sees no CUDA GPU (neither onnxruntime-gpu's "
+            f"{CUDA_PROVIDER} nor torch.cuda): install onnxruntime-gpu on a GPU machine, or use device 'cpu'"
+        )
+    return "cuda" if usable else "cpu"
+
+
+def onnxruntime_providers(device: str) -> list[str]:
+    """ONNX Runtime providers for a picked device: CUDA first (CPU for the ops it lacks), else the CPU only."""
+    return [CUDA_PROVIDER, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
 
 
 def has_onnxruntime() -> bool:
@@ -33,28 +71,30 @@ def pick_runtime(runtime: str) -> str:
     return runtime
 
 
-def onnxruntime_session(model: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    """A one-thread CPU session of a one-input, one-output ONNX graph, as a function of its input."""
+def onnxruntime_session(model: bytes, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A one-thread session (CPU, or CUDA for device "cuda") of a one-input, one-output ONNX graph, as a function
+    of its input."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model, options, providers=onnxruntime_providers(device))
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
 
 
-def torch_session(module: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A torch.nn.Module in inference mode on one torch thread, as a function of a float32 array."""
+def torch_session(module: Any, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A torch.nn.Module in inference mode (on one torch thread, or on CUDA for device "cuda"), as a function of
+    a float32 array."""
     import torch
 
-    module.eval()
+    module.eval().to(device)
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> np.ndarray:
         with one_torch_thread():
-            return module(torch.from_numpy(x)).numpy()
+            return module(torch.from_numpy(x).to(device)).cpu().numpy()
 
     return run
 

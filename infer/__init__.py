@@ -1,5 +1,6 @@
-"""Inference: `DynamicIDPipeline` / `DynamicIDXLPipeline` (diffusers; SD 1.5 / SDXL) for several people with a
-layout and per-person expressions, and the public generate API every front end calls.
+"""Inference: `DynamicIDPipeline` / `DynamicIDXLPipeline` / `DynamicIDFluxPipeline` (diffusers; SD 1.5 / SDXL /
+FLUX.1) for several people with a layout and per-person expressions, and the public generate API every front end
+calls.
 
     from dynamicid.infer import GenerateRequest, ModelOptions, Person, load_pipeline
     from dynamicid.infer.generate import generate
@@ -18,6 +19,7 @@ _EXPORTS = {
     "DynamicIDPipeline": "dynamicid.infer.pipeline",
     "DynamicIDPipelineOutput": "dynamicid.infer.pipeline",
     "DynamicIDXLPipeline": "dynamicid.infer.pipeline",
+    "DynamicIDFluxPipeline": "dynamicid.infer.pipeline_flux",
     "pipeline_for": "dynamicid.infer.pipeline",
     "GenerateRequest": "dynamicid.infer.generate",
     "Generated": "dynamicid.infer.generate",

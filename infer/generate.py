@@ -68,7 +68,10 @@ class ModelOptions:
 
     def check(self) -> None:
         """Refuse bad settings before anything loads (the message names the argument)."""
+        from dynamicid.faces.backends import BACKEND_CHOICES
+
         for name, value, valid in (
+            ("face_backend", self.face_backend, BACKEND_CHOICES),
             ("dtype", self.dtype, DTYPES),
             ("offload", self.offload, OFFLOAD_MODES),
             ("weights_dtype", self.weights_dtype, (None, *WEIGHTS_DTYPES)),
@@ -218,7 +221,6 @@ def load_pipeline(options: ModelOptions) -> Any:
         pipe.to(device)
     pipe.dynamicid.to(torch.device(device), dtype)
     pipe.model_options = dataclasses.replace(options, device=device)  # what the sidecar records
-
     return pipe
 
 

@@ -111,11 +111,15 @@ class DynamicIDMixin:
     """
 
     family: str  # the base family the sibling is made for ("sd15", "sdxl")
+    multi_person_boost = MULTI_PERSON_BOOST  # (boost, steps) with several people, for the family's step count
     dynamicid: DynamicIDModules | None = None  # the adapter's modules and where they were loaded from
     reference_analyzer: ReferenceAnalyzer | None = None
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012 (diffusers)
     # Components DynamicID cannot generate without are required; only these may be None.
     _optional_components = ["safety_checker", "feature_extractor"]  # noqa: RUF012 (diffusers' convention)
+    # The face encoder, IMR and keypoint encoder are called directly, not through the component's forward, which
+    # model offloading hooks: the component stays on the execution device (its SAA part moves with the UNet).
+    _exclude_from_cpu_offload = ["safety_checker", "id_adapter"]  # noqa: RUF012 (diffusers' convention)
 
     # ---- construction ----
 
@@ -257,7 +261,7 @@ class DynamicIDMixin:
                 f"the face encoder takes {modules.face_encoder.clip_embeddings_dim}-d CLIP states but the image "
                 f"encoder gives {clip_dim}-d; use the image encoder the weights were trained with"
             )
-        _check_edit_modules(modules, int(self.unet.config.cross_attention_dim))
+        _check_edit_modules(modules, self.id_token_width)
         references = face_analyzer
         if face_analyzer is not None and not isinstance(face_analyzer, ReferenceAnalyzer):
             references = ReferenceAnalyzer(face_analyzer)
@@ -267,12 +271,33 @@ class DynamicIDMixin:
                 f"({modules.id_embed_model}) but the face backend gives {references.embedding_dim}-d "
                 f"({references.embedding_model}); choose the face backend the weights were trained with"
             )
+        self.attach_identity(modules)
+        self.dynamicid, self.reference_analyzer = modules, references
+
+    # ---- what a family's sibling may override (the UNet families' here) ----
+
+    @property
+    def id_token_width(self) -> int:
+        """The width of the face tokens the base takes (the UNet's cross-attention width)."""
+        return int(self.unet.config.cross_attention_dim)
+
+    def attach_identity(self, modules: DynamicIDModules) -> None:
+        """Keep the modules as the `id_adapter` component and put its SAA on the UNet."""
         adapter = DynamicIDAdapter.from_modules(
             modules.face_encoder, self.unet, modules.imr, modules.keypoint_encoder, modules.id_embed_model
         )
         self.register_modules(id_adapter=adapter)
         adapter.attach(self.unet)
-        self.dynamicid, self.reference_analyzer = modules, references
+
+    def check_identity_attention(self) -> None:
+        """Refuse to generate when the UNet's SAA processors were replaced."""
+        if not self.id_adapter.attached_to(self.unet):
+            found = sorted({type(p).__name__ for p in self.unet.attn_processors.values()})
+            raise ValueError(
+                f"the UNet's attention processors were replaced ({', '.join(found)}), so SAA would not inject the "
+                "identities; use the pipeline's enable_attention_slicing / fuse_qkv_projections (they keep SAA) "
+                "and put SAA back with pipe.id_adapter.attach(pipe.unet)"
+            )
 
     @property
     def conditioner(self) -> Conditioner:
@@ -300,13 +325,7 @@ class DynamicIDMixin:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
         if self.dynamicid is None:
             raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
-        if not self.id_adapter.attached_to(self.unet):
-            found = sorted({type(p).__name__ for p in self.unet.attn_processors.values()})
-            raise ValueError(
-                f"the UNet's attention processors were replaced ({', '.join(found)}), so SAA would not inject the "
-                "identities; use the pipeline's enable_attention_slicing / fuse_qkv_projections (they keep SAA) "
-                "and put SAA back with pipe.id_adapter.attach(pipe.unet)"
-            )
+        self.check_identity_attention()
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either `prompt` or `prompt_embeds`, not both and not neither")
         if prompt is not None and not (
@@ -430,6 +449,38 @@ class DynamicIDMixin:
             "landmark_image": describe_source(person.landmark_image) if target_ref is not None else None,
         }
 
+    # ---- step helpers (every family's __call__) ----
+
+    @torch.no_grad()
+    def identity_tokens(
+        self, people: list[Person], references: list[Reference], boxes: list[Box]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+        """Face tokens (n, tokens, C), rewritten by the IMR where a person asks for an expression / pose /
+        landmark target; the unconditional face's tokens (n, tokens, C); one report per person."""
+        tokens, uncond_tokens = self.encode_faces(references)
+        reports = []
+        for i, (person, reference) in enumerate(zip(people, references, strict=True)):
+            report = {"reference": reference.labels(), "box": list(boxes[i]), "edited": person.wants_edit}
+            if person.wants_edit:
+                report |= self.reconfigure(tokens[i : i + 1], reference, person, i)
+            reports.append(report)
+        return tokens, uncond_tokens, reports
+
+    def saa_settings(
+        self, boxes: list[Box], id_scale: float, gating: bool, boost: float | None, boost_steps: int | None
+    ) -> dict[str, Any]:
+        """The layout the SAA processors run with (reported in the output); a None boost setting takes the
+        family's reference value (`multi_person_boost` with several people, none for one)."""
+        default = self.multi_person_boost if len(boxes) > 1 else SINGLE_PERSON_BOOST
+        return {
+            "num_ids": len(boxes),
+            "id_scale": id_scale,
+            "gating": gating,
+            "boxes": [list(box) for box in boxes],
+            "boost": default[0] if boost is None else boost,
+            "boost_steps": default[1] if boost_steps is None else boost_steps,
+        }
+
     # ---- generation ----
 
     @torch.no_grad()
@@ -532,10 +583,6 @@ class DynamicIDMixin:
         self._interrupt = False
         device = self._execution_device
         num_people = len(people)
-        if boost is None or boost_steps is None:
-            default_boost = MULTI_PERSON_BOOST if num_people > 1 else SINGLE_PERSON_BOOST
-            boost = default_boost[0] if boost is None else boost
-            boost_steps = default_boost[1] if boost_steps is None else boost_steps
         batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
         num_images = batch_size * num_images_per_prompt
 
@@ -558,13 +605,7 @@ class DynamicIDMixin:
         )
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
-        tokens, uncond_tokens = self.encode_faces(references)
-        reports = []
-        for i, (person, reference) in enumerate(zip(people, references, strict=True)):
-            report = {"reference": reference.labels(), "box": list(boxes[i]), "edited": person.wants_edit}
-            if person.wants_edit:
-                report |= self.reconfigure(tokens[i : i + 1], reference, person, i)
-            reports.append(report)
+        tokens, uncond_tokens, reports = self.identity_tokens(people, references, boxes)
 
         # 5. Text tokens followed by every person's tokens, in person order, for every prompt of the batch
         prompt_embeds = encoder_states(prompt_embeds, tokens.reshape(1, -1, tokens.shape[-1]))
@@ -592,21 +633,14 @@ class DynamicIDMixin:
 
         # 7. SAA inputs for this layout, one per denoising step (the boost lasts the first `boost_steps` steps);
         # each UNet call takes its step's (`denoising_step`), however many calls a step makes.
-        saa_settings = {
-            "num_ids": num_people,
-            "id_scale": id_scale,
-            "gating": gating,
-            "boxes": [list(box) for box in boxes],
-            "boost": boost,
-            "boost_steps": boost_steps,
-        }
+        saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
         saa_per_step = saa_calls(
             **saa_settings,
             steps=num_inference_steps,
             image_size=(height, width),
             return_activation_maps=return_activation_maps,
         )
-        maps = _MapAccumulator(num_people, self.dynamicid.num_tokens, num_images) if return_activation_maps else None
+        maps = MapAccumulator(num_people, self.dynamicid.num_tokens, num_images) if return_activation_maps else None
 
         # 8. Denoising loop
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -857,8 +891,9 @@ def _lap(start: float) -> float:
     return time.perf_counter() - start
 
 
-class _MapAccumulator:
-    """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only)."""
+class MapAccumulator:
+    """Sums, per layer, gate x each person's ID attention over the denoising steps (conditional half only):
+    the activation maps step helper of every family's pipeline."""
 
     def __init__(self, num_people: int, num_tokens: int, num_images: int):
         self.num_people, self.num_tokens, self.num_images = num_people, num_tokens, num_images

@@ -134,7 +134,7 @@ def load_base_model(
             )
         base = family.load(folder)
         if image_encoder == TINY_RANDOM:
-            raise ValueError(f"a tiny-random image encoder only goes with --base-model {' / '.join(tiny_names())}")
+            raise ValueError(f"a tiny-random image encoder only goes with base_model={' / '.join(tiny_names())}")
         if image_encoder is None and (folder / "image_encoder").is_dir():
             image_encoder = folder / "image_encoder"
         if image_encoder is not None:
@@ -152,7 +152,7 @@ def load_image_encoder(source: str | Path | torch.nn.Module) -> Any:
         return source.eval()
     if str(source) in (TINY_RANDOM, *tiny_names()):
         raise ValueError(
-            f"a tiny-random image encoder comes with a tiny-random base (--base-model {' / '.join(tiny_names())})"
+            f"a tiny-random image encoder comes with a tiny-random base (base_model={' / '.join(tiny_names())})"
         )
     from transformers import CLIPVisionModelWithProjection
 

@@ -33,7 +33,14 @@ from dynamicid.models.release import (
     release_kwargs_from_state_dict,
     strip_prefix,
 )
-from dynamicid.models.saa import SAAProcessor, install_saa, load_saa_state_dict, saa_processors, saa_state_dict
+from dynamicid.models.saa import (
+    SAAProcessor,
+    install_saa,
+    load_saa_state_dict,
+    processors_state_dict,
+    saa_processors,
+    saa_state_dict,
+)
 from dynamicid.models.state_dicts import load_strict
 from dynamicid.schemas.checkpoint import PART_FIELDS, PART_PREFIXES, CheckpointMetadata
 
@@ -128,15 +135,25 @@ def _part_dims(part: str, module: nn.Module) -> dict[str, Any]:
             "num_tokens": module.num_tokens,
         }
     if part == "saa":
-        processor = next(iter(saa_processors(module).values()))
+        processor = next(iter(identity_processors(module).values()))
         return {
             "lora_rank": processor.rank,
             "num_tokens": processor.num_tokens,
-            "cross_attention_dim": int(module.config.cross_attention_dim),
+            "cross_attention_dim": denoiser_family(module).token_dim(module),
         }
     if part == "imr":
         return {"imr_depth": module.depth, "imr_dim": module.dim, "cross_attention_dim": module.embedding_dim}
     return {"keypoint_dim": module.embedding_dim}
+
+
+def identity_processors(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """The SAA processors of a base family's denoiser: a UNet's attention layers, or a Flux transformer's
+    double-stream blocks."""
+    if denoiser_family(denoiser).denoiser_name == "unet":
+        return saa_processors(denoiser)
+    from dynamicid.models.saa_flux import flux_saa_processors  # imports diffusers' Flux model: only when needed
+
+    return flux_saa_processors(denoiser)
 
 
 def _write(path: str | Path, metadata: CheckpointMetadata, parts: dict[str, dict[str, torch.Tensor]], **extra: str):
@@ -158,7 +175,8 @@ def save_dynamicid(
     imr: IMR | None = None,
     keypoint_encoder: KeypointEncoder | None = None,
 ) -> Path:
-    """Write the given parts to one safetensors file (SAA is taken from `unet`'s processors).
+    """Write the given parts to one safetensors file (SAA is taken from `unet`'s processors, or a Flux
+    transformer's).
 
     The metadata must agree with the modules (rank, token count, dims); a disagreement names the field.
     `metadata.parts` is filled in from the parts given.
@@ -175,7 +193,7 @@ def save_dynamicid(
                     f"save_dynamicid({path}): metadata says {name}={getattr(metadata, name)!r} "
                     f"but the {part} has {name}={value!r}"
                 )
-        parts[part] = saa_state_dict(module) if part == "saa" else module.state_dict()
+        parts[part] = processors_state_dict(identity_processors(module)) if part == "saa" else module.state_dict()
     extra = {IMR_CONFIG_KEY: json.dumps(imr.config)} if imr is not None else {}
     return _write(path, metadata, parts, **extra)
 

@@ -313,15 +313,10 @@ class SAAProcessor(nn.Module):
         value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=heads)
         logits = torch.stack([torch.bmm(k, q.transpose(1, 2)) for k, q in zip(key, query, strict=True)]).float()
 
-        gate = None
-        if call.gating or call.return_activation_maps:
+        logits, gate = route_id_logits(logits, call, self.num_tokens)
+        if call.return_activation_maps:
             grid = query_grid(query.shape[2], call.image_size)
-            gate = self._activation(logits)
-            if call.gating:
-                routing = _routing(call, grid, self.num_tokens, logits.device)
-                logits, gate = routing.apply(logits, gate)
-            if call.return_activation_maps:
-                self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
+            self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
         probs = logits.softmax(dim=2)
         if call.return_activation_maps:
             self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
@@ -329,15 +324,30 @@ class SAAProcessor(nn.Module):
         weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
         return _add_attention_output(text, probs * weight, value, spare=query)
 
-    @staticmethod
-    def _activation(logits: torch.Tensor) -> torch.Tensor:
-        """a(q) (b, Q): logits summed over heads and ID tokens, min-max normalised over the queries, < 0.3 -> 0."""
-        activation = logits.sum(dim=(1, 2))
-        low = activation.amin(dim=-1, keepdim=True)
-        span = activation.amax(dim=-1, keepdim=True) - low
-        # A constant row would divide by zero in the release; here it gates to 0.
-        activation = torch.where(span > 0, (activation - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
-        return activation.masked_fill(activation < GATE_THRESHOLD, 0.0)
+
+def id_activation(logits: torch.Tensor) -> torch.Tensor:
+    """a(q) (b, Q) of ID logits (b, heads, N_id, Q): summed over heads and ID tokens, min-max normalised over the
+    queries, < 0.3 -> 0."""
+    activation = logits.sum(dim=(1, 2))
+    low = activation.amin(dim=-1, keepdim=True)
+    span = activation.amax(dim=-1, keepdim=True) - low
+    # A constant row would divide by zero in the release; here it gates to 0.
+    activation = torch.where(span > 0, (activation - low) / span.clamp_min(torch.finfo(span.dtype).tiny), 0.0)
+    return activation.masked_fill(activation < GATE_THRESHOLD, 0.0)
+
+
+def route_id_logits(logits: torch.Tensor, call: SAACall, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """METHOD.md's gating and box routing on ID logits (b, heads, N_id, Q), the Q queries an image grid (see
+    `query_grid`), `num_tokens` tokens per person: (logits with the other persons' tokens hidden inside each box,
+    or blended, the gate a(q) (b, Q) boosted inside the boxes). Gating off: logits unchanged and the gate None,
+    or only the gate when `call.return_activation_maps`. Shared by the UNet and Flux processors."""
+    if not (call.gating or call.return_activation_maps):
+        return logits, None
+    gate = id_activation(logits)
+    if call.gating:
+        grid = query_grid(logits.shape[-1], call.image_size)
+        logits, gate = _routing(call, grid, num_tokens, logits.device).apply(logits, gate)
+    return logits, gate
 
 
 def _add_attention_output(
@@ -496,16 +506,27 @@ def saa_id_attention_probs(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 def saa_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """All SAA weights keyed `<processor name>.<parameter>` (e.g. `mid_block....attn2.processor.to_k_ip.weight`)."""
-    return {
-        f"{name}.{key}": tensor
-        for name, processor in saa_processors(unet).items()
-        for key, tensor in processor.state_dict().items()
-    }
+    return processors_state_dict(saa_processors(unet))
 
 
 def load_saa_state_dict(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load name-keyed SAA weights (as `saa_state_dict` writes them) strictly into installed processors."""
-    processors = saa_processors(unet)
+    load_processors_state_dict(saa_processors(unet), state_dict, "attention layer of this UNet")
+
+
+def processors_state_dict(processors: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Processors' weights keyed `<processor name>.<parameter>` (any base family's identity attention)."""
+    return {
+        f"{name}.{key}": tensor
+        for name, processor in processors.items()
+        for key, tensor in processor.state_dict().items()
+    }
+
+
+def load_processors_state_dict(
+    processors: Mapping[str, nn.Module], state_dict: Mapping[str, torch.Tensor], layers: str
+) -> None:
+    """Load `processors_state_dict`-keyed weights strictly; a key naming none of them is an error naming `layers`."""
     by_processor: dict[str, dict[str, torch.Tensor]] = {name: {} for name in processors}
     unknown = []
     for key, tensor in state_dict.items():
@@ -516,8 +537,7 @@ def load_saa_state_dict(unet: nn.Module, state_dict: Mapping[str, torch.Tensor])
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"{len(unknown)} SAA weights name no attention layer of this UNet (e.g. {unknown[0]}); "
-            "were they saved from another base model?"
+            f"{len(unknown)} SAA weights name no {layers} (e.g. {unknown[0]}); were they saved from another base model?"
         )
     for name, processor in processors.items():
         load_strict(processor, by_processor[name], what=f"SAA weights for {name}")

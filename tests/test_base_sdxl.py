@@ -234,3 +234,19 @@ def test_ip_adapter_faceid_plusv2_sdxl_layout_loads_into_the_sdxl_base(analyzer,
     install_saa(sd15, rank=4)
     with pytest.raises(ValueError, match="another base model"):
         found.load_saa_into(sd15)
+
+
+def test_mixed_precision_training_casts_every_frozen_part_the_second_text_encoder_included():
+    """In bf16 training the frozen parts run in bf16 on the training device; SDXL's second text encoder too (its
+    states are concatenated with the first's, so a part left behind breaks the text condition)."""
+    from dynamicid.train.runner import cast_frozen
+
+    base = build_tiny_random("tiny-random-sdxl")
+    model = torch.nn.Linear(2, 2)
+    cast_frozen(base, model, torch.device("cpu"), torch.bfloat16)
+    frozen = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder}
+    frozen |= {"text_encoder_2": base.text_encoder_2, "image_encoder": base.image_encoder}
+    assert {name: module.dtype for name, module in frozen.items()} == dict.fromkeys(frozen, torch.bfloat16)
+    assert model.weight.dtype == torch.float32  # what is trained stays float32
+    text, _ = text_condition(base, ["a face"])
+    assert text.dtype == torch.bfloat16

@@ -14,6 +14,7 @@ RUN_WIDE = {
     "photos_dir",
     "out_dir",
     "face_backend",
+    "device",
     "insightface_root",
     "workers",
     "engine",
@@ -31,6 +32,7 @@ SETS = {
     "follow_links": {"follow_links"},
     "shard": {"shard_index", "shard_count"},
     "min_face_size": {"min_face_size"},
+    "max_pixels": {"max_pixels"},
     "crop_size": {"crop_size"},
     "max_upscale": {"max_upscale"},
 }

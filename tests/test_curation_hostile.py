@@ -200,3 +200,26 @@ def test_second_build_into_one_out_dir_stops_at_once_naming_the_first(identity_p
     summary = json.loads(stdout)
     assert summary["config"]["per_identity"] == 35 and summary["kept"] + summary["rejected"] == summary["scanned"]
     assert summary == json.loads((out / "summary.json").read_text())
+
+
+def test_max_pixels_sets_the_largest_photo_decoded(identity_photos, tmp_path):
+    """A 15000x15000 PNG (225 MP) declared in its header, over the default limit; its pixel data is absent, so
+    once the limit allows it, decoding it fails instead: the limit is what refused it before."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    photos = identity_photos("rose_leslie")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 15000, 8, 0, 0, 0, 0))
+    (photos / "rose_leslie" / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+    details = []
+    for extra in ([], ["--max-pixels", "300000000"]):
+        result = CliRunner().invoke(main, ["build", str(photos), str(tmp_path / "out"), "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+        rejects = {r["source_path"]: r for r in pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()}
+        assert rejects["rose_leslie/huge.png"]["reason"] == "undecodable"
+        details.append(rejects["rose_leslie/huge.png"]["detail"])
+    assert "15000x15000 pixels is over the 200000000-pixel limit" in details[0]
+    assert "pixel limit" not in details[1] and "bomb" not in details[1]

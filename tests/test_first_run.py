@@ -3,8 +3,8 @@
 The Quickstart's and the whole path's fenced shell blocks are parsed out of README.md and run verbatim, each in
 its own `bash -e`, in a temporary folder that stands in for the clone (its `.venv` is the environment running
 these tests); each must exit 0, write only into `scratch/` (which git ignores), and print no library chatter
-or progress bars run together. A block preceded by `<!-- readme-runner: skip (why) -->` is not run here: the
-install, which `.ci/run` performs on a fresh machine before the tests (checked below).
+or progress bars run together. Two parts of the Quickstart's two commands are not run here: the install, which
+`.ci/run` performs word for word on a fresh machine before the tests (checked below), and the test command itself.
 """
 
 import re
@@ -17,35 +17,44 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("Quickstart", "The whole path in one sitting")
-SKIP = re.compile(r"<!-- readme-runner: skip \((.+)\) -->")
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+TEST_COMMAND = ".venv/bin/python -m pytest -q"
 
 
-def readme_blocks() -> list[tuple[str, str, str | None]]:
-    """(section, block, reason to skip or None) for each ```bash block of the runnable sections, in order."""
+def ci_commands() -> set[str]:
+    """The lines of .ci/run, as a reader types them (CI installs quietly)."""
+    return {line.strip() for line in (ROOT / ".ci" / "run").read_text().replace(" --quiet", "").splitlines()}
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(section, block) for each ```bash block of the runnable sections, in order."""
     text = (ROOT / "README.md").read_text()
     blocks = []
     for section in re.split(r"^## ", text, flags=re.M)[1:]:
         title = section.splitlines()[0]
-        if not title.startswith(SECTIONS):
-            continue
-        for fence in FENCE.finditer(section):
-            before = section[: fence.start()].rstrip().splitlines()
-            skip = SKIP.fullmatch(before[-1].strip()) if before else None
-            blocks.append((title, fence.group(1), skip.group(1) if skip else None))
+        if title.startswith(SECTIONS):
+            blocks += [(title, fence.group(1)) for fence in FENCE.finditer(section)]
     return blocks
+
+
+def runnable(block: str) -> str:
+    """The block less what CI runs itself: each line's `&&`-chained install steps and the test command."""
+    kept = ci_commands() | {TEST_COMMAND}
+    lines = [" && ".join(c for c in line.split(" && ") if c.strip() not in kept) for line in block.splitlines()]
+    return "\n".join(line for line in lines if line.strip())
 
 
 def test_the_readme_runner_finds_the_sections_blocks():
     blocks = readme_blocks()
-    titles = [title for title, _, _ in blocks]
-    assert titles.count("Quickstart") == 2 and sum(t.startswith(SECTIONS[1]) for t in titles) == 1, titles
-    skipped = [block for _, block, reason in blocks if reason]
-    assert len(skipped) == 1 and skipped[0].startswith("python3 -m venv .venv")
-    # The skipped install is what CI runs on a fresh machine (there quietly).
-    ci = (ROOT / ".ci" / "run").read_text().replace(" --quiet", "")
-    for command in skipped[0].strip().split(" && "):
-        assert re.search(rf"^{re.escape(command)}$", ci, re.M), command
+    assert [title for title, _ in blocks][:1] == ["Quickstart"] and len(blocks) == 2, blocks
+    quickstart = blocks[0][1].strip().splitlines()
+    assert len(quickstart) == 2, "the Quickstart is two commands: install + demo, install + tests"
+    install = "python3 -m venv .venv && .venv/bin/pip install --no-deps -r requirements/lock.txt -e ."
+    assert all(line.startswith(install) for line in quickstart)
+    assert quickstart[1].endswith(TEST_COMMAND)
+    # The install is what CI runs on a fresh machine, word for word (there quietly).
+    assert set(install.split(" && ")) <= ci_commands()
+    assert runnable(blocks[0][1]) == "mkdir -p scratch && .venv/bin/dynamicid-curate demo scratch/demo_dataset"
 
 
 @pytest.mark.slow
@@ -53,11 +62,13 @@ def test_the_readme_commands_run_as_written(tmp_path):
     clone = tmp_path / "clone"
     clone.mkdir()
     (clone / ".venv").symlink_to(Path(sys.prefix))
-    for title, block, reason in readme_blocks():
-        if reason:
-            continue
+    for title, block in readme_blocks():
         result = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-c", block], cwd=clone, capture_output=True, text=True, timeout=1800
+            ["bash", "-e", "-o", "pipefail", "-c", runnable(block)],
+            cwd=clone,
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
         assert result.returncode == 0, f"{title}:\n{block}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         assert "requires torchvision" not in result.stderr, title

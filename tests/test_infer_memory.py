@@ -19,7 +19,7 @@ from dynamicid.testing import random_parts, save_random_weights
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BASES = ("tiny-random", "tiny-random-sdxl")
-FLOAT8_MEAN_TOLERANCE = 8.0
+FLOAT8_MEAN_TOLERANCE = 4.0  # measured 2.06 (tiny-random) and 2.04 (tiny-random-sdxl), 2 steps
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,6 @@ def test_model_offload_gives_the_plain_images(base, weights, request_, plain):
     assert np.array_equal(image, plain[base])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="models/lora.py reads the wrapped Linear's .weight, bypassing layerwise casting (the diffusers "
-    "helper's fix is not on main yet)",
-)
 @pytest.mark.parametrize("base", BASES)
 def test_float8_weights_stay_within_tolerance_of_the_plain_images(base, weights, request_, plain):
     pipe, generated, image = run(base, weights, request_, weights_dtype="float8")

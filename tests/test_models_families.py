@@ -24,12 +24,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tiny_names_pick_their_family_and_build_it():
-    assert tiny_names() == ("tiny-random", "tiny-random-sdxl")
-    for name, family in (("tiny-random", "sd15"), ("tiny-random-sdxl", "sdxl")):
+    assert tiny_names() == ("tiny-random", "tiny-random-sdxl", "tiny-random-flux")
+    for name, family in (("tiny-random", "sd15"), ("tiny-random-sdxl", "sdxl"), ("tiny-random-flux", "flux")):
         assert detect_family(name).name == family
         base = load_base_model(name)
         assert base.family == family and denoiser_family(base.denoiser) is FAMILIES[family]
-        assert base.unet is base.denoiser and "unet" in base.components()
+        denoiser = FAMILIES[family].denoiser_name
+        assert base.components()[denoiser] is base.denoiser
+        if denoiser == "unet":
+            assert base.unet is base.denoiser
 
 
 def _index(folder, class_name, **components):
@@ -49,6 +52,8 @@ def _index(folder, class_name, **components):
         ("DynamicIDXLPipeline", {"unet", "text_encoder", "text_encoder_2"}, "sdxl"),  # saved by this toolkit
         ("SomeFineTunePipeline", {"unet", "text_encoder", "text_encoder_2"}, "sdxl"),  # by its components
         ("SomeFineTunePipeline", {"unet", "text_encoder"}, "sd15"),
+        ("FluxPipeline", {"transformer", "text_encoder", "text_encoder_2"}, "flux"),
+        ("SomeFluxFineTunePipeline", {"transformer", "text_encoder", "text_encoder_2"}, "flux"),
     ],
 )
 def test_folder_family_reads_model_index(tmp_path, class_name, components, family):
@@ -60,7 +65,10 @@ def test_folder_without_model_index_is_told_by_its_subfolders(tmp_path):
     for name in ("unet", "text_encoder", "text_encoder_2"):
         (tmp_path / name).mkdir()
     assert detect_family(tmp_path).name == "sdxl"
+    (tmp_path / "unet").rename(tmp_path / "transformer")
+    assert detect_family(tmp_path).name == "flux"
     (tmp_path / "text_encoder_2").rmdir()
+    (tmp_path / "transformer").rename(tmp_path / "unet")
     assert detect_family(tmp_path).name == "sd15"
 
 
@@ -68,7 +76,9 @@ def test_bad_model_index_and_missing_folder_are_one_line_errors(tmp_path):
     (tmp_path / "model_index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"model_index\.json is not a diffusers model index"):
         detect_family(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*'tiny-random' / 'tiny-random-sdxl'"):
+    with pytest.raises(
+        FileNotFoundError, match=r"does not exist.*'tiny-random' / 'tiny-random-sdxl' / 'tiny-random-flux'"
+    ):
         detect_family(tmp_path / "nowhere")
 
 
@@ -85,6 +95,7 @@ def test_single_file_checkpoints_are_told_by_their_tensor_names(tmp_path):
             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": tiny,
             "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": tiny,
         },
+        "flux": {"double_blocks.0.img_attn.qkv.weight": tiny, "single_blocks.0.linear1.weight": tiny},  # BFL's
     }
     for family, tensors in files.items():
         path = tmp_path / f"{family}.safetensors"
@@ -106,7 +117,7 @@ def test_names_and_labels():
     assert family_named("sdxl") is FAMILIES["sdxl"]
     assert family_label("sdxl") == "SDXL (base_family 'sdxl')"
     assert family_label("sd3") == "sd3 (base_family 'sd3')"
-    with pytest.raises(ValueError, match="unknown base family 'sd3'; known: sd15, sdxl"):
+    with pytest.raises(ValueError, match="unknown base family 'sd3'; known: sd15, sdxl, flux"):
         family_named("sd3")
     with pytest.raises(ValueError, match="denoiser of no known base family"):
         denoiser_family(object())

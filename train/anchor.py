@@ -28,8 +28,8 @@ from dynamicid.models import (
 )
 from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family, read_safetensors
-from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, encoder_states
-from dynamicid.models.families import detect_family
+from dynamicid.models.conditioning import TRAINING_SAA, Conditioner
+from dynamicid.models.families import denoiser_family, detect_family
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
@@ -40,12 +40,13 @@ from dynamicid.train.validation import row_reference, sample_image, training_pip
 
 
 class AnchorModel(nn.Module):
-    """Face encoder -> ID tokens appended to the text states -> the SAA UNet's noise prediction."""
+    """Face encoder -> ID tokens beside the text states -> the SAA denoiser's prediction (`family.denoise`)."""
 
     def __init__(self, unet: nn.Module, face_encoder: FaceEncoder):
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # the family's denoiser (saved as the `unet` part: its SAA processors)
         self.face_encoder = face_encoder
+        self.family = denoiser_family(unet)
 
     def forward(
         self,
@@ -56,14 +57,10 @@ class AnchorModel(nn.Module):
         clip_embeds: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        states = encoder_states(text, self.face_encoder(id_embeds, clip_embeds))
-        return self.unet(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=states,
-            added_cond_kwargs=added_cond_kwargs,
-            cross_attention_kwargs={"saa": TRAINING_SAA},
-        ).sample
+        id_tokens = self.face_encoder(id_embeds, clip_embeds)
+        return self.family.denoise(
+            self.unet, noisy_latents, timesteps, text, id_tokens, added_cond_kwargs, TRAINING_SAA
+        )
 
 
 @dataclass
@@ -210,7 +207,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
 
     # 2. Accelerator and models (frozen base; SAA and face encoder trained).
     accelerator, dtype, base = start_stage(config, base)
-    unet = base.unet
+    unet = base.denoiser
     if init is not None and "saa" in init.parts:
         init.loader.load_saa_into(unet)
         rank = next(iter(unet.attn_processors.values())).rank

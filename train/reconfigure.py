@@ -24,7 +24,7 @@ from dynamicid.infer import Person
 from dynamicid.models import IMR, KeypointEncoder, load_dynamicid
 from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family
-from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, encoder_states, landmark_vectors
+from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, landmark_vectors
 from dynamicid.models.families import detect_family
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.cache_tokens import file_digest, read_tokens
@@ -93,14 +93,12 @@ class ReconfigureObjective:
         noised = self.objective.noised(vae_latents(self.base, pixels, generator), generator)
         noisy, timesteps = noised.noisy, noised.timesteps
         text = self.unet_text.expand(len(targets), -1, -1)
-        unet = self.base.unet
-        kwargs = {"added_cond_kwargs": self.added_cond_kwargs, "cross_attention_kwargs": {"saa": TRAINING_SAA}}
+        family, denoiser = self.base.base_family, self.base.denoiser
+        inputs = (noisy, timesteps, text)
         with torch.no_grad():
-            states = encoder_states(text, targets.to(self.dtype))
-            reference = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
-        states = encoder_states(text, predicted.to(self.dtype))
-        prediction = unet(noisy, timesteps, encoder_hidden_states=states, **kwargs)
-        ldc = F.mse_loss(prediction.sample.float(), reference.sample.float())
+            reference = family.denoise(denoiser, *inputs, targets.to(self.dtype), self.added_cond_kwargs, TRAINING_SAA)
+        prediction = family.denoise(denoiser, *inputs, predicted.to(self.dtype), self.added_cond_kwargs, TRAINING_SAA)
+        ldc = F.mse_loss(prediction.float(), reference.float())
         total = self.config.dfm_weight * dfm + self.config.ldc_weight * ldc
         return {"loss": total, "dfm": dfm, "ldc": ldc}
 
@@ -130,10 +128,10 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
             f"--anchor {config.anchor} was trained with prediction_type {anchor.metadata.prediction_type!r} but "
             f"the base model's scheduler says {objective!r}; anchor and reconfigure on the same base model"
         )
-    anchor.load_saa_into(base.unet)
-    base.unet.requires_grad_(False)
+    anchor.load_saa_into(base.denoiser)
+    base.denoiser.requires_grad_(False)
     if config.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.denoiser.enable_gradient_checkpointing()
     md = anchor.metadata
     imr = IMR(
         dim=config.imr_dim,

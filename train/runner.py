@@ -381,7 +381,7 @@ def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch
 
 def cast_frozen(base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32."""
-    for module in (base.unet, base.vae, base.text_encoder, base.image_encoder):
+    for module in base.modules():  # every frozen part, SDXL's second text encoder included
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     for p in trainable_parameters(model):
         p.data = p.data.float()

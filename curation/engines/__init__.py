@@ -34,7 +34,7 @@ class Engine(Protocol):
         `what` names the work in an error message."""
         ...
 
-    def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
+    def start_backend(self, requested: str, dup_embedding_fraction: float, device: str = "auto") -> None:
         """Begin `backend.resolve_backend` where the face models will run (workers that keep them, or this
         process); returns at once where it can, so that the driver's own start-up overlaps the workers'."""
         ...
@@ -68,5 +68,5 @@ def start_engine(config: CurationConfig, *, progress: bool) -> Engine:
         engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
     except (ValueError, EngineUnavailable) as error:
         raise CurationError(str(error)) from error
-    engine.start_backend(config.face_backend, config.dup_embedding_fraction)
+    engine.start_backend(config.face_backend, config.dup_embedding_fraction, config.device)
     return engine

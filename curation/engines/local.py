@@ -122,12 +122,12 @@ class LocalEngine:
             )
         return self._pool
 
-    def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
+    def start_backend(self, requested: str, dup_embedding_fraction: float, device: str = "auto") -> None:
         """With workers, each worker resolves it (at once, in parallel) and keeps the face models it built for the
         model stages; this process, which then runs no model, builds none (about 700 MB and 1.4 s less). The
         workers start here: what the driver does until `resolved_backend` (its imports, its checks) overlaps
         their imports and model building."""
-        self._backend_request = (requested, dup_embedding_fraction)
+        self._backend_request = (requested, dup_embedding_fraction, device)
         if self.workers > 1:
             pool = self._worker_pool()
             self._resolving = [pool.submit(resolve_in_worker, *self._backend_request) for _ in range(self.workers)]

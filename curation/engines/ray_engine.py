@@ -174,10 +174,10 @@ class RayEngine:
         context.execution_options.preserve_order = True  # outputs in input order: no sort needed
         context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # groupby by sorting: tasks, no actors
 
-    def start_backend(self, requested: str, dup_embedding_fraction: float) -> None:
+    def start_backend(self, requested: str, dup_embedding_fraction: float, device: str = "auto") -> None:
         """Ray starts (or is joined) when the backend is asked for: starting it takes seconds, which must not come
         before the run's input checks."""
-        self._backend_request = (requested, dup_embedding_fraction)
+        self._backend_request = (requested, dup_embedding_fraction, device)
 
     def resolved_backend(self) -> BackendInfo:
         """In `--workers` Ray tasks at once, each in its own worker process, which keeps the face models it built
@@ -190,7 +190,9 @@ class RayEngine:
             raise RuntimeError("call start_backend before resolved_backend")
         self._connect()
         driver = {INSIGHTFACE_ROOT_ENV: os.environ.get(INSIGHTFACE_ROOT_ENV, "")}  # the driver's setting counts
-        resolve = ray.remote(num_cpus=self._cpus_per_worker(), max_calls=0)(resolve_in_worker)
+        # On GPUs when the models will run there: a worker without one would refuse --device cuda.
+        gpus = self._gpus_per_worker() if self._backend_request[2] != "cpu" else 0.0
+        resolve = ray.remote(num_cpus=self._cpus_per_worker(), num_gpus=gpus, max_calls=0)(resolve_in_worker)
         with _one_line_errors():
             return one_backend(ray.get([resolve.remote(*self._backend_request, driver) for _ in range(self.workers)]))
 
@@ -216,15 +218,9 @@ class RayEngine:
         return stats
 
     def _dataset(self, stage: Stage, key: str, source: Path, columns: list[str], carried: list[str]):
-        import ray
-        import ray.data
         from ray.data import TaskPoolStrategy
 
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        wanted = stage.resources
-        num_cpus = min(wanted.cpus, self._cpus_per_worker())
-        # Model stages share the cluster's GPUs (when it has any) in fractions, unless they ask for their own.
-        num_gpus = (wanted.gpus or (min(1.0, gpus / self.workers) if stage.uses_models else 0.0)) if gpus else 0.0
+        num_cpus, num_gpus = self.task_resources(stage)
         wanted_columns = list(dict.fromkeys([*columns, "reason"]))
         if stage.kind is StageKind.GROUP:
             data = _read(CandidateRows(source, wanted_columns, GROUP_READ_ROWS), num_cpus=num_cpus)
@@ -245,6 +241,18 @@ class RayEngine:
         return _read(blocks, **task).map_batches(
             _process_block, fn_args=(key, stage, carried), batch_size=None, batch_format="pyarrow", **task
         )
+
+    def task_resources(self, stage: Stage) -> tuple[float, float]:
+        """(num_cpus, num_gpus) of a stage's tasks: its declared `resources`, within each worker's share of the
+        cluster (a GPU share only where the cluster has GPUs and the stage asks for one)."""
+        wanted = stage.resources
+        return min(wanted.cpus, self._cpus_per_worker()), min(wanted.gpus, self._gpus_per_worker())
+
+    def _gpus_per_worker(self) -> float:
+        """The cluster's GPUs shared out over the workers (at most one each); 0 on a cluster without GPUs."""
+        import ray
+
+        return min(1.0, float(ray.cluster_resources().get("GPU", 0.0)) / self.workers)
 
     def _cpus_per_worker(self) -> float:
         import ray

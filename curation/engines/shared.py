@@ -51,12 +51,12 @@ def stage_key(stage: Stage, fingerprint: str) -> str:
 
 
 def resolve_in_worker(
-    requested: str, dup_embedding_fraction: float, environment: dict[str, str] | None = None
+    requested: str, dup_embedding_fraction: float, device: str = "auto", environment: dict[str, str] | None = None
 ) -> BackendInfo:
     """`backend.resolve_backend` in a worker, which keeps the analyzer it built for the model stages."""
     from dynamicid.curation.backend import resolve_backend
 
-    return resolve_backend(requested, dup_embedding_fraction, environment=environment)
+    return resolve_backend(requested, dup_embedding_fraction, device, environment=environment)
 
 
 def one_backend(resolved: list[BackendInfo]) -> BackendInfo:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from dynamicid.models.families.family import BaseFamily, FolderLayout
+from dynamicid.models.families.flux import FLUX
 from dynamicid.models.families.sd15 import SD15
 from dynamicid.models.families.sdxl import SDXL
 
-FAMILIES: dict[str, BaseFamily] = {family.name: family for family in (SD15, SDXL)}
+FAMILIES: dict[str, BaseFamily] = {family.name: family for family in (SD15, SDXL, FLUX)}
 # A folder no family claims (no model_index.json, no telling subfolders) is taken as SD 1.5, whose loader then
 # names the subfolders it lacks.
 DEFAULT_FAMILY = SD15

@@ -112,6 +112,15 @@ class BaseFamily:
         """Put SAA processors on the denoiser's attention layers (a no-op when installed with the same settings)."""
         raise NotImplementedError
 
+    def denoise(
+        self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
+    ) -> Any:
+        """The denoiser's training prediction from the noised latents `noisy`, shaped like them (what the
+        objective's target is compared with): `text` the text states (B, L, C), `id_tokens` the persons' ID tokens (B or 1, N_id, C),
+        `condition` the second value of the conditioner's `text_condition` (SDXL's added_cond_kwargs, None for
+        SD 1.5), `saa` the per-call SAA inputs (`SAACall`)."""
+        raise NotImplementedError
+
     def objective(self, scheduler: Any) -> Any:
         """The training objective over the base's training scheduler (`dynamicid.models.objectives`: epsilon,
         v_prediction or flow_matching); a scheduler the objective cannot train with is refused with one line."""

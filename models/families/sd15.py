@@ -76,6 +76,19 @@ class SD15Family(BaseFamily):
 
         install_saa(denoiser, rank=rank, num_tokens=num_tokens)
 
+    def denoise(
+        self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
+    ) -> Any:
+        from dynamicid.models.conditioning import encoder_states
+
+        return denoiser(
+            noisy,
+            timesteps,
+            encoder_hidden_states=encoder_states(text, id_tokens),  # [text ; ID tokens], persons in order
+            added_cond_kwargs=condition,
+            cross_attention_kwargs={"saa": saa},
+        ).sample
+
     def objective(self, scheduler: Any) -> Any:
         from dynamicid.models.objectives import DDPMObjective
 

@@ -1,0 +1,89 @@
+"""Batched against one-image face analysis, side by side in one run.
+
+    .venv/bin/python benchmarks/faces_batch.py [--backend embedded|insightface] [--device cpu|cuda|auto]
+        [--batches 1,16,64] [--limit 96] [--pack PACK_DIR]
+
+Per batch size: photos per second of detect and of describe (`FaceAnalyzer.detect_batch` / `describe_batch` on
+that many decoded photos at a time), and the describe ratio to batch 1. On the CPU the figures are per CPU-second
+(process time, pinned to one core: other people's load on a shared machine does not count); on CUDA they are
+wall-clock, with the GPU memory in use after the run (nvidia-smi). Photos: identities/ and group_photos/ of
+../shared/data/faces, decoded once beforehand (decoding is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from dynamicid.faces import FaceAnalyzer, load_array
+
+DEFAULT_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+
+
+def photos(root: Path, limit: int) -> list:
+    paths = sorted(p for folder in ("identities", "group_photos") for p in (root / folder).rglob("*.*"))
+    paths = [p for p in paths if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    step = max(1, len(paths) // limit)
+    return [load_array(p) for p in paths[::step][:limit]]
+
+
+def gpu_memory() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "n/a"
+    query = ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"]
+    return subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="embedded", choices=("embedded", "insightface"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--limit", type=int, default=96)
+    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    parser.add_argument("--pack", type=Path, help="insightface: the unzipped pack folder (e.g. buffalo_l)")
+    args = parser.parse_args()
+    options = {"insightface_root": str(args.pack)} if args.pack else {}
+    try:
+        analyzer = FaceAnalyzer(args.backend, device=args.device, **options)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"benchmarks/faces_batch.py: {str(error).splitlines()[0]}\n")
+    cuda = analyzer._backend.device == "cuda"
+    if not cuda:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    clock = time.perf_counter if cuda else time.process_time
+    images = photos(args.photos, args.limit)
+    detected = analyzer.detect_batch(images)
+    analyzer.describe_batch(images[:2], detected[:2])  # warm-up: sessions, CUDA kernels
+    faces = sum(map(len, detected))
+    print(
+        f"{args.backend} on {'cuda' if cuda else 'cpu (1 core, per CPU-second)'}; {platform.machine()} "
+        f"{os.cpu_count()}-CPU host, load average {os.getloadavg()[0]:.1f}; {len(images)} photos, {faces} faces"
+    )
+    print(f"{'batch':>6}{'detect photos/s':>17}{'describe photos/s':>19}{'describe faces/s':>18}{'ratio':>7}")
+    base = None
+    for batch in (int(b) for b in args.batches.split(",")):
+        start = clock()
+        for i in range(0, len(images), batch):
+            analyzer.detect_batch(images[i : i + batch])
+        detect_s = clock() - start
+        start = clock()
+        for i in range(0, len(images), batch):
+            analyzer.describe_batch(images[i : i + batch], detected[i : i + batch])
+        describe_s = clock() - start
+        base = base or describe_s
+        print(
+            f"{batch:>6}{len(images) / detect_s:>17.1f}{len(images) / describe_s:>19.1f}"
+            f"{faces / describe_s:>18.1f}{base / describe_s:>6.2f}x"
+        )
+    if cuda:
+        print(f"GPU memory used/total after the run: {gpu_memory()}")
+
+
+if __name__ == "__main__":
+    main()

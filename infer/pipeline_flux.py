@@ -1,0 +1,444 @@
+"""`DynamicIDFluxPipeline`: DynamicID on FLUX.1-dev, several identities in boxes with per-person expressions.
+
+diffusers' `FluxPipeline` with DynamicID's steps: the face tokens (face encoder, rewritten by the IMR for a
+target expression / pose) travel to the transformer's double-stream attention in `joint_attention_kwargs`
+(`{"saa": SAACall, "id_tokens": ...}`, `dynamicid.models.saa_flux`), one `SAACall` per denoising step so the
+gate boost lasts the first `boost_steps` steps. FLUX.1-dev is guidance-distilled: `guidance_scale` is the
+transformer's guidance embedding (3.5 by default), not classifier-free guidance; `true_cfg_scale` > 1 with a
+`negative_prompt` adds a second, negative call per step whose ID tokens are the unconditional face's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.utils import replace_example_docstring
+
+from dynamicid.faces import FaceAnalyzer
+from dynamicid.infer.people import Person
+from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, MapAccumulator
+from dynamicid.infer.weights import DynamicIDModules
+from dynamicid.models.base import BaseModel, load_image_encoder
+from dynamicid.models.checkpoints import check_base_family, load_dynamicid
+from dynamicid.models.conditioning import saa_calls
+from dynamicid.models.conditioning_flux import FluxConditioner
+from dynamicid.models.families import folder_family
+from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
+from dynamicid.models.saa_flux import (
+    flux_saa_activation_maps,
+    flux_saa_id_attention_probs,
+    flux_saa_processors,
+    install_flux_saa,
+    load_flux_saa_state_dict,
+)
+
+DEFAULT_STEPS = 28  # FLUX.1-dev's usual sampling: 28 flow-matching Euler steps, guidance 3.5
+DEFAULT_GUIDANCE = 3.5
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from dynamicid.infer import DynamicIDFluxPipeline, Person
+
+        >>> pipe = DynamicIDFluxPipeline.from_pretrained("models/FLUX.1-dev", torch_dtype=torch.bfloat16)
+        >>> pipe.load_dynamicid("dynamicid-flux.safetensors", image_encoder="models/image_encoder")
+        >>> out = pipe(
+        ...     "two friends laughing in a cafe",
+        ...     people=[
+        ...         Person("ref1.jpg", expression="happy", box=(0.1, 0.1, 0.6, 0.45)),
+        ...         Person("ref2.jpg", expression="surprised", box=(0.1, 0.55, 0.6, 0.9)),
+        ...     ],
+        ...     height=1024,
+        ...     width=1024,
+        ...     generator=torch.Generator().manual_seed(2025),
+        ... )
+        >>> out.images[0].save("friends.png")
+        ```
+"""
+
+
+def load_flux_modules(weights: str | Path | Sequence[str | Path], transformer: torch.nn.Module) -> DynamicIDModules:
+    """Our weights file(s) for a Flux base: SAA into `transformer` (installed with the file's rank, token count
+    and token width), the face encoder, and the IMR / keypoint encoder when present. Weights of another base
+    family are refused with one line naming the file and both families."""
+    if not isinstance(weights, (str, Path, Sequence)) or isinstance(weights, dict):
+        raise ValueError("a Flux base loads this project's safetensors weights only (the release is SD 1.5)")
+    loaded = load_dynamicid(weights)
+    where = ", ".join(map(str, loaded.paths))
+    check_base_family(loaded.metadata.base_family, FLUX.name, where)
+    missing = [p for p in ("face_encoder", "saa") if p not in loaded.state_dicts]
+    if missing:
+        raise ValueError(
+            f"{where} hold(s) no {' and no '.join(missing)} (parts found: {', '.join(sorted(loaded.state_dicts))}); "
+            "inference needs the anchoring stage's weights (face_encoder + saa)"
+        )
+    md = loaded.metadata
+    install_flux_saa(transformer, rank=md.lora_rank, num_tokens=md.num_tokens, id_dim=md.cross_attention_dim)
+    load_flux_saa_state_dict(transformer, loaded.state_dicts["saa"])
+    build = {"imr": loaded.build_imr, "keypoint_encoder": loaded.build_keypoint_encoder}
+    imr, keypoint_encoder = (build[p]() if p in loaded.state_dicts else None for p in build)
+    files = {f"weights[{i}]": p for i, p in enumerate(loaded.paths)} if len(loaded.paths) > 1 else {}
+    return DynamicIDModules(
+        loaded.build_face_encoder(), imr, keypoint_encoder, md.id_embed_model, files or {"weights": loaded.paths[0]}
+    )
+
+
+class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
+    r"""DynamicID on FLUX.1 (dev; schnell works with `guidance_scale` ignored and fewer steps).
+
+    Components are those of [`FluxPipeline`] (transformer, 16-channel VAE, CLIP and T5 text encoders, the
+    flow-matching scheduler); `image_encoder` is the CLIP vision tower whose penultimate states feed the face
+    encoder. Face analysis, face tokens and IMR edits are `DynamicIDMixin`'s, shared with SD 1.5 and SDXL.
+    """
+
+    family = FLUX.name
+    multi_person_boost = (2.0, 7)  # the release's boost over its first 12 of 50 steps, as a share of 28 steps
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
+    _optional_components = ["image_encoder", "feature_extractor"]  # noqa: RUF012 (FluxPipeline's)
+
+    # ---- construction ----
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, transformer: str | Path | Any | None = None, **kwargs: Any
+    ):
+        """Load a local FLUX.1 diffusers folder (nothing is downloaded); `transformer` may replace its transformer
+        with a single `.safetensors` file (BFL's `flux1-dev.safetensors` layout or diffusers') or a module."""
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"base model folder {folder} does not exist (expected FLUX.1 in diffusers layout)")
+        family = folder_family(folder)
+        if family is not FLUX:
+            raise ValueError(
+                f"{folder} holds {family.describe()}, not {FLUX.describe()}: use {family.pipeline_class().__name__}"
+            )
+        if isinstance(transformer, (str, Path)):
+            transformer = load_flux_transformer(transformer, folder)
+        if transformer is not None:
+            kwargs["transformer"] = transformer
+        kwargs.setdefault("local_files_only", True)
+        return super(DynamicIDMixin, cls).from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_base(cls, base: BaseModel):
+        """A pipeline over a Flux base's parts (`load_base_model`, also the tiny-random-flux FAKE), sampling with
+        the flow-matching scheduler of its config."""
+        if base.base_family is not FLUX:
+            raise ValueError(
+                f"base model {base.name} is {base.base_family.describe()}: use pipeline_for(base), not {cls.__name__}"
+            )
+        return cls(**base.components(), scheduler=base.noise_scheduler)
+
+    def load_dynamicid(
+        self,
+        weights: str | Path | Sequence[str | Path],
+        image_encoder: str | Path | torch.nn.Module | None = None,
+        face_backend: str = "auto",
+        face_analyzer: Any | None = None,
+        **face_options: Any,
+    ) -> None:
+        """Load DynamicID-Flux weights (base_family flux), the CLIP image encoder and the face analysis (see
+        `DynamicIDMixin.load_dynamicid`)."""
+        dtype = self.transformer.dtype
+        if image_encoder is not None:
+            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, dtype))
+        if self.image_encoder is None:
+            raise ValueError(
+                "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
+            )
+        modules = load_flux_modules(weights, self.transformer)
+        modules.to(self.device, dtype)
+        self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))
+
+    def set_dynamicid(self, face_encoder, imr=None, keypoint_encoder=None, *, face_analyzer=None) -> None:
+        """Use modules held in memory (e.g. while training); the transformer must carry SAA already."""
+        flux_saa_processors(self.transformer)  # raises when SAA is not installed
+        if self.image_encoder is None:
+            raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
+        embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
+        self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
+
+    def attach_identity(self, modules: DynamicIDModules) -> None:
+        """Nothing to attach: SAA lives in the transformer's processors (installed by `load_flux_modules`)."""
+
+    def check_identity_attention(self) -> None:
+        """Refuse to generate when a double-stream block's SAA processor was replaced."""
+        processors = flux_saa_processors(self.transformer)
+        blocks = [name for name in self.transformer.attn_processors if name.startswith("transformer_blocks.")]
+        if len(processors) != len(blocks):
+            raise ValueError(
+                f"only {len(processors)} of the transformer's {len(blocks)} double-stream attention layers run SAA "
+                "(their processors were replaced); load the DynamicID weights again"
+            )
+
+    @property
+    def id_token_width(self) -> int:
+        """The face tokens' width: the SAA processors' (the transformer's width unless installed otherwise)."""
+        return next(iter(flux_saa_processors(self.transformer).values())).id_dim
+
+    @property
+    def conditioner(self) -> FluxConditioner:
+        return FluxConditioner.from_parts(self, self._max_sequence_length)
+
+    _max_sequence_length = T5_MAX_LENGTH
+
+    # ---- checks ----
+
+    def check_inputs(  # diffusers' name; its FluxPipeline signature does not apply here
+        self,
+        prompt: str,
+        people: list[Person],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: str | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        id_scale: float = 1.0,
+        max_sequence_length: int = T5_MAX_LENGTH,
+    ) -> list[tuple[float, float, float, float]]:
+        """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"`height` and `width` must be divisible by {multiple} on Flux (2x2 latent patches) "
+                f"but are {height} and {width}"
+            )
+        if not 1 <= max_sequence_length <= T5_MAX_LENGTH:
+            raise ValueError(f"`max_sequence_length` must be in 1..{T5_MAX_LENGTH}, got {max_sequence_length}")
+        # The SD checks (weights loaded, prompt, people, labels, edits, callbacks) with a size that passes theirs.
+        return super().check_inputs(
+            prompt,
+            people,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            num_images_per_prompt=num_images_per_prompt,
+            id_scale=id_scale,
+        )
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str,
+        people: list[Person],
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        true_cfg_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        id_scale: float = 1.0,
+        gating: bool = True,
+        boost: float | None = None,
+        boost_steps: int | None = None,
+        max_sequence_length: int = T5_MAX_LENGTH,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_activation_maps: bool = False,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> DynamicIDPipelineOutput | tuple:
+        r"""Generate images of `people` as described by `prompt`.
+
+        Args:
+            prompt: the scene. people: one `Person` per identity, in order (reference photo, optional target
+                expression / pose / landmark image, optional box (y0, x0, y1, x1) in [0, 1]; none = strips).
+            negative_prompt, true_cfg_scale: true classifier-free guidance (two transformer calls per step) when
+                `true_cfg_scale` > 1 and a negative prompt is given; off by default, as for FLUX.1-dev.
+            height, width: pixels, multiples of 16 (default 1024). num_inference_steps: Euler steps (28).
+            guidance_scale: FLUX.1-dev's distilled guidance embedding (3.5).
+            num_images_per_prompt: images in one batch. generator, latents: reproducible / preset noise
+                (latents packed, as FluxPipeline takes them).
+            id_scale: weight of the identity branch (0 = Flux alone). gating: SAA's gating and box routing.
+            boost, boost_steps: gate boost inside the boxes and for how many steps; None = 2.0 for the first 7
+                of 28 steps' share with several people, none for one.
+            max_sequence_length: T5 tokens of the prompt (512).
+            output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images,).
+            return_activation_maps: also return per-person SAA activation maps (see the output class).
+            callback_on_step_end: fn(pipe, step, timestep, tensors) after each step; it may replace the tensors
+                named in `callback_on_step_end_tensor_inputs`.
+
+        Examples:
+
+        Returns:
+            `DynamicIDPipelineOutput` (or a tuple when return_dict is False).
+        """
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 0. Default height and width (FLUX.1's 1024)
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+
+        # 1. Check inputs before any model runs
+        boxes = self.check_inputs(
+            prompt,
+            people,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            tensor_inputs,
+            num_images_per_prompt,
+            id_scale,
+            max_sequence_length,
+        )
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = {}
+        self._current_timestep = None
+        self._interrupt = False
+        self._max_sequence_length = max_sequence_length
+        device = self._execution_device
+        if self.dynamicid.format != "memory":  # loaded modules follow pipe.to(...); a trainer's stay as they are
+            self.dynamicid.to(device, self.transformer.dtype)
+        do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
+
+        # 2. Analyse the references: the largest face of each
+        references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
+        timings["analysis"] = _lap(clock)
+
+        # 3. Encode the prompt: T5 states, CLIP's pooled vector, text position ids
+        # (each prompt on its own, as FluxPipeline encodes them: batching could change the last bits)
+        conditioner, batch = self.conditioner, num_images_per_prompt
+        encoded = []
+        for text in [prompt] + ([negative_prompt] if do_true_cfg else []):
+            states, inputs = conditioner.text_condition(conditioner.token_ids([text]))
+            pooled = inputs["pooled_projections"].to(device, self.text_encoder.dtype).expand(batch, -1)
+            encoded.append((states.to(device, self.text_encoder_2.dtype).expand(batch, -1, -1), pooled))
+        (prompt_embeds, pooled), text_ids = encoded[0], inputs["txt_ids"].to(device)
+
+        # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
+        tokens, uncond_tokens, reports = self.identity_tokens(people, references, boxes)
+        id_tokens = tokens.reshape(1, -1, tokens.shape[-1]).to(self.transformer.dtype)
+        uncond_id_tokens = uncond_tokens.reshape(1, -1, tokens.shape[-1]).to(self.transformer.dtype)
+        timings["tokens"] = _lap(clock) - timings["analysis"]
+
+        # 5. Packed initial noise and the image position ids
+        num_channels_latents = self.transformer.config.in_channels // 4
+        latents, latent_image_ids = self.prepare_latents(
+            batch, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+
+        # 6. Timesteps: sigmas 1 .. 1/steps shifted by mu, which grows with the image's token count (Flux's shift)
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            latents.shape[1],
+            self.scheduler.config.get("base_image_seq_len", 256),
+            self.scheduler.config.get("max_image_seq_len", 4096),
+            self.scheduler.config.get("base_shift", 0.5),
+            self.scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        )
+        self._num_timesteps = len(timesteps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
+
+        # 7. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
+        saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
+        saa_per_step = saa_calls(
+            **saa_settings,
+            steps=num_inference_steps,
+            image_size=(height, width),
+            return_activation_maps=return_activation_maps,
+        )
+        maps = MapAccumulator(len(people), self.dynamicid.num_tokens, batch) if return_activation_maps else None
+
+        # 8. Denoising loop
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                calls = [(prompt_embeds, pooled, id_tokens, saa_per_step[i])]
+                if do_true_cfg:  # the negative call: the unconditional face, no maps recorded
+                    calls.append(
+                        (*encoded[1], uncond_id_tokens, replace(saa_per_step[i], return_activation_maps=False))
+                    )
+                predictions = []
+                for states, pooled_states, ids, call in calls:
+                    predictions.append(
+                        self.transformer(
+                            hidden_states=latents,
+                            timestep=timestep / 1000,
+                            guidance=guidance,
+                            pooled_projections=pooled_states,
+                            encoder_hidden_states=states,
+                            txt_ids=text_ids,
+                            img_ids=latent_image_ids,
+                            joint_attention_kwargs={"saa": call, "id_tokens": ids},
+                            return_dict=False,
+                        )[0]
+                    )
+                    if maps is not None and call.return_activation_maps:
+                        transformer = self.transformer
+                        maps.add(flux_saa_activation_maps(transformer), flux_saa_id_attention_probs(transformer))
+                noise_pred = predictions[0]
+                if do_true_cfg:
+                    noise_pred = predictions[1] + true_cfg_scale * (predictions[0] - predictions[1])
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    callback_outputs = (
+                        callback_on_step_end(self, i, t, {k: callback_kwargs[k] for k in tensor_inputs}) or {}
+                    )
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+        timings["denoise"] = _lap(clock) - timings["analysis"] - timings["tokens"]
+
+        # 9. Decode: unpack the 2x2 patches, undo the VAE's scaling and shift
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        activation_maps = maps.result((height, width)) if maps is not None else None
+        timings["decode"] = _lap(clock) - sum(timings.values())
+        timings["total"] = _lap(clock)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return DynamicIDPipelineOutput(
+            images=image,
+            people=reports,
+            activation_maps=activation_maps,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            saa=saa_settings,
+        )
+
+
+def _lap(start: float) -> float:
+    return time.perf_counter() - start
