@@ -255,8 +255,8 @@ MUTANTS = [
     mutant(
         "ldc-reference-from-prediction",
         "train/reconfigure.py",
-        "states = encoder_states(text, targets.to(self.dtype))",
-        "states = encoder_states(text, predicted.detach().to(self.dtype))",
+        "reference = family.denoise(denoiser, *inputs, targets.to(self.dtype),",
+        "reference = family.denoise(denoiser, *inputs, predicted.detach().to(self.dtype),",
         TRAINING,
         "-k",
         "dfm_and_ldc",
