@@ -34,7 +34,6 @@ from dynamicid.models.release import (
     strip_prefix,
 )
 from dynamicid.models.saa import (
-    SAAProcessor,
     install_saa,
     load_saa_state_dict,
     processors_state_dict,
@@ -156,6 +155,16 @@ def identity_processors(denoiser: nn.Module) -> dict[str, nn.Module]:
     return flux_saa_processors(denoiser)
 
 
+def load_identity_state_dict(denoiser: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load `processors_state_dict`-keyed SAA weights strictly into a denoiser's installed SAA processors."""
+    if denoiser_family(denoiser).denoiser_name == "unet":
+        load_saa_state_dict(denoiser, state_dict)
+        return
+    from dynamicid.models.saa_flux import load_flux_saa_state_dict  # imports diffusers' Flux model: only when needed
+
+    load_flux_saa_state_dict(denoiser, state_dict)
+
+
 def _write(path: str | Path, metadata: CheckpointMetadata, parts: dict[str, dict[str, torch.Tensor]], **extra: str):
     tensors = {
         PART_PREFIXES[part] + key: tensor.detach().to("cpu").contiguous()
@@ -264,16 +273,18 @@ class DynamicIDWeights:
             if module is None:
                 continue
             if part == "saa":
-                load_saa_state_dict(module, self._part(part))
+                load_identity_state_dict(module, self._part(part))
             else:
                 load_strict(module, self._part(part), what=f"{part} weights")
 
     def load_saa_into(self, unet: nn.Module) -> None:
-        """Install SAA on `unet` if needed (with the file's rank and token count) and load the weights."""
+        """Install SAA on `unet` (or a Flux transformer) if needed (with the file's rank and token count) and load
+        the weights."""
         state_dict = self._part("saa")
         _check_unet(unet, self.metadata, ", ".join(map(str, self.paths)))
-        install_saa(unet, rank=self.metadata.lora_rank, num_tokens=self.metadata.num_tokens)
-        load_saa_state_dict(unet, state_dict)
+        family = denoiser_family(unet)
+        family.install_identity_attention(unet, rank=self.metadata.lora_rank, num_tokens=self.metadata.num_tokens)
+        load_identity_state_dict(unet, state_dict)
 
 
 def check_base_family(file_family: str, base_family: str, where: str) -> None:
@@ -286,10 +297,15 @@ def check_base_family(file_family: str, base_family: str, where: str) -> None:
 
 
 def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
-    check_base_family(metadata.base_family, denoiser_family(unet).name, where)
-    if int(unet.config.cross_attention_dim) != metadata.cross_attention_dim:
-        raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, unet.config.cross_attention_dim, where)
-    installed = [p for p in unet.attn_processors.values() if isinstance(p, SAAProcessor)]
+    family = denoiser_family(unet)
+    check_base_family(metadata.base_family, family.name, where)
+    token_dim = family.token_dim(unet)
+    if token_dim != metadata.cross_attention_dim:
+        raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, token_dim, where)
+    try:
+        installed = list(identity_processors(unet).values())
+    except ValueError:  # not (fully) installed yet: the install that follows decides
+        installed = []
     if installed:
         if installed[0].rank != metadata.lora_rank:
             raise _mismatch("lora_rank", metadata.lora_rank, installed[0].rank, where)
