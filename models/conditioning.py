@@ -39,15 +39,23 @@ FULL_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
 TRAINING_SAA = SAACall(num_ids=1, gating=True, boxes=(FULL_IMAGE_BOX,))  # both stages train one ID, whole image
 
 
-def padded_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """A CLIP tokenizer's ids (N, model_max_length), padded and truncated to its length."""
+def padded_ids(tokenizer: Any, prompts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+    """A tokenizer's ids (N, max_length), padded and truncated to `max_length` (default its model_max_length)."""
     return tokenizer(
         list(prompts),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=tokenizer.model_max_length if max_length is None else max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+TWO_TEXT_ENCODER_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "image_encoder")
+
+
+def two_text_encoder_parts(parts: Any) -> dict[str, Any]:
+    """The encoders of a two-text-encoder base (SDXL, Flux) from `parts` (a BaseModel or a pipeline), by name."""
+    return {name: getattr(parts, name) for name in TWO_TEXT_ENCODER_PARTS}
 
 
 class Conditioner:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dynamicid.models.conditioning import Conditioner, padded_ids
+from dynamicid.models.conditioning import Conditioner, padded_ids, two_text_encoder_parts
 from dynamicid.models.families.flux import T5_MAX_LENGTH
 
 TEXT_ID_AXES = 3  # Flux's rotary position ids: (modality, row, column); all zero for text
@@ -46,24 +46,11 @@ class FluxConditioner(Conditioner):
     @classmethod
     def from_parts(cls, parts: Any, max_sequence_length: int = T5_MAX_LENGTH) -> FluxConditioner:
         """The conditioner over a Flux `BaseModel`'s or a Flux pipeline's parts."""
-        return cls(
-            tokenizer=parts.tokenizer,
-            text_encoder=parts.text_encoder,
-            tokenizer_2=parts.tokenizer_2,
-            text_encoder_2=parts.text_encoder_2,
-            image_encoder=parts.image_encoder,
-            max_sequence_length=max_sequence_length,
-        )
+        return cls(**two_text_encoder_parts(parts), max_sequence_length=max_sequence_length)
 
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (N, 77 + max_sequence_length): CLIP's, then T5's (cacheable ahead of training)."""
-        t5 = self.tokenizer_2(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        t5 = padded_ids(self.tokenizer_2, prompts, self.max_sequence_length)
         return torch.cat([padded_ids(self.tokenizer, prompts), t5], dim=1)
 
     @torch.no_grad()

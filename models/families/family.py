@@ -105,12 +105,16 @@ class BaseFamily:
         raise NotImplementedError
 
     def pooled_dim(self, base: BaseModel) -> int:
-        """Width of the pooled text vector (the IMR's text input)."""
-        raise NotImplementedError
+        """Width of the pooled text vector (the IMR's text input): by default the CLIP text encoder's width."""
+        return int(base.text_encoder.config.hidden_size)
 
     def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
-        """Put SAA processors on the denoiser's attention layers (a no-op when installed with the same settings)."""
-        raise NotImplementedError
+        """Put SAA processors on the denoiser's attention layers (a no-op when installed with the same settings).
+
+        By default a UNet's (`dynamicid.models.saa`); a family with another denoiser overrides it."""
+        from dynamicid.models.saa import install_saa
+
+        install_saa(denoiser, rank=rank, num_tokens=num_tokens)
 
     def denoise(
         self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any

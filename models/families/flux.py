@@ -78,9 +78,6 @@ class FluxFamily(BaseFamily):
     def text_dim(self, base: Any) -> int:
         return int(base.text_encoder_2.config.d_model)
 
-    def pooled_dim(self, base: Any) -> int:
-        return int(base.text_encoder.config.hidden_size)
-
     def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
         from dynamicid.models.saa_flux import install_flux_saa
 

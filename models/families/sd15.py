@@ -68,14 +68,6 @@ class SD15Family(BaseFamily):
     def text_dim(self, base: Any) -> int:
         return int(base.text_encoder.config.hidden_size)
 
-    def pooled_dim(self, base: Any) -> int:
-        return int(base.text_encoder.config.hidden_size)
-
-    def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
-        from dynamicid.models.saa import install_saa
-
-        install_saa(denoiser, rank=rank, num_tokens=num_tokens)
-
     def denoise(
         self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
     ) -> Any:

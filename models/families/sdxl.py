@@ -46,15 +46,9 @@ class SDXLFamily(SD15Family):
         )
 
     def conditioner(self, parts: Any) -> Any:
-        from dynamicid.models.conditioning import SDXLConditioner
+        from dynamicid.models.conditioning import SDXLConditioner, two_text_encoder_parts
 
-        return SDXLConditioner(
-            tokenizer=parts.tokenizer,
-            text_encoder=parts.text_encoder,
-            tokenizer_2=parts.tokenizer_2,
-            text_encoder_2=parts.text_encoder_2,
-            image_encoder=parts.image_encoder,
-        )
+        return SDXLConditioner(**two_text_encoder_parts(parts))
 
     def text_dim(self, base: Any) -> int:
         return int(base.text_encoder.config.hidden_size) + int(base.text_encoder_2.config.hidden_size)
