@@ -313,16 +313,23 @@ class SAAProcessor(nn.Module):
         value = rearrange(self.to_v_ip(id_states), "b n (h d) -> b h n d", h=heads)
         logits = torch.stack([torch.bmm(k, q.transpose(1, 2)) for k, q in zip(key, query, strict=True)]).float()
 
-        logits, gate = route_id_logits(logits, call, self.num_tokens)
-        if call.return_activation_maps:
-            grid = query_grid(query.shape[2], call.image_size)
-            self.activation_map = rearrange(gate, "b (h w) -> b h w", h=grid[0]).detach()
-        probs = logits.softmax(dim=2)
-        if call.return_activation_maps:
-            self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
         # Scaling the (N_id, Q) probabilities is cheaper than scaling the (Q, head_dim) output; same product.
-        weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
-        return _add_attention_output(text, probs * weight, value, spare=query)
+        return _add_attention_output(text, gated_id_probs(self, logits, call), value, spare=query)
+
+
+def gated_id_probs(processor: nn.Module, logits: torch.Tensor, call: SAACall) -> torch.Tensor:
+    """id_scale x gate x softmax of the routed ID logits (b, heads, N_id, Q), the weights of the ID values.
+
+    Shared by the UNet's and Flux's processors: with `call.return_activation_maps` it records the gate map
+    (b, H, W) and the ID attention probabilities (b, heads, Q, N_id) on `processor`.
+    """
+    logits, gate = route_id_logits(logits, call, processor.num_tokens)
+    probs = logits.softmax(dim=2)
+    if call.return_activation_maps:
+        processor.activation_map = gate.unflatten(-1, query_grid(logits.shape[-1], call.image_size)).detach()
+        processor.id_attention_probs = probs.detach().transpose(2, 3)
+    weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
+    return probs * weight
 
 
 def id_activation(logits: torch.Tensor) -> torch.Tensor:

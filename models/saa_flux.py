@@ -41,10 +41,9 @@ from torch import nn
 from dynamicid.models.lora import LoRALinear
 from dynamicid.models.saa import (
     SAACall,
+    gated_id_probs,
     load_processors_state_dict,
     processors_state_dict,
-    query_grid,
-    route_id_logits,
 )
 
 DOUBLE_STREAM_PREFIX = "transformer_blocks."
@@ -54,16 +53,10 @@ class FluxSAASingleStreamProcessor(FluxAttnProcessor):
     """Flux's own attention for single-stream blocks; takes the SAA inputs that every block receives."""
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        saa: SAACall | None = None,
-        id_tokens: torch.Tensor | None = None,
+        self, attn: nn.Module, *args: object, saa: SAACall | None = None, id_tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        # Named `saa` and `id_tokens` so that diffusers passes them here (it reads this signature) and not warns.
+        return super().__call__(attn, *args)
 
 
 class FluxSAAProcessor(nn.Module):
@@ -101,7 +94,7 @@ class FluxSAAProcessor(nn.Module):
         self,
         attn: nn.Module,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None,  # diffusers passes it positionally: None on single-stream
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         saa: SAACall | None = None,
@@ -155,14 +148,8 @@ class FluxSAAProcessor(nn.Module):
         key = self.to_k_id(id_tokens).unflatten(-1, (heads, head_dim))
         value = self.to_v_id(id_tokens).unflatten(-1, (heads, head_dim))
         logits = torch.einsum("b q h d, b n h d -> b h n q", query, key * head_dim**-0.5).float()
-        logits, gate = route_id_logits(logits, call, self.num_tokens)
-        probs = logits.softmax(dim=2)
-        if call.return_activation_maps:
-            grid = query_grid(query.shape[1], call.image_size)
-            self.activation_map = gate.unflatten(-1, grid).detach()
-            self.id_attention_probs = probs.detach().transpose(2, 3)  # (b, heads, Q, N_id)
-        weight = call.id_scale * gate[:, None, None, :] if call.gating else call.id_scale
-        out = torch.einsum("b h n q, b n h d -> b q h d", (probs * weight).to(value.dtype), value)
+        weights = gated_id_probs(self, logits, call)
+        out = torch.einsum("b h n q, b n h d -> b q h d", weights.to(value.dtype), value)
         return out.flatten(2).to(query.dtype)
 
 
