@@ -50,26 +50,38 @@ DEFAULT_GUIDANCE = 5.0
 MULTI_PERSON_BOOST = (2.0, 12)
 SINGLE_PERSON_BOOST = (0.0, 0)
 
-EXAMPLE_DOC_STRING = """
+
+def example_docstring(pipeline: str, load: str, weights: str, boxes: tuple[str, str], size: int) -> str:
+    """The `Examples:` section of a family's `__call__` docstring: two people in boxes, two expressions."""
+    return f"""
     Examples:
         ```py
-        >>> from dynamicid.infer import DynamicIDPipeline, Person
+        >>> from dynamicid.infer import {pipeline}, Person
 
-        >>> pipe = DynamicIDPipeline.from_pretrained("models/stable-diffusion-v1-5")
-        >>> pipe.load_dynamicid("dynamicid.safetensors", image_encoder="models/image_encoder")
+        >>> pipe = {pipeline}.from_pretrained({load})
+        >>> pipe.load_dynamicid("{weights}", image_encoder="models/image_encoder")
         >>> out = pipe(
         ...     "two friends laughing in a cafe",
         ...     people=[
-        ...         Person("ref1.jpg", expression="happy", box=(0.1, 0.1, 0.5, 0.4)),
-        ...         Person("ref2.jpg", expression="surprised", box=(0.1, 0.6, 0.5, 0.9)),
+        ...         Person("ref1.jpg", expression="happy", box={boxes[0]}),
+        ...         Person("ref2.jpg", expression="surprised", box={boxes[1]}),
         ...     ],
-        ...     height=768,
-        ...     width=768,
+        ...     height={size},
+        ...     width={size},
         ...     generator=torch.Generator().manual_seed(2025),
         ... )
         >>> out.images[0].save("friends.png")
         ```
 """
+
+
+EXAMPLE_DOC_STRING = example_docstring(
+    "DynamicIDPipeline",
+    '"models/stable-diffusion-v1-5"',
+    "dynamicid.safetensors",
+    ("(0.1, 0.1, 0.5, 0.4)", "(0.1, 0.6, 0.5, 0.9)"),
+    768,
+)
 
 
 @dataclass

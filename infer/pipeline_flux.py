@@ -24,7 +24,7 @@ from diffusers.utils import replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.people import Person
-from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, MapAccumulator
+from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, MapAccumulator, example_docstring
 from dynamicid.infer.weights import DynamicIDModules
 from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid
@@ -43,26 +43,13 @@ from dynamicid.models.saa_flux import (
 DEFAULT_STEPS = 28  # FLUX.1-dev's usual sampling: 28 flow-matching Euler steps, guidance 3.5
 DEFAULT_GUIDANCE = 3.5
 
-EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
-        >>> from dynamicid.infer import DynamicIDFluxPipeline, Person
-
-        >>> pipe = DynamicIDFluxPipeline.from_pretrained("models/FLUX.1-dev", torch_dtype=torch.bfloat16)
-        >>> pipe.load_dynamicid("dynamicid-flux.safetensors", image_encoder="models/image_encoder")
-        >>> out = pipe(
-        ...     "two friends laughing in a cafe",
-        ...     people=[
-        ...         Person("ref1.jpg", expression="happy", box=(0.1, 0.1, 0.6, 0.45)),
-        ...         Person("ref2.jpg", expression="surprised", box=(0.1, 0.55, 0.6, 0.9)),
-        ...     ],
-        ...     height=1024,
-        ...     width=1024,
-        ...     generator=torch.Generator().manual_seed(2025),
-        ... )
-        >>> out.images[0].save("friends.png")
-        ```
-"""
+EXAMPLE_DOC_STRING = example_docstring(
+    "DynamicIDFluxPipeline",
+    '"models/FLUX.1-dev", torch_dtype=torch.bfloat16',
+    "dynamicid-flux.safetensors",
+    ("(0.1, 0.1, 0.6, 0.45)", "(0.1, 0.55, 0.6, 0.9)"),
+    1024,
+)
 
 
 def load_flux_modules(weights: str | Path | Sequence[str | Path], transformer: torch.nn.Module) -> DynamicIDModules:
@@ -217,12 +204,12 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             raise ValueError(f"`max_sequence_length` must be in 1..{T5_MAX_LENGTH}, got {max_sequence_length}")
         # The SD checks (weights loaded, prompt, people, labels, edits, callbacks) with a size that passes theirs.
         return super().check_inputs(
-            prompt,
-            people,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
+            prompt=prompt,
+            people=people,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             num_images_per_prompt=num_images_per_prompt,
