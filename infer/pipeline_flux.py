@@ -24,11 +24,10 @@ from diffusers.utils import replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.people import Person
-from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, MapAccumulator, example_docstring
+from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, example_docstring
 from dynamicid.infer.weights import DynamicIDModules
 from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid
-from dynamicid.models.conditioning import saa_calls
 from dynamicid.models.conditioning_flux import FluxConditioner
 from dynamicid.models.families import folder_family
 from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
@@ -348,13 +347,9 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
 
         # 7. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
-        saa_per_step = saa_calls(
-            **saa_settings,
-            steps=num_inference_steps,
-            image_size=(height, width),
-            return_activation_maps=return_activation_maps,
+        saa_per_step, maps = self.saa_steps(
+            saa_settings, num_inference_steps, (height, width), batch, return_activation_maps
         )
-        maps = MapAccumulator(len(people), self.dynamicid.num_tokens, batch) if return_activation_maps else None
 
         # 8. Denoising loop
         self.scheduler.set_begin_index(0)
@@ -411,20 +406,8 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.vae.decode(latents, return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
-        activation_maps = maps.result((height, width)) if maps is not None else None
-        timings["decode"] = _lap(clock) - sum(timings.values())
-        timings["total"] = _lap(clock)
-        self.maybe_free_model_hooks()
-
-        if not return_dict:
-            return (image,)
-        return DynamicIDPipelineOutput(
-            images=image,
-            people=reports,
-            activation_maps=activation_maps,
-            timings={k: round(v, 4) for k, v in timings.items()},
-            saa=saa_settings,
-        )
+        output = self.finish(image, reports, maps, (height, width), saa_settings, timings, clock)
+        return output if return_dict else (image,)
 
 
 def _lap(start: float) -> float:
