@@ -50,26 +50,38 @@ DEFAULT_GUIDANCE = 5.0
 MULTI_PERSON_BOOST = (2.0, 12)
 SINGLE_PERSON_BOOST = (0.0, 0)
 
-EXAMPLE_DOC_STRING = """
+
+def example_docstring(pipeline: str, load: str, weights: str, boxes: tuple[str, str], size: int) -> str:
+    """The `Examples:` section of a family's `__call__` docstring: two people in boxes, two expressions."""
+    return f"""
     Examples:
         ```py
-        >>> from dynamicid.infer import DynamicIDPipeline, Person
+        >>> from dynamicid.infer import {pipeline}, Person
 
-        >>> pipe = DynamicIDPipeline.from_pretrained("models/stable-diffusion-v1-5")
-        >>> pipe.load_dynamicid("dynamicid.safetensors", image_encoder="models/image_encoder")
+        >>> pipe = {pipeline}.from_pretrained({load})
+        >>> pipe.load_dynamicid("{weights}", image_encoder="models/image_encoder")
         >>> out = pipe(
         ...     "two friends laughing in a cafe",
         ...     people=[
-        ...         Person("ref1.jpg", expression="happy", box=(0.1, 0.1, 0.5, 0.4)),
-        ...         Person("ref2.jpg", expression="surprised", box=(0.1, 0.6, 0.5, 0.9)),
+        ...         Person("ref1.jpg", expression="happy", box={boxes[0]}),
+        ...         Person("ref2.jpg", expression="surprised", box={boxes[1]}),
         ...     ],
-        ...     height=768,
-        ...     width=768,
+        ...     height={size},
+        ...     width={size},
         ...     generator=torch.Generator().manual_seed(2025),
         ... )
         >>> out.images[0].save("friends.png")
         ```
 """
+
+
+EXAMPLE_DOC_STRING = example_docstring(
+    "DynamicIDPipeline",
+    '"models/stable-diffusion-v1-5"',
+    "dynamicid.safetensors",
+    ("(0.1, 0.1, 0.5, 0.4)", "(0.1, 0.6, 0.5, 0.9)"),
+    768,
+)
 
 
 @dataclass
@@ -481,6 +493,48 @@ class DynamicIDMixin:
             "boost_steps": default[1] if boost_steps is None else boost_steps,
         }
 
+    def finish(
+        self,
+        image: Any,
+        reports: list[dict[str, Any]],
+        maps: MapAccumulator | None,
+        image_size: tuple[int, int],
+        saa_settings: dict[str, Any],
+        timings: dict[str, float],
+        clock: float,
+        nsfw_content_detected: list[bool] | None = None,
+    ) -> DynamicIDPipelineOutput:
+        """The end of `__call__` after decoding: the activation maps, the last timings, the model hooks freed."""
+        activation_maps = maps.result(image_size) if maps is not None else None
+        timings["decode"] = _lap(clock) - sum(timings.values())
+        timings["total"] = _lap(clock)
+        self.maybe_free_model_hooks()
+        return DynamicIDPipelineOutput(
+            images=image,
+            people=reports,
+            activation_maps=activation_maps,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            saa=saa_settings,
+            nsfw_content_detected=nsfw_content_detected,
+        )
+
+    def saa_steps(
+        self,
+        settings: dict[str, Any],
+        steps: int,
+        image_size: tuple[int, int],
+        num_images: int,
+        return_activation_maps: bool,
+    ) -> tuple[list, MapAccumulator | None]:
+        """Step 7 of `__call__`: one SAA input per denoising step for the layout `settings` (`saa_settings`; the
+        boost lasts the first `boost_steps` steps), and the activation-map accumulator when maps are asked for."""
+        per_step = saa_calls(
+            **settings, steps=steps, image_size=image_size, return_activation_maps=return_activation_maps
+        )
+        num_people = settings["num_ids"]
+        maps = MapAccumulator(num_people, self.dynamicid.num_tokens, num_images) if return_activation_maps else None
+        return per_step, maps
+
     # ---- generation ----
 
     @torch.no_grad()
@@ -582,7 +636,6 @@ class DynamicIDMixin:
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        num_people = len(people)
         batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
         num_images = batch_size * num_images_per_prompt
 
@@ -634,13 +687,9 @@ class DynamicIDMixin:
         # 7. SAA inputs for this layout, one per denoising step (the boost lasts the first `boost_steps` steps);
         # each UNet call takes its step's (`denoising_step`), however many calls a step makes.
         saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
-        saa_per_step = saa_calls(
-            **saa_settings,
-            steps=num_inference_steps,
-            image_size=(height, width),
-            return_activation_maps=return_activation_maps,
+        saa_per_step, maps = self.saa_steps(
+            saa_settings, num_inference_steps, (height, width), num_images, return_activation_maps
         )
-        maps = MapAccumulator(num_people, self.dynamicid.num_tokens, num_images) if return_activation_maps else None
 
         # 8. Denoising loop
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -694,21 +743,8 @@ class DynamicIDMixin:
             image, has_nsfw_concept = self.safety_check(image, device, prompt_embeds.dtype)
             do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
             image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        activation_maps = maps.result((height, width)) if maps is not None else None
-        timings["decode"] = _lap(clock) - sum(timings.values())
-        timings["total"] = _lap(clock)
-        self.maybe_free_model_hooks()
-
-        if not return_dict:
-            return (image, has_nsfw_concept)
-        return DynamicIDPipelineOutput(
-            images=image,
-            people=reports,
-            activation_maps=activation_maps,
-            timings={k: round(v, 4) for k, v in timings.items()},
-            saa=saa_settings,
-            nsfw_content_detected=has_nsfw_concept,
-        )
+        output = self.finish(image, reports, maps, (height, width), saa_settings, timings, clock, has_nsfw_concept)
+        return output if return_dict else (image, has_nsfw_concept)
 
 
 class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):

@@ -24,11 +24,10 @@ from diffusers.utils import replace_example_docstring
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.people import Person
-from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, MapAccumulator
+from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, example_docstring
 from dynamicid.infer.weights import DynamicIDModules
 from dynamicid.models.base import BaseModel, load_image_encoder
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid
-from dynamicid.models.conditioning import saa_calls
 from dynamicid.models.conditioning_flux import FluxConditioner
 from dynamicid.models.families import folder_family
 from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
@@ -43,26 +42,13 @@ from dynamicid.models.saa_flux import (
 DEFAULT_STEPS = 28  # FLUX.1-dev's usual sampling: 28 flow-matching Euler steps, guidance 3.5
 DEFAULT_GUIDANCE = 3.5
 
-EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
-        >>> from dynamicid.infer import DynamicIDFluxPipeline, Person
-
-        >>> pipe = DynamicIDFluxPipeline.from_pretrained("models/FLUX.1-dev", torch_dtype=torch.bfloat16)
-        >>> pipe.load_dynamicid("dynamicid-flux.safetensors", image_encoder="models/image_encoder")
-        >>> out = pipe(
-        ...     "two friends laughing in a cafe",
-        ...     people=[
-        ...         Person("ref1.jpg", expression="happy", box=(0.1, 0.1, 0.6, 0.45)),
-        ...         Person("ref2.jpg", expression="surprised", box=(0.1, 0.55, 0.6, 0.9)),
-        ...     ],
-        ...     height=1024,
-        ...     width=1024,
-        ...     generator=torch.Generator().manual_seed(2025),
-        ... )
-        >>> out.images[0].save("friends.png")
-        ```
-"""
+EXAMPLE_DOC_STRING = example_docstring(
+    "DynamicIDFluxPipeline",
+    '"models/FLUX.1-dev", torch_dtype=torch.bfloat16',
+    "dynamicid-flux.safetensors",
+    ("(0.1, 0.1, 0.6, 0.45)", "(0.1, 0.55, 0.6, 0.9)"),
+    1024,
+)
 
 
 def load_flux_modules(weights: str | Path | Sequence[str | Path], transformer: torch.nn.Module) -> DynamicIDModules:
@@ -217,12 +203,12 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             raise ValueError(f"`max_sequence_length` must be in 1..{T5_MAX_LENGTH}, got {max_sequence_length}")
         # The SD checks (weights loaded, prompt, people, labels, edits, callbacks) with a size that passes theirs.
         return super().check_inputs(
-            prompt,
-            people,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
+            prompt=prompt,
+            people=people,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             num_images_per_prompt=num_images_per_prompt,
@@ -361,13 +347,9 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
 
         # 7. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
-        saa_per_step = saa_calls(
-            **saa_settings,
-            steps=num_inference_steps,
-            image_size=(height, width),
-            return_activation_maps=return_activation_maps,
+        saa_per_step, maps = self.saa_steps(
+            saa_settings, num_inference_steps, (height, width), batch, return_activation_maps
         )
-        maps = MapAccumulator(len(people), self.dynamicid.num_tokens, batch) if return_activation_maps else None
 
         # 8. Denoising loop
         self.scheduler.set_begin_index(0)
@@ -424,20 +406,8 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.vae.decode(latents, return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
-        activation_maps = maps.result((height, width)) if maps is not None else None
-        timings["decode"] = _lap(clock) - sum(timings.values())
-        timings["total"] = _lap(clock)
-        self.maybe_free_model_hooks()
-
-        if not return_dict:
-            return (image,)
-        return DynamicIDPipelineOutput(
-            images=image,
-            people=reports,
-            activation_maps=activation_maps,
-            timings={k: round(v, 4) for k, v in timings.items()},
-            saa=saa_settings,
-        )
+        output = self.finish(image, reports, maps, (height, width), saa_settings, timings, clock)
+        return output if return_dict else (image,)
 
 
 def _lap(start: float) -> float:

@@ -15,10 +15,8 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import Person, pipeline_for
 from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
-from dynamicid.infer.references import ReferenceAnalyzer
 from dynamicid.models.base import load_base_model
 from dynamicid.models.conditioning_flux import FluxConditioner
 from dynamicid.models.families import detect_family
@@ -33,28 +31,23 @@ SETTINGS = {**SIZE, "num_inference_steps": 3, "guidance_scale": 3.5, "max_sequen
 
 
 @pytest.fixture(scope="module")
-def analyzer():
-    return ReferenceAnalyzer(FaceAnalyzer("embedded"))
-
-
-@pytest.fixture(scope="module")
 def photos(shared_faces):
     identities = shared_faces / "identities"
     return {"obama": identities / "obama" / "obama.jpg", "biden": identities / "biden" / "biden.jpg"}
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, analyzer):
-    parts = random_parts(build_tiny_random_flux(), analyzer, imr_dim=64)
+def weights(tmp_path_factory, reference_analyzer):
+    parts = random_parts(build_tiny_random_flux(), reference_analyzer, imr_dim=64)
     assert parts.metadata.base_family == "flux" and parts.metadata.cross_attention_dim == 32
     return save_random_weights(parts, tmp_path_factory.mktemp("flux") / "dynamicid-flux.safetensors")
 
 
 @pytest.fixture(scope="module")
-def pipe(weights, analyzer):
+def pipe(weights, reference_analyzer):
     pipe = pipeline_for(load_base_model("tiny-random-flux"))  # through the base-family registry
     assert isinstance(pipe, DynamicIDFluxPipeline)
-    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -70,10 +63,10 @@ def _plain_flux_images(seed: int, **options) -> np.ndarray:
     return plain("a photo of two people", generator=generator, output_type="np", **SETTINGS, **options).images
 
 
-def _pipe_with_zero_lora(weights, analyzer) -> DynamicIDFluxPipeline:
+def _pipe_with_zero_lora(weights, reference_analyzer) -> DynamicIDFluxPipeline:
     """The pipeline whose SAA LoRA updates are zero: at id_scale 0 it computes what Flux computes."""
     pipe = DynamicIDFluxPipeline.from_base(build_tiny_random_flux())
-    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     for processor in flux_saa_processors(pipe.transformer).values():
         for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
@@ -81,8 +74,10 @@ def _pipe_with_zero_lora(weights, analyzer) -> DynamicIDFluxPipeline:
     return pipe
 
 
-def test_id_scale_zero_with_zero_lora_equals_diffusers_flux_pipeline_pixel_for_pixel(weights, analyzer, photos):
-    pipe = _pipe_with_zero_lora(weights, analyzer)
+def test_id_scale_zero_with_zero_lora_equals_diffusers_flux_pipeline_pixel_for_pixel(
+    weights, reference_analyzer, photos
+):
+    pipe = _pipe_with_zero_lora(weights, reference_analyzer)
     expected = _plain_flux_images(seed=3)
     people = [Person(photos["obama"], box=(0.1, 0.0, 0.9, 0.5)), Person(photos["biden"], box=(0.1, 0.5, 0.9, 1.0))]
     got = pipe(
@@ -97,8 +92,8 @@ def test_id_scale_zero_with_zero_lora_equals_diffusers_flux_pipeline_pixel_for_p
     assert np.array_equal(got, expected)
 
 
-def test_true_cfg_with_id_scale_zero_and_zero_lora_equals_flux_pipeline_and_guides(weights, analyzer, photos):
-    pipe = _pipe_with_zero_lora(weights, analyzer)
+def test_true_cfg_with_id_scale_zero_and_zero_lora_equals_flux_pipeline_and_guides(weights, reference_analyzer, photos):
+    pipe = _pipe_with_zero_lora(weights, reference_analyzer)
     guided = {"negative_prompt": "blurry", "true_cfg_scale": 4.0, "num_images_per_prompt": 2}
     expected = _plain_flux_images(seed=2, **guided)
     generator = torch.Generator().manual_seed(2)
@@ -156,13 +151,13 @@ def test_from_pretrained_loads_a_saved_flux_folder_and_a_single_file_transformer
         DynamicIDFluxPipeline.from_pretrained(tmp_path / "flux")
 
 
-def test_weights_of_another_family_are_refused_in_one_line(analyzer, tmp_path):
+def test_weights_of_another_family_are_refused_in_one_line(reference_analyzer, tmp_path):
     sd_weights = save_random_weights(
-        random_parts(load_base_model("tiny-random"), analyzer), tmp_path / "sd.safetensors"
+        random_parts(load_base_model("tiny-random"), reference_analyzer), tmp_path / "sd.safetensors"
     )
     pipe = DynamicIDFluxPipeline.from_base(build_tiny_random_flux())
     with pytest.raises(ValueError, match=r"made for Stable Diffusion 1.5 .* but the base model is FLUX.1") as error:
-        pipe.load_dynamicid(sd_weights, face_analyzer=analyzer)
+        pipe.load_dynamicid(sd_weights, face_analyzer=reference_analyzer)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="no SAA processors"):
         flux_saa_processors(pipe.transformer)  # nothing was installed before the refusal

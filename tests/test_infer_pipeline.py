@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from dynamicid.faces import FaceAnalyzer, ImageLoadError
+from dynamicid.faces import ImageLoadError
 from dynamicid.infer import DynamicIDPipeline, Person, ReleaseFiles
 from dynamicid.infer.people import DynamicIDWarning
-from dynamicid.infer.references import NoFaceError, ReferenceAnalyzer
+from dynamicid.infer.references import NoFaceError
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
 from dynamicid.testing import plain_images, random_parts, save_random_weights, save_release_layout
@@ -21,11 +21,6 @@ from dynamicid.testing import plain_images, random_parts, save_random_weights, s
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def analyzer():
-    return ReferenceAnalyzer(FaceAnalyzer("embedded"))
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +36,26 @@ def photos(shared_faces):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, analyzer):
+def weights(tmp_path_factory, reference_analyzer):
     """Random weights for the tiny-random base, in our format and in the release's .bin layout."""
     base = load_base_model("tiny-random")
-    parts = random_parts(base, analyzer)
+    parts = random_parts(base, reference_analyzer)
     folder = tmp_path_factory.mktemp("weights")
     ours = save_random_weights(parts, folder / "dynamicid.safetensors")
     release = save_release_layout(parts, folder / "release")
     return {"ours": ours, "release": ReleaseFiles(**release)}
 
 
-def make_pipeline(weights, analyzer) -> DynamicIDPipeline:
+def make_pipeline(weights, reference_analyzer) -> DynamicIDPipeline:
     pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
-    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture(scope="module")
-def pipe(weights, analyzer):
-    return make_pipeline(weights["ours"], analyzer)
+def pipe(weights, reference_analyzer):
+    return make_pipeline(weights["ours"], reference_analyzer)
 
 
 def generate(pipe, people, seed=0, **kwargs):
@@ -113,8 +108,8 @@ def test_identity_tokens_and_edits_change_the_image(pipe, photos):
     assert not np.array_equal(obama, surprised)
 
 
-def test_id_scale_zero_with_zero_lora_equals_plain_stable_diffusion(weights, analyzer, photos):
-    pipe = make_pipeline(weights["ours"], analyzer)
+def test_id_scale_zero_with_zero_lora_equals_plain_stable_diffusion(weights, reference_analyzer, photos):
+    pipe = make_pipeline(weights["ours"], reference_analyzer)
     for processor in saa_processors(pipe.unet).values():
         for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
             torch.nn.init.zeros_(lora.up.weight)
@@ -128,8 +123,8 @@ def test_id_scale_zero_with_zero_lora_equals_plain_stable_diffusion(weights, ana
     assert np.abs(with_id - expected).max() > 1e-3
 
 
-def test_release_files_generate_the_same_pixels_as_our_format(weights, analyzer, photos, pipe):
-    release_pipe = make_pipeline(weights["release"], analyzer)
+def test_release_files_generate_the_same_pixels_as_our_format(weights, reference_analyzer, photos, pipe):
+    release_pipe = make_pipeline(weights["release"], reference_analyzer)
     assert release_pipe.dynamicid.format == "release"
     assert release_pipe.dynamicid.can_edit
     people = [Person(photos["obama"], expression="surprised"), Person(photos["biden"], expression="happy")]
@@ -139,9 +134,9 @@ def test_release_files_generate_the_same_pixels_as_our_format(weights, analyzer,
     np.testing.assert_allclose(from_release, from_ours, atol=1e-6, rtol=0)
 
 
-def test_release_without_imr_generates_but_refuses_edits(weights, analyzer, photos):
+def test_release_without_imr_generates_but_refuses_edits(weights, reference_analyzer, photos):
     files = weights["release"]
-    pipe = make_pipeline(ReleaseFiles(saa=files.saa), analyzer)
+    pipe = make_pipeline(ReleaseFiles(saa=files.saa), reference_analyzer)
     assert generate(pipe, [Person(photos["obama"])]).images[0].size == (64, 64)
     with pytest.raises(ValueError, match="no imr and no keypoint_encoder"):
         generate(pipe, [Person(photos["obama"], expression="happy")])
@@ -218,20 +213,24 @@ def test_unknown_expression_lists_the_valid_ones(pipe, photos):
     _refuses_before_denoising(pipe, [Person(photos["obama"], pose="upside down")], ValueError, "valid: fully turned")
 
 
-def test_weights_for_another_base_are_refused(tmp_path, analyzer):
+def test_weights_for_another_base_are_refused(tmp_path, reference_analyzer):
     from dynamicid.models import FaceEncoder
     from dynamicid.models.checkpoints import save_dynamicid
     from dynamicid.schemas import CheckpointMetadata
 
-    encoder = FaceEncoder(cross_attention_dim=768, id_embeddings_dim=analyzer.embedding_dim, clip_embeddings_dim=48)
-    metadata = CheckpointMetadata(cross_attention_dim=768, id_embed_dim=analyzer.embedding_dim, clip_embed_dim=48)
+    encoder = FaceEncoder(
+        cross_attention_dim=768, id_embeddings_dim=reference_analyzer.embedding_dim, clip_embeddings_dim=48
+    )
+    metadata = CheckpointMetadata(
+        cross_attention_dim=768, id_embed_dim=reference_analyzer.embedding_dim, clip_embed_dim=48
+    )
     path = save_dynamicid(tmp_path / "sd15.safetensors", metadata=metadata, face_encoder=encoder)
     pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
     with pytest.raises(ValueError, match="cross_attention_dim=768, but the target has cross_attention_dim=32"):
-        pipe.load_dynamicid(path, face_analyzer=analyzer)
+        pipe.load_dynamicid(path, face_analyzer=reference_analyzer)
 
 
-def test_from_pretrained_reads_a_diffusers_folder_with_its_scheduler(tmp_path, weights, analyzer, photos):
+def test_from_pretrained_reads_a_diffusers_folder_with_its_scheduler(tmp_path, weights, reference_analyzer, photos):
     base = load_base_model("tiny-random")
     StableDiffusionPipeline(
         vae=base.vae,
@@ -247,7 +246,7 @@ def test_from_pretrained_reads_a_diffusers_folder_with_its_scheduler(tmp_path, w
     pipe = DynamicIDPipeline.from_pretrained(tmp_path / "sd")
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert pipe.id_adapter is None
-    pipe.load_dynamicid(weights["ours"], face_analyzer=analyzer)
+    pipe.load_dynamicid(weights["ours"], face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     assert generate(pipe, [Person(photos["obama"])]).images[0].size == (64, 64)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -271,7 +270,7 @@ def test_landmark_image_and_pose_targets(pipe, photos):
     assert not np.array_equal(out.images, plain.images)
 
 
-def test_missing_parts_are_named(tmp_path, weights, analyzer):
+def test_missing_parts_are_named(tmp_path, weights, reference_analyzer):
     from dynamicid.models.checkpoints import load_dynamicid, save_dynamicid
 
     ours = load_dynamicid(weights["ours"])
@@ -280,23 +279,23 @@ def test_missing_parts_are_named(tmp_path, weights, analyzer):
     )
     pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
     with pytest.raises(ValueError, match=r"hold.* no saa .*parts found: face_encoder"):
-        pipe.load_dynamicid(face_only, face_analyzer=analyzer)
+        pipe.load_dynamicid(face_only, face_analyzer=reference_analyzer)
 
     saa_only = tmp_path / "SAA.bin"
     torch.save({"SAA_module": torch.load(weights["release"].saa, weights_only=True)["SAA_module"]}, saa_only)
     with pytest.raises(ValueError, match=r"lack face_encoder.*face_encoder: missing"):
-        pipe.load_dynamicid(ReleaseFiles(saa=saa_only), face_analyzer=analyzer)
+        pipe.load_dynamicid(ReleaseFiles(saa=saa_only), face_analyzer=reference_analyzer)
 
 
-def test_modules_in_memory_generate_what_their_saved_file_generates(pipe, analyzer, photos):
+def test_modules_in_memory_generate_what_their_saved_file_generates(pipe, reference_analyzer, photos):
     base = load_base_model("tiny-random")
-    parts = random_parts(base, analyzer)
+    parts = random_parts(base, reference_analyzer)
     in_memory = DynamicIDPipeline.from_base(base)
-    in_memory.set_dynamicid(parts.face_encoder, parts.imr, parts.keypoint_encoder, face_analyzer=analyzer)
+    in_memory.set_dynamicid(parts.face_encoder, parts.imr, parts.keypoint_encoder, face_analyzer=reference_analyzer)
     in_memory.set_progress_bar_config(disable=True)
     people = [Person(photos["obama"], expression="sad"), Person(photos["biden"])]
     expected = generate(pipe, people, output_type="np").images
     np.testing.assert_array_equal(generate(in_memory, people, output_type="np").images, expected)
     bare = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
     with pytest.raises(ValueError, match="install_saa"):
-        bare.set_dynamicid(parts.face_encoder, face_analyzer=analyzer)
+        bare.set_dynamicid(parts.face_encoder, face_analyzer=reference_analyzer)
