@@ -49,6 +49,15 @@ def shared_faces() -> Path:
     return SHARED_FACES
 
 
+@pytest.fixture(scope="module")
+def reference_analyzer():
+    """The pipelines' reference analysis on the real embedded face backend (module-scoped, as each module built it)."""
+    from dynamicid.faces import FaceAnalyzer
+    from dynamicid.infer.references import ReferenceAnalyzer
+
+    return ReferenceAnalyzer(FaceAnalyzer("embedded"))
+
+
 @pytest.fixture(scope="session")
 def identity_photos(tmp_path_factory, shared_faces):
     """A function: a new PHOTOS_DIR holding copies of the named identity folders of the real test photos."""
