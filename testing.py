@@ -84,20 +84,27 @@ TINY_SDXL_UNET: dict[str, Any] = {
 }
 
 
+def _vocabulary_config(tokenizer: Any) -> dict[str, Any]:
+    """The text-config fields a tiny text encoder takes from its tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _tiny_text_encoder(tokenizer: Any, with_projection: bool) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
         hidden_size=TINY_TEXT_WIDTH,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=3,
         max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         projection_dim=TINY_TEXT_WIDTH,
+        **_vocabulary_config(tokenizer),
     )
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
@@ -219,15 +226,13 @@ def build_tiny_random_flux(*, seed: int = 0, with_image_encoder: bool = True) ->
         text_encoder = _tiny_text_encoder(tokenizer, with_projection=False)
         text_encoder_2 = T5EncoderModel(
             T5Config(
-                vocab_size=len(tokenizer_2),
                 d_model=TINY_TEXT_WIDTH,
                 d_kv=8,
                 d_ff=37,
                 num_layers=2,
                 num_heads=4,
                 relative_attention_num_buckets=8,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
+                **_vocabulary_config(tokenizer_2),
             )
         )
         image_encoder = _tiny_image_encoder() if with_image_encoder else None

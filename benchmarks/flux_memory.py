@@ -64,22 +64,41 @@ def parameter_counts(rank: int) -> dict[str, int]:
         counts = {"transformer": count(transformer)}
         install_flux_saa(transformer, rank=rank)
         counts["saa"] = sum(t.numel() for t in flux_saa_state_dict(transformer).values())
-        counts["t5"] = count(
-            T5EncoderModel(
-                T5Config(
-                    vocab_size=32128,
-                    d_model=4096,
-                    d_kv=64,
-                    d_ff=10240,
-                    num_layers=24,
-                    num_heads=64,
-                    feed_forward_proj="gated-gelu",
-                )
-            )
-        )
-        counts["clip_text"] = count(  # CLIP ViT-L/14's text tower
-            CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12))
-        )
+        # The text and image towers as (model, configuration, its fields).
+        towers = {
+            "t5": (
+                T5EncoderModel,
+                T5Config,
+                {
+                    "vocab_size": 32128,
+                    "d_model": 4096,
+                    "d_kv": 64,
+                    "d_ff": 10240,
+                    "num_layers": 24,
+                    "num_heads": 64,
+                    "feed_forward_proj": "gated-gelu",
+                },
+            ),
+            "clip_text": (  # CLIP ViT-L/14's text tower
+                CLIPTextModel,
+                CLIPTextConfig,
+                {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+            ),
+            "image_encoder": (  # CLIP ViT-H/14's vision tower
+                CLIPVisionModelWithProjection,
+                CLIPVisionConfig,
+                {
+                    "hidden_size": 1280,
+                    "intermediate_size": 5120,
+                    "num_hidden_layers": 32,
+                    "num_attention_heads": 16,
+                    "patch_size": 14,
+                    "image_size": 224,
+                    "projection_dim": 1024,
+                },
+            ),
+        }
+        counts.update({name: count(model(config(**fields))) for name, (model, config, fields) in towers.items()})
         counts["vae"] = count(
             AutoencoderKL(
                 down_block_types=("DownEncoderBlock2D",) * 4,
@@ -89,19 +108,6 @@ def parameter_counts(rank: int) -> dict[str, int]:
                 latent_channels=16,
                 use_quant_conv=False,
                 use_post_quant_conv=False,
-            )
-        )
-        counts["image_encoder"] = count(
-            CLIPVisionModelWithProjection(
-                CLIPVisionConfig(
-                    hidden_size=1280,
-                    intermediate_size=5120,
-                    num_hidden_layers=32,
-                    num_attention_heads=16,
-                    patch_size=14,
-                    image_size=224,
-                    projection_dim=1024,
-                )
             )
         )
         counts["face_encoder"] = count(FaceEncoder(cross_attention_dim=WIDTH, clip_embeddings_dim=1280))

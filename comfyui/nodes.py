@@ -58,13 +58,17 @@ def _model_file(choice: str) -> Path:
     return Path(path)
 
 
+def _schema(node: type[io.ComfyNode], display_name: str, **fields) -> io.Schema:
+    """A node's schema: its id is its class name, its category this project's."""
+    return io.Schema(node_id=node.__name__, display_name=display_name, category=CATEGORY, **fields)
+
+
 class LoadDynamicID(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="LoadDynamicID",
-            display_name="Load DynamicID",
-            category=CATEGORY,
+        return _schema(
+            cls,
+            "Load DynamicID",
             description="DynamicID weights (this project's .safetensors, or the release's SAA .bin with its IMR and "
             "keypoint-encoder files), the CLIP image encoder and the face analysis.",
             inputs=[
@@ -102,10 +106,9 @@ class LoadDynamicID(io.ComfyNode):
 class DynamicIDPerson(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DynamicIDPerson",
-            display_name="DynamicID Person",
-            category=CATEGORY,
+        return _schema(
+            cls,
+            "DynamicID Person",
             description="One identity: the largest face of the reference image, optionally with another expression "
             "and pose (IMR); shows the face it uses.",
             inputs=[
@@ -139,10 +142,9 @@ class DynamicIDPerson(io.ComfyNode):
 class DynamicIDLayout(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="DynamicIDLayout",
-            display_name="DynamicID Layout",
-            category=CATEGORY,
+        return _schema(
+            cls,
+            "DynamicID Layout",
             description="Where each person goes: one box per line, y0, x0, y1, x1 as fractions of the image "
             "(person order), or equal vertical strips.",
             inputs=[
@@ -171,10 +173,9 @@ class ApplyDynamicID(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         faces = [FaceType.Input(f"face_{i}", optional=i > 1) for i in range(1, MAX_PEOPLE + 1)]
-        return io.Schema(
-            node_id="ApplyDynamicID",
-            display_name="Apply DynamicID",
-            category=CATEGORY,
+        return _schema(
+            cls,
+            "Apply DynamicID",
             description="A MODEL whose attention places each face in its box (SAA); the input MODEL is unchanged.",
             inputs=[
                 io.Model.Input("model"),

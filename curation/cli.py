@@ -80,35 +80,32 @@ def _set_insightface_root(ctx: click.Context, param: click.Parameter, value: Pat
 
 def run_options(func):
     """The options shared by `build` and the single-stage commands."""
+    shown = functools.partial(click.option, show_default=True)  # an option whose default --help shows
     options = [
         click.argument("photos_dir", type=click.Path(path_type=Path)),
         click.argument("out_dir", type=click.Path(path_type=Path)),
-        click.option(
+        shown(
             "--per-identity",
             type=AtLeast(1),
             default=35,
-            show_default=True,
             help="At most this many images per identity.",
         ),
-        click.option(
+        shown(
             "--min-per-identity",
             type=AtLeast(1),
             default=1,
-            show_default=True,
             help="Identities with fewer usable images are rejected.",
         ),
-        click.option(
+        shown(
             "--face-backend",
             type=click.Choice(BACKEND_CHOICES),
             default="auto",
-            show_default=True,
             help="Face models: embedded (in the wheels), insightface (local pack via $DYNAMICID_INSIGHTFACE_ROOT), auto.",
         ),
-        click.option(
+        shown(
             "--device",
             type=click.Choice(DEVICES),
             default="auto",
-            show_default=True,
             help="Where the face networks run: cuda (a GPU; an error without one), cpu, or auto (CUDA when present).",
         ),
         click.option(
@@ -118,19 +115,17 @@ def run_options(func):
             expose_value=False,
             help="Local insightface model pack folder (sets $DYNAMICID_INSIGHTFACE_ROOT for the run).",
         ),
-        click.option(
+        shown(
             "--workers",
             type=AtLeast(1),
             default=1,
-            show_default=True,
             help="Processes running the face models and writing the dataset's files (one per core fills the "
             "machine; then each keeps to a core of its own).",
         ),
-        click.option(
+        shown(
             "--engine",
             type=click.Choice(["local", "ray"]),
             default="local",
-            show_default=True,
             help="local: this machine, streaming with bounded memory; ray: Ray Data (pip install dynamicid[ray]).",
         ),
         click.option(
@@ -145,9 +140,7 @@ def run_options(func):
         click.option(
             "--work-dir", type=click.Path(path_type=Path), help="Work folder for stage tables [default: OUT_DIR/.work]."
         ),
-        click.option(
-            "--resume/--no-resume", default=True, show_default=True, help="Reuse finished work in the work folder."
-        ),
+        shown("--resume/--no-resume", default=True, help="Reuse finished work in the work folder."),
         click.option(
             "--cluster",
             is_flag=True,
@@ -166,30 +159,27 @@ def run_options(func):
             help="Also read symbolic links whose target is outside PHOTOS_DIR (by default they are rejected as "
             "outside_photos_dir, unread); links into OUT_DIR or the work folder stay rejected.",
         ),
-        click.option(
+        shown(
             "--min-face-size",
             type=AtLeast(0, float),
             default=40.0,
-            show_default=True,
             help="Smallest face box side kept, in pixels.",
         ),
-        click.option(
+        shown(
             "--crop-size",
             type=AtLeast(MIN_CROP_SIZE),
             default=512,
-            show_default=True,
             help="Side of the aligned square crops, in pixels: the resolution you train at (SD 1.5: 512).",
         ),
-        click.option(
+        shown(
             "--max-upscale",
             type=AtLeast(0.01, float),
             default=2.0,
-            show_default=True,
             help="Faces the crop would enlarge more than this (crop pixels per source pixel) are too_small: "
             "enlarged faces teach a model blur. Relative to --crop-size; give a smaller --crop-size for small photos.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
-        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
+        shown("--progress/--no-progress", default=True, help="Progress bars on stderr."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -23,10 +23,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline, Person
 from dynamicid.infer.pipeline import DEFAULT_GUIDANCE
-from dynamicid.infer.references import ReferenceAnalyzer
 from dynamicid.models.base import load_base_model
 from dynamicid.testing import plain_pipeline, random_parts, save_random_weights
 
@@ -44,26 +42,21 @@ SCHEDULERS = {
 
 
 @pytest.fixture(scope="module")
-def analyzer():
-    return ReferenceAnalyzer(FaceAnalyzer("embedded"))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, analyzer):
-    parts = random_parts(load_base_model("tiny-random"), analyzer)
+def weights(tmp_path_factory, reference_analyzer):
+    parts = random_parts(load_base_model("tiny-random"), reference_analyzer)
     return save_random_weights(parts, tmp_path_factory.mktemp("weights") / "dynamicid.safetensors")
 
 
 @pytest.fixture(scope="module")
-def people(shared_faces, analyzer):
+def people(shared_faces, reference_analyzer):
     identities = shared_faces / "identities"
-    return [Person(analyzer.analyze(identities / name / f"{name}.jpg")) for name in ("obama", "biden")]
+    return [Person(reference_analyzer.analyze(identities / name / f"{name}.jpg")) for name in ("obama", "biden")]
 
 
 @pytest.fixture
-def pipe(weights, analyzer):
+def pipe(weights, reference_analyzer):
     pipe = DynamicIDPipeline.from_base(load_base_model("tiny-random"))
-    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -187,11 +180,11 @@ def test_save_pretrained_keeps_scheduler_and_dynamicid_out_of_the_unet(tmp_path,
     np.testing.assert_allclose(generate(loaded, people).images, expected, atol=1e-5)
 
 
-def test_from_pipe_over_a_stable_diffusion_pipeline(weights, analyzer, people):
+def test_from_pipe_over_a_stable_diffusion_pipeline(weights, reference_analyzer, people):
     plain = plain_pipeline(load_base_model("tiny-random"))
     pipe = DynamicIDPipeline.from_pipe(plain)
     assert pipe.unet is plain.unet and pipe.id_adapter is None
-    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     assert generate(pipe, people).images.shape == (1, 64, 64, 3)
 

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import DynamicIDPipeline, DynamicIDXLPipeline, Person, pipeline_for
-from dynamicid.infer.references import ReferenceAnalyzer
 from dynamicid.models import saa_processors
 from dynamicid.models.base import load_base_model
 from dynamicid.testing import plain_images, random_parts, save_random_weights
@@ -22,13 +20,8 @@ PROMPT = "two friends in a cafe"
 
 
 @pytest.fixture(scope="module")
-def analyzer():
-    return ReferenceAnalyzer(FaceAnalyzer("embedded"))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, analyzer):
-    parts = random_parts(load_base_model("tiny-random-sdxl"), analyzer)
+def weights(tmp_path_factory, reference_analyzer):
+    parts = random_parts(load_base_model("tiny-random-sdxl"), reference_analyzer)
     return save_random_weights(parts, tmp_path_factory.mktemp("weights") / "sdxl.safetensors")
 
 
@@ -38,9 +31,9 @@ def people(shared_faces):
     return [Person(faces / "obama" / "obama.jpg", expression="happy"), Person(faces / "biden" / "biden.jpg")]
 
 
-def make_pipeline(weights, analyzer) -> DynamicIDXLPipeline:
+def make_pipeline(weights, reference_analyzer) -> DynamicIDXLPipeline:
     pipe = pipeline_for(load_base_model("tiny-random-sdxl"))
-    pipe.load_dynamicid(weights, face_analyzer=analyzer)
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -59,10 +52,10 @@ def test_pipeline_for_picks_the_family_sibling_and_refuses_the_other():
         DynamicIDXLPipeline.from_base(load_base_model("tiny-random"))
 
 
-def test_id_scale_zero_with_zero_lora_equals_plain_sdxl(weights, analyzer, people):
+def test_id_scale_zero_with_zero_lora_equals_plain_sdxl(weights, reference_analyzer, people):
     """With the ID branch off and LoRA at zero, the SDXL sibling computes diffusers' SDXL pipeline: same text
     states, pooled text, size ids, guidance and sampler."""
-    pipe = make_pipeline(weights, analyzer)
+    pipe = make_pipeline(weights, reference_analyzer)
     for processor in saa_processors(pipe.unet).values():
         for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
             torch.nn.init.zeros_(lora.up.weight)
@@ -75,8 +68,8 @@ def test_id_scale_zero_with_zero_lora_equals_plain_sdxl(weights, analyzer, peopl
     assert np.abs(with_id - expected).max() > 1e-3
 
 
-def test_two_people_each_shape_the_image_and_the_imr_edit_runs(weights, analyzer, people):
-    pipe = make_pipeline(weights, analyzer)
+def test_two_people_each_shape_the_image_and_the_imr_edit_runs(weights, reference_analyzer, people):
+    pipe = make_pipeline(weights, reference_analyzer)
     out = generate(pipe, people, height=64, width=64, return_activation_maps=True)
     assert out.images.shape == (1, 64, 64, 3)
     assert [p["edited"] for p in out.people] == [True, False]
@@ -89,8 +82,8 @@ def test_two_people_each_shape_the_image_and_the_imr_edit_runs(weights, analyzer
     assert not np.array_equal(out.images, swapped)
 
 
-def test_face_prompt_vectors_are_the_second_encoders_pooled_output(weights, analyzer):
-    pipe = make_pipeline(weights, analyzer)
+def test_face_prompt_vectors_are_the_second_encoders_pooled_output(weights, reference_analyzer):
+    pipe = make_pipeline(weights, reference_analyzer)
     prompts = ["the expression is happy, the face is front view"]
     ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     expected = pipe.text_encoder_2(ids).text_embeds
@@ -98,11 +91,13 @@ def test_face_prompt_vectors_are_the_second_encoders_pooled_output(weights, anal
     assert expected.shape[-1] == pipe.dynamicid.imr.txt_dim
 
 
-def test_sd15_weights_on_the_sdxl_pipeline_are_refused_in_one_line(analyzer, tmp_path):
-    sd15 = save_random_weights(random_parts(load_base_model("tiny-random"), analyzer), tmp_path / "sd15.safetensors")
+def test_sd15_weights_on_the_sdxl_pipeline_are_refused_in_one_line(reference_analyzer, tmp_path):
+    sd15 = save_random_weights(
+        random_parts(load_base_model("tiny-random"), reference_analyzer), tmp_path / "sd15.safetensors"
+    )
     pipe = pipeline_for(load_base_model("tiny-random-sdxl"))
     with pytest.raises(ValueError, match=r"Stable Diffusion 1\.5 .*'sd15'.* SDXL .*'sdxl'") as error:
-        pipe.load_dynamicid(sd15, face_analyzer=analyzer)
+        pipe.load_dynamicid(sd15, face_analyzer=reference_analyzer)
     assert "\n" not in str(error.value) and str(sd15) in str(error.value)
 
 
