@@ -1,5 +1,6 @@
 """`ModelOptions.offload` and `ModelOptions.weights_dtype` (`--offload`, `--weights-dtype`): the images stay
-those of the plain run, on the tiny-random FAKE bases with random FAKE weights and real reference photos.
+those of the plain run, on the three families' tiny FAKE bases (tiny-random, tiny-random-sdxl, tiny-random-flux)
+with random FAKE weights and real reference photos, through the public API and once through the CLI.
 
 Tolerances (uint8 pixels against the plain run): model offload moves the same weights, so the pixels are equal;
 float8 storage rounds every denoiser weight to 3 mantissa bits, so the images may differ a little (mean
@@ -9,17 +10,20 @@ absolute difference <= FLOAT8_MEAN_TOLERANCE).
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import GenerateRequest, ModelOptions, Person, load_pipeline
+from dynamicid.infer.cli import main as infer
 from dynamicid.infer.generate import denoiser, generate
 from dynamicid.models.base import load_base_model
 from dynamicid.testing import random_parts, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASES = ("tiny-random", "tiny-random-sdxl")
-FLOAT8_MEAN_TOLERANCE = 4.0  # measured 2.06 (tiny-random) and 2.04 (tiny-random-sdxl), 2 steps
+BASES = ("tiny-random", "tiny-random-sdxl", "tiny-random-flux")
+FLOAT8_MEAN_TOLERANCE = 4.0  # measured 2.06 (tiny-random), 2.04 (tiny-random-sdxl), 0.52 (tiny-random-flux), 2 steps
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def weights(tmp_path_factory):
 def request_(shared_faces):
     faces = shared_faces / "identities"
     people = [Person(faces / "obama" / "obama.jpg", expression="happy"), Person(faces / "biden" / "biden.jpg")]
-    return GenerateRequest("two friends in a cafe", people, size=(64, 48), steps=2, seed=3)
+    return GenerateRequest("two friends in a cafe", people, size=(64, 48), steps=2, seed=3)  # Flux: 16 | sides
 
 
 def run(base, weights, request, **memory):
@@ -71,10 +75,34 @@ def test_float8_weights_stay_within_tolerance_of_the_plain_images(base, weights,
     assert not np.array_equal(image, plain[base])  # the rounding is real
 
 
-def test_bad_memory_options_are_refused_naming_the_argument(weights):
+def test_the_cli_offloads_the_flux_base_to_the_plain_images(weights, request_, plain, tmp_path):
+    out, (obama, biden) = tmp_path / "offloaded.png", (p.image for p in request_.people)
+    people = ["--person", str(obama), "--expression", "happy", "--person", str(biden), "--expression", "keep"]
+    arguments = ["generate", "--base-model", "tiny-random-flux", "--weights", str(weights["tiny-random-flux"])]
+    arguments += ["--face-backend", "embedded", "--device", "cpu", "--offload", "model", *people]
+    arguments += ["--prompt", request_.prompt, "--size", "64x48", "--steps", "2", "--seed", "3", "--out", str(out)]
+    result = CliRunner().invoke(infer, arguments)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(out), dtype=np.int16), plain["tiny-random-flux"])
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_sequential_offload_on_the_cpu_is_refused_in_one_line(base, weights):
     # Sequential offload is checked on a GPU only: accelerate cannot run it with a CPU execution device.
-    with pytest.raises(ValueError, match=r"ModelOptions.offload 'sequential' needs an accelerator"):
-        load_pipeline(ModelOptions("tiny-random", [weights["tiny-random"]], device="cpu", offload="sequential"))
+    with pytest.raises(ValueError, match=r"^ModelOptions.offload 'sequential' needs an accelerator[^\n]*$"):
+        load_pipeline(ModelOptions(base, [weights[base]], device="cpu", offload="sequential"))
+
+
+def test_the_cli_refuses_sequential_offload_on_the_cpu_in_one_line(weights, request_, tmp_path):
+    arguments = ["generate", "--base-model", "tiny-random-flux", "--weights", str(weights["tiny-random-flux"])]
+    arguments += ["--device", "cpu", "--offload", "sequential", "--person", str(request_.people[0].image)]
+    arguments += ["--prompt", "a cafe"]
+    result = CliRunner().invoke(infer, [*arguments, "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "needs an accelerator" in result.output, result.output
+
+
+def test_bad_memory_options_are_refused_naming_the_argument(weights):
     with pytest.raises(ValueError, match=r"ModelOptions.offload 'disk': valid: none, model, sequential"):
         load_pipeline(ModelOptions("tiny-random", [weights["tiny-random"]], offload="disk"))
     with pytest.raises(ValueError, match=r"ModelOptions.weights_dtype 'int4': valid: None, float8"):
