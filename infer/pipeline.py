@@ -36,9 +36,10 @@ from dynamicid.infer.outputs import MAX_IMAGE_SIDE
 from dynamicid.infer.people import Box, ImageSource, Person, check_person_labels, describe_source, resolve_boxes
 from dynamicid.infer.references import LANDMARK_FRAME, Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules, WeightsSource, load_modules
-from dynamicid.models import saa_activation_maps, saa_id_attention_probs, saa_processors
+from dynamicid.models import saa_activation_maps, saa_id_attention_probs
 from dynamicid.models.adapter import DynamicIDAdapter
 from dynamicid.models.base import BaseModel, load_image_encoder
+from dynamicid.models.checkpoints import identity_processors
 from dynamicid.models.conditioning import Conditioner, edit_tokens, encoder_states, landmark_vectors, saa_calls
 from dynamicid.models.families import family_named, folder_family
 from dynamicid.schemas import face_prompt
@@ -184,10 +185,10 @@ class DynamicIDMixin:
         )
 
     def _adopt(self, id_adapter: DynamicIDAdapter | None) -> None:
-        """Put a given `id_adapter`'s SAA on the UNet (construction, from_pretrained)."""
+        """Put a given `id_adapter`'s SAA on the denoiser (construction, from_pretrained)."""
         if id_adapter is None:
             return
-        id_adapter.attach(self.unet)
+        id_adapter.attach(self.denoiser)
         self.dynamicid = DynamicIDModules(
             id_adapter.face_encoder,
             id_adapter.imr,
@@ -198,16 +199,17 @@ class DynamicIDMixin:
         )
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """diffusers' `save_pretrained`; DynamicID's weights go to `id_adapter/` only, the UNet is written without
-        SAA (the base UNet's own weights), so the folder reloads with `from_pretrained` as it was."""
+        """diffusers' `save_pretrained`; DynamicID's weights go to `id_adapter/` only, the denoiser is written
+        without SAA (the base's own weights: diffusers' pipeline of the family loads the folder too), so the folder
+        reloads with `from_pretrained` as it was."""
         if self.id_adapter is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
-        processors = self.unet.attn_processors
-        self.unet.set_attn_processor(AttnProcessor2_0())
+        processors = self.denoiser.attn_processors
+        self.denoiser.set_attn_processor(self.plain_attention_processor())
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
-            self.unet.set_attn_processor(processors)
+            self.denoiser.set_attn_processor(processors)
 
     def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
         """diffusers' QKV fusion with SAA kept on the UNet: SAA reads the fused projections
@@ -237,12 +239,13 @@ class DynamicIDMixin:
             face_backend: "auto", "embedded" or "insightface" (`dynamicid.faces.FaceAnalyzer`); face_options
                 go to it (e.g. insightface_root=...). `face_analyzer` reuses an existing analyzer instead.
         """
+        dtype = self.denoiser.dtype
         if image_encoder is not None:
-            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, self.unet.dtype))
+            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, dtype))
         if self.image_encoder is None:
             raise ValueError("no CLIP image encoder: pass image_encoder=DIR (a CLIP vision model folder)")
-        modules = load_modules(weights, self.unet)
-        modules.to(self.device, self.unet.dtype)
+        modules = self.load_identity_modules(weights)
+        modules.to(self.device, dtype)
         self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))
 
     def set_dynamicid(
@@ -253,13 +256,13 @@ class DynamicIDMixin:
         *,
         face_analyzer: FaceAnalyzer | ReferenceAnalyzer | None = None,
     ) -> None:
-        """Use DynamicID modules held in memory (e.g. to sample while training); the UNet must carry SAA already.
+        """Use DynamicID modules held in memory (e.g. to sample while training); the denoiser must carry SAA.
 
         The modules are used as they are (device, dtype, train/eval mode): call `.eval()` on them first.
         Without `face_analyzer` every person's image (and landmark image) must be an analysed `Reference`
         (e.g. `Reference.from_crop` of a curated dataset row).
         """
-        saa_processors(self.unet)  # raises when SAA is not installed
+        identity_processors(self.denoiser)  # raises when SAA is not installed
         if self.image_encoder is None:
             raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
         embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
@@ -289,17 +292,30 @@ class DynamicIDMixin:
     # ---- what a family's sibling may override (the UNet families' here) ----
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network SAA lives in (the UNet; Flux's sibling: its transformer)."""
+        return self.unet
+
+    def plain_attention_processor(self) -> Any:
+        """The family's own attention processor, in SAA's place while `save_pretrained` writes the denoiser."""
+        return AttnProcessor2_0()
+
+    def load_identity_modules(self, weights: WeightsSource) -> DynamicIDModules:
+        """DynamicID's modules of `weights`, SAA installed and loaded into the denoiser."""
+        return load_modules(weights, self.unet)
+
+    @property
     def id_token_width(self) -> int:
         """The width of the face tokens the base takes (the UNet's cross-attention width)."""
         return int(self.unet.config.cross_attention_dim)
 
     def attach_identity(self, modules: DynamicIDModules) -> None:
-        """Keep the modules as the `id_adapter` component and put its SAA on the UNet."""
+        """Keep the modules as the `id_adapter` component and put its SAA on the denoiser."""
         adapter = DynamicIDAdapter.from_modules(
-            modules.face_encoder, self.unet, modules.imr, modules.keypoint_encoder, modules.id_embed_model
+            modules.face_encoder, self.denoiser, modules.imr, modules.keypoint_encoder, modules.id_embed_model
         )
         self.register_modules(id_adapter=adapter)
-        adapter.attach(self.unet)
+        adapter.attach(self.denoiser)
 
     def check_identity_attention(self) -> None:
         """Refuse to generate when the UNet's SAA processors were replaced."""

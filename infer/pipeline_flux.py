@@ -18,18 +18,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils import replace_example_docstring
+from transformers import (
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer.people import Person
 from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, example_docstring
 from dynamicid.infer.weights import DynamicIDModules
-from dynamicid.models.base import BaseModel, load_image_encoder
+from dynamicid.models.adapter import DynamicIDAdapter
+from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family, load_dynamicid
 from dynamicid.models.conditioning_flux import FluxConditioner
-from dynamicid.models.families import folder_family
 from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
 from dynamicid.models.saa_flux import (
     flux_saa_activation_maps,
@@ -81,8 +88,9 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     r"""DynamicID on FLUX.1 (dev; schnell works with `guidance_scale` ignored and fewer steps).
 
     Components are those of [`FluxPipeline`] (transformer, 16-channel VAE, CLIP and T5 text encoders, the
-    flow-matching scheduler); `image_encoder` is the CLIP vision tower whose penultimate states feed the face
-    encoder. Face analysis, face tokens and IMR edits are `DynamicIDMixin`'s, shared with SD 1.5 and SDXL.
+    flow-matching scheduler) plus `id_adapter` (DynamicID's weights, its SAA on the double-stream blocks);
+    `image_encoder` is the CLIP vision tower whose penultimate states feed the face encoder. Face analysis, face
+    tokens, IMR edits, `save_pretrained` and `from_pipe` are `DynamicIDMixin`'s, shared with SD 1.5 and SDXL.
     """
 
     family = FLUX.name
@@ -90,28 +98,47 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
     _optional_components = ["image_encoder", "feature_extractor"]  # noqa: RUF012 (FluxPipeline's)
 
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+        id_adapter: DynamicIDAdapter | None,  # required, as on SD: diffusers saves only required or optional parts
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: Any = None,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_modules(id_adapter=id_adapter)
+        self._adopt(id_adapter)
+
     # ---- construction ----
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, transformer: str | Path | Any | None = None, **kwargs: Any
     ):
-        """Load a local FLUX.1 diffusers folder (nothing is downloaded); `transformer` may replace its transformer
-        with a single `.safetensors` file (BFL's `flux1-dev.safetensors` layout or diffusers') or a module."""
-        folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"base model folder {folder} does not exist (expected FLUX.1 in diffusers layout)")
-        family = folder_family(folder)
-        if family is not FLUX:
-            raise ValueError(
-                f"{folder} holds {family.describe()}, not {FLUX.describe()}: use {family.pipeline_class().__name__}"
-            )
+        """Load a local FLUX.1 diffusers folder (nothing is downloaded), or one `save_pretrained` wrote;
+        `transformer` may replace its transformer with a single `.safetensors` file (BFL's `flux1-dev.safetensors`
+        layout or diffusers') or a module."""
         if isinstance(transformer, (str, Path)):
-            transformer = load_flux_transformer(transformer, folder)
+            transformer = load_flux_transformer(transformer, pretrained_model_name_or_path)
         if transformer is not None:
             kwargs["transformer"] = transformer
-        kwargs.setdefault("local_files_only", True)
-        return super(DynamicIDMixin, cls).from_pretrained(folder, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_base(cls, base: BaseModel):
@@ -121,48 +148,24 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             raise ValueError(
                 f"base model {base.name} is {base.base_family.describe()}: use pipeline_for(base), not {cls.__name__}"
             )
-        return cls(**base.components(), scheduler=base.noise_scheduler)
+        return cls(**base.components(), id_adapter=None, scheduler=base.noise_scheduler)
 
-    def load_dynamicid(
-        self,
-        weights: str | Path | Sequence[str | Path],
-        image_encoder: str | Path | torch.nn.Module | None = None,
-        face_backend: str = "auto",
-        face_analyzer: Any | None = None,
-        **face_options: Any,
-    ) -> None:
-        """Load DynamicID-Flux weights (base_family flux), the CLIP image encoder and the face analysis (see
-        `DynamicIDMixin.load_dynamicid`)."""
-        dtype = self.transformer.dtype
-        if image_encoder is not None:
-            self.register_modules(image_encoder=load_image_encoder(image_encoder).to(self.device, dtype))
-        if self.image_encoder is None:
-            raise ValueError(
-                "no CLIP image encoder: pass image_encoder=DIR (CLI: --image-encoder DIR), a CLIP vision model folder"
-            )
-        modules = load_flux_modules(weights, self.transformer)
-        modules.to(self.device, dtype)
-        self._use(modules, face_analyzer or FaceAnalyzer(face_backend, **face_options))
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
 
-    def set_dynamicid(self, face_encoder, imr=None, keypoint_encoder=None, *, face_analyzer=None) -> None:
-        """Use modules held in memory (e.g. while training); the transformer must carry SAA already."""
-        flux_saa_processors(self.transformer)  # raises when SAA is not installed
-        if self.image_encoder is None:
-            raise ValueError("no CLIP image encoder: register one (pipe.register_modules(image_encoder=...))")
-        embedding_model = face_analyzer.embedding_model if face_analyzer is not None else "references"
-        self._use(DynamicIDModules(face_encoder, imr, keypoint_encoder, embedding_model, {}, "memory"), face_analyzer)
+    def plain_attention_processor(self) -> FluxAttnProcessor:
+        return FluxAttnProcessor()
 
-    def attach_identity(self, modules: DynamicIDModules) -> None:
-        """Nothing to attach: SAA lives in the transformer's processors (installed by `load_flux_modules`)."""
+    def load_identity_modules(self, weights: str | Path | Sequence[str | Path]) -> DynamicIDModules:
+        return load_flux_modules(weights, self.transformer)
 
     def check_identity_attention(self) -> None:
         """Refuse to generate when a double-stream block's SAA processor was replaced."""
-        processors = flux_saa_processors(self.transformer)
-        blocks = [name for name in self.transformer.attn_processors if name.startswith("transformer_blocks.")]
-        if len(processors) != len(blocks):
+        if not self.id_adapter.attached_to(self.transformer):
             raise ValueError(
-                f"only {len(processors)} of the transformer's {len(blocks)} double-stream attention layers run SAA "
-                "(their processors were replaced); load the DynamicID weights again"
+                "the transformer's double-stream attention processors were replaced, so SAA would not inject the "
+                "identities; put SAA back with pipe.id_adapter.attach(pipe.transformer)"
             )
 
     @property

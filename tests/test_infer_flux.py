@@ -2,7 +2,8 @@
 
 The weights are random (`dynamicid.testing`), so the images are noise: these tests check parity with diffusers'
 FluxPipeline when the identity branch is off, that two people in boxes with two expressions generate, the
-conditioning against FluxPipeline's own text encoding, and that weights of another family are refused.
+conditioning against FluxPipeline's own text encoding, that weights of another family are refused, and the
+diffusers round trips: save_pretrained / from_pretrained (ours and FluxPipeline's) and from_pipe both ways.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from dynamicid.infer import Person, pipeline_for
 from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
@@ -149,6 +151,61 @@ def test_from_pretrained_loads_a_saved_flux_folder_and_a_single_file_transformer
     (tmp_path / "flux" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"holds Stable Diffusion 1\.5 .*not FLUX\.1.*DynamicIDPipeline"):
         DynamicIDFluxPipeline.from_pretrained(tmp_path / "flux")
+
+
+def _two_people(photos) -> list[Person]:
+    return [Person(photos["obama"], expression="happy"), Person(photos["biden"])]
+
+
+def _images(pipe, people, seed: int = 4, **options) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe("a photo of two people", people, generator=generator, output_type="np", **SETTINGS, **options).images
+
+
+def test_save_pretrained_reloads_the_same_images_and_flux_pipeline_reads_the_folder(pipe, photos, tmp_path):
+    expected = _images(pipe, _two_people(photos))
+    pipe.save_pretrained(tmp_path / "saved")
+    transformer_keys = load_file(tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not [k for k in transformer_keys if ".processor." in k or "_id." in k or "lora" in k]
+    adapter_keys = load_file(tmp_path / "saved" / "id_adapter" / "diffusion_pytorch_model.safetensors")
+    assert any(k.startswith("saa.") and "to_k_id" in k for k in adapter_keys)
+    assert {k.split(".")[0] for k in adapter_keys} == {"face_encoder", "imr", "keypoint_encoder", "saa"}
+
+    loaded = DynamicIDFluxPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    loaded.reference_analyzer = pipe.reference_analyzer  # face analysis is not a component
+    np.testing.assert_allclose(_images(loaded, _two_people(photos)), expected, atol=1e-5)  # float32 rounding
+
+    # diffusers' own FluxPipeline reads the folder as the base Flux it holds: its images are tiny-random-flux's.
+    plain = FluxPipeline.from_pretrained(tmp_path / "saved", local_files_only=True)
+    plain.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(3)
+    got = plain("a photo of two people", generator=generator, output_type="np", **SETTINGS).images
+    np.testing.assert_allclose(got, _plain_flux_images(seed=3), atol=1e-5)
+
+
+def test_from_pipe_both_ways_shares_the_parts_and_keeps_the_images(weights, reference_analyzer, photos):
+    plain = plain_flux(build_tiny_random_flux())
+    pipe = DynamicIDFluxPipeline.from_pipe(plain)
+    assert pipe.transformer is plain.transformer and pipe.id_adapter is None
+    pipe.load_dynamicid(weights, face_analyzer=reference_analyzer)
+    pipe.set_progress_bar_config(disable=True)
+    people = _two_people(photos)
+    with_identity, without = _images(pipe, people), _images(pipe, people, id_scale=0.0)
+    assert not np.allclose(with_identity, without, atol=1e-3)
+
+    # Back to FluxPipeline over the same parts: the transformer keeps SAA's LoRA, and without ID tokens it
+    # computes what DynamicID computes at id_scale 0.
+    back = FluxPipeline.from_pipe(pipe)
+    back.set_progress_bar_config(disable=True)
+    assert back.transformer is pipe.transformer and "id_adapter" not in back.components
+    generator = torch.Generator().manual_seed(4)
+    assert np.array_equal(
+        back("a photo of two people", generator=generator, output_type="np", **SETTINGS).images, without
+    )
+    again = DynamicIDFluxPipeline.from_pipe(pipe)  # a DynamicID pipeline's adapter and face analysis carry over
+    again.set_progress_bar_config(disable=True)
+    assert again.id_adapter is pipe.id_adapter and np.array_equal(_images(again, people), with_identity)
 
 
 def test_weights_of_another_family_are_refused_in_one_line(reference_analyzer, tmp_path):
