@@ -185,7 +185,8 @@ class DynamicIDMixin:
         )
 
     def _adopt(self, id_adapter: DynamicIDAdapter | None) -> None:
-        """Put a given `id_adapter`'s SAA on the denoiser (construction, from_pretrained)."""
+        """Register the `id_adapter` component and put its SAA on the denoiser (construction, from_pretrained)."""
+        self.register_modules(id_adapter=id_adapter)
         if id_adapter is None:
             return
         id_adapter.attach(self.denoiser)
@@ -334,6 +335,54 @@ class DynamicIDMixin:
 
     # ---- checks ----
 
+    @property
+    def size_multiple(self) -> int:
+        """What height and width must be multiples of: the VAE's factor (Flux: times its 2x2 latent patches)."""
+        return self.vae_scale_factor
+
+    def check_identity_inputs(
+        self,
+        people: list[Person] | None,
+        height: int,
+        width: int,
+        guidance_scale: float,
+        id_scale: float,
+        num_images_per_prompt: int,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> list[Box]:
+        """The checks every family's `check_inputs` makes first (weights and SAA in place, people, labels,
+        edits, size, scales); returns the people's boxes (given or strips)."""
+        if self.dynamicid is None:
+            raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
+        self.check_identity_attention()
+        if attention_kwargs is not None and {"saa", "id_tokens"} & set(attention_kwargs):
+            raise ValueError(
+                f"`{family_named(self.family).attention_kwargs}` must not hold 'saa' or 'id_tokens': the pipeline "
+                "makes each step's SAA inputs from people, id_scale, gating, boost and boost_steps"
+            )
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(f"`height` and `width` must be divisible by {multiple} but are {height} and {width}")
+        if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
+            raise ValueError(f"`height` and `width` must be in 8..{MAX_IMAGE_SIDE}, got {height} and {width}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
+        for name, value in (("guidance_scale", guidance_scale), ("id_scale", id_scale)):
+            if not (isinstance(value, int | float) and 0 <= value < math.inf):  # NaN fails this too
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+        if not people or not all(isinstance(p, Person) for p in people):
+            raise ValueError("`people` must be a non-empty list of dynamicid.infer.Person")
+        for i, person in enumerate(people):
+            check_person_labels(person, i)
+            if person.wants_edit and not self.dynamicid.can_edit:
+                absent = [n for n in ("imr", "keypoint_encoder") if getattr(self.dynamicid, n) is None]
+                raise ValueError(
+                    f"person {i + 1} asks for an expression/pose edit but the loaded weights have no "
+                    f"{' and no '.join(absent)}; load the reconfiguration stage's weights (for the release: "
+                    "the IMR and keypoint-encoder files)"
+                )
+        return resolve_boxes(people)
+
     def check_inputs(
         self,
         prompt: str | list[str] | None,
@@ -351,9 +400,9 @@ class DynamicIDMixin:
         id_scale: float = 1.0,
     ) -> list[Box]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
-        if self.dynamicid is None:
-            raise ValueError("no DynamicID weights loaded: call pipe.load_dynamicid(WEIGHTS, ...) first")
-        self.check_identity_attention()
+        boxes = self.check_identity_inputs(
+            people, height, width, guidance_scale, id_scale, num_images_per_prompt, cross_attention_kwargs
+        )
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("give either `prompt` or `prompt_embeds`, not both and not neither")
         if prompt is not None and not (
@@ -375,39 +424,14 @@ class DynamicIDMixin:
                 f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                 f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
             )
-        if cross_attention_kwargs is not None and "saa" in cross_attention_kwargs:
-            raise ValueError(
-                "`cross_attention_kwargs` must not hold 'saa': the pipeline makes each step's SAA inputs from "
-                "people, id_scale, gating, boost and boost_steps"
-            )
-        if height % 8 != 0 or width % 8 != 0:
-            raise ValueError(f"`height` and `width` must be divisible by 8 but are {height} and {width}")
-        if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
-            raise ValueError(f"`height` and `width` must be in 8..{MAX_IMAGE_SIDE}, got {height} and {width}")
         # DDIM's leading timesteps are offset by `steps_offset`: one step per training timestep would index past them.
         most_steps = self.scheduler.config.num_train_timesteps - self.scheduler.config.get("steps_offset", 0)
         if not 1 <= num_inference_steps <= most_steps:
             raise ValueError(f"`num_inference_steps` (--steps) must be in 1..{most_steps}, got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
-        for name, value in (("guidance_scale", guidance_scale), ("id_scale", id_scale)):
-            if not (isinstance(value, int | float) and 0 <= value < math.inf):  # NaN fails this too
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
-        if not people or not all(isinstance(p, Person) for p in people):
-            raise ValueError("`people` must be a non-empty list of dynamicid.infer.Person")
-        for i, person in enumerate(people):
-            check_person_labels(person, i)
-            if person.wants_edit and not self.dynamicid.can_edit:
-                absent = [n for n in ("imr", "keypoint_encoder") if getattr(self.dynamicid, n) is None]
-                raise ValueError(
-                    f"person {i + 1} asks for an expression/pose edit but the loaded weights have no "
-                    f"{' and no '.join(absent)}; load the reconfiguration stage's weights (for the release: "
-                    "the IMR and keypoint-encoder files)"
-                )
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` {unknown} not in {self._callback_tensor_inputs}")
-        return resolve_boxes(people)
+        return boxes
 
     # ---- identity tokens ----
 
@@ -797,7 +821,6 @@ class DynamicIDPipeline(DynamicIDMixin, StableDiffusionPipeline):
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(id_adapter=id_adapter)
         self._adopt(id_adapter)
 
     def encode_text(
@@ -872,7 +895,6 @@ class DynamicIDXLPipeline(DynamicIDMixin, StableDiffusionXLPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=False,
         )
-        self.register_modules(id_adapter=id_adapter)
         self._adopt(id_adapter)
 
     def encode_text(

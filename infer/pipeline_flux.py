@@ -111,18 +111,8 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         image_encoder: CLIPVisionModelWithProjection | None = None,
         feature_extractor: Any = None,
     ):
-        super().__init__(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            transformer=transformer,
-            image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )
-        self.register_modules(id_adapter=id_adapter)
+        parts = (scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer, image_encoder)
+        super().__init__(*parts, feature_extractor)
         self._adopt(id_adapter)
 
     # ---- construction ----
@@ -181,42 +171,55 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
 
     # ---- checks ----
 
-    def check_inputs(  # diffusers' name; its FluxPipeline signature does not apply here
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * 2  # 2x2 latent patches
+
+    def check_inputs(  # FluxPipeline's checks after DynamicID's
         self,
-        prompt: str,
-        people: list[Person],
+        prompt: str | list[str] | None,
+        prompt_2: str | list[str] | None,
+        people: list[Person] | None,
         height: int,
         width: int,
         num_inference_steps: int,
         guidance_scale: float,
-        negative_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         num_images_per_prompt: int = 1,
         id_scale: float = 1.0,
         max_sequence_length: int = T5_MAX_LENGTH,
     ) -> list[tuple[float, float, float, float]]:
         """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
-        multiple = self.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"`height` and `width` must be divisible by {multiple} on Flux (2x2 latent patches) "
-                f"but are {height} and {width}"
-            )
-        if not 1 <= max_sequence_length <= T5_MAX_LENGTH:
-            raise ValueError(f"`max_sequence_length` must be in 1..{T5_MAX_LENGTH}, got {max_sequence_length}")
-        # The SD checks (weights loaded, prompt, people, labels, edits, callbacks) with a size that passes theirs.
-        return super().check_inputs(
-            prompt=prompt,
-            people=people,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            num_images_per_prompt=num_images_per_prompt,
-            id_scale=id_scale,
+        boxes = self.check_identity_inputs(
+            people, height, width, guidance_scale, id_scale, num_images_per_prompt, joint_attention_kwargs
         )
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
+        if max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` must be in 1..{T5_MAX_LENGTH}, got {max_sequence_length}")
+        FluxPipeline.check_inputs(  # diffusers' own (the mixin's check_inputs is SD's)
+            self,
+            prompt,
+            prompt_2,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )
+        return boxes
 
     # ---- generation ----
 
@@ -224,47 +227,62 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: str,
-        people: list[Person],
-        negative_prompt: str | None = None,
+        prompt: str | list[str] | None = None,
+        people: list[Person] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = DEFAULT_STEPS,
+        sigmas: list[float] | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE,
-        true_cfg_scale: float = 1.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int = T5_MAX_LENGTH,
         id_scale: float = 1.0,
         gating: bool = True,
         boost: float | None = None,
         boost_steps: int | None = None,
-        max_sequence_length: int = T5_MAX_LENGTH,
-        output_type: str = "pil",
-        return_dict: bool = True,
         return_activation_maps: bool = False,
-        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> DynamicIDPipelineOutput | tuple:
-        r"""Generate images of `people` as described by `prompt`.
+        r"""Generate images of `people` as described by `prompt`; FluxPipeline's arguments plus DynamicID's.
 
         Args:
-            prompt: the scene. people: one `Person` per identity, in order (reference photo, optional target
-                expression / pose / landmark image, optional box (y0, x0, y1, x1) in [0, 1]; none = strips).
-            negative_prompt, true_cfg_scale: true classifier-free guidance (two transformer calls per step) when
-                `true_cfg_scale` > 1 and a negative prompt is given; off by default, as for FLUX.1-dev.
-            height, width: pixels, multiples of 16 (default 1024). num_inference_steps: Euler steps (28).
+            prompt: the scene (a list: one batch entry per prompt, every one with the same people); prompt_2: T5's
+                prompt where it differs (FluxPipeline's). people: one `Person` per identity, in order (reference
+                photo, optional target expression / pose / landmark image, optional box (y0, x0, y1, x1) in
+                [0, 1]; none = strips).
+            negative_prompt, negative_prompt_2, true_cfg_scale: true classifier-free guidance (two transformer
+                calls per step, the negative one with the unconditional face's tokens) when `true_cfg_scale` > 1
+                and a negative prompt is given; off by default, as for FLUX.1-dev.
+            height, width: pixels, multiples of 16 (default 1024). num_inference_steps: Euler steps (28);
+                sigmas: a custom schedule (as FluxPipeline).
             guidance_scale: FLUX.1-dev's distilled guidance embedding (3.5).
-            num_images_per_prompt: images in one batch. generator, latents: reproducible / preset noise
-                (latents packed, as FluxPipeline takes them).
+            num_images_per_prompt: images per prompt. generator, latents: reproducible / preset noise (latents
+                packed, as FluxPipeline takes them).
+            prompt_embeds, pooled_prompt_embeds (and the negative ones): text states instead of the prompts.
+            output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images,).
+            joint_attention_kwargs: passed to the attention processors with this step's SAA inputs (e.g.
+                {"scale": 0.5} for a loaded LoRA's weight).
+            callback_on_step_end: fn(pipe, step, timestep, tensors) after each step; it may replace the tensors
+                named in `callback_on_step_end_tensor_inputs`.
+            max_sequence_length: T5 tokens of the prompt (512).
             id_scale: weight of the identity branch (0 = Flux alone). gating: SAA's gating and box routing.
             boost, boost_steps: gate boost inside the boxes and for how many steps; None = 2.0 for the first 7
                 of 28 steps' share with several people, none for one.
-            max_sequence_length: T5 tokens of the prompt (512).
-            output_type: "pil", "np", "pt" or "latent". return_dict: False returns (images,).
             return_activation_maps: also return per-person SAA activation maps (see the output class).
-            callback_on_step_end: fn(pipe, step, timestep, tensors) after each step; it may replace the tensors
-                named in `callback_on_step_end_tensor_inputs`.
 
         Examples:
 
@@ -282,40 +300,56 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         # 1. Check inputs before any model runs
         boxes = self.check_inputs(
             prompt,
+            prompt_2,
             people,
             height,
             width,
             num_inference_steps,
             guidance_scale,
             negative_prompt,
+            negative_prompt_2,
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            joint_attention_kwargs,
             tensor_inputs,
             num_images_per_prompt,
             id_scale,
             max_sequence_length,
         )
         self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = {}
+        self._joint_attention_kwargs = joint_attention_kwargs or {}
         self._current_timestep = None
         self._interrupt = False
-        self._max_sequence_length = max_sequence_length
         device = self._execution_device
         if self.dynamicid.format != "memory":  # loaded modules follow pipe.to(...); a trainer's stay as they are
             self.dynamicid.to(device, self.transformer.dtype)
-        do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
+        has_negative = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
+        )
+        do_true_cfg = true_cfg_scale > 1 and has_negative
 
         # 2. Analyse the references: the largest face of each
         references = [self.analyze(p.image, role=f"reference of person {i + 1}") for i, p in enumerate(people)]
         timings["analysis"] = _lap(clock)
 
-        # 3. Encode the prompt: T5 states, CLIP's pooled vector, text position ids
-        # (each prompt on its own, as FluxPipeline encodes them: batching could change the last bits)
-        conditioner, batch = self.conditioner, num_images_per_prompt
-        encoded = []
-        for text in [prompt] + ([negative_prompt] if do_true_cfg else []):
-            states, inputs = conditioner.text_condition(conditioner.token_ids([text]))
-            pooled = inputs["pooled_projections"].to(device, self.text_encoder.dtype).expand(batch, -1)
-            encoded.append((states.to(device, self.text_encoder_2.dtype).expand(batch, -1, -1), pooled))
-        (prompt_embeds, pooled), text_ids = encoded[0], inputs["txt_ids"].to(device)
+        # 3. Encode the prompt (and the negative one under true CFG): T5 states, CLIP's pooled vector, text ids,
+        # each with FluxPipeline's own encode_prompt
+        text = {"device": device, "num_images_per_prompt": num_images_per_prompt}
+        text |= {"max_sequence_length": max_sequence_length, "lora_scale": self._joint_attention_kwargs.get("scale")}
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt, prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, **text
+        )
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
+                negative_prompt,
+                negative_prompt_2,
+                prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                **text,
+            )
+        num_images = prompt_embeds.shape[0]
 
         # 4. Face tokens, rewritten by the IMR where an expression / pose / landmark target is given
         tokens, uncond_tokens, reports = self.identity_tokens(people, references, boxes)
@@ -326,11 +360,11 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         # 5. Packed initial noise and the image position ids
         num_channels_latents = self.transformer.config.in_channels // 4
         latents, latent_image_ids = self.prepare_latents(
-            batch, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
+            num_images, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
         )
 
         # 6. Timesteps: sigmas 1 .. 1/steps shifted by mu, which grows with the image's token count (Flux's shift)
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
         if self.scheduler.config.get("use_flow_sigmas", False):
             sigmas = None
         mu = calculate_shift(
@@ -344,17 +378,14 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
             self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
         )
         self._num_timesteps = len(timesteps)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
 
         # 7. SAA inputs for this layout, one per denoising step: the boost lasts the first `boost_steps` steps
         saa_settings = self.saa_settings(boxes, id_scale, gating, boost, boost_steps)
         saa_per_step, maps = self.saa_steps(
-            saa_settings, num_inference_steps, (height, width), batch, return_activation_maps
+            saa_settings, num_inference_steps, (height, width), num_images, return_activation_maps
         )
 
-        # 8. Denoising loop
+        # 8. Denoising loop: the guidance embedding is read each step (a callback may change it)
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -362,10 +393,14 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                     continue
                 self._current_timestep = t
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                calls = [(prompt_embeds, pooled, id_tokens, saa_per_step[i])]
+                guidance = None
+                if self.transformer.config.guidance_embeds:
+                    guidance = torch.full([num_images], self.guidance_scale, device=device, dtype=torch.float32)
+                calls = [(prompt_embeds, pooled_prompt_embeds, id_tokens, saa_per_step[i])]
                 if do_true_cfg:  # the negative call: the unconditional face, no maps recorded
+                    negative_call = replace(saa_per_step[i], return_activation_maps=False)
                     calls.append(
-                        (*encoded[1], uncond_id_tokens, replace(saa_per_step[i], return_activation_maps=False))
+                        (negative_prompt_embeds, negative_pooled_prompt_embeds, uncond_id_tokens, negative_call)
                     )
                 predictions = []
                 for states, pooled_states, ids, call in calls:
@@ -378,7 +413,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                             encoder_hidden_states=states,
                             txt_ids=text_ids,
                             img_ids=latent_image_ids,
-                            joint_attention_kwargs={"saa": call, "id_tokens": ids},
+                            joint_attention_kwargs={**self._joint_attention_kwargs, "saa": call, "id_tokens": ids},
                             return_dict=False,
                         )[0]
                     )
