@@ -116,12 +116,26 @@ def parameter_counts(rank: int) -> dict[str, int]:
     return counts
 
 
-def activations_gb(side: int, training: bool) -> float:
-    tokens = (side // 16) ** 2 + T5_TOKENS
-    block_peak = 24 * tokens * WIDTH * 2
+def activation_bytes(
+    image_tokens: int,
+    training: bool,
+    *,
+    width: int = WIDTH,
+    text_tokens: int = T5_TOKENS,
+    blocks: int = BLOCKS,
+    bytes_per_value: int = 2,
+) -> float:
+    """The activation formula of the docstring for any Flux-shaped transformer (`flux_memory_check.py` runs it on
+    smaller ones): N = image + text tokens, d = width."""
+    stream = (image_tokens + text_tokens) * width * bytes_per_value  # one N x d tensor
+    block_peak = 24 * stream
     if not training:
-        return (block_peak + 2 * tokens * WIDTH * 2) / GB
-    return (BLOCKS * tokens * WIDTH * 2 + 2 * block_peak) / GB
+        return block_peak + 2 * stream
+    return blocks * stream + 2 * block_peak
+
+
+def activations_gb(side: int, training: bool) -> float:
+    return activation_bytes((side // 16) ** 2, training) / GB
 
 
 def fits(total: float) -> str:

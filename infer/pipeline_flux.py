@@ -175,51 +175,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     def size_multiple(self) -> int:
         return self.vae_scale_factor * 2  # 2x2 latent patches
 
-    def check_inputs(  # FluxPipeline's checks after DynamicID's
-        self,
-        prompt: str | list[str] | None,
-        prompt_2: str | list[str] | None,
-        people: list[Person] | None,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        id_scale: float = 1.0,
-        max_sequence_length: int = T5_MAX_LENGTH,
-    ) -> list[tuple[float, float, float, float]]:
-        """Refuse bad settings before any model runs; returns the people's boxes (given or strips)."""
-        boxes = self.check_identity_inputs(
-            people, height, width, guidance_scale, id_scale, num_images_per_prompt, joint_attention_kwargs
-        )
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
-        if max_sequence_length < 1:
-            raise ValueError(f"`max_sequence_length` must be in 1..{T5_MAX_LENGTH}, got {max_sequence_length}")
-        FluxPipeline.check_inputs(  # diffusers' own (the mixin's check_inputs is SD's)
-            self,
-            prompt,
-            prompt_2,
-            height,
-            width,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-        )
-        return boxes
+    check_inputs = FluxPipeline.check_inputs  # diffusers' own (the mixin's is SD's); DynamicID's: check_identity_inputs
 
     # ---- generation ----
 
@@ -297,25 +253,24 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
 
-        # 1. Check inputs before any model runs
-        boxes = self.check_inputs(
+        # 1. Check inputs before any model runs: DynamicID's (people, size, scales, SAA in place), then Flux's
+        boxes = self.check_identity_inputs(
+            people, height, width, guidance_scale, id_scale, num_images_per_prompt, joint_attention_kwargs
+        )
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}")
+        self.check_inputs(
             prompt,
             prompt_2,
-            people,
             height,
             width,
-            num_inference_steps,
-            guidance_scale,
             negative_prompt,
             negative_prompt_2,
             prompt_embeds,
             negative_prompt_embeds,
             pooled_prompt_embeds,
             negative_pooled_prompt_embeds,
-            joint_attention_kwargs,
             tensor_inputs,
-            num_images_per_prompt,
-            id_scale,
             max_sequence_length,
         )
         self._guidance_scale = guidance_scale
