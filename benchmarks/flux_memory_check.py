@@ -51,10 +51,10 @@ def run_case(case: dict) -> dict:
     """Build, measure one step, return the measured and predicted bytes (runs in a fresh process)."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
+    from flux_memory import activation_bytes
 
     from dynamicid.models.saa import SAACall
     from dynamicid.models.saa_flux import flux_saa_processors, install_flux_saa
-    from flux_memory import activation_bytes
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

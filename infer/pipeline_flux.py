@@ -351,16 +351,20 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                 guidance = None
                 if self.transformer.config.guidance_embeds:
                     guidance = torch.full([num_images], self.guidance_scale, device=device, dtype=torch.float32)
-                calls = [(prompt_embeds, pooled_prompt_embeds, id_tokens, saa_per_step[i])]
+                # (diffusers' cache hooks, e.g. First Block Cache, keep one state per named context, as FluxPipeline)
+                calls = {"cond": (prompt_embeds, pooled_prompt_embeds, id_tokens, saa_per_step[i])}
                 if do_true_cfg:  # the negative call: the unconditional face, no maps recorded
                     negative_call = replace(saa_per_step[i], return_activation_maps=False)
-                    calls.append(
-                        (negative_prompt_embeds, negative_pooled_prompt_embeds, uncond_id_tokens, negative_call)
+                    calls["uncond"] = (
+                        negative_prompt_embeds,
+                        negative_pooled_prompt_embeds,
+                        uncond_id_tokens,
+                        negative_call,
                     )
                 predictions = []
-                for states, pooled_states, ids, call in calls:
-                    predictions.append(
-                        self.transformer(
+                for context, (states, pooled_states, ids, call) in calls.items():
+                    with self.transformer.cache_context(context):
+                        prediction = self.transformer(
                             hidden_states=latents,
                             timestep=timestep / 1000,
                             guidance=guidance,
@@ -371,7 +375,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                             joint_attention_kwargs={**self._joint_attention_kwargs, "saa": call, "id_tokens": ids},
                             return_dict=False,
                         )[0]
-                    )
+                    predictions.append(prediction)
                     if maps is not None and call.return_activation_maps:
                         transformer = self.transformer
                         maps.add(flux_saa_activation_maps(transformer), flux_saa_id_attention_probs(transformer))
