@@ -112,12 +112,14 @@ class DynamicIDMixin:
 
     Multi-person personalised generation: each person's face tokens (face encoder, rewritten by the IMR for a
     target expression / pose) are appended to the text states, and the SAA processors route them into the
-    person's box. A sibling per base family (`DynamicIDPipeline` for SD 1.5, `DynamicIDXLPipeline` for SDXL)
-    combines this mixin with diffusers' pipeline of that family and supplies what differs:
-    `encode_text` (the UNet's text condition, and for SDXL its `added_cond_kwargs`) and `safety_check`.
+    person's box. A sibling per base family (`DynamicIDPipeline` for SD 1.5, `DynamicIDXLPipeline` for SDXL,
+    `DynamicIDFluxPipeline` in `pipeline_flux`) combines this mixin with diffusers' pipeline of that family, owns
+    its `__call__`, and supplies what differs: `encode_text` (the UNet's text condition, and for SDXL its
+    `added_cond_kwargs`) and `safety_check`; Flux overrides the hooks below (`denoiser`, `load_identity_modules`,
+    `plain_attention_processor`, `check_identity_attention`, `size_multiple`) and uses FluxPipeline's checks.
 
     DynamicID's weights are the `id_adapter` component (`dynamicid.models.adapter.DynamicIDAdapter`: face
-    encoder, IMR, keypoint encoder and the SAA processors it puts on the UNet), from `load_dynamicid` (or
+    encoder, IMR, keypoint encoder and the SAA processors it puts on the denoiser), from `load_dynamicid` (or
     `set_dynamicid`, or a folder written by `save_pretrained`); the face analysis comes from
     `dynamicid.faces.FaceAnalyzer`. `from_pretrained` keeps the folder's scheduler, `from_base` uses DDIM
     (the release's sampler); any scheduler diffusers ships for SD 1.5 / SDXL works.
