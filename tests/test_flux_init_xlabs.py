@@ -27,13 +27,15 @@ from dynamicid.models import load_dynamicid
 from dynamicid.testing import build_tiny_random_flux
 from dynamicid.train.anchor import read_init, train_anchor
 from dynamicid.train.cli import main as train
-from dynamicid.train.config import AnchorConfig
+from dynamicid.train.config import AnchorConfig, ReconfigureConfig
+from dynamicid.train.reconfigure import train_reconfigure
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CLIP_L = 24  # stands for CLIP ViT-L's 768-wide image embedding
 TOKENS = 4
 WIDE_T5 = 48
+QUICK = {"base_model": "tiny-random-flux", "resolution": 64, "report_to": "none", "max_steps": 1, "eval_samples": 2}
 
 
 def xlabs_tensors(blocks: int, width: int, t5: int, tokens: int = TOKENS, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -154,24 +156,14 @@ def curated(tmp_path_factory, shared_faces) -> Path:
     return out
 
 
-def test_anchoring_from_xlabs_keeps_its_tensors_and_inference_loads_the_4096_like_tokens(
+def test_anchoring_from_xlabs_keeps_its_tensors_and_the_later_stages_and_inference_take_t5_wide_tokens(
     curated, tmp_path, shared_faces, reference_analyzer
 ):
     tensors = xlabs_tensors(blocks=2, width=32, t5=WIDE_T5)
     path = write(tensors, tmp_path / "flux-ip-adapter.safetensors")
-    config = AnchorConfig(
-        base_model="tiny-random-flux",
-        dataset=str(curated),
-        output_dir=str(tmp_path / "run"),
-        init_from=str(path),
-        resolution=64,
-        report_to="none",
-        lora_rank=2,
-        train_batch_size=2,
-        max_steps=1,
-        learning_rate=0.0,  # AdamW with lr 0 leaves every weight as loaded
-        eval_samples=2,
-    )
+    run = {"output_dir": str(tmp_path / "run"), "init_from": str(path), "lora_rank": 2, "train_batch_size": 2}
+    # AdamW with lr 0 leaves every weight as loaded
+    config = AnchorConfig(**QUICK, **run, dataset=str(curated), learning_rate=0.0)
     weights = load_dynamicid(train_anchor(config, base=wide_t5_flux()))
     md = weights.metadata
     assert md.source.startswith("xlabs-ip-adapter:") and md.base_family == "flux"
@@ -180,12 +172,24 @@ def test_anchoring_from_xlabs_keeps_its_tensors_and_inference_loads_the_4096_lik
         part, name = where_it_lands(key)
         assert torch.equal(weights.state_dicts[part][name], tensor), key
 
+    # cache-tokens and reconfiguration rebuild the face encoder, SAA, IMR and keypoint encoder at that width
+    anchor, tokens = str(weights.paths[0]), str(tmp_path / "tokens")
+    arguments = ["cache-tokens", "--base-model", "tiny-random-flux", "--anchor", anchor, "--dataset", str(curated)]
+    result = CliRunner().invoke(train, [*arguments, "--output", tokens])
+    assert result.exit_code == 0, result.output
+    small = {"targets_per_identity": 2, "imr_dim": 32, "imr_heads": 2, "imr_dim_head": 16, "keypoint_width": 2}
+    config = ReconfigureConfig(
+        **QUICK, **small, dataset=str(curated), output_dir=str(tmp_path / "reconfigure"), anchor=anchor, tokens=tokens
+    )
+    reconfigured = load_dynamicid(train_reconfigure(config, base=wide_t5_flux()))
+    assert (reconfigured.metadata.cross_attention_dim, reconfigured.metadata.keypoint_dim) == (WIDE_T5, WIDE_T5)
+
     pipe = DynamicIDFluxPipeline.from_base(wide_t5_flux())
-    pipe.load_dynamicid(weights.paths[0], face_analyzer=reference_analyzer)
+    pipe.load_dynamicid([anchor, reconfigured.paths[0]], face_analyzer=reference_analyzer)
     pipe.set_progress_bar_config(disable=True)
-    person = Person(shared_faces / "identities" / "obama" / "obama.jpg")
+    person = Person(shared_faces / "identities" / "obama" / "obama.jpg", expression="happy")
     out = pipe("a portrait", [person], height=32, width=32, num_inference_steps=1, max_sequence_length=16)
-    assert out.images[0].size == (32, 32)
+    assert out.images[0].size == (32, 32) and out.people[0]["edited"]
     assert pipe.id_token_width == WIDE_T5
 
 
