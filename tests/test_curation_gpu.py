@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -77,6 +79,22 @@ def test_model_steps_get_gpus_on_a_cluster_that_has_them_and_cpu_steps_never():
     assert {name for name, share in with_gpus.items() if share > 0} == model_stages
     assert all(with_gpus[name] == 1.0 for name in model_stages)  # 2 GPUs over 2 workers: one each
     assert set(without.values()) == {0.0}
+
+
+def test_with_device_cpu_no_stage_asks_for_a_gpu():
+    import dataclasses
+
+    from dynamicid.curation.config import CurationConfig
+    from dynamicid.curation.pipeline import build_stages
+    from dynamicid.curation.stages import BackendInfo, StageContext
+
+    context = StageContext(
+        Path("/photos"), Path("/work"), CurationConfig(), BackendInfo("embedded", None, "d", "m", 0.4, 0.9, 0.95)
+    )
+    asking = {stage.name for stage in build_stages(context) if stage.resources.gpus > 0}
+    assert asking == {"detect", "describe"}
+    on_cpu = dataclasses.replace(context, config=CurationConfig(device="cpu"))
+    assert all(stage.resources.gpus == 0 for stage in build_stages(on_cpu))
 
 
 # Runs in its own process, on a local Ray with 2 FAKE GPUs (Ray schedules by the declared count; torch and ONNX

@@ -1,7 +1,8 @@
 """Engines run the stages of `curation.stages` (one set of stage classes for all of them).
 
 `local` (the default): this process plus a process pool, streaming Parquet record batches; memory bounded
-whatever the photo count. `ray`: Ray Data operators (optional extra `dynamicid[ray]`).
+whatever the photo count. `ray`: Ray Data operators, tasks, and actor pools for the stages that ask for a GPU
+on a cluster that has GPUs (optional extra `dynamicid[ray]`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class Engine(Protocol):
 
     def prepare(self, call: Call, resources: Resources) -> Pending:
         """Begin `function(*arguments)` once in each worker that will run stages asking for `resources` (this
-        process where the engine runs them here): a setup whose result the worker keeps for those stages (the face
-        models). Returns at once where it can, so that the caller's own start-up overlaps the workers'; the
+        process where the engine runs them here): a setup whose result the worker keeps for those stages (models it
+        builds). Returns at once where it can, so that the caller's own start-up overlaps the workers'; the
         returned function waits and gives one result per worker."""
         ...
 

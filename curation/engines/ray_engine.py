@@ -63,6 +63,13 @@ from dynamicid.curation.tables import TableWriter
 LOCAL_OBJECT_STORE = 1 << 30  # bytes, for a Ray started here: blocks stream through it, spilling to disk if needed
 GROUP_READ_ROWS = 4096  # candidate rows per read task of a per-identity step (small columns; the sort splits them)
 _SETUP_LINE = re.compile(r"StageSetupError: (.+)")
+_MAP_OPERATOR_LOG = "ray.data._internal.execution.operators.map_operator"
+
+
+def _declared_resources(record: logging.LogRecord) -> bool:
+    """Ray Data warns, twice per GPU step, that asking for CPUs and GPUs together is experimental: both are asked
+    for on purpose (a worker's CPU share: Ray's default of one CPU per GPU actor may not fit `--workers` actors)."""
+    return "num_cpus and num_gpus" not in record.getMessage()
 
 
 def _process_block(block: pa.Table, key: str, stage: Stage, carried: list[str]) -> Iterator[pa.Table]:
@@ -182,6 +189,7 @@ class RayEngine:
                 ) from None
             self.connected = True
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no execution plans on the user's terminal
+        logging.getLogger(_MAP_OPERATOR_LOG).addFilter(_declared_resources)
         context = DataContext.get_current()
         context.enable_progress_bars = self.progress
         context.execution_options.preserve_order = True  # outputs in input order: no sort needed
