@@ -9,7 +9,6 @@ pose is solved from the 106 landmarks like the embedded backend solves it from t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -104,6 +103,7 @@ class InsightFaceBackend:
         # `providers` wins over `device` ("cpu" or "cuda", `threads.pick_device`): CUDA runs SCRFD, the landmarks
         # and ArcFace on the GPU, the CPU provider takes the ops CUDA lacks.
         providers = providers or onnxruntime_providers(device)
+        self.device = "cuda" if CUDA_PROVIDER in providers else "cpu"
         self._detector = self._landmarks = self._recognition = None
         self.model_files: dict[str, str] = {}
         for path in sorted(self.folder.glob("*.onnx")):
@@ -123,7 +123,7 @@ class InsightFaceBackend:
                 f"insightface pack {self.folder} lacks a {', '.join(missing)} model "
                 "(SCRFD detector, 2d106det landmarks, ArcFace recognition .onnx files)"
             )
-        self._expression = ExpressionClassifier(device="cuda" if CUDA_PROVIDER in providers else "cpu")
+        self._expression = ExpressionClassifier(device=self.device)
         self._calibration = shipped_calibration()
         self.expression_model = self._calibration.version
 
@@ -190,15 +190,10 @@ class InsightFaceBackend:
             expression=label.model,
             embedding=self.embedding_model,
         )
-        return dataclasses.replace(
-            face,
+        return face.described(
             landmarks=landmarks,
-            yaw=yaw,
-            pitch=pitch,
-            roll=roll,
-            expression=label.expression,
-            expression_scores=label.scores,
-            expression_confidence=label.confidence,
+            pose=(yaw, pitch, roll),
+            label=label,
             embedding=embedding,
             backend=self.name,
             models=models,
