@@ -305,7 +305,7 @@ class DynamicIDMixin:
 
     def load_identity_modules(self, weights: WeightsSource) -> DynamicIDModules:
         """DynamicID's modules of `weights`, SAA installed and loaded into the denoiser."""
-        return load_modules(weights, self.unet)
+        return load_modules(weights, self.denoiser)
 
     @property
     def id_token_width(self) -> int:

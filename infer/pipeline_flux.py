@@ -11,7 +11,7 @@ transformer's guidance embedding (3.5 by default), not classifier-free guidance;
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,18 +32,15 @@ from transformers import (
 
 from dynamicid.infer.people import Person
 from dynamicid.infer.pipeline import DynamicIDMixin, DynamicIDPipelineOutput, example_docstring
-from dynamicid.infer.weights import DynamicIDModules
+from dynamicid.infer.weights import DynamicIDModules, ReleaseFiles, WeightsSource
 from dynamicid.models.adapter import DynamicIDAdapter
 from dynamicid.models.base import BaseModel
-from dynamicid.models.checkpoints import check_base_family, load_dynamicid
 from dynamicid.models.conditioning_flux import FluxConditioner
 from dynamicid.models.families.flux import FLUX, T5_MAX_LENGTH, load_flux_transformer
 from dynamicid.models.saa_flux import (
     flux_saa_activation_maps,
     flux_saa_id_attention_probs,
     flux_saa_processors,
-    install_flux_saa,
-    load_flux_saa_state_dict,
 )
 
 DEFAULT_STEPS = 28  # FLUX.1-dev's usual sampling: 28 flow-matching Euler steps, guidance 3.5
@@ -56,32 +53,6 @@ EXAMPLE_DOC_STRING = example_docstring(
     ("(0.1, 0.1, 0.6, 0.45)", "(0.1, 0.55, 0.6, 0.9)"),
     1024,
 )
-
-
-def load_flux_modules(weights: str | Path | Sequence[str | Path], transformer: torch.nn.Module) -> DynamicIDModules:
-    """Our weights file(s) for a Flux base: SAA into `transformer` (installed with the file's rank, token count
-    and token width), the face encoder, and the IMR / keypoint encoder when present. Weights of another base
-    family are refused with one line naming the file and both families."""
-    if not isinstance(weights, (str, Path, Sequence)) or isinstance(weights, dict):
-        raise ValueError("a Flux base loads this project's safetensors weights only (the release is SD 1.5)")
-    loaded = load_dynamicid(weights)
-    where = ", ".join(map(str, loaded.paths))
-    check_base_family(loaded.metadata.base_family, FLUX.name, where)
-    missing = [p for p in ("face_encoder", "saa") if p not in loaded.state_dicts]
-    if missing:
-        raise ValueError(
-            f"{where} hold(s) no {' and no '.join(missing)} (parts found: {', '.join(sorted(loaded.state_dicts))}); "
-            "inference needs the anchoring stage's weights (face_encoder + saa)"
-        )
-    md = loaded.metadata
-    install_flux_saa(transformer, rank=md.lora_rank, num_tokens=md.num_tokens, id_dim=md.cross_attention_dim)
-    load_flux_saa_state_dict(transformer, loaded.state_dicts["saa"])
-    build = {"imr": loaded.build_imr, "keypoint_encoder": loaded.build_keypoint_encoder}
-    imr, keypoint_encoder = (build[p]() if p in loaded.state_dicts else None for p in build)
-    files = {f"weights[{i}]": p for i, p in enumerate(loaded.paths)} if len(loaded.paths) > 1 else {}
-    return DynamicIDModules(
-        loaded.build_face_encoder(), imr, keypoint_encoder, md.id_embed_model, files or {"weights": loaded.paths[0]}
-    )
 
 
 class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
@@ -147,8 +118,10 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     def plain_attention_processor(self) -> FluxAttnProcessor:
         return FluxAttnProcessor()
 
-    def load_identity_modules(self, weights: str | Path | Sequence[str | Path]) -> DynamicIDModules:
-        return load_flux_modules(weights, self.transformer)
+    def load_identity_modules(self, weights: WeightsSource) -> DynamicIDModules:
+        if isinstance(weights, (ReleaseFiles, Mapping)):
+            raise ValueError("a Flux base loads this project's safetensors weights only (the release is SD 1.5)")
+        return super().load_identity_modules(weights)
 
     def check_identity_attention(self) -> None:
         """Refuse to generate when a double-stream block's SAA processor was replaced."""

@@ -61,7 +61,8 @@ class DynamicIDModules:
 
 
 def load_modules(weights: WeightsSource, unet: nn.Module) -> DynamicIDModules:
-    """Load the face encoder, IMR and keypoint encoder, and the SAA weights into `unet` (installing SAA).
+    """Load the face encoder, IMR and keypoint encoder, and the SAA weights into `unet` (installing SAA; a Flux
+    transformer too, with our files). The token width is checked against the denoiser's by `load_saa_into`.
 
     `weights`: our safetensors file(s), or the release's files as `ReleaseFiles` / a dict with keys
     saa, imr, keypoint_encoder. A part the pipeline needs (face encoder, SAA) that is absent is an error
@@ -80,8 +81,10 @@ def load_modules(weights: WeightsSource, unet: nn.Module) -> DynamicIDModules:
 def _load_ours(paths: str | Path | Sequence[str | Path], unet: nn.Module) -> DynamicIDModules:
     loaded = load_dynamicid(paths)
     where = ", ".join(map(str, loaded.paths))
-    check_base_family(loaded.metadata.base_family, denoiser_family(unet).name, where)
-    loaded.check(cross_attention_dim=int(unet.config.cross_attention_dim))
+    family = denoiser_family(unet)
+    check_base_family(loaded.metadata.base_family, family.name, where)
+    if family.denoiser_name == "unet":  # a Flux transformer takes any token width until SAA is installed
+        loaded.check(cross_attention_dim=family.token_dim(unet))
     missing = [p for p in ("face_encoder", "saa") if p not in loaded.state_dicts]
     if missing:
         raise ValueError(
