@@ -115,8 +115,8 @@ class DynamicIDMixin:
     person's box. A sibling per base family (`DynamicIDPipeline` for SD 1.5, `DynamicIDXLPipeline` for SDXL,
     `DynamicIDFluxPipeline` in `pipeline_flux`) combines this mixin with diffusers' pipeline of that family, owns
     its `__call__`, and supplies what differs: `encode_text` (the UNet's text condition, and for SDXL its
-    `added_cond_kwargs`) and `safety_check`; Flux overrides the hooks below (`denoiser`, `load_identity_modules`,
-    `plain_attention_processor`, `check_identity_attention`, `size_multiple`) and uses FluxPipeline's checks.
+    `added_cond_kwargs`) and `safety_check`; Flux overrides the hooks below (`plain_processor`,
+    `load_identity_modules`, `check_identity_attention`, `size_multiple`) and uses FluxPipeline's checks.
 
     DynamicID's weights are the `id_adapter` component (`dynamicid.models.adapter.DynamicIDAdapter`: face
     encoder, IMR, keypoint encoder and the SAA processors it puts on the denoiser), from `load_dynamicid` (or
@@ -208,7 +208,7 @@ class DynamicIDMixin:
         if self.id_adapter is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
         processors = self.denoiser.attn_processors
-        self.denoiser.set_attn_processor(self.plain_attention_processor())
+        self.denoiser.set_attn_processor(self.plain_processor())
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
@@ -294,14 +294,12 @@ class DynamicIDMixin:
 
     # ---- what a family's sibling may override (the UNet families' here) ----
 
+    plain_processor: type = AttnProcessor2_0  # the family's own, in SAA's place while save_pretrained writes
+
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The network SAA lives in (the UNet; Flux's sibling: its transformer)."""
-        return self.unet
-
-    def plain_attention_processor(self) -> Any:
-        """The family's own attention processor, in SAA's place while `save_pretrained` writes the denoiser."""
-        return AttnProcessor2_0()
+        """The network SAA lives in: the family's UNet or transformer."""
+        return getattr(self, family_named(self.family).denoiser_name)
 
     def load_identity_modules(self, weights: WeightsSource) -> DynamicIDModules:
         """DynamicID's modules of `weights`, SAA installed and loaded into the denoiser."""

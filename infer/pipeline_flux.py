@@ -68,6 +68,7 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     multi_person_boost = (2.0, 7)  # the release's boost over its first 12 of 50 steps, as a share of 28 steps
     _callback_tensor_inputs = ["latents", "prompt_embeds"]  # noqa: RUF012 (diffusers' convention)
     _optional_components = ["image_encoder", "feature_extractor"]  # noqa: RUF012 (FluxPipeline's)
+    plain_processor = FluxAttnProcessor
 
     def __init__(
         self,
@@ -110,13 +111,6 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
                 f"base model {base.name} is {base.base_family.describe()}: use pipeline_for(base), not {cls.__name__}"
             )
         return cls(**base.components(), id_adapter=None, scheduler=base.noise_scheduler)
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    def plain_attention_processor(self) -> FluxAttnProcessor:
-        return FluxAttnProcessor()
 
     def load_identity_modules(self, weights: WeightsSource) -> DynamicIDModules:
         if isinstance(weights, (ReleaseFiles, Mapping)):
