@@ -77,8 +77,10 @@ def test_every_applicable_mixin_test_passes_as_for_the_plain_pipeline(outcomes, 
     ours, control = outcomes[pipeline], outcomes[PAIRS[pipeline]]
     failed = {name: message for name, (outcome, message) in {**ours, **control}.items() if outcome == "failed"}
     assert not failed, f"{pipeline} / {PAIRS[pipeline]} failures:\n" + "\n".join(f"{k}: {v}" for k, v in failed.items())
-    assert {n for n, (o, _) in ours.items() if o == "passed"} >= {n for n, (o, _) in control.items() if o == "passed"}
     for name, (outcome, message) in ours.items():
         if outcome == "skipped":
             assert any(word in message for word in ALLOWED_SKIPS), f"{name} skipped: {message}"
+    # What the plain pipeline passes, ours passes too, or skips for one of those reasons.
+    passed_or_skipped = {n for n, (o, _) in ours.items() if o in ("passed", "skipped")}
+    assert passed_or_skipped >= {n for n, (o, _) in control.items() if o == "passed"}
     assert len(ours) >= (40 if pipeline in ("TestDynamicIDPipeline", "TestDynamicIDXLPipeline") else 1)  # collected

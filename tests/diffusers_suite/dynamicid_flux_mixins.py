@@ -106,6 +106,10 @@ class DynamicIDFluxConfig(FluxConfig):
         pipe.reference_analyzer = ReferenceAnalyzer(ANALYZER)  # face analysis is not a component
         return pipe
 
+
+class DynamicIDFluxPipelineSkips:
+    """PipelineTesterMixin's two tests that cannot apply to DynamicIDFluxPipeline (the reasons)."""
+
     @pytest.mark.skip(reason=NEEDS_IMAGE_ENCODER)
     def test_save_load_optional_components(self):
         pass
@@ -143,7 +147,8 @@ NEEDS_PEFT = f"environment: diffusers' LoRA loader needs peft >= 0.22, installed
 for _name, _mixin in MIXINS.items():
     for _prefix, _config in (("TestDynamicIDFlux", DynamicIDFluxConfig), ("TestControlFlux", FluxConfig)):
         _attributes = {"FASTER_CACHE_CONFIG": FASTER_CACHE_CONFIG} if _name == "FasterCache" else {}
-        _class = type(f"{_prefix}{_name}", (_config, _mixin), _attributes)
+        _skips = (DynamicIDFluxPipelineSkips,) if (_prefix, _name) == ("TestDynamicIDFlux", "Pipeline") else ()
+        _class = type(f"{_prefix}{_name}", (*_skips, _config, _mixin), _attributes)
         if _name == "LoRA":
             _class = pytest.mark.skipif(OLD_PEFT, reason=NEEDS_PEFT)(_class)
         globals()[f"{_prefix}{_name}"] = _class
