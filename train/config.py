@@ -74,6 +74,9 @@ class TrainConfig:
     validation_guidance_scale: float = knob(5.0, "classifier-free guidance of the sample images")
     dataloader_num_workers: int = knob(0, "data-loading worker processes per device", 0)
     record_samples: bool = knob(False, "write the dataset rows each process sees to logs/samples-rank<i>.txt")
+    prompt_cache: str | None = knob(
+        None, "prompt embeddings from `dynamicid-train cache-prompts`: the text encoders are then not loaded"
+    )
 
 
 @dataclass
@@ -176,6 +179,12 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
     if config.eval_manifest is not None and not Path(config.eval_manifest).is_file():
         raise ValueError(f"--eval-manifest {config.eval_manifest}: file not found")
+    if config.prompt_cache is not None and (config.validation_steps or config.eval_manifest):
+        # the pipeline encodes its own prompts (and CFG's negative one): it needs the text encoders
+        raise ValueError(
+            "--validation-steps and --eval-manifest generate images, which needs the text encoders that "
+            "--prompt-cache leaves unloaded: set --validation-steps 0 and no --eval-manifest, or drop --prompt-cache"
+        )
     if isinstance(config, AnchorConfig):
         drops = (config.drop_text, config.drop_id, config.drop_both)
         if sum(drops) > 1:

@@ -122,11 +122,15 @@ class Tokenize:
 class AnchorSamples(torch.utils.data.Dataset):
     """One curated row -> the anchoring stage's tensors."""
 
-    def __init__(self, dataset: Any, token_ids: Callable[[list[str]], torch.Tensor], resolution: int):
-        """`token_ids`: the base family's tokenization, `Conditioner.from_parts(base).token_ids`."""
+    def __init__(
+        self, dataset: Any, token_ids: Callable[[list[str]], torch.Tensor], resolution: int, prompts: Any = None
+    ):
+        """`token_ids`: the base family's tokenization, `Conditioner.from_parts(base).token_ids`; `prompts`: a
+        `PromptCache`, whose embeddings of the caption a sample then carries (`prompt`) instead of its tokens."""
         self.dataset = dataset
         self.tokenize = Tokenize(token_ids)
         self.resolution = resolution
+        self.prompts = prompts
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -134,12 +138,18 @@ class AnchorSamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.dataset[int(index)]
         image = decode_image(row["image"])
+        caption = row["caption"]
+        text = (
+            {"input_ids": self.tokenize(caption)}
+            if self.prompts is None
+            else {"prompt": self.prompts.embeddings(caption)}
+        )
         return {
             "index": torch.tensor(index),
             "pixel_values": image_tensor(image, self.resolution),
             "clip_pixel_values": clip_tensor(image, row["kps5"]),
             "id_embeds": torch.tensor(row["embedding"], dtype=torch.float32),
-            "input_ids": self.tokenize(row["caption"]),
+            **text,
         }
 
 

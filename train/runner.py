@@ -374,7 +374,8 @@ def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch
     accelerator = make_accelerator(config)
     accelerator.print(accelerator.state)
     set_seed(config.seed)
-    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    text_encoders = ("text_encoder", "text_encoder_2") if config.prompt_cache else ()  # the cache replaces them
+    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed, without=text_encoders)
     start_run(accelerator, config)
     return accelerator, weight_dtype(accelerator), base
 
