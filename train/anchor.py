@@ -247,7 +247,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
-    cast_frozen(base, model, accelerator.device, dtype)
+    cast_frozen(base, model, accelerator.device, dtype, config.base_dtype)
 
     # 3. The stage: samples, loss, what is saved, sample images and benchmark; then the shared loop.
     samples = AnchorSamples(dataset, Conditioner.from_parts(base).token_ids, config.resolution, prompts)

@@ -156,7 +156,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         depth=config.imr_depth,
     )
     model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim, width=config.keypoint_width))
-    cast_frozen(base, model, accelerator.device, dtype)
+    cast_frozen(base, model, accelerator.device, dtype, config.base_dtype)
     model.to(accelerator.device)
     face_encoder = anchor.build_face_encoder().to(accelerator.device)  # frozen: sample images and benchmark
 

@@ -35,6 +35,7 @@ from dynamicid.clitools import one_line
 from dynamicid.locks import hold_folder
 from dynamicid.models import load_dynamicid, save_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
+from dynamicid.models.layerwise import store_weights
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import TrainConfig, write_config
 
@@ -380,12 +381,17 @@ def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch
     return accelerator, weight_dtype(accelerator), base
 
 
-def cast_frozen(base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32."""
+def cast_frozen(
+    base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype, base_dtype: str | None = None
+) -> None:
+    """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32. With
+    `base_dtype` ("float8") the denoiser's frozen weights are then stored in it, computed in `dtype`."""
     for module in base.modules():  # every frozen part, SDXL's second text encoder included
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     for p in trainable_parameters(model):
         p.data = p.data.float()
+    if base_dtype is not None:
+        store_weights(base.denoiser, base_dtype, dtype, training=True)
 
 
 def clip_and_step(accelerator: Any, config: TrainConfig, parameters, optimizer, scheduler) -> None:
