@@ -19,7 +19,8 @@ def store_weights(denoiser: Any, weights_dtype: str, compute_dtype: Any, *, trai
     those holding parameters that require grad (SAA being trained: only frozen weights are rounded), and
     convolutions, whose backward reads the weight tensor the hook has already put back to float8 (a linear
     layer's backward reads the transposed view made in the call, so it works; a UNet's convolutions therefore
-    stay in the compute dtype, Flux's transformer has none).
+    stay in the compute dtype, Flux's transformer has none). That view holds the layer's compute-dtype weight
+    until the backward pass: with gradient checkpointing only one block's are held at a time.
     """
     import torch
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN

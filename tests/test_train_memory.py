@@ -1,6 +1,9 @@
-"""`dynamicid-train cache-prompts` and `--prompt-cache`: both stages train from cached text embeddings without the
-text encoders, with the losses of the run that encodes its prompts; a cache made for other rows, captions, base or
-precision is refused in one line.
+"""Training on the cards people have: `dynamicid-train cache-prompts` and `--prompt-cache` (both stages train from
+cached text embeddings without the text encoders, with the losses of the run that encodes its prompts; a cache
+made for other rows, captions, base or precision is refused in one line), and `--base-dtype float8` (the frozen
+denoiser's weights stored in float8 by diffusers layerwise casting, the helper inference's `--weights-dtype` uses;
+the trained SAA and face encoder stay float32 and train: the gradient reaches the face encoder through the
+float8-stored layers; its effect on the loss is measured in benchmarks/train_fp8.py, BENCHMARKS.md).
 
 Tolerance: the cached run's per-step losses equal the live run's within rtol 1e-5 (float32; the cache encodes the
 prompts in batches of 16 where training encoded a training batch at a time, so float sums may round differently).
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from dynamicid.curation.pipeline import build_dataset
 from dynamicid.models.base import load_base_model
@@ -78,19 +82,19 @@ def loaded_bases(monkeypatch) -> list:
 @pytest.mark.parametrize("family", ["tiny-random", "tiny-random-flux"])
 def test_both_stages_train_from_the_cache_with_the_losses_of_the_text_encoders(family, curated, tmp_path, loaded_bases):
     prompts = _cache(curated, tmp_path / "prompts", family)
-    anchor = {**SMALL, "base_model": family, "dataset": str(curated), "max_steps": 3, "drop_text": 0.5, "lora_rank": 4}
+    anchor = {**SMALL, "base_model": family, "dataset": str(curated), "max_steps": 2, "drop_text": 0.5, "lora_rank": 4}
     live = train_anchor(AnchorConfig(**anchor, output_dir=str(tmp_path / "a-live")))
     cached = train_anchor(AnchorConfig(**anchor, output_dir=str(tmp_path / "a-cached"), prompt_cache=str(prompts)))
     assert loaded_bases[0].text_encoder is not None  # the live run encodes with them
     assert loaded_bases[1].text_encoder is None and loaded_bases[1].text_encoder_2 is None  # never loaded
     expected = _losses(tmp_path / "a-live")
-    assert len(expected) == 3 and _losses(tmp_path / "a-cached") == pytest.approx(expected, rel=1e-5)
-    # the text drop took the cached empty prompt on some samples (drop_text 0.5 over 6 samples)
+    assert len(expected) == 2 and _losses(tmp_path / "a-cached") == pytest.approx(expected, rel=1e-5)
+    # (seed 0: the first step drops a caption: the cached empty prompt takes its place)
     assert _losses(tmp_path / "a-cached", "eval_loss") == pytest.approx(_losses(tmp_path / "a-live", "eval_loss"), 1e-5)
 
     tokens = cache_tokens(live, curated, tmp_path / "tokens", base_model=family).parent
     stage = {**SMALL, "base_model": family, "dataset": str(curated), "anchor": str(live), "tokens": str(tokens)}
-    stage |= {"max_steps": 2, "targets_per_identity": 2, "imr_dim": 32, "imr_heads": 2, "imr_dim_head": 16}
+    stage |= {"max_steps": 1, "targets_per_identity": 2, "imr_dim": 32, "imr_heads": 2, "imr_dim_head": 16}
     train_reconfigure(ReconfigureConfig(**stage, output_dir=str(tmp_path / "r-live")))
     config = ReconfigureConfig(**stage, output_dir=str(tmp_path / "r-cached"), prompt_cache=str(prompts))
     train_reconfigure(config)
@@ -205,3 +209,40 @@ def test_cache_is_read_lazily_from_memory_mapped_shards(curated, tmp_path):
     assert prompts._handles == {}  # nothing read when opened
     prompts.embeddings("")
     assert len(prompts._handles) == 1  # one shard opened (memory-mapped) for one prompt
+
+
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-random-sdxl", "tiny-random-flux"])
+def test_frozen_denoiser_is_stored_in_float8_and_the_trained_parts_train_in_float32(
+    family, curated, tmp_path, loaded_bases
+):
+    settings = {"base_model": family, "dataset": str(curated), "resolution": 64, "report_to": "none"}
+    settings |= {"train_batch_size": 2, "eval_samples": 2, "lora_rank": 4, "max_steps": 2, "learning_rate": 1e-2}
+    config = AnchorConfig(**settings, output_dir=str(tmp_path / "run"), base_dtype="float8", checkpointing_steps=1)
+    weights = train_anchor(config)
+
+    denoiser = loaded_bases[0].denoiser
+    frozen = {name: p.dtype for name, p in denoiser.named_parameters() if not p.requires_grad}
+    trained = {name: p.dtype for name, p in denoiser.named_parameters() if p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}  # SAA's LoRA and ID projections
+    assert all(".processor." in name for name in trained)
+    projections = [name for name in frozen if name.endswith(("to_q.weight", "to_k.weight", "ff.net.2.weight"))]
+    assert projections and all(frozen[name] == torch.float8_e4m3fn for name in projections)
+    convolutions = [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(frozen[f"{name}.weight"] == torch.float32 for name in convolutions)  # (models/layerwise.py: why)
+
+    losses = [row["loss"] for row in read_metrics(tmp_path / "run") if "loss" in row]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    after_one, after_two = (
+        load_file(str(tmp_path / "run/checkpoints/checkpoint-1/weights.safetensors")),
+        load_file(str(weights)),
+    )
+    assert all(t.dtype == torch.float32 for t in after_two.values())
+    for part in ("face_encoder.", "saa."):  # step 2 moved both: the gradient crossed the float8-stored layers
+        names = [k for k in after_two if k.startswith(part)]
+        assert names and any(not torch.equal(after_one[k], after_two[k]) for k in names), part
+
+
+def test_an_unknown_base_dtype_is_refused_naming_the_flag(curated, tmp_path):
+    arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, [*arguments, "--base-dtype", "int4"])
+    assert result.exit_code == 2 and "--base-dtype 'int4'; valid: float8" in result.output
