@@ -36,12 +36,12 @@ from dynamicid.models.checkpoints import write_safetensors
 from dynamicid.models.families import detect_family
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
 from dynamicid.train.data import dataset_fingerprint, load_curated
+from dynamicid.train.runner import PRECISION_DTYPES
 
 PROMPT_COLUMNS = ("identity", "source_sha256", "caption", "face_prompt")
 INDEX = "index.json"
 FACE_PROMPTS = "face-prompts.safetensors"
 FORMAT = 1
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision -> storage
 _SAMPLES, _SAMPLE_BYTES = 17, 1 << 16  # file content sampled for the base's identity
 
 
@@ -130,8 +130,8 @@ def cache_prompts(
     progress: bool = False,
 ) -> Path:
     """Write OUTPUT/index.json and the shards; returns the index's path. Only the text encoders are loaded."""
-    if mixed_precision not in DTYPES:
-        raise ValueError(f"mixed_precision {mixed_precision!r}; valid: {', '.join(DTYPES)}")
+    if mixed_precision not in PRECISION_DTYPES:
+        raise ValueError(f"mixed_precision {mixed_precision!r}; valid: {', '.join(PRECISION_DTYPES)}")
     rows = load_curated(dataset, PROMPT_COLUMNS)
     identity = CacheIdentity.of(rows, base_model, seed, mixed_precision)
     prompts, face_prompts = training_prompts(rows)
@@ -139,9 +139,10 @@ def cache_prompts(
     base = load_base_model(base_model, seed=seed, without=(family.denoiser_name, "vae", "image_encoder"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for module in base.modules():  # the text encoders, in the run's precision (as `cast_frozen` puts them)
-        module.to(device, dtype=DTYPES[mixed_precision])
+        module.to(device, dtype=PRECISION_DTYPES[mixed_precision])
     conditioner = family.conditioner(base)
     folder = Path(output)
+    (folder / INDEX).unlink(missing_ok=True)  # an older cache here is gone until the new one is complete
     shards = []
     for first in tqdm(
         range(0, len(prompts), shard_size),
@@ -172,9 +173,9 @@ def cache_prompts(
         "prompts": prompts,
         "face_prompts": face_prompts,
     }
-    path = folder / INDEX
-    path.write_text(json.dumps(index, ensure_ascii=False) + "\n")
-    return path
+    partial = folder / f"{INDEX}.partial"
+    partial.write_text(json.dumps(index, ensure_ascii=False) + "\n")
+    return partial.replace(folder / INDEX)
 
 
 class PromptCache:

@@ -63,9 +63,12 @@ def make_accelerator(config: TrainConfig) -> Any:
     )
 
 
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
+
+
 def weight_dtype(accelerator: Any) -> torch.dtype:
     """The dtype of the frozen parts: the mixed-precision type; trained parameters stay float32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 class RunState:
