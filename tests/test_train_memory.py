@@ -202,13 +202,13 @@ def test_a_base_folder_trained_from_the_cache_never_builds_its_text_encoders(cur
         PromptCache.open(prompts, curated, str(folder), 0, "no")
 
 
-def test_cache_is_read_lazily_from_memory_mapped_shards(curated, tmp_path):
-    prompts = PromptCache.open(
-        _cache(curated, tmp_path / "p", "tiny-random-flux"), curated, "tiny-random-flux", 0, "no"
-    )
+def test_cache_is_stored_in_the_runs_precision_and_read_lazily(curated, tmp_path):
+    folder = _cache(curated, tmp_path / "p", "tiny-random-flux", "--mixed-precision", "bf16")
+    prompts = PromptCache.open(folder, curated, "tiny-random-flux", 0, "bf16")
     assert prompts._handles == {}  # nothing read when opened
-    prompts.embeddings("")
+    empty = prompts.embeddings("")
     assert len(prompts._handles) == 1  # one shard opened (memory-mapped) for one prompt
+    assert {t.dtype for t in empty.values()} == {torch.bfloat16} and empty["states"].shape == (512, 32)  # T5's 512
 
 
 @pytest.mark.parametrize("family", ["tiny-random", "tiny-random-sdxl", "tiny-random-flux"])
