@@ -144,7 +144,7 @@ class FluxSAAProcessor(nn.Module):
                 f"joint_attention_kwargs['id_tokens'], got {tuple(id_tokens.shape)}; check SAACall(num_ids=...)"
             )
         heads, head_dim = query.shape[2], query.shape[3]
-        id_tokens = id_tokens.to(self.to_k_id.weight.dtype).expand(query.shape[0], -1, -1)
+        id_tokens = id_tokens.to(query.dtype).expand(query.shape[0], -1, -1)  # compute dtype (fp8-stored weights too)
         key = self.to_k_id(id_tokens).unflatten(-1, (heads, head_dim))
         value = self.to_v_id(id_tokens).unflatten(-1, (heads, head_dim))
         logits = torch.einsum("b q h d, b n h d -> b h n q", query, key * head_dim**-0.5).float()

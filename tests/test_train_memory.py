@@ -241,6 +241,21 @@ def test_frozen_denoiser_is_stored_in_float8_and_the_trained_parts_train_in_floa
         names = [k for k in after_two if k.startswith(part)]
         assert names and any(not torch.equal(after_one[k], after_two[k]) for k in names), part
 
+    # reconfiguration: the whole denoiser is frozen, its SAA included, so that is stored in float8 too
+    tokens = cache_tokens(weights, curated, tmp_path / "tokens", base_model=family).parent
+    small = {"targets_per_identity": 2, "imr_dim": 32, "imr_heads": 2, "imr_dim_head": 16}
+    stage = {**settings, **small, "anchor": str(weights), "tokens": str(tokens), "base_dtype": "float8"}
+    del stage["lora_rank"]
+    train_reconfigure(ReconfigureConfig(**stage, output_dir=str(tmp_path / "reconfigure")))
+    saa = [
+        p.dtype
+        for n, p in loaded_bases[-1].denoiser.named_parameters()
+        if n.endswith(("to_k_id.weight", "to_k_ip.weight"))
+    ]
+    assert saa and set(saa) == {torch.float8_e4m3fn}
+    losses = [row["loss"] for row in read_metrics(tmp_path / "reconfigure") if "loss" in row]
+    assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
+
 
 def test_an_unknown_base_dtype_is_refused_naming_the_flag(curated, tmp_path):
     arguments = ["anchor", "--base-model", "tiny-random", "--dataset", str(curated), "--output-dir", str(tmp_path)]
