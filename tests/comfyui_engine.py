@@ -201,6 +201,35 @@ def register_tiny_model_types() -> None:
         unet_extra_config = {"num_heads": -1, "num_head_channels": 16}  # noqa: RUF012
 
     supported_models.models[:0] = [TinySD15, TinySDXL]
+    detect_tiny_flux()
+
+
+TINY_FLUX_AXES = [4, 4, 8]  # tiny-random-flux's RoPE axes (`dynamicid.testing.build_tiny_random_flux`)
+
+
+def detect_tiny_flux() -> None:
+    """ComfyUI detects FLUX.1 by its keys and then fixes its widths (3072 wide, 24 heads, 4096-wide T5 states,
+    RoPE axes 16/56/56): for a narrower Flux state dict, take the widths from the weights' shapes instead."""
+    from comfy import model_detection
+
+    detect = model_detection.detect_unet_config
+    if getattr(detect, "tiny_flux", False):
+        return
+
+    def detect_with_tiny_flux(state_dict, key_prefix, metadata=None):
+        config = detect(state_dict, key_prefix, metadata=metadata)
+        hidden = state_dict.get(f"{key_prefix}img_in.weight")
+        if config is None or config.get("image_model") != "flux" or hidden is None:
+            return config
+        if hidden.shape[0] != config["hidden_size"]:
+            head = state_dict[f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.scale"].shape[0]
+            config["hidden_size"], config["num_heads"] = hidden.shape[0], hidden.shape[0] // head
+            config["context_in_dim"] = state_dict[f"{key_prefix}txt_in.weight"].shape[1]
+            config["axes_dim"] = TINY_FLUX_AXES
+        return config
+
+    detect_with_tiny_flux.tiny_flux = True
+    model_detection.detect_unet_config = detect_with_tiny_flux
 
 
 TINY_TEXT_WIDTH = 32

@@ -3,6 +3,8 @@
 - One UNet call: the MODEL patched by the pack equals the project's diffusers UNet with SAA (same base weights,
   latents, timestep, text and face tokens) within 1e-4, for SD 1.5 and SDXL layouts; the input MODEL gives the
   same output bit for bit after the patched one ran.
+- One FLUX.1 transformer call likewise: ComfyUI's Flux (loaded by ComfyUI from tiny-random-flux's diffusers
+  weights) patched by the pack equals diffusers' FluxTransformer2DModel with the project's SAA.
 - Workflows through ComfyUI's executor: the shipped examples (one and two people) validate and run to an image
   on a tiny FAKE checkpoint with real photos; bad input stops at the node with one line, and the next prompt runs.
 
@@ -23,7 +25,13 @@ from safetensors.torch import save_file
 
 from dynamicid.infer.weights import DynamicIDModules
 from dynamicid.models import SAACall, load_dynamicid, load_release_checkpoint
-from dynamicid.testing import build_tiny_random, random_parts, save_random_weights, save_release_layout
+from dynamicid.testing import (
+    build_tiny_random,
+    build_tiny_random_flux,
+    random_parts,
+    save_random_weights,
+    save_release_layout,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,21 +47,26 @@ def engine(tmp_path_factory):
 
 
 def build_weights(family: str, folder, embedding_dim: int = 128):
-    """Random DynamicID weights (our format) for the tiny `family` UNet with ComfyUI's norm groups; returns the
-    diffusers UNet carrying them (SAA installed), its base weights before SAA, and the weights file."""
-    base = build_tiny_random("tiny-random" if family == "sd15" else "tiny-random-sdxl")
-    base = dataclasses.replace(base, denoiser=tiny_unet(family))
-    plain = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    """Random DynamicID weights (our format) for the tiny `family` denoiser (a UNet with ComfyUI's norm groups,
+    or tiny-random-flux's transformer); returns the diffusers denoiser carrying them (SAA installed, LoRA `up`
+    random), its base weights before SAA, and the weights file."""
+    if family == "flux":
+        base = build_tiny_random_flux()
+    else:
+        base = build_tiny_random("tiny-random" if family == "sd15" else "tiny-random-sdxl")
+        base = dataclasses.replace(base, denoiser=tiny_unet(family))
+    plain = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
     analyzer = SimpleNamespace(embedding_dim=embedding_dim, embedding_model="dlib-resnet-128")
     parts = random_parts(base, analyzer)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # ID projections unlike the layers' own to_k / to_v
         torch.manual_seed(1)
-        for name, module in base.unet.attn_processors.items():
-            if name.endswith("attn2.processor"):
-                module.to_k_ip.weight.add_(torch.randn_like(module.to_k_ip.weight) * 0.1)
-                module.to_v_ip.weight.add_(torch.randn_like(module.to_v_ip.weight) * 0.1)
+        for module in base.denoiser.attn_processors.values():
+            for projection in ("to_k_ip", "to_v_ip", "to_k_id", "to_v_id"):
+                if hasattr(module, projection):
+                    weight = getattr(module, projection).weight
+                    weight.add_(torch.randn_like(weight) * 0.1)
     path = save_random_weights(parts, folder / f"tiny-{family}.safetensors")
-    return SimpleNamespace(unet=base.unet, plain=plain, path=path, parts=parts, base=base)
+    return SimpleNamespace(unet=base.denoiser, plain=plain, path=path, parts=parts, base=base)
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl", "sd15-release"])
@@ -112,6 +125,23 @@ def comfy_output(engine, model, inputs, options: dict) -> torch.Tensor:
         )
 
 
+def saa_case(layout: dict, cfg: bool, step: int | None, latent: tuple[int, int], batch: int, sigmas: torch.Tensor):
+    """A test case's arguments to `patch_model` (SAACall, boost 2 for 2 steps when a sampler runs), the sampler's
+    transformer_options (cond/uncond chunks, the sigma of `step`), and the SAACall the diffusers side gets for
+    that step (the image size in pixels: the latent's x 8)."""
+    boost, boost_steps = (2.0, 2) if step is not None else (0.0, 0)
+    settings = SAACall(**layout)
+    reference = dataclasses.replace(
+        settings,
+        image_size=(latent[0] * 8, latent[1] * 8),
+        boost=boost if step is not None and step < boost_steps else 0.0,
+    )
+    options = {"cond_or_uncond": [1, 0] if cfg else [0]}
+    if step is not None:
+        options |= {"sample_sigmas": sigmas, "sigmas": sigmas[step : step + 1].expand(batch)}
+    return SimpleNamespace(patch=(settings, boost, boost_steps), options=options, reference=reference)
+
+
 CASES = {
     "one-person": ({"num_ids": 1}, False, None),
     "two-boxes-boost": ({"num_ids": 2, "boxes": TWO_BOXES}, True, 0),
@@ -131,29 +161,27 @@ def test_patched_model_equals_diffusers_saa(engine, unet_pair, case):
     if inputs.added is not None:  # SDXL: ComfyUI's `y` is the pooled text and the size ids' embeddings side by side
         time = unet.add_time_proj(inputs.added["time_ids"].flatten()).reshape(len(inputs.x), -1)
         inputs.y = torch.cat([inputs.added["text_embeds"], time], dim=-1)
-    boost, boost_steps = (2.0, 2) if step is not None else (0.0, 0)
-    settings = SAACall(**layout)
-    image_size = (latent[0] * 8, latent[1] * 8)
-    reference_call = dataclasses.replace(
-        settings, image_size=image_size, boost=boost if step is not None and step < boost_steps else 0.0
-    )
-    options = {"cond_or_uncond": [1, 0] if cfg else [0]}
-    if step is not None:
-        options |= {"sample_sigmas": SIGMAS, "sigmas": SIGMAS[step : step + 1].expand(len(inputs.x))}
+    run = saa_case(layout, cfg, step, latent, len(inputs.x), SIGMAS)
 
-    model_patch = engine.pack_module("model_patch")
-    faces = model_patch.Faces(inputs.cond, inputs.uncond)
-    before = comfy_output(engine, unet_pair.model, inputs, options)
-    patched = model_patch.patch_model(unet_pair.model, unet_pair.processors, faces, settings, boost, boost_steps)
-    got = comfy_output(engine, patched, inputs, options)
-    after = comfy_output(engine, unet_pair.model, inputs, options)
-    expected = diffusers_output(unet, inputs, reference_call, cfg)
+    before, got = before_and_patched(engine, unet_pair.model, unet_pair.processors, inputs, run, comfy_output)
+    expected = diffusers_output(unet, inputs, run.reference, cfg)
 
     assert (got - expected).abs().max().item() < 1e-4
     assert (got - before).abs().max().item() > 1e-3  # SAA changed the output: the comparison is not vacuous
-    assert torch.equal(before, after)
-    assert "patches_replace" not in unet_pair.model.model_options["transformer_options"]
-    assert not unet_pair.model.patches
+
+
+def before_and_patched(engine, model, processors, inputs, run, output) -> tuple[torch.Tensor, torch.Tensor]:
+    """`output` (one denoiser call) of the MODEL, then of the pack's patched clone; the MODEL gives the same
+    output bit for bit afterwards and holds none of the clone's patches."""
+    model_patch = engine.pack_module("model_patch")
+    faces = model_patch.Faces(inputs.cond, inputs.uncond)
+    before = output(engine, model, inputs, run.options)
+    patched = model_patch.patch_model(model, processors, faces, *run.patch)
+    got = output(engine, patched, inputs, run.options)
+    assert torch.equal(before, output(engine, model, inputs, run.options))
+    assert {"patches_replace", "wrappers"}.isdisjoint(model.model_options["transformer_options"])
+    assert not model.patches
+    return before, got
 
 
 def test_every_cross_attention_layer_is_patched(engine, unet_pair):
@@ -171,6 +199,158 @@ def test_every_cross_attention_layer_is_patched(engine, unet_pair):
                            0 if kind == "middle_block" else int(block), index))  # fmt: skip
     assert keys == set(walked)
     assert len(patched.patches) == 4 * len(unet_pair.processors)
+
+
+# ---- FLUX.1 ----
+
+FLUX_CASES = {  # SAACall fields, CFG (cond and uncond chunks), denoising step (None: no sampler), latent size
+    "one-person": ({"num_ids": 1}, False, None, (8, 8)),
+    "two-boxes-boost": ({"num_ids": 2, "boxes": TWO_BOXES}, True, 0, (8, 8)),
+    "two-boxes-after-boost": ({"num_ids": 2, "boxes": TWO_BOXES}, True, 3, (8, 8)),
+    "two-strips-gating-off": ({"num_ids": 2, "gating": False}, True, 0, (8, 8)),
+    "two-boxes-wide": ({"num_ids": 2, "boxes": TWO_BOXES, "id_scale": 0.7}, False, 1, (8, 16)),
+    "two-boxes-tall-id-scale-0": ({"num_ids": 2, "boxes": TWO_BOXES, "id_scale": 0.0}, True, 0, (12, 8)),
+}
+
+
+@pytest.fixture(scope="module")
+def flux_pair(engine, tmp_path_factory):
+    """The diffusers tiny-random-flux transformer with SAA (weights from our file), the ComfyUI MODEL that
+    ComfyUI's own loader builds from the same base weights (diffusers layout, converted by ComfyUI), and the
+    pack's SAA processors for it."""
+    made = build_weights("flux", tmp_path_factory.mktemp("flux"))
+    model = engine.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in made.plain.items()})
+    modules = DynamicIDModules(made.parts.face_encoder, None, None, "dlib-resnet-128")
+    parts = engine.pack_module("identity").DynamicIDParts(load_dynamicid(made.path), modules, None, None, "flux")
+    return SimpleNamespace(transformer=made.unet.eval(), model=model, processors=parts.processors(model))
+
+
+def flux_inputs(num_ids: int, cfg: bool, latent: tuple[int, int]):
+    generator = torch.Generator().manual_seed(4)
+    batch = 2 if cfg else 1
+    return SimpleNamespace(
+        x=torch.randn(batch, 16, *latent, generator=generator),
+        t=torch.tensor([0.6] * batch),
+        text=torch.randn(batch, 7, 32, generator=generator),
+        pooled=torch.randn(batch, 32, generator=generator),
+        guidance=torch.tensor([3.5] * batch),
+        cond=torch.randn(1, 4 * num_ids, 32, generator=generator),
+        uncond=torch.randn(1, 4 * num_ids, 32, generator=generator),
+    )
+
+
+def diffusers_flux_output(transformer, inputs, call: SAACall, cfg: bool) -> torch.Tensor:
+    """The diffusers transformer on the latents packed as FluxPipeline packs them, unpacked back."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = inputs.x.shape
+    packed = FluxPipeline._pack_latents(inputs.x, batch, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
+    ids = torch.cat([inputs.uncond, inputs.cond]) if cfg else inputs.cond
+    with torch.no_grad():
+        out = transformer(
+            hidden_states=packed,
+            timestep=inputs.t,
+            guidance=inputs.guidance,
+            pooled_projections=inputs.pooled,
+            encoder_hidden_states=inputs.text,
+            txt_ids=torch.zeros(inputs.text.shape[1], 3),
+            img_ids=image_ids,
+            joint_attention_kwargs={"saa": call, "id_tokens": ids},
+            return_dict=False,
+        )[0]
+    return FluxPipeline._unpack_latents(out, height * 8, width * 8, 8)
+
+
+def comfy_flux_output(engine, model, inputs, options: dict) -> torch.Tensor:
+    """One call of the MODEL's Flux as a sampler makes it, with its weight patches applied by ComfyUI."""
+    engine.model_management.load_models_gpu([model])
+    transformer_options = {**copy.copy(model.model_options["transformer_options"]), **options}
+    with torch.no_grad():
+        return model.model.diffusion_model(
+            inputs.x, inputs.t, inputs.text, y=inputs.pooled, guidance=inputs.guidance,
+            transformer_options=transformer_options,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FLUX_CASES))
+def test_patched_flux_model_equals_diffusers_flux_saa(engine, flux_pair, case):
+    layout, cfg, step, latent = FLUX_CASES[case]
+    inputs = flux_inputs(layout["num_ids"], cfg, latent)
+    run = saa_case(layout, cfg, step, latent, len(inputs.x), SIGMAS / SIGMAS[0])  # flow-matching sigmas: 1 to 0
+
+    before, got = before_and_patched(engine, flux_pair.model, flux_pair.processors, inputs, run, comfy_flux_output)
+    expected = diffusers_flux_output(flux_pair.transformer, inputs, run.reference, cfg)
+
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - before).abs().max().item() > 1e-3  # SAA (its LoRA at least) changed the output
+    if run.reference.id_scale:  # the ID branch itself counts: without it (id_scale 0) the output differs
+        no_ids = diffusers_flux_output(
+            flux_pair.transformer, inputs, dataclasses.replace(run.reference, id_scale=0), cfg
+        )
+        assert (got - no_ids).abs().max().item() > 1e-3
+
+
+def test_flux_id_scale_0_without_lora_equals_the_unpatched_model(engine, flux_pair):
+    """SAA weights without LoRA (rank 0) at id_scale 0: the patched MODEL computes what Flux computes."""
+    from dynamicid.models.saa_flux import FluxSAAProcessor
+
+    model_patch = engine.pack_module("model_patch")
+    inputs = flux_inputs(2, True, (8, 8))
+    processors = {name: FluxSAAProcessor(32, rank=0) for name in flux_pair.processors}
+    faces = model_patch.Faces(inputs.cond, inputs.uncond)
+    options = {"cond_or_uncond": [1, 0]}
+    settings = SAACall(num_ids=2, boxes=TWO_BOXES, id_scale=0.0)
+    patched = model_patch.patch_model(flux_pair.model, processors, faces, settings, 2.0, 2)
+    assert torch.equal(
+        comfy_flux_output(engine, patched, inputs, options), comfy_flux_output(engine, flux_pair.model, inputs, options)
+    )
+    ids = model_patch.patch_model(
+        flux_pair.model, processors, faces, dataclasses.replace(settings, id_scale=1.0), 2.0, 2
+    )
+    assert not torch.equal(
+        comfy_flux_output(engine, ids, inputs, options), comfy_flux_output(engine, flux_pair.model, inputs, options)
+    )
+
+
+def test_every_flux_double_block_is_patched_and_earlier_patches_still_run(engine, flux_pair):
+    """Each double-stream block of the MODEL gets a replace patch, its LoRA goes to the q/k/v rows of the fused
+    qkv weight and to the output projection, and a replace patch that was there before still runs."""
+    model_patch = engine.pack_module("model_patch")
+    calls = []
+
+    def earlier(args, extra):
+        calls.append(1)
+        return extra["original_block"](args)
+
+    base = flux_pair.model.clone()
+    base.set_model_patch_replace(earlier, "dit", "double_block", 0)
+    faces = model_patch.Faces(torch.zeros(1, 4, 32), torch.zeros(1, 4, 32))
+    patched = model_patch.patch_model(base, flux_pair.processors, faces, SAACall(), 0.0, 0)
+    blocks = len(flux_pair.model.model.diffusion_model.double_blocks)
+    replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(replaced) == {("double_block", i) for i in range(blocks)}
+    width = flux_pair.model.model.diffusion_model.hidden_size
+    for i in range(blocks):
+        qkv = patched.patches[f"diffusion_model.double_blocks.{i}.img_attn.qkv.weight"]
+        assert sorted(p[3] for p in qkv) == [(0, 0, width), (0, width, width), (0, 2 * width, width)]
+        assert len(patched.patches[f"diffusion_model.double_blocks.{i}.img_attn.proj.weight"]) == 1
+    assert len(patched.patches) == 2 * blocks
+    comfy_flux_output(engine, patched, flux_inputs(1, False, (8, 8)), {})
+    assert calls == [1]
+
+
+def test_weights_for_another_family_are_refused_on_flux(engine, flux_pair, tmp_path):
+    made = build_weights("sd15", tmp_path)
+    modules = DynamicIDModules(made.parts.face_encoder, None, None, "dlib-resnet-128")
+    parts = engine.pack_module("identity").DynamicIDParts(
+        load_dynamicid(made.path), modules, None, None, "sd.safetensors"
+    )
+    with pytest.raises(
+        ValueError, match=r"holds weights made for Stable Diffusion 1.5 .* but the base model is FLUX.1"
+    ) as error:
+        parts.processors(flux_pair.model)
+    assert "\n" not in str(error.value)
 
 
 # ---- workflows through ComfyUI's executor ----
