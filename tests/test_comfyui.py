@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from comfyui_engine import PACK, TINY_CLIP, comfy_unet_state_dict, start, tiny_unet
+from comfyui_engine import PACK, TINY_CLIP, TINY_T5, comfy_unet_state_dict, start, tiny_unet
 from safetensors.torch import save_file
 
 from dynamicid.infer.weights import DynamicIDModules
@@ -358,11 +358,9 @@ def test_weights_for_another_family_are_refused_on_flux(engine, flux_pair, tmp_p
 
 @pytest.fixture(scope="module")
 def workflow_files(engine, shared_faces, tmp_path_factory):
-    """A tiny SD 1.5 checkpoint (UNet, CLIP, TAESD-style VAE: ComfyUI's own small decoder), DynamicID weights for
-    it and for a tiny SDXL, the CLIP image encoder folder, and reference photos in ComfyUI's input folder."""
-    from comfy.taesd.taesd import TAESD
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    """A tiny SD 1.5 checkpoint (UNet, CLIP, TAESD-style VAE: ComfyUI's own small decoder), a tiny FLUX.1 in
+    separate files (transformer, CLIP-L, T5, VAE), DynamicID weights for them and for a tiny SDXL, the CLIP image
+    encoder folders, and reference photos in ComfyUI's input folder."""
     from dynamicid.faces import FaceAnalyzer
 
     models = engine.base / "models"
@@ -373,21 +371,23 @@ def workflow_files(engine, shared_faces, tmp_path_factory):
 
     plain_unet = tiny_unet("sd15")
     plain_unet.load_state_dict(sd15.plain)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        config = {k: v for k, v in TINY_CLIP.items() if k != "hidden_act"}
-        text = CLIPTextModel(CLIPTextConfig(**config, hidden_act="quick_gelu"))
-        vae = TAESD(latent_channels=4)
-        with torch.no_grad():  # small weights and a mid-grey bias: as built, it decodes to inf or NaN
-            for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)):
-                torch.nn.init.normal_(conv.weight, std=0.05)
-                if conv.bias is not None:
-                    conv.bias.zero_()
-            vae.taesd_decoder[-1].bias.fill_(0.5)
+    text, vae = tiny_text_encoder(), tiny_vae(latent_channels=4)
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in comfy_unet_state_dict(engine, plain_unet).items()}
-    checkpoint |= {f"cond_stage_model.transformer.{k}": v.contiguous() for k, v in text.state_dict().items()}
-    checkpoint |= {f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}
+    checkpoint |= {f"cond_stage_model.transformer.{k}": v for k, v in text.items()}
+    checkpoint |= {f"first_stage_model.{k}": v for k, v in vae.items()}
     save_file(checkpoint, str(models / "checkpoints" / "tiny-sd15.safetensors"))
+
+    # FLUX.1 as its users load it: the transformer (diffusers layout, converted by ComfyUI), CLIP-L, T5, the VAE
+    flux = build_weights("flux", models / "dynamicid", analyzer.embedding_dim)
+    flux.base.image_encoder.save_pretrained(models / "dynamicid" / "image_encoder_flux")
+    save_file(
+        {k: v.contiguous() for k, v in flux.plain.items()}, str(models / "diffusion_models" / "tiny-flux.safetensors")
+    )
+    # clip_l.safetensors' key names (this transformers version's CLIPTextModel has no `text_model.` level)
+    clip_l = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.items()}
+    save_file(clip_l, str(models / "text_encoders" / "tiny-clip-l.safetensors"))
+    save_file(tiny_t5(), str(models / "text_encoders" / "tiny-t5.safetensors"))
+    save_file(tiny_vae(latent_channels=16), str(models / "vae" / "tiny-flux-vae.safetensors"))
 
     identities = shared_faces / "identities"
     for name, source in {
@@ -399,19 +399,68 @@ def workflow_files(engine, shared_faces, tmp_path_factory):
     return engine.base
 
 
+def tiny_text_encoder() -> dict[str, torch.Tensor]:
+    """CLIP-L's text model at ComfyUI's tiny widths (`TINY_CLIP`), seeded."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        config = {k: v for k, v in TINY_CLIP.items() if k != "hidden_act"}
+        text = CLIPTextModel(CLIPTextConfig(**config, hidden_act="quick_gelu"))
+    return {k: v.contiguous() for k, v in text.state_dict().items()}
+
+
+def tiny_t5() -> dict[str, torch.Tensor]:
+    """T5's encoder at ComfyUI's tiny widths (`TINY_T5`; transformers' key names are ComfyUI's), seeded."""
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        config = {k: v for k, v in TINY_T5.items() if k != "model_type"}
+        t5 = T5EncoderModel(T5Config(**config, feed_forward_proj="gated-gelu"))
+    return {k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def tiny_vae(latent_channels: int) -> dict[str, torch.Tensor]:
+    """ComfyUI's TAESD decoder/encoder for `latent_channels`-channel latents, seeded."""
+    from comfy.taesd.taesd import TAESD
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        vae = TAESD(latent_channels=latent_channels)
+        with torch.no_grad():  # small weights and a mid-grey bias: as built, it decodes to inf or NaN
+            for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)):
+                torch.nn.init.normal_(conv.weight, std=0.05)
+                if conv.bias is not None:
+                    conv.bias.zero_()
+            vae.taesd_decoder[-1].bias.fill_(0.5)
+    return {k: v.contiguous() for k, v in vae.state_dict().items()}
+
+
+FLUX_FILES = {  # the Flux example's loaders on the tiny files
+    "UNETLoader": {"unet_name": "tiny-flux.safetensors"},
+    "DualCLIPLoader": {"clip_name1": "tiny-clip-l.safetensors", "clip_name2": "tiny-t5.safetensors"},
+    "VAELoader": {"vae_name": "tiny-flux-vae.safetensors"},
+}
+
+
 def example(name: str, **changes) -> dict:
     """A shipped example workflow on the tiny models: 64x64, 2 steps; `changes` set node inputs {node: {k: v}}."""
     workflow = json.loads((PACK / "workflows" / name).read_text())
     for node in workflow.values():
         inputs, kind = node["inputs"], node["class_type"]
+        flux = "flux" in name
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = "tiny-sd15.safetensors"
+        elif kind in FLUX_FILES:
+            inputs |= FLUX_FILES[kind]
         elif kind == "LoadDynamicID":
-            inputs |= {"weights": "tiny-sd15.safetensors", "image_encoder": "dynamicid/image_encoder"}
+            inputs["weights"] = "tiny-flux.safetensors" if flux else "tiny-sd15.safetensors"
+            inputs["image_encoder"] = "dynamicid/image_encoder_flux" if flux else "dynamicid/image_encoder"
             inputs["face_backend"] = "embedded"
         elif kind == "LoadImage":
             inputs["image"] = "obama.jpg" if inputs["image"] == "person1.png" else "biden.jpg"
-        elif kind == "EmptyLatentImage":
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs |= {"width": 64, "height": 64}
         elif kind == "KSampler":
             inputs["steps"] = 2
@@ -428,7 +477,9 @@ def saved_image(engine, outputs: dict) -> np.ndarray:
     return np.asarray(Image.open(engine.base / "output" / images[0]["subfolder"] / images[0]["filename"]))
 
 
-@pytest.mark.parametrize("name", ["dynamicid_one_person.json", "dynamicid_two_people.json"])
+@pytest.mark.parametrize(
+    "name", ["dynamicid_one_person.json", "dynamicid_two_people.json", "dynamicid_flux_two_people.json"]
+)
 def test_example_workflows_validate_and_run(engine, workflow_files, name):
     valid, error, outputs = engine.run(engine.executor(), example(name))
     assert valid, error
@@ -441,13 +492,15 @@ def test_example_workflows_validate_and_run(engine, workflow_files, name):
     assert len(person_previews) == len(people) and all(len(p) == 1 for p in person_previews)
 
 
-def test_patched_workflow_differs_from_plain_model(engine, workflow_files):
-    """The two-person image with id_scale 0 (LoRA only) differs from the full SAA one: the faces reach the UNet."""
+@pytest.mark.parametrize("name", ["dynamicid_two_people.json", "dynamicid_flux_two_people.json"])
+def test_patched_workflow_differs_from_plain_model(engine, workflow_files, name):
+    """The two-person image with id_scale 0 (LoRA only) differs from the full SAA one: the faces reach the
+    denoiser."""
     executor = engine.executor()
-    _, error, with_ids = engine.run(executor, example("dynamicid_two_people.json"))
+    _, error, with_ids = engine.run(executor, example(name))
     assert error is None, error
     first = saved_image(engine, with_ids).astype(int)
-    _, error, without = engine.run(executor, example("dynamicid_two_people.json", **{"6": {"id_scale": 0.0}}))
+    _, error, without = engine.run(executor, example(name, **{"6": {"id_scale": 0.0}}))
     assert error is None, error
     assert np.abs(first - saved_image(engine, without).astype(int)).max() > 0
 
