@@ -56,16 +56,16 @@ class DynamicIDParts:
         family = model_family(model)
         check_base_family(self.family, family, self.name)
         skeleton = flux_skeleton(model) if family == "flux" else unet_skeleton(model)
-        width = family_named(family).token_dim(skeleton)
-        if self.modules.face_encoder.cross_attention_dim != width:
-            raise ValueError(
-                f"{self.name} was made for cross_attention_dim={self.modules.face_encoder.cross_attention_dim} "
-                f"but the MODEL has {width}; use weights trained on this base model"
-            )
         rank = (
             self.weights.lora_rank if isinstance(self.weights, ReleaseCheckpoint) else self.weights.metadata.lora_rank
         )
-        install_processors(skeleton, rank=rank, num_tokens=self.modules.num_tokens)
+        width = self.modules.face_encoder.cross_attention_dim  # a UNet's is fixed; Flux's is the weights' own
+        install_processors(skeleton, rank=rank, num_tokens=self.modules.num_tokens, token_dim=width)
+        if family_named(family).token_dim(skeleton) != width:
+            raise ValueError(
+                f"{self.name} was made for cross_attention_dim={width} but the MODEL has "
+                f"{family_named(family).token_dim(skeleton)}; use weights trained on this base model"
+            )
         self.weights.load_saa_into(skeleton)
         return dict(identity_processors(skeleton))
 

@@ -83,10 +83,11 @@ def unet_skeleton(model: Any) -> torch.nn.Module:
         return UNet2DConditionModel(**config)
 
 
-def install_processors(skeleton: torch.nn.Module, rank: int, num_tokens: int) -> None:
+def install_processors(skeleton: torch.nn.Module, rank: int, num_tokens: int, token_dim: int) -> None:
     """SAA processors on the skeleton (a UNet or a Flux transformer), with real (CPU) tensors for the weights
-    file to fill."""
-    denoiser_family(skeleton).install_identity_attention(skeleton, rank=rank, num_tokens=num_tokens)
+    file to fill; `token_dim`: the ID tokens' width where the denoiser lets it vary (Flux)."""
+    family = denoiser_family(skeleton)
+    family.install_identity_attention(skeleton, rank=rank, num_tokens=num_tokens, token_dim=token_dim)
     for processor in identity_processors(skeleton).values():
         processor.to_empty(device="cpu")
 

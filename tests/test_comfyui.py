@@ -291,6 +291,39 @@ def test_patched_flux_model_equals_diffusers_flux_saa(engine, flux_pair, case):
         assert (got - no_ids).abs().max().item() > 1e-3
 
 
+def test_flux_weights_with_id_tokens_of_another_width(engine, flux_pair, tmp_path):
+    """Flux weights whose ID tokens are not as wide as the transformer (those started from XLabs' IP-Adapter read
+    T5-wide tokens: 4096 on FLUX.1; 48 on the 32-wide tiny): the pack installs them at their width and the patched
+    MODEL equals diffusers with SAA."""
+    from dynamicid.models import FaceEncoder, save_dynamicid
+    from dynamicid.models.saa_flux import flux_saa_processors, install_flux_saa
+
+    made = build_weights("flux", tmp_path)
+    transformer = build_tiny_random_flux().denoiser.eval()  # the base weights of flux_pair's MODEL
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        install_flux_saa(transformer, rank=4, num_tokens=4, id_dim=48)
+        for processor in flux_saa_processors(transformer).values():
+            for lora in (processor.to_q_lora, processor.to_k_lora, processor.to_v_lora, processor.to_out_lora):
+                torch.nn.init.normal_(lora.up.weight, std=0.02)
+        clip_dim = made.parts.face_encoder.clip_embeddings_dim
+        encoder = FaceEncoder(cross_attention_dim=48, id_embeddings_dim=128, clip_embeddings_dim=clip_dim, num_tokens=4)
+    metadata = dataclasses.replace(made.parts.metadata, cross_attention_dim=48)
+    path = save_dynamicid(tmp_path / "wide.safetensors", metadata=metadata, face_encoder=encoder, unet=transformer)
+    modules = DynamicIDModules(encoder, None, None, "dlib-resnet-128")
+    parts = engine.pack_module("identity").DynamicIDParts(load_dynamicid(path), modules, None, None, path.name)
+    processors = parts.processors(flux_pair.model)
+    assert {p.id_dim for p in processors.values()} == {48}
+
+    inputs = flux_inputs(2, True, (8, 8))
+    inputs.cond, inputs.uncond = torch.randn(1, 8, 48), torch.randn(1, 8, 48)
+    run = saa_case({"num_ids": 2, "boxes": TWO_BOXES}, True, 0, (8, 8), 2, SIGMAS / SIGMAS[0])
+    before, got = before_and_patched(engine, flux_pair.model, processors, inputs, run, comfy_flux_output)
+    expected = diffusers_flux_output(transformer, inputs, run.reference, True)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - before).abs().max().item() > 1e-3
+
+
 def test_flux_id_scale_0_without_lora_equals_the_unpatched_model(engine, flux_pair):
     """SAA weights without LoRA (rank 0) at id_scale 0: the patched MODEL computes what Flux computes."""
     from dynamicid.models.saa_flux import FluxSAAProcessor
