@@ -7,6 +7,7 @@
 - The layers are found by walking the model: a diffusers UNet skeleton (meta device) built from the MODEL's
   UNet config gives the SAA processor names the weights files use, ComfyUI's own diffusers-to-ComfyUI key map
   gives each one's module, and every attention module of the MODEL must have one.
+- FLUX.1 MODELs: `flux_patch` (the double-stream blocks); `patch_model` is the entry point for every family.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dynamicid.models.families import denoiser_family
 from dynamicid.models.lora import LoRALinear
 from dynamicid.models.saa import SAAProcessor
 
-LATENT_SCALE = 8  # SD 1.5 and SDXL latents are 1/8 of the image: the SAA query grid is set in image pixels
+LATENT_SCALE = 8  # SD and Flux latents are 1/8 of the image: the SAA query grid is set in image pixels
 _ATTENTION = re.compile(r"^(?P<layer>.+\.transformer_blocks\.\d+\.attn[12])\.to_q\.weight$")
 # ComfyUI's UNet names its blocks ("input", i), ("middle", 0), ("output", i) while it runs them.
 _BLOCK = re.compile(

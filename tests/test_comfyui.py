@@ -373,19 +373,6 @@ def test_every_flux_double_block_is_patched_and_earlier_patches_still_run(engine
     assert calls == [1]
 
 
-def test_weights_for_another_family_are_refused_on_flux(engine, flux_pair, tmp_path):
-    made = build_weights("sd15", tmp_path)
-    modules = DynamicIDModules(made.parts.face_encoder, None, None, "dlib-resnet-128")
-    parts = engine.pack_module("identity").DynamicIDParts(
-        load_dynamicid(made.path), modules, None, None, "sd.safetensors"
-    )
-    with pytest.raises(
-        ValueError, match=r"holds weights made for Stable Diffusion 1.5 .* but the base model is FLUX.1"
-    ) as error:
-        parts.processors(flux_pair.model)
-    assert "\n" not in str(error.value)
-
-
 # ---- workflows through ComfyUI's executor ----
 
 
@@ -538,22 +525,32 @@ def test_patched_workflow_differs_from_plain_model(engine, workflow_files, name)
     assert np.abs(first - saved_image(engine, without).astype(int)).max() > 0
 
 
+TWO, FLUX_TWO = "dynamicid_two_people.json", "dynamicid_flux_two_people.json"
+SD15_PARTS = {"weights": "tiny-sd15.safetensors", "image_encoder": "dynamicid/image_encoder"}
+
+
 @pytest.mark.parametrize(
-    ("changes", "node", "message"),
+    ("name", "changes", "node", "message"),
     [
-        ({"12": {"image": "dog.jpg"}}, "13", "no face found in reference image"),
-        ({"2": {"weights": "tiny-sdxl.safetensors"}}, "6", "holds weights made for SDXL"),
-        ({"5": {"boxes": "0.1,0.1,0.5,0.4\n0.1,0.6,0.5,0.9\n0.6,0.1,0.9,0.9"}}, "6", "3 boxes for 2 people"),
+        (TWO, {"12": {"image": "dog.jpg"}}, "13", "no face found in reference image"),
+        (TWO, {"2": {"weights": "tiny-sdxl.safetensors"}}, "6", "holds weights made for SDXL"),
+        (TWO, {"5": {"boxes": "0.1,0.1,0.5,0.4\n0.1,0.6,0.5,0.9\n0.6,0.1,0.9,0.9"}}, "6", "3 boxes for 2 people"),
+        (
+            FLUX_TWO,
+            {"2": SD15_PARTS},
+            "6",
+            "holds weights made for Stable Diffusion 1.5 (base_family 'sd15') but the base model is FLUX.1",
+        ),
     ],
-    ids=["no-face", "other-family", "more-boxes-than-people"],
+    ids=["no-face", "other-family", "more-boxes-than-people", "sd-weights-on-flux"],
 )
-def test_bad_input_is_a_one_line_node_error_and_the_queue_goes_on(engine, workflow_files, changes, node, message):
+def test_bad_input_is_a_one_line_node_error_and_the_queue_goes_on(engine, workflow_files, name, changes, node, message):
     executor = engine.executor()
-    valid, error, _ = engine.run(executor, example("dynamicid_two_people.json", **changes))
+    valid, error, _ = engine.run(executor, example(name, **changes))
     assert valid
     assert error is not None and error["node_id"] == node
     assert message in error["exception_message"]
     assert "\n" not in error["exception_message"].strip()
-    _, error, outputs = engine.run(executor, example("dynamicid_two_people.json"))
+    _, error, outputs = engine.run(executor, example(name))
     assert error is None, error
     assert saved_image(engine, outputs).shape == (64, 64, 3)
