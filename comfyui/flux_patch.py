@@ -26,7 +26,7 @@ from torch import nn
 from dynamicid.models import SAACall
 from dynamicid.models.saa_flux import FluxSAAProcessor
 
-from .model_patch import LATENT_SCALE, Faces, Schedule, add_lora_patches, lora_adapter
+from .model_patch import LATENT_SCALE, Faces, Schedule, add_lora_patches, lora_adapter, storage_only
 
 KEY = "dynamicid"  # the wrapper's key; each patched MODEL's call inputs sit under `dynamicid:<id>`
 _DOUBLE_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn\.processor$")
@@ -120,7 +120,8 @@ class FluxSAAPatch:
         self.key, self.processor, self.index, self.previous = key, processor, index, previous
 
     def to(self, device_or_dtype: torch.device | torch.dtype) -> FluxSAAPatch:
-        self.processor.to(device_or_dtype)
+        if not storage_only(device_or_dtype):
+            self.processor.to(device_or_dtype)
         if hasattr(self.previous, "to"):
             self.previous = self.previous.to(device_or_dtype)
         return self

@@ -136,6 +136,12 @@ def step_index(options: dict[str, Any]) -> int:
     return int((schedule[:-1].float().cpu() - sigma).abs().argmin())
 
 
+def storage_only(device_or_dtype: torch.device | torch.dtype) -> bool:
+    """A 1-byte float dtype: ComfyUI casts patches to the model's weight dtype (`model_patches_to`), which may be
+    fp8 storage computed in another dtype; the ID branch stays in the dtype it was given (the compute dtype)."""
+    return isinstance(device_or_dtype, torch.dtype) and device_or_dtype.itemsize == 1
+
+
 @dataclass
 class Faces:
     """Every person's ID tokens in person order, conditional and unconditional (N_id, C) each."""
@@ -144,6 +150,8 @@ class Faces:
     uncond: torch.Tensor
 
     def to(self, device_or_dtype: torch.device | torch.dtype) -> Faces:
+        if storage_only(device_or_dtype):
+            return self
         return Faces(self.cond.to(device_or_dtype), self.uncond.to(device_or_dtype))
 
     def states(self, options: dict[str, Any], batch: int) -> torch.Tensor:
@@ -184,8 +192,9 @@ class SAAPatch:
 
     def to(self, device_or_dtype: torch.device | torch.dtype) -> SAAPatch:
         """ComfyUI moves model patches with the model (`model_patches_to`)."""
-        self.processor.to(device_or_dtype)
-        self.faces = self.faces.to(device_or_dtype)
+        if not storage_only(device_or_dtype):
+            self.processor.to(device_or_dtype)
+            self.faces = self.faces.to(device_or_dtype)
         return self
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
@@ -244,7 +253,7 @@ def patch_model(
     """A clone of `model` (ComfyUI ModelPatcher) running SAA with `processors` (diffusers names) for `faces`:
     on a UNet's cross-attention layers, or on a FLUX.1 transformer's double-stream blocks (`flux_patch`)."""
     patched = model.clone()
-    dtype = model.model.get_dtype()
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()  # fp8-stored weights compute in another
     processors = {name: processor.to(dtype=dtype) for name, processor in processors.items()}
     schedule = Schedule(layout, boost, boost_steps)
     if model_family(model) == "flux":

@@ -263,10 +263,11 @@ def diffusers_flux_output(transformer, inputs, call: SAACall, cfg: bool) -> torc
 
 
 def comfy_flux_output(engine, model, inputs, options: dict) -> torch.Tensor:
-    """One call of the MODEL's Flux as a sampler makes it, with its weight patches applied by ComfyUI."""
-    engine.model_management.load_models_gpu([model])
+    """One call of the MODEL's Flux as a sampler makes it, with its weight patches applied by ComfyUI (without
+    gradients, as ComfyUI runs its nodes)."""
     transformer_options = {**copy.copy(model.model_options["transformer_options"]), **options}
     with torch.no_grad():
+        engine.model_management.load_models_gpu([model])
         return model.model.diffusion_model(
             inputs.x, inputs.t, inputs.text, y=inputs.pooled, guidance=inputs.guidance,
             transformer_options=transformer_options,
@@ -344,6 +345,26 @@ def test_flux_id_scale_0_without_lora_equals_the_unpatched_model(engine, flux_pa
     assert not torch.equal(
         comfy_flux_output(engine, ids, inputs, options), comfy_flux_output(engine, flux_pair.model, inputs, options)
     )
+
+
+def test_flux_model_stored_in_fp8_keeps_the_id_branch_in_its_compute_dtype(engine, flux_pair):
+    """A MODEL whose weights are stored in float8 (ComfyUI's `fp8_e4m3fn` weight dtype) computes in another dtype:
+    the ID branch's weights go there unrounded, and the patched MODEL runs."""
+    model_patch = engine.pack_module("model_patch")
+    state = {k: v.clone() for k, v in flux_pair.model.model.diffusion_model.state_dict().items()}
+    model = engine.sd.load_diffusion_model_state_dict(state, model_options={"dtype": torch.float8_e4m3fn})
+    assert model.model.manual_cast_dtype == torch.float32
+    processors = copy.deepcopy(flux_pair.processors)
+    weights = {name: p.to_k_id.weight.clone() for name, p in processors.items()}
+    inputs = flux_inputs(2, False, (8, 8))
+    faces = model_patch.Faces(inputs.cond, inputs.uncond)
+    patched = model_patch.patch_model(model, processors, faces, SAACall(num_ids=2, boxes=TWO_BOXES), 0.0, 0)
+    out = comfy_flux_output(engine, patched, inputs, {})
+    assert out.dtype == torch.float32 and bool(out.isfinite().all())
+    replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    for name, weight in weights.items():
+        patch = replaced[("double_block", int(name.split(".")[1]))]
+        assert torch.equal(patch.processor.to_k_id.weight, weight), name
 
 
 def test_every_flux_double_block_is_patched_and_earlier_patches_still_run(engine, flux_pair):
