@@ -26,7 +26,15 @@ from torch import nn
 from dynamicid.models import SAACall
 from dynamicid.models.saa_flux import FluxSAAProcessor
 
-from .model_patch import LATENT_SCALE, Faces, Schedule, add_lora_patches, lora_adapter, storage_only
+from .model_patch import (
+    LATENT_SCALE,
+    Faces,
+    Schedule,
+    SharedOnClone,
+    add_lora_patches,
+    lora_adapter,
+    storage_only,
+)
 
 KEY = "dynamicid"  # the wrapper's key; each patched MODEL's call inputs sit under `dynamicid:<id>`
 _DOUBLE_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn\.processor$")
@@ -75,7 +83,7 @@ class FluxStep:
     image_tokens: int  # the generated image's tokens come first (reference latents, as Kontext's, follow)
 
 
-class FluxSAAInputs:
+class FluxSAAInputs(SharedOnClone):
     """`diffusion_model` wrapper: this call's `FluxStep` in `transformer_options[key]`, then the model."""
 
     def __init__(self, key: str, faces: Faces, schedule: Schedule):
@@ -112,7 +120,7 @@ def image_queries(block: nn.Module, img: torch.Tensor, vec: torch.Tensor) -> tor
     return block.img_attn.norm.query_norm(query).to(qkv.dtype)
 
 
-class FluxSAAPatch:
+class FluxSAAPatch(SharedOnClone):
     """ComfyUI `("double_block", i)` replace patch: the block (or the patch it replaces), plus the ID branch of
     `processor` added to the image stream."""
 

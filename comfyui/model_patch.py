@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -180,7 +181,15 @@ class Schedule:
         return self._calls[key]
 
 
-class SAAPatch:
+class SharedOnClone:
+    """ComfyUI deep-copies a MODEL's patches on every clone; the ID branch's weights (FLUX.1: 0.7 GB in bf16) and
+    the faces are read-only there, so clones share them."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.copy(self)
+
+
+class SAAPatch(SharedOnClone):
     """ComfyUI `attn2` replace patch of one cross-attention layer: text attention + the DynamicID ID branch.
 
     Called as `patch(q, k, v, extra_options)` with q the LoRA-merged query of the image tokens and k, v those

@@ -392,6 +392,9 @@ def test_every_flux_double_block_is_patched_and_earlier_patches_still_run(engine
     assert len(patched.patches) == 2 * blocks
     comfy_flux_output(engine, patched, flux_inputs(1, False, (8, 8)), {})
     assert calls == [1]
+    clone = patched.clone()  # clones share the ID branch's weights (ComfyUI deep-copies patches on clone)
+    cloned = clone.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert all(cloned[key].processor is replaced[key].processor for key in replaced)
 
 
 # ---- workflows through ComfyUI's executor ----
