@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from dynamicid.batching import HalvingBatches
+
 # model_type of config.json -> the transformers class that captions with it
 SUPPORTED = {"blip": "BlipForConditionalGeneration"}
 LOG = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ class Captioner:
         if device == "cuda" and not torch.cuda.is_available():
             raise CaptionerError("device 'cuda' was asked for but torch sees no CUDA GPU: use device 'cpu'")
         self.device = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-        self.prompt, self.batch_size, self.max_new_tokens = prompt, batch_size, max_new_tokens
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self._batches = HalvingBatches(batch_size, "images to caption")
         try:
             self._processor = transformers.AutoProcessor.from_pretrained(self.folder, local_files_only=True)
             model_class = getattr(transformers, SUPPORTED[kind])
@@ -76,26 +79,10 @@ class Captioner:
             raise CaptionerError(f"captioner folder {self.folder}: cannot load it ({first})") from None
         files = sorted(p for p in self.folder.iterdir() if p.is_file())
         self.model = f"{kind}:{self.folder.name}:{files_digest(files)}"
-        self._warned = False
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
         """One caption per image, in order."""
-        captions: list[str] = []
-        start = 0
-        while start < len(images):
-            chunk = images[start : start + self.batch_size]
-            try:
-                captions += self._generate(chunk)
-            except Exception as error:  # torch.cuda.OutOfMemoryError: the same photos in smaller batches
-                if not _out_of_memory(error) or self.batch_size == 1:
-                    raise
-                self.batch_size //= 2
-                if not self._warned:
-                    LOG.warning("the GPU ran out of memory on a caption batch: batches of %d now", self.batch_size)
-                    self._warned = True
-                continue
-            start += len(chunk)
-        return captions
+        return self._batches(self._generate, images)
 
     def _generate(self, images: Sequence[Image.Image]) -> list[str]:
         import torch
@@ -106,9 +93,3 @@ class Captioner:
         with torch.inference_mode():
             tokens = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return [text.strip() for text in self._processor.batch_decode(tokens, skip_special_tokens=True)]
-
-
-def _out_of_memory(error: Exception) -> bool:
-    import torch
-
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
