@@ -397,6 +397,24 @@ def test_every_flux_double_block_is_patched_and_earlier_patches_still_run(engine
     assert all(cloned[key].processor is replaced[key].processor for key in replaced)
 
 
+def test_apply_node_on_flux_defaults_to_the_flux_pipelines_boost(engine, flux_pair, tmp_path):
+    """Apply DynamicID's boost -1 on a Flux MODEL: DynamicIDFluxPipeline's schedule with several people (its
+    share of 28 steps), none with one."""
+    from dynamicid.infer.pipeline import SINGLE_PERSON_BOOST
+    from dynamicid.infer.pipeline_flux import DynamicIDFluxPipeline
+
+    made = build_weights("flux", tmp_path)
+    modules = DynamicIDModules(made.parts.face_encoder, None, None, "dlib-resnet-128")
+    parts = engine.pack_module("identity").DynamicIDParts(load_dynamicid(made.path), modules, None, None, "flux")
+    person = engine.pack_module("identity").PersonTokens(torch.randn(4, 32), torch.randn(4, 32), None, {})
+    apply = engine.pack_module("nodes").ApplyDynamicID
+    for people, expected in ((2, DynamicIDFluxPipeline.multi_person_boost), (1, SINGLE_PERSON_BOOST)):
+        faces = {f"face_{i}": person for i in range(2, people + 1)}
+        (patched,) = apply.execute(flux_pair.model, parts, person, **faces).args
+        wrappers = patched.model_options["transformer_options"]["wrappers"]["diffusion_model"]["dynamicid"]
+        assert (wrappers[0].schedule.boost, wrappers[0].schedule.boost_steps) == expected
+
+
 # ---- workflows through ComfyUI's executor ----
 
 
