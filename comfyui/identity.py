@@ -61,10 +61,11 @@ class DynamicIDParts:
         )
         width = self.modules.face_encoder.cross_attention_dim  # a UNet's is fixed; Flux's is the weights' own
         install_processors(skeleton, rank=rank, num_tokens=self.modules.num_tokens, token_dim=width)
-        if family_named(family).token_dim(skeleton) != width:
+        found = family_named(family).token_dim(skeleton)
+        if found != width:
             raise ValueError(
-                f"{self.name} was made for cross_attention_dim={width} but the MODEL has "
-                f"{family_named(family).token_dim(skeleton)}; use weights trained on this base model"
+                f"{self.name} was made for cross_attention_dim={width} but the MODEL has {found}; use weights "
+                "trained on this base model"
             )
         self.weights.load_saa_into(skeleton)
         return dict(identity_processors(skeleton))
