@@ -7,7 +7,7 @@ analysis (`dynamicid.infer.references`), and the identity-token steps of the Dyn
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class DynamicIDParts:
     image_encoder: torch.nn.Module
     references: ReferenceAnalyzer
     name: str
-    _processors: dict[int, dict[str, SAAProcessor | FluxSAAProcessor]] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
