@@ -32,7 +32,12 @@ from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
 
 SHARED_TABLES = tuple(table for step in CHAIN if step.merge == SHARED for table in step.tables())  # final per shard
-SHARED_STORES = ("describe-*", "align", "crops")  # what the merged steps read: landmarks, crop quality, crops
+SHARED_STORES = (
+    "describe-*",
+    "align",
+    "crops",
+    "captions",
+)  # what the merged steps read: landmarks, crop quality, crops, captions
 MERGED_STEPS = tuple(step.name for step in CHAIN if step.merge == RERUN)
 PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine", "ray_address")  # may differ by shard
 
