@@ -1,7 +1,7 @@
 """`build --captioner DIR`: a scene caption of every kept crop from a local captioner, recorded, stored, reused.
 
 Real photos (rose_leslie and kit_harington: 4 kept faces) and the real embedded face backend; the captioners are a
-tiny random SmolVLM (Idefics3) and a tiny random BLIP built in the test from a transformers config and a tokenizer
+tiny random SmolVLM (Idefics3) and a tiny random BLIP built in the test (`dynamicid.testing`) from a transformers config and a tokenizer
 made in code. Oracle: the same folder run directly with transformers, one dataset image at a time.
 """
 
@@ -16,13 +16,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from test_curation_captioner import make_tiny_blip, make_tiny_smolvlm
 
 from dynamicid.curation.captioner import SUPPORTED
 from dynamicid.curation.cli import main
 from dynamicid.schemas import EXPRESSIONS, anchor_caption
 from dynamicid.schemas.labels import POSE_NAMES
 from dynamicid.schemas.prompts import CAPTION_INSTRUCTION
+from dynamicid.testing import save_tiny_blip, save_tiny_smolvlm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,7 +101,7 @@ def test_without_a_captioner_rows_keep_the_template_caption(templated):
 
 def test_a_tiny_vlm_captions_every_kept_crop_and_a_rerun_reuses_them(templated, tmp_path):
     photos, out = copy_of(templated, tmp_path)
-    folder = make_tiny_smolvlm(tmp_path / "tiny-smolvlm", seed=0)
+    folder = save_tiny_smolvlm(tmp_path / "tiny-smolvlm", seed=0)
     summary = build(photos, out, "--captioner", str(folder))
     kept = rows(out)
     assert summary["stages"]["write"]["computed"] == len(kept) == 4  # the captions (the crops were stored)
@@ -118,7 +118,7 @@ def test_a_tiny_vlm_captions_every_kept_crop_and_a_rerun_reuses_them(templated, 
 
     # The same folder holding another model (seed 1): every caption is made again, by it.
     shutil.rmtree(folder)
-    make_tiny_smolvlm(folder, seed=1)
+    save_tiny_smolvlm(folder, seed=1)
     changed = build(photos, out, "--captioner", str(folder))
     assert changed["stages"]["write"]["computed"] == 4
     recaptioned = rows(out)
@@ -130,7 +130,7 @@ def test_a_tiny_vlm_captions_every_kept_crop_and_a_rerun_reuses_them(templated, 
 
 def test_a_tiny_blip_captions_with_the_caption_prompt(templated, tmp_path):
     photos, out = copy_of(templated, tmp_path)
-    folder = make_tiny_blip(tmp_path / "tiny-blip", seed=0)
+    folder = save_tiny_blip(tmp_path / "tiny-blip", seed=0)
     build(photos, out, "--captioner", str(folder), "--caption-prompt", "a photo of")
     for row in rows(out):
         assert row["caption_model"].startswith("blip:tiny-blip:")
