@@ -151,3 +151,13 @@ def test_a_folder_that_is_no_captioner_stops_with_one_line_and_loses_nothing(tem
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and f"captioner folder {folder}" in result.output
     assert files(out) == before
+
+
+def test_ray_captions_equal_local_ones(templated, tmp_path, ray_cluster):
+    folder = save_tiny_smolvlm(tmp_path / "tiny-smolvlm", seed=2)
+    photos, local = copy_of(templated, tmp_path / "local")
+    _, on_ray = copy_of(templated, tmp_path / "ray")
+    build(photos, local, "--captioner", str(folder))
+    summary = build(photos, on_ray, "--captioner", str(folder), "--engine", "ray", "--ray-address", ray_cluster)
+    assert summary["stages"]["write"]["computed"] == 4
+    assert rows(on_ray) == rows(local) and all(row["caption_model"] for row in rows(local))
