@@ -115,16 +115,11 @@ class EmbeddedBackend:
             models["pose"] = KPS5_POSE_MODEL
         label = self._calibration.label(self._expression.scores(rgb, kps5), landmarks)
         models.update(expression=label.model, embedding=DLIB_EMBEDDING_MODEL)
-        return dataclasses.replace(
-            face,
+        return face.described(
             kps5=kps5,
             landmarks=landmarks,
-            yaw=pose[0],
-            pitch=pose[1],
-            roll=pose[2],
-            expression=label.expression,
-            expression_scores=label.scores,
-            expression_confidence=label.confidence,
+            pose=pose,
+            label=label,
             embedding=embedding,
             backend=self.name,
             models=models,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dynamicid.schemas.labels import pose_bin_for_yaw
+
+if TYPE_CHECKING:
+    from dynamicid.faces.expression_calibration import ExpressionLabel
 
 
 @dataclass
@@ -50,3 +55,31 @@ class Face:
     def pose_bin(self) -> str | None:
         """The pose-bin name of `yaw` (None before the face is described)."""
         return None if self.yaw is None else pose_bin_for_yaw(self.yaw)
+
+    def described(
+        self,
+        *,
+        landmarks: np.ndarray | None,
+        pose: tuple[float, float, float],
+        label: ExpressionLabel,
+        embedding: np.ndarray,
+        backend: str,
+        models: dict[str, str],
+        kps5: np.ndarray | None = None,
+    ) -> Face:
+        """This detected face with what `describe()` adds (`kps5` replaced where the landmark model refines it)."""
+        yaw, pitch, roll = pose
+        return dataclasses.replace(
+            self,
+            kps5=self.kps5 if kps5 is None else kps5,
+            landmarks=landmarks,
+            yaw=yaw,
+            pitch=pitch,
+            roll=roll,
+            expression=label.expression,
+            expression_scores=label.scores,
+            expression_confidence=label.confidence,
+            embedding=embedding,
+            backend=backend,
+            models=models,
+        )

@@ -9,7 +9,6 @@ pose is solved from the 106 landmarks like the embedded backend solves it from t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,15 +189,10 @@ class InsightFaceBackend:
             expression=label.model,
             embedding=self.embedding_model,
         )
-        return dataclasses.replace(
-            face,
+        return face.described(
             landmarks=landmarks,
-            yaw=yaw,
-            pitch=pitch,
-            roll=roll,
-            expression=label.expression,
-            expression_scores=label.scores,
-            expression_confidence=label.confidence,
+            pose=(yaw, pitch, roll),
+            label=label,
             embedding=embedding,
             backend=self.name,
             models=models,
