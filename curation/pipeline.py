@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from dynamicid.curation.align import AlignStage
 from dynamicid.curation.allocator import large_buffers_given_back
-from dynamicid.curation.caption import CAPTION_COLUMNS, with_captions
+from dynamicid.curation.caption import CAPTION_COLUMNS, CaptionStage, with_captions
 from dynamicid.curation.card import write_card
 from dynamicid.curation.chain import CHAIN, STEPS, step_named
 from dynamicid.curation.config import CurationConfig
@@ -375,6 +375,7 @@ def make_summary(
         "backend": run.backend.name,
         "backend_info": asdict(run.backend),  # what `merge` needs to continue the shards' work without models
         "embedding_model": run.backend.embedding_model if kept else "",
+        "caption_model": CaptionStage(run.context).spec.model if c.captioner else None,
         "config": asdict(c),
         "files": files,
         "fingerprint": fingerprint,

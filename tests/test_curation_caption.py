@@ -91,6 +91,11 @@ def crop(row: dict) -> Image.Image:
 
 def test_without_a_captioner_rows_keep_the_template_caption(templated):
     out = templated[1]
+    assert json.loads((out / "summary.json").read_text())["caption_model"] is None
+    assert (
+        "Captions: the template `a photo of a person, {expression} expression, {pose}`"
+        in (out / "README.md").read_text()
+    )
     kept = rows(out)
     assert len(kept) == 4
     for row in kept:
@@ -106,7 +111,9 @@ def test_a_tiny_vlm_captions_every_kept_crop_and_a_rerun_reuses_them(templated, 
     kept = rows(out)
     assert summary["stages"]["write"]["computed"] == len(kept) == 4  # the captions (the crops were stored)
     models = {row["caption_model"] for row in kept}
-    assert len(models) == 1 and models.pop().startswith("idefics3:tiny-smolvlm:")
+    assert len(models) == 1 and models == {summary["caption_model"]}
+    assert summary["caption_model"].startswith("idefics3:tiny-smolvlm:")
+    assert f"scene captions of the crops by `{summary['caption_model']}`" in (out / "README.md").read_text()
     for row in kept:
         assert row["caption"] and row["caption"] == vlm_caption(folder, crop(row), CAPTION_INSTRUCTION)
 
