@@ -168,3 +168,21 @@ def test_ray_captions_equal_local_ones(templated, tmp_path, ray_cluster):
     summary = build(photos, on_ray, "--captioner", str(folder), "--engine", "ray", "--ray-address", ray_cluster)
     assert summary["stages"]["write"]["computed"] == 4
     assert rows(on_ray) == rows(local) and all(row["caption_model"] for row in rows(local))
+
+
+def test_merged_captioned_shards_equal_one_captioned_build(templated, tmp_path):
+    folder = save_tiny_smolvlm(tmp_path / "tiny-smolvlm", seed=3)
+    photos, single = copy_of(templated, tmp_path / "single")
+    build(photos, single, "--captioner", str(folder))
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for index, part in enumerate(parts):
+        build(photos, part, "--captioner", str(folder), "--shard", f"{index}/2")
+    merge = ["merge", *map(str, parts)]
+    result = CliRunner().invoke(main, [*merge, str(tmp_path / "merged"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stages"]["write"]["computed"] == 0  # the shards' stored captions
+    assert rows(tmp_path / "merged") == rows(single)
+
+    folder.rename(tmp_path / "moved")
+    result = CliRunner().invoke(main, [*merge, str(tmp_path / "merged-again")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "merge needs it at that path" in result.output
