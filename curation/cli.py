@@ -106,7 +106,8 @@ def run_options(func):
             "--device",
             type=click.Choice(DEVICES),
             default="auto",
-            help="Where the face networks run: cuda (a GPU; an error without one), cpu, or auto (CUDA when present).",
+            help="Where the face networks and the captioner run: cuda (a GPU; an error without one), cpu, or auto "
+            "(CUDA when present).",
         ),
         click.option(
             "--insightface-root",
