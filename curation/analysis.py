@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +17,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from dynamicid.batching import HalvingBatches, out_of_memory
 from dynamicid.curation.imagehash import brightness, face_thumbnail, grey, phash_pair, sharpness
 from dynamicid.schemas import EXPRESSIONS, RejectReason
 
 LOG = logging.getLogger(__name__)
 _SAID: set[str] = set()  # the batch failures this process has already reported (said once)
+_DESCRIBE_BATCHES: weakref.WeakKeyDictionary[Any, HalvingBatches] = weakref.WeakKeyDictionary()
 
 # A detected face, as the detect stage's table and store hold it (source pixels).
 FACE_BOX = pa.struct(
@@ -112,7 +115,8 @@ def describe_photos(
     """Per job (key, path, detected faces, the photo decoded or None, then loaded within `max_pixels`): per
     detected face, its embedding,
     landmarks, pose, expression, crop hash and sharpness. The photos' faces go through the face models as one
-    batch (`FaceAnalyzer.describe_batch`: one ResNet / ArcFace batch, what a GPU wants).
+    batch (`FaceAnalyzer.describe_batch`: one ResNet / ArcFace batch, what a GPU wants), in halves where the GPU
+    runs out of memory (`dynamicid.batching`).
 
     A photo that cannot be loaded gets no faces (its error in `detail`); a face the models fail on is left out
     (and named in `detail`); the others still count.
@@ -174,8 +178,9 @@ def _face_rows(face_analyzer: Any, key: str, image: np.ndarray, described: list[
 def _describe_all(
     face_analyzer: Any, images: dict[int, np.ndarray], detected: dict[int, list[dict]], failures: dict[int, list[str]]
 ) -> dict[int, list[Any]]:
-    """Every photo's faces described in one call (one embedding batch); if that fails, face by face, so that one
-    odd face does not cost the others (its failure is named in `failures` and its place is None)."""
+    """Every photo's faces described, the photos in as few batches as the GPU holds (all at once until a batch
+    runs out of memory: `_batches`); a batch that fails otherwise goes face by face, so that one odd face does not
+    cost the others (its failure is named in `failures` and its place is None)."""
     from dynamicid.faces import Face
 
     faces = {
@@ -185,24 +190,42 @@ def _describe_all(
         ]
         for index, found in detected.items()
     }
-    try:
-        batch = face_analyzer.describe_batch(list(images.values()), list(faces.values()))
-        return dict(zip(images, batch, strict=True))
-    except Exception as error:  # a GPU out of memory, or one odd face: face by face, nothing lost
-        kind = type(error).__name__
-        if len(images) > 1 and kind not in _SAID:
-            _SAID.add(kind)
-            LOG.warning("the face models failed on a batch of %d photos (%s); going on face by face", len(images), kind)
-        described: dict[int, list[Any]] = {}
-        for index, image in images.items():
-            described[index] = []
-            for number, face in enumerate(faces[index]):
-                try:
-                    described[index].append(face_analyzer.describe(image, face))
-                except Exception as error:
-                    failures[index].append(f"face {number}: {type(error).__name__}: {error}")
-                    described[index].append(None)
-        return described
+
+    def describe(indices: list[int]) -> list[list[Any]]:
+        try:
+            return face_analyzer.describe_batch([images[i] for i in indices], [faces[i] for i in indices])
+        except Exception as error:
+            if len(indices) > 1 and out_of_memory(error):
+                raise  # the batches halve
+            kind = type(error).__name__
+            if len(indices) > 1 and kind not in _SAID:
+                _SAID.add(kind)
+                LOG.warning(
+                    "the face models failed on a batch of %d photos (%s); going on face by face", len(indices), kind
+                )
+            return [_face_by_face(face_analyzer, images[i], faces[i], failures[i]) for i in indices]
+
+    indices = list(images)
+    return dict(zip(indices, _batches(face_analyzer)(describe, indices), strict=True))
+
+
+def _face_by_face(face_analyzer: Any, image: np.ndarray, faces: list[Any], failures: list[str]) -> list[Any]:
+    described = []
+    for number, face in enumerate(faces):
+        try:
+            described.append(face_analyzer.describe(image, face))
+        except Exception as error:
+            failures.append(f"face {number}: {type(error).__name__}: {error}")
+            described.append(None)
+    return described
+
+
+def _batches(face_analyzer: Any) -> HalvingBatches:
+    """The analyzer's describe batches (one per analyzer, so per worker: the size a GPU out-of-memory error shrank
+    them to stays, and is said once)."""
+    if face_analyzer not in _DESCRIBE_BATCHES:
+        _DESCRIBE_BATCHES[face_analyzer] = HalvingBatches(None, "photos")
+    return _DESCRIBE_BATCHES[face_analyzer]
 
 
 def align_face(

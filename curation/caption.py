@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import io
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
 from dynamicid.curation.captioner import Captioner, CaptionerError, CaptionerSpec
+from dynamicid.curation.chain import Resources
 from dynamicid.curation.crop import crop_store
 from dynamicid.curation.stages import COMPUTED, Stage, StageSetupError, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute_many
@@ -48,6 +50,12 @@ class CaptionStage(Stage):
         super().__init__(context)
         # A model stage only with a captioner; without one the driver passes the rows through.
         self.uses_models = self.pooled = self.config.captioner is not None
+
+    @property
+    def resources(self) -> Resources:
+        """The model steps' (a GPU share) with a captioner; without one, no GPU."""
+        declared = super().resources
+        return declared if self.config.captioner is not None else replace(declared, gpus=0.0)
 
     @functools.cached_property
     def spec(self) -> CaptionerSpec | None:

@@ -14,16 +14,14 @@ folder must hold the model and its processor (`save_pretrained` of both).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from dynamicid.batching import HalvingBatches
 from dynamicid.schemas.prompts import CAPTION_INSTRUCTION
-
-LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,7 @@ class Captioner:
         if device == "cuda" and not torch.cuda.is_available():
             raise CaptionerError("device 'cuda' was asked for but torch sees no CUDA GPU: use device 'cpu'")
         self.device = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-        self.batch_size = batch_size
+        self._batches = HalvingBatches(batch_size, "images to caption")
         # The checkpoint's own dtype on a GPU (SmolVLM ships bfloat16); float32 on the CPU, where half types are slow.
         dtype = "auto" if self.device == "cuda" else torch.float32
         try:
@@ -134,26 +132,15 @@ class Captioner:
                     "save the processor of an instruct model with save_pretrained"
                 )
             self._processor.tokenizer.padding_side = "left"  # batched generation continues every row's prompt
-        self._warned = False
+
+    @property
+    def batch_size(self) -> int:
+        """Images per model call now (smaller after a batch ran out of GPU memory)."""
+        return self._batches.size
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
         """One caption per image, in order."""
-        captions: list[str] = []
-        start = 0
-        while start < len(images):
-            chunk = images[start : start + self.batch_size]
-            try:
-                captions += self._generate(chunk)
-            except Exception as error:  # torch.cuda.OutOfMemoryError: the same photos in smaller batches
-                if not _out_of_memory(error) or self.batch_size == 1:
-                    raise
-                self.batch_size //= 2
-                if not self._warned:
-                    LOG.warning("the GPU ran out of memory on a caption batch: batches of %d now", self.batch_size)
-                    self._warned = True
-                continue
-            start += len(chunk)
-        return captions
+        return self._batches(self._generate, images)
 
     def _inputs(self, images: list[Image.Image]):
         if not self.chat:
@@ -175,9 +162,3 @@ class Captioner:
         if self.chat:  # a decoder-only model returns the prompt too
             tokens = tokens[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self._processor.batch_decode(tokens, skip_special_tokens=True)]
-
-
-def _out_of_memory(error: Exception) -> bool:
-    import torch
-
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()

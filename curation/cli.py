@@ -268,6 +268,7 @@ def main() -> None:
 @_errors_as_exit_2
 def build(**kwargs) -> None:
     """Run every stage: PHOTOS_DIR/<identity>/... -> OUT_DIR (dataset, card, report, summary)."""
+    from dynamicid.curation.backend import start_backend
     from dynamicid.curation.engines import start_engine
 
     config = _config(kwargs)
@@ -276,6 +277,7 @@ def build(**kwargs) -> None:
         # The workers start loading the face models now, while this process imports the pipeline (about 2 s).
         engine = start_engine(config, progress=kwargs["progress"])
         try:
+            backend = start_backend(engine, config)
             from dynamicid.curation.pipeline import open_run, run_stage
 
             run = open_run(
@@ -286,6 +288,7 @@ def build(**kwargs) -> None:
                 resume=kwargs["resume"],
                 progress=kwargs["progress"],
                 engine=engine,
+                backend=backend,
             )
             for step in STEPS:
                 run_stage(run, step)

@@ -12,7 +12,7 @@ import json
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from dynamicid.curation.align import AlignStage
 from dynamicid.curation.allocator import large_buffers_given_back
+from dynamicid.curation.backend import start_backend
 from dynamicid.curation.caption import CAPTION_COLUMNS, CaptionStage, with_captions
 from dynamicid.curation.card import write_card
 from dynamicid.curation.chain import CHAIN, STEPS, step_named
@@ -102,28 +103,31 @@ def open_run(
     resume: bool = True,
     progress: bool = True,
     engine: Engine | None = None,
+    backend: Callable[[], BackendInfo] | None = None,
 ) -> Run:
     """Check the folders and settings, resolve the face backend, and prepare OUT_DIR and the work folder.
 
-    `engine`: the engine `start_engine` made for this config earlier, its workers loading the face models
-    meanwhile (the caller closes it, also when this raises); by default the run starts its own.
+    `engine`: the engine `start_engine` made for this config earlier (the caller closes it, also when this
+    raises), and `backend` what `backend.start_backend` returned for it, its workers loading the face models
+    meanwhile; by default the run starts its own.
     """
     photos_dir, out_dir, work_root = check_folders(photos_dir, out_dir, work_dir)
     engine = engine or start_engine(config, progress=progress)  # checks the settings first
+    backend = backend or start_backend(engine, config)
     # Arrow's default allocator (mimalloc) keeps freed Parquet pages (+110 MB of RSS after `write` read 1,130
     # crops); the C library's gives them back. This covers pyarrow's own calls; Arrow's C++ code reads
     # $ARROW_DEFAULT_MEMORY_POOL once, before this runs: `dynamicid-curate` sets it to `system` (set it before
     # importing pyarrow to call `build_dataset` from Python with the same memory).
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        backend = engine.resolved_backend()
+        resolved = backend()
     except StageSetupError as error:
         engine.close()
         raise CurationError(str(error)) from error
     mark_out_dir(out_dir)
     if not resume and work_root.exists():
         shutil.rmtree(work_root)
-    return Run(photos_dir, out_dir, WorkDir(work_root), config, backend, engine, progress)
+    return Run(photos_dir, out_dir, WorkDir(work_root), config, resolved, engine, progress)
 
 
 def run_scan(run: Run) -> int:

@@ -19,7 +19,8 @@ What a stage receives and returns
 
 Kinds (`stage.kind`; an engine maps each to its own operator)
     MAP     row-independent: any batching gives the same rows (engines use `batch_size`). May run models
-            (`uses_models`); the local engine runs it in a process pool, Ray as tasks (`map_batches`).
+            (`uses_models`); the local engine runs it in a process pool, Ray as tasks (`map_batches`), or on
+            an actor pool where it asks for a GPU and the cluster has GPUs.
     GROUP   one call per identity with all of that identity's candidate rows (sorted by source_path): the
             quadratic work of identify / near-duplicate dedupe / select stays inside one identity
             (local: streamed group by group; Ray: `groupby("identity").map_groups`).
@@ -28,11 +29,13 @@ Kinds (`stage.kind`; an engine maps each to its own operator)
 
 Lifecycle and resources
     A stage object is built in the driver from a picklable `StageContext` and shipped to workers as is.
-    `setup()` runs once per worker process (a pool's or Ray's) before its first batch: it builds the FaceAnalyzer (for
-    the *resolved* backend in `context.backend`) and opens the stores. A setup that cannot succeed (a bad
+    `setup()` runs once per worker process (a pool's, Ray's, or a Ray actor) before its first batch: it builds
+    the FaceAnalyzer (for the *resolved* backend in `context.backend`) and opens the stores. A setup that cannot succeed (a bad
     model folder) raises `StageSetupError` with one line saying what to fix; engines stop the run with it.
-    `resources` (declared in `curation.chain`) asks for cpus, a GPU share (model stages: the Ray engine gives
-    them GPUs where the cluster has some, CPU steps none) and the batch size per worker.
+    `resources` (declared in `curation.chain`) asks for cpus, a GPU share (model stages: the Ray engine runs
+    them on GPU actors where the cluster has GPUs, CPU steps as tasks without; none with `--device cpu`) and the
+    batch size per worker. Setup that the workers share across stages (the face backend, resolved once per
+    worker while the driver starts) goes through `Engine.prepare`.
     `finish()` runs once in the driver after the engine is done with the stage (the pipeline calls it).
 
 Caching and resume
@@ -69,7 +72,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -159,11 +162,12 @@ class Stage:
     @property
     def resources(self) -> Resources:
         """CPUs, GPU share and batch size per worker (`curation.chain`; the CPU defaults for a stage outside the
-        chain): the engines schedule by them."""
+        chain): the engines schedule by them. With `--device cpu` no stage asks for a GPU (no worker holds one)."""
         try:
-            return entry_of(type(self))[1].resources
+            declared = entry_of(type(self))[1].resources
         except LookupError:
             return Resources()
+        return replace(declared, gpus=0.0) if self.config.device == "cpu" else declared
 
     @property
     def batch_size(self) -> int:

@@ -14,6 +14,7 @@ from dynamicid.faces.face import Face
 
 class FaceBackend(Protocol):
     name: str
+    device: str  # where its networks run: "cpu" or "cuda"
     embedding_model: str
     embedding_dim: int
     expression_model: str  # the expression calibration's version (faces.expression_calibration)
@@ -61,6 +62,11 @@ class FaceAnalyzer:
     @property
     def backend(self) -> str:
         return self._backend.name
+
+    @property
+    def device(self) -> str:
+        """Where the backend's networks run: "cpu" or "cuda" (MediaPipe's graphs always on the CPU)."""
+        return self._backend.device
 
     @property
     def embedding_model(self) -> str:

@@ -61,11 +61,12 @@ def find_insightface_root(options: Mapping[str, Any], environment: Mapping[str, 
     return Path(value).expanduser() if value else None
 
 
-def _device(options: dict[str, Any]) -> str:
-    """The `device` option ("cpu", "cuda", "auto"; default cpu) as "cpu" or "cuda"; unusable CUDA is a ValueError."""
+def _device(options: dict[str, Any], *, onnxruntime_only: bool = False) -> str:
+    """The `device` option ("cpu", "cuda", "auto"; default cpu) as "cpu" or "cuda"; unusable CUDA is a ValueError
+    (`threads.pick_device`)."""
     from dynamicid.faces.threads import pick_device
 
-    return pick_device(str(options.pop("device", "cpu")))
+    return pick_device(str(options.pop("device", "cpu")), onnxruntime_only=onnxruntime_only)
 
 
 def _build_embedded(options: dict[str, Any]) -> FaceBackend:
@@ -111,7 +112,8 @@ def _build_insightface(options: dict[str, Any]) -> FaceBackend:
             f"(CLI --insightface-root) or set ${INSIGHTFACE_ROOT_ENV}; nothing is ever downloaded"
         )
     rest = {k: v for k, v in options.items() if k not in ("insightface_root", "root")}
-    return InsightFaceBackend(root, device=_device(rest), **rest)
+    # Its detector, landmarks and ArcFace run in ONNX Runtime only: CUDA there means onnxruntime-gpu.
+    return InsightFaceBackend(root, device=_device(rest, onnxruntime_only=True), **rest)
 
 
 def _insightface_files(root: Path | None) -> list[Path]:

@@ -39,7 +39,7 @@ class DlibEmbedder:
         or "cuda" (`threads.pick_device`)."""
         import dlib
 
-        self.runtime = runtime = pick_runtime(runtime)
+        self.runtime = runtime = pick_runtime(runtime, device)
         self.device = device
         self.chip_padding = chip_padding
         self._shape_predictor = dlib.shape_predictor(str(dlib_model("shape_predictor_5_face_landmarks.dat")))

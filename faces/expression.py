@@ -42,7 +42,7 @@ class ExpressionClassifier:
         float32 on one thread (faces.threads); both runtimes give the same probabilities within 1e-6.
         """
         self.crop = crop or ExpressionCrop()
-        self.runtime = pick_runtime(runtime)
+        self.runtime = pick_runtime(runtime, device)
         path = fer_model("emotion_model.hdf5")
         if self.runtime == "onnxruntime":
             self._net = onnxruntime_session(onnx_model(read_keras(path)), device)

@@ -103,6 +103,7 @@ class InsightFaceBackend:
         # `providers` wins over `device` ("cpu" or "cuda", `threads.pick_device`): CUDA runs SCRFD, the landmarks
         # and ArcFace on the GPU, the CPU provider takes the ops CUDA lacks.
         providers = providers or onnxruntime_providers(device)
+        self.device = "cuda" if CUDA_PROVIDER in providers else "cpu"
         self._detector = self._landmarks = self._recognition = None
         self.model_files: dict[str, str] = {}
         for path in sorted(self.folder.glob("*.onnx")):
@@ -122,7 +123,7 @@ class InsightFaceBackend:
                 f"insightface pack {self.folder} lacks a {', '.join(missing)} model "
                 "(SCRFD detector, 2d106det landmarks, ArcFace recognition .onnx files)"
             )
-        self._expression = ExpressionClassifier(device="cuda" if CUDA_PROVIDER in providers else "cpu")
+        self._expression = ExpressionClassifier(device=self.device)
         self._calibration = shipped_calibration()
         self.expression_model = self._calibration.version
 

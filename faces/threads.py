@@ -23,27 +23,40 @@ RUNTIMES = ("auto", "onnxruntime", "torch")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
-def cuda_available() -> bool:
-    """Whether the face networks can run on CUDA here: onnxruntime-gpu's CUDA provider, or torch with CUDA."""
-    if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime
+def onnxruntime_cuda() -> bool:
+    """Whether ONNX Runtime here has its CUDA provider (onnxruntime-gpu; the lock's onnxruntime is CPU-only)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    import onnxruntime
 
-        if CUDA_PROVIDER in onnxruntime.get_available_providers():
-            return True
-    if importlib.util.find_spec("torch") is None:
+    return CUDA_PROVIDER in onnxruntime.get_available_providers()
+
+
+def cuda_available(*, onnxruntime_only: bool = False) -> bool:
+    """Whether the face networks can run on CUDA here: onnxruntime-gpu's CUDA provider, or (unless
+    `onnxruntime_only`: networks that only ONNX Runtime runs) torch with CUDA."""
+    if onnxruntime_cuda():
+        return True
+    if onnxruntime_only or importlib.util.find_spec("torch") is None:
         return False
     import torch
 
     return torch.cuda.is_available()
 
 
-def pick_device(device: str) -> str:
-    """ "cpu" or "cuda" for a `DEVICES` value; "cuda" where CUDA is not usable is a ValueError (one line)."""
+def pick_device(device: str, *, onnxruntime_only: bool = False) -> str:
+    """ "cpu" or "cuda" for a `DEVICES` value; "cuda" where CUDA is not usable is a ValueError (one line).
+    `onnxruntime_only`: for networks that only ONNX Runtime runs (insightface's), CUDA means onnxruntime-gpu."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} for the face networks; valid: {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
-    usable = cuda_available()
+    usable = cuda_available(onnxruntime_only=onnxruntime_only)
+    if device == "cuda" and not usable and onnxruntime_only:
+        raise ValueError(
+            f"device 'cuda' was asked for but ONNX Runtime here has no {CUDA_PROVIDER}, so no CUDA GPU for the "
+            "insightface models: install onnxruntime-gpu in place of onnxruntime on a GPU machine, or use device 'cpu'"
+        )
     if device == "cuda" and not usable:
         raise ValueError(
             "device 'cuda' was asked for but this process sees no CUDA GPU (neither onnxruntime-gpu's "
@@ -62,12 +75,14 @@ def has_onnxruntime() -> bool:
     return all(importlib.util.find_spec(package) is not None for package in ("onnxruntime", "onnx"))
 
 
-def pick_runtime(runtime: str) -> str:
-    """ "onnxruntime" or "torch" for a `RUNTIMES` value ("auto": ONNX Runtime when installed)."""
+def pick_runtime(runtime: str, device: str = "cpu") -> str:
+    """ "onnxruntime" or "torch" for a `RUNTIMES` value ("auto": ONNX Runtime when installed, and on a picked
+    device "cuda" only when it has CUDA: a CPU-only onnxruntime would quietly run on the CPU, so torch's CUDA then)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r} for the face networks; valid: {', '.join(RUNTIMES)}")
     if runtime == "auto":
-        return "onnxruntime" if has_onnxruntime() else "torch"
+        usable = has_onnxruntime() and (device != "cuda" or onnxruntime_cuda())
+        return "onnxruntime" if usable else "torch"
     return runtime
 
 

@@ -7,7 +7,7 @@ families/   one module per base family (sd15, sdxl; flux next) and one registry,
 base        BaseModel (the frozen parts: denoiser, VAE, text encoders, image encoder) and load_base_model
 conditioning  faces and prompts -> the denoiser's inputs, shared by training and inference
 saa, face_encoder, imr, keypoint_encoder, blocks, lora   the method's modules
-checkpoints, release, state_dicts   weights I/O (ours, the release's, IP-Adapter FaceID-Plus)
+checkpoints, release, state_dicts, xlabs   weights I/O (ours, the release's, IP-Adapter FaceID-Plus, XLabs' Flux)
 ```
 
 Nothing outside `families/` branches on the base family: it asks the registry (`detect_family(source)`,

@@ -132,6 +132,7 @@ def _part_dims(part: str, module: nn.Module) -> dict[str, Any]:
             "id_embed_dim": module.id_embeddings_dim,
             "clip_embed_dim": module.clip_embeddings_dim,
             "num_tokens": module.num_tokens,
+            "face_proj_dim": module.proj_dim,
         }
     if part == "saa":
         processor = next(iter(identity_processors(module).values()))
@@ -242,6 +243,7 @@ class DynamicIDWeights:
             id_embeddings_dim=md.id_embed_dim,
             clip_embeddings_dim=md.clip_embed_dim,
             num_tokens=md.num_tokens,
+            proj_dim=md.face_proj_dim,
         )
         load_strict(encoder, self._part("face_encoder"), what="face_encoder weights")
         return encoder.eval()
@@ -282,8 +284,10 @@ class DynamicIDWeights:
         the weights."""
         state_dict = self._part("saa")
         _check_unet(unet, self.metadata, ", ".join(map(str, self.paths)))
-        family = denoiser_family(unet)
-        family.install_identity_attention(unet, rank=self.metadata.lora_rank, num_tokens=self.metadata.num_tokens)
+        md, family = self.metadata, denoiser_family(unet)
+        family.install_identity_attention(
+            unet, rank=md.lora_rank, num_tokens=md.num_tokens, token_dim=md.cross_attention_dim
+        )
         load_identity_state_dict(unet, state_dict)
 
 
@@ -299,13 +303,14 @@ def check_base_family(file_family: str, base_family: str, where: str) -> None:
 def _check_unet(unet: nn.Module, metadata: CheckpointMetadata, where: str) -> None:
     family = denoiser_family(unet)
     check_base_family(metadata.base_family, family.name, where)
-    token_dim = family.token_dim(unet)
-    if token_dim != metadata.cross_attention_dim:
-        raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, token_dim, where)
     try:
         installed = list(identity_processors(unet).values())
     except ValueError:  # not (fully) installed yet: the install that follows decides
         installed = []
+    token_dim = family.token_dim(unet)
+    # A UNet's token width is its cross-attention width; a Flux transformer takes any until SAA is installed.
+    if token_dim != metadata.cross_attention_dim and (installed or family.denoiser_name == "unet"):
+        raise _mismatch("cross_attention_dim", metadata.cross_attention_dim, token_dim, where)
     if installed:
         if installed[0].rank != metadata.lora_rank:
             raise _mismatch("lora_rank", metadata.lora_rank, installed[0].rank, where)

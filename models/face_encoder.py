@@ -43,6 +43,8 @@ class FaceEncoder(nn.Module):
         id_embeddings_dim: width of the face-recognition embedding (512 for ArcFace).
         clip_embeddings_dim: width of the CLIP image encoder's hidden states (1280 for ViT-H/14).
         num_tokens: tokens per face (4).
+        proj_dim: hidden width of the `proj` MLP; None: twice id_embeddings_dim (the release's and IP-Adapter's).
+            XLabs' Flux IP-Adapter start sets it to its CLIP width (768: `dynamicid.models.xlabs`).
     """
 
     def __init__(
@@ -52,16 +54,19 @@ class FaceEncoder(nn.Module):
         id_embeddings_dim: int = 512,
         clip_embeddings_dim: int = 1280,
         num_tokens: int = 4,
+        proj_dim: int | None = None,
     ):
         super().__init__()
         self.cross_attention_dim = cross_attention_dim
         self.id_embeddings_dim = id_embeddings_dim
         self.clip_embeddings_dim = clip_embeddings_dim
         self.num_tokens = num_tokens
+        self.proj_dim = proj_dim  # as given (recorded in weights' metadata as face_proj_dim)
+        hidden = proj_dim or id_embeddings_dim * 2
         self.proj = nn.Sequential(
-            nn.Linear(id_embeddings_dim, id_embeddings_dim * 2),
+            nn.Linear(id_embeddings_dim, hidden),
             nn.GELU(),
-            nn.Linear(id_embeddings_dim * 2, cross_attention_dim * num_tokens),
+            nn.Linear(hidden, cross_attention_dim * num_tokens),
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
         self.perceiver_resampler = FacePerceiverResampler(

@@ -18,7 +18,7 @@ PART_PREFIXES: dict[str, str] = {
 # Metadata fields that describe one part; the others (base_family, cross_attention_dim) describe the whole file.
 # When the files of several stages are merged, a part's fields come from the file that holds that part.
 PART_FIELDS: dict[str, tuple[str, ...]] = {
-    "face_encoder": ("id_embed_model", "id_embed_dim", "clip_embed_dim", "num_tokens"),
+    "face_encoder": ("id_embed_model", "id_embed_dim", "clip_embed_dim", "num_tokens", "face_proj_dim"),
     "saa": ("lora_rank", "num_tokens"),
     "imr": ("imr_depth", "imr_dim", "num_tokens"),
     "keypoint_encoder": ("keypoint_dim",),
@@ -41,6 +41,7 @@ class CheckpointMetadata:
     id_embed_model: str = "arcface-buffalo_l"
     id_embed_dim: int = 512
     clip_embed_dim: int = 1280
+    face_proj_dim: int | None = None  # the face encoder's MLP hidden width; None: 2 x id_embed_dim (the release's)
     imr_depth: int = 1
     imr_dim: int = 1024
     keypoint_dim: int = 768

@@ -186,3 +186,17 @@ def test_merged_captioned_shards_equal_one_captioned_build(templated, tmp_path):
     folder.rename(tmp_path / "moved")
     result = CliRunner().invoke(main, [*merge, str(tmp_path / "merged-again")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "merge needs it at that path" in result.output
+
+
+def test_the_caption_stage_asks_for_a_gpu_only_with_a_captioner(tmp_path):
+    from dynamicid.curation.caption import CaptionStage
+    from dynamicid.curation.config import CurationConfig
+    from dynamicid.curation.stages import BackendInfo, StageContext
+
+    def stage(**settings) -> CaptionStage:
+        backend = BackendInfo("embedded", None, "d", "m", 0.4, 0.9, 0.95)
+        return CaptionStage(StageContext(tmp_path, tmp_path, CurationConfig(**settings), backend))
+
+    assert stage().resources.gpus == 0 and not stage().pooled  # the driver passes the rows through
+    assert stage(captioner="/models/blip").resources.gpus == 1.0 and stage(captioner="/models/blip").pooled
+    assert stage(captioner="/models/blip", device="cpu").resources.gpus == 0

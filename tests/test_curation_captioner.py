@@ -78,20 +78,3 @@ def test_a_vlm_folder_without_a_chat_template_is_one_line(tmp_path):
     with pytest.raises(CaptionerError, match="no chat template") as error:
         Captioner(folder)
     assert "\n" not in str(error.value)
-
-
-def test_a_batch_the_gpu_cannot_hold_is_halved_and_said_once(tiny_blip, caplog):
-    captioner = Captioner(tiny_blip, batch_size=4)
-    generate = captioner._generate
-
-    def FAKE_small_gpu(images):  # no GPU here: a FAKE one that holds one photo at a time
-        if len(images) > 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (FAKE)")
-        return generate(images)
-
-    captioner._generate = FAKE_small_gpu
-    photos = _photos(2)
-    assert captioner.caption(photos) == [generate([photo])[0] for photo in photos]
-    assert captioner.batch_size == 1
-    said = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
-    assert said == ["the GPU ran out of memory on a caption batch: batches of 2 now"]

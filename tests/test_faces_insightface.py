@@ -179,3 +179,32 @@ def test_missing_folder_and_incomplete_pack_are_named(tmp_path, monkeypatch):
     incomplete = make_fake_pack(tmp_path / "partial", with_recognition=False)
     with pytest.raises(FileNotFoundError, match="recognition"):
         FaceAnalyzer("insightface", insightface_root=incomplete)
+
+
+def test_insightface_asks_onnxruntime_for_cuda_only_where_onnxruntime_has_it(pack_root, monkeypatch):
+    import insightface.model_zoo
+    import onnxruntime
+
+    from dynamicid.faces.threads import CUDA_PROVIDER, onnxruntime_cuda
+
+    if onnxruntime_cuda():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ValueError, match="install onnxruntime-gpu in place of onnxruntime") as error:
+        FaceAnalyzer("insightface", insightface_root=pack_root, pack="tinypack", device="cuda")
+    assert "\n" not in str(error.value)
+
+    asked = []
+    real_get_model = insightface.model_zoo.get_model
+    monkeypatch.setattr(
+        insightface.model_zoo,
+        "get_model",
+        lambda path, **kw: asked.append(kw["providers"]) or real_get_model(path, **kw),
+    )
+    FaceAnalyzer("insightface", insightface_root=pack_root, pack="tinypack", device="auto")
+    assert asked and all(providers == ["CPUExecutionProvider"] for providers in asked)
+    # FAKE: an onnxruntime-gpu (none here): its sessions then fall back to the CPU, with ONNX Runtime's warning.
+    available = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, *available])
+    asked.clear()
+    FaceAnalyzer("insightface", insightface_root=pack_root, pack="tinypack", device="auto")
+    assert asked and all(providers == [CUDA_PROVIDER, "CPUExecutionProvider"] for providers in asked)

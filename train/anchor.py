@@ -30,6 +30,9 @@ from dynamicid.models.base import BaseModel
 from dynamicid.models.checkpoints import check_base_family, read_safetensors
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner
 from dynamicid.models.families import denoiser_family, detect_family
+from dynamicid.models.families.flux import FLUX
+from dynamicid.models.xlabs import PARTS as XLABS_PARTS
+from dynamicid.models.xlabs import XLabsIPAdapter, is_xlabs_layout
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
@@ -68,12 +71,13 @@ class StartingWeights:
     """What `--init-from` holds, read before any model is built."""
 
     source: str  # recorded in the weights' metadata
-    loader: Any  # DynamicIDWeights or ReleaseCheckpoint: build_face_encoder(), load_saa_into(unet)
+    loader: Any  # DynamicIDWeights, ReleaseCheckpoint or XLabsIPAdapter: build_face_encoder(), load_saa_into(unet)
     parts: list[str]
 
 
-def read_init(path: str | Path, num_tokens: int) -> StartingWeights:
-    """Our safetensors, the release's SAA .bin (weights only) or an IP-Adapter FaceID-Plus(V2) checkpoint."""
+def read_init(path: str | Path, num_tokens: int, lora_rank: int = 0) -> StartingWeights:
+    """Our safetensors, the release's SAA .bin (weights only), an IP-Adapter FaceID-Plus(V2) checkpoint or XLabs'
+    Flux IP-Adapter (.safetensors, recognised by its tensor names; `lora_rank`: the run's, its LoRA starts fresh)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {path}: file not found")
@@ -81,6 +85,9 @@ def read_init(path: str | Path, num_tokens: int) -> StartingWeights:
     if path.suffix == ".safetensors" and "format_version" in read_safetensors(path, tensors=False)[0]:  # ours
         weights = load_dynamicid(path, num_tokens=num_tokens)
         return StartingWeights(f"dynamicid:{path.name}:{digest}", weights, weights.metadata.parts)
+    if path.suffix == ".safetensors" and is_xlabs_layout(list(tensors := read_safetensors(path)[1])):
+        xlabs = XLabsIPAdapter(path, tensors, num_tokens=num_tokens, lora_rank=lora_rank)
+        return StartingWeights(f"xlabs-ip-adapter:{path.name}:{digest}", xlabs, XLABS_PARTS)
     try:
         found = load_ip_adapter_faceid(path, num_tokens=num_tokens)
         return StartingWeights(f"ip-adapter-faceid:{path.name}:{digest}", found, found.present)
@@ -92,6 +99,8 @@ def read_init(path: str | Path, num_tokens: int) -> StartingWeights:
 
 
 def build_face_encoder(base: BaseModel, config: AnchorConfig, id_dim: int, init: StartingWeights | None) -> FaceEncoder:
+    if init is not None and isinstance(init.loader, XLabsIPAdapter):  # part of an encoder: the rest at the run's widths
+        return init.loader.build_face_encoder(id_embeddings_dim=id_dim, clip_embeddings_dim=base.clip_dim)
     if init is not None and "face_encoder" in init.parts:
         encoder = init.loader.build_face_encoder()
         if encoder.id_embeddings_dim != id_dim:
@@ -111,11 +120,20 @@ def build_face_encoder(base: BaseModel, config: AnchorConfig, id_dim: int, init:
 def check_init_metadata(init: StartingWeights, config: AnchorConfig, id_dim: int) -> None:
     """Compare our weights' metadata with the run before loading the base model (names the field).
 
-    IP-Adapter's and the release's files carry no metadata: loading them into the UNet checks their layout."""
+    IP-Adapter's and the release's files carry no metadata: loading them into the denoiser checks their layout;
+    XLabs' files fit FLUX.1 only, FaceID's and the release's a UNet only."""
+    family, where = detect_family(config.base_model).name, f"--init-from {config.init_from}"
     metadata = getattr(init.loader, "metadata", None)
+    if isinstance(init.loader, XLabsIPAdapter):
+        check_base_family(FLUX.name, family, where)
+    elif metadata is None and family == FLUX.name:
+        raise ValueError(
+            f"{where} holds IP-Adapter FaceID or release weights, made for a Stable Diffusion UNet; a FLUX.1 base "
+            "starts from this project's Flux weights or XLabs' Flux IP-Adapter (.safetensors)"
+        )
     if metadata is None:
         return
-    check_base_family(metadata.base_family, detect_family(config.base_model).name, f"--init-from {config.init_from}")
+    check_base_family(metadata.base_family, family, where)
     if "face_encoder" in init.parts and metadata.id_embed_dim != id_dim:
         raise ValueError(
             f"--init-from weights were made for id_embed_dim={metadata.id_embed_dim} ({metadata.id_embed_model}), "
@@ -127,7 +145,9 @@ def check_init_metadata(init: StartingWeights, config: AnchorConfig, id_dim: int
         )
 
 
-def anchor_metadata(base: BaseModel, config: AnchorConfig, id_model: str, id_dim: int, source: str):
+def anchor_metadata(
+    base: BaseModel, config: AnchorConfig, id_model: str, id_dim: int, source: str, face_encoder: FaceEncoder
+):
     return CheckpointMetadata(
         base_family=base.family,
         prediction_type=base.base_family.objective(base.noise_scheduler).name,
@@ -137,6 +157,7 @@ def anchor_metadata(base: BaseModel, config: AnchorConfig, id_model: str, id_dim
         id_embed_model=id_model,
         id_embed_dim=id_dim,
         clip_embed_dim=base.clip_dim,
+        face_proj_dim=face_encoder.proj_dim,
         source=source,
     )
 
@@ -201,7 +222,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     check_output_dir(config)
     dataset = load_curated(config.dataset, ANCHOR_COLUMNS)
     id_model, id_dim = embedding_info(dataset, config.dataset)
-    init = read_init(config.init_from, config.num_tokens) if config.init_from else None
+    init = read_init(config.init_from, config.num_tokens, config.lora_rank) if config.init_from else None
     if init is not None:
         check_init_metadata(init, config, id_dim)
 
@@ -216,6 +237,8 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     else:
         base.base_family.install_identity_attention(unet, rank=config.lora_rank, num_tokens=config.num_tokens)
     face_encoder = build_face_encoder(base, config, id_dim, init)
+    if init is not None and isinstance(init.loader, XLabsIPAdapter):
+        accelerator.print(init.loader.report())
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
@@ -237,7 +260,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         samples=samples,
         losses=AnchorObjective(base, dtype, (config.drop_text, config.drop_id, config.drop_both)),
         eval_samples=samples,
-        metadata=anchor_metadata(base, config, id_model, id_dim, init.source if init else "random"),
+        metadata=anchor_metadata(base, config, id_model, id_dim, init.source if init else "random", face_encoder),
         saved_parts=lambda trained: {"face_encoder": trained.face_encoder, "unet": trained.unet},
         batch_rows=lambda batch: batch["index"],
         sample_images=sample_images,

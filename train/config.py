@@ -86,7 +86,9 @@ class AnchorConfig(TrainConfig):
     drop_id: float = knob(0.05, "fraction of samples trained without the ID (zero embedding, zero CLIP image)", 0)
     drop_both: float = knob(0.05, "fraction of samples trained without either", 0)
     init_from: str | None = knob(
-        None, "start from weights: ours (.safetensors), the release's SAA .bin, or IP-Adapter FaceID-PlusV2"
+        None,
+        "start from weights: ours (.safetensors), the release's SAA .bin, IP-Adapter FaceID-PlusV2, or (Flux) XLabs' "
+        "Flux IP-Adapter (.safetensors)",
     )
 
 

@@ -1,7 +1,8 @@
 """Engines run the stages of `curation.stages` (one set of stage classes for all of them).
 
 `local` (the default): this process plus a process pool, streaming Parquet record batches; memory bounded
-whatever the photo count. `ray`: Ray Data operators (optional extra `dynamicid[ray]`).
+whatever the photo count. `ray`: Ray Data operators, tasks, and actor pools for the stages that ask for a GPU
+on a cluster that has GPUs (optional extra `dynamicid[ray]`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from dynamicid.curation.chain import Resources
 from dynamicid.curation.config import CurationConfig
 from dynamicid.curation.inputs import CurationError
-from dynamicid.curation.stages import BackendInfo, Stage, StageStats
+from dynamicid.curation.stages import Stage, StageStats
 
 ENGINES = ("local", "ray")
 Call = tuple[Callable[..., Any], tuple]  # (a module-level function, its arguments): work an engine can ship
+Pending = Callable[[], list[Any]]  # waits for work an engine started, and returns its results
 
 
 class EngineUnavailable(RuntimeError):
@@ -34,13 +37,11 @@ class Engine(Protocol):
         `what` names the work in an error message."""
         ...
 
-    def start_backend(self, requested: str, dup_embedding_fraction: float, device: str = "auto") -> None:
-        """Begin `backend.resolve_backend` where the face models will run (workers that keep them, or this
-        process); returns at once where it can, so that the driver's own start-up overlaps the workers'."""
-        ...
-
-    def resolved_backend(self) -> BackendInfo:
-        """The backend `start_backend` resolved (waits for the workers)."""
+    def prepare(self, call: Call, resources: Resources) -> Pending:
+        """Begin `function(*arguments)` once in each worker that will run stages asking for `resources` (this
+        process where the engine runs them here): a setup whose result the worker keeps for those stages (models it
+        builds). Returns at once where it can, so that the caller's own start-up overlaps the workers'; the
+        returned function waits and gives one result per worker."""
         ...
 
     def close(self) -> None:
@@ -61,12 +62,10 @@ def make_engine(name: str, *, workers: int, progress: bool, ray_address: str | N
 
 
 def start_engine(config: CurationConfig, *, progress: bool) -> Engine:
-    """The run's engine, already resolving the face backend (`Engine.start_backend`). Settings it cannot run
-    (a bad value, an engine that is not installed) raise `CurationError` before any worker starts."""
+    """The run's engine. Settings it cannot run (a bad value, an engine that is not installed) raise
+    `CurationError` before any worker starts."""
     try:
         config.check()
-        engine = make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
+        return make_engine(config.engine, workers=config.workers, progress=progress, ray_address=config.ray_address)
     except (ValueError, EngineUnavailable) as error:
         raise CurationError(str(error)) from error
-    engine.start_backend(config.face_backend, config.dup_embedding_fraction, config.device)
-    return engine

@@ -25,29 +25,21 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from dynamicid.clitools import progress_options
-from dynamicid.curation.engines import Call
+from dynamicid.curation.chain import Resources
+from dynamicid.curation.engines import Call, Pending
 from dynamicid.curation.engines.shared import (
     READ_ROWS,
     candidate_batches,
     count_candidates,
     identity_groups,
-    one_backend,
     output_layout,
     read_candidates,
-    resolve_in_worker,
     stage_key,
     stage_output,
     with_carried,
     worker_stage,
 )
-from dynamicid.curation.stages import (
-    ORDER,
-    BackendInfo,
-    Stage,
-    StageKind,
-    StageSetupError,
-    StageStats,
-)
+from dynamicid.curation.stages import ORDER, Stage, StageKind, StageSetupError, StageStats
 from dynamicid.curation.tables import TableWriter
 
 T = TypeVar("T")
@@ -105,9 +97,7 @@ class LocalEngine:
     def __init__(self, *, workers: int, progress: bool):
         self.workers = workers
         self.progress = progress
-        self._pool: ProcessPoolExecutor | None = None  # started by start_backend, kept until close()
-        self._backend_request: tuple[str, float] | None = None  # set by start_backend
-        self._resolving: list[Future] = []
+        self._pool: ProcessPoolExecutor | None = None  # started by the first prepare or stage, kept until close()
 
     def _worker_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -122,27 +112,24 @@ class LocalEngine:
             )
         return self._pool
 
-    def start_backend(self, requested: str, dup_embedding_fraction: float, device: str = "auto") -> None:
-        """With workers, each worker resolves it (at once, in parallel) and keeps the face models it built for the
-        model stages; this process, which then runs no model, builds none (about 700 MB and 1.4 s less). The
-        workers start here: what the driver does until `resolved_backend` (its imports, its checks) overlaps
-        their imports and model building."""
-        self._backend_request = (requested, dup_embedding_fraction, device)
-        if self.workers > 1:
-            pool = self._worker_pool()
-            self._resolving = [pool.submit(resolve_in_worker, *self._backend_request) for _ in range(self.workers)]
-
-    def resolved_backend(self) -> BackendInfo:
-        if self._backend_request is None:
-            raise RuntimeError("call start_backend before resolved_backend")
+    def prepare(self, call: Call, resources: Resources) -> Pending:
+        """With workers, `call` in each of them at once (the pool starts here: what the driver does until it waits
+        overlaps their imports and setup); with one, in this process when waited for. Every MAP stage worth
+        workers runs in the same pool, whatever its `resources`."""
+        function, arguments = call
         if self.workers <= 1:
-            return resolve_in_worker(*self._backend_request)
-        try:
-            resolved = [future.result() for future in self._resolving]
-        except BrokenProcessPool as error:
-            self.close()
-            raise StageSetupError(f"a worker process died while loading the face models ({error})") from error
-        return one_backend(resolved)
+            return lambda: [function(*arguments)]
+        pool = self._worker_pool()
+        futures = [pool.submit(function, *arguments) for _ in range(self.workers)]
+
+        def results() -> list[Any]:
+            try:
+                return [future.result() for future in futures]
+            except BrokenProcessPool as error:
+                self.close()
+                raise StageSetupError(f"a worker process died while setting up ({error})") from error
+
+        return results
 
     def run_stage(self, stage: Stage, source: Path, target: Path, fingerprint: str) -> StageStats:
         start = time.perf_counter()

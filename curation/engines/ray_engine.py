@@ -1,11 +1,15 @@
 """The Ray Data engine (`--engine ray`): the stage classes of `curation.stages` as Ray Data operators.
 
 - MAP stages that are worth workers (`pooled`: the face models, image decoding) -> `map_batches` as Ray tasks,
-  at most `--workers` at a time, each asking for the stage's CPUs and, when the cluster has GPUs, its GPU
-  fraction. A worker process sets a stage up once (`setup()`, the FaceAnalyzer) and keeps it and its models
-  for the whole run, as a local pool worker does: Ray reuses its worker processes for tasks, so detect, describe,
-  align and crop share the models and imports of a process, where an actor pool per step started processes and
-  built models again at every step (30 s of fixed cost on 2 CPUs).
+  at most `--workers` at a time, each asking for the stage's CPUs. A worker process sets a stage up once
+  (`setup()`, the FaceAnalyzer) and keeps it and its models for the whole run, as a local pool worker does: Ray
+  reuses its worker processes for tasks, so detect, describe, align and crop share the models and imports of a
+  process, where an actor pool per step started processes and built models again at every step (30 s of fixed
+  cost on 2 CPUs).
+- On a cluster with GPUs, the MAP stages whose `resources` ask for a GPU (the model steps) -> `map_batches` on an
+  actor pool instead (`StageActor`, up to `--workers` actors, each with its GPU share: the cluster's GPUs over
+  the workers, at most one), as NeMo Curator maps stages with GPUs to actors: each actor sets the stage up once
+  and the blocks stream through it; the CPU steps stay tasks without GPUs. Without GPUs nothing changes.
 - GROUP stages (identify, near-duplicate dedupe, select) -> `groupby("identity").map_groups` (Ray tasks, a
   sort-based shuffle: each task gets whole identities, in identity order).
 - GLOBAL stages (exact-bytes dedupe, `--cluster`) and cheap MAP stages run in the driver exactly as the local
@@ -35,7 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynamicid.curation.engines import Call, EngineUnavailable
+from dynamicid.curation.chain import Resources
+from dynamicid.curation.engines import Call, EngineUnavailable, Pending
 
 try:
     from ray.data import Datasource, ReadTask
@@ -47,19 +52,24 @@ except ImportError as missing:
 from dynamicid.curation.engines.local import LocalEngine
 from dynamicid.curation.engines.shared import (
     count_candidates,
-    one_backend,
     output_layout,
-    resolve_in_worker,
     stage_key,
     stage_output,
     worker_stage,
 )
-from dynamicid.curation.stages import BackendInfo, Stage, StageKind, StageSetupError, StageStats
+from dynamicid.curation.stages import Stage, StageKind, StageSetupError, StageStats
 from dynamicid.curation.tables import TableWriter
 
 LOCAL_OBJECT_STORE = 1 << 30  # bytes, for a Ray started here: blocks stream through it, spilling to disk if needed
 GROUP_READ_ROWS = 4096  # candidate rows per read task of a per-identity step (small columns; the sort splits them)
 _SETUP_LINE = re.compile(r"StageSetupError: (.+)")
+_MAP_OPERATOR_LOG = "ray.data._internal.execution.operators.map_operator"
+
+
+def _declared_resources(record: logging.LogRecord) -> bool:
+    """Ray Data warns, twice per GPU step, that asking for CPUs and GPUs together is experimental: both are asked
+    for on purpose (a worker's CPU share: Ray's default of one CPU per GPU actor may not fit `--workers` actors)."""
+    return "num_cpus and num_gpus" not in record.getMessage()
 
 
 def _process_block(block: pa.Table, key: str, stage: Stage, carried: list[str]) -> Iterator[pa.Table]:
@@ -69,6 +79,17 @@ def _process_block(block: pa.Table, key: str, stage: Stage, carried: list[str]) 
     stage = worker_stage(key, stage)
     for start in range(0, block.num_rows, stage.batch_size):
         yield stage_output(stage, block.slice(start, stage.batch_size), carried)
+
+
+class StageActor:
+    """A MAP stage on an actor of Ray Data's pool (a GPU share each), set up once (at its first batch, so that a
+    setup error stops the run in one line as a task's does); the batches stream through it."""
+
+    def __init__(self, key: str, stage: Stage, carried: list[str]):
+        self.key, self.stage, self.carried = key, stage, carried
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return stage_output(worker_stage(self.key, self.stage), batch, self.carried)
 
 
 def _process_group(rows: pa.Table, key: str, stage: Stage, carried: list[str]) -> pa.Table:
@@ -146,7 +167,6 @@ class RayEngine:
                 ) from None
         self.connected = False  # this engine started or joined Ray (and leaves it on close)
         self.driver = LocalEngine(workers=1, progress=progress)
-        self._backend_request: tuple[str, float] | None = None  # set by start_backend
 
     def _connect(self) -> None:
         """Join the running Ray (this process's, or the cluster at --ray-address / $RAY_ADDRESS), else start one."""
@@ -169,32 +189,31 @@ class RayEngine:
                 ) from None
             self.connected = True
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no execution plans on the user's terminal
+        logging.getLogger(_MAP_OPERATOR_LOG).addFilter(_declared_resources)
         context = DataContext.get_current()
         context.enable_progress_bars = self.progress
         context.execution_options.preserve_order = True  # outputs in input order: no sort needed
         context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # groupby by sorting: tasks, no actors
 
-    def start_backend(self, requested: str, dup_embedding_fraction: float, device: str = "auto") -> None:
-        """Ray starts (or is joined) when the backend is asked for: starting it takes seconds, which must not come
-        before the run's input checks."""
-        self._backend_request = (requested, dup_embedding_fraction, device)
+    def prepare(self, call: Call, resources: Resources) -> Pending:
+        """`call` in `--workers` Ray tasks at once, each in its own worker process with the resources of a stage
+        asking for `resources`. Where those stages run as tasks, each process keeps what the call set up for
+        them (as a local pool worker does; the driver sets up nothing); where they run on actors (GPUs), which
+        set themselves up, the processes end after the call, giving back the GPU memory it took. Ray starts (or
+        is joined) when the results are waited for: starting it takes seconds, which must not come before the
+        run's input checks."""
 
-    def resolved_backend(self) -> BackendInfo:
-        """In `--workers` Ray tasks at once, each in its own worker process, which keeps the face models it built
-        for the model steps (as a local pool worker does); the driver builds none."""
-        import ray
+        def results() -> list[Any]:
+            import ray
 
-        from dynamicid.faces.backends import INSIGHTFACE_ROOT_ENV
+            self._connect()
+            cpus, gpus = self._worker_resources(resources)
+            # On GPUs the stages run on actors; else max_calls=0: the process lives on with what it set up.
+            remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1 if gpus else 0)(call[0])
+            with _one_line_errors():
+                return ray.get([remote.remote(*call[1]) for _ in range(self.workers)])
 
-        if self._backend_request is None:
-            raise RuntimeError("call start_backend before resolved_backend")
-        self._connect()
-        driver = {INSIGHTFACE_ROOT_ENV: os.environ.get(INSIGHTFACE_ROOT_ENV, "")}  # the driver's setting counts
-        # On GPUs when the models will run there: a worker without one would refuse --device cuda.
-        gpus = self._gpus_per_worker() if self._backend_request[2] != "cpu" else 0.0
-        resolve = ray.remote(num_cpus=self._cpus_per_worker(), num_gpus=gpus, max_calls=0)(resolve_in_worker)
-        with _one_line_errors():
-            return one_backend(ray.get([resolve.remote(*self._backend_request, driver) for _ in range(self.workers)]))
+        return results
 
     def map_calls(self, calls: Iterable[Call], what: str) -> Iterator[Any]:
         """In the driver: the calls write OUT_DIR (the dataset's shards), which, unlike the work folder, need not
@@ -218,7 +237,7 @@ class RayEngine:
         return stats
 
     def _dataset(self, stage: Stage, key: str, source: Path, columns: list[str], carried: list[str]):
-        from ray.data import TaskPoolStrategy
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
         num_cpus, num_gpus = self.task_resources(stage)
         wanted_columns = list(dict.fromkeys([*columns, "reason"]))
@@ -233,19 +252,33 @@ class RayEngine:
         # CPUs: at 2,040 photos, blocks of 2, 8 and 16 batches gave 65, 59 and 50 s for detect (local: 46 s).
         rows = min(16 * stage.batch_size, max(stage.batch_size, -(-count_candidates(source) // (4 * self.workers))))
         blocks = CandidateRows(source, wanted_columns, rows)
+        size = min(self.workers, len(blocks.ranges))
+        resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if num_gpus:  # a model step on a cluster with GPUs: an actor pool of `size` actors, one GPU share each
+            # Ray batches for GPU actors itself (it asks for a batch size), and then no longer fuses the read into
+            # the map: the read tasks ask for no CPU, so that they never wait for the CPUs the actors hold.
+            return _read(blocks, num_cpus=0).map_batches(
+                StageActor,
+                fn_constructor_args=(key, stage, carried),
+                compute=ActorPoolStrategy(size=size),
+                batch_size=stage.batch_size,
+                batch_format="pyarrow",
+                **resources,
+            )
         # The same strategy and resources for the read and the map: Ray then fuses them, so a task reads its own
         # rows (a separate read task would wait for a CPU that the map tasks hold). max_calls=0: a worker process
-        # keeps its models for the whole run (Ray's default for GPU tasks is 1 call).
-        task = {"compute": TaskPoolStrategy(size=min(self.workers, len(blocks.ranges)))}
-        task |= {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_calls": 0}
+        # keeps its models for the whole run.
+        task = {"compute": TaskPoolStrategy(size=size), "max_calls": 0, **resources}
         return _read(blocks, **task).map_batches(
             _process_block, fn_args=(key, stage, carried), batch_size=None, batch_format="pyarrow", **task
         )
 
     def task_resources(self, stage: Stage) -> tuple[float, float]:
-        """(num_cpus, num_gpus) of a stage's tasks: its declared `resources`, within each worker's share of the
-        cluster (a GPU share only where the cluster has GPUs and the stage asks for one)."""
-        wanted = stage.resources
+        """(num_cpus, num_gpus) of a stage's tasks or actors: its declared `resources`, within each worker's share
+        of the cluster (a GPU share only where the cluster has GPUs and the stage asks for one)."""
+        return self._worker_resources(stage.resources)
+
+    def _worker_resources(self, wanted: Resources) -> tuple[float, float]:
         return min(wanted.cpus, self._cpus_per_worker()), min(wanted.gpus, self._gpus_per_worker())
 
     def _gpus_per_worker(self) -> float:

@@ -1,5 +1,5 @@
-"""What every engine shares: the stages a worker process keeps set up, the face backend resolved in the workers,
-and the stage tables' candidate rows read in batches, identity groups or whole, written in one output layout.
+"""What every engine shares: the stages a worker process keeps set up, and the stage tables' candidate rows read in
+batches, identity groups or whole, written in one output layout.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynamicid.curation.allocator import keep_freed_buffers
-from dynamicid.curation.stages import COMPUTED, BackendInfo, Stage, StageSetupError
+from dynamicid.curation.stages import COMPUTED, Stage, StageSetupError
 from dynamicid.curation.tables import STAGE_ROW_GROUP, contiguous_groups
 
 READ_ROWS = STAGE_ROW_GROUP  # rows per record batch read from a stage table (one row group)
@@ -48,22 +48,6 @@ def _settle_worker_process() -> None:
 
 def stage_key(stage: Stage, fingerprint: str) -> str:
     return f"{stage.name}:{fingerprint}"
-
-
-def resolve_in_worker(
-    requested: str, dup_embedding_fraction: float, device: str = "auto", environment: dict[str, str] | None = None
-) -> BackendInfo:
-    """`backend.resolve_backend` in a worker, which keeps the analyzer it built for the model stages."""
-    from dynamicid.curation.backend import resolve_backend
-
-    return resolve_backend(requested, dup_embedding_fraction, device, environment=environment)
-
-
-def one_backend(resolved: list[BackendInfo]) -> BackendInfo:
-    """The backend every worker resolved (workers that disagree, e.g. different model folders, stop the run)."""
-    if len(set(resolved)) != 1:
-        raise StageSetupError(f"the workers resolved different face backends: {sorted(map(str, set(resolved)))}")
-    return resolved[0]
 
 
 def candidate_batches(

@@ -108,10 +108,13 @@ class BaseFamily:
         """Width of the pooled text vector (the IMR's text input): by default the CLIP text encoder's width."""
         return int(base.text_encoder.config.hidden_size)
 
-    def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
+    def install_identity_attention(
+        self, denoiser: Any, *, rank: int, num_tokens: int, token_dim: int | None = None
+    ) -> None:
         """Put SAA processors on the denoiser's attention layers (a no-op when installed with the same settings).
 
-        By default a UNet's (`dynamicid.models.saa`); a family with another denoiser overrides it."""
+        `token_dim`: the ID tokens' width where the denoiser lets it vary (Flux); a UNet's is its cross-attention
+        width. By default a UNet's (`dynamicid.models.saa`); a family with another denoiser overrides it."""
         from dynamicid.models.saa import install_saa
 
         install_saa(denoiser, rank=rank, num_tokens=num_tokens)

@@ -5,7 +5,8 @@ A FLUX.1-dev folder in diffusers layout holds `transformer/` (FluxTransformer2DM
 conditions the transformer and is the IMR's face-prompt vector), `text_encoder_2/` + `tokenizer_2/` (T5: the
 prompt states) and `scheduler/` (FlowMatchEulerDiscreteScheduler with dynamic shifting). SAA sits on the
 double-stream blocks' joint attention (`joint_attention_kwargs`; `dynamicid.models.saa_flux`), the face tokens as
-wide as the transformer (3072). A transformer alone may come from one `.safetensors` file (BFL's layout or
+wide as the transformer (3072), or as T5's states (4096) for weights started from XLabs' IP-Adapter: the width is
+read off the weights (`token_dim`, metadata `cross_attention_dim`). A transformer alone may come from one `.safetensors` file (BFL's layout or
 diffusers') through diffusers' `from_single_file` (`load_flux_transformer`).
 """
 
@@ -78,10 +79,14 @@ class FluxFamily(BaseFamily):
     def text_dim(self, base: Any) -> int:
         return int(base.text_encoder_2.config.d_model)
 
-    def install_identity_attention(self, denoiser: Any, *, rank: int, num_tokens: int) -> None:
+    def install_identity_attention(
+        self, denoiser: Any, *, rank: int, num_tokens: int, token_dim: int | None = None
+    ) -> None:
+        """SAA on the double-stream blocks; ID tokens `token_dim` wide (default the transformer's width; 4096, T5's,
+        for weights started from XLabs' IP-Adapter: `dynamicid.models.xlabs`)."""
         from dynamicid.models.saa_flux import install_flux_saa
 
-        install_flux_saa(denoiser, rank=rank, num_tokens=num_tokens)
+        install_flux_saa(denoiser, rank=rank, num_tokens=num_tokens, id_dim=token_dim)
 
     def denoise(
         self, denoiser: Any, noisy: Any, timesteps: Any, text: Any, id_tokens: Any, condition: Any, saa: Any
