@@ -12,7 +12,7 @@ does the same from the reference photo and its detected keypoints.
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,16 +107,22 @@ def landmark_map(landmarks: Any, crop_size: int) -> torch.Tensor:
 
 
 class Tokenize:
-    """Caption -> padded token ids of the base family (`Conditioner.token_ids`), memoised (few distinct captions)."""
+    """Caption -> padded token ids of the base family (`Conditioner.token_ids`), memoised for the `max_entries`
+    most recent captions: template captions repeat, but a VLM's are one per row, so the memo must stay bounded."""
 
-    def __init__(self, token_ids: Callable[[list[str]], torch.Tensor]):
+    def __init__(self, token_ids: Callable[[list[str]], torch.Tensor], max_entries: int = 4096):
         self.token_ids = token_ids
-        self.cache: dict[str, torch.Tensor] = {}
+        self.max_entries = max_entries
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def __call__(self, text: str) -> torch.Tensor:
-        if text not in self.cache:
-            self.cache[text] = self.token_ids([text])[0].long()
-        return self.cache[text]
+        if text in self.memo:
+            self.memo.move_to_end(text)
+        else:
+            self.memo[text] = self.token_ids([text])[0].long()
+            if len(self.memo) > self.max_entries:
+                self.memo.popitem(last=False)
+        return self.memo[text]
 
 
 class AnchorSamples(torch.utils.data.Dataset):
