@@ -15,6 +15,8 @@
   encoder) with the widths of a base and a face backend; `save_random_weights` / `save_release_layout` /
   `save_ip_adapter_faceid` write them in our format, the release's `.bin` layout, or IP-Adapter FaceID-PlusV2's
   layout (`image_proj` + index-keyed `ip_adapter`, the layout of its SD 1.5 and SDXL files alike).
+- `save_tiny_blip(folder)` / `save_tiny_smolvlm(folder)`: captioner folders (BLIP; SmolVLM, an Idefics3 with its
+  chat template) with tokenizers made in code, for `dynamicid-curate build --captioner`.
 
 They produce noise, never images of anyone; `load_base_model` builds a tiny base only when asked for by name.
 """
@@ -403,6 +405,101 @@ def plain_images(
     generator = torch.Generator().manual_seed(seed)
     settings = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": 5.0}
     return pipe(prompt, **settings, generator=generator, output_type="np").images
+
+
+# Tiny random captioners (`dynamicid-curate build --captioner DIR`), saved with save_pretrained like a real one.
+CAPTION_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "man", "in", "red", "shirt")
+CAPTION_WORDS += ("park", "light")
+
+
+def save_tiny_blip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random BLIP captioner folder (model and processor saved with save_pretrained), seeded."""
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    vocab = folder.parent / f"{folder.name}-vocab.txt"
+    vocab.write_text("\n".join(CAPTION_WORDS))
+    text = dict(vocab_size=len(CAPTION_WORDS), hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    text |= dict(num_attention_heads=4, max_position_embeddings=64, bos_token_id=2, sep_token_id=3, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = BlipConfig(text_config=text, vision_config=vision | dict(image_size=32, patch_size=8))
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config)
+    model.generation_config.min_new_tokens = 3  # a random model may stop at once: ask for words
+    model.save_pretrained(folder)
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), BertTokenizerFast(str(vocab)))
+    processor.save_pretrained(folder)
+    return folder
+
+
+# SmolVLM's chat template (as its checkpoints ship it in chat_template.jinja), image first.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SMOLVLM_SPECIAL = [
+    "<pad>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+]
+
+
+def save_tiny_smolvlm(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random SmolVLM (Idefics3) folder: a Llama text model and a SigLIP-style vision tower of 2 layers,
+    a word-level tokenizer over CAPTION_WORDS made here, SmolVLM's chat template; one 32 px image = 4 image
+    tokens. Greedy captions end at the first '.'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    words = [*SMOLVLM_SPECIAL, *CAPTION_WORDS[5:], "User", "Assistant", ":", "."]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece()  # words joined by spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<|im_start|>", eos_token="<end_of_utterance>"
+    )
+    images = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(images, tokenizer, image_seq_len=4, chat_template=SMOLVLM_CHAT_TEMPLATE)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    text |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    text |= dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = Idefics3Config(
+        text_config=text,
+        vision_config=vision | dict(image_size=32, patch_size=8),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.min_new_tokens = 3  # a random model may stop at once: ask for words
+    model.generation_config.suppress_tokens = [i for i in range(len(SMOLVLM_SPECIAL)) if i != 2]  # words or the end
+    model.generation_config.eos_token_id = [2, words.index(".")]  # a sentence ends a caption: short tests
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 if __name__ == "__main__":  # python -m dynamicid.testing OUT.safetensors [tiny-random|tiny-random-sdxl|...]

@@ -102,8 +102,8 @@ MUTANTS = [
     mutant(
         "anchor-drops-not-passed",
         "train/anchor.py",
-        "losses=AnchorObjective(base, dtype, (config.drop_text, config.drop_id, config.drop_both)),",
-        "losses=AnchorObjective(base, dtype),",
+        "losses=AnchorObjective(base, dtype, (config.drop_text, config.drop_id, config.drop_both), prompts),",
+        "losses=AnchorObjective(base, dtype, prompts=prompts),",
         TRAINING,
         "-k",
         "drop_the_conditions",

@@ -1,5 +1,5 @@
 """DynamicID for ComfyUI: load the weights, analyse each person's reference face, lay the people out, and patch
-a MODEL so that its cross-attention runs DynamicID's SAA (SD 1.5 and SDXL).
+a MODEL so that its attention runs DynamicID's SAA (SD 1.5, SDXL: cross-attention; FLUX.1: double-stream blocks).
 
 Install by linking or copying this folder into ComfyUI's `custom_nodes/` (with the `dynamicid` package
 installed in ComfyUI's Python). Licence: GPL-3.0 (this folder only; see LICENSE), as code that imports ComfyUI

@@ -7,7 +7,7 @@ analysis (`dynamicid.infer.references`), and the identity-token steps of the Dyn
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,13 @@ from dynamicid.infer.references import Reference, ReferenceAnalyzer
 from dynamicid.infer.weights import DynamicIDModules
 from dynamicid.models import DynamicIDWeights, ReleaseCheckpoint, load_dynamicid, load_release_checkpoint
 from dynamicid.models.base import load_image_encoder
-from dynamicid.models.checkpoints import check_base_family
+from dynamicid.models.checkpoints import check_base_family, identity_processors
 from dynamicid.models.conditioning import Conditioner
-from dynamicid.models.saa import SAAProcessor, saa_processors
+from dynamicid.models.families import family_named
+from dynamicid.models.saa import SAAProcessor
+from dynamicid.models.saa_flux import FluxSAAProcessor
 
+from .flux_patch import flux_skeleton
 from .model_patch import install_processors, model_family, unet_skeleton
 
 RELEASE_FAMILY = "sd15"  # the authors' release was trained on SD 1.5
@@ -40,30 +43,31 @@ class DynamicIDParts:
     image_encoder: torch.nn.Module
     references: ReferenceAnalyzer
     name: str
-    _processors: dict[int, dict[str, SAAProcessor]] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
         return self.weights.metadata.base_family if isinstance(self.weights, DynamicIDWeights) else RELEASE_FAMILY
 
-    def processors(self, model: Any) -> dict[str, SAAProcessor]:
-        """The SAA processors for a ComfyUI MODEL (diffusers names), weights loaded strictly; one line if the
-        weights were made for another base family or width."""
+    def processors(self, model: Any) -> dict[str, SAAProcessor | FluxSAAProcessor]:
+        """The SAA processors for a ComfyUI MODEL (diffusers names: a UNet's attention layers or a Flux
+        transformer's double-stream blocks), weights loaded strictly; one line if the weights were made for
+        another base family or width."""
         family = model_family(model)
         check_base_family(self.family, family, self.name)
-        skeleton = unet_skeleton(model)
-        width = int(skeleton.config.cross_attention_dim)
-        if self.modules.face_encoder.cross_attention_dim != width:
-            raise ValueError(
-                f"{self.name} was made for cross_attention_dim={self.modules.face_encoder.cross_attention_dim} "
-                f"but the MODEL has {width}; use weights trained on this base model"
-            )
+        skeleton = flux_skeleton(model) if family == "flux" else unet_skeleton(model)
         rank = (
             self.weights.lora_rank if isinstance(self.weights, ReleaseCheckpoint) else self.weights.metadata.lora_rank
         )
-        install_processors(skeleton, rank=rank, num_tokens=self.modules.num_tokens)
+        width = self.modules.face_encoder.cross_attention_dim  # a UNet's is fixed; Flux's is the weights' own
+        install_processors(skeleton, rank=rank, num_tokens=self.modules.num_tokens, token_dim=width)
+        found = family_named(family).token_dim(skeleton)
+        if found != width:
+            raise ValueError(
+                f"{self.name} was made for cross_attention_dim={width} but the MODEL has {found}; use weights "
+                "trained on this base model"
+            )
         self.weights.load_saa_into(skeleton)
-        return dict(saa_processors(skeleton))
+        return dict(identity_processors(skeleton))
 
 
 def load_parts(
@@ -109,7 +113,8 @@ def load_parts(
 
 class ComfyConditioner(Conditioner):
     """The CLIP image encoder of the DynamicID parts, and ComfyUI's CLIP for the IMR's face-prompt vectors (the
-    pooled text output: CLIP-L's for SD 1.5, the projected CLIP-G one for SDXL, as the diffusers pipelines use)."""
+    pooled text output: CLIP-L's for SD 1.5 and FLUX.1, the projected CLIP-G one for SDXL, as the diffusers
+    pipelines use)."""
 
     def __init__(self, image_encoder: torch.nn.Module, clip: Any | None):
         super().__init__(tokenizer=None, text_encoder=None, image_encoder=image_encoder)

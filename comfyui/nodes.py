@@ -17,16 +17,17 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import ImageDraw
 
 from dynamicid.infer.people import Person
+from dynamicid.infer.pipeline import SINGLE_PERSON_BOOST
 from dynamicid.models import SAACall
+from dynamicid.models.families import family_named
 from dynamicid.schemas import EXPRESSIONS, POSE_BINS
 
 from .identity import DynamicIDParts, PersonTokens, load_parts, person_tokens, to_image, to_pil
-from .model_patch import Faces, patch_model
+from .model_patch import Faces, model_family, patch_model
 
 FOLDER = "dynamicid"
 NONE = "none"
 KEEP = "keep"
-RELEASE_BOOST = {"several": (2.0, 12), "one": (0.0, 0)}  # the release's infer_scale / infer_end (METHOD.md)
 MAX_PEOPLE = 4
 CATEGORY = "DynamicID"
 
@@ -176,7 +177,8 @@ class ApplyDynamicID(io.ComfyNode):
         return _schema(
             cls,
             "Apply DynamicID",
-            description="A MODEL whose attention places each face in its box (SAA); the input MODEL is unchanged.",
+            description="A MODEL whose attention places each face in its box (SAA; SD 1.5, SDXL, FLUX.1); the "
+            "input MODEL is unchanged.",
             inputs=[
                 io.Model.Input("model"),
                 DynamicIDType.Input("dynamicid"),
@@ -190,14 +192,14 @@ class ApplyDynamicID(io.ComfyNode):
                     min=-1.0,
                     max=10.0,
                     step=0.1,
-                    tooltip="-1: the release's (2 for several people, 0 for one)",
+                    tooltip="-1: the family's default (2 with several people, 0 with one)",
                 ),
                 io.Int.Input(
                     "boost_steps",
                     default=-1,
                     min=-1,
                     max=1000,
-                    tooltip="steps the boost lasts; -1: the release's (12 or 0)",
+                    tooltip="steps the boost lasts; -1: the family's default (SD: 12 of 50, FLUX.1: 7 of 28; 0 with one)",
                 ),
             ],
             outputs=[io.Model.Output()],
@@ -211,7 +213,9 @@ class ApplyDynamicID(io.ComfyNode):
         people: list[PersonTokens] = [face_1, *(face for face in optional if face is not None)]
         if layout is not None and len(layout) != len(people):
             raise ValueError(f"the layout has {len(layout)} boxes for {len(people)} people: give one box per person")
-        default_boost, default_steps = RELEASE_BOOST["several" if len(people) > 1 else "one"]
+        family = model_family(model)
+        several = family_named(family).pipeline_class().multi_person_boost  # as the family's pipeline does
+        default_boost, default_steps = several if len(people) > 1 else SINGLE_PERSON_BOOST
         settings = SAACall(num_ids=len(people), id_scale=id_scale, gating=gating, boxes=layout)
         faces = Faces(
             cond=_tokens([p.cond for p in people], dynamicid), uncond=_tokens([p.uncond for p in people], dynamicid)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynamicid.schemas import DATASET_COLUMNS, EXPRESSIONS, FACE_PROMPT_TEMPLATE, POSE_BINS, dataset_feature_dicts
+from dynamicid.schemas import (
+    ANCHOR_CAPTION_TEMPLATE,
+    DATASET_COLUMNS,
+    EXPRESSIONS,
+    FACE_PROMPT_TEMPLATE,
+    POSE_BINS,
+    dataset_feature_dicts,
+)
 
 
 def card_metadata(num_examples: int, num_bytes: int) -> dict:
@@ -20,6 +27,11 @@ def card_metadata(num_examples: int, num_bytes: int) -> dict:
         },
         "tags": ["faces", "dynamicid"],
     }
+
+
+def _captions(summary: dict) -> str:
+    model = summary.get("caption_model")
+    return f"scene captions of the crops by `{model}`" if model else f"the template `{ANCHOR_CAPTION_TEMPLATE}`"
 
 
 def _yaml_feature(feature: dict) -> dict:
@@ -68,7 +80,7 @@ def write_card(out_dir: Path, summary: dict, num_bytes: int) -> None:
 {summary["kept"]} aligned {summary["config"]["crop_size"]}x{summary["config"]["crop_size"]} face crops of
 {summary["identities"]} identities, from {summary["scanned"]} files scanned in `{summary["photos_dir"]}`
 ({summary["rejected"]} rejected; `rejects.parquet` says why for each). Face backend `{summary["backend"]}`,
-identity embeddings from `{summary["embedding_model"]}`.
+identity embeddings from `{summary["embedding_model"]}`. Captions: {_captions(summary)}.
 
 ```python
 from datasets import load_dataset

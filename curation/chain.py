@@ -137,9 +137,13 @@ CHAIN: tuple[Step, ...] = (
     ),
     Step(
         "write",
-        "Stage 8: crop the kept faces and write the dataset folder (needs select).",
+        "Stage 8: crop the kept faces, caption them (--captioner), write the dataset folder (needs select).",
         # The crop size comes with each row's crop_key (the size align measured).
-        (StageEntry("dynamicid.curation.crop:CropStage", ("thumbnail_size",)),),
+        (
+            StageEntry("dynamicid.curation.crop:CropStage", ("thumbnail_size",)),
+            # The captioner's files are in its fingerprint too (`CaptionStage.fingerprint`).
+            StageEntry("dynamicid.curation.caption:CaptionStage", ("captioner", "caption_prompt"), MODEL),
+        ),
         settings=("rows_per_file", "rows_per_row_group", "thumbnail_size"),
     ),
 )

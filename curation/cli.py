@@ -106,7 +106,8 @@ def run_options(func):
             "--device",
             type=click.Choice(DEVICES),
             default="auto",
-            help="Where the face networks run: cuda (a GPU; an error without one), cpu, or auto (CUDA when present).",
+            help="Where the face networks and the captioner run: cuda (a GPU; an error without one), cpu, or auto "
+            "(CUDA when present).",
         ),
         click.option(
             "--insightface-root",
@@ -178,6 +179,18 @@ def run_options(func):
             help="Faces the crop would enlarge more than this (crop pixels per source pixel) are too_small: "
             "enlarged faces teach a model blur. Relative to --crop-size; give a smaller --crop-size for small photos.",
         ),
+        click.option(
+            "--captioner",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            help="A local transformers captioner folder (BLIP, or SmolVLM: model_type idefics3): a scene caption of "
+            "each kept crop replaces the template caption [default: the template].",
+        ),
+        click.option(
+            "--caption-prompt",
+            metavar="TEXT",
+            help="The captioner's prompt: an instruction-following VLM's instruction, or BLIP's text prefix "
+            "[default: an instruction asking for setting, clothing and lighting, not the identity; none for BLIP].",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
         shown("--progress/--no-progress", default=True, help="Progress bars on stderr."),
     ]
@@ -204,6 +217,8 @@ CONFIG_OPTIONS: dict[str, tuple[str, ...]] = {
             "min_face_size",
             "crop_size",
             "max_upscale",
+            "captioner",
+            "caption_prompt",
         )
     },
     "shard": ("shard_index", "shard_count"),

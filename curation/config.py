@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dynamicid.faces.backends import DEVICES
 
@@ -58,6 +59,12 @@ class CurationConfig:
     rows_per_file: int = 1000  # rows per train-XXXXX-of-YYYYY.parquet
     rows_per_row_group: int = 64  # small row groups keep streaming readers' memory low (512 px PNGs)
     thumbnail_size: int = 96  # report.html thumbnails
+    captioner: str | None = None  # a local transformers captioner folder (curation.captioner); None: template captions
+    caption_prompt: str | None = None  # its prompt (None: the architecture's default, schemas.prompts)
+
+    def __post_init__(self) -> None:
+        if self.captioner is not None:  # an absolute path: the same setting from any working folder
+            self.captioner = str(Path(self.captioner).expanduser().absolute())
 
     def fingerprint(self, *fields: str) -> str:
         """A short hash of the named settings: a stage's cached results are valid while it is unchanged."""
@@ -86,5 +93,9 @@ class CurationConfig:
             raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"--shard must be I/N with 0 <= I < N, got {self.shard_index}/{self.shard_count}")
+        if self.captioner is not None:
+            from dynamicid.curation.captioner import model_type
+
+            model_type(Path(self.captioner))  # a CaptionerError (a ValueError) before any work
         if self.cluster and self.shard_count > 1:
             raise ValueError("--cluster groups faces across the whole folder, so it cannot run in shards")

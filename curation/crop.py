@@ -96,7 +96,9 @@ def _decode_png(png: bytes) -> Image.Image:
 
 class CropStage(Stage):
     name = "crop"
+    version = "2"  # carries crop_key, for `caption`
     input_columns = CROP_INPUTS
+    carry_columns = ("crop_key",)
     pooled = True
 
     def output_schema(self) -> pa.Schema:

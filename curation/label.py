@@ -11,14 +11,14 @@ from dynamicid.curation.stages import Stage, photo_schema
 from dynamicid.faces.align import transform_points
 from dynamicid.schemas import DATASET_COLUMNS, anchor_caption, dataset_arrow_schema, face_prompt, pose_bin_for_yaw
 
-# The dataset's own columns (minus the image: its crop is in the crop store under `crop_key`) plus the photo
-# bookkeeping columns.
+# The dataset's own columns (minus the image: its crop is in the crop store under `crop_key`; minus
+# `caption_model`: the `caption` stage's) plus the photo bookkeeping columns.
 _DATASET = dataset_arrow_schema()
 LABEL_SCHEMA = photo_schema(
     *[
         (c.name, _DATASET.field(c.name).type)
         for c in DATASET_COLUMNS
-        if c.name not in ("identity", "image", "source_path", "source_sha256")
+        if c.name not in ("identity", "image", "source_path", "source_sha256", "caption_model")
     ],
     ("crop_key", pa.string()),
 )

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynamicid.curation.captioner import CaptionerError, model_type
 from dynamicid.curation.card import write_card
 from dynamicid.curation.chain import CHAIN, RERUN, SHARED
 from dynamicid.curation.config import CurationConfig
@@ -32,7 +33,12 @@ from dynamicid.curation.tables import WorkDir, digest, read_fingerprint
 from dynamicid.curation.write import data_bytes, write_summary
 
 SHARED_TABLES = tuple(table for step in CHAIN if step.merge == SHARED for table in step.tables())  # final per shard
-SHARED_STORES = ("describe-*", "align", "crops")  # what the merged steps read: landmarks, crop quality, crops
+SHARED_STORES = (
+    "describe-*",
+    "align",
+    "crops",
+    "captions",
+)  # what the merged steps read: landmarks, crop quality, crops, captions
 MERGED_STEPS = tuple(step.name for step in CHAIN if step.merge == RERUN)
 PER_RUN_SETTINGS = ("shard_index", "shard_count", "workers", "engine", "ray_address")  # may differ by shard
 
@@ -142,6 +148,11 @@ def _merge(shard_dirs: list[Path], out_dir: Path, progress: bool) -> dict:
 
     first = summaries[0]
     config = CurationConfig(**{**first["config"], "shard_index": 0, "shard_count": 1})
+    if config.captioner is not None:  # the shards' stored captions are keyed by the captioner's files
+        try:
+            model_type(Path(config.captioner))
+        except CaptionerError as error:
+            raise CurationError(f"{error} (the shards were captioned with it; merge needs it at that path)") from None
     photos_dirs = sorted({s["photos_dir"] for s in summaries})
     work = WorkDir(out_dir / ".work")
     _concatenate(works, work)

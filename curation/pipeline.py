@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from dynamicid.curation.align import AlignStage
 from dynamicid.curation.allocator import large_buffers_given_back
 from dynamicid.curation.backend import start_backend
+from dynamicid.curation.caption import CAPTION_COLUMNS, CaptionStage, with_captions
 from dynamicid.curation.card import write_card
 from dynamicid.curation.chain import CHAIN, STEPS, step_named
 from dynamicid.curation.config import CurationConfig
@@ -53,8 +54,9 @@ from dynamicid.curation.write import (
 from dynamicid.schemas import rejects_arrow_schema
 
 STAGES = STEPS  # the steps in order (`curation.chain`)
-WRITE_VERSION = "2"  # bump when the dataset folder's layout or content changes for the same tables
+WRITE_VERSION = "3"  # bump when the dataset folder's layout or content changes for the same tables
 REJECT_COLUMNS = ["source_path", "identity", "reason", "detail"]
+LAST_STAGE = CHAIN[-1].tables()[-1]  # its table holds the kept rows: `write` reads them
 
 
 def _package_version() -> str:
@@ -242,7 +244,8 @@ def collect_rejects(run: Run) -> pa.Table:
 
 
 def _kept_rows(run: Run) -> Iterator[pa.Table]:
-    """The kept rows' labels (with their `crop_key`), in (identity, source_path) order."""
+    """The kept rows' labels (with their `crop_key`, and their caption from `caption`), in (identity, source_path)
+    order."""
     labels = candidate_batches(run.work.table_path("label"), label_schema().names, READ_ROWS)
     selected = candidate_batches(
         run.work.table_path("select"), ["source_path", "selection"], READ_ROWS, only_candidates=False
@@ -250,6 +253,7 @@ def _kept_rows(run: Run) -> Iterator[pa.Table]:
     cropped = RowReader(  # one row per selected row
         candidate_batches(run.work.table_path("crop"), ["source_path", "reason"], READ_ROWS, only_candidates=False)
     )
+    captioned = RowReader(candidate_batches(run.work.table_path("caption"), CAPTION_COLUMNS, READ_ROWS))
     for label_batch, select_batch in zip(labels, selected, strict=True):
         if label_batch.column("source_path") != select_batch.column("source_path"):
             raise RuntimeError("select.parquet does not follow label.parquet: rerun the build")
@@ -259,7 +263,9 @@ def _kept_rows(run: Run) -> Iterator[pa.Table]:
         crop_rows = cropped.take(kept.num_rows)
         if kept.column("source_path") != crop_rows.column("source_path"):
             raise RuntimeError("crop.parquet does not follow select.parquet: rerun the build")
-        yield kept.filter(pc.is_null(crop_rows.column("reason")))
+        kept = kept.filter(pc.is_null(crop_rows.column("reason")))
+        if kept.num_rows:
+            yield with_captions(kept, captioned.take(kept.num_rows))
 
 
 def _shard_calls(run: Run, kept: int, tally: IdentityTally) -> Iterator[Call]:
@@ -285,7 +291,7 @@ def write_outputs(run: Run) -> int:
     fingerprint = digest(
         "write",
         WRITE_VERSION,
-        read_fingerprint(run.work.table_path("crop")) or "",
+        read_fingerprint(run.work.table_path(LAST_STAGE)) or "",
         run.config.fingerprint(*step_named("write").settings),
     )
     summary_path = run.out_dir / "summary.json"
@@ -299,7 +305,7 @@ def write_outputs(run: Run) -> int:
     stats = run.step_stats("write")
     stats.skipped = False
     with _Timer(stats), large_buffers_given_back():
-        kept = count_candidates(run.work.table_path("crop"))
+        kept = count_candidates(run.work.table_path(LAST_STAGE))
         rejects = collect_rejects(run)
         scanned = pq.read_metadata(run.work.table_path("scan")).num_rows
         if kept + rejects.num_rows != scanned:
@@ -373,6 +379,7 @@ def make_summary(
         "backend": run.backend.name,
         "backend_info": asdict(run.backend),  # what `merge` needs to continue the shards' work without models
         "embedding_model": run.backend.embedding_model if kept else "",
+        "caption_model": CaptionStage(run.context).spec.model if c.captioner else None,
         "config": asdict(c),
         "files": files,
         "fingerprint": fingerprint,

@@ -60,7 +60,8 @@ The chain (declared in `curation.chain`; `pipeline.build_stages(context)` return
 <work>/<name>.parquet)
     scan (driver) -> detect MAP (models) -> describe MAP (models) -> identify GROUP (GLOBAL with --cluster)
     -> size MAP -> exact_dedupe GLOBAL -> dedupe GROUP -> align MAP (crop transforms and quality) -> label MAP
-    -> select GROUP -> crop MAP (the kept faces' crops into the crop store) -> write (driver)
+    -> select GROUP -> crop MAP (the kept faces' crops into the crop store) -> caption MAP (models, with
+    --captioner: a caption per crop) -> write (driver)
 
 Steps
     `step` is the user-facing stage the class belongs to (CLI command, rejects' `stage` column, summary

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dynamicid.models.layerwise import WEIGHTS_DTYPES, store_weights
+
 if TYPE_CHECKING:  # the CLIs import this module for its defaults before torch and the models load
     from PIL import Image
 
@@ -35,7 +37,6 @@ if TYPE_CHECKING:  # the CLIs import this module for its defaults before torch a
 
 DTYPES = ("float32", "float16", "bfloat16")
 OFFLOAD_MODES = ("none", "model", "sequential")  # diffusers enable_model_cpu_offload / enable_sequential_cpu_offload
-WEIGHTS_DTYPES = {"float8": "float8_e4m3fn"}  # --weights-dtype -> torch storage dtype of the denoiser's layers
 TOOL = "dynamicid-infer generate"  # the sidecar's producer (dynamicid-eval reads sidecars whose tool starts so)
 
 
@@ -211,8 +212,7 @@ def load_pipeline(options: ModelOptions) -> Any:
     pipe = pipeline_for(base)
     pipe.load_dynamicid(options.weights, face_analyzer=reference_analyzer(options.face_backend, options.face_options))
     if options.weights_dtype is not None:
-        storage = getattr(torch, WEIGHTS_DTYPES[options.weights_dtype])
-        denoiser(pipe).enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
+        store_weights(denoiser(pipe), options.weights_dtype, dtype)
     if options.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif options.offload == "sequential":

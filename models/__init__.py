@@ -7,6 +7,7 @@ families/   one module per base family (sd15, sdxl; flux next) and one registry,
 base        BaseModel (the frozen parts: denoiser, VAE, text encoders, image encoder) and load_base_model
 conditioning  faces and prompts -> the denoiser's inputs, shared by training and inference
 saa, face_encoder, imr, keypoint_encoder, blocks, lora   the method's modules
+layerwise   frozen denoiser weights stored in float8 (inference --weights-dtype, training --base-dtype)
 checkpoints, release, state_dicts, xlabs   weights I/O (ours, the release's, IP-Adapter FaceID-Plus, XLabs' Flux)
 ```
 

@@ -15,6 +15,7 @@ are only used when asked for by name, never as a fallback.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class BaseModel:
 
     denoiser: Any  # diffusers.UNet2DConditionModel (SD 1.5, SDXL) or a transformer (`base_family.denoiser_name`)
     vae: Any  # diffusers.AutoencoderKL
-    text_encoder: Any  # transformers.CLIPTextModel
+    text_encoder: Any  # transformers.CLIPTextModel; None when training from a prompt cache
     tokenizer: Any  # transformers.CLIPTokenizer
     noise_scheduler: Any  # the training scheduler (DDPM); pipelines make their own sampler from its config
     image_encoder: Any | None  # transformers.CLIPVisionModelWithProjection, None when not loaded
@@ -113,8 +114,13 @@ def load_base_model(
     *,
     torch_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    without: Collection[str] = (),
 ) -> BaseModel:
     """Load a base family's diffusers folder (or build a tiny-random FAKE) and the CLIP image encoder.
+
+    `without`: parts left unloaded (None), by diffusers name ("text_encoder", "text_encoder_2", "unet" /
+    "transformer", "vae", "image_encoder"): training from `dynamicid-train cache-prompts`' embeddings never loads
+    the text encoders. A tiny FAKE is built whole (its seeded parts stay the same) and those parts dropped.
 
     `image_encoder`: a CLIP vision folder, "tiny-random", or None (then `<base>/image_encoder` is used if it
     exists, else no image encoder is loaded). With a tiny-random base, None means a tiny-random encoder too.
@@ -123,8 +129,10 @@ def load_base_model(
     if str(base_model) == family.tiny_name:
         tiny_encoder = image_encoder in (None, TINY_RANDOM)
         base = family.build_tiny(seed=seed, with_image_encoder=tiny_encoder)
-        if not tiny_encoder:
+        if not tiny_encoder and "image_encoder" not in without:
             base.image_encoder = load_image_encoder(image_encoder)
+        for name in without:
+            setattr(base, "denoiser" if name == family.denoiser_name else name, None)
     else:
         folder = Path(base_model)
         if not folder.is_dir():
@@ -132,12 +140,12 @@ def load_base_model(
                 f"{folder} is a single-file {family.label} checkpoint; give its diffusers folder (diffusers' "
                 f"from_single_file(...).save_pretrained(DIR) writes one)"
             )
-        base = family.load(folder)
+        base = family.load(folder, without=without)
         if image_encoder == TINY_RANDOM:
             raise ValueError(f"a tiny-random image encoder only goes with base_model={' / '.join(tiny_names())}")
         if image_encoder is None and (folder / "image_encoder").is_dir():
             image_encoder = folder / "image_encoder"
-        if image_encoder is not None:
+        if image_encoder is not None and "image_encoder" not in without:
             base.image_encoder = load_image_encoder(image_encoder)
     for module in base.modules():
         module.requires_grad_(False).eval()

@@ -15,7 +15,9 @@ aligned face (ArcFace-aligned 224 crop, uint8) + ID embedding      dataset row (
 into tensors; the anchoring stage, the reconfiguration stage, `cache-tokens` and `DynamicIDPipeline` (which the
 training stages also use for their sample images) all call it. SD 1.5 has one CLIP text encoder and no extra
 UNet inputs; SDXL (`SDXLConditioner`: two text encoders, `added_cond_kwargs`) subclasses it and overrides
-`token_ids`, `text_states`, `text_condition` (its `added_cond_kwargs`) and `face_prompt_vectors`;
+`token_ids`, `text_states`, `text_embeddings` / `condition_from` (its `added_cond_kwargs`) and
+`face_prompt_vectors`; `text_condition` = `condition_from(text_embeddings(ids))`, split so that
+`dynamicid-train cache-prompts` can store the embeddings and training rebuild the condition without the encoders;
 `Conditioner.from_parts(base_or_pipeline)` asks the base family (`dynamicid.models.families`) for its class.
 """
 
@@ -93,12 +95,28 @@ class Conditioner:
         """Pooled CLIP text outputs (N, text_dim) of face prompts: the IMR's text input."""
         return self.text_encoder(self.token_ids(prompts).to(self.text_encoder.device)).pooler_output
 
+    def _encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text states, the pooled vector the denoiser also takes: none for SD 1.5)."""
+        return self.text_states(input_ids), None
+
+    def text_embeddings(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the text encoders give the denoiser's condition, per prompt (what `cache-prompts` stores):
+        the states, and the pooled vector where the family has one (SDXL, Flux)."""
+        states, pooled = self._encode(input_ids)
+        return {"states": states} if pooled is None else {"states": states, "pooled": pooled}
+
+    def condition_from(
+        self, embeddings: dict[str, torch.Tensor], size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(text states, the denoiser's other text inputs) from `text_embeddings`' output; needs no text encoder.
+        SD 1.5's UNet takes no added inputs."""
+        return embeddings["states"], None
+
     def text_condition(
         self, input_ids: torch.Tensor, size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """(text states, the UNet's `added_cond_kwargs`) of token ids for images of `size` (height, width);
-        SD 1.5's UNet takes no added inputs."""
-        return self.text_states(input_ids), None
+        """(text states, the UNet's `added_cond_kwargs`) of token ids for images of `size` (height, width)."""
+        return self.condition_from(self.text_embeddings(input_ids), size)
 
     # ---- faces ----
 
@@ -186,14 +204,14 @@ class SDXLConditioner(Conditioner):
         """The second encoder's pooled, projected vectors (N, projection_dim) of face prompts."""
         return self._encode(self.token_ids(prompts))[1]
 
-    def text_condition(
-        self, input_ids: torch.Tensor, size: tuple[int, int] | None = None
+    def condition_from(
+        self, embeddings: dict[str, torch.Tensor], size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(text states, `added_cond_kwargs`): the pooled vector and the time ids (original size = target size =
         `size`, crop top-left (0, 0)), as SDXL's pipeline builds them."""
         if size is None:
             raise ValueError("an SDXL text condition needs the image size (height, width) for its time ids")
-        states, pooled = self._encode(input_ids)
+        states, pooled = embeddings["states"], embeddings["pooled"]
         height, width = size
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
         return states, {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}

@@ -70,10 +70,10 @@ class FluxConditioner(Conditioner):
     def text_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._encode(input_ids)[0]
 
-    def text_condition(
-        self, input_ids: torch.Tensor, size: tuple[int, int] | None = None
+    def condition_from(
+        self, embeddings: dict[str, torch.Tensor], size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(T5 states, the transformer's other text inputs: `pooled_projections` and `txt_ids`)."""
-        states, pooled = self._encode(input_ids)
+        states, pooled = embeddings["states"], embeddings["pooled"]
         txt_ids = torch.zeros(states.shape[1], TEXT_ID_AXES, device=states.device, dtype=states.dtype)
         return states, {"pooled_projections": pooled, "txt_ids": txt_ids}

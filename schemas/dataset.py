@@ -73,7 +73,13 @@ DATASET_COLUMNS: tuple[Column, ...] = (
         "schemas.labels.EXPRESSION_CONFIDENCE_LOW the label is unsure)",
     ),
     Column("face_prompt", "string", "'the expression is {expression}, the face is {pose}'"),
-    Column("caption", "string", "caption for the anchoring stage"),
+    Column(
+        "caption",
+        "string",
+        "caption for the anchoring stage: a scene caption of the crop by `caption_model`, else the template "
+        "'a photo of a person, {expression} expression, {pose}'",
+    ),
+    Column("caption_model", "string", "which captioner wrote `caption` (type:folder:files digest); null: the template"),
     Column("quality", "struct:quality", "quality figures: " + "; ".join(f"{n}: {d}" for n, d in QUALITY_FIELDS)),
 )
 

@@ -9,6 +9,14 @@ FACE_PROMPT_TEMPLATE = "the expression is {expression}, the face is {pose}"
 # Caption of a curated image for the anchoring stage (the identity is carried by the ID tokens, not the text).
 ANCHOR_CAPTION_TEMPLATE = "a photo of a person, {expression} expression, {pose}"
 
+# The instruction an instruction-following captioner (`dynamicid-curate build --captioner DIR`) answers about each
+# kept crop; `--caption-prompt` replaces it. The caption sits beside the ID tokens in the anchoring stage, so it
+# should say what they need not (setting, clothing, lighting) and never who the person is.
+CAPTION_INSTRUCTION = (
+    "Describe this photo in one short sentence for an image generator: the setting and background, the "
+    "person's clothing and accessories, and the lighting. Do not name the person or describe their face."
+)
+
 # The fixed UNet prompt of the reconfiguration stage's latent-consistency loss (METHOD.md, "Training").
 RECONFIGURE_UNET_PROMPT = "portrait, cinematic photo, film, professional, 4k, highly detailed"
 

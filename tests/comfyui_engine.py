@@ -33,6 +33,7 @@ VENDOR_TARBALL = REPO.parent / "shared" / "vendor" / "comfyui-0.3.64-a125cd8.tar
 TORCHVISION_REQUIREMENT = REPO / "requirements" / "comfyui-torchvision.txt"
 TORCHVISION_DIR = REPO / ".cache" / "comfyui-torchvision"
 PACK = REPO / "comfyui"
+EXTRA_NODES = ("nodes_flux.py", "nodes_sd3.py")  # FluxGuidance, EmptySD3LatentImage: the Flux example uses them
 
 TINY_CLIP = {  # ComfyUI's CLIP-L text config at tiny widths (its tokenizer's real 49408-token vocabulary)
     "hidden_size": 32,
@@ -47,6 +48,21 @@ TINY_CLIP = {  # ComfyUI's CLIP-L text config at tiny widths (its tokenizer's re
     "pad_token_id": 1,
     "projection_dim": 32,
     "layer_norm_eps": 1e-5,
+}
+
+
+TINY_T5 = {  # ComfyUI's T5-XXL config at tiny widths (its tokenizer's real 32128-token vocabulary)
+    "d_ff": 37,
+    "d_kv": 8,
+    "d_model": 32,
+    "num_heads": 4,
+    "num_layers": 2,
+    "dense_act_fn": "gelu_pytorch_tanh",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-6,
+    "model_type": "t5",
+    "relative_attention_num_buckets": 32,  # ComfyUI's T5 always has 32
+    "vocab_size": 32128,
 }
 
 
@@ -133,7 +149,8 @@ def start(workdir: Path) -> Engine:
     with tarfile.open(VENDOR_TARBALL) as archive:
         archive.extractall(workdir, filter="data")
     root, base = workdir / "ComfyUI", workdir / "base"
-    for folder in ("models/checkpoints", "models/dynamicid", "custom_nodes", "input", "output", "temp"):
+    folders = ("checkpoints", "diffusion_models", "text_encoders", "vae", "dynamicid")
+    for folder in (*(f"models/{f}" for f in folders), "custom_nodes", "input", "output", "temp"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "dynamicid").symlink_to(PACK, target_is_directory=True)
     sys.path.insert(0, str(root))
@@ -146,6 +163,11 @@ def start(workdir: Path) -> Engine:
     modules = {name.rsplit(".", 1)[-1]: importlib.import_module(name) for name in names}
     register_tiny_model_types()
 
+    for extra in EXTRA_NODES:
+        if not asyncio.run(
+            modules["nodes"].load_custom_node(str(root / "comfy_extras" / extra), module_parent="comfy_extras")
+        ):
+            raise RuntimeError(f"ComfyUI could not load its comfy_extras/{extra}")
     pack_path = str(base / "custom_nodes" / "dynamicid")
     if not asyncio.run(modules["nodes"].load_custom_node(pack_path)):
         raise RuntimeError(f"ComfyUI could not load the node pack {PACK}")
@@ -201,6 +223,60 @@ def register_tiny_model_types() -> None:
         unet_extra_config = {"num_heads": -1, "num_head_channels": 16}  # noqa: RUF012
 
     supported_models.models[:0] = [TinySD15, TinySDXL]
+    detect_tiny_flux()
+    tiny_flux_text_encoders()
+
+
+def tiny_flux_text_encoders() -> None:
+    """FLUX.1's text encoders as ComfyUI builds them (CLIP-L, pooled output unprojected; T5-XXL), at tiny widths:
+    `DualCLIPLoader` with type `flux` loads the tiny files the tests write."""
+    from comfy import sd1_clip
+    from comfy.text_encoders import flux, t5
+
+    def tiny_flux_clip(dtype_t5=None, t5xxl_scaled_fp8=None):
+        class TinyFluxClip(flux.FluxClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options=None):
+                torch.nn.Module.__init__(self)
+                options = {"device": device, "dtype": dtype, "model_options": model_options or {}}
+                self.clip_l = sd1_clip.SDClipModel(
+                    textmodel_json_config=TINY_CLIP, return_projected_pooled=False, **options
+                )
+                self.t5xxl = sd1_clip.SDClipModel(  # as ComfyUI's T5XXLModel, with the tiny config
+                    textmodel_json_config=TINY_T5, special_tokens={"end": 1, "pad": 0}, model_class=t5.T5, **options
+                )
+                self.dtypes = {dtype}
+
+        return TinyFluxClip
+
+    flux.flux_clip = tiny_flux_clip
+
+
+TINY_FLUX_AXES = [4, 4, 8]  # tiny-random-flux's RoPE axes (`dynamicid.testing.build_tiny_random_flux`)
+
+
+def detect_tiny_flux() -> None:
+    """ComfyUI detects FLUX.1 by its keys and then fixes its widths (3072 wide, 24 heads, 4096-wide T5 states,
+    RoPE axes 16/56/56): for a narrower Flux state dict, take the widths from the weights' shapes instead."""
+    from comfy import model_detection
+
+    detect = model_detection.detect_unet_config
+    if getattr(detect, "tiny_flux", False):
+        return
+
+    def detect_with_tiny_flux(state_dict, key_prefix, metadata=None):
+        config = detect(state_dict, key_prefix, metadata=metadata)
+        hidden = state_dict.get(f"{key_prefix}img_in.weight")
+        if config is None or config.get("image_model") != "flux" or hidden is None:
+            return config
+        if hidden.shape[0] != config["hidden_size"]:
+            head = state_dict[f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.scale"].shape[0]
+            config["hidden_size"], config["num_heads"] = hidden.shape[0], hidden.shape[0] // head
+            config["context_in_dim"] = state_dict[f"{key_prefix}txt_in.weight"].shape[1]
+            config["axes_dim"] = TINY_FLUX_AXES
+        return config
+
+    detect_with_tiny_flux.tiny_flux = True
+    model_detection.detect_unet_config = detect_with_tiny_flux
 
 
 TINY_TEXT_WIDTH = 32

@@ -1,6 +1,7 @@
-"""`Captioner`: a local BLIP folder captions photos in batches; bad folders are one clear error.
+"""`Captioner`: a local BLIP or SmolVLM folder captions photos in batches; bad folders are one clear error.
 
-The model is a tiny random BLIP built here from a transformers config and a tokenizer made in code (no hub).
+The models are a tiny random BLIP and SmolVLM (`dynamicid.testing`), built from a transformers config and a
+tokenizer made in code (no hub).
 """
 
 from __future__ import annotations
@@ -11,34 +12,18 @@ import torch
 from PIL import Image
 
 from dynamicid.curation.captioner import Captioner, CaptionerError
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "man", "in", "red", "shirt", "park", "light"]
+from dynamicid.schemas.prompts import CAPTION_INSTRUCTION
+from dynamicid.testing import CAPTION_WORDS, save_tiny_blip, save_tiny_smolvlm
 
 
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
-    from transformers import (
-        BertTokenizerFast,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
+    return save_tiny_blip(tmp_path_factory.mktemp("captioner") / "tiny-blip")
 
-    folder = tmp_path_factory.mktemp("captioner") / "tiny-blip"
-    vocab = folder.parent / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB))
-    text = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=37, num_hidden_layers=2)
-    text |= dict(num_attention_heads=4, max_position_embeddings=64, bos_token_id=2, sep_token_id=3, pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    config = BlipConfig(text_config=text, vision_config=vision | dict(image_size=32, patch_size=8))
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config)
-    model.generation_config.min_new_tokens = 3  # a random model may stop at once: ask for words
-    model.save_pretrained(folder)
-    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), BertTokenizerFast(str(vocab)))
-    processor.save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="module")
+def tiny_smolvlm(tmp_path_factory):
+    return save_tiny_smolvlm(tmp_path_factory.mktemp("captioner") / "tiny-smolvlm")
 
 
 def _photos(n: int) -> list[Image.Image]:
@@ -51,7 +36,7 @@ def test_batches_caption_each_photo_as_alone(tiny_blip):
     batched = Captioner(tiny_blip, batch_size=4).caption(photos)
     alone = Captioner(tiny_blip, batch_size=1)
     assert batched == [alone.caption([photo])[0] for photo in photos]
-    assert all(caption and set(caption.split()) <= set(VOCAB) for caption in batched)
+    assert all(caption and set(caption.split()) <= set(CAPTION_WORDS) for caption in batched)
 
 
 def test_the_model_name_changes_with_its_files(tiny_blip):
@@ -72,3 +57,24 @@ def test_folders_that_are_no_supported_captioner_are_one_line(tmp_path, tiny_bli
     if not torch.cuda.is_available():
         with pytest.raises(CaptionerError, match="no CUDA GPU"):
             Captioner(tiny_blip, device="cuda")
+
+
+def test_a_vlm_captions_each_photo_as_alone_with_its_instruction(tiny_smolvlm):
+    photos = _photos(3)
+    batched = Captioner(tiny_smolvlm, batch_size=2)
+    assert batched.prompt == CAPTION_INSTRUCTION and batched.model.startswith("idefics3:tiny-smolvlm:")
+    captions = batched.caption(photos)
+    alone = Captioner(tiny_smolvlm, batch_size=1)
+    assert captions == [alone.caption([photo])[0] for photo in photos]  # left padding changes nothing
+    words = set(CAPTION_WORDS) | {"User", "Assistant"}  # the tiny tokenizer's words ('.' and ':' glue on)
+    assert all(caption and set(caption.replace(".", " ").replace(":", " ").split()) <= words for caption in captions)
+    other = Captioner(tiny_smolvlm, prompt="a photo of")
+    assert other.prompt == "a photo of" and other.spec.key != batched.spec.key
+
+
+def test_a_vlm_folder_without_a_chat_template_is_one_line(tmp_path):
+    folder = save_tiny_smolvlm(tmp_path / "no-template")
+    (folder / "chat_template.jinja").unlink()
+    with pytest.raises(CaptionerError, match="no chat template") as error:
+        Captioner(folder)
+    assert "\n" not in str(error.value)

@@ -35,6 +35,8 @@ SETS = {
     "max_pixels": {"max_pixels"},
     "crop_size": {"crop_size"},
     "max_upscale": {"max_upscale"},
+    "captioner": {"captioner"},
+    "caption_prompt": {"caption_prompt"},
 }
 
 
@@ -92,6 +94,7 @@ def test_pipeline_and_merge_follow_the_chain(stages):
         ("label", "label"),
         ("select", "select"),
         ("crop", "write"),
+        ("caption", "write"),
     ]
     # What merge concatenates from the shards, and what it runs again (identical bytes cross shards from dedupe on).
     assert SHARED_TABLES == ("scan", "detect", "describe", "identify", "size")

@@ -74,7 +74,8 @@ def test_model_steps_get_gpus_on_a_cluster_that_has_them_and_cpu_steps_never():
     from dynamicid.curation.chain import CHAIN, MODEL
 
     model_stages = {entry.load().name for step in CHAIN for entry in step.stages if entry.resources == MODEL}
-    assert model_stages == {"detect", "describe"}
+    assert model_stages == {"detect", "describe", "caption"}
+    model_stages.remove("caption")  # it asks for a GPU only with --captioner (tests/test_curation_caption.py)
     with_gpus, without = _assigned_gpus(2, 0)
     assert {name for name, share in with_gpus.items() if share > 0} == model_stages
     assert all(with_gpus[name] == 1.0 for name in model_stages)  # 2 GPUs over 2 workers: one each

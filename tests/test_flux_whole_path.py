@@ -1,5 +1,5 @@
 """README "The whole path in one sitting" on tiny-random-flux, through the four CLIs as a user types it: curate real
-photos -> anchor -> cache-tokens -> reconfigure -> generate two people in boxes with two expressions -> batch ->
+photos -> cache-prompts -> anchor -> cache-tokens -> reconfigure (both stages from the prompt cache, without the T5) -> generate two people in boxes with two expressions -> batch ->
 score. Tiny sizes and 2 steps per stage: it checks that the stages fit together on the Flux family, not quality."""
 
 import json
@@ -28,14 +28,16 @@ def _run(cli, arguments: list[str]) -> str:
 
 def test_the_whole_path_runs_on_tiny_random_flux(identity_photos, tmp_path):
     photos = identity_photos("obama", "kit_harington")
-    ds, run1, run2, tokens = (str(tmp_path / name) for name in ("ds", "run1", "run2", "tokens"))
+    ds, run1, run2, tokens, prompts = (str(tmp_path / n) for n in ("ds", "run1", "run2", "tokens", "prompts"))
     _run(curate, ["build", str(photos), ds, "--crop-size", "256"])
 
-    _run(train, ["anchor", *FLUX, "--dataset", ds, "--output-dir", run1, "--train-batch-size", "2", *QUICK])
+    _run(train, ["cache-prompts", *FLUX, "--dataset", ds, "--output", prompts])
+    cached = ["--prompt-cache", prompts]
+    _run(train, ["anchor", *FLUX, "--dataset", ds, "--output-dir", run1, "--train-batch-size", "2", *cached, *QUICK])
     anchor = f"{run1}/weights.safetensors"
     _run(train, ["cache-tokens", *FLUX, "--anchor", anchor, "--dataset", ds, "--output", tokens])
     arguments = ["reconfigure", *FLUX, "--anchor", anchor, "--tokens", tokens, "--dataset", ds, "--output-dir", run2]
-    _run(train, [*arguments, "--targets-per-identity", "2", *QUICK])
+    _run(train, [*arguments, "--targets-per-identity", "2", *cached, *QUICK])
     weights = ["--weights", anchor, "--weights", f"{run2}/weights.safetensors"]
     for file, parts in (
         (anchor, {"saa", "face_encoder"}),

@@ -765,3 +765,21 @@ def test_a_deleted_dataset_file_is_named(curated, tmp_path):
         "curate the dataset again"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_caption_token_memo_is_bounded_and_reuses_recent_captions():
+    """One caption per row (a VLM's) must not grow the memo with the dataset; repeated captions are tokenized once."""
+    from dynamicid.train.data import Tokenize
+
+    calls: list[str] = []
+
+    def token_ids(texts: list[str]) -> torch.Tensor:
+        calls.extend(texts)
+        return torch.tensor([[len(text), 7]])
+
+    tokenize = Tokenize(token_ids, max_entries=3)
+    for text in ["a", "bb", "a", "ccc", "dddd", "a", "bb"]:
+        assert tokenize(text).tolist() == [len(text), 7]
+    # "a" stays recent through its reuse; "bb" falls out when "dddd" arrives and is tokenized again at the end
+    assert calls == ["a", "bb", "ccc", "dddd", "bb"]
+    assert len(tokenize.memo) == 3

@@ -34,6 +34,7 @@ from dynamicid.models.families.flux import FLUX
 from dynamicid.models.xlabs import PARTS as XLABS_PARTS
 from dynamicid.models.xlabs import XLabsIPAdapter, is_xlabs_layout
 from dynamicid.schemas import CheckpointMetadata
+from dynamicid.train.cache_prompts import PromptCache, run_prompts
 from dynamicid.train.config import AnchorConfig
 from dynamicid.train.data import ANCHOR_COLUMNS, AnchorSamples, embedding_info, load_curated
 from dynamicid.train.eval_hook import ManifestEvaluation
@@ -167,11 +168,18 @@ class AnchorObjective:
     objective's target (the noise for epsilon, v for v_prediction).
 
     In training, per sample the text (-> the empty prompt), the ID (-> the unconditional face) or both are dropped
-    with the probabilities `drops` = (text only, ID only, both).
+    with the probabilities `drops` = (text only, ID only, both). With `prompts` (a `PromptCache`) the batch holds
+    the captions' cached embeddings (`prompt`) instead of token ids, and a dropped text is the cached empty prompt.
     """
 
-    def __init__(self, base: BaseModel, dtype: torch.dtype, drops: tuple[float, float, float] = (0.0, 0.0, 0.0)):
-        self.base, self.dtype, self.drops = base, dtype, drops
+    def __init__(
+        self,
+        base: BaseModel,
+        dtype: torch.dtype,
+        drops: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        prompts: PromptCache | None = None,
+    ):
+        self.base, self.dtype, self.drops, self.prompts = base, dtype, drops, prompts
         self.objective = base.base_family.objective(base.noise_scheduler)
         self.conditioner = Conditioner.from_parts(base)
         self.empty_ids = self.conditioner.token_ids([""])
@@ -179,21 +187,20 @@ class AnchorObjective:
     def inputs(self, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool) -> dict[str, Any]:
         """Noisy latents, the target, timesteps and the (in training partly dropped) conditions of one batch."""
         noised = self.objective.noised(vae_latents(self.base, batch["pixel_values"], generator), generator)
-        input_ids, keep_id = batch["input_ids"], None
+        drop_text, keep_id = None, None
         if training and sum(self.drops) > 0:
             drop_text_p, drop_id_p, drop_both_p = self.drops
-            draw = torch.rand(len(input_ids), generator=generator)
+            draw = torch.rand(len(batch["pixel_values"]), generator=generator)
             only_text = draw < drop_text_p
             only_id = (draw >= drop_text_p) & (draw < drop_text_p + drop_id_p)
             both = (draw >= drop_text_p + drop_id_p) & (draw < drop_text_p + drop_id_p + drop_both_p)
-            drop_text = (only_text | both).to(input_ids.device)
-            input_ids = torch.where(drop_text[:, None], self.empty_ids.to(input_ids.device), input_ids)
+            drop_text = only_text | both
             keep_id = ~(only_id | both)
         id_embeds, clip_embeds = self.conditioner.face_encoder_inputs(
             batch["clip_pixel_values"], batch["id_embeds"], keep_id
         )
         size = tuple(batch["pixel_values"].shape[-2:])
-        text, added_cond_kwargs = self.conditioner.text_condition(input_ids, size)
+        text, added_cond_kwargs = self.text_condition(batch, drop_text, size)
         return {
             "noisy_latents": noised.noisy,
             "target": noised.target,
@@ -203,6 +210,26 @@ class AnchorObjective:
             "clip_embeds": clip_embeds,
             "added_cond_kwargs": added_cond_kwargs,
         }
+
+    def text_condition(self, batch: dict[str, Any], drop: torch.Tensor | None, size: tuple[int, int]) -> Any:
+        """The denoiser's text condition of the batch's captions, the empty prompt where `drop` is True."""
+        if self.prompts is None:
+            input_ids = batch["input_ids"]
+            if drop is not None:
+                input_ids = torch.where(
+                    drop.to(input_ids.device)[:, None], self.empty_ids.to(input_ids.device), input_ids
+                )
+            return self.conditioner.text_condition(input_ids, size)
+        embeddings = batch["prompt"]
+        if drop is not None:
+            empty = self.prompts.embeddings("")
+            embeddings = {
+                key: torch.where(
+                    drop.to(value.device).view(-1, *[1] * (value.dim() - 1)), empty[key].to(value.device), value
+                )
+                for key, value in embeddings.items()
+            }
+        return self.conditioner.condition_from(embeddings, size)
 
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, training: bool
@@ -225,6 +252,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     init = read_init(config.init_from, config.num_tokens, config.lora_rank) if config.init_from else None
     if init is not None:
         check_init_metadata(init, config, id_dim)
+    prompts = run_prompts(config)
 
     # 2. Accelerator and models (frozen base; SAA and face encoder trained).
     accelerator, dtype, base = start_stage(config, base)
@@ -242,10 +270,10 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = AnchorModel(unet, face_encoder)
-    cast_frozen(base, model, accelerator.device, dtype)
+    cast_frozen(base, model, accelerator.device, dtype, config.base_dtype)
 
     # 3. The stage: samples, loss, what is saved, sample images and benchmark; then the shared loop.
-    samples = AnchorSamples(dataset, Conditioner.from_parts(base).token_ids, config.resolution)
+    samples = AnchorSamples(dataset, Conditioner.from_parts(base).token_ids, config.resolution, prompts)
     bench = ManifestEvaluation(config, base, accelerator) if config.eval_manifest else None
 
     def sample_images(trained: AnchorModel) -> list[Image.Image]:
@@ -258,7 +286,7 @@ def train_anchor(config: AnchorConfig, base: BaseModel | None = None) -> Path:
         name="anchor",
         model=model,
         samples=samples,
-        losses=AnchorObjective(base, dtype, (config.drop_text, config.drop_id, config.drop_both)),
+        losses=AnchorObjective(base, dtype, (config.drop_text, config.drop_id, config.drop_both), prompts),
         eval_samples=samples,
         metadata=anchor_metadata(base, config, id_model, id_dim, init.source if init else "random", face_encoder),
         saved_parts=lambda trained: {"face_encoder": trained.face_encoder, "unet": trained.unet},

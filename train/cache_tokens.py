@@ -16,7 +16,6 @@ from dynamicid.clitools import progress_options
 from dynamicid.models import load_dynamicid
 from dynamicid.models.base import load_base_model
 from dynamicid.models.checkpoints import check_base_family, read_safetensors, write_safetensors
-from dynamicid.models.conditioning import Conditioner
 from dynamicid.models.families import detect_family
 from dynamicid.train.data import (
     TOKEN_CACHE_COLUMNS,
@@ -66,8 +65,12 @@ def cache_tokens(
     id_model, id_dim = embedding_info(rows, dataset)
     weights = load_dynamicid(anchor)
     check_anchor_fits(weights, dataset, id_model, id_dim)
-    check_base_family(weights.metadata.base_family, detect_family(base_model).name, str(anchor))
-    base = load_base_model(base_model, image_encoder)
+    family = detect_family(base_model)
+    check_base_family(weights.metadata.base_family, family.name, str(anchor))
+    # only the CLIP image encoder runs: the denoiser, VAE and text encoders (Flux's T5) stay unloaded
+    base = load_base_model(
+        base_model, image_encoder, without=(family.denoiser_name, "vae", "text_encoder", "text_encoder_2")
+    )
     if base.clip_dim != weights.metadata.clip_embed_dim:
         raise ValueError(
             f"{anchor} was made for CLIP states of width {weights.metadata.clip_embed_dim}, the image encoder "
@@ -76,7 +79,7 @@ def cache_tokens(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base.image_encoder.to(device)
     face_encoder = weights.build_face_encoder().to(device).eval()
-    conditioner = Conditioner.from_parts(base)
+    conditioner = family.conditioner(base)
     tokens = []
     for start in tqdm(
         range(0, len(rows), batch_size), desc="cache-tokens", unit="batch", disable=not progress, **progress_options()

@@ -14,7 +14,14 @@ from pathlib import Path
 import click
 
 from dynamicid.clitools import AtLeast, InputError, ToolGroup
-from dynamicid.train.config import AnchorConfig, ReconfigureConfig, TrainConfig, flag, resolve_config
+from dynamicid.train.config import (
+    MIXED_PRECISION,
+    AnchorConfig,
+    ReconfigureConfig,
+    TrainConfig,
+    flag,
+    resolve_config,
+)
 
 ANCHOR_EPILOG = """\b
 Examples:
@@ -32,6 +39,13 @@ Examples:
       --dataset curated/ --output runs/tokens
   dynamicid-train reconfigure --base-model sd15/ --image-encoder enc/ --anchor runs/anchor/weights.safetensors \\
       --tokens runs/tokens --dataset curated/ --output-dir runs/reconfigure
+"""
+
+
+PROMPTS_EPILOG = """\b
+Examples (then train with --prompt-cache runs/prompts: the text encoders are not loaded):
+  dynamicid-train cache-prompts --base-model flux-dev/ --dataset curated/ --output runs/prompts --mixed-precision bf16
+  dynamicid-train anchor --base-model flux-dev/ --dataset curated/ --prompt-cache runs/prompts --mixed-precision bf16 ...
 """
 
 
@@ -115,6 +129,38 @@ def cache_tokens_command(anchor_weights, dataset, output, base_model, image_enco
         progress=progress,
     )
     click.echo(f"tokens: {out}")
+
+
+@main.command("cache-prompts", epilog=PROMPTS_EPILOG, interrupted="the cache is incomplete; rerun the command")
+@click.option("--dataset", required=True, type=click.Path(), help="curated dataset folder")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="prompt cache folder to write")
+@click.option("--base-model", required=True, help="base model folder or a tiny-random FAKE name (its text encoders)")
+@click.option("--seed", default=0, show_default=True, type=int, help="the run's --seed (a tiny-random FAKE's weights)")
+@click.option(
+    "--mixed-precision",
+    default="no",
+    show_default=True,
+    type=click.Choice(MIXED_PRECISION),
+    help="the run's --mixed-precision: the encoders run and the embeddings are stored in it",
+)
+@click.option("--batch-size", default=16, show_default=True, type=AtLeast(1), help="prompts per forward pass")
+@click.option("--shard-size", default=256, show_default=True, type=AtLeast(1), help="prompts per safetensors file")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar on stderr")
+def cache_prompts_command(dataset, output, base_model, seed, mixed_precision, batch_size, shard_size, progress) -> None:
+    """Text embeddings of every prompt training uses, so both stages train without the text encoders."""
+    from dynamicid.train.cache_prompts import cache_prompts
+
+    out = cache_prompts(
+        dataset,
+        output,
+        base_model=base_model,
+        seed=seed,
+        mixed_precision=mixed_precision,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        progress=progress,
+    )
+    click.echo(f"prompts: {out}")
 
 
 @main.command(epilog=RECONFIGURE_EPILOG, interrupted=RESUME)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dynamicid.models.families import tiny_names
+from dynamicid.models.layerwise import WEIGHTS_DTYPES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -74,6 +75,14 @@ class TrainConfig:
     validation_guidance_scale: float = knob(5.0, "classifier-free guidance of the sample images")
     dataloader_num_workers: int = knob(0, "data-loading worker processes per device", 0)
     record_samples: bool = knob(False, "write the dataset rows each process sees to logs/samples-rank<i>.txt")
+    base_dtype: str | None = knob(
+        None,
+        f"{', '.join(WEIGHTS_DTYPES)}: the frozen denoiser's weights stored in it (diffusers layerwise casting), "
+        "computed in the mixed-precision dtype; trained parameters stay float32 (BENCHMARKS.md: its loss change)",
+    )
+    prompt_cache: str | None = knob(
+        None, "prompt embeddings from `dynamicid-train cache-prompts`: the text encoders are then not loaded"
+    )
 
 
 @dataclass
@@ -170,6 +179,8 @@ def check_config(config: TrainConfig) -> None:
             raise ValueError(f"{flag(f.name)} must be >= {minimum}, got {value}")
     if config.mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"--mixed-precision {config.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+    if config.base_dtype is not None and config.base_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"--base-dtype {config.base_dtype!r}; valid: {', '.join(WEIGHTS_DTYPES)}")
     if config.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"--lr-scheduler {config.lr_scheduler!r}; valid: {', '.join(LR_SCHEDULERS)}")
     if config.resolution % 8:
@@ -178,6 +189,12 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
     if config.eval_manifest is not None and not Path(config.eval_manifest).is_file():
         raise ValueError(f"--eval-manifest {config.eval_manifest}: file not found")
+    if config.prompt_cache is not None and (config.validation_steps or config.eval_manifest):
+        # the pipeline encodes its own prompts (and CFG's negative one): it needs the text encoders
+        raise ValueError(
+            "--validation-steps and --eval-manifest generate images, which needs the text encoders that "
+            "--prompt-cache leaves unloaded: set --validation-steps 0 and no --eval-manifest, or drop --prompt-cache"
+        )
     if isinstance(config, AnchorConfig):
         drops = (config.drop_text, config.drop_id, config.drop_both)
         if sum(drops) > 1:

@@ -12,7 +12,7 @@ does the same from the reference photo and its detected keypoints.
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,26 +107,36 @@ def landmark_map(landmarks: Any, crop_size: int) -> torch.Tensor:
 
 
 class Tokenize:
-    """Caption -> padded token ids of the base family (`Conditioner.token_ids`), memoised (few distinct captions)."""
+    """Caption -> padded token ids of the base family (`Conditioner.token_ids`), memoised for the `max_entries`
+    most recent captions: template captions repeat, but a VLM's are one per row, so the memo must stay bounded."""
 
-    def __init__(self, token_ids: Callable[[list[str]], torch.Tensor]):
+    def __init__(self, token_ids: Callable[[list[str]], torch.Tensor], max_entries: int = 4096):
         self.token_ids = token_ids
-        self.cache: dict[str, torch.Tensor] = {}
+        self.max_entries = max_entries
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def __call__(self, text: str) -> torch.Tensor:
-        if text not in self.cache:
-            self.cache[text] = self.token_ids([text])[0].long()
-        return self.cache[text]
+        if text in self.memo:
+            self.memo.move_to_end(text)
+        else:
+            self.memo[text] = self.token_ids([text])[0].long()
+            if len(self.memo) > self.max_entries:
+                self.memo.popitem(last=False)
+        return self.memo[text]
 
 
 class AnchorSamples(torch.utils.data.Dataset):
     """One curated row -> the anchoring stage's tensors."""
 
-    def __init__(self, dataset: Any, token_ids: Callable[[list[str]], torch.Tensor], resolution: int):
-        """`token_ids`: the base family's tokenization, `Conditioner.from_parts(base).token_ids`."""
+    def __init__(
+        self, dataset: Any, token_ids: Callable[[list[str]], torch.Tensor], resolution: int, prompts: Any = None
+    ):
+        """`token_ids`: the base family's tokenization, `Conditioner.from_parts(base).token_ids`; `prompts`: a
+        `PromptCache`, whose embeddings of the caption a sample then carries (`prompt`) instead of its tokens."""
         self.dataset = dataset
         self.tokenize = Tokenize(token_ids)
         self.resolution = resolution
+        self.prompts = prompts
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -134,12 +144,18 @@ class AnchorSamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.dataset[int(index)]
         image = decode_image(row["image"])
+        caption = row["caption"]
+        text = (
+            {"input_ids": self.tokenize(caption)}
+            if self.prompts is None
+            else {"prompt": self.prompts.embeddings(caption)}
+        )
         return {
             "index": torch.tensor(index),
             "pixel_values": image_tensor(image, self.resolution),
             "clip_pixel_values": clip_tensor(image, row["kps5"]),
             "id_embeds": torch.tensor(row["embedding"], dtype=torch.float32),
-            "input_ids": self.tokenize(row["caption"]),
+            **text,
         }
 
 

@@ -27,6 +27,7 @@ from dynamicid.models.checkpoints import check_base_family
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner, edit_tokens, landmark_vectors
 from dynamicid.models.families import detect_family
 from dynamicid.schemas import RECONFIGURE_UNET_PROMPT
+from dynamicid.train.cache_prompts import PromptCache, run_prompts
 from dynamicid.train.cache_tokens import file_digest, read_tokens
 from dynamicid.train.config import ReconfigureConfig
 from dynamicid.train.data import RECONFIGURE_COLUMNS, IdentitySamples, collate_identities, load_curated
@@ -55,22 +56,33 @@ class Reconfigurator(nn.Module):
 
 
 class ReconfigureObjective:
-    """A batch of identities -> (DFM, LDC) and their weighted sum, with the fixed UNet prompt."""
+    """A batch of identities -> (DFM, LDC) and their weighted sum, with the fixed UNet prompt.
 
-    def __init__(self, base: BaseModel, config: ReconfigureConfig, dtype: torch.dtype):
-        self.base, self.config, self.dtype = base, config, dtype
+    With `prompts` (a `PromptCache`) the UNet prompt's embeddings and the face-prompt vectors come from it."""
+
+    def __init__(
+        self, base: BaseModel, config: ReconfigureConfig, dtype: torch.dtype, prompts: PromptCache | None = None
+    ):
+        self.base, self.config, self.dtype, self.prompts = base, config, dtype, prompts
         self.objective = base.base_family.objective(base.noise_scheduler)  # LDC's noisy latents and timesteps
         self.conditioner = Conditioner.from_parts(base)
-        text, self.added_cond_kwargs = self.conditioner.text_condition(
-            self.conditioner.token_ids([RECONFIGURE_UNET_PROMPT]), (config.resolution, config.resolution)
-        )
+        size = (config.resolution, config.resolution)
+        if prompts is None:
+            text, self.added_cond_kwargs = self.conditioner.text_condition(
+                self.conditioner.token_ids([RECONFIGURE_UNET_PROMPT]), size
+            )
+        else:
+            device = base.denoiser.device  # where the live text encoders would have put it
+            embeddings = {k: v.to(device) for k, v in prompts.batch([RECONFIGURE_UNET_PROMPT]).items()}
+            text, self.added_cond_kwargs = self.conditioner.condition_from(embeddings, size)
         self.unet_text = text.to(dtype)
         self.text_vectors: dict[str, torch.Tensor] = {}  # pooled face-prompt vectors (35 prompts at most)
 
     def face_prompt_vectors(self, prompts: list[str]) -> torch.Tensor:
         new = sorted(set(prompts) - set(self.text_vectors))
         if new:
-            self.text_vectors.update(zip(new, self.conditioner.face_prompt_vectors(new).float(), strict=True))
+            encode = self.conditioner.face_prompt_vectors if self.prompts is None else self.prompts.face_vectors
+            self.text_vectors.update(zip(new, encode(new).float(), strict=True))
         return torch.stack([self.text_vectors[p] for p in prompts])
 
     def __call__(
@@ -119,6 +131,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
     family = base.family if base is not None else detect_family(config.base_model).name
     check_base_family(anchor.metadata.base_family, family, f"--anchor {config.anchor}")
     tokens = read_tokens(config.tokens, dataset, config.anchor)
+    prompts = run_prompts(config)
 
     # 2. Accelerator and models (UNet, SAA and face encoder frozen; IMR and keypoint encoder trained).
     accelerator, dtype, base = start_stage(config, base)
@@ -139,11 +152,11 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         heads=config.imr_heads,
         num_queries=md.num_tokens,
         embedding_dim=md.cross_attention_dim,
-        txt_dim=base.pooled_dim,
+        txt_dim=base.pooled_dim if prompts is None else prompts.face_dim,
         depth=config.imr_depth,
     )
     model = Reconfigurator(imr, KeypointEncoder(md.cross_attention_dim, width=config.keypoint_width))
-    cast_frozen(base, model, accelerator.device, dtype)
+    cast_frozen(base, model, accelerator.device, dtype, config.base_dtype)
     model.to(accelerator.device)
     face_encoder = anchor.build_face_encoder().to(accelerator.device)  # frozen: sample images and benchmark
 
@@ -166,7 +179,7 @@ def train_reconfigure(config: ReconfigureConfig, base: BaseModel | None = None) 
         name="reconfigure",
         model=model,
         samples=samples,
-        losses=ReconfigureObjective(base, config, dtype),
+        losses=ReconfigureObjective(base, config, dtype, prompts),
         eval_samples=fixed,
         metadata=dataclasses.replace(
             md,

@@ -35,6 +35,7 @@ from dynamicid.clitools import one_line
 from dynamicid.locks import hold_folder
 from dynamicid.models import load_dynamicid, save_dynamicid
 from dynamicid.models.base import BaseModel, load_base_model
+from dynamicid.models.layerwise import store_weights
 from dynamicid.schemas import CheckpointMetadata
 from dynamicid.train.config import TrainConfig, write_config
 
@@ -62,9 +63,12 @@ def make_accelerator(config: TrainConfig) -> Any:
     )
 
 
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
+
+
 def weight_dtype(accelerator: Any) -> torch.dtype:
     """The dtype of the frozen parts: the mixed-precision type; trained parameters stay float32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 class RunState:
@@ -374,17 +378,23 @@ def start_stage(config: TrainConfig, base: BaseModel | None) -> tuple[Any, torch
     accelerator = make_accelerator(config)
     accelerator.print(accelerator.state)
     set_seed(config.seed)
-    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed)
+    text_encoders = ("text_encoder", "text_encoder_2") if config.prompt_cache else ()  # the cache replaces them
+    base = base or load_base_model(config.base_model, config.image_encoder, seed=config.seed, without=text_encoders)
     start_run(accelerator, config)
     return accelerator, weight_dtype(accelerator), base
 
 
-def cast_frozen(base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32."""
+def cast_frozen(
+    base: BaseModel, model: nn.Module, device: torch.device, dtype: torch.dtype, base_dtype: str | None = None
+) -> None:
+    """Frozen parts to the device in the mixed-precision dtype; `model`'s trained weights stay float32. With
+    `base_dtype` ("float8") the denoiser's frozen weights are then stored in it, computed in `dtype`."""
     for module in base.modules():  # every frozen part, SDXL's second text encoder included
         module.to(device) if dtype == torch.float32 else module.to(device, dtype=dtype)
     for p in trainable_parameters(model):
         p.data = p.data.float()
+    if base_dtype is not None:
+        store_weights(base.denoiser, base_dtype, dtype, training=True)
 
 
 def clip_and_step(accelerator: Any, config: TrainConfig, parameters, optimizer, scheduler) -> None:

@@ -7,6 +7,7 @@ CLI's smoke defaults, error messages), and each family imports its libraries ins
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,8 +83,9 @@ class BaseFamily:
 
     # ---- load and fake ----
 
-    def load(self, folder: Path) -> BaseModel:
-        """The frozen parts of a diffusers folder of this family (no image encoder: the caller adds it)."""
+    def load(self, folder: Path, *, without: Collection[str] = ()) -> BaseModel:
+        """The frozen parts of a diffusers folder of this family (no image encoder: the caller adds it); the
+        parts named in `without` (e.g. "text_encoder", "text_encoder_2", the denoiser) are not loaded (None)."""
         raise NotImplementedError
 
     def build_tiny(self, *, seed: int = 0, with_image_encoder: bool = True) -> BaseModel:
@@ -140,3 +142,8 @@ class BaseFamily:
     def plain_pipeline(self, components: dict[str, Any]) -> Any:
         """diffusers' own pipeline of the family over `components` (scheduler included), without DynamicID."""
         raise NotImplementedError
+
+
+def load_part(folder: Path, name: str, cls: Any, without: Collection[str], **options: Any) -> Any:
+    """`cls.from_pretrained(folder, subfolder=name)`, or None when `name` is in `without` (never read)."""
+    return None if name in without else cls.from_pretrained(folder, subfolder=name, **options)

@@ -12,10 +12,11 @@ diffusers') through diffusers' `from_single_file` (`load_flux_transformer`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from dynamicid.models.families.family import BaseFamily
+from dynamicid.models.families.family import BaseFamily, load_part
 
 T5_MAX_LENGTH = 512  # FLUX.1-dev's prompt length in T5 tokens (schnell uses 256)
 TRAINING_GUIDANCE = 3.5  # FLUX.1-dev's guidance embedding while training (diffusers' Flux training examples)
@@ -37,8 +38,9 @@ class FluxFamily(BaseFamily):
     def recognises_denoiser(self, denoiser: Any) -> bool:
         return hasattr(denoiser, "single_transformer_blocks") and hasattr(denoiser, "transformer_blocks")
 
-    def load(self, folder: Path, transformer: str | Path | None = None) -> Any:
-        """The parts of a FLUX.1 diffusers folder; `transformer` replaces its transformer (a file or folder)."""
+    def load(self, folder: Path, transformer: str | Path | None = None, *, without: Collection[str] = ()) -> Any:
+        """The parts of a FLUX.1 diffusers folder; `transformer` replaces its transformer (a file or folder);
+        the parts named in `without` are not loaded (e.g. the T5 when training from a prompt cache)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
@@ -48,13 +50,13 @@ class FluxFamily(BaseFamily):
             self.check_folder(folder)
         local = {"local_files_only": True}
         return BaseModel(
-            load_flux_transformer(transformer or folder / "transformer", folder),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
+            None if "transformer" in without else load_flux_transformer(transformer or folder / "transformer", folder),
+            vae=load_part(folder, "vae", AutoencoderKL, without, **local),
+            text_encoder=load_part(folder, "text_encoder", CLIPTextModel, without, **local),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **local),
             image_encoder=None,
-            text_encoder_2=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **local),
+            text_encoder_2=load_part(folder, "text_encoder_2", T5EncoderModel, without, **local),
             tokenizer_2=T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local),
             name=str(folder),
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from dynamicid.models.families.family import BaseFamily
+from dynamicid.models.families.family import BaseFamily, load_part
 
 
 class SD15Family(BaseFamily):
@@ -27,7 +28,7 @@ class SD15Family(BaseFamily):
         config = getattr(denoiser, "config", {})
         return "cross_attention_dim" in config and config.get("addition_embed_type") != "text_time"
 
-    def load(self, folder: Path) -> Any:
+    def load(self, folder: Path, *, without: Collection[str] = ()) -> Any:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -35,17 +36,17 @@ class SD15Family(BaseFamily):
 
         self.check_folder(folder)
         return BaseModel(
-            UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            load_part(folder, "unet", UNet2DConditionModel, without),
+            vae=load_part(folder, "vae", AutoencoderKL, without),
+            text_encoder=load_part(folder, "text_encoder", CLIPTextModel, without),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", model_max_length=77),
             noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
             image_encoder=None,
             name=str(folder),
-            **self._second_text_encoder(folder),
+            **self._second_text_encoder(folder, without),
         )
 
-    def _second_text_encoder(self, folder: Path) -> dict[str, Any]:
+    def _second_text_encoder(self, folder: Path, without: Collection[str]) -> dict[str, Any]:
         return {}
 
     def build_tiny(self, *, seed: int = 0, with_image_encoder: bool = True) -> Any:

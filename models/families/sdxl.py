@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from dynamicid.models.families.family import load_part
 from dynamicid.models.families.sd15 import SD15Family
 
 
@@ -30,11 +32,11 @@ class SDXLFamily(SD15Family):
     def recognises_denoiser(self, denoiser: Any) -> bool:
         return getattr(denoiser, "config", {}).get("addition_embed_type") == "text_time"
 
-    def _second_text_encoder(self, folder: Path) -> dict[str, Any]:
+    def _second_text_encoder(self, folder: Path, without: Collection[str]) -> dict[str, Any]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         return {
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
+            "text_encoder_2": load_part(folder, "text_encoder_2", CLIPTextModelWithProjection, without),
             "tokenizer_2": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", model_max_length=77),
         }
 
