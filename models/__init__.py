@@ -1,12 +1,17 @@
 """DynamicID's modules and the base families they plug into.
 
 ```
-families/   one module per base family (sd15, sdxl; flux next) and one registry, FAMILIES: each family
+families/   one module per base family (sd15, sdxl, flux) and one registry, FAMILIES: each family
             recognises its folder / single-file checkpoint / denoiser, loads its parts, builds its tiny FAKE,
             gives its Conditioner, installs the identity attention (SAA) in its denoiser, names its pipeline
 base        BaseModel (the frozen parts: denoiser, VAE, text encoders, image encoder) and load_base_model
 conditioning  faces and prompts -> the denoiser's inputs, shared by training and inference
 saa, face_encoder, imr, keypoint_encoder, blocks, lora   the method's modules
+saa_unet    keeps SAA on a UNet through its own attention switches (slicing, QKV fusion)
+saa_flux    SAA on Flux's double-stream joint attention (`install_flux_saa`)
+conditioning_flux   Flux's conditioner (T5 states, CLIP pooled vector, text ids)
+objectives  epsilon, v-prediction and flow-matching training targets, picked by the family
+adapter     DynamicIDAdapter: the weights as a diffusers component (`id_adapter`) for save_pretrained
 layerwise   frozen denoiser weights stored in float8 (inference --weights-dtype, training --base-dtype)
 checkpoints, release, state_dicts, xlabs   weights I/O (ours, the release's, IP-Adapter FaceID-Plus, XLabs' Flux)
 ```

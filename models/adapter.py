@@ -31,7 +31,7 @@ class DynamicIDAdapter(ModelMixin, ConfigMixin):
 
     Args (its config; the modules are `face_encoder`, `imr`, `keypoint_encoder` and `saa`, a ModuleList):
         face_encoder_args: `FaceEncoder` arguments (cross_attention_dim, id_embeddings_dim, clip_embeddings_dim,
-            num_tokens).
+            num_tokens, and proj_dim where the weights started from XLabs' Flux IP-Adapter).
         saa_args: {"rank", "num_tokens", "layers": [[processor name, hidden_size, token width]], "denoiser"}: the
             token width is a UNet layer's cross_attention_dim (None: self-attention) or a Flux block's id_dim;
             "denoiser" is "unet" (absent in folders saved before Flux) or "transformer" (Flux).
@@ -79,7 +79,9 @@ class DynamicIDAdapter(ModelMixin, ConfigMixin):
                 "id_embeddings_dim": face_encoder.id_embeddings_dim,
                 "clip_embeddings_dim": face_encoder.clip_embeddings_dim,
                 "num_tokens": face_encoder.num_tokens,
-            },
+            }
+            # an XLabs start's MLP width (absent otherwise, so earlier saved folders keep their config)
+            | ({"proj_dim": face_encoder.proj_dim} if face_encoder.proj_dim is not None else {}),
             "saa_args": {
                 "rank": first.rank,
                 "num_tokens": first.num_tokens,

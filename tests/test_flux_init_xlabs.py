@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -191,6 +192,17 @@ def test_anchoring_from_xlabs_keeps_its_tensors_and_the_later_stages_and_inferen
     out = pipe("a portrait", [person], height=32, width=32, num_inference_steps=1, max_sequence_length=16)
     assert out.images[0].size == (32, 32) and out.people[0]["edited"]
     assert pipe.id_token_width == WIDE_T5
+
+    # save_pretrained keeps the XLabs-shaped face encoder (its MLP width) and the T5-wide SAA
+    settings = {"height": 32, "width": 32, "num_inference_steps": 1, "max_sequence_length": 16, "output_type": "np"}
+    expected = pipe("a portrait", [person], generator=torch.Generator().manual_seed(1), **settings).images
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = DynamicIDFluxPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    loaded.reference_analyzer = pipe.reference_analyzer  # face analysis is not a component
+    assert loaded.id_adapter.face_encoder.proj_dim == CLIP_L
+    got = loaded("a portrait", [person], generator=torch.Generator().manual_seed(1), **settings).images
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_the_cli_starts_from_xlabs_on_tiny_random_flux_and_refuses_other_bases(curated, tmp_path):
