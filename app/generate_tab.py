@@ -51,7 +51,7 @@ class GenerateTab:
     def __init__(self, pipe: Any, output_dir: Path):
         self.pipe = pipe
         self.output_dir = output_dir
-        self.native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        self.native, self.step = int(pipe.native_size), int(pipe.size_multiple)
 
     # ---- layout ----
 
@@ -143,10 +143,10 @@ class GenerateTab:
         return PersonInputs(column, reference, faces, found, expression, pose, landmark)
 
     def _size_sliders(self) -> tuple[gr.Slider, gr.Slider]:
-        low, high = max(8, self.native // 2), self.native * 2
+        low, high = max(self.step, self.native // 2), self.native * 2
         with gr.Row():
-            width = gr.Slider(low, high, self.native, step=8, label="Width", elem_id="width")
-            height = gr.Slider(low, high, self.native, step=8, label="Height", elem_id="height")
+            width = gr.Slider(low, high, self.native, step=self.step, label="Width", elem_id="width")
+            height = gr.Slider(low, high, self.native, step=self.step, label="Height", elem_id="height")
         return width, height
 
     # ---- cheap handlers (no model) ----

@@ -340,6 +340,11 @@ class DynamicIDMixin:
         """What height and width must be multiples of: the VAE's factor (Flux: times its 2x2 latent patches)."""
         return self.vae_scale_factor
 
+    @property
+    def native_size(self) -> int:
+        """The side in pixels the base was trained at: the default height and width."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     def check_identity_inputs(
         self,
         people: list[Person] | None,
@@ -651,8 +656,8 @@ class DynamicIDMixin:
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
         # 0. Default height and width to the UNet's
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height = height or self.native_size
+        width = width or self.native_size
 
         # 1. Check inputs before any model runs
         boxes = self.check_inputs(

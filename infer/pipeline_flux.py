@@ -142,6 +142,10 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
     def size_multiple(self) -> int:
         return self.vae_scale_factor * 2  # 2x2 latent patches
 
+    @property
+    def native_size(self) -> int:
+        return self.default_sample_size * self.vae_scale_factor
+
     check_inputs = FluxPipeline.check_inputs  # diffusers' own (the mixin's is SD's); DynamicID's: check_identity_inputs
 
     # ---- generation ----
@@ -217,8 +221,8 @@ class DynamicIDFluxPipeline(DynamicIDMixin, FluxPipeline):
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
         # 0. Default height and width (FLUX.1's 1024)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height = height or self.native_size
+        width = width or self.native_size
 
         # 1. Check inputs before any model runs: DynamicID's (people, size, scales, SAA in place), then Flux's
         boxes = self.check_identity_inputs(

@@ -83,3 +83,21 @@ def test_bad_requests_answer_one_line_and_write_nothing(tab, photos, case, messa
     assert status.startswith("**error:** ") and message in status and "\n" not in status, status
     assert (image, maps, sidecar) == (None, None, None)
     assert sorted(tab.output_dir.iterdir()) == before
+
+
+def test_the_tab_runs_on_a_flux_base_and_says_flux_sizes(tmp_path, photos):
+    """`dynamicid-app --base-model` a Flux folder: the same tab over DynamicIDFluxPipeline (tiny-random-flux)."""
+    parts = random_parts(load_base_model("tiny-random-flux"), FaceAnalyzer("embedded"))
+    weights = save_random_weights(parts, tmp_path / "flux.safetensors")
+    options = ModelOptions("tiny-random-flux", [weights], face_backend="embedded", device="cpu")
+    pipe = load_pipeline(options)
+    assert type(pipe).__name__ == "DynamicIDFluxPipeline"
+    tab = GenerateTab(pipe, tmp_path)
+    people = [(photos["obama"], "happy", "keep", None), (photos["biden"], "surprised", "keep", None)]
+    status, image, _, sidecar_path, _ = tab.generate(*request(people, size=(64, 32)))
+    assert status.startswith("Done: seed 7, 64x32, 2 steps"), status
+    sidecar = json.loads(Path(sidecar_path).read_text())
+    assert [p["target_expression"] for p in sidecar["people"]] == ["happy", "surprised"]
+    assert (tab.native, tab.step) == (pipe.default_sample_size * 8, 16)  # FluxPipeline's 1024, 2x2 patches of 8
+    status, image, *_ = tab.generate(*request(people, size=(72, 32)))
+    assert image is None and status.startswith("**error:**") and "divisible by 16" in status, status
