@@ -28,7 +28,7 @@ from PIL import Image
 
 from dynamicid.curation.captioner import Captioner, CaptionerError, CaptionerSpec
 from dynamicid.curation.chain import Resources
-from dynamicid.curation.crop import crop_store
+from dynamicid.curation.crop import crop_store, stored_crops
 from dynamicid.curation.stages import COMPUTED, Stage, StageSetupError, photo_schema
 from dynamicid.curation.store import ResultStore, fetch_or_compute_many
 from dynamicid.curation.tables import digest
@@ -98,12 +98,8 @@ class CaptionStage(Stage):
 
     def _caption(self, keys: list[str], crop_of: dict[str, str]) -> list[dict]:
         """Store rows of these caption keys: their crops read from the crop store, captioned in one batch."""
-        crops = [crop_of[key] for key in keys]
-        found, pngs = self.crops.get(crops)
-        if not found.all():
-            missing = crops[found.tolist().index(False)]
-            raise RuntimeError(f"the crop {missing} is missing from {self.crops.folder}: rerun with --no-resume")
-        images = [Image.open(io.BytesIO(png)) for png in pngs.column("png").to_pylist()]
+        pngs = stored_crops(self.crops, [crop_of[key] for key in keys])
+        images = [Image.open(io.BytesIO(png)) for png in pngs.to_pylist()]
         captions = self._model().caption(images)
         return [{"key": key, "caption": text} for key, text in zip(keys, captions, strict=True)]
 

@@ -44,6 +44,15 @@ def crop_store(work_dir) -> ResultStore:
     return ResultStore(work_dir / "stores" / "crops", CROP_STORE_SCHEMA, row_group_rows=CROP_ROW_GROUP)
 
 
+def stored_crops(store: ResultStore, keys: list[str]) -> pa.ChunkedArray:
+    """The PNG bytes of these crops, in order; every one must be in `store` (the crop stage put them there)."""
+    found, pngs = store.get(keys)
+    if not found.all():
+        missing = keys[found.tolist().index(False)]
+        raise RuntimeError(f"the crop {missing} is missing from {store.folder}: rerun the build with --no-resume")
+    return pngs.column("png")
+
+
 class CropStores:
     """The crop store (each crop's PNG) and the thumbnail store (its report.html thumbnail at one --thumbnail-size).
 

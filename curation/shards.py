@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dynamicid.curation.crop import crop_store
+from dynamicid.curation.crop import crop_store, stored_crops
 from dynamicid.curation.store import ResultStore
 from dynamicid.curation.tables import TableWriter
 from dynamicid.curation.write import SHARD_COMPRESSION, with_images
@@ -35,11 +35,6 @@ def write_shard(path: Path, rows: pa.Table, crop_keys: list[str], work_dir: Path
     with TableWriter(path, rows.schema, row_group_rows=rows_per_row_group, compression=SHARD_COMPRESSION) as writer:
         for start in range(0, rows.num_rows, rows_per_row_group):
             keys = crop_keys[start : start + rows_per_row_group]
-            found, pngs = crops.get(keys)
-            if not found.all():
-                missing = keys[found.tolist().index(False)]
-                raise RuntimeError(
-                    f"the crop {missing} is missing from {crops.folder}: rerun the build with --no-resume"
-                )
-            writer.write(with_images(rows.slice(start, len(keys)), pngs.column("png").combine_chunks()))
+            pngs = stored_crops(crops, keys)
+            writer.write(with_images(rows.slice(start, len(keys)), pngs.combine_chunks()))
     return rows.num_rows

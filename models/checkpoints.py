@@ -91,17 +91,31 @@ class WeightsFileError(ValueError):
 _CORRUPT = "is corrupt or truncated; copy or export it again"
 
 
-def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The header metadata and (unless `tensors=False`) the tensors of a safetensors file, or a WeightsFileError."""
+def safetensors_header(path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """The header metadata and the tensor names of a safetensors file (no tensor is read), or a WeightsFileError."""
     path = Path(path)
     if not path.is_file():
         raise WeightsFileError(path, "file not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        return header, (load_file(str(path)) if tensors else {})
+            return handle.metadata() or {}, list(handle.keys())
     except SafetensorError as error:
-        raise WeightsFileError(path, f"not a readable safetensors file ({error}): it {_CORRUPT}") from None
+        raise _unreadable(path, error) from None
+
+
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and (unless `tensors=False`) the tensors of a safetensors file, or a WeightsFileError."""
+    header, _ = safetensors_header(path)
+    if not tensors:
+        return header, {}
+    try:
+        return header, load_file(str(path))
+    except SafetensorError as error:
+        raise _unreadable(Path(path), error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> WeightsFileError:
+    return WeightsFileError(path, f"not a readable safetensors file ({error}): it {_CORRUPT}")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:

@@ -27,7 +27,7 @@ from dynamicid.models import (
     load_release_checkpoint,
 )
 from dynamicid.models.base import BaseModel
-from dynamicid.models.checkpoints import check_base_family, read_safetensors
+from dynamicid.models.checkpoints import check_base_family, read_safetensors, safetensors_header
 from dynamicid.models.conditioning import TRAINING_SAA, Conditioner
 from dynamicid.models.families import denoiser_family, detect_family
 from dynamicid.models.families.flux import FLUX
@@ -83,11 +83,12 @@ def read_init(path: str | Path, num_tokens: int, lora_rank: int = 0) -> Starting
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {path}: file not found")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    if path.suffix == ".safetensors" and "format_version" in read_safetensors(path, tensors=False)[0]:  # ours
+    header, names = safetensors_header(path) if path.suffix == ".safetensors" else ({}, [])
+    if "format_version" in header:  # ours
         weights = load_dynamicid(path, num_tokens=num_tokens)
         return StartingWeights(f"dynamicid:{path.name}:{digest}", weights, weights.metadata.parts)
-    if path.suffix == ".safetensors" and is_xlabs_layout(list(tensors := read_safetensors(path)[1])):
-        xlabs = XLabsIPAdapter(path, tensors, num_tokens=num_tokens, lora_rank=lora_rank)
+    if is_xlabs_layout(names):  # only then are its tensors read (a FaceID file is read by its own loader)
+        xlabs = XLabsIPAdapter(path, read_safetensors(path)[1], num_tokens=num_tokens, lora_rank=lora_rank)
         return StartingWeights(f"xlabs-ip-adapter:{path.name}:{digest}", xlabs, XLABS_PARTS)
     try:
         found = load_ip_adapter_faceid(path, num_tokens=num_tokens)
