@@ -212,7 +212,7 @@ def load_pipeline(options: ModelOptions) -> Any:
     pipe = pipeline_for(base)
     pipe.load_dynamicid(options.weights, face_analyzer=reference_analyzer(options.face_backend, options.face_options))
     if options.weights_dtype is not None:
-        store_weights(denoiser(pipe), options.weights_dtype, dtype)
+        store_weights(pipe.denoiser, options.weights_dtype, dtype)
     if options.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif options.offload == "sequential":
@@ -230,15 +230,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def denoiser(pipe: Any) -> Any:
-    """The pipeline's denoising network: `transformer` (Flux) or `unet` (SD 1.5, SDXL)."""
-    for name in ("transformer", "unet"):
-        module = pipe.components.get(name)
-        if module is not None:
-            return module
-    raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet")
 
 
 @functools.lru_cache(maxsize=4)
@@ -353,7 +344,7 @@ def sidecar(pipe: Any, request: GenerateRequest, result: Any, messages: list[str
             "scheduler": type(pipe.scheduler).__name__,
             "activation_maps": request.activation_maps,
             "device": str(pipe.device) if options is None else options.device,
-            "dtype": str(denoiser(pipe).dtype).removeprefix("torch."),
+            "dtype": str(pipe.denoiser.dtype).removeprefix("torch."),
             "offload": "none" if options is None else options.offload,
             "weights_dtype": None if options is None else options.weights_dtype,
             "saa": result.saa,

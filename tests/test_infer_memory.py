@@ -16,7 +16,7 @@ from PIL import Image
 from dynamicid.faces import FaceAnalyzer
 from dynamicid.infer import GenerateRequest, ModelOptions, Person, load_pipeline
 from dynamicid.infer.cli import main as infer
-from dynamicid.infer.generate import denoiser, generate
+from dynamicid.infer.generate import generate
 from dynamicid.models.base import load_base_model
 from dynamicid.testing import random_parts, save_random_weights
 
@@ -66,7 +66,7 @@ def test_model_offload_gives_the_plain_images(base, weights, request_, plain):
 @pytest.mark.parametrize("base", BASES)
 def test_float8_weights_stay_within_tolerance_of_the_plain_images(base, weights, request_, plain):
     pipe, generated, image = run(base, weights, request_, weights_dtype="float8")
-    stored = {p.dtype for name, p in denoiser(pipe).named_parameters() if name.endswith("to_q.weight")}
+    stored = {p.dtype for name, p in pipe.denoiser.named_parameters() if name.endswith("to_q.weight")}
     assert stored == {torch.float8_e4m3fn}  # the weights really are held in float8
     assert generated.sidecar["settings"]["weights_dtype"] == "float8"
     assert generated.sidecar["settings"]["dtype"] == "float32"  # and computed in the compute dtype
