@@ -113,8 +113,8 @@ def describe_photos(
     face_analyzer: Any, jobs: list[tuple[str, str, list[dict], np.ndarray | None]], max_pixels: int | None = None
 ) -> list[dict]:
     """Per job (key, path, detected faces, the photo decoded or None, then loaded within `max_pixels`): per
-    detected face, its embedding,
-    landmarks, pose, expression, crop hash and sharpness. The photos' faces go through the face models as one
+    detected face, its embedding, landmarks, pose, expression, crop hash and sharpness. The photos' faces go
+    through the face models as one
     batch (`FaceAnalyzer.describe_batch`: one ResNet / ArcFace batch, what a GPU wants), in halves where the GPU
     runs out of memory (`dynamicid.batching`).
 
