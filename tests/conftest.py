@@ -60,13 +60,16 @@ def reference_analyzer():
 
 @pytest.fixture(scope="session")
 def identity_photos(tmp_path_factory, shared_faces):
-    """A function: a new PHOTOS_DIR holding copies of the named identity folders of the real test photos."""
+    """A function: a new PHOTOS_DIR holding copies of the named identity folders of the real test photos (`first`:
+    only each folder's first photos, by name)."""
     import shutil
 
-    def make(*identities: str) -> Path:
+    def make(*identities: str, first: int | None = None) -> Path:
         root = tmp_path_factory.mktemp("photos") / "photos"
         for identity in identities:
-            shutil.copytree(shared_faces / "identities" / identity, root / identity)
+            (root / identity).mkdir(parents=True)
+            for file in sorted((shared_faces / "identities" / identity).iterdir())[:first]:
+                shutil.copy(file, root / identity / file.name)
         return root
 
     return make

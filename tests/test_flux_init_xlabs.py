@@ -12,7 +12,6 @@ the transformer's `joint_attention_dim`) is 48 wide, as FLUX.1-dev's T5 (4096) i
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,14 +145,9 @@ def test_a_file_that_does_not_fit_is_one_line_naming_file_and_tensor(change, mes
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory, shared_faces) -> Path:
-    photos = tmp_path_factory.mktemp("photos")
-    for identity in ("obama", "biden"):
-        (photos / identity).mkdir()
-        for file in sorted((shared_faces / "identities" / identity).iterdir())[:2]:
-            shutil.copy(file, photos / identity / file.name)
+def curated(tmp_path_factory, identity_photos) -> Path:
     out = tmp_path_factory.mktemp("curated")
-    build_dataset(photos, out, per_identity=2, progress=False)
+    build_dataset(identity_photos("obama", "biden", first=2), out, per_identity=2, progress=False)
     return out
 
 

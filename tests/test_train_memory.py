@@ -12,7 +12,6 @@ prompts in batches of 16 where training encoded a training batch at a time, so f
 import dataclasses
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,10 @@ SMALL = {"resolution": 64, "report_to": "none", "eval_samples": 2, "train_batch_
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory, shared_faces) -> Path:
+def curated(tmp_path_factory, identity_photos) -> Path:
     """3 photos each of 2 real identities, curated at 256 px."""
-    photos = tmp_path_factory.mktemp("photos")
-    for identity in ("obama", "kit_harington"):
-        (photos / identity).mkdir()
-        for file in sorted((shared_faces / "identities" / identity).iterdir())[:3]:
-            shutil.copy(file, photos / identity / file.name)
     out = tmp_path_factory.mktemp("curated")
+    photos = identity_photos("obama", "kit_harington", first=3)
     build_dataset(photos, out, per_identity=3, progress=False, crop_size=256)
     return out
 
